@@ -1,0 +1,142 @@
+/*
+ * model/mla.c - Multi-head Latent Attention (DeepSeek-V2 section 2.1), forward and backward.
+ *
+ *   q   = q_b(RMSNorm(q_a x))  or  q_proj x             -> H heads of [q_nope dn | q_pe dr]
+ *   [c_kv | k_pe] = kv_a_proj_with_mqa x;  kv = kv_b(RMSNorm(c_kv)) -> H heads of [k_nope dn | v dv]
+ *   RoPE on q_pe and the one shared k_pe;  k = [k_nope | k_pe];  causal softmax(q k^T / sqrt(dq)) v
+ *   out = o_proj(concat heads)
+ */
+#include <math.h>
+#include <string.h>
+
+#include "model/layers.h"
+
+struct mla_dims {
+	int C, H, dn, dr, dv, dq, Rq, Rkv, N;
+};
+
+static struct mla_dims mla_dims(const struct model_config *c, int N)
+{
+	struct mla_dims d = {
+		.C = c->hidden_size, .H = c->num_attention_heads, .dn = c->qk_nope_head_dim,
+		.dr = c->qk_rope_head_dim, .dv = c->v_head_dim, .dq = mc_qk_head_dim(c),
+		.Rq = c->q_lora_rank, .Rkv = c->kv_lora_rank, .N = N,
+	};
+	return d;
+}
+
+static float mla_scale(const struct model_config *c)
+{
+	return 1.0f / sqrtf((float)mc_qk_head_dim(c));
+}
+
+/* k[n,h] = [kv[n,h,:dn] | k_pe[n]],  v[n,h] = kv[n,h,dn:] */
+static void assemble_kv(const struct mla_dims *d, float *k, float *v, const float *kv, const float *kva)
+{
+	int dkv = d->dn + d->dv;
+#pragma omp parallel for schedule(static)
+	for (int n = 0; n < d->N; n++) {
+		const float *kpe = kva + (size_t)n * (d->Rkv + d->dr) + d->Rkv;
+		for (int h = 0; h < d->H; h++) {
+			const float *src = kv + ((size_t)n * d->H + h) * dkv;
+			float *kd = k + ((size_t)n * d->H + h) * d->dq;
+			memcpy(kd, src, sizeof(float) * d->dn);
+			memcpy(kd + d->dn, kpe, sizeof(float) * d->dr);
+			memcpy(v + ((size_t)n * d->H + h) * d->dv, src + d->dn, sizeof(float) * d->dv);
+		}
+	}
+}
+
+void mla_forward(const struct model_config *c, const struct layer_weights *w, struct mla_acts *a,
+		 float *out, const float *x, const int *pos, int B, int T)
+{
+	struct mla_dims d = mla_dims(c, B * T);
+	float eps = (float)c->rms_norm_eps, theta = (float)c->rope_theta;
+	int N = d.N, Dkva = d.Rkv + d.dr;
+
+	if (d.Rq > 0) {
+		linear_forward(a->qa, x, w->q_a_proj, N, d.C, d.Rq);
+		rmsnorm_forward(a->qa_n, a->qa_rstd, a->qa, w->q_a_layernorm, N, d.Rq, eps);
+		linear_forward(a->q, a->qa_n, w->q_b_proj, N, d.Rq, d.H * d.dq);
+	} else {
+		linear_forward(a->q, x, w->q_proj, N, d.C, d.H * d.dq);
+	}
+	rope_forward(a->q + d.dn, pos, N, d.H, d.H * d.dq, d.dq, d.dr, theta);
+
+	linear_forward(a->kva, x, w->kv_a_proj_with_mqa, N, d.C, Dkva);
+	for (int n = 0; n < N; n++)
+		memcpy(a->ckv + (size_t)n * d.Rkv, a->kva + (size_t)n * Dkva, sizeof(float) * d.Rkv);
+	rope_forward(a->kva + d.Rkv, pos, N, 1, Dkva, 0, d.dr, theta);  /* k_pe, in place */
+	rmsnorm_forward(a->ckv_n, a->ckv_rstd, a->ckv, w->kv_a_layernorm, N, d.Rkv, eps);
+	linear_forward(a->kv, a->ckv_n, w->kv_b_proj, N, d.Rkv, d.H * (d.dn + d.dv));
+	assemble_kv(&d, a->k, a->v, a->kv, a->kva);
+
+	attention_forward(a->att, a->lse, a->q, a->k, a->v, B, T, d.H, d.dq, d.dv, mla_scale(c));
+	linear_forward(out, a->att, w->o_proj, N, d.H * d.dv, d.C);
+}
+
+/* the transpose of assemble_kv: dkv from dk (nope part) and dv; dk_pe summed over the heads */
+static void disassemble_dkv(const struct mla_dims *d, float *dkv, float *dkpe, const float *dk,
+			    const float *dv)
+{
+	int dkvw = d->dn + d->dv;
+#pragma omp parallel for schedule(static)
+	for (int n = 0; n < d->N; n++) {
+		float *dpe = dkpe + (size_t)n * d->dr;
+		memset(dpe, 0, sizeof(float) * d->dr);
+		for (int h = 0; h < d->H; h++) {
+			const float *dkh = dk + ((size_t)n * d->H + h) * d->dq;
+			float *dst = dkv + ((size_t)n * d->H + h) * dkvw;
+			memcpy(dst, dkh, sizeof(float) * d->dn);
+			memcpy(dst + d->dn, dv + ((size_t)n * d->H + h) * d->dv, sizeof(float) * d->dv);
+			for (int i = 0; i < d->dr; i++)
+				dpe[i] += dkh[d->dn + i];
+		}
+	}
+}
+
+void mla_backward(const struct model_config *c, const struct layer_weights *w,
+		  const struct layer_weights *g, const struct mla_acts *a, struct grad_scratch *s,
+		  float *dx, const float *dout, const float *x, const int *pos, int B, int T)
+{
+	struct mla_dims d = mla_dims(c, B * T);
+	float theta = (float)c->rope_theta;
+	int N = d.N, Dkva = d.Rkv + d.dr;
+
+	memset(s->datt, 0, sizeof(float) * N * d.H * d.dv);
+	linear_backward(s->datt, g->o_proj, dout, a->att, w->o_proj, N, d.H * d.dv, d.C);
+
+	memset(s->dq, 0, sizeof(float) * N * d.H * d.dq);
+	memset(s->dk, 0, sizeof(float) * N * d.H * d.dq);
+	memset(s->dv, 0, sizeof(float) * N * d.H * d.dv);
+	attention_backward(s->dq, s->dk, s->dv, s->datt, a->att, a->lse, a->q, a->k, a->v, B, T, d.H,
+			   d.dq, d.dv, mla_scale(c));
+
+	/* kv path: kv_b, its norm, then kv_a (whose output gradient is [dc_kv | dk_pe]) */
+	disassemble_dkv(&d, s->dkv, s->dkpe, s->dk, s->dv);
+	rope_backward(s->dkpe, pos, N, 1, d.dr, 0, d.dr, theta);
+	memset(s->dckv_n, 0, sizeof(float) * N * d.Rkv);
+	linear_backward(s->dckv_n, g->kv_b_proj, s->dkv, a->ckv_n, w->kv_b_proj, N, d.Rkv,
+			d.H * (d.dn + d.dv));
+	memset(s->dckv, 0, sizeof(float) * N * d.Rkv);
+	rmsnorm_backward(s->dckv, g->kv_a_layernorm, s->dckv_n, a->ckv, w->kv_a_layernorm, a->ckv_rstd,
+			 N, d.Rkv);
+	for (int n = 0; n < N; n++) {
+		memcpy(s->dkva + (size_t)n * Dkva, s->dckv + (size_t)n * d.Rkv, sizeof(float) * d.Rkv);
+		memcpy(s->dkva + (size_t)n * Dkva + d.Rkv, s->dkpe + (size_t)n * d.dr, sizeof(float) * d.dr);
+	}
+	linear_backward(dx, g->kv_a_proj_with_mqa, s->dkva, x, w->kv_a_proj_with_mqa, N, d.C, Dkva);
+
+	/* q path */
+	rope_backward(s->dq + d.dn, pos, N, d.H, d.H * d.dq, d.dq, d.dr, theta);
+	if (d.Rq > 0) {
+		memset(s->dqa_n, 0, sizeof(float) * N * d.Rq);
+		linear_backward(s->dqa_n, g->q_b_proj, s->dq, a->qa_n, w->q_b_proj, N, d.Rq, d.H * d.dq);
+		memset(s->dqa, 0, sizeof(float) * N * d.Rq);
+		rmsnorm_backward(s->dqa, g->q_a_layernorm, s->dqa_n, a->qa, w->q_a_layernorm, a->qa_rstd,
+				 N, d.Rq);
+		linear_backward(dx, g->q_a_proj, s->dqa, x, w->q_a_proj, N, d.C, d.Rq);
+	} else {
+		linear_backward(dx, g->q_proj, s->dq, x, w->q_proj, N, d.C, d.H * d.dq);
+	}
+}

@@ -1,0 +1,617 @@
+/*
+ * model/model.c - the parameter table, initialisation, and the whole model's forward and backward on
+ * the CPU: embedding -> L x (MLA, dense SwiGLU or DeepSeekMoE) -> final norm -> lm_head -> cross-entropy.
+ *
+ * The layer math lives in model/mla.c and model/moe.c; this file owns the buffers and the order.
+ */
+#include "model/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/layers.h"
+#include "model/ops.h"
+
+/* ---------------------------------------------------------------- parameter table */
+
+struct param_builder {
+	struct moe_model *m;
+	int cap;
+	float ***w_slots;  /* where each param's weight view goes */
+	float ***g_slots;  /* and its gradient view */
+	size_t offset;
+	int failed;
+};
+
+static void add_param(struct param_builder *b, enum param_kind kind, int layer, int stacked,
+		      float **w_slot, float **g_slot, int ndim, int64_t d0, int64_t d1, int64_t d2,
+		      const char *fmt, ...) __attribute__((format(printf, 11, 12)));
+
+#include <stdarg.h>
+
+static void add_param(struct param_builder *b, enum param_kind kind, int layer, int stacked,
+		      float **w_slot, float **g_slot, int ndim, int64_t d0, int64_t d1, int64_t d2,
+		      const char *fmt, ...)
+{
+	struct moe_model *m = b->m;
+	if (m->n_params == b->cap) {
+		b->cap = b->cap ? 2 * b->cap : 64;
+		m->params = realloc(m->params, sizeof(*m->params) * b->cap);
+		b->w_slots = realloc(b->w_slots, sizeof(*b->w_slots) * b->cap);
+		b->g_slots = realloc(b->g_slots, sizeof(*b->g_slots) * b->cap);
+		if (!m->params || !b->w_slots || !b->g_slots) {
+			b->failed = 1;
+			m->n_params = 0;
+			return;
+		}
+	}
+	struct param *p = &m->params[m->n_params];
+	memset(p, 0, sizeof(*p));
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(p->name, sizeof(p->name), fmt, ap);
+	va_end(ap);
+	p->ndim = ndim;
+	p->shape[0] = d0;
+	p->shape[1] = ndim > 1 ? d1 : 1;
+	p->shape[2] = ndim > 2 ? d2 : 1;
+	p->kind = kind;
+	p->layer = layer;
+	p->expert_stacked = stacked;
+	int64_t rows = stacked ? m->expert_end - m->expert_begin : d0;
+	p->numel = (size_t)(rows * p->shape[1] * p->shape[2]);
+	p->offset = b->offset;
+	b->offset += p->numel;
+	b->w_slots[m->n_params] = w_slot;
+	b->g_slots[m->n_params] = g_slot;
+	m->n_params++;
+}
+
+#define W(field) &m->w.field, &m->g.field
+#define LW(field) &m->w.layers[l].field, &m->g.layers[l].field
+
+static void build_attention_params(struct param_builder *b, int l)
+{
+	struct moe_model *m = b->m;
+	const struct model_config *c = &m->cfg;
+	int64_t C = c->hidden_size, H = c->num_attention_heads, dq = mc_qk_head_dim(c);
+	const char *pre = "model.layers";
+
+	if (c->q_lora_rank > 0) {
+		add_param(b, PARAM_LINEAR, l, 0, LW(q_a_proj), 2, c->q_lora_rank, C, 0,
+			  "%s.%d.self_attn.q_a_proj.weight", pre, l);
+		add_param(b, PARAM_NORM, l, 0, LW(q_a_layernorm), 1, c->q_lora_rank, 0, 0,
+			  "%s.%d.self_attn.q_a_layernorm.weight", pre, l);
+		add_param(b, PARAM_LINEAR, l, 0, LW(q_b_proj), 2, H * dq, c->q_lora_rank, 0,
+			  "%s.%d.self_attn.q_b_proj.weight", pre, l);
+	} else {
+		add_param(b, PARAM_LINEAR, l, 0, LW(q_proj), 2, H * dq, C, 0,
+			  "%s.%d.self_attn.q_proj.weight", pre, l);
+	}
+	add_param(b, PARAM_LINEAR, l, 0, LW(kv_a_proj_with_mqa), 2, c->kv_lora_rank + c->qk_rope_head_dim,
+		  C, 0, "%s.%d.self_attn.kv_a_proj_with_mqa.weight", pre, l);
+	add_param(b, PARAM_NORM, l, 0, LW(kv_a_layernorm), 1, c->kv_lora_rank, 0, 0,
+		  "%s.%d.self_attn.kv_a_layernorm.weight", pre, l);
+	add_param(b, PARAM_LINEAR, l, 0, LW(kv_b_proj), 2, H * (c->qk_nope_head_dim + c->v_head_dim),
+		  c->kv_lora_rank, 0, "%s.%d.self_attn.kv_b_proj.weight", pre, l);
+	add_param(b, PARAM_LINEAR, l, 0, LW(o_proj), 2, C, H * c->v_head_dim, 0,
+		  "%s.%d.self_attn.o_proj.weight", pre, l);
+}
+
+static void build_ffn_params(struct param_builder *b, int l)
+{
+	struct moe_model *m = b->m;
+	const struct model_config *c = &m->cfg;
+	int64_t C = c->hidden_size, E = c->n_routed_experts, Im = c->moe_intermediate_size;
+	const char *pre = "model.layers";
+
+	if (!mc_layer_is_moe(c, l)) {
+		int64_t I = c->intermediate_size;
+		add_param(b, PARAM_LINEAR, l, 0, LW(mlp_gate_proj), 2, I, C, 0, "%s.%d.mlp.gate_proj.weight", pre, l);
+		add_param(b, PARAM_LINEAR, l, 0, LW(mlp_up_proj), 2, I, C, 0, "%s.%d.mlp.up_proj.weight", pre, l);
+		add_param(b, PARAM_LINEAR, l, 0, LW(mlp_down_proj), 2, C, I, 0, "%s.%d.mlp.down_proj.weight", pre, l);
+		return;
+	}
+	add_param(b, PARAM_LINEAR, l, 0, LW(gate), 2, E, C, 0, "%s.%d.mlp.gate.weight", pre, l);
+	add_param(b, PARAM_BUFFER, l, 0, LW(e_score_correction_bias), 1, E, 0, 0,
+		  "%s.%d.mlp.gate.e_score_correction_bias", pre, l);
+	add_param(b, PARAM_LINEAR, l, 1, LW(experts_gate_proj), 3, E, Im, C,
+		  "%s.%d.mlp.experts.gate_proj.weight", pre, l);
+	add_param(b, PARAM_LINEAR, l, 1, LW(experts_up_proj), 3, E, Im, C,
+		  "%s.%d.mlp.experts.up_proj.weight", pre, l);
+	add_param(b, PARAM_LINEAR, l, 1, LW(experts_down_proj), 3, E, C, Im,
+		  "%s.%d.mlp.experts.down_proj.weight", pre, l);
+	if (c->n_shared_experts > 0) {
+		int64_t Is = (int64_t)c->n_shared_experts * Im;
+		add_param(b, PARAM_LINEAR, l, 0, LW(shared_gate_proj), 2, Is, C, 0,
+			  "%s.%d.mlp.shared_experts.gate_proj.weight", pre, l);
+		add_param(b, PARAM_LINEAR, l, 0, LW(shared_up_proj), 2, Is, C, 0,
+			  "%s.%d.mlp.shared_experts.up_proj.weight", pre, l);
+		add_param(b, PARAM_LINEAR, l, 0, LW(shared_down_proj), 2, C, Is, 0,
+			  "%s.%d.mlp.shared_experts.down_proj.weight", pre, l);
+	}
+}
+
+static void build_params(struct param_builder *b)
+{
+	struct moe_model *m = b->m;
+	const struct model_config *c = &m->cfg;
+	int64_t C = c->hidden_size, V = c->vocab_size;
+
+	add_param(b, PARAM_EMBEDDING, -1, 0, W(embed_tokens), 2, V, C, 0, "model.embed_tokens.weight");
+	for (int l = 0; l < c->num_hidden_layers; l++) {
+		add_param(b, PARAM_NORM, l, 0, LW(input_layernorm), 1, C, 0, 0,
+			  "model.layers.%d.input_layernorm.weight", l);
+		build_attention_params(b, l);
+		add_param(b, PARAM_NORM, l, 0, LW(post_attention_layernorm), 1, C, 0, 0,
+			  "model.layers.%d.post_attention_layernorm.weight", l);
+		build_ffn_params(b, l);
+	}
+	add_param(b, PARAM_NORM, -1, 0, W(norm), 1, C, 0, 0, "model.norm.weight");
+	add_param(b, PARAM_LINEAR, -1, 0, W(lm_head), 2, V, C, 0, "lm_head.weight");
+}
+
+static int check_shapes(const struct model_config *c, char *err, size_t errlen)
+{
+	const char *bad = NULL;
+	if (c->vocab_size <= 0) bad = "vocab_size";
+	else if (c->hidden_size <= 0) bad = "hidden_size";
+	else if (c->num_hidden_layers <= 0) bad = "num_hidden_layers";
+	else if (c->num_attention_heads <= 0) bad = "num_attention_heads";
+	else if (c->kv_lora_rank <= 0) bad = "kv_lora_rank";
+	else if (c->q_lora_rank < 0) bad = "q_lora_rank";
+	else if (c->qk_rope_head_dim <= 0 || c->qk_rope_head_dim % 2) bad = "qk_rope_head_dim";
+	else if (c->qk_nope_head_dim < 0) bad = "qk_nope_head_dim";
+	else if (c->v_head_dim <= 0) bad = "v_head_dim";
+	else if (c->first_k_dense_replace > 0 && c->intermediate_size <= 0) bad = "intermediate_size";
+	else if (c->n_routed_experts > 0) {
+		if (c->moe_intermediate_size <= 0) bad = "moe_intermediate_size";
+		else if (c->num_experts_per_tok <= 0 || c->num_experts_per_tok > c->n_routed_experts)
+			bad = "num_experts_per_tok";
+		else if (c->n_group <= 0 || c->n_group > 256 || c->n_routed_experts % c->n_group)
+			bad = "n_group";
+		else if (c->topk_group <= 0 || c->topk_group > c->n_group) bad = "topk_group";
+	}
+	if (bad) {
+		snprintf(err, errlen, "model.%s: impossible value for this model", bad);
+		return -1;
+	}
+	return 0;
+}
+
+struct moe_model *model_create(const struct model_config *cfg, int expert_begin, int expert_end,
+			       char *err, size_t errlen)
+{
+	if (check_shapes(cfg, err, errlen))
+		return NULL;
+	if (expert_begin < 0 || expert_end < expert_begin || expert_end > cfg->n_routed_experts) {
+		snprintf(err, errlen, "bad expert range [%d, %d) of %d", expert_begin, expert_end,
+			 cfg->n_routed_experts);
+		return NULL;
+	}
+	struct moe_model *m = calloc(1, sizeof(*m));
+	struct param_builder b = { .m = m };
+	if (!m)
+		goto oom;
+	m->cfg = *cfg;
+	m->expert_begin = expert_begin;
+	m->expert_end = expert_end;
+	m->w.layers = calloc(cfg->num_hidden_layers, sizeof(struct layer_weights));
+	m->g.layers = calloc(cfg->num_hidden_layers, sizeof(struct layer_weights));
+	m->expert_load = calloc((size_t)cfg->num_hidden_layers * (cfg->n_routed_experts + 1), sizeof(int64_t));
+	if (!m->w.layers || !m->g.layers || !m->expert_load)
+		goto oom;
+	build_params(&b);
+	if (b.failed)
+		goto oom;
+	m->n_weights = b.offset;
+	m->weights = calloc(m->n_weights, sizeof(float));
+	m->grads = calloc(m->n_weights, sizeof(float));
+	if (!m->weights || !m->grads)
+		goto oom;
+	for (int i = 0; i < m->n_params; i++) {
+		*b.w_slots[i] = m->weights + m->params[i].offset;
+		*b.g_slots[i] = m->grads + m->params[i].offset;
+	}
+	free(b.w_slots);
+	free(b.g_slots);
+	return m;
+oom:
+	free(b.w_slots);
+	free(b.g_slots);
+	snprintf(err, errlen, "out of memory building the model (%zu floats)", b.offset);
+	model_free(m);
+	return NULL;
+}
+
+void model_free(struct moe_model *m)
+{
+	if (!m)
+		return;
+	model_acts_free(m);
+	free(m->params);
+	free(m->weights);
+	free(m->grads);
+	free(m->w.layers);
+	free(m->g.layers);
+	free(m->expert_load);
+	free(m);
+}
+
+const struct param *model_find_param(const struct moe_model *m, const char *name)
+{
+	for (int i = 0; i < m->n_params; i++)
+		if (!strcmp(m->params[i].name, name))
+			return &m->params[i];
+	return NULL;
+}
+
+void model_zero_grad(struct moe_model *m)
+{
+	memset(m->grads, 0, sizeof(float) * m->n_weights);
+}
+
+/* ---------------------------------------------------------------- counting */
+
+void model_count_params(const struct model_config *cfg, int64_t *total, int64_t *activated)
+{
+	const struct model_config *c = cfg;
+	int64_t C = c->hidden_size, H = c->num_attention_heads, V = c->vocab_size;
+	int64_t dq = mc_qk_head_dim(c), attn = 0, t = 0, act;
+
+	if (c->q_lora_rank > 0)
+		attn += c->q_lora_rank * C + c->q_lora_rank + H * dq * c->q_lora_rank;
+	else
+		attn += H * dq * C;
+	attn += (int64_t)(c->kv_lora_rank + c->qk_rope_head_dim) * C + c->kv_lora_rank;
+	attn += H * (c->qk_nope_head_dim + c->v_head_dim) * c->kv_lora_rank + C * H * c->v_head_dim;
+
+	int64_t expert = 3 * C * (int64_t)c->moe_intermediate_size;
+	int64_t inactive = 0, routers = 0;
+	t = V * C;  /* embedding */
+	for (int l = 0; l < c->num_hidden_layers; l++) {
+		t += 2 * C + attn;
+		if (mc_layer_is_moe(c, l)) {
+			t += (int64_t)c->n_routed_experts * (C + 1) + c->n_routed_experts * expert +
+			     c->n_shared_experts * expert;
+			inactive += (int64_t)(c->n_routed_experts - c->num_experts_per_tok) * expert;
+			routers += (int64_t)c->n_routed_experts * (C + 1);
+		} else {
+			t += 3 * C * (int64_t)c->intermediate_size;
+		}
+	}
+	t += C + V * C;  /* final norm, lm_head */
+	/*
+	 * Activated per token as DeepSeek reports it: without the input embedding table (a lookup) and
+	 * without the routers.  With the routers V2-Lite would count 2.451B, not its published 2.4B; the
+	 * routers are 0.1-0.3% of the activated count of V2 and V3 either way.
+	 */
+	act = t - inactive - routers - V * C;
+	*total = t;
+	*activated = act;
+}
+
+/* ---------------------------------------------------------------- initialisation */
+
+static uint64_t splitmix64(uint64_t *s)
+{
+	uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
+
+static uint64_t fnv1a(const char *s)
+{
+	uint64_t h = 0xcbf29ce484222325ULL;
+	for (; *s; s++)
+		h = (h ^ (unsigned char)*s) * 0x100000001b3ULL;
+	return h;
+}
+
+/* n normal(0, std) draws from the stream seeded by (seed, name, expert), Box-Muller in double */
+static void fill_normal(float *x, size_t n, double std, uint64_t seed, const char *name, int64_t expert)
+{
+	uint64_t s = seed ^ fnv1a(name) ^ ((uint64_t)(expert + 1) * 0xd1b54a32d192ed03ULL);
+	splitmix64(&s);
+	for (size_t i = 0; i < n; i += 2) {
+		double u1 = ((splitmix64(&s) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+		double u2 = (splitmix64(&s) >> 11) * (1.0 / 9007199254740992.0);
+		double r = sqrt(-2.0 * log(u1)) * std;
+		x[i] = (float)(r * cos(6.283185307179586 * u2));
+		if (i + 1 < n)
+			x[i + 1] = (float)(r * sin(6.283185307179586 * u2));
+	}
+}
+
+void model_init_weights(struct moe_model *m, uint64_t seed)
+{
+	double std = m->cfg.initializer_range;
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+		float *w = m->weights + p->offset;
+		if (p->kind == PARAM_NORM) {
+			for (size_t j = 0; j < p->numel; j++)
+				w[j] = 1.0f;
+		} else if (p->kind == PARAM_BUFFER) {
+			memset(w, 0, sizeof(float) * p->numel);
+		} else if (p->expert_stacked) {
+			size_t per = (size_t)(p->shape[1] * p->shape[2]);
+			for (int e = m->expert_begin; e < m->expert_end; e++)
+				fill_normal(w + (e - m->expert_begin) * per, per, std, seed, p->name, e);
+		} else {
+			fill_normal(w, p->numel, std, seed, p->name, -1);
+		}
+	}
+}
+
+/* ---------------------------------------------------------------- activations */
+
+static void *act_alloc(struct model_acts *a, size_t bytes)
+{
+	if (a->n_allocs == (int)(sizeof(a->allocs) / sizeof(a->allocs[0]))) {
+		fprintf(stderr, "moe: too many activation buffers\n");
+		abort();
+	}
+	void *p = calloc(1, bytes ? bytes : 1);
+	if (!p) {
+		fprintf(stderr, "moe: out of memory allocating %zu bytes of activations\n", bytes);
+		exit(1);
+	}
+	a->allocs[a->n_allocs++] = p;
+	return p;
+}
+
+#define FALLOC(n) ((float *)act_alloc(a, sizeof(float) * (size_t)(n)))
+#define IALLOC(n) ((int *)act_alloc(a, sizeof(int) * (size_t)(n)))
+
+void model_acts_free(struct moe_model *m)
+{
+	struct model_acts *a = m->acts;
+	if (!a)
+		return;
+	for (int i = 0; i < a->n_allocs; i++)
+		free(a->allocs[i]);
+	free(a->layers);
+	free(a);
+	m->acts = NULL;
+}
+
+static void alloc_layer_acts(const struct moe_model *m, struct model_acts *a, struct layer_acts *la,
+			     int l, size_t N)
+{
+	const struct model_config *c = &m->cfg;
+	size_t C = c->hidden_size, H = c->num_attention_heads, dq = mc_qk_head_dim(c);
+	size_t Rq = c->q_lora_rank, Rkv = c->kv_lora_rank, dr = c->qk_rope_head_dim;
+	struct mla_acts *ma = &la->mla;
+
+	la->ln1 = FALLOC(N * C);
+	la->ln1_rstd = FALLOC(N);
+	la->ln2 = FALLOC(N * C);
+	la->ln2_rstd = FALLOC(N);
+	if (Rq) {
+		ma->qa = FALLOC(N * Rq);
+		ma->qa_n = FALLOC(N * Rq);
+		ma->qa_rstd = FALLOC(N);
+	}
+	ma->q = FALLOC(N * H * dq);
+	ma->kva = FALLOC(N * (Rkv + dr));
+	ma->ckv = FALLOC(N * Rkv);
+	ma->ckv_n = FALLOC(N * Rkv);
+	ma->ckv_rstd = FALLOC(N);
+	ma->kv = FALLOC(N * H * (c->qk_nope_head_dim + c->v_head_dim));
+	ma->k = FALLOC(N * H * dq);
+	ma->v = FALLOC(N * H * c->v_head_dim);
+	ma->att = FALLOC(N * H * c->v_head_dim);
+	ma->lse = FALLOC(N * H);
+	if (!mc_layer_is_moe(c, l)) {
+		size_t I = c->intermediate_size;
+		la->mlp.g = FALLOC(N * I);
+		la->mlp.u = FALLOC(N * I);
+		la->mlp.a = FALLOC(N * I);
+		return;
+	}
+	struct moe_acts *mo = &la->moe;
+	size_t E = c->n_routed_experts, K = c->num_experts_per_tok, Im = c->moe_intermediate_size;
+	size_t Is = c->n_shared_experts * Im;
+	mo->logits = FALLOC(N * E);
+	mo->scores = FALLOC(N * E);
+	mo->topk_idx = IALLOC(N * K);
+	mo->topk_w = FALLOC(N * K);
+	mo->offsets = IALLOC(m->expert_end - m->expert_begin + 1);
+	mo->row_token = IALLOC(N * K);
+	mo->row_of = IALLOC(N * K);
+	mo->xe = FALLOC(N * K * C);
+	mo->ye = FALLOC(N * K * C);
+	mo->e.g = FALLOC(N * K * Im);
+	mo->e.u = FALLOC(N * K * Im);
+	mo->e.a = FALLOC(N * K * Im);
+	if (Is) {
+		mo->shared.g = FALLOC(N * Is);
+		mo->shared.u = FALLOC(N * Is);
+		mo->shared.a = FALLOC(N * Is);
+	}
+}
+
+static size_t max3(size_t a, size_t b, size_t c)
+{
+	size_t m = a > b ? a : b;
+	return m > c ? m : c;
+}
+
+static void alloc_grad_scratch(const struct model_config *c, struct model_acts *a, size_t N)
+{
+	struct grad_scratch *s = &a->gs;
+	size_t C = c->hidden_size, H = c->num_attention_heads, dq = mc_qk_head_dim(c);
+	size_t dv = c->v_head_dim, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+	size_t Rq = c->q_lora_rank, Rkv = c->kv_lora_rank, E = c->n_routed_experts;
+	size_t K = c->num_experts_per_tok, Im = c->moe_intermediate_size;
+	size_t mlp = max3(N * c->intermediate_size, N * c->n_shared_experts * Im, N * K * Im);
+
+	s->dres = FALLOC(N * C);
+	s->dln = FALLOC(N * C);
+	s->datt = FALLOC(N * H * dv);
+	s->dq = FALLOC(N * H * dq);
+	s->dk = FALLOC(N * H * dq);
+	s->dv = FALLOC(N * H * dv);
+	s->dkv = FALLOC(N * H * (dn + dv));
+	s->dkpe = FALLOC(N * dr);
+	s->dckv_n = FALLOC(N * Rkv);
+	s->dckv = FALLOC(N * Rkv);
+	s->dkva = FALLOC(N * (Rkv + dr));
+	s->dqa_n = FALLOC(N * Rq);
+	s->dqa = FALLOC(N * Rq);
+	s->dg = FALLOC(mlp);
+	s->du = FALLOC(mlp);
+	s->da = FALLOC(mlp);
+	s->dye = FALLOC(N * K * C);
+	s->dxe = FALLOC(N * K * C);
+	s->dlogits = FALLOC(N * E);
+	s->dscores = FALLOC(N * E);
+	s->dtopk_w = FALLOC(N * K);
+}
+
+static void ensure_acts(struct moe_model *m, int B, int T)
+{
+	if (m->acts && m->acts->B == B && m->acts->T == T)
+		return;
+	model_acts_free(m);
+	const struct model_config *c = &m->cfg;
+	size_t N = (size_t)B * T, C = c->hidden_size, L = c->num_hidden_layers;
+	struct model_acts *a = calloc(1, sizeof(*a));
+	if (!a) {
+		fprintf(stderr, "moe: out of memory\n");
+		exit(1);
+	}
+	a->B = B;
+	a->T = T;
+	a->layers = calloc(L, sizeof(*a->layers));
+	a->pos = IALLOC(N);
+	a->targets = IALLOC(N);
+	a->inputs = IALLOC(N);
+	a->resid = FALLOC((L + 1) * N * C);
+	a->h_mid = FALLOC(L * N * C);
+	for (size_t l = 0; l < L; l++)
+		alloc_layer_acts(m, a, &a->layers[l], (int)l, N);
+	a->lnf = FALLOC(N * C);
+	a->lnf_rstd = FALLOC(N);
+	a->logits = FALLOC(N * c->vocab_size);
+	a->losses = FALLOC(N);
+	alloc_grad_scratch(c, a, N);
+	for (size_t n = 0; n < N; n++)
+		a->pos[n] = (int)(n % T);
+	m->acts = a;
+}
+
+/* ---------------------------------------------------------------- forward and backward */
+
+float model_forward(struct moe_model *m, const int *inputs, const int *targets, int B, int T)
+{
+	const struct model_config *c = &m->cfg;
+	int N = B * T, C = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
+	float eps = (float)c->rms_norm_eps;
+	ensure_acts(m, B, T);
+	struct model_acts *a = m->acts;
+
+	memcpy(a->inputs, inputs, sizeof(int) * N);
+	a->has_targets = targets != NULL;
+	embedding_forward(a->resid, inputs, m->w.embed_tokens, N, C);
+	float aux = 0.0f;
+	for (int l = 0; l < L; l++) {
+		const struct layer_weights *w = &m->w.layers[l];
+		struct layer_acts *la = &a->layers[l];
+		float *x = a->resid + (size_t)l * N * C, *mid = a->h_mid + (size_t)l * N * C;
+		float *next = a->resid + (size_t)(l + 1) * N * C;
+
+		rmsnorm_forward(la->ln1, la->ln1_rstd, x, w->input_layernorm, N, C, eps);
+		mla_forward(c, w, &la->mla, mid, la->ln1, a->pos, B, T);
+		vec_add(mid, x, (size_t)N * C);
+		rmsnorm_forward(la->ln2, la->ln2_rstd, mid, w->post_attention_layernorm, N, C, eps);
+		if (mc_layer_is_moe(c, l))
+			aux += moe_forward(m, w, &la->moe, next, la->ln2, B, T,
+					   m->expert_load + (size_t)l * c->n_routed_experts);
+		else
+			mlp_forward(&la->mlp, next, la->ln2, w->mlp_gate_proj, w->mlp_up_proj, w->mlp_down_proj,
+				    N, C, c->intermediate_size);
+		vec_add(next, mid, (size_t)N * C);
+	}
+	rmsnorm_forward(a->lnf, a->lnf_rstd, a->resid + (size_t)L * N * C, m->w.norm, N, C, eps);
+	linear_forward(a->logits, a->lnf, m->w.lm_head, N, C, V);
+	m->last_aux_loss = aux;
+	if (!targets) {
+		m->last_ce_loss = 0.0f;
+		return 0.0f;
+	}
+	memcpy(a->targets, targets, sizeof(int) * N);
+	cross_entropy_forward(a->losses, a->logits, targets, N, V);
+	double sum = 0.0;
+	int count = 0;
+	for (int n = 0; n < N; n++) {
+		if (targets[n] >= 0) {
+			sum += a->losses[n];
+			count++;
+		}
+	}
+	m->last_ce_loss = count ? (float)(sum / count) : 0.0f;
+	return m->last_ce_loss + aux;
+}
+
+const float *model_logits(const struct moe_model *m)
+{
+	return m->acts ? m->acts->logits : NULL;
+}
+
+int model_count_targets(const struct moe_model *m)
+{
+	const struct model_acts *a = m->acts;
+	int count = 0;
+	for (int n = 0; a && a->has_targets && n < a->B * a->T; n++)
+		count += a->targets[n] >= 0;
+	return count;
+}
+
+/*
+ * Walks the layers in reverse.  The cross-entropy gradient overwrites the logits buffer (as in llm.c);
+ * the balance loss enters inside moe_backward with the same loss_scale.
+ */
+void model_backward(struct moe_model *m, float loss_scale)
+{
+	const struct model_config *c = &m->cfg;
+	struct model_acts *a = m->acts;
+	int B = a->B, T = a->T, N = B * T, C = c->hidden_size, V = c->vocab_size;
+	int L = c->num_hidden_layers;
+	struct grad_scratch *s = &a->gs;
+
+	int count = model_count_targets(m);
+	float dloss = count ? loss_scale / count : 0.0f;
+	cross_entropy_backward(a->logits, a->logits, a->targets, dloss, N, V);
+	memset(s->dln, 0, sizeof(float) * N * C);
+	linear_backward(s->dln, m->g.lm_head, a->logits, a->lnf, m->w.lm_head, N, C, V);
+	memset(s->dres, 0, sizeof(float) * N * C);
+	rmsnorm_backward(s->dres, m->g.norm, s->dln, a->resid + (size_t)L * N * C, m->w.norm, a->lnf_rstd,
+			 N, C);
+
+	/* s->dres holds d(residual) entering the current point, walking the layers backward */
+	for (int l = L - 1; l >= 0; l--) {
+		const struct layer_weights *w = &m->w.layers[l], *g = &m->g.layers[l];
+		const struct layer_acts *la = &a->layers[l];
+		const float *x = a->resid + (size_t)l * N * C, *mid = a->h_mid + (size_t)l * N * C;
+
+		memset(s->dln, 0, sizeof(float) * N * C);
+		if (mc_layer_is_moe(c, l))
+			moe_backward(m, w, g, &la->moe, s, s->dln, s->dres, la->ln2, B, T, loss_scale);
+		else
+			mlp_backward(s->dln, g->mlp_gate_proj, g->mlp_up_proj, g->mlp_down_proj, s->dg, s->du,
+				     s->da, s->dres, la->ln2, &la->mlp, w->mlp_gate_proj, w->mlp_up_proj,
+				     w->mlp_down_proj, N, C, c->intermediate_size);
+		rmsnorm_backward(s->dres, g->post_attention_layernorm, s->dln, mid, w->post_attention_layernorm,
+				 la->ln2_rstd, N, C);
+
+		memset(s->dln, 0, sizeof(float) * N * C);
+		mla_backward(c, w, g, &la->mla, s, s->dln, s->dres, la->ln1, a->pos, B, T);
+		rmsnorm_backward(s->dres, g->input_layernorm, s->dln, x, w->input_layernorm, la->ln1_rstd, N, C);
+	}
+	embedding_backward(m->g.embed_tokens, s->dres, a->inputs, N, C);
+}

@@ -1,0 +1,115 @@
+/*
+ * model/model.h - the DeepSeek-V2/V3 model (MLA + DeepSeekMoE): parameters, forward, backward.
+ *
+ * All weights live in one float32 arena, all gradients in a second arena of the same layout, so the
+ * optimizer and the collectives see one flat vector.  Each tensor has a Hugging Face DeepseekV3 name and
+ * shape ([out, in] for a linear layer; routed experts stacked along a leading [E] axis).
+ */
+#ifndef MOE_MODEL_H
+#define MOE_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model/config.h"
+
+#define MOE_MAX_NAME 96
+#define MOE_MAX_DIMS 3
+
+enum param_kind {
+	PARAM_LINEAR = 0,  /* weight matrix: decayed */
+	PARAM_NORM,        /* RMSNorm gain: not decayed */
+	PARAM_EMBEDDING,   /* input embedding table: not decayed by default */
+	PARAM_BUFFER,      /* not trained (e_score_correction_bias): no gradient */
+};
+
+struct param {
+	char name[MOE_MAX_NAME];
+	int ndim;
+	int64_t shape[MOE_MAX_DIMS];  /* full (global) shape, as stored in a checkpoint */
+	enum param_kind kind;
+	int expert_stacked;           /* 1: shape[0] is the routed-expert axis (sliced under expert parallelism) */
+	int layer;                    /* -1 for embed/norm/lm_head */
+	size_t offset;                /* in floats, into weights/grads (local slice) */
+	size_t numel;                 /* local numel (expert slice when expert_stacked) */
+};
+
+/* The weights of one layer: pointers into the arena (NULL where the variant lacks the tensor). */
+struct layer_weights {
+	float *input_layernorm;        /* [C] */
+	float *q_proj;                 /* [H*dq, C]            q_lora_rank == 0 */
+	float *q_a_proj;               /* [q_lora, C]          q_lora_rank > 0 */
+	float *q_a_layernorm;          /* [q_lora] */
+	float *q_b_proj;               /* [H*dq, q_lora] */
+	float *kv_a_proj_with_mqa;     /* [kv_lora + dr, C] */
+	float *kv_a_layernorm;         /* [kv_lora] */
+	float *kv_b_proj;              /* [H*(dn+dv), kv_lora] */
+	float *o_proj;                 /* [C, H*dv] */
+	float *post_attention_layernorm; /* [C] */
+	/* dense layers */
+	float *mlp_gate_proj, *mlp_up_proj, *mlp_down_proj;   /* [I, C], [I, C], [C, I] */
+	/* MoE layers */
+	float *gate;                   /* [E, C] router */
+	float *e_score_correction_bias;/* [E] (buffer) */
+	float *experts_gate_proj;      /* [E_local, I_moe, C] */
+	float *experts_up_proj;        /* [E_local, I_moe, C] */
+	float *experts_down_proj;      /* [E_local, C, I_moe] */
+	float *shared_gate_proj, *shared_up_proj, *shared_down_proj; /* [S*I_moe, C], .., [C, S*I_moe] */
+};
+
+struct model_weights {
+	float *embed_tokens;           /* [V, C] */
+	struct layer_weights *layers;  /* [L] */
+	float *norm;                   /* [C] */
+	float *lm_head;                /* [V, C] */
+};
+
+struct model_acts;                 /* activation buffers, private to model.c */
+
+struct moe_model {
+	struct model_config cfg;
+	int expert_begin, expert_end;  /* routed experts held by this rank: [begin, end) */
+	int n_params;
+	struct param *params;
+	size_t n_weights;              /* floats in each arena */
+	float *weights;
+	float *grads;
+	struct model_weights w;        /* views into weights */
+	struct model_weights g;        /* views into grads (same layout) */
+	struct model_acts *acts;       /* sized for the last (B, T) seen */
+	/* statistics of the last forward */
+	float last_ce_loss;            /* mean cross-entropy over target tokens */
+	float last_aux_loss;           /* sequence-wise balance loss, summed over MoE layers */
+	int64_t *expert_load;          /* [L][E] tokens routed to each expert in the last forward */
+};
+
+/* Build the parameter table and allocate arenas for experts [expert_begin, expert_end).  Returns NULL and
+ * fills err on failure (a bad shape, out of memory). */
+struct moe_model *model_create(const struct model_config *cfg, int expert_begin, int expert_end,
+			       char *err, size_t errlen);
+void model_free(struct moe_model *m);
+
+/* Deterministic initialisation: every tensor (every expert of a stacked one) draws from its own stream,
+ * seeded by (seed, name, expert), so any expert slicing gives the same weights. */
+void model_init_weights(struct moe_model *m, uint64_t seed);
+
+/* Parameter counts for a config, without allocating: total, and activated per token the way DeepSeek
+ * counts it (routed experts: K of E; the input embedding table and the routers excluded). */
+void model_count_params(const struct model_config *cfg, int64_t *total, int64_t *activated);
+
+const struct param *model_find_param(const struct moe_model *m, const char *name);
+
+/* Forward over B sequences of T tokens.  targets may be NULL (no loss).  Returns the training loss
+ * (mean cross-entropy + aux balance loss) or 0 when targets is NULL.  The logits of the last call stay
+ * readable through model_logits() until the next forward. */
+float model_forward(struct moe_model *m, const int *inputs, const int *targets, int B, int T);
+const float *model_logits(const struct moe_model *m);   /* [B*T, V] */
+
+/* Backward of loss_scale * (the last forward's loss), which must have had targets: accumulates into
+ * m->grads (loss_scale = 1/grad_accum for gradient accumulation).  Overwrites the logits. */
+void model_backward(struct moe_model *m, float loss_scale);
+/* Number of targets >= 0 in the last forward. */
+int model_count_targets(const struct moe_model *m);
+void model_zero_grad(struct moe_model *m);
+
+#endif

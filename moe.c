@@ -1,0 +1,292 @@
+/*
+ * moe.c - the `moe` command: one executable, one subcommand per job (SPEC 5).
+ *
+ *   moe init     --config FILE [--set k=v ...] --out CKPT     write a freshly initialised model
+ *   moe eval     --checkpoint CKPT --data SHARD [--set k=v]   loss of a model on a shard, read in order
+ *   moe inspect  CKPT | --config FILE [--set k=v ...]          what a checkpoint holds / parameter counts
+ *   moe data     synth --out SHARD --vocab V --tokens N        a synthetic token shard (tests, demo)
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "data/shard.h"
+#include "model/model.h"
+#include "train/checkpoint.h"
+#include "train/config.h"
+#include "train/eval.h"
+
+#define MAX_SETS 64
+
+struct cli {
+	const char *config, *out, *checkpoint, *data, *positional;
+	char *sets[MAX_SETS];
+	int nsets;
+	int help;
+};
+
+static void die(const char *fmt, const char *arg)
+{
+	fprintf(stderr, "moe: ");
+	fprintf(stderr, fmt, arg);
+	fprintf(stderr, "\n");
+	exit(1);
+}
+
+/* Common options of every subcommand; anything else is an error naming it. */
+static void parse_cli(struct cli *c, int argc, char **argv, const char *cmd)
+{
+	memset(c, 0, sizeof(*c));
+	for (int i = 0; i < argc; i++) {
+		const char *a = argv[i];
+		const char **slot = NULL;
+		if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+			c->help = 1;
+			continue;
+		}
+		if (!strcmp(a, "--config"))
+			slot = &c->config;
+		else if (!strcmp(a, "--out"))
+			slot = &c->out;
+		else if (!strcmp(a, "--checkpoint"))
+			slot = &c->checkpoint;
+		else if (!strcmp(a, "--data"))
+			slot = &c->data;
+		if (slot || !strcmp(a, "--set")) {
+			if (i + 1 >= argc)
+				die("%s needs a value", a);
+			if (slot) {
+				*slot = argv[++i];
+			} else {
+				if (c->nsets == MAX_SETS)
+					die("too many --set options (at most 64)%s", "");
+				c->sets[c->nsets++] = argv[++i];
+			}
+		} else if (a[0] != '-' && !c->positional) {
+			c->positional = a;
+		} else {
+			fprintf(stderr, "moe %s: unknown option '%s' (see moe %s --help)\n", cmd, a, cmd);
+			exit(2);
+		}
+	}
+}
+
+static void load_config(struct run_config *rc, const struct cli *c)
+{
+	char err[1024];
+	config_defaults(rc);
+	if (config_load(rc, c->config, c->sets, c->nsets, err, sizeof(err)))
+		die("%s", err);
+}
+
+static struct moe_model *new_model(const struct model_config *mc)
+{
+	char err[512];
+	struct moe_model *m = model_create(mc, 0, mc->n_routed_experts, err, sizeof(err));
+	if (!m)
+		die("%s", err);
+	return m;
+}
+
+static int cmd_init(int argc, char **argv)
+{
+	struct cli c;
+	parse_cli(&c, argc, argv, "init");
+	if (c.help || !c.config || !c.out) {
+		printf("usage: moe init --config FILE [--set section.key=value ...] --out CKPT.h5\n"
+		       "Writes a freshly initialised model (seeded by train.seed) as an HDF5 checkpoint.\n");
+		return c.help ? 0 : 2;
+	}
+	struct run_config rc;
+	load_config(&rc, &c);
+	struct moe_model *m = new_model(&rc.model);
+	model_init_weights(m, (uint64_t)rc.train.seed);
+	struct ckpt_meta meta = { 0, 0 };
+	char err[1024];
+	if (checkpoint_save_model(c.out, m, &rc, &meta, err, sizeof(err)))
+		die("%s", err);
+	int64_t total, act;
+	model_count_params(&rc.model, &total, &act);
+	printf("wrote %s: %lld parameters (%lld activated per token), seed %lld\n", c.out, (long long)total,
+	       (long long)act, rc.train.seed);
+	model_free(m);
+	return 0;
+}
+
+/* The checkpoint's config, with --set overrides that must not change the model's shapes. */
+static void checkpoint_config(struct run_config *rc, const struct cli *c)
+{
+	char err[1024], key[128];
+	config_defaults(rc);
+	if (checkpoint_read_header(c->checkpoint, rc, NULL, err, sizeof(err)))
+		die("%s", err);
+	struct model_config saved = rc->model;
+	for (int i = 0; i < c->nsets; i++)
+		if (config_set(rc, c->sets[i], err, sizeof(err)))
+			die("%s", err);
+	if (config_model_diff(&saved, &rc->model, key, sizeof(key)))
+		die("--set %s would change the checkpoint's model", key);
+	if (config_validate(rc, 1, err, sizeof(err)))
+		die("%s", err);
+}
+
+static int cmd_eval(int argc, char **argv)
+{
+	struct cli c;
+	parse_cli(&c, argc, argv, "eval");
+	if (c.help || !c.checkpoint || !c.data) {
+		printf("usage: moe eval --checkpoint CKPT.h5 --data SHARD [--set train.seq_len=T ...]\n"
+		       "Prints {\"loss\": L, \"tokens\": N}: the mean cross-entropy over the shard read in order\n"
+		       "as sequences of train.seq_len tokens (targets shifted by one), train.micro_batch at a time.\n");
+		return c.help ? 0 : 2;
+	}
+	struct run_config rc;
+	checkpoint_config(&rc, &c);
+	char err[1024];
+	struct moe_model *m = new_model(&rc.model);
+	if (checkpoint_load_model(c.checkpoint, m, err, sizeof(err)))
+		die("%s", err);
+	struct shard s;
+	if (shard_open(&s, c.data, rc.model.vocab_size, err, sizeof(err)))
+		die("%s", err);
+	double loss;
+	int64_t tokens;
+	if (eval_shard(m, &s, rc.train.seq_len, rc.train.micro_batch, 0, &loss, &tokens))
+		die("%s: fewer tokens than one sequence of train.seq_len + 1", c.data);
+	printf("{\"loss\": %.6f, \"tokens\": %lld}\n", loss, (long long)tokens);
+	shard_close(&s);
+	model_free(m);
+	return 0;
+}
+
+static void print_counts(const struct model_config *mc)
+{
+	int64_t total, act;
+	model_count_params(mc, &total, &act);
+	printf("parameters: %lld total (%.2fB), %lld activated per token (%.3fB, without the input "
+	       "embedding and the routers)\n", (long long)total, total / 1e9, (long long)act, act / 1e9);
+	printf("layers: %d (%d dense, %d MoE), routed experts %d (top-%d), shared %d\n",
+	       mc->num_hidden_layers, mc->first_k_dense_replace < mc->num_hidden_layers ?
+	       mc->first_k_dense_replace : mc->num_hidden_layers,
+	       mc->n_routed_experts > 0 ? mc->num_hidden_layers - mc->first_k_dense_replace : 0,
+	       mc->n_routed_experts, mc->num_experts_per_tok, mc->n_shared_experts);
+}
+
+static int cmd_inspect(int argc, char **argv)
+{
+	struct cli c;
+	parse_cli(&c, argc, argv, "inspect");
+	if (c.help || (!c.config && !c.positional)) {
+		printf("usage: moe inspect CKPT.h5          what a checkpoint holds\n"
+		       "       moe inspect --config FILE [--set k=v ...]   parameter counts of a config\n");
+		return c.help ? 0 : 2;
+	}
+	struct run_config rc;
+	if (c.config) {
+		load_config(&rc, &c);
+		printf("config %s\n", c.config);
+		print_counts(&rc.model);
+		return 0;
+	}
+	char err[1024];
+	struct ckpt_meta meta;
+	config_defaults(&rc);
+	if (checkpoint_read_header(c.positional, &rc, &meta, err, sizeof(err)))
+		die("%s", err);
+	struct moe_model *m = new_model(&rc.model);
+	if (checkpoint_load_model(c.positional, m, err, sizeof(err)))
+		die("%s", err);
+	printf("checkpoint %s: step %lld, tokens seen %lld\n", c.positional, (long long)meta.step,
+	       (long long)meta.tokens_seen);
+	print_counts(&rc.model);
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+		double ss = 0;
+		for (size_t j = 0; j < p->numel; j++)
+			ss += (double)m->weights[p->offset + j] * m->weights[p->offset + j];
+		printf("  %-56s [", p->name);
+		for (int d = 0; d < p->ndim; d++)
+			printf("%s%lld", d ? ", " : "", (long long)p->shape[d]);
+		printf("]  rms %.4g\n", p->numel ? sqrt(ss / p->numel) : 0.0);
+	}
+	model_free(m);
+	return 0;
+}
+
+static uint64_t next_rand(uint64_t *s)
+{
+	*s ^= *s << 13;
+	*s ^= *s >> 7;
+	*s ^= *s << 17;
+	return *s;
+}
+
+/* moe data synth: a shard of `repeat` (a short random phrase repeated: learnable) or `random` tokens */
+static int cmd_data(int argc, char **argv)
+{
+	const char *out = NULL, *pattern = "repeat";
+	long long vocab = 0, ntok = 0, seed = 1, period = 17;
+	int help = argc < 1 || strcmp(argv[0], "synth") != 0;
+	for (int i = 1; i < argc; i++) {
+		if (i + 1 < argc && !strcmp(argv[i], "--out")) out = argv[++i];
+		else if (i + 1 < argc && !strcmp(argv[i], "--vocab")) vocab = atoll(argv[++i]);
+		else if (i + 1 < argc && !strcmp(argv[i], "--tokens")) ntok = atoll(argv[++i]);
+		else if (i + 1 < argc && !strcmp(argv[i], "--seed")) seed = atoll(argv[++i]);
+		else if (i + 1 < argc && !strcmp(argv[i], "--period")) period = atoll(argv[++i]);
+		else if (i + 1 < argc && !strcmp(argv[i], "--pattern")) pattern = argv[++i];
+		else help = 1;
+	}
+	if (help || !out || vocab <= 0 || ntok <= 0 || period <= 0 ||
+	    (strcmp(pattern, "repeat") && strcmp(pattern, "random"))) {
+		printf("usage: moe data synth --out SHARD --vocab V --tokens N [--pattern repeat|random]\n"
+		       "                      [--period P] [--seed S]\n"
+		       "Writes a synthetic token shard (SPEC 3): 'repeat' repeats a random phrase of P tokens\n"
+		       "(a model can learn it), 'random' draws every token uniformly.\n");
+		return 2;
+	}
+	uint32_t *tok = malloc(sizeof(uint32_t) * ntok);
+	uint64_t s = 0x9e3779b97f4a7c15ULL ^ (uint64_t)seed;
+	for (long long i = 0; i < ntok; i++) {
+		if (!strcmp(pattern, "random") || i < period)
+			tok[i] = (uint32_t)(next_rand(&s) % (uint64_t)vocab);
+		else
+			tok[i] = tok[i - period];
+	}
+	char err[1024];
+	if (shard_write(out, tok, ntok, vocab <= 65536 ? 2 : 4, err, sizeof(err)))
+		die("%s", err);
+	printf("wrote %s: %lld tokens\n", out, ntok);
+	free(tok);
+	return 0;
+}
+
+static void usage(void)
+{
+	printf("moe - DeepSeek-style MoE training (MLA + DeepSeekMoE)\n\n"
+	       "usage: moe <command> [options]   (moe <command> --help for each)\n\n"
+	       "  init      write a freshly initialised model to an HDF5 checkpoint\n"
+	       "  eval      loss of a checkpoint on a token shard\n"
+	       "  inspect   what a checkpoint holds, or a config's parameter counts\n"
+	       "  data      synthetic token shards\n");
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+		usage();
+		return argc < 2 ? 2 : 0;
+	}
+	const char *cmd = argv[1];
+	if (!strcmp(cmd, "init"))
+		return cmd_init(argc - 2, argv + 2);
+	if (!strcmp(cmd, "eval"))
+		return cmd_eval(argc - 2, argv + 2);
+	if (!strcmp(cmd, "inspect"))
+		return cmd_inspect(argc - 2, argv + 2);
+	if (!strcmp(cmd, "data"))
+		return cmd_data(argc - 2, argv + 2);
+	fprintf(stderr, "moe: unknown command '%s'\n", cmd);
+	usage();
+	return 2;
+}

@@ -1,0 +1,35 @@
+/*
+ * tests/harness.h - shared CUnit scaffolding.  Each tests/<dir>/test_*.c defines register_tests(), which
+ * adds its suites; harness.c owns main(), runs them with the basic interface (whose Run Summary ctest
+ * prints) and exits non-zero when any assertion failed.
+ */
+#ifndef MOE_TESTS_HARNESS_H
+#define MOE_TESTS_HARNESS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <CUnit/Basic.h>
+
+void register_tests(void);
+
+/* Add a suite of (name, function) pairs terminated by {NULL, NULL}. */
+struct test_case {
+	const char *name;
+	void (*fn)(void);
+};
+void add_suite(const char *name, const struct test_case *cases);
+
+/* Deterministic test randomness. */
+void test_rng_seed(uint64_t seed);
+float test_randn(void);
+float test_rand_uniform(float lo, float hi);
+void test_fill_randn(float *x, size_t n, float scale);
+
+/* max |a-b| / max(|b|, floor) over n elements */
+double rel_err(const float *a, const float *b, size_t n, double floor);
+
+/* A scratch directory for the test (created, unique per process); returns its path. */
+const char *test_tmpdir(void);
+
+#endif

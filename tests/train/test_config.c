@@ -1,0 +1,509 @@
+/*
+ * tests/train/test_config.c - the run configuration: loading, --set, errors that name the key,
+ * validation of impossible combinations, and the exact config_to_json round trip.
+ */
+#include "harness.h"
+
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "train/config.h"
+
+static char err[1024];
+
+/* The source root: $MOE_SRC, else derived from this file's path. */
+static const char *src_root(void)
+{
+	static char root[512];
+	const char *env = getenv("MOE_SRC");
+	const char *tail = "tests/train/test_config.c";
+	size_t n = strlen(__FILE__), t = strlen(tail);
+
+	if (env && env[0])
+		return env;
+	if (n >= t && !strcmp(__FILE__ + n - t, tail)) {
+		snprintf(root, sizeof(root), "%.*s", (int)(n - t), __FILE__);
+		if (!root[0])
+			return ".";
+		return root;
+	}
+	return ".";
+}
+
+static const char *config_path(const char *name)
+{
+	static char path[1024];
+
+	snprintf(path, sizeof(path), "%s/configs/%s", src_root(), name);
+	return path;
+}
+
+/* Write text to a scratch file; returns its path (static buffer). */
+static const char *write_tmp(const char *name, const char *text)
+{
+	static char path[1024];
+	FILE *f;
+
+	snprintf(path, sizeof(path), "%s/%s", test_tmpdir(), name);
+	f = fopen(path, "w");
+	CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+	fputs(text, f);
+	fclose(f);
+	return path;
+}
+
+static bool contains(const char *s, const char *sub)
+{
+	if (!strstr(s, sub)) {
+		fprintf(stderr, "\n    message \"%s\" lacks \"%s\"\n", s, sub);
+		return false;
+	}
+	return true;
+}
+
+/* Load a JSON text from a scratch file; expect failure with each of the needles in the message. */
+static void expect_load_error(const char *json, const char *needle1, const char *needle2)
+{
+	struct run_config c;
+	const char *path = write_tmp("bad.json", json);
+
+	err[0] = '\0';
+	CU_ASSERT_EQUAL(config_load(&c, path, NULL, 0, err, sizeof(err)), -1);
+	CU_ASSERT(contains(err, path));
+	if (needle1)
+		CU_ASSERT(contains(err, needle1));
+	if (needle2)
+		CU_ASSERT(contains(err, needle2));
+}
+
+/* Defaults plus one --set, then validate; expect failure naming needle. */
+static void expect_invalid(const char *set, int world, const char *needle)
+{
+	struct run_config c;
+
+	config_defaults(&c);
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, set, err, sizeof(err)), 0);
+	err[0] = '\0';
+	CU_ASSERT_EQUAL(config_validate(&c, world, err, sizeof(err)), -1);
+	CU_ASSERT(contains(err, needle));
+}
+
+static void expect_set_error(const char *set, const char *needle1, const char *needle2)
+{
+	struct run_config c;
+
+	config_defaults(&c);
+	err[0] = '\0';
+	CU_ASSERT_EQUAL(config_set(&c, set, err, sizeof(err)), -1);
+	CU_ASSERT(contains(err, needle1));
+	if (needle2)
+		CU_ASSERT(contains(err, needle2));
+}
+
+/* to_json, apply over fresh defaults, and compare bit for bit. */
+static void check_round_trip(const struct run_config *c)
+{
+	struct run_config d;
+	char key[64];
+	char *text = config_to_json(c), *again;
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+	config_defaults(&d);
+	CU_ASSERT_EQUAL_FATAL(config_apply_json(&d, text, "round-trip", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(config_model_diff(&c->model, &d.model, key, sizeof(key)), 0);
+	CU_ASSERT_EQUAL(memcmp(c, &d, sizeof(d)), 0);
+	again = config_to_json(&d);
+	CU_ASSERT_STRING_EQUAL(text, again);
+	free(again);
+	free(text);
+}
+
+/* ---- loading ---- */
+
+static void test_defaults(void)
+{
+	struct run_config c;
+
+	config_defaults(&c);
+	CU_ASSERT_EQUAL(config_validate(&c, 1, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.train.steps, 100);
+	CU_ASSERT_EQUAL(c.train.seq_len, 64);
+	CU_ASSERT_DOUBLE_EQUAL(c.train.lr, 3e-4, 0);
+	CU_ASSERT_STRING_EQUAL(c.train.schedule, "cosine");
+	CU_ASSERT_STRING_EQUAL(c.train.on_nonfinite, "stop");
+	CU_ASSERT_STRING_EQUAL(c.checkpoint.dir, "checkpoints");
+	CU_ASSERT_EQUAL(c.checkpoint.keep, 3);
+	CU_ASSERT_EQUAL(c.grpo.group_size, 8);
+	CU_ASSERT_DOUBLE_EQUAL(c.grpo.epsilon_high, 0.2, 0);
+	CU_ASSERT_STRING_EQUAL(c.grpo.loss_type, "dapo");
+	CU_ASSERT_STRING_EQUAL(c.grpo.scale_rewards, "group");
+	CU_ASSERT_EQUAL(c.grpo.reward_cmd_argc, 0);
+	CU_ASSERT_EQUAL(c.parallel.ep, 1);
+	CU_ASSERT(mc_layer_is_moe(&c.model, 1));
+	CU_ASSERT(!mc_layer_is_moe(&c.model, 0));
+}
+
+static void test_load_every_config(void)
+{
+	char dir[1024];
+	DIR *d;
+	struct dirent *e;
+	int n = 0;
+
+	snprintf(dir, sizeof(dir), "%s/configs", src_root());
+	d = opendir(dir);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(d);
+	while ((e = readdir(d))) {
+		size_t len = strlen(e->d_name);
+		struct run_config c;
+
+		if (len < 5 || strcmp(e->d_name + len - 5, ".json"))
+			continue;
+		err[0] = '\0';
+		if (config_load(&c, config_path(e->d_name), NULL, 0, err, sizeof(err)))
+			fprintf(stderr, "\n    %s\n", err);
+		CU_ASSERT_EQUAL(config_load(&c, config_path(e->d_name), NULL, 0, err, sizeof(err)), 0);
+		CU_ASSERT_EQUAL(config_validate(&c, 1, err, sizeof(err)), 0);
+		check_round_trip(&c);
+		n++;
+	}
+	closedir(d);
+	CU_ASSERT(n >= 4);
+}
+
+static void test_published_models(void)
+{
+	struct run_config c;
+
+	CU_ASSERT_EQUAL_FATAL(config_load(&c, config_path("deepseek-v3.json"), NULL, 0, err,
+					  sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.model.hidden_size, 7168);
+	CU_ASSERT_EQUAL(c.model.n_routed_experts, 256);
+	CU_ASSERT_EQUAL(c.model.first_k_dense_replace, 3);
+	CU_ASSERT_EQUAL(c.model.q_lora_rank, 1536);
+	CU_ASSERT_EQUAL(c.model.num_key_value_heads, 128);
+	CU_ASSERT_EQUAL(c.model.scoring_func, MOE_SCORING_SIGMOID);
+	CU_ASSERT_DOUBLE_EQUAL(c.model.routed_scaling_factor, 2.5, 0);
+	CU_ASSERT_EQUAL(config_validate(&c, 64, err, sizeof(err)), 0);
+
+	CU_ASSERT_EQUAL_FATAL(config_load(&c, config_path("deepseek-v2-lite.json"), NULL, 0, err,
+					  sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.model.q_lora_rank, 0);  /* null in the HF file */
+	CU_ASSERT_EQUAL(c.model.n_routed_experts, 64);
+	CU_ASSERT_EQUAL(c.model.n_shared_experts, 2);
+	CU_ASSERT_EQUAL(c.model.scoring_func, MOE_SCORING_SOFTMAX);
+	CU_ASSERT(!c.model.norm_topk_prob);
+	CU_ASSERT_EQUAL(c.model.eos_token_id, 100001);
+
+	CU_ASSERT_EQUAL_FATAL(config_load(&c, config_path("tiny.json"), NULL, 0, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.model.vocab_size, 256);
+	CU_ASSERT_EQUAL(c.train.seq_len, 32);
+	CU_ASSERT_STRING_EQUAL(c.data.train, "data/tiny/train_*.bin");
+}
+
+static void test_hf_nulls_and_ignored_keys(void)
+{
+	struct run_config c;
+	const char *path = write_tmp("hf.json",
+		"{\"model\": {\"num_attention_heads\": 8, \"num_key_value_heads\": null,\n"
+		" \"n_routed_experts\": null, \"n_shared_experts\": null, \"q_lora_rank\": null,\n"
+		" \"architectures\": [\"DeepseekV2ForCausalLM\"], \"model_type\": \"deepseek_v2\",\n"
+		" \"torch_dtype\": \"bfloat16\", \"use_cache\": true, \"pretraining_tp\": 1,\n"
+		" \"attention_dropout\": 0.0, \"hidden_act\": \"silu\", \"topk_method\": \"greedy\",\n"
+		" \"ep_size\": 1, \"num_nextn_predict_layers\": 0, \"rope_scaling\": null,\n"
+		" \"auto_map\": {\"AutoConfig\": \"x\"}, \"transformers_version\": \"4.33.1\"}}\n");
+
+	CU_ASSERT_EQUAL_FATAL(config_load(&c, path, NULL, 0, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.model.num_key_value_heads, 8);
+	CU_ASSERT_EQUAL(c.model.n_routed_experts, 0);
+	CU_ASSERT_EQUAL(c.model.q_lora_rank, 0);
+	CU_ASSERT(!mc_layer_is_moe(&c.model, 1));
+
+	/* heads changed by --set with kv heads null: still equal */
+	{
+		char *sets[] = { "model.num_key_value_heads=null", "model.num_attention_heads=2" };
+
+		CU_ASSERT_EQUAL(config_load(&c, config_path("tiny.json"), sets, 2, err, sizeof(err)),
+				0);
+		CU_ASSERT_EQUAL(c.model.num_key_value_heads, 2);
+	}
+}
+
+static void test_hf_rejections(void)
+{
+	expect_load_error("{\"model\": {\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 40}}}",
+			  "model.rope_scaling: YaRN scaling is not supported yet", NULL);
+	expect_load_error("{\"model\": {\"quantization_config\": {\"quant_method\": \"fp8\"}}}",
+			  "model.quantization_config", "not supported");
+	expect_load_error("{\"model\": {\"hidden_act\": \"gelu\"}}", "model.hidden_act", NULL);
+	expect_load_error("{\"model\": {\"attention_dropout\": 0.1}}", "model.attention_dropout", NULL);
+	expect_load_error("{\"model\": {\"topk_method\": \"random\"}}", "model.topk_method", NULL);
+	expect_load_error("{\"model\": {\"tie_word_embeddings\": true}}", "model.tie_word_embeddings",
+			  NULL);
+	expect_load_error("{\"model\": {\"attention_bias\": true}}", "model.attention_bias", NULL);
+	expect_load_error("{\"model\": {\"moe_layer_freq\": 2}}", "model.moe_layer_freq", NULL);
+	expect_load_error("{\"model\": {\"num_key_value_heads\": 1}}", "model.num_key_value_heads",
+			  NULL);
+}
+
+/* ---- --set ---- */
+
+static void test_set_each_type(void)
+{
+	struct run_config c;
+	char *sets[] = {
+		"train.steps=7",
+		"train.lr=1.5e-3",
+		"train.min_lr=0",
+		"data.shuffle=true",
+		"checkpoint.dir=/tmp/run dir",
+		"data.train=\"quoted_*.bin\"",
+		"train.seed=9007199254740991",
+		"grpo.reward_cmd=[\"python3\",\"r.py\"]",
+		"grpo.epsilon_high=0.28",
+		"model.scoring_func=softmax",
+		"model.q_lora_rank=null",
+		"model.topk_method=greedy",
+	};
+
+	CU_ASSERT_EQUAL_FATAL(config_load(&c, config_path("tiny.json"), sets,
+					  (int)(sizeof(sets) / sizeof(sets[0])), err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.train.steps, 7);
+	CU_ASSERT_DOUBLE_EQUAL(c.train.lr, 1.5e-3, 0);
+	CU_ASSERT(c.data.shuffle);
+	CU_ASSERT_STRING_EQUAL(c.checkpoint.dir, "/tmp/run dir");
+	CU_ASSERT_STRING_EQUAL(c.data.train, "quoted_*.bin");
+	CU_ASSERT_EQUAL(c.train.seed, 9007199254740991LL);
+	CU_ASSERT_EQUAL(c.grpo.reward_cmd_argc, 2);
+	CU_ASSERT_STRING_EQUAL(c.grpo.reward_cmd[0], "python3");
+	CU_ASSERT_STRING_EQUAL(c.grpo.reward_cmd[1], "r.py");
+	CU_ASSERT_DOUBLE_EQUAL(c.grpo.epsilon_high, 0.28, 0);
+	CU_ASSERT_EQUAL(c.model.scoring_func, MOE_SCORING_SOFTMAX);
+	CU_ASSERT_EQUAL(c.model.q_lora_rank, 0);
+	check_round_trip(&c);
+
+	/* a later --set wins; a shorter list clears the tail */
+	CU_ASSERT_EQUAL(config_set(&c, "grpo.reward_cmd=[\"./reward\"]", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.grpo.reward_cmd_argc, 1);
+	CU_ASSERT_STRING_EQUAL(c.grpo.reward_cmd[1], "");
+	CU_ASSERT_EQUAL(config_set(&c, "data.shuffle=false", err, sizeof(err)), 0);
+	CU_ASSERT(!c.data.shuffle);
+}
+
+static void test_set_errors(void)
+{
+	expect_set_error("train.steps", "expected section.key=value", NULL);
+	expect_set_error("steps=3", "expected section.key=value", NULL);
+	expect_set_error("train.lrr=1", "unknown key train.lrr", "did you mean train.lr");
+	expect_set_error("trian.lr=1", "unknown section trian", NULL);
+	expect_set_error("train.steps=abc", "train.steps", "cannot parse 'abc' as an integer");
+	expect_set_error("train.steps=2.5", "train.steps", "expected an integer, got 2.5");
+	expect_set_error("train.steps=1e12", "train.steps", "out of range");
+	expect_set_error("train.lr=fast", "train.lr", "as a number");
+	expect_set_error("train.lr=1e-3x", "train.lr", "as a number");
+	expect_set_error("data.shuffle=yes", "data.shuffle", "boolean");
+	expect_set_error("data.shuffle=1", "data.shuffle", "expected true or false");
+	expect_set_error("grpo.reward_cmd=python3 r.py", "grpo.reward_cmd", "JSON array");
+	expect_set_error("grpo.reward_cmd=[\"a\", 3]", "grpo.reward_cmd", "argument 1");
+	expect_set_error("model.scoring_func=relu", "model.scoring_func", "relu");
+	expect_set_error("model.hidden_size=null", "model.hidden_size", "got null");
+	expect_set_error("model.topk_method=random", "model.topk_method", NULL);
+}
+
+/* ---- file errors ---- */
+
+static void test_unknown_key(void)
+{
+	expect_load_error("{\"model\": {\"hiden_size\": 64}}", "unknown key model.hiden_size",
+			  "did you mean model.hidden_size");
+	expect_load_error("{\"train\": {\"learning_rate\": 0.1}}", "unknown key train.learning_rate",
+			  NULL);
+	expect_load_error("{\"optimizer\": {}}", "unknown section optimizer", NULL);
+	expect_load_error("{\"train\": {\"lr\": 0.1, \"lr\": 0.2}}", "duplicate key train.lr", NULL);
+}
+
+static void test_wrong_type(void)
+{
+	expect_load_error("{\"train\": {\"lr\": \"fast\"}}", "train.lr: expected a number, got string",
+			  NULL);
+	expect_load_error("{\"train\": {\"steps\": 2.5}}", "train.steps: expected an integer, got 2.5",
+			  NULL);
+	expect_load_error("{\"data\": {\"shuffle\": 1}}", "data.shuffle", "got number");
+	expect_load_error("{\"data\": {\"train\": 5}}", "data.train: expected a string, got number",
+			  NULL);
+	expect_load_error("{\"grpo\": {\"reward_cmd\": \"python3 r.py\"}}", "grpo.reward_cmd",
+			  "got string");
+	expect_load_error("{\"model\": {\"scoring_func\": \"tanh\"}}", "model.scoring_func", NULL);
+	expect_load_error("{\"train\": 3}", "train: expected an object", NULL);
+	expect_load_error("[1, 2]", "top level", NULL);
+	expect_load_error("{\"train\": {\"lr\": 1e999}}", "train.lr", NULL);
+}
+
+static void test_malformed_json(void)
+{
+	struct run_config c;
+
+	expect_load_error("{\n  \"train\": {\"lr\": 0.1,}\n}\n", ":2:", "malformed JSON");
+	expect_load_error("{\"train\": {}} trailing", "malformed JSON", NULL);
+	expect_load_error("", "malformed JSON", NULL);
+	err[0] = '\0';
+	CU_ASSERT_EQUAL(config_load(&c, "/nonexistent/cfg.json", NULL, 0, err, sizeof(err)), -1);
+	CU_ASSERT(contains(err, "/nonexistent/cfg.json"));
+}
+
+/* ---- validation ---- */
+
+static void test_expert_parallel(void)
+{
+	struct run_config c;
+	char *sets[] = { "parallel.ep=3" };
+	const char *path = config_path("tiny.json");
+
+	err[0] = '\0';
+	CU_ASSERT_EQUAL(config_load(&c, path, sets, 1, err, sizeof(err)), -1);
+	CU_ASSERT(contains(err, "model.n_routed_experts=8 is not divisible by parallel.ep=3"));
+	CU_ASSERT(contains(err, path));
+
+	expect_invalid("parallel.ep=2", 3, "parallel.ep=2 does not divide the world size 3");
+	config_defaults(&c);
+	CU_ASSERT_EQUAL(config_set(&c, "parallel.ep=4", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(config_validate(&c, 8, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(config_validate(&c, 0, err, sizeof(err)), 0);
+	expect_invalid("parallel.ep=0", 1, "parallel.ep");
+	expect_invalid("parallel.zero=2", 1, "parallel.zero");
+}
+
+static void test_validate_model(void)
+{
+	expect_invalid("model.qk_rope_head_dim=7", 1, "model.qk_rope_head_dim");
+	expect_invalid("model.kv_lora_rank=0", 1, "model.kv_lora_rank");
+	expect_invalid("model.hidden_size=0", 1, "model.hidden_size");
+	expect_invalid("model.n_group=3", 1, "model.n_routed_experts=8 is not divisible by model.n_group=3");
+	expect_invalid("model.topk_group=3", 1, "model.topk_group");
+	expect_invalid("model.num_experts_per_tok=9", 1, "model.num_experts_per_tok");
+	expect_invalid("model.num_experts_per_tok=5", 1, "model.num_experts_per_tok");  /* 1 group of 4 */
+	expect_invalid("model.n_group=8", 1, "model.n_group");  /* sigmoid: groups of 1 */
+	expect_invalid("model.first_k_dense_replace=3", 1, "model.first_k_dense_replace");
+	expect_invalid("model.intermediate_size=0", 1, "model.intermediate_size");
+	expect_invalid("model.moe_intermediate_size=0", 1, "model.moe_intermediate_size");
+	expect_invalid("model.rms_norm_eps=0", 1, "model.rms_norm_eps");
+	expect_invalid("model.eos_token_id=256", 1, "model.eos_token_id");
+}
+
+static void test_validate_train(void)
+{
+	expect_invalid("train.schedule=linear", 1, "train.schedule");
+	expect_invalid("train.device=tpu", 1, "train.device");
+	expect_invalid("train.on_nonfinite=ignore", 1, "train.on_nonfinite");
+	expect_invalid("train.min_lr=1", 1, "train.min_lr");
+	expect_invalid("train.lr=-1", 1, "train.lr");
+	expect_invalid("train.beta1=1", 1, "train.beta1");
+	expect_invalid("train.beta2=-0.5", 1, "train.beta2");
+	expect_invalid("train.eps=0", 1, "train.eps");
+	expect_invalid("train.warmup_steps=-1", 1, "train.warmup_steps");
+	expect_invalid("train.steps=-1", 1, "train.steps");
+	expect_invalid("train.seq_len=0", 1, "train.seq_len");
+	expect_invalid("train.micro_batch=0", 1, "train.micro_batch");
+	expect_invalid("train.grad_accum=0", 1, "train.grad_accum");
+	expect_invalid("checkpoint.keep=0", 1, "checkpoint.keep");
+	expect_invalid("grpo.group_size=1", 1, "grpo.group_size");
+	expect_invalid("grpo.loss_type=ppo", 1, "grpo.loss_type");
+	expect_invalid("grpo.scale_rewards=global", 1, "grpo.scale_rewards");
+	expect_invalid("grpo.top_p=1.5", 1, "grpo.top_p");
+}
+
+/* ---- output ---- */
+
+static void test_round_trip_exact(void)
+{
+	struct run_config c;
+	char *text;
+
+	config_defaults(&c);
+	c.train.lr = 0.1 + 0.2;                 /* not the double nearest 0.3 */
+	c.train.min_lr = 1.0 / 3.0 * 1e-5;
+	c.model.rms_norm_eps = 5e-324;          /* smallest subnormal */
+	c.model.rope_theta = 1e300;
+	c.grpo.temperature = 0.7;
+	c.train.seed = -4503599627370497LL;
+	c.model.scoring_func = MOE_SCORING_SOFTMAX;
+	CU_ASSERT_EQUAL(config_set(&c, "grpo.reward_cmd=[\"python3\", \"a \\\"b\\\"\", \"\\u00e9\"]",
+				   err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(config_set(&c, "grpo.tokenizer=tok\\en.json", err, sizeof(err)), 0);
+	check_round_trip(&c);
+
+	text = config_to_json(&c);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+	CU_ASSERT(contains(text, "\"model\""));
+	CU_ASSERT(contains(text, "\"grpo\""));
+	CU_ASSERT(contains(text, "\"checkpoint\""));
+	CU_ASSERT(contains(text, "\"scoring_func\":\t\"softmax\""));
+	CU_ASSERT(contains(text, "\"hidden_size\":\t64"));
+	CU_ASSERT(contains(text, "\"temperature\":\t0.7"));
+	free(text);
+}
+
+static void test_model_diff(void)
+{
+	struct run_config a, b;
+	char key[64];
+
+	config_defaults(&a);
+	config_defaults(&b);
+	CU_ASSERT_EQUAL(config_model_diff(&a.model, &b.model, key, sizeof(key)), 0);
+	b.train.lr = 1;  /* not a model key */
+	CU_ASSERT_EQUAL(config_model_diff(&a.model, &b.model, key, sizeof(key)), 0);
+	b.model.hidden_size = 128;
+	CU_ASSERT_EQUAL(config_model_diff(&a.model, &b.model, key, sizeof(key)), 1);
+	CU_ASSERT_STRING_EQUAL(key, "model.hidden_size");
+	b = a;
+	b.model.rms_norm_eps = 1e-5;
+	CU_ASSERT_EQUAL(config_model_diff(&a.model, &b.model, key, sizeof(key)), 1);
+	CU_ASSERT_STRING_EQUAL(key, "model.rms_norm_eps");
+	b = a;
+	b.model.scoring_func = MOE_SCORING_SOFTMAX;
+	CU_ASSERT_EQUAL(config_model_diff(&a.model, &b.model, key, sizeof(key)), 1);
+	CU_ASSERT_STRING_EQUAL(key, "model.scoring_func");
+	b = a;
+	b.model.attention_bias = true;
+	CU_ASSERT_EQUAL(config_model_diff(&a.model, &b.model, key, sizeof(key)), 1);
+	CU_ASSERT_STRING_EQUAL(key, "model.attention_bias");
+}
+
+void register_tests(void)
+{
+	static const struct test_case load[] = {
+		{ "defaults", test_defaults },
+		{ "load every config in configs/", test_load_every_config },
+		{ "published models", test_published_models },
+		{ "HF nulls and ignored keys", test_hf_nulls_and_ignored_keys },
+		{ "HF rejections", test_hf_rejections },
+		{ NULL, NULL },
+	};
+	static const struct test_case set[] = {
+		{ "set each type", test_set_each_type },
+		{ "set errors", test_set_errors },
+		{ NULL, NULL },
+	};
+	static const struct test_case errors[] = {
+		{ "unknown key", test_unknown_key },
+		{ "wrong type", test_wrong_type },
+		{ "malformed JSON", test_malformed_json },
+		{ "expert parallel divisibility", test_expert_parallel },
+		{ "validate model", test_validate_model },
+		{ "validate train/grpo", test_validate_train },
+		{ NULL, NULL },
+	};
+	static const struct test_case out[] = {
+		{ "round trip exact", test_round_trip_exact },
+		{ "model diff", test_model_diff },
+		{ NULL, NULL },
+	};
+
+	add_suite("config load", load);
+	add_suite("config set", set);
+	add_suite("config errors", errors);
+	add_suite("config output", out);
+}

@@ -1,0 +1,1236 @@
+/*
+ * train/config.c - the run configuration (SPEC 3).
+ *
+ * One table, cfg_keys[], lists every key with its section, type and place in struct run_config.  JSON
+ * loading, `--set`, config_to_json, config_model_diff and the generic range checks all walk that table;
+ * only the checks that tie keys together are written out by hand (config_validate).
+ */
+#include "train/config.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+enum cfg_type {
+	CT_INT,         /* int */
+	CT_I64,         /* long long (|value| <= 2^53: JSON numbers are doubles) */
+	CT_DBL,         /* double, finite */
+	CT_BOOL,        /* bool */
+	CT_STR,         /* char[size] */
+	CT_ARGV,        /* char[CFG_MAX_ARGV][CFG_STR] with an int count at aux */
+	CT_SCORING,     /* enum moe_scoring as "softmax" | "sigmoid" */
+};
+
+enum {
+	CF_NULL = 1u << 0,  /* JSON null reads as 0 / "" (HF writes null for absent features) */
+	CF_POS = 1u << 1,   /* must be > 0 */
+	CF_NNEG = 1u << 2,  /* must be >= 0 */
+};
+
+struct cfg_key {
+	const char *section;
+	const char *name;
+	enum cfg_type type;
+	unsigned flags;
+	size_t off;                     /* in struct run_config */
+	size_t size;                    /* of the field */
+	size_t aux;                     /* CT_ARGV: offset of the count */
+	const char *const *choices;     /* CT_STR: allowed values (NULL-terminated), checked by validate */
+};
+
+#define FSZ(sec, f) sizeof(((struct run_config *)0)->sec.f)
+#define OFF(sec, f) offsetof(struct run_config, sec.f)
+/* 0, or a compile error when cond is false (the field's type disagrees with the table). */
+#define CHK(cond) (0 * sizeof(char[(cond) ? 1 : -1]))
+#define KEY(sec, f, t, fl, sz_ok) \
+	{ .section = #sec, .name = #f, .type = t, .flags = fl, .off = OFF(sec, f), \
+	  .size = FSZ(sec, f) + CHK(sz_ok) }
+
+#define K_INT(sec, f, fl) KEY(sec, f, CT_INT, fl, FSZ(sec, f) == sizeof(int))
+#define K_I64(sec, f, fl) KEY(sec, f, CT_I64, fl, FSZ(sec, f) == sizeof(long long))
+#define K_DBL(sec, f, fl) KEY(sec, f, CT_DBL, fl, FSZ(sec, f) == sizeof(double))
+#define K_BOOL(sec, f) KEY(sec, f, CT_BOOL, 0, FSZ(sec, f) == sizeof(bool))
+/* 1 when the field is a char array (not a pointer) */
+#define IS_CHARS(sec, f) \
+	_Generic(&((struct run_config *)0)->sec.f, char (*)[FSZ(sec, f)]: 1, default: 0)
+#define K_STR(sec, f, fl) KEY(sec, f, CT_STR, fl, IS_CHARS(sec, f))
+#define K_ENUM(sec, f, ch) \
+	{ .section = #sec, .name = #f, .type = CT_STR, .off = OFF(sec, f), \
+	  .size = FSZ(sec, f) + CHK(IS_CHARS(sec, f)), .choices = ch }
+#define K_SCORING(sec, f) KEY(sec, f, CT_SCORING, 0, FSZ(sec, f) == sizeof(enum moe_scoring))
+#define K_ARGV(sec, f, count) \
+	{ .section = #sec, .name = #f, .type = CT_ARGV, .off = OFF(sec, f), \
+	  .size = FSZ(sec, f) + CHK(FSZ(sec, f) == CFG_MAX_ARGV * CFG_STR), \
+	  .aux = OFF(sec, count) + CHK(FSZ(sec, count) == sizeof(int)) }
+
+static const char *const schedules[] = { "cosine", "wsd", "constant", NULL };
+static const char *const devices[] = { "auto", "cpu", "cuda", NULL };
+static const char *const nonfinite[] = { "skip", "stop", NULL };
+static const char *const loss_types[] = { "grpo", "bnpo", "dr_grpo", "dapo", NULL };
+static const char *const reward_scalings[] = { "group", "batch", "none", NULL };
+
+static const struct cfg_key cfg_keys[] = {
+	/* model: Hugging Face DeepseekV3 names */
+	K_INT(model, vocab_size, CF_POS),
+	K_INT(model, hidden_size, CF_POS),
+	K_INT(model, intermediate_size, CF_NNEG),
+	K_INT(model, moe_intermediate_size, CF_NNEG),
+	K_INT(model, num_hidden_layers, CF_POS),
+	K_INT(model, num_attention_heads, CF_POS),
+	K_INT(model, num_key_value_heads, CF_NULL | CF_NNEG),  /* 0/null: equal to the heads */
+	K_INT(model, n_shared_experts, CF_NULL | CF_NNEG),
+	K_INT(model, n_routed_experts, CF_NULL | CF_NNEG),
+	K_DBL(model, routed_scaling_factor, CF_POS),
+	K_INT(model, kv_lora_rank, CF_POS),
+	K_INT(model, q_lora_rank, CF_NULL | CF_NNEG),
+	K_INT(model, qk_rope_head_dim, CF_POS),
+	K_INT(model, qk_nope_head_dim, CF_POS),
+	K_INT(model, v_head_dim, CF_POS),
+	K_INT(model, n_group, CF_NULL | CF_NNEG),
+	K_INT(model, topk_group, CF_NULL | CF_NNEG),
+	K_INT(model, num_experts_per_tok, CF_NULL | CF_NNEG),
+	K_INT(model, moe_layer_freq, CF_POS),
+	K_INT(model, first_k_dense_replace, CF_NNEG),
+	K_BOOL(model, norm_topk_prob),
+	K_SCORING(model, scoring_func),
+	K_DBL(model, aux_loss_alpha, CF_NNEG),
+	K_BOOL(model, seq_aux),
+	K_INT(model, max_position_embeddings, CF_POS),
+	K_DBL(model, initializer_range, CF_POS),
+	K_DBL(model, rms_norm_eps, CF_POS),
+	K_DBL(model, rope_theta, CF_POS),
+	K_INT(model, bos_token_id, CF_NNEG),
+	K_INT(model, eos_token_id, CF_NNEG),
+	K_BOOL(model, tie_word_embeddings),
+	K_BOOL(model, attention_bias),
+	/* train */
+	K_INT(train, steps, CF_NNEG),
+	K_INT(train, seq_len, CF_POS),
+	K_INT(train, micro_batch, CF_POS),
+	K_INT(train, grad_accum, CF_POS),
+	K_DBL(train, lr, CF_NNEG),
+	K_DBL(train, min_lr, CF_NNEG),
+	K_INT(train, warmup_steps, CF_NNEG),
+	K_ENUM(train, schedule, schedules),
+	K_DBL(train, decay_frac, CF_NNEG),
+	K_DBL(train, weight_decay, CF_NNEG),
+	K_DBL(train, beta1, CF_NNEG),
+	K_DBL(train, beta2, CF_NNEG),
+	K_DBL(train, eps, CF_POS),
+	K_DBL(train, grad_clip, CF_NNEG),
+	K_DBL(train, bias_update_speed, CF_NNEG),
+	K_I64(train, seed, 0),
+	K_ENUM(train, device, devices),
+	K_INT(train, eval_every, CF_NNEG),
+	K_INT(train, eval_batches, CF_NNEG),
+	K_STR(train, init_checkpoint, CF_NULL),
+	K_ENUM(train, on_nonfinite, nonfinite),
+	/* data */
+	K_STR(data, train, CF_NULL),
+	K_STR(data, val, CF_NULL),
+	K_BOOL(data, shuffle),
+	/* parallel */
+	K_INT(parallel, ep, CF_POS),
+	K_INT(parallel, zero, CF_NNEG),
+	/* checkpoint */
+	K_STR(checkpoint, dir, 0),
+	K_INT(checkpoint, every, CF_NNEG),
+	K_INT(checkpoint, keep, CF_POS),
+	/* log */
+	K_STR(log, metrics, CF_NULL),
+	K_INT(log, every, CF_POS),
+	/* grpo */
+	K_STR(grpo, prompts, CF_NULL),
+	K_ARGV(grpo, reward_cmd, reward_cmd_argc),
+	K_DBL(grpo, reward_timeout_s, CF_POS),
+	K_INT(grpo, group_size, CF_POS),
+	K_INT(grpo, prompts_per_step, CF_POS),
+	K_INT(grpo, max_new_tokens, CF_POS),
+	K_DBL(grpo, temperature, CF_POS),
+	K_DBL(grpo, top_p, CF_POS),
+	K_INT(grpo, top_k, CF_NNEG),
+	K_DBL(grpo, beta, CF_NNEG),
+	K_DBL(grpo, epsilon, CF_NNEG),
+	K_DBL(grpo, epsilon_high, CF_NNEG),
+	K_INT(grpo, num_iterations, CF_POS),
+	K_ENUM(grpo, loss_type, loss_types),
+	K_ENUM(grpo, scale_rewards, reward_scalings),
+	K_STR(grpo, tokenizer, CF_NULL),
+	K_BOOL(grpo, mask_truncated),
+	K_BOOL(grpo, routing_replay),
+	K_BOOL(grpo, sequence_ratio),
+};
+
+#define N_KEYS (sizeof(cfg_keys) / sizeof(cfg_keys[0]))
+
+/* ---- errors ---- */
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err && errlen) {
+		va_start(ap, fmt);
+		vsnprintf(err, errlen, fmt, ap);
+		va_end(ap);
+	}
+	return -1;
+}
+
+/* "ORIGIN: section.key: message" */
+static int key_fail(char *err, size_t errlen, const char *origin, const struct cfg_key *k,
+		    const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	return fail(err, errlen, "%s: %s.%s: %s", origin, k->section, k->name, msg);
+}
+
+static const char *json_type(const cJSON *v)
+{
+	if (cJSON_IsNull(v))
+		return "null";
+	if (cJSON_IsBool(v))
+		return "boolean";
+	if (cJSON_IsNumber(v))
+		return "number";
+	if (cJSON_IsString(v))
+		return "string";
+	if (cJSON_IsArray(v))
+		return "array";
+	if (cJSON_IsObject(v))
+		return "object";
+	return "invalid";
+}
+
+/* Shortest %g form that reads back as exactly d. */
+static void fmt_double(char *buf, size_t n, double d)
+{
+	if (!isfinite(d)) {
+		snprintf(buf, n, "null");
+		return;
+	}
+	for (int prec = 15; prec <= 17; prec++) {
+		snprintf(buf, n, "%.*g", prec, d);
+		if (strtod(buf, NULL) == d)
+			return;
+	}
+}
+
+/* ---- the table ---- */
+
+static void *field(void *base, const struct cfg_key *k)
+{
+	return (char *)base + k->off;
+}
+
+static const void *cfield(const void *base, const struct cfg_key *k)
+{
+	return (const char *)base + k->off;
+}
+
+static const struct cfg_key *find_key(const char *section, const char *name)
+{
+	for (size_t i = 0; i < N_KEYS; i++)
+		if (!strcmp(cfg_keys[i].section, section) && !strcmp(cfg_keys[i].name, name))
+			return &cfg_keys[i];
+	return NULL;
+}
+
+static bool known_section(const char *section)
+{
+	for (size_t i = 0; i < N_KEYS; i++)
+		if (!strcmp(cfg_keys[i].section, section))
+			return true;
+	return false;
+}
+
+/* ---- Hugging Face keys accepted in the model section that do not change the math ---- */
+
+static const char *hf_string_in(const cJSON *v, const char *const *allowed, const char *what)
+{
+	if (!cJSON_IsString(v))
+		return "expected a string";
+	for (int i = 0; allowed[i]; i++)
+		if (!strcmp(v->valuestring, allowed[i]))
+			return NULL;
+	return what;
+}
+
+static const char *hf_any_string(const cJSON *v)
+{
+	return cJSON_IsString(v) ? NULL : "expected a string";
+}
+
+static const char *hf_any_bool(const cJSON *v)
+{
+	return cJSON_IsBool(v) ? NULL : "expected true or false";
+}
+
+static const char *hf_object(const cJSON *v)
+{
+	return cJSON_IsObject(v) ? NULL : "expected an object";
+}
+
+static const char *hf_string_list(const cJSON *v)
+{
+	const cJSON *e;
+
+	if (!cJSON_IsArray(v))
+		return "expected an array of strings";
+	cJSON_ArrayForEach(e, v)
+		if (!cJSON_IsString(e))
+			return "expected an array of strings";
+	return NULL;
+}
+
+static bool is_int_at_least(const cJSON *v, int lo)
+{
+	return cJSON_IsNumber(v) && v->valuedouble == floor(v->valuedouble) &&
+	       v->valuedouble >= lo && v->valuedouble <= INT_MAX;
+}
+
+static const char *hf_positive_int(const cJSON *v)
+{
+	return is_int_at_least(v, 1) ? NULL : "expected an integer >= 1";
+}
+
+static const char *hf_nonneg_int(const cJSON *v)
+{
+	return is_int_at_least(v, 0) ? NULL : "expected an integer >= 0";
+}
+
+static const char *hf_int_or_null(const cJSON *v)
+{
+	return cJSON_IsNull(v) || is_int_at_least(v, 0) ? NULL : "expected an integer >= 0 or null";
+}
+
+static const char *hf_model_type(const cJSON *v)
+{
+	static const char *const ok[] = { "deepseek_v3", "deepseek_v2", NULL };
+
+	return hf_string_in(v, ok, "must be \"deepseek_v3\" or \"deepseek_v2\"");
+}
+
+static const char *hf_hidden_act(const cJSON *v)
+{
+	static const char *const ok[] = { "silu", NULL };
+
+	return hf_string_in(v, ok, "must be \"silu\" (SwiGLU is the only activation)");
+}
+
+static const char *hf_topk_method(const cJSON *v)
+{
+	static const char *const ok[] = { "greedy", "group_limited_greedy", "noaux_tc", NULL };
+
+	return hf_string_in(v, ok, "must be \"greedy\", \"group_limited_greedy\" or \"noaux_tc\"");
+}
+
+static const char *hf_attention_dropout(const cJSON *v)
+{
+	if (!cJSON_IsNumber(v))
+		return "expected a number";
+	return v->valuedouble == 0 ? NULL : "must be 0 (attention dropout is not supported)";
+}
+
+static const char *hf_rope_scaling(const cJSON *v)
+{
+	return cJSON_IsNull(v) ? NULL : "YaRN scaling is not supported yet";
+}
+
+static const char *hf_quantization(const cJSON *v)
+{
+	return cJSON_IsNull(v) ? NULL : "quantized models are not supported";
+}
+
+static const char *hf_rope_interleave(const cJSON *v)
+{
+	if (!cJSON_IsBool(v))
+		return "expected true or false";
+	return cJSON_IsTrue(v) ? NULL : "must be true (RoPE rotates adjacent pairs)";
+}
+
+struct hf_key {
+	const char *name;
+	const char *(*check)(const cJSON *v);  /* NULL when acceptable, else why not */
+};
+
+static const struct hf_key hf_keys[] = {
+	{ "architectures", hf_string_list },
+	{ "model_type", hf_model_type },
+	{ "auto_map", hf_object },
+	{ "torch_dtype", hf_any_string },
+	{ "dtype", hf_any_string },
+	{ "transformers_version", hf_any_string },
+	{ "use_cache", hf_any_bool },
+	{ "pretraining_tp", hf_positive_int },
+	{ "attention_dropout", hf_attention_dropout },
+	{ "hidden_act", hf_hidden_act },
+	{ "topk_method", hf_topk_method },
+	{ "ep_size", hf_positive_int },
+	{ "num_nextn_predict_layers", hf_nonneg_int },
+	{ "rope_scaling", hf_rope_scaling },
+	{ "rope_interleave", hf_rope_interleave },
+	{ "head_dim", hf_positive_int },
+	{ "pad_token_id", hf_int_or_null },
+	{ "quantization_config", hf_quantization },
+};
+
+static const struct hf_key *find_hf_key(const char *section, const char *name)
+{
+	if (strcmp(section, "model"))
+		return NULL;
+	for (size_t i = 0; i < sizeof(hf_keys) / sizeof(hf_keys[0]); i++)
+		if (!strcmp(hf_keys[i].name, name))
+			return &hf_keys[i];
+	return NULL;
+}
+
+static int check_hf_key(const struct hf_key *h, const cJSON *v, const char *origin, char *err,
+			size_t errlen)
+{
+	const char *why = h->check(v);
+
+	if (!why)
+		return 0;
+	return fail(err, errlen, "%s: model.%s: %s", origin, h->name, why);
+}
+
+/* ---- "did you mean" ---- */
+
+static int edit_distance(const char *a, const char *b)
+{
+	int row[64] = { 0 }, n = (int)strlen(b);
+
+	if (n >= 64 || strlen(a) >= 64)
+		return 99;
+	for (int j = 0; j <= n; j++)
+		row[j] = j;
+	for (int i = 1; a[i - 1]; i++) {
+		int diag = row[0];
+
+		row[0] = i;
+		for (int j = 1; j <= n; j++) {
+			int up = row[j];
+			int best = diag + (a[i - 1] != b[j - 1]);
+
+			if (up + 1 < best)
+				best = up + 1;
+			if (row[j - 1] + 1 < best)
+				best = row[j - 1] + 1;
+			row[j] = best;
+			diag = up;
+		}
+	}
+	return row[n];
+}
+
+/* The closest known key of the section (or section, when section is NULL), if close enough. */
+static const char *suggest(const char *section, const char *name)
+{
+	const char *best = NULL;
+	int best_d = (int)strlen(name) / 3 + 2;  /* suggest only within about a third */
+
+	for (size_t i = 0; i < N_KEYS; i++) {
+		const char *cand = section ? cfg_keys[i].name : cfg_keys[i].section;
+		int d;
+
+		if (section && strcmp(cfg_keys[i].section, section))
+			continue;
+		d = edit_distance(name, cand);
+		if (d < best_d) {
+			best_d = d;
+			best = cand;
+		}
+	}
+	return best;
+}
+
+static int unknown_key(const char *origin, const char *section, const char *name, char *err,
+		       size_t errlen)
+{
+	const char *s;
+
+	if (!known_section(section)) {
+		s = suggest(NULL, section);
+		if (s)
+			return fail(err, errlen, "%s: unknown section %s (did you mean %s?)", origin,
+				    section, s);
+		return fail(err, errlen, "%s: unknown section %s (sections: model, train, data, "
+			    "parallel, checkpoint, log, grpo)", origin, section);
+	}
+	s = suggest(section, name);
+	if (s)
+		return fail(err, errlen, "%s: unknown key %s.%s (did you mean %s.%s?)", origin, section,
+			    name, section, s);
+	return fail(err, errlen, "%s: unknown key %s.%s", origin, section, name);
+}
+
+/* ---- setting one key from a JSON value ---- */
+
+static int get_integer(const struct cfg_key *k, const cJSON *v, double lo, double hi, double *out,
+		       const char *origin, char *err, size_t errlen)
+{
+	char num[40];
+
+	if (cJSON_IsNull(v) && (k->flags & CF_NULL)) {
+		*out = 0;
+		return 0;
+	}
+	if (!cJSON_IsNumber(v))
+		return key_fail(err, errlen, origin, k, "expected an integer, got %s", json_type(v));
+	fmt_double(num, sizeof(num), v->valuedouble);
+	if (!isfinite(v->valuedouble) || v->valuedouble != floor(v->valuedouble))
+		return key_fail(err, errlen, origin, k, "expected an integer, got %s", num);
+	if (v->valuedouble < lo || v->valuedouble > hi)
+		return key_fail(err, errlen, origin, k, "integer %s is out of range", num);
+	*out = v->valuedouble;
+	return 0;
+}
+
+static int set_string(const struct cfg_key *k, char *dst, size_t size, const cJSON *v,
+		      const char *origin, char *err, size_t errlen)
+{
+	const char *s = "";
+
+	if (cJSON_IsString(v))
+		s = v->valuestring;
+	else if (!cJSON_IsNull(v) || !(k->flags & CF_NULL))
+		return key_fail(err, errlen, origin, k, "expected a string, got %s", json_type(v));
+	if (strlen(s) >= size)
+		return key_fail(err, errlen, origin, k, "string longer than %zu bytes", size - 1);
+	memset(dst, 0, size);
+	memcpy(dst, s, strlen(s));
+	return 0;
+}
+
+static int set_argv(struct run_config *c, const struct cfg_key *k, const cJSON *v,
+		    const char *origin, char *err, size_t errlen)
+{
+	char (*argv)[CFG_STR] = field(c, k);
+	int *argc = (int *)((char *)c + k->aux);
+	const cJSON *e;
+	int n = 0;
+
+	if (!cJSON_IsArray(v))
+		return key_fail(err, errlen, origin, k,
+				"expected an array of strings such as [\"python3\", \"reward.py\"], got %s",
+				json_type(v));
+	if (cJSON_GetArraySize(v) > CFG_MAX_ARGV)
+		return key_fail(err, errlen, origin, k, "more than %d arguments", CFG_MAX_ARGV);
+	cJSON_ArrayForEach(e, v) {
+		if (!cJSON_IsString(e))
+			return key_fail(err, errlen, origin, k, "argument %d: expected a string, got %s",
+					n, json_type(e));
+		if (strlen(e->valuestring) >= CFG_STR)
+			return key_fail(err, errlen, origin, k, "argument %d is longer than %d bytes", n,
+					CFG_STR - 1);
+		n++;
+	}
+	memset(argv, 0, k->size);
+	n = 0;
+	cJSON_ArrayForEach(e, v)
+		memcpy(argv[n++], e->valuestring, strlen(e->valuestring));
+	*argc = n;
+	return 0;
+}
+
+static int set_scoring(const struct cfg_key *k, enum moe_scoring *dst, const cJSON *v,
+		       const char *origin, char *err, size_t errlen)
+{
+	if (!cJSON_IsString(v))
+		return key_fail(err, errlen, origin, k, "expected a string, got %s", json_type(v));
+	if (!strcmp(v->valuestring, "softmax"))
+		*dst = MOE_SCORING_SOFTMAX;
+	else if (!strcmp(v->valuestring, "sigmoid"))
+		*dst = MOE_SCORING_SIGMOID;
+	else
+		return key_fail(err, errlen, origin, k, "\"%s\" is neither \"softmax\" nor \"sigmoid\"",
+				v->valuestring);
+	return 0;
+}
+
+static int set_number(const struct cfg_key *k, double *dst, const cJSON *v, const char *origin,
+		      char *err, size_t errlen)
+{
+	if (cJSON_IsNull(v) && (k->flags & CF_NULL)) {
+		*dst = 0;
+		return 0;
+	}
+	if (!cJSON_IsNumber(v))
+		return key_fail(err, errlen, origin, k, "expected a number, got %s", json_type(v));
+	if (!isfinite(v->valuedouble))
+		return key_fail(err, errlen, origin, k, "number out of range");
+	*dst = v->valuedouble;
+	return 0;
+}
+
+static int set_bool(const struct cfg_key *k, bool *dst, const cJSON *v, const char *origin,
+		    char *err, size_t errlen)
+{
+	if (!cJSON_IsBool(v))
+		return key_fail(err, errlen, origin, k, "expected true or false, got %s", json_type(v));
+	*dst = cJSON_IsTrue(v);
+	return 0;
+}
+
+static int apply_value(struct run_config *c, const struct cfg_key *k, const cJSON *v,
+		       const char *origin, char *err, size_t errlen)
+{
+	void *p = field(c, k);
+	double d;
+
+	switch (k->type) {
+	case CT_INT:
+		if (get_integer(k, v, INT_MIN, INT_MAX, &d, origin, err, errlen))
+			return -1;
+		*(int *)p = (int)d;
+		return 0;
+	case CT_I64:
+		if (get_integer(k, v, -9007199254740992.0, 9007199254740992.0, &d, origin, err,
+				errlen))
+			return -1;
+		*(long long *)p = (long long)d;
+		return 0;
+	case CT_DBL:
+		return set_number(k, p, v, origin, err, errlen);
+	case CT_BOOL:
+		return set_bool(k, p, v, origin, err, errlen);
+	case CT_STR:
+		return set_string(k, p, k->size, v, origin, err, errlen);
+	case CT_ARGV:
+		return set_argv(c, k, v, origin, err, errlen);
+	case CT_SCORING:
+		return set_scoring(k, p, v, origin, err, errlen);
+	}
+	return key_fail(err, errlen, origin, k, "internal error: bad key type");
+}
+
+/* ---- JSON documents ---- */
+
+static bool has_duplicate(const cJSON *obj, const cJSON *item)
+{
+	for (const cJSON *s = obj->child; s && s != item; s = s->next)
+		if (!strcmp(s->string, item->string))
+			return true;
+	return false;
+}
+
+static int apply_section(struct run_config *c, const cJSON *sec, const char *origin, char *err,
+			 size_t errlen)
+{
+	const cJSON *item;
+
+	if (!cJSON_IsObject(sec))
+		return fail(err, errlen, "%s: %s: expected an object, got %s", origin, sec->string,
+			    json_type(sec));
+	cJSON_ArrayForEach(item, sec) {
+		const struct cfg_key *k = find_key(sec->string, item->string);
+		const struct hf_key *h;
+
+		if (has_duplicate(sec, item))
+			return fail(err, errlen, "%s: duplicate key %s.%s", origin, sec->string,
+				    item->string);
+		if (k) {
+			if (apply_value(c, k, item, origin, err, errlen))
+				return -1;
+			continue;
+		}
+		h = find_hf_key(sec->string, item->string);
+		if (!h)
+			return unknown_key(origin, sec->string, item->string, err, errlen);
+		if (check_hf_key(h, item, origin, err, errlen))
+			return -1;
+	}
+	return 0;
+}
+
+/* "FILE:LINE:COL: malformed JSON near '...'" from cJSON's error position. */
+static int parse_error(const char *text, const char *at, const char *origin, char *err,
+		       size_t errlen)
+{
+	int line = 1, col = 1;
+	char near[41];
+	size_t n = 0;
+
+	if (!at || at < text || at > text + strlen(text))
+		at = text;
+	for (const char *p = text; p < at; p++) {
+		if (*p == '\n') {
+			line++;
+			col = 1;
+		} else {
+			col++;
+		}
+	}
+	while (at[n] && at[n] != '\n' && n < sizeof(near) - 1) {
+		near[n] = at[n];
+		n++;
+	}
+	near[n] = '\0';
+	if (!n)
+		return fail(err, errlen, "%s:%d:%d: malformed JSON (unexpected end of input)", origin,
+			    line, col);
+	return fail(err, errlen, "%s:%d:%d: malformed JSON near '%s'", origin, line, col, near);
+}
+
+int config_apply_json(struct run_config *c, const char *json_text, const char *origin, char *err,
+		      size_t errlen)
+{
+	const char *end = NULL;
+	cJSON *root, *sec;
+	int rc = 0;
+
+	if (!origin)
+		origin = "config";
+	if (!json_text)
+		return fail(err, errlen, "%s: no JSON text", origin);
+	root = cJSON_ParseWithOpts(json_text, &end, 1);
+	if (!root)
+		return parse_error(json_text, end, origin, err, errlen);
+	if (!cJSON_IsObject(root)) {
+		rc = fail(err, errlen, "%s: expected a JSON object at the top level, got %s", origin,
+			  json_type(root));
+		goto out;
+	}
+	cJSON_ArrayForEach(sec, root) {
+		if (has_duplicate(root, sec)) {
+			rc = fail(err, errlen, "%s: duplicate section %s", origin, sec->string);
+			break;
+		}
+		if (!known_section(sec->string)) {
+			rc = unknown_key(origin, sec->string, "", err, errlen);
+			break;
+		}
+		rc = apply_section(c, sec, origin, err, errlen);
+		if (rc)
+			break;
+	}
+out:
+	cJSON_Delete(root);
+	return rc;
+}
+
+/* ---- --set ---- */
+
+/* The value text of a --set as JSON for key k: strings may be written bare. */
+static cJSON *set_value_json(enum cfg_type type, const char *text)
+{
+	const char *end;
+
+	if ((type == CT_STR || type == CT_SCORING) && text[0] != '"')
+		return cJSON_CreateString(text);
+	return cJSON_ParseWithOpts(text, &end, 1);
+}
+
+static const char *type_phrase(enum cfg_type type)
+{
+	switch (type) {
+	case CT_INT:
+	case CT_I64:
+		return "an integer";
+	case CT_DBL:
+		return "a number";
+	case CT_BOOL:
+		return "a boolean (true or false)";
+	case CT_ARGV:
+		return "a JSON array of strings such as [\"python3\",\"reward.py\"]";
+	default:
+		return "a string";
+	}
+}
+
+static int set_hf_key(const struct hf_key *h, const char *text, char *err, size_t errlen)
+{
+	const char *end;
+	cJSON *v = cJSON_ParseWithOpts(text, &end, 1);
+	int rc;
+
+	if (!v)
+		v = cJSON_CreateString(text);
+	if (!v)
+		return fail(err, errlen, "--set: out of memory");
+	rc = check_hf_key(h, v, "--set", err, errlen);
+	cJSON_Delete(v);
+	return rc;
+}
+
+int config_set(struct run_config *c, const char *assignment, char *err, size_t errlen)
+{
+	const char *eq = strchr(assignment, '=');
+	const char *dot = strchr(assignment, '.');
+	char section[64], name[128];
+	const struct cfg_key *k;
+	const struct hf_key *h;
+	cJSON *v;
+	int rc;
+
+	if (!eq || !dot || dot > eq || dot == assignment || dot + 1 == eq)
+		return fail(err, errlen, "--set %s: expected section.key=value", assignment);
+	if ((size_t)(dot - assignment) >= sizeof(section) || (size_t)(eq - dot - 1) >= sizeof(name))
+		return fail(err, errlen, "--set: unknown key %.*s", (int)(eq - assignment), assignment);
+	snprintf(section, sizeof(section), "%.*s", (int)(dot - assignment), assignment);
+	snprintf(name, sizeof(name), "%.*s", (int)(eq - dot - 1), dot + 1);
+	k = find_key(section, name);
+	if (!k) {
+		h = find_hf_key(section, name);
+		if (h)
+			return set_hf_key(h, eq + 1, err, errlen);
+		return unknown_key("--set", section, name, err, errlen);
+	}
+	v = set_value_json(k->type, eq + 1);
+	if (!v)
+		return key_fail(err, errlen, "--set", k, "cannot parse '%s' as %s", eq + 1,
+				type_phrase(k->type));
+	rc = apply_value(c, k, v, "--set", err, errlen);
+	cJSON_Delete(v);
+	return rc;
+}
+
+/* ---- output ---- */
+
+static cJSON *value_json(const void *base, const struct cfg_key *k)
+{
+	const void *p = cfield(base, k);
+	char num[48];
+
+	switch (k->type) {
+	case CT_INT:
+		snprintf(num, sizeof(num), "%d", *(const int *)p);
+		return cJSON_CreateRaw(num);
+	case CT_I64:
+		snprintf(num, sizeof(num), "%lld", *(const long long *)p);
+		return cJSON_CreateRaw(num);
+	case CT_DBL:
+		fmt_double(num, sizeof(num), *(const double *)p);
+		return cJSON_CreateRaw(num);
+	case CT_BOOL:
+		return cJSON_CreateBool(*(const bool *)p);
+	case CT_STR:
+		return cJSON_CreateString(p);
+	case CT_SCORING:
+		return cJSON_CreateString(*(const enum moe_scoring *)p == MOE_SCORING_SIGMOID ?
+					  "sigmoid" : "softmax");
+	case CT_ARGV: {
+		int argc = *(const int *)((const char *)base + k->aux);
+		cJSON *a = cJSON_CreateArray();
+
+		for (int i = 0; a && i < argc && i < CFG_MAX_ARGV; i++)
+			cJSON_AddItemToArray(a, cJSON_CreateString((const char *)p + i * CFG_STR));
+		return a;
+	}
+	}
+	return cJSON_CreateNull();
+}
+
+char *config_to_json(const struct run_config *c)
+{
+	cJSON *root = cJSON_CreateObject(), *sec = NULL;
+	const char *cur = NULL;
+	char *text;
+
+	if (!root)
+		return NULL;
+	for (size_t i = 0; i < N_KEYS; i++) {
+		const struct cfg_key *k = &cfg_keys[i];
+
+		if (!cur || strcmp(cur, k->section)) {
+			cur = k->section;
+			sec = cJSON_AddObjectToObject(root, cur);
+		}
+		if (!sec || !cJSON_AddItemToObject(sec, k->name, value_json(c, k))) {
+			cJSON_Delete(root);
+			return NULL;
+		}
+	}
+	text = cJSON_Print(root);
+	cJSON_Delete(root);
+	return text;
+}
+
+/* ---- comparison ---- */
+
+static bool field_equal(const void *a, const void *b, const struct cfg_key *k)
+{
+	const void *pa = cfield(a, k), *pb = cfield(b, k);
+
+	if (k->type == CT_STR)
+		return !strcmp(pa, pb);
+	if (k->type == CT_ARGV) {
+		int na = *(const int *)((const char *)a + k->aux);
+		int nb = *(const int *)((const char *)b + k->aux);
+		const char *va = pa, *vb = pb;
+
+		if (na != nb)
+			return false;
+		for (int i = 0; i < na && i < CFG_MAX_ARGV; i++)
+			if (strcmp(va + i * CFG_STR, vb + i * CFG_STR))
+				return false;
+		return true;
+	}
+	return !memcmp(pa, pb, k->size);  /* numbers bit for bit */
+}
+
+int config_model_diff(const struct model_config *a, const struct model_config *b, char *key,
+		      size_t keylen)
+{
+	/* Model keys' offsets are into struct run_config, whose first member is the model. */
+	_Static_assert(offsetof(struct run_config, model) == 0, "model must come first");
+	const void *ra = a, *rb = b;
+
+	for (size_t i = 0; i < N_KEYS; i++) {
+		const struct cfg_key *k = &cfg_keys[i];
+
+		if (strcmp(k->section, "model"))
+			continue;
+		if (field_equal(ra, rb, k))
+			continue;
+		if (key && keylen)
+			snprintf(key, keylen, "model.%s", k->name);
+		return 1;
+	}
+	if (key && keylen)
+		key[0] = '\0';
+	return 0;
+}
+
+/* ---- defaults ---- */
+
+static const struct run_config defaults = {
+	.model = {
+		.vocab_size = 256,
+		.hidden_size = 64,
+		.intermediate_size = 128,
+		.moe_intermediate_size = 32,
+		.num_hidden_layers = 2,
+		.num_attention_heads = 4,
+		.num_key_value_heads = 0,          /* resolved to num_attention_heads by config_load */
+		.n_shared_experts = 1,
+		.n_routed_experts = 8,
+		.routed_scaling_factor = 2.5,
+		.kv_lora_rank = 32,
+		.q_lora_rank = 32,
+		.qk_rope_head_dim = 8,
+		.qk_nope_head_dim = 16,
+		.v_head_dim = 16,
+		.n_group = 2,
+		.topk_group = 1,
+		.num_experts_per_tok = 2,
+		.moe_layer_freq = 1,
+		.first_k_dense_replace = 1,
+		.norm_topk_prob = true,
+		.scoring_func = MOE_SCORING_SIGMOID,
+		.aux_loss_alpha = 0.0,
+		.seq_aux = true,
+		.max_position_embeddings = 2048,
+		.initializer_range = 0.02,
+		.rms_norm_eps = 1e-6,
+		.rope_theta = 10000.0,
+		.bos_token_id = 0,
+		.eos_token_id = 1,
+		.tie_word_embeddings = false,
+		.attention_bias = false,
+	},
+	.train = {
+		.steps = 100,
+		.seq_len = 64,
+		.micro_batch = 4,
+		.grad_accum = 1,
+		.lr = 3e-4,
+		.min_lr = 3e-5,
+		.warmup_steps = 10,
+		.schedule = "cosine",
+		.decay_frac = 0.2,
+		.weight_decay = 0.1,
+		.beta1 = 0.9,
+		.beta2 = 0.95,
+		.eps = 1e-8,
+		.grad_clip = 1.0,
+		.bias_update_speed = 0.001,
+		.seed = 1234,
+		.device = "auto",
+		.eval_every = 0,
+		.eval_batches = 0,
+		.init_checkpoint = "",
+		.on_nonfinite = "stop",
+	},
+	.data = { .train = "", .val = "", .shuffle = false },
+	.parallel = { .ep = 1, .zero = 0 },
+	.checkpoint = { .dir = "checkpoints", .every = 0, .keep = 3 },
+	.log = { .metrics = "", .every = 1 },
+	.grpo = {
+		.prompts = "",
+		.reward_cmd_argc = 0,
+		.reward_timeout_s = 30.0,
+		.group_size = 8,
+		.prompts_per_step = 4,
+		.max_new_tokens = 64,
+		.temperature = 1.0,
+		.top_p = 1.0,
+		.top_k = 0,
+		.beta = 0.0,
+		.epsilon = 0.2,
+		.epsilon_high = 0.2,
+		.num_iterations = 1,
+		.loss_type = "dapo",
+		.scale_rewards = "group",
+		.tokenizer = "",
+		.mask_truncated = false,
+		.routing_replay = false,
+		.sequence_ratio = false,
+	},
+};
+
+void config_defaults(struct run_config *c)
+{
+	/* A static object's padding and unused string bytes are zero: memcmp-comparable configs. */
+	memcpy(c, &defaults, sizeof(*c));
+}
+
+/* ---- validation ---- */
+
+static int check_range(const struct run_config *c, const struct cfg_key *k, char *err,
+		       size_t errlen)
+{
+	const void *p = cfield(c, k);
+	double v;
+	char num[48];
+
+	if (k->type == CT_INT)
+		v = *(const int *)p;
+	else if (k->type == CT_DBL)
+		v = *(const double *)p;
+	else
+		return 0;
+	fmt_double(num, sizeof(num), v);
+	if (!isfinite(v))
+		return fail(err, errlen, "%s.%s=%s must be finite", k->section, k->name, num);
+	if ((k->flags & CF_POS) && !(v > 0))
+		return fail(err, errlen, "%s.%s=%s must be > 0", k->section, k->name, num);
+	if ((k->flags & CF_NNEG) && !(v >= 0))
+		return fail(err, errlen, "%s.%s=%s must be >= 0", k->section, k->name, num);
+	return 0;
+}
+
+static int check_choice(const struct run_config *c, const struct cfg_key *k, char *err,
+			size_t errlen)
+{
+	const char *v = cfield(c, k);
+	char list[128] = "";
+
+	if (!k->choices)
+		return 0;
+	for (int i = 0; k->choices[i]; i++) {
+		if (!strcmp(v, k->choices[i]))
+			return 0;
+		snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s", i ? ", " : "",
+			 k->choices[i]);
+	}
+	return fail(err, errlen, "%s.%s=\"%s\" must be one of: %s", k->section, k->name, v, list);
+}
+
+#define REQUIRE(cond, ...) \
+	do { \
+		if (!(cond)) \
+			return fail(err, errlen, __VA_ARGS__); \
+	} while (0)
+
+static int validate_attention(const struct model_config *m, char *err, size_t errlen)
+{
+	REQUIRE(m->num_key_value_heads == 0 || m->num_key_value_heads == m->num_attention_heads,
+		"model.num_key_value_heads=%d must equal model.num_attention_heads=%d (MLA)",
+		m->num_key_value_heads, m->num_attention_heads);
+	REQUIRE(m->qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim=%d must be even",
+		m->qk_rope_head_dim);
+	REQUIRE(!m->attention_bias, "model.attention_bias=true is not supported");
+	REQUIRE(!m->tie_word_embeddings,
+		"model.tie_word_embeddings=true is not supported (lm_head is untied)");
+	REQUIRE(m->bos_token_id < m->vocab_size, "model.bos_token_id=%d must be < model.vocab_size=%d",
+		m->bos_token_id, m->vocab_size);
+	REQUIRE(m->eos_token_id < m->vocab_size, "model.eos_token_id=%d must be < model.vocab_size=%d",
+		m->eos_token_id, m->vocab_size);
+	return 0;
+}
+
+static int validate_layers(const struct model_config *m, char *err, size_t errlen)
+{
+	bool dense = m->first_k_dense_replace > 0 || m->n_routed_experts == 0;
+
+	REQUIRE(m->moe_layer_freq == 1, "model.moe_layer_freq=%d is not supported (only 1)",
+		m->moe_layer_freq);
+	REQUIRE(m->first_k_dense_replace <= m->num_hidden_layers,
+		"model.first_k_dense_replace=%d exceeds model.num_hidden_layers=%d",
+		m->first_k_dense_replace, m->num_hidden_layers);
+	REQUIRE(!dense || m->intermediate_size > 0,
+		"model.intermediate_size=%d must be > 0: there are dense layers "
+		"(model.first_k_dense_replace=%d, model.n_routed_experts=%d)",
+		m->intermediate_size, m->first_k_dense_replace, m->n_routed_experts);
+	return 0;
+}
+
+static int validate_routing(const struct model_config *m, char *err, size_t errlen)
+{
+	int e = m->n_routed_experts, per_group;
+
+	if (e == 0 || m->first_k_dense_replace >= m->num_hidden_layers)
+		return 0;  /* no MoE layer */
+	REQUIRE(m->moe_intermediate_size > 0,
+		"model.moe_intermediate_size=%d must be > 0: there are MoE layers",
+		m->moe_intermediate_size);
+	REQUIRE(m->n_group >= 1, "model.n_group=%d must be >= 1", m->n_group);
+	REQUIRE(e % m->n_group == 0, "model.n_routed_experts=%d is not divisible by model.n_group=%d",
+		e, m->n_group);
+	REQUIRE(m->topk_group >= 1 && m->topk_group <= m->n_group,
+		"model.topk_group=%d must be in [1, model.n_group=%d]", m->topk_group, m->n_group);
+	per_group = e / m->n_group;
+	REQUIRE(m->scoring_func != MOE_SCORING_SIGMOID || m->n_group == 1 || per_group >= 2,
+		"model.n_group=%d leaves %d expert per group: sigmoid group scores sum the top 2",
+		m->n_group, per_group);
+	REQUIRE(m->num_experts_per_tok >= 1 && m->num_experts_per_tok <= e,
+		"model.num_experts_per_tok=%d must be in [1, model.n_routed_experts=%d]",
+		m->num_experts_per_tok, e);
+	REQUIRE(m->num_experts_per_tok <= m->topk_group * per_group,
+		"model.num_experts_per_tok=%d exceeds the %d experts in model.topk_group=%d groups "
+		"of %d", m->num_experts_per_tok, m->topk_group * per_group, m->topk_group, per_group);
+	return 0;
+}
+
+static int validate_train(const struct train_config *t, char *err, size_t errlen)
+{
+	char a[48], b[48];
+
+	fmt_double(a, sizeof(a), t->min_lr);
+	fmt_double(b, sizeof(b), t->lr);
+	REQUIRE(t->min_lr <= t->lr, "train.min_lr=%s must be <= train.lr=%s", a, b);
+	fmt_double(a, sizeof(a), t->beta1);
+	REQUIRE(t->beta1 < 1, "train.beta1=%s must be in [0, 1)", a);
+	fmt_double(a, sizeof(a), t->beta2);
+	REQUIRE(t->beta2 < 1, "train.beta2=%s must be in [0, 1)", a);
+	fmt_double(a, sizeof(a), t->decay_frac);
+	REQUIRE(t->decay_frac <= 1, "train.decay_frac=%s must be in [0, 1]", a);
+	return 0;
+}
+
+static int validate_parallel(const struct run_config *c, int world_size, char *err, size_t errlen)
+{
+	int ep = c->parallel.ep, e = c->model.n_routed_experts;
+
+	REQUIRE(c->parallel.zero == 0 || c->parallel.zero == 1, "parallel.zero=%d must be 0 or 1",
+		c->parallel.zero);
+	REQUIRE(world_size <= 0 || world_size % ep == 0,
+		"parallel.ep=%d does not divide the world size %d", ep, world_size);
+	REQUIRE(ep == 1 || e > 0, "parallel.ep=%d needs routed experts (model.n_routed_experts=0)",
+		ep);
+	REQUIRE(e % ep == 0, "model.n_routed_experts=%d is not divisible by parallel.ep=%d", e, ep);
+	return 0;
+}
+
+static int validate_grpo(const struct grpo_config *g, char *err, size_t errlen)
+{
+	char a[48];
+
+	REQUIRE(g->group_size >= 2, "grpo.group_size=%d must be >= 2 (advantages compare a group)",
+		g->group_size);
+	fmt_double(a, sizeof(a), g->top_p);
+	REQUIRE(g->top_p <= 1, "grpo.top_p=%s must be in (0, 1]", a);
+	REQUIRE(g->reward_cmd_argc >= 0 && g->reward_cmd_argc <= CFG_MAX_ARGV,
+		"grpo.reward_cmd has %d arguments (at most %d)", g->reward_cmd_argc, CFG_MAX_ARGV);
+	return 0;
+}
+
+int config_validate(const struct run_config *c, int world_size, char *err, size_t errlen)
+{
+	for (size_t i = 0; i < N_KEYS; i++) {
+		if (check_range(c, &cfg_keys[i], err, errlen) ||
+		    check_choice(c, &cfg_keys[i], err, errlen))
+			return -1;
+	}
+	if (validate_attention(&c->model, err, errlen) || validate_layers(&c->model, err, errlen) ||
+	    validate_routing(&c->model, err, errlen) || validate_train(&c->train, err, errlen) ||
+	    validate_parallel(c, world_size, err, errlen) || validate_grpo(&c->grpo, err, errlen))
+		return -1;
+	return 0;
+}
+
+/* ---- loading ---- */
+
+static char *read_file(const char *path, char *err, size_t errlen)
+{
+	FILE *f = fopen(path, "rb");
+	size_t len = 0, cap = 0, n;
+	char *buf = NULL, *nb;
+
+	if (!f) {
+		fail(err, errlen, "config %s: %s", path, strerror(errno));
+		return NULL;
+	}
+	do {
+		if (cap - len < 2) {
+			cap = cap ? 2 * cap : 8192;
+			nb = realloc(buf, cap);
+			if (!nb) {
+				fail(err, errlen, "config %s: out of memory", path);
+				goto bad;
+			}
+			buf = nb;
+		}
+		n = fread(buf + len, 1, cap - len - 1, f);
+		len += n;
+	} while (n > 0);
+	if (ferror(f)) {
+		fail(err, errlen, "config %s: read error", path);
+		goto bad;
+	}
+	buf[len] = '\0';
+	if (strlen(buf) != len) {
+		fail(err, errlen, "config %s: contains a NUL byte (not a JSON text file)", path);
+		goto bad;
+	}
+	fclose(f);
+	return buf;
+bad:
+	free(buf);
+	fclose(f);
+	return NULL;
+}
+
+static int load_file(struct run_config *c, const char *path, char *err, size_t errlen)
+{
+	char *text = read_file(path, err, errlen);
+	int rc;
+
+	if (!text)
+		return -1;
+	rc = config_apply_json(c, text, path, err, errlen);
+	free(text);
+	return rc;
+}
+
+int config_load(struct run_config *c, const char *path, char *const *sets, int nsets, char *err,
+		size_t errlen)
+{
+	char why[768];
+
+	config_defaults(c);
+	if (path && load_file(c, path, err, errlen))
+		return -1;
+	for (int i = 0; i < nsets; i++)
+		if (config_set(c, sets[i], err, errlen))
+			return -1;
+	if (c->model.num_key_value_heads == 0)
+		c->model.num_key_value_heads = c->model.num_attention_heads;
+	if (config_validate(c, 0, why, sizeof(why)))
+		return fail(err, errlen, "%s: %s", path ? path : "config", why);
+	return 0;
+}

@@ -1,0 +1,118 @@
+/*
+ * train/config.h - the run configuration (SPEC 3): one JSON file with sections model, train, data,
+ * parallel, checkpoint, log, grpo; `--set section.key=value` overrides.  Unknown keys, wrong types and
+ * impossible combinations are errors naming the key.
+ */
+#ifndef MOE_TRAIN_CONFIG_H
+#define MOE_TRAIN_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "model/config.h"
+
+#define CFG_STR 512
+#define CFG_MAX_ARGV 16
+
+struct train_config {
+	int steps;
+	int seq_len;
+	int micro_batch;            /* sequences per rank per micro-step */
+	int grad_accum;
+	double lr, min_lr;
+	int warmup_steps;
+	char schedule[16];          /* cosine | wsd | constant */
+	double decay_frac;          /* wsd: fraction of steps spent decaying at the end */
+	double weight_decay;
+	double beta1, beta2, eps;
+	double grad_clip;           /* 0: off */
+	double bias_update_speed;   /* aux-loss-free balancing (0: off) */
+	long long seed;
+	char device[8];             /* auto | cpu | cuda */
+	int eval_every;             /* 0: off */
+	int eval_batches;           /* validation sequences batches per eval (0: whole split) */
+	char init_checkpoint[CFG_STR];
+	char on_nonfinite[8];       /* skip | stop */
+};
+
+struct data_config {
+	char train[CFG_STR];        /* glob of shards */
+	char val[CFG_STR];
+	bool shuffle;
+};
+
+struct parallel_config {
+	int ep;                     /* expert-parallel size */
+	int zero;                   /* 0 | 1 */
+};
+
+struct checkpoint_config {
+	char dir[CFG_STR];
+	int every;                  /* 0: only at the end */
+	int keep;
+};
+
+struct log_config {
+	char metrics[CFG_STR];      /* JSON Lines path ("" = none) */
+	int every;
+};
+
+struct grpo_config {
+	char prompts[CFG_STR];
+	int reward_cmd_argc;
+	char reward_cmd[CFG_MAX_ARGV][CFG_STR];  /* argv list, run without a shell */
+	double reward_timeout_s;
+	int group_size;
+	int prompts_per_step;
+	int max_new_tokens;
+	double temperature, top_p;
+	int top_k;
+	double beta;
+	double epsilon, epsilon_high;
+	int num_iterations;
+	char loss_type[16];         /* grpo | bnpo | dr_grpo | dapo */
+	char scale_rewards[16];     /* group | batch | none */
+	char tokenizer[CFG_STR];
+	bool mask_truncated;
+	bool routing_replay;
+	bool sequence_ratio;        /* GSPO */
+};
+
+struct run_config {
+	struct model_config model;
+	struct train_config train;
+	struct data_config data;
+	struct parallel_config parallel;
+	struct checkpoint_config checkpoint;
+	struct log_config log;
+	struct grpo_config grpo;
+};
+
+/* Defaults for every key (a tiny model). */
+void config_defaults(struct run_config *c);
+
+/* Load `path` over the defaults, then apply each "section.key=value" of sets[0..nsets), then validate.
+ * Returns 0, or -1 with a message naming the file and key in err.  path may be NULL (defaults + sets).
+ * model.num_key_value_heads absent, null or 0 resolves to model.num_attention_heads.  The world-size
+ * check is left to the caller: config_validate(c, world_size, ...) once the world is known. */
+int config_load(struct run_config *c, const char *path, char *const *sets, int nsets,
+		char *err, size_t errlen);
+
+/* Apply a JSON text (the whole config, as written by config_to_json) over c; no validation. */
+int config_apply_json(struct run_config *c, const char *json_text, const char *origin,
+		      char *err, size_t errlen);
+/* Apply one "section.key=value" override. */
+int config_set(struct run_config *c, const char *assignment, char *err, size_t errlen);
+/* Check types' ranges and combinations (divisibility, group sizes, ...); world_size for parallel.ep
+ * (world_size <= 0: skip that one check). */
+int config_validate(const struct run_config *c, int world_size, char *err, size_t errlen);
+
+/* The full resolved config as JSON text (malloc'd; caller frees). */
+char *config_to_json(const struct run_config *c);
+
+/* Compare the model sections of two configs: returns 0 when equal, else 1 and the first differing
+ * key ("model.hidden_size") in key. */
+int config_model_diff(const struct model_config *a, const struct model_config *b, char *key,
+		      size_t keylen);
+
+#endif
