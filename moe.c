@@ -1,6 +1,7 @@
 /*
  * moe.c - the `moe` command: one executable, one subcommand per job (SPEC 5).
  *
+ *   moe train    --config FILE [--set k=v ...] [--resume PATH|latest]   pretraining / fine-tuning
  *   moe init     --config FILE [--set k=v ...] --out CKPT     write a freshly initialised model
  *   moe eval     --checkpoint CKPT --data SHARD [--set k=v]   loss of a model on a shard, read in order
  *   moe inspect  CKPT | --config FILE [--set k=v ...]          what a checkpoint holds / parameter counts
@@ -16,11 +17,12 @@
 #include "train/checkpoint.h"
 #include "train/config.h"
 #include "train/eval.h"
+#include "train/train.h"
 
 #define MAX_SETS 64
 
 struct cli {
-	const char *config, *out, *checkpoint, *data, *positional;
+	const char *config, *out, *checkpoint, *data, *resume, *positional;
 	char *sets[MAX_SETS];
 	int nsets;
 	int help;
@@ -53,6 +55,8 @@ static void parse_cli(struct cli *c, int argc, char **argv, const char *cmd)
 			slot = &c->checkpoint;
 		else if (!strcmp(a, "--data"))
 			slot = &c->data;
+		else if (!strcmp(a, "--resume"))
+			slot = &c->resume;
 		if (slot || !strcmp(a, "--set")) {
 			if (i + 1 >= argc)
 				die("%s needs a value", a);
@@ -87,6 +91,27 @@ static struct moe_model *new_model(const struct model_config *mc)
 	if (!m)
 		die("%s", err);
 	return m;
+}
+
+static int cmd_train(int argc, char **argv)
+{
+	struct cli c;
+	parse_cli(&c, argc, argv, "train");
+	if (c.help || !c.config) {
+		printf("usage: moe train --config FILE [--set section.key=value ...] [--resume PATH|latest]\n"
+		       "Trains per the config (SPEC 3 keys: train.*, data.*, checkpoint.*, log.*).\n"
+		       "  --resume latest   continue from the newest checkpoint in checkpoint.dir (fresh if none)\n"
+		       "  --resume PATH     continue from that checkpoint (weights, AdamW state, data position)\n"
+		       "  train.init_checkpoint=PATH starts a new run from a checkpoint's weights instead.\n"
+		       "SIGINT/SIGTERM: finish the step, checkpoint, exit.\n");
+		return c.help ? 0 : 2;
+	}
+	struct run_config rc;
+	load_config(&rc, &c);
+	char err[1024];
+	if (config_validate(&rc, 1, err, sizeof(err)))
+		die("%s", err);
+	return train_run(&rc, c.resume);
 }
 
 static int cmd_init(int argc, char **argv)
@@ -265,6 +290,7 @@ static void usage(void)
 {
 	printf("moe - DeepSeek-style MoE training (MLA + DeepSeekMoE)\n\n"
 	       "usage: moe <command> [options]   (moe <command> --help for each)\n\n"
+	       "  train     pretraining / supervised fine-tuning, with checkpoints and resume\n"
 	       "  init      write a freshly initialised model to an HDF5 checkpoint\n"
 	       "  eval      loss of a checkpoint on a token shard\n"
 	       "  inspect   what a checkpoint holds, or a config's parameter counts\n"
@@ -278,6 +304,8 @@ int main(int argc, char **argv)
 		return argc < 2 ? 2 : 0;
 	}
 	const char *cmd = argv[1];
+	if (!strcmp(cmd, "train"))
+		return cmd_train(argc - 2, argv + 2);
 	if (!strcmp(cmd, "init"))
 		return cmd_init(argc - 2, argv + 2);
 	if (!strcmp(cmd, "eval"))

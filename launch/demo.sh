@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# launch/demo.sh - the main job, end to end on this machine: installs what is missing, builds,
-# initialises the tiny model, writes a synthetic shard and evaluates the model on it.
-# (The training and data issues grow this into the full train + GRPO demo.)
+# launch/demo.sh - the main job, end to end on this machine: installs what is missing, builds, makes a
+# synthetic shard, trains the tiny MoE model on it with checkpoints, and evaluates before and after.
+# (The data and GRPO issues grow this into the tokenizer + SFT + GRPO demo.)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/launch/setup.sh"
 MOE="${BUILD_DIR:-$ROOT/build}/moe"
 OUT="${DEMO_DIR:-$ROOT/runs/demo}"
+rm -rf "$OUT"
 mkdir -p "$OUT"
 
 "$MOE" inspect --config "$ROOT/configs/tiny.json"
+"$MOE" data synth --out "$OUT/train_0.bin" --vocab 256 --tokens 200000 --pattern repeat --period 61 --seed 7
+"$MOE" data synth --out "$OUT/val_0.bin" --vocab 256 --tokens 20000 --pattern repeat --period 61 --seed 7
 "$MOE" init --config "$ROOT/configs/tiny.json" --out "$OUT/init.h5"
-"$MOE" data synth --out "$OUT/val.bin" --vocab 256 --tokens 20000 --pattern repeat --seed 7
-echo "evaluating the untrained model (expect a loss near ln(256) = 5.55):"
-"$MOE" eval --checkpoint "$OUT/init.h5" --data "$OUT/val.bin"
+echo "== the untrained model (a loss near ln(256) = 5.55):"
+"$MOE" eval --checkpoint "$OUT/init.h5" --data "$OUT/val_0.bin"
+echo "== training"
+"$MOE" train --config "$ROOT/configs/tiny.json" --set "data.train=$OUT/train_*.bin" \
+	--set "data.val=$OUT/val_*.bin" --set train.eval_every=50 --set log.every=20 \
+	--set "checkpoint.dir=$OUT/ckpt" --set checkpoint.every=100 --set "log.metrics=$OUT/metrics.jsonl"
+echo "== the trained model:"
+"$MOE" eval --checkpoint "$(ls "$OUT"/ckpt/step_*.h5 | tail -1)" --data "$OUT/val_0.bin"
+echo "metrics: $OUT/metrics.jsonl"

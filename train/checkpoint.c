@@ -1,11 +1,18 @@
 /*
  * train/checkpoint.c - HDF5 checkpoints (SPEC 2).  The only file that includes hdf5.h.
  *
+ * Layout: /model/NAME holds the weights, /optim/NAME/exp_avg and /optim/NAME/exp_avg_sq the AdamW
+ * moments of every trained parameter (a PARAM_BUFFER has none), /optim's attribute "step" the update
+ * count and /state's attributes the rest of a train_state.  One writer and one reader serve both the
+ * weights-only and the training checkpoint: a "tensor set" (group, optional leaf name, whether buffers
+ * belong to it) names where one arena's tensors live, and every dataset goes through the same code.
+ *
  * Writing: everything goes to PATH.tmp.<pid>, which is flushed, closed, fsync'd and renamed over PATH
  * (then the directory is fsync'd), so a crash at any point leaves the previous PATH as it was.
- * Reading: every parameter is checked (present, float32, the model's shape) before any data is read;
- * the data goes into a scratch buffer (the Fletcher32 filter verifies each chunk) and is copied into the
- * model only once every dataset has been read without error.
+ * Reading: every dataset is checked (present, float32, the model's shape) and every attribute read
+ * before any tensor data is read; the data goes into scratch buffers (the Fletcher32 filter verifies
+ * each chunk) and is copied into the model, the optimizer and the train state only once everything has
+ * been read without error.
  *
  * Every HDF5 status code goes through H5TRY, which names the call and the line; HDF5's own printing
  * of its error stack is switched off and its innermost message is appended to ours instead.
@@ -14,9 +21,11 @@
 
 #include "train/checkpoint.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,7 +35,10 @@
 #include <hdf5.h>
 
 #define CKPT_CHUNK_ELEMS ((hsize_t)1 << 20)	/* at most ~1M floats (4 MiB) per chunk */
-#define CKPT_MODEL_GROUP "/model"
+#define CKPT_NAME_FMT "step_%08lld.h5"	/* a run's checkpoints, in checkpoint.dir */
+#define CKPT_TMP_SUFFIX ".tmp."		/* PATH.tmp.<pid> while being written */
+#define CKPT_DSET_MAX (MOE_MAX_NAME + 64)	/* "/optim/" NAME "/exp_avg_sq" */
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
 /* What an operation is working on, for its messages. */
 struct ckctx {
@@ -124,51 +136,64 @@ static void fmt_dims(char *buf, size_t len, int ndim, const hsize_t *dims)
 		snprintf(buf + o, len - o, "]");
 }
 
-/* ---- root attributes ---- */
+/* ---- attributes ---- */
 
-static int write_str_attr(struct ckctx *c, hid_t fid, const char *name, const char *value)
+/* A scalar (n == 1) or a one-dimensional array of n values. */
+static int write_attr(struct ckctx *c, hid_t loc, const char *name, hid_t file_type, hid_t mem_type,
+		      hsize_t n, const void *value)
 {
-	hid_t type = -1, space = -1, attr = -1;
+	hid_t space = -1, attr = -1;
+	int ret = -1;
+
+	c->what = name;
+	if (n == 1)
+		H5TRY(space = H5Screate(H5S_SCALAR));
+	else
+		H5TRY(space = H5Screate_simple(1, &n, NULL));
+	H5TRY(attr = H5Acreate2(loc, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT));
+	H5TRY(H5Awrite(attr, mem_type, value));
+	ret = 0;
+fail:
+	close_id(&attr, H5Aclose);
+	close_id(&space, H5Sclose);
+	c->what = NULL;
+	return ret;
+}
+
+static int write_str_attr(struct ckctx *c, hid_t loc, const char *name, const char *value)
+{
+	hid_t type = -1;
 	int ret = -1;
 
 	c->what = name;
 	H5TRY(type = H5Tcopy(H5T_C_S1));
 	H5TRY(H5Tset_size(type, H5T_VARIABLE));
 	H5TRY(H5Tset_cset(type, H5T_CSET_UTF8));
-	H5TRY(space = H5Screate(H5S_SCALAR));
-	H5TRY(attr = H5Acreate2(fid, name, type, space, H5P_DEFAULT, H5P_DEFAULT));
-	H5TRY(H5Awrite(attr, type, &value));
-	ret = 0;
+	ret = write_attr(c, loc, name, type, type, 1, &value);
 fail:
-	close_id(&attr, H5Aclose);
-	close_id(&space, H5Sclose);
 	close_id(&type, H5Tclose);
 	c->what = NULL;
 	return ret;
 }
 
 /* file_type: H5T_STD_I32LE or H5T_STD_I64LE */
-static int write_int_attr(struct ckctx *c, hid_t fid, const char *name, hid_t file_type,
+static int write_int_attr(struct ckctx *c, hid_t loc, const char *name, hid_t file_type,
 			  int64_t value)
 {
-	hid_t space = -1, attr = -1;
-	int ret = -1;
-
-	c->what = name;
-	H5TRY(space = H5Screate(H5S_SCALAR));
-	H5TRY(attr = H5Acreate2(fid, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT));
-	H5TRY(H5Awrite(attr, H5T_NATIVE_INT64, &value));
-	ret = 0;
-fail:
-	close_id(&attr, H5Aclose);
-	close_id(&space, H5Sclose);
-	c->what = NULL;
-	return ret;
+	return write_attr(c, loc, name, file_type, H5T_NATIVE_INT64, 1, &value);
 }
 
-/* Open a scalar root attribute of the given class; -1 with a message when absent or of another kind. */
-static int open_attr(struct ckctx *c, hid_t fid, const char *name, H5T_class_t cls, hid_t *attr,
-		     hid_t *ftype)
+static const char *class_name(H5T_class_t cls)
+{
+	return cls == H5T_STRING ? "string" : cls == H5T_FLOAT ? "float" : "integer";
+}
+
+/*
+ * Open the attribute `name` of loc (where: "root", "/optim", "/state"; for messages), checking its
+ * class and that it holds n values; -1 with a message when absent or of another kind.
+ */
+static int open_attr(struct ckctx *c, hid_t loc, const char *where, const char *name, H5T_class_t cls,
+		     hssize_t n, hid_t *attr, hid_t *ftype)
 {
 	hid_t space = -1;
 	htri_t exists;
@@ -177,18 +202,26 @@ static int open_attr(struct ckctx *c, hid_t fid, const char *name, H5T_class_t c
 
 	*attr = *ftype = -1;
 	c->what = name;
-	H5TRY(exists = H5Aexists(fid, name));
-	if (!exists) {
+	H5TRY(exists = H5Aexists(loc, name));
+	if (!exists && !strcmp(where, "root")) {
 		CKERR("%s: not a moe checkpoint: root attribute '%s' is missing", c->path, name);
 		goto fail;
 	}
-	H5TRY(*attr = H5Aopen(fid, name, H5P_DEFAULT));
+	if (!exists) {
+		CKERR("%s: %s attribute '%s' is missing", c->path, where, name);
+		goto fail;
+	}
+	H5TRY(*attr = H5Aopen(loc, name, H5P_DEFAULT));
 	H5TRY(*ftype = H5Aget_type(*attr));
 	H5TRY(space = H5Aget_space(*attr));
 	H5TRY(npoints = H5Sget_simple_extent_npoints(space));
-	if (H5Tget_class(*ftype) != cls || npoints != 1) {
-		CKERR("%s: root attribute '%s' is not a single %s", c->path, name,
-		      cls == H5T_STRING ? "string" : "integer");
+	if (H5Tget_class(*ftype) != cls || npoints != n) {
+		if (n == 1)
+			CKERR("%s: %s attribute '%s' is not a single %s", c->path, where, name,
+			      class_name(cls));
+		else
+			CKERR("%s: %s attribute '%s' is not %lld %s values", c->path, where, name,
+			      (long long)n, class_name(cls));
 		goto fail;
 	}
 	ret = 0;
@@ -201,7 +234,7 @@ fail:
 	return ret;
 }
 
-/* Read a string attribute (variable- or fixed-length) into a malloc'd C string. */
+/* Read a root string attribute (variable- or fixed-length) into a malloc'd C string. */
 static int read_str_attr(struct ckctx *c, hid_t fid, const char *name, char **out)
 {
 	hid_t attr = -1, ftype = -1, mtype = -1;
@@ -210,8 +243,8 @@ static int read_str_attr(struct ckctx *c, hid_t fid, const char *name, char **ou
 	int ret = -1;
 
 	*out = NULL;
-	if (open_attr(c, fid, name, H5T_STRING, &attr, &ftype))
-		return -1;
+	if (open_attr(c, fid, "root", name, H5T_STRING, 1, &attr, &ftype))
+		goto fail;
 	H5TRY(vlen = H5Tis_variable_str(ftype));
 	H5TRY(mtype = H5Tcopy(H5T_C_S1));
 	H5TRY(H5Tset_cset(mtype, H5Tget_cset(ftype)));
@@ -245,20 +278,28 @@ fail:
 	return ret;
 }
 
-static int read_int_attr(struct ckctx *c, hid_t fid, const char *name, int64_t *out)
+/* n numbers of class cls, converted to mem_type, into out. */
+static int read_attr(struct ckctx *c, hid_t loc, const char *where, const char *name, H5T_class_t cls,
+		     hid_t mem_type, hssize_t n, void *out)
 {
 	hid_t attr = -1, ftype = -1;
 	int ret = -1;
 
-	if (open_attr(c, fid, name, H5T_INTEGER, &attr, &ftype))
-		return -1;
-	H5TRY(H5Aread(attr, H5T_NATIVE_INT64, out));
+	if (open_attr(c, loc, where, name, cls, n, &attr, &ftype))
+		goto fail;
+	H5TRY(H5Aread(attr, mem_type, out));
 	ret = 0;
 fail:
 	close_id(&ftype, H5Tclose);
 	close_id(&attr, H5Aclose);
 	c->what = NULL;
 	return ret;
+}
+
+static int read_int_attr(struct ckctx *c, hid_t loc, const char *where, const char *name,
+			 int64_t *out)
+{
+	return read_attr(c, loc, where, name, H5T_INTEGER, H5T_NATIVE_INT64, 1, out);
 }
 
 static int write_root_attrs(struct ckctx *c, hid_t fid, const char *json,
@@ -271,6 +312,70 @@ static int write_root_attrs(struct ckctx *c, hid_t fid, const char *json,
 	    write_str_attr(c, fid, "config", json))
 		return -1;
 	return 0;
+}
+
+/* ---- /state: the fields of struct train_state, one attribute each ---- */
+
+enum field_type { FIELD_I64, FIELD_U64, FIELD_F64 };
+
+static const struct state_field {
+	const char *name;
+	enum field_type type;
+	hssize_t n;
+	size_t offset;		/* into struct train_state */
+} state_fields[] = {
+	{ "step", FIELD_I64, 1, offsetof(struct train_state, step) },
+	{ "tokens_seen", FIELD_I64, 1, offsetof(struct train_state, tokens_seen) },
+	{ "data_position", FIELD_U64, 1, offsetof(struct train_state, data_position) },
+	{ "data_seed", FIELD_U64, 1, offsetof(struct train_state, data_seed) },
+	{ "rng", FIELD_U64, ARRAY_SIZE(((struct train_state *)0)->rng),
+	  offsetof(struct train_state, rng) },
+	{ "elapsed_s", FIELD_F64, 1, offsetof(struct train_state, elapsed_s) },
+};
+
+/* The file type, memory type and class of a field (hid_t constants are not compile-time constants). */
+static void field_types(enum field_type t, hid_t *file_type, hid_t *mem_type, H5T_class_t *cls)
+{
+	switch (t) {
+	case FIELD_I64:
+		*file_type = H5T_STD_I64LE;
+		*mem_type = H5T_NATIVE_INT64;
+		*cls = H5T_INTEGER;
+		break;
+	case FIELD_U64:
+		*file_type = H5T_STD_U64LE;
+		*mem_type = H5T_NATIVE_UINT64;
+		*cls = H5T_INTEGER;
+		break;
+	default:
+		*file_type = H5T_IEEE_F64LE;
+		*mem_type = H5T_NATIVE_DOUBLE;
+		*cls = H5T_FLOAT;
+		break;
+	}
+}
+
+static int write_state(struct ckctx *c, hid_t fid, const struct train_state *st)
+{
+	hid_t gid = -1, ftype, mtype;
+	H5T_class_t cls;
+	int ret = -1;
+
+	c->what = "/state";
+	H5TRY(gid = H5Gcreate2(fid, "/state", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+	for (size_t i = 0; i < ARRAY_SIZE(state_fields); i++) {
+		const struct state_field *f = &state_fields[i];
+
+		field_types(f->type, &ftype, &mtype, &cls);
+		if (write_attr(c, gid, f->name, ftype, mtype, (hsize_t)f->n,
+			       (const char *)st + f->offset))
+			goto fail;
+	}
+	ret = 0;
+fail:
+	close_id(&gid, H5Gclose);
+	c->what = NULL;
+	return ret;
 }
 
 /* ---- opening ---- */
@@ -305,7 +410,7 @@ static int open_checkpoint(struct ckctx *c, hid_t *fid_out)
 		      format, CKPT_FORMAT);
 		goto fail;
 	}
-	if (read_int_attr(c, fid, "format_version", &version))
+	if (read_int_attr(c, fid, "root", "format_version", &version))
 		goto fail;
 	if (version != CKPT_FORMAT_VERSION) {
 		CKERR("%s: checkpoint format_version %" PRId64 " is not supported (this build reads "
@@ -322,7 +427,57 @@ fail:
 	return ret;
 }
 
-/* ---- parameters ---- */
+/* Open a group; when absent, fail with `missing` (or "missing group NAME" when that is NULL). */
+static int open_group(struct ckctx *c, hid_t fid, const char *name, const char *missing, hid_t *gid)
+{
+	htri_t exists;
+
+	*gid = -1;
+	c->what = name;
+	H5TRY(exists = H5Lexists(fid, name, H5P_DEFAULT));
+	if (!exists) {
+		if (missing)
+			CKERR("%s: %s", c->path, missing);
+		else
+			CKERR("%s: missing group %s", c->path, name);
+		goto fail;
+	}
+	H5TRY(*gid = H5Gopen2(fid, name, H5P_DEFAULT));
+	c->what = NULL;
+	return 0;
+fail:
+	c->what = NULL;
+	return -1;
+}
+
+/* ---- tensors ---- */
+
+/*
+ * Where the tensors of one float arena (laid out like the model's weights) live: GROUP/NAME, or
+ * GROUP/NAME/LEAF when leaf is set.  Buffers (PARAM_BUFFER) are not trained and have no optimizer state.
+ */
+struct tensor_set {
+	const char *group;
+	const char *leaf;
+	int has_buffers;
+};
+
+static const struct tensor_set set_model = { "/model", NULL, 1 };
+static const struct tensor_set set_optim[2] = {
+	{ "/optim", "exp_avg", 0 },
+	{ "/optim", "exp_avg_sq", 0 },
+};
+
+static int in_set(const struct tensor_set *s, const struct param *p)
+{
+	return s->has_buffers || p->kind != PARAM_BUFFER;
+}
+
+static void tensor_path(char *buf, const struct tensor_set *s, const struct param *p)
+{
+	snprintf(buf, CKPT_DSET_MAX, "%s/%s%s%s", s->group, p->name, s->leaf ? "/" : "",
+		 s->leaf ? s->leaf : "");
+}
 
 /* The expert rows [begin, end) this rank holds of a stacked tensor, else the whole tensor. */
 static void local_slab(const struct moe_model *m, const struct param *p, hsize_t *start,
@@ -348,6 +503,17 @@ static int check_local_numel(struct ckctx *c, const struct moe_model *m, const s
 	if (p->ndim < 1 || p->ndim > MOE_MAX_DIMS || n != p->numel ||
 	    p->offset + p->numel > m->n_weights) {
 		CKERR("%s: internal error: parameter %s has an inconsistent layout", c->path, p->name);
+		return -1;
+	}
+	return 0;
+}
+
+/* The optimizer's arrays must be laid out like the weights. */
+static int check_optim_layout(struct ckctx *c, const struct moe_model *m, const struct adamw *opt)
+{
+	if (opt->n != m->n_weights || (opt->n && (!opt->exp_avg || !opt->exp_avg_sq))) {
+		CKERR("%s: internal error: the optimizer state holds %zu floats, the model %zu weights",
+		      c->path, opt->n, m->n_weights);
 		return -1;
 	}
 	return 0;
@@ -379,15 +545,19 @@ static void chunk_dims(const struct param *p, hsize_t *chunk)
 		chunk[d] = (hsize_t)p->shape[d];
 }
 
-static int write_param(struct ckctx *c, hid_t gid, const struct moe_model *m, const struct param *p)
+/* lcpl creates the intermediate group GROUP/NAME of a leaf. */
+static int write_tensor(struct ckctx *c, hid_t fid, hid_t lcpl, const struct tensor_set *s,
+			const struct moe_model *m, const struct param *p, const float *arena)
 {
 	hsize_t dims[MOE_MAX_DIMS], chunk[MOE_MAX_DIMS], start[MOE_MAX_DIMS], count[MOE_MAX_DIMS];
 	hid_t space = -1, mspace = -1, dcpl = -1, dset = -1;
+	char dpath[CKPT_DSET_MAX];
 	int empty = 0, ret = -1;
 
 	if (check_local_numel(c, m, p))
 		return -1;
-	c->what = p->name;
+	tensor_path(dpath, s, p);
+	c->what = dpath;
 	for (int d = 0; d < p->ndim; d++) {
 		dims[d] = (hsize_t)p->shape[d];
 		empty |= dims[d] == 0;
@@ -400,13 +570,12 @@ static int write_param(struct ckctx *c, hid_t gid, const struct moe_model *m, co
 		H5TRY(H5Pset_chunk(dcpl, p->ndim, chunk));
 		H5TRY(H5Pset_fletcher32(dcpl));
 	}
-	H5TRY(dset = H5Dcreate2(gid, p->name, H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl,
-				  H5P_DEFAULT));
+	H5TRY(dset = H5Dcreate2(fid, dpath, H5T_IEEE_F32LE, space, lcpl, dcpl, H5P_DEFAULT));
 	if (!empty) {
 		H5TRY(H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL));
 		H5TRY(mspace = H5Screate_simple(p->ndim, count, NULL));
 		H5TRY(H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, space, H5P_DEFAULT,
-				 m->weights + p->offset));
+				 arena + p->offset));
 	}
 	ret = 0;
 fail:
@@ -418,42 +587,96 @@ fail:
 	return ret;
 }
 
-static int write_model(struct ckctx *c, hid_t fid, const struct moe_model *m)
+/* Every tensor of the set from arena; the set's group exists already. */
+static int write_set(struct ckctx *c, hid_t fid, const struct tensor_set *s, const struct moe_model *m,
+		     const float *arena)
+{
+	hid_t lcpl = -1;
+	int ret = -1;
+
+	c->what = s->group;
+	H5TRY(lcpl = H5Pcreate(H5P_LINK_CREATE));
+	H5TRY(H5Pset_create_intermediate_group(lcpl, 1));
+	c->what = NULL;
+	for (int i = 0; i < m->n_params; i++)
+		if (in_set(s, &m->params[i]) &&
+		    write_tensor(c, fid, lcpl, s, m, &m->params[i], arena))
+			goto fail;
+	ret = 0;
+fail:
+	close_id(&lcpl, H5Pclose);
+	c->what = NULL;
+	return ret;
+}
+
+/* /model and, with opt, /optim (the moments and the attribute step). */
+static int write_tensors(struct ckctx *c, hid_t fid, const struct moe_model *m,
+			 const struct adamw *opt)
 {
 	hid_t gid = -1;
 	int ret = -1;
 
-	c->what = CKPT_MODEL_GROUP;
-	H5TRY(gid = H5Gcreate2(fid, CKPT_MODEL_GROUP, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-	c->what = NULL;
-	for (int i = 0; i < m->n_params; i++)
-		if (write_param(c, gid, m, &m->params[i]))
+	c->what = set_model.group;
+	H5TRY(gid = H5Gcreate2(fid, set_model.group, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+	close_id(&gid, H5Gclose);
+	if (write_set(c, fid, &set_model, m, m->weights))
+		goto fail;
+	if (opt) {
+		c->what = set_optim[0].group;
+		H5TRY(gid = H5Gcreate2(fid, set_optim[0].group, H5P_DEFAULT, H5P_DEFAULT,
+				       H5P_DEFAULT));
+		if (write_int_attr(c, gid, "step", H5T_STD_I64LE, opt->step) ||
+		    write_set(c, fid, &set_optim[0], m, opt->exp_avg) ||
+		    write_set(c, fid, &set_optim[1], m, opt->exp_avg_sq))
 			goto fail;
+	}
 	ret = 0;
 fail:
 	close_id(&gid, H5Gclose);
+	c->what = NULL;
 	return ret;
 }
 
+/* Whether the link at an absolute path exists, each parent checked first (HDF5 1.10 fails otherwise). */
+static int link_exists(struct ckctx *c, hid_t fid, const char *path, htri_t *exists)
+{
+	char buf[CKPT_DSET_MAX], *slash = NULL;
+
+	snprintf(buf, sizeof(buf), "%s", path);
+	do {
+		slash = strchr(slash ? slash + 1 : buf + 1, '/');
+		if (slash)
+			*slash = 0;
+		H5TRY(*exists = H5Lexists(fid, buf, H5P_DEFAULT));
+		if (slash)
+			*slash = '/';
+	} while (*exists && slash);
+	return 0;
+fail:
+	return -1;
+}
+
 /* Dataset present, float32, with the model's full shape. */
-static int check_param(struct ckctx *c, hid_t gid, const struct param *p)
+static int check_tensor(struct ckctx *c, hid_t fid, const struct tensor_set *s, const struct param *p)
 {
 	hsize_t fdims[H5S_MAX_RANK], mdims[MOE_MAX_DIMS];
 	hid_t dset = -1, type = -1, space = -1;
-	char fbuf[160], mbuf[160];
+	char dpath[CKPT_DSET_MAX], fbuf[160], mbuf[160];
 	int ndim, ret = -1;
 	htri_t exists;
 
-	c->what = p->name;
-	H5TRY(exists = H5Lexists(gid, p->name, H5P_DEFAULT));
+	tensor_path(dpath, s, p);
+	c->what = dpath;
+	if (link_exists(c, fid, dpath, &exists))
+		goto fail;
 	if (!exists) {
-		CKERR("%s: missing dataset %s/%s", c->path, CKPT_MODEL_GROUP, p->name);
+		CKERR("%s: missing dataset %s", c->path, dpath);
 		goto fail;
 	}
-	H5TRY(dset = H5Dopen2(gid, p->name, H5P_DEFAULT));
+	H5TRY(dset = H5Dopen2(fid, dpath, H5P_DEFAULT));
 	H5TRY(type = H5Dget_type(dset));
 	if (H5Tget_class(type) != H5T_FLOAT || H5Tget_size(type) != 4) {
-		CKERR("%s: %s/%s is not float32", c->path, CKPT_MODEL_GROUP, p->name);
+		CKERR("%s: %s is not float32", c->path, dpath);
 		goto fail;
 	}
 	H5TRY(space = H5Dget_space(dset));
@@ -464,8 +687,7 @@ static int check_param(struct ckctx *c, hid_t gid, const struct param *p)
 	if (ndim != p->ndim || memcmp(fdims, mdims, (size_t)ndim * sizeof(hsize_t)) != 0) {
 		fmt_dims(fbuf, sizeof(fbuf), ndim, fdims);
 		fmt_dims(mbuf, sizeof(mbuf), p->ndim, mdims);
-		CKERR("%s: %s/%s has shape %s, the model expects %s", c->path, CKPT_MODEL_GROUP,
-		      p->name, fbuf, mbuf);
+		CKERR("%s: %s has shape %s, the model expects %s", c->path, dpath, fbuf, mbuf);
 		goto fail;
 	}
 	ret = 0;
@@ -479,62 +701,80 @@ fail:
 
 struct extra_search {
 	const struct moe_model *m;
+	const struct tensor_set *s;
 	char name[256];
+	int is_param;	/* the extra one is a parameter (a buffer, with no optimizer state) */
 };
 
 static herr_t extra_cb(hid_t gid, const char *name, const H5L_info_t *info, void *data)
 {
-	struct extra_search *s = data;
+	struct extra_search *x = data;
+	const struct param *p = model_find_param(x->m, name);
 
 	(void)gid;
 	(void)info;
-	if (model_find_param(s->m, name))
+	if (p && in_set(x->s, p))
 		return 0;
-	snprintf(s->name, sizeof(s->name), "%s", name);
+	snprintf(x->name, sizeof(x->name), "%s", name);
+	x->is_param = p != NULL;
 	return 1;	/* stop: found one */
 }
 
-/* Every parameter is present (checked before); refuse anything else in /model. */
-static int check_no_extra(struct ckctx *c, hid_t gid, const struct moe_model *m)
+/* Every tensor of the set is present (checked before); refuse anything else in its group. */
+static int check_no_extra(struct ckctx *c, hid_t fid, const struct tensor_set *s,
+			  const struct moe_model *m)
 {
-	struct extra_search s = { .m = m };
+	struct extra_search x = { .m = m, .s = s };
+	hid_t gid = -1;
 	H5G_info_t info;
+	hsize_t want = 0;
 	herr_t r;
+	int ret = -1;
 
-	c->what = CKPT_MODEL_GROUP;
+	for (int i = 0; i < m->n_params; i++)
+		want += (hsize_t)in_set(s, &m->params[i]);
+	if (open_group(c, fid, s->group, NULL, &gid))
+		return -1;
+	c->what = s->group;
 	H5TRY(H5Gget_info(gid, &info));
-	if (info.nlinks == (hsize_t)m->n_params) {
-		c->what = NULL;
-		return 0;
+	if (info.nlinks == want) {
+		ret = 0;
+		goto fail;
 	}
-	H5TRY(r = H5Literate(gid, H5_INDEX_NAME, H5_ITER_INC, NULL, extra_cb, &s));
-	CKERR("%s: %s/%s is not a parameter of this model (a checkpoint of another model?)", c->path,
-	      CKPT_MODEL_GROUP, r > 0 ? s.name : "?");
+	H5TRY(r = H5Literate(gid, H5_INDEX_NAME, H5_ITER_INC, NULL, extra_cb, &x));
+	if (r > 0 && x.is_param)
+		CKERR("%s: %s/%s: this parameter has no optimizer state", c->path, s->group, x.name);
+	else
+		CKERR("%s: %s/%s is not a parameter of this model (a checkpoint of another model?)",
+		      c->path, s->group, r > 0 ? x.name : "?");
 fail:
+	close_id(&gid, H5Gclose);
 	c->what = NULL;
-	return -1;
+	return ret;
 }
 
-static int read_param(struct ckctx *c, hid_t gid, const struct moe_model *m, const struct param *p,
-		      float *buf)
+/* This rank's slice of one tensor into buf at the parameter's offset. */
+static int read_tensor(struct ckctx *c, hid_t fid, const struct tensor_set *s, const struct moe_model *m,
+		       const struct param *p, float *buf)
 {
 	hsize_t start[MOE_MAX_DIMS], count[MOE_MAX_DIMS];
 	hid_t dset = -1, fspace = -1, mspace = -1;
-	char detail[256];
+	char dpath[CKPT_DSET_MAX], detail[256];
 	int ret = -1;
 
 	if (p->numel == 0)
 		return 0;
-	c->what = p->name;
+	tensor_path(dpath, s, p);
+	c->what = dpath;
 	local_slab(m, p, start, count);
-	H5TRY(dset = H5Dopen2(gid, p->name, H5P_DEFAULT));
+	H5TRY(dset = H5Dopen2(fid, dpath, H5P_DEFAULT));
 	H5TRY(fspace = H5Dget_space(dset));
 	H5TRY(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, NULL, count, NULL));
 	H5TRY(mspace = H5Screate_simple(p->ndim, count, NULL));
 	if (H5Dread(dset, H5T_NATIVE_FLOAT, mspace, fspace, H5P_DEFAULT, buf + p->offset) < 0) {
 		h5_detail(detail, sizeof(detail));
-		CKERR("%s: reading %s/%s failed (checksum mismatch or read error)%s%s", c->path,
-		      CKPT_MODEL_GROUP, p->name, detail[0] ? ": " : "", detail);
+		CKERR("%s: reading %s failed (checksum mismatch or read error)%s%s", c->path, dpath,
+		      detail[0] ? ": " : "", detail);
 		goto fail;
 	}
 	ret = 0;
@@ -543,6 +783,28 @@ fail:
 	close_id(&fspace, H5Sclose);
 	close_id(&dset, H5Dclose);
 	c->what = NULL;
+	return ret;
+}
+
+/* /state into *st (every field present and of the right kind). */
+static int read_state(struct ckctx *c, hid_t fid, struct train_state *st)
+{
+	hid_t gid = -1, ftype, mtype;
+	H5T_class_t cls;
+	int ret = -1;
+
+	if (open_group(c, fid, "/state", "missing group /state (the training state)", &gid))
+		return -1;
+	for (size_t i = 0; i < ARRAY_SIZE(state_fields); i++) {
+		const struct state_field *f = &state_fields[i];
+
+		field_types(f->type, &ftype, &mtype, &cls);
+		if (read_attr(c, gid, "/state", f->name, cls, mtype, f->n, (char *)st + f->offset))
+			goto fail;
+	}
+	ret = 0;
+fail:
+	close_id(&gid, H5Gclose);
 	return ret;
 }
 
@@ -587,7 +849,7 @@ static int commit_file(struct ckctx *c, const char *tmp)
 	return fsync_path(c, dir, O_RDONLY | O_DIRECTORY);
 }
 
-/* ---- public ---- */
+/* ---- the writer and the reader ---- */
 
 static int check_writer_holds_all(struct ckctx *c, const struct moe_model *m)
 {
@@ -605,8 +867,10 @@ static int check_writer_holds_all(struct ckctx *c, const struct moe_model *m)
 	return 0;
 }
 
-int checkpoint_save_model(const char *path, const struct moe_model *m, const struct run_config *cfg,
-			  const struct ckpt_meta *meta, char *err, size_t errlen)
+/* Root attributes, /model, and /optim and /state when opt and st are given. */
+static int write_checkpoint(const char *path, const struct moe_model *m, const struct adamw *opt,
+			    const struct run_config *cfg, const struct ckpt_meta *meta,
+			    const struct train_state *st, char *err, size_t errlen)
 {
 	struct ckctx ctx = { path, NULL, err, errlen }, *c = &ctx;
 	hid_t fapl = -1, fid = -1;
@@ -614,11 +878,12 @@ int checkpoint_save_model(const char *path, const struct moe_model *m, const str
 	int ret = -1;
 
 	h5_quiet();
-	if (snprintf(tmp, sizeof(tmp), "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof(tmp)) {
+	if (snprintf(tmp, sizeof(tmp), "%s" CKPT_TMP_SUFFIX "%d", path, (int)getpid()) >=
+	    (int)sizeof(tmp)) {
 		CKERR("%s: path too long", path);
 		return -1;
 	}
-	if (check_writer_holds_all(c, m))
+	if (check_writer_holds_all(c, m) || (opt && check_optim_layout(c, m, opt)))
 		return -1;
 	json = cfg ? config_to_json(cfg) : NULL;
 	if (!json) {
@@ -628,7 +893,8 @@ int checkpoint_save_model(const char *path, const struct moe_model *m, const str
 	H5TRY(fapl = H5Pcreate(H5P_FILE_ACCESS));
 	H5TRY(H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG));
 	H5TRY(fid = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl));
-	if (write_root_attrs(c, fid, json, meta) || write_model(c, fid, m))
+	if (write_root_attrs(c, fid, json, meta) || write_tensors(c, fid, m, opt) ||
+	    (st && write_state(c, fid, st)))
 		goto fail;
 	H5TRY(H5Fflush(fid, H5F_SCOPE_GLOBAL));
 	{
@@ -649,6 +915,24 @@ fail:
 	return ret;
 }
 
+int checkpoint_save_model(const char *path, const struct moe_model *m, const struct run_config *cfg,
+			  const struct ckpt_meta *meta, char *err, size_t errlen)
+{
+	return write_checkpoint(path, m, NULL, cfg, meta, NULL, err, errlen);
+}
+
+int checkpoint_save(const char *path, const struct moe_model *m, const struct adamw *opt,
+		    const struct run_config *cfg, const struct train_state *st, char *err, size_t errlen)
+{
+	struct ckpt_meta meta = { 0, 0 };
+
+	if (st) {
+		meta.step = st->step;
+		meta.tokens_seen = st->tokens_seen;
+	}
+	return write_checkpoint(path, m, opt, cfg, &meta, st, err, errlen);
+}
+
 int checkpoint_read_header(const char *path, struct run_config *cfg, struct ckpt_meta *meta,
 			   char *err, size_t errlen)
 {
@@ -662,8 +946,8 @@ int checkpoint_read_header(const char *path, struct run_config *cfg, struct ckpt
 	h5_quiet();
 	if (open_checkpoint(c, &fid))
 		return -1;
-	if (read_int_attr(c, fid, "step", &mt.step) ||
-	    read_int_attr(c, fid, "tokens_seen", &mt.tokens_seen) ||
+	if (read_int_attr(c, fid, "root", "step", &mt.step) ||
+	    read_int_attr(c, fid, "root", "tokens_seen", &mt.tokens_seen) ||
 	    read_str_attr(c, fid, "config", &json))
 		goto fail;
 	if (cfg) {
@@ -688,52 +972,261 @@ fail:
 	return ret;
 }
 
-int checkpoint_load_model(const char *path, struct moe_model *m, char *err, size_t errlen)
+int checkpoint_load(const char *path, struct moe_model *m, struct adamw *opt, struct train_state *st,
+		    char *err, size_t errlen)
 {
 	struct ckctx ctx = { path, NULL, err, errlen }, *c = &ctx;
+	const struct tensor_set *sets[3] = { &set_model, &set_optim[0], &set_optim[1] };
+	float *dst[3] = { m->weights, opt ? opt->exp_avg : NULL, opt ? opt->exp_avg_sq : NULL };
+	const int nsets = opt ? 3 : 1;
+	const size_t n = m->n_weights;
+	struct train_state st_new;
+	int64_t opt_step = 0;
 	hid_t fid = -1, gid = -1;
 	float *buf = NULL;
-	htri_t exists;
 	int ret = -1;
 
 	h5_quiet();
 	for (int i = 0; i < m->n_params; i++)
 		if (check_local_numel(c, m, &m->params[i]))
 			return -1;
+	if (opt && check_optim_layout(c, m, opt))
+		return -1;
 	if (open_checkpoint(c, &fid))
 		return -1;
-	c->what = CKPT_MODEL_GROUP;
-	H5TRY(exists = H5Lexists(fid, CKPT_MODEL_GROUP, H5P_DEFAULT));
-	if (!exists) {
-		CKERR("%s: missing group %s", path, CKPT_MODEL_GROUP);
+	/* the whole file must match, and every attribute be read, before any tensor data is read */
+	if (open_group(c, fid, set_model.group, NULL, &gid))
+		goto fail;
+	close_id(&gid, H5Gclose);
+	if (opt) {
+		if (open_group(c, fid, set_optim[0].group, "no optimizer state (/optim): a weights-only "
+			       "checkpoint cannot be resumed; use train.init_checkpoint", &gid) ||
+		    read_int_attr(c, gid, "/optim", "step", &opt_step))
+			goto fail;
+		close_id(&gid, H5Gclose);
+	}
+	for (int k = 0; k < nsets; k++) {
+		for (int i = 0; i < m->n_params; i++)
+			if (in_set(sets[k], &m->params[i]) &&
+			    check_tensor(c, fid, sets[k], &m->params[i]))
+				goto fail;
+		/* the two moments share /optim */
+		if ((k == 0 || strcmp(sets[k]->group, sets[k - 1]->group) != 0) &&
+		    check_no_extra(c, fid, sets[k], m))
+			goto fail;
+	}
+	if (st && read_state(c, fid, &st_new))
+		goto fail;
+	if (n > SIZE_MAX / sizeof(float) / (size_t)nsets ||
+	    !(buf = malloc((n ? n : 1) * (size_t)nsets * sizeof(float)))) {
+		CKERR("%s: out of memory for %d scratch buffers of %zu floats", path, nsets, n);
 		goto fail;
 	}
-	H5TRY(gid = H5Gopen2(fid, CKPT_MODEL_GROUP, H5P_DEFAULT));
-	c->what = NULL;
-	/* the whole file must match before any data is read */
-	for (int i = 0; i < m->n_params; i++)
-		if (check_param(c, gid, &m->params[i]))
-			goto fail;
-	if (check_no_extra(c, gid, m))
-		goto fail;
-	buf = malloc((m->n_weights ? m->n_weights : 1) * sizeof(float));
-	if (!buf) {
-		CKERR("%s: out of memory for a %zu-float scratch buffer", path, m->n_weights);
-		goto fail;
-	}
-	for (int i = 0; i < m->n_params; i++)
-		if (read_param(c, gid, m, &m->params[i], buf))
-			goto fail;
-	/* every dataset read and verified: only now touch the model */
-	for (int i = 0; i < m->n_params; i++) {
-		const struct param *p = &m->params[i];
+	for (int k = 0; k < nsets; k++)
+		for (int i = 0; i < m->n_params; i++)
+			if (in_set(sets[k], &m->params[i]) &&
+			    read_tensor(c, fid, sets[k], m, &m->params[i], buf + (size_t)k * n))
+				goto fail;
+	/* everything read and verified: only now touch the model, the optimizer and the state */
+	for (int k = 0; k < nsets; k++) {
+		for (int i = 0; i < m->n_params; i++) {
+			const struct param *p = &m->params[i];
 
-		memcpy(m->weights + p->offset, buf + p->offset, p->numel * sizeof(float));
+			if (in_set(sets[k], p))
+				memcpy(dst[k] + p->offset, buf + (size_t)k * n + p->offset,
+				       p->numel * sizeof(float));
+			else	/* untrained: its moments stay zero */
+				memset(dst[k] + p->offset, 0, p->numel * sizeof(float));
+		}
 	}
+	if (opt)
+		opt->step = opt_step;
+	if (st)
+		*st = st_new;
 	ret = 0;
 fail:
 	free(buf);
 	close_id(&gid, H5Gclose);
 	close_id(&fid, H5Fclose);
+	return ret;
+}
+
+int checkpoint_load_model(const char *path, struct moe_model *m, char *err, size_t errlen)
+{
+	return checkpoint_load(path, m, NULL, NULL, err, errlen);
+}
+
+/* ---- a run's checkpoint directory ---- */
+
+/* DIR/step_NNNNNNNN.h5; -1 when it does not fit in len. */
+static int format_path(char *out, size_t len, const char *dir, int64_t step)
+{
+	return (size_t)snprintf(out, len, "%s/" CKPT_NAME_FMT, dir, (long long)step) < len ? 0 : -1;
+}
+
+void checkpoint_path(char *out, size_t len, const char *dir, int64_t step)
+{
+	format_path(out, len, dir, step);
+}
+
+enum { NAME_OTHER, NAME_CHECKPOINT, NAME_TMP };
+
+/* step_NNNNNNNN.h5 exactly as checkpoint_path writes it, or that name plus .tmp.<pid>. */
+static int classify_name(const char *name, int64_t *step)
+{
+	static const char digits[] = "0123456789";
+	const char *rest;
+	char canon[64];
+	size_t nd, len;
+	long long v;
+
+	if (strncmp(name, "step_", 5) != 0)
+		return NAME_OTHER;
+	nd = strspn(name + 5, digits);
+	if (nd < 8 || nd > 18)	/* %08lld, and no overflow */
+		return NAME_OTHER;
+	v = strtoll(name + 5, NULL, 10);
+	len = (size_t)snprintf(canon, sizeof(canon), CKPT_NAME_FMT, v);
+	if (strncmp(name, canon, len) != 0)
+		return NAME_OTHER;
+	*step = v;
+	rest = name + len;
+	if (!*rest)
+		return NAME_CHECKPOINT;
+	if (!strncmp(rest, CKPT_TMP_SUFFIX, strlen(CKPT_TMP_SUFFIX))) {
+		rest += strlen(CKPT_TMP_SUFFIX);
+		if (*rest && strspn(rest, digits) == strlen(rest))
+			return NAME_TMP;
+	}
+	return NAME_OTHER;
+}
+
+/*
+ * The steps of the checkpoints in dir (malloc'd, unsorted) and, with remove_tmp, delete the temporaries
+ * of interrupted writes.  0, 1 when dir does not exist, -1 on error.
+ */
+static int list_checkpoints(struct ckctx *c, const char *dir, int remove_tmp, int64_t **steps,
+			    size_t *count)
+{
+	size_t cap = 0;
+	struct dirent *e;
+	int64_t step, *grown;
+	DIR *d;
+	int ret = -1;
+
+	*steps = NULL;
+	*count = 0;
+	d = opendir(dir);
+	if (!d) {
+		if (errno == ENOENT)
+			return 1;
+		CKERR("%s: cannot open the checkpoint directory: %s", dir, strerror(errno));
+		return -1;
+	}
+	for (;;) {
+		errno = 0;
+		e = readdir(d);
+		if (!e) {
+			if (errno) {
+				CKERR("%s: cannot read the checkpoint directory: %s", dir,
+				      strerror(errno));
+				goto fail;
+			}
+			break;
+		}
+		switch (classify_name(e->d_name, &step)) {
+		case NAME_CHECKPOINT:
+			if (*count == cap) {
+				cap = cap ? 2 * cap : 16;
+				grown = realloc(*steps, cap * sizeof(**steps));
+				if (!grown) {
+					CKERR("%s: out of memory listing checkpoints", dir);
+					goto fail;
+				}
+				*steps = grown;
+			}
+			(*steps)[(*count)++] = step;
+			break;
+		case NAME_TMP:
+			if (remove_tmp && unlinkat(dirfd(d), e->d_name, 0) != 0 && errno != ENOENT) {
+				CKERR("%s: cannot remove %s: %s", dir, e->d_name, strerror(errno));
+				goto fail;
+			}
+			break;
+		default:
+			break;
+		}
+	}
+	ret = 0;
+fail:
+	closedir(d);
+	if (ret) {
+		free(*steps);
+		*steps = NULL;
+		*count = 0;
+	}
+	return ret;
+}
+
+int checkpoint_latest(const char *dir, char *out, size_t len, char *err, size_t errlen)
+{
+	struct ckctx ctx = { dir, NULL, err, errlen }, *c = &ctx;
+	int64_t *steps, best = -1;
+	size_t n;
+	int r;
+
+	r = list_checkpoints(c, dir, 0, &steps, &n);
+	if (r)
+		return r;
+	for (size_t i = 0; i < n; i++)
+		if (steps[i] > best)
+			best = steps[i];
+	free(steps);
+	if (best < 0)
+		return 1;
+	if (format_path(out, len, dir, best)) {
+		CKERR("%s: path too long", dir);
+		return -1;
+	}
+	return 0;
+}
+
+static int cmp_desc(const void *a, const void *b)
+{
+	int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+
+	return (x < y) - (x > y);
+}
+
+/* Call it when no save into dir is in progress: every temporary file there is taken for stale. */
+int checkpoint_prune(const char *dir, int keep, char *err, size_t errlen)
+{
+	struct ckctx ctx = { dir, NULL, err, errlen }, *c = &ctx;
+	char path[1100];
+	int64_t *steps;
+	size_t n;
+	int r, ret = -1;
+
+	if (keep < 1) {
+		CKERR("%s: checkpoint.keep must be at least 1 (got %d)", dir, keep);
+		return -1;
+	}
+	r = list_checkpoints(c, dir, 1, &steps, &n);
+	if (r)
+		return r > 0 ? 0 : -1;	/* no directory: nothing to prune */
+	qsort(steps, n, sizeof(*steps), cmp_desc);
+	for (size_t i = (size_t)keep; i < n; i++) {
+		if (format_path(path, sizeof(path), dir, steps[i])) {
+			CKERR("%s: path too long", dir);
+			goto fail;
+		}
+		if (unlink(path) != 0 && errno != ENOENT) {
+			CKERR("%s: cannot remove %s: %s", dir, path, strerror(errno));
+			goto fail;
+		}
+	}
+	ret = 0;
+fail:
+	free(steps);
 	return ret;
 }

@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "model/model.h"
+#include "optim/adamw.h"
 #include "train/config.h"
 
 #define CKPT_FORMAT "moe-checkpoint"
@@ -39,5 +40,37 @@ int checkpoint_read_header(const char *path, struct run_config *cfg, struct ckpt
 /* Load /model into m (its expert slice), checking that every parameter exists with the right shape and
  * that the checksums hold.  Nothing in m is changed unless the whole load succeeds. */
 int checkpoint_load_model(const char *path, struct moe_model *m, char *err, size_t errlen);
+
+/* Everything besides weights and optimizer moments that a bit-exact resume needs (/state). */
+struct train_state {
+	int64_t step;               /* optimizer steps done */
+	int64_t tokens_seen;
+	uint64_t data_position;     /* sequences consumed from the training stream */
+	uint64_t data_seed;         /* the shuffle permutation's seed */
+	uint64_t rng[4];            /* the run's random generator (sampling, GRPO) */
+	double elapsed_s;           /* training wall time so far */
+};
+
+/*
+ * A training checkpoint: /model, /optim (exp_avg and exp_avg_sq per parameter under
+ * /optim/NAME/exp_avg, /optim/NAME/exp_avg_sq, and the step count as /optim attribute "step"), /state
+ * (the fields of train_state as attributes) and the root attributes (step and tokens_seen mirror
+ * train_state).  Atomic like checkpoint_save_model.  opt may be NULL (no /optim group).
+ */
+int checkpoint_save(const char *path, const struct moe_model *m, const struct adamw *opt,
+		    const struct run_config *cfg, const struct train_state *st, char *err, size_t errlen);
+
+/* Load weights and, when opt is not NULL, the optimizer state (a file without /optim is then refused),
+ * and, when st is not NULL, /state.  All or nothing: on failure m, opt and st are unchanged. */
+int checkpoint_load(const char *path, struct moe_model *m, struct adamw *opt, struct train_state *st,
+		    char *err, size_t errlen);
+
+/* Checkpoints of a run live in one directory as step_%08lld.h5. */
+void checkpoint_path(char *out, size_t len, const char *dir, int64_t step);
+/* The newest complete checkpoint in dir: 0 and its path, 1 when there is none, -1 on error. Temporary
+ * files of an interrupted write are ignored. */
+int checkpoint_latest(const char *dir, char *out, size_t len, char *err, size_t errlen);
+/* Delete all but the newest `keep` checkpoints (and stale temporary files) in dir. */
+int checkpoint_prune(const char *dir, int keep, char *err, size_t errlen);
 
 #endif

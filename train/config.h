@@ -16,6 +16,7 @@
 
 struct train_config {
 	int steps;
+	int stop_at;                /* stop (with a checkpoint) after this step, resumable (0: off) */
 	int seq_len;
 	int micro_batch;            /* sequences per rank per micro-step */
 	int grad_accum;
@@ -24,6 +25,7 @@ struct train_config {
 	char schedule[16];          /* cosine | wsd | constant */
 	double decay_frac;          /* wsd: fraction of steps spent decaying at the end */
 	double weight_decay;
+	bool decay_embeddings;      /* weight decay on the input embedding table too */
 	double beta1, beta2, eps;
 	double grad_clip;           /* 0: off */
 	double bias_update_speed;   /* aux-loss-free balancing (0: off) */

@@ -1,8 +1,9 @@
 /*
  * tests/train/test_checkpoint.c - HDF5 checkpoints: bit-exact round trips, header and config, expert
- * slices, and every bad file (missing, not HDF5, truncated, corrupted data, mismatched model) refused with
- * a message that says what is wrong and without touching the model.  No hdf5.h here: the data of a
- * tensor is found in the file by searching for its bytes.
+ * slices, and every bad file (missing, not HDF5, truncated, corrupted data, mismatched model) refused
+ * with a message that says what is wrong and without touching the model; training checkpoints (optimizer
+ * moments and train state) round trip bit-exactly and load all or nothing; the checkpoint directory's
+ * latest/prune.  No hdf5.h here: the data of a tensor is found in the file by searching for its bytes.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -13,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -121,21 +123,59 @@ static void spit(const char *path, const void *data, size_t n)
 	fclose(fp);
 }
 
-/* Load must fail with a message containing needle, leaving the model's weights as they were. */
-static void expect_load_refused(const char *path, struct moe_model *m, const char *needle)
+static float *dup_floats(const float *x, size_t n)
 {
-	float *before = malloc(m->n_weights * sizeof(float));
+	float *d = malloc((n ? n : 1) * sizeof(float));
 
-	CU_ASSERT_PTR_NOT_NULL_FATAL(before);
-	memcpy(before, m->weights, m->n_weights * sizeof(float));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(d);
+	memcpy(d, x, n * sizeof(float));
+	return d;
+}
+
+/*
+ * Load must fail with a message containing needle and the path, leaving the model's weights (and opt and
+ * st, when given) as they were.  Without opt and st this is checkpoint_load_model.
+ */
+static void expect_refused(const char *path, struct moe_model *m, struct adamw *opt,
+			   struct train_state *st, const char *needle)
+{
+	float *w = dup_floats(m->weights, m->n_weights), *ea = NULL, *eq = NULL;
+	struct train_state st_before;
+	int64_t step_before = opt ? opt->step : 0;
+	int r;
+
+	if (st)
+		st_before = *st;
+	if (opt) {
+		ea = dup_floats(opt->exp_avg, opt->n);
+		eq = dup_floats(opt->exp_avg_sq, opt->n);
+	}
 	err[0] = 0;
-	CU_ASSERT_EQUAL(checkpoint_load_model(path, m, err, sizeof(err)), -1);
+	if (opt || st)
+		r = checkpoint_load(path, m, opt, st, err, sizeof(err));
+	else
+		r = checkpoint_load_model(path, m, err, sizeof(err));
+	CU_ASSERT_EQUAL(r, -1);
 	if (!strstr(err, needle) || !strstr(err, path)) {
 		fprintf(stderr, "\n  message \"%s\" lacks \"%s\" or the path\n", err, needle);
 		CU_FAIL("message");
 	}
-	CU_ASSERT_EQUAL(memcmp(before, m->weights, m->n_weights * sizeof(float)), 0);
-	free(before);
+	CU_ASSERT_EQUAL(memcmp(w, m->weights, m->n_weights * sizeof(float)), 0);
+	if (opt) {
+		CU_ASSERT_EQUAL(memcmp(ea, opt->exp_avg, opt->n * sizeof(float)), 0);
+		CU_ASSERT_EQUAL(memcmp(eq, opt->exp_avg_sq, opt->n * sizeof(float)), 0);
+		CU_ASSERT_EQUAL(opt->step, step_before);
+	}
+	if (st)
+		CU_ASSERT_EQUAL(memcmp(&st_before, st, sizeof(*st)), 0);
+	free(w);
+	free(ea);
+	free(eq);
+}
+
+static void expect_load_refused(const char *path, struct moe_model *m, const char *needle)
+{
+	expect_refused(path, m, NULL, NULL, needle);
 }
 
 /* Count (and with unlink_them, delete) files in the scratch directory whose name starts with prefix. */
@@ -335,11 +375,11 @@ static void test_truncated(void)
 	model_free(b);
 }
 
-/* Offset in the file of the 64 bytes of p's data starting at element `at`, or -1. */
-static long find_data(const unsigned char *file, size_t n, const struct moe_model *m,
-		      const struct param *p, size_t at)
+/* Offset in the file of 64 bytes of p's data in arena (weights or moment) from element `at`, or -1. */
+static long find_data(const unsigned char *file, size_t n, const float *arena, const struct param *p,
+		      size_t at)
 {
-	const unsigned char *needle = (const unsigned char *)(m->weights + p->offset + at);
+	const unsigned char *needle = (const unsigned char *)(arena + p->offset + at);
 	const size_t len = 64;
 	long found = -1;
 
@@ -353,27 +393,37 @@ static long find_data(const unsigned char *file, size_t n, const struct moe_mode
 	return found;
 }
 
-/* Flip one byte of p's stored data (element `at` + byte k) in a copy of file and expect refusal. */
-static void flip_and_refuse(const unsigned char *file, size_t n, struct moe_model *a,
-			    const char *name, size_t at, int k, struct moe_model *victim)
+/* A copy of file, flip.h5, with one byte of p's stored data in arena (element `at` + byte k) flipped. */
+static const char *flip_copy(const unsigned char *file, size_t n, const float *arena,
+			     const struct param *p, size_t at, int k)
 {
 	const char *bad = tmp_path("flip.h5");
-	const struct param *p = model_find_param(a, name);
 	unsigned char *copy;
-	char needle[160];
 	long off;
 
-	CU_ASSERT_PTR_NOT_NULL_FATAL(p);
-	off = find_data(file, n, a, p, at);
+	off = find_data(file, n, arena, p, at);
 	CU_ASSERT_FATAL(off >= 0);
 	copy = malloc(n);
 	CU_ASSERT_PTR_NOT_NULL_FATAL(copy);
 	memcpy(copy, file, n);
 	copy[off + k] ^= 0x01;
 	spit(bad, copy, n);
+	free(copy);
+	return bad;
+}
+
+/* Flip one byte of p's stored data (element `at` + byte k) in a copy of file and expect refusal. */
+static void flip_and_refuse(const unsigned char *file, size_t n, struct moe_model *a,
+			    const char *name, size_t at, int k, struct moe_model *victim)
+{
+	const struct param *p = model_find_param(a, name);
+	const char *bad;
+	char needle[160];
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+	bad = flip_copy(file, n, a->weights, p, at, k);
 	snprintf(needle, sizeof(needle), "/model/%s failed (checksum mismatch or read error)", name);
 	expect_load_refused(bad, victim, needle);
-	free(copy);
 }
 
 static void test_corrupt_data(void)
@@ -536,6 +586,372 @@ static void test_killed_writer(void)
 	model_free(c);
 }
 
+/* ---- training checkpoints: optimizer state and train state ---- */
+
+/*
+ * Optimizer state for m filled with random moments (exp_avg_sq >= 0); a buffer's state is `buffer_fill`
+ * (0 in a real run: it is not trained).
+ */
+static void make_optim(struct adamw *o, const struct moe_model *m, uint64_t seed, float buffer_fill)
+{
+	o->n = m->n_weights;
+	o->exp_avg = malloc((o->n ? o->n : 1) * sizeof(float));
+	o->exp_avg_sq = malloc((o->n ? o->n : 1) * sizeof(float));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(o->exp_avg);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(o->exp_avg_sq);
+	test_rng_seed(seed);
+	test_fill_randn(o->exp_avg, o->n, 0.01f);
+	test_fill_randn(o->exp_avg_sq, o->n, 1e-4f);
+	for (size_t i = 0; i < o->n; i++)
+		o->exp_avg_sq[i] *= o->exp_avg_sq[i];
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+
+		if (p->kind != PARAM_BUFFER)
+			continue;
+		for (size_t j = 0; j < p->numel; j++)
+			o->exp_avg[p->offset + j] = o->exp_avg_sq[p->offset + j] = buffer_fill;
+	}
+	o->step = (int64_t)seed;
+}
+
+static void free_optim(struct adamw *o)
+{
+	free(o->exp_avg);
+	free(o->exp_avg_sq);
+}
+
+static int same_optim(const struct adamw *a, const struct adamw *b)
+{
+	return a->n == b->n && a->step == b->step &&
+	       memcmp(a->exp_avg, b->exp_avg, a->n * sizeof(float)) == 0 &&
+	       memcmp(a->exp_avg_sq, b->exp_avg_sq, a->n * sizeof(float)) == 0;
+}
+
+static struct train_state sample_state(int64_t step)
+{
+	struct train_state st = {
+		.step = step,
+		.tokens_seen = 5678901234LL + step,
+		.data_position = 0xFFFFFFFFFFFFFFF0ULL,	/* above INT64_MAX: stored unsigned */
+		.data_seed = 0x9E3779B97F4A7C15ULL,
+		.rng = { 1, 0xDEADBEEFCAFEBABEULL, UINT64_MAX, 42 },
+		.elapsed_s = 3723.000123456789,
+	};
+	return st;
+}
+
+static int save_train(const char *path, const struct moe_model *m, const struct adamw *opt,
+		      const struct run_config *rc, const struct train_state *st)
+{
+	int r = checkpoint_save(path, m, opt, rc, st, err, sizeof(err));
+
+	if (r)
+		fprintf(stderr, "\n  checkpoint_save: %s\n", err);
+	return r;
+}
+
+static void test_train_round_trip(void)
+{
+	const char *path = tmp_path("train.h5");
+	struct run_config rc;
+	struct moe_model *a, *b, *c;
+	struct adamw oa, ob;
+	struct train_state sa = sample_state(1234), sb, zero;
+	struct ckpt_meta meta;
+
+	small_config(&rc, 512, 32, 2);
+	a = make_model(&rc, 1);
+	b = make_model(&rc, 2);
+	c = make_model(&rc, 3);
+	make_optim(&oa, a, 11, 0.0f);
+	make_optim(&ob, b, 12, 1.0f);	/* buffers' state nonzero: the load zeroes it */
+	oa.step = 1234;
+	memset(&sb, 0x5a, sizeof(sb));
+	CU_ASSERT_EQUAL_FATAL(save_train(path, a, &oa, &rc, &sa), 0);
+	CU_ASSERT_EQUAL(count_files("train.h5.tmp"), 0);
+	if (checkpoint_load(path, b, &ob, &sb, err, sizeof(err)))
+		fprintf(stderr, "\n  checkpoint_load: %s\n", err);
+	CU_ASSERT_TRUE(same_weights(a, b));
+	CU_ASSERT_TRUE(same_optim(&oa, &ob));
+	CU_ASSERT_EQUAL(memcmp(&sa, &sb, sizeof(sa)), 0);
+	/* the root attributes mirror the state */
+	CU_ASSERT_EQUAL(checkpoint_read_header(path, NULL, &meta, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(meta.step, 1234);
+	CU_ASSERT_EQUAL(meta.tokens_seen, sa.tokens_seen);
+	/* the weights alone, through either entry point */
+	CU_ASSERT_EQUAL(checkpoint_load_model(path, c, err, sizeof(err)), 0);
+	CU_ASSERT_TRUE(same_weights(a, c));
+	model_init_weights(c, 3);
+	CU_ASSERT_EQUAL(checkpoint_load(path, c, NULL, NULL, err, sizeof(err)), 0);
+	CU_ASSERT_TRUE(same_weights(a, c));
+	/* state without the optimizer, and the optimizer without the state */
+	memset(&sb, 0, sizeof(sb));
+	CU_ASSERT_EQUAL(checkpoint_load(path, c, NULL, &sb, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(memcmp(&sa, &sb, sizeof(sa)), 0);
+	free_optim(&ob);
+	make_optim(&ob, b, 13, 0.0f);
+	CU_ASSERT_EQUAL(checkpoint_load(path, b, &ob, NULL, err, sizeof(err)), 0);
+	CU_ASSERT_TRUE(same_optim(&oa, &ob));
+	/* a file saved without optimizer and state: no /state to resume either */
+	memset(&zero, 0, sizeof(zero));
+	CU_ASSERT_EQUAL_FATAL(save_train(path, a, NULL, &rc, NULL), 0);
+	CU_ASSERT_EQUAL(checkpoint_read_header(path, NULL, &meta, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(meta.step, 0);
+	expect_refused(path, b, NULL, &sb, "missing group /state");
+	free_optim(&oa);
+	free_optim(&ob);
+	model_free(a);
+	model_free(b);
+	model_free(c);
+}
+
+/* A rank holding experts [2, 4) reads its slice of the moments too. */
+static void test_train_expert_slice(void)
+{
+	const char *path = tmp_path("train-slice.h5");
+	struct run_config rc;
+	struct moe_model *full, *part;
+	struct adamw of, op;
+	struct train_state st = sample_state(7), got;
+
+	small_config(&rc, 512, 32, 2);
+	full = make_model(&rc, 5);
+	part = make_model_slice(&rc, 6, 2, 4);
+	make_optim(&of, full, 21, 0.0f);
+	make_optim(&op, part, 22, 0.0f);
+	CU_ASSERT_EQUAL_FATAL(save_train(path, full, &of, &rc, &st), 0);
+	CU_ASSERT_EQUAL_FATAL(checkpoint_load(path, part, &op, &got, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(op.step, of.step);
+	for (int i = 0; i < part->n_params; i++) {
+		const struct param *p = &part->params[i], *q = model_find_param(full, p->name);
+		size_t from;
+
+		CU_ASSERT_PTR_NOT_NULL_FATAL(q);
+		from = q->offset + (p->expert_stacked ? 2 * (q->numel / (size_t)q->shape[0]) : 0);
+		CU_ASSERT_EQUAL(memcmp(op.exp_avg + p->offset, of.exp_avg + from,
+				       p->numel * sizeof(float)), 0);
+		CU_ASSERT_EQUAL(memcmp(op.exp_avg_sq + p->offset, of.exp_avg_sq + from,
+				       p->numel * sizeof(float)), 0);
+	}
+	free_optim(&of);
+	free_optim(&op);
+	model_free(full);
+	model_free(part);
+}
+
+static void test_weights_only_not_resumable(void)
+{
+	const char *path = tmp_path("weights-only.h5"), *nostate = tmp_path("no-optim.h5");
+	struct run_config rc;
+	struct moe_model *a, *b;
+	struct adamw oa, ob;
+	struct train_state sa = sample_state(3), sb = sample_state(99);
+	static const char msg[] = ": no optimizer state (/optim): a weights-only checkpoint cannot be "
+				  "resumed; use train.init_checkpoint";
+
+	small_config(&rc, 512, 32, 2);
+	a = make_model(&rc, 1);
+	b = make_model(&rc, 2);
+	make_optim(&oa, a, 31, 0.0f);
+	make_optim(&ob, b, 32, 0.0f);
+	CU_ASSERT_EQUAL_FATAL(save(path, a, &rc, 5), 0);
+	expect_refused(path, b, &ob, &sb, msg);
+	expect_refused(path, b, &ob, NULL, msg);
+	/* with st alone: the same file has no /state */
+	expect_refused(path, b, NULL, &sb, "missing group /state");
+	/* checkpoint_save without an optimizer: the same refusal, though /state is there */
+	CU_ASSERT_EQUAL_FATAL(save_train(nostate, a, NULL, &rc, &sa), 0);
+	expect_refused(nostate, b, &ob, &sb, msg);
+	CU_ASSERT_EQUAL(checkpoint_load(nostate, b, NULL, &sb, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(memcmp(&sa, &sb, sizeof(sa)), 0);
+	/* an optimizer of the wrong size is refused before the file is read */
+	ob.n--;
+	expect_refused(nostate, b, &ob, NULL, "internal error: the optimizer state holds");
+	ob.n++;
+	free_optim(&oa);
+	free_optim(&ob);
+	model_free(a);
+	model_free(b);
+}
+
+/* A /state attribute renamed in the file (its name's bytes patched): refused, naming it. */
+static void test_state_attr_missing(void)
+{
+	const char *path = tmp_path("state-src.h5"), *bad = tmp_path("state.h5");
+	static const char attr[] = "data_position";
+	struct run_config rc;
+	struct moe_model *a, *b;
+	struct adamw oa, ob;
+	struct train_state sa = sample_state(3), sb = sample_state(4);
+	unsigned char *bytes, *hit = NULL;
+	size_t n;
+
+	small_config(&rc, 512, 32, 2);
+	a = make_model(&rc, 1);
+	b = make_model(&rc, 2);
+	make_optim(&oa, a, 41, 0.0f);
+	make_optim(&ob, b, 42, 0.0f);
+	CU_ASSERT_EQUAL_FATAL(save_train(path, a, &oa, &rc, &sa), 0);
+	bytes = slurp(path, &n);
+	for (size_t i = 0; i + sizeof(attr) - 1 <= n; i++) {
+		if (!memcmp(bytes + i, attr, sizeof(attr) - 1)) {
+			CU_ASSERT_PTR_NULL(hit);	/* unique */
+			hit = bytes + i;
+		}
+	}
+	CU_ASSERT_PTR_NOT_NULL_FATAL(hit);
+	hit[6] = 'X';	/* data_pXsition */
+	spit(bad, bytes, n);
+	expect_refused(bad, b, &ob, &sb, "/state attribute 'data_position' is missing");
+	/* without st the state is not needed */
+	CU_ASSERT_EQUAL(checkpoint_load(bad, b, &ob, NULL, err, sizeof(err)), 0);
+	CU_ASSERT_TRUE(same_optim(&oa, &ob));
+	free(bytes);
+	free_optim(&oa);
+	free_optim(&ob);
+	model_free(a);
+	model_free(b);
+}
+
+static void test_corrupt_optim(void)
+{
+	char path[400], needle[200];
+	const char *lm = "lm_head.weight", *ex = "model.layers.1.mlp.experts.up_proj.weight", *bad;
+	struct run_config rc;
+	struct moe_model *a, *b;
+	struct adamw oa, ob;
+	struct train_state sa = sample_state(8), sb = sample_state(9);
+	const struct param *p;
+	unsigned char *bytes;
+	size_t n;
+
+	snprintf(path, sizeof(path), "%s", tmp_path("corrupt-optim.h5"));
+	small_config(&rc, 4096, 32, 2);
+	a = make_model(&rc, 1);
+	b = make_model(&rc, 2);
+	make_optim(&oa, a, 51, 0.0f);
+	make_optim(&ob, b, 52, 0.0f);
+	CU_ASSERT_EQUAL_FATAL(save_train(path, a, &oa, &rc, &sa), 0);
+	bytes = slurp(path, &n);
+
+	p = model_find_param(a, lm);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+	bad = flip_copy(bytes, n, oa.exp_avg, p, p->numel / 3, 5);
+	snprintf(needle, sizeof(needle), "/optim/%s/exp_avg failed (checksum mismatch or read error)",
+		 lm);
+	expect_refused(bad, b, &ob, &sb, needle);
+	/* the weights are intact, and a weights-only load does not read /optim */
+	CU_ASSERT_EQUAL(checkpoint_load_model(bad, b, err, sizeof(err)), 0);
+	CU_ASSERT_TRUE(same_weights(a, b));
+	model_init_weights(b, 2);
+
+	p = model_find_param(a, ex);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+	bad = flip_copy(bytes, n, oa.exp_avg_sq, p, p->numel * 3 / 4 + 1, 2);	/* expert 3 */
+	snprintf(needle, sizeof(needle),
+		 "/optim/%s/exp_avg_sq failed (checksum mismatch or read error)", ex);
+	expect_refused(bad, b, &ob, &sb, needle);
+
+	/* the untouched file still loads */
+	CU_ASSERT_EQUAL(checkpoint_load(path, b, &ob, &sb, err, sizeof(err)), 0);
+	CU_ASSERT_TRUE(same_weights(a, b));
+	CU_ASSERT_TRUE(same_optim(&oa, &ob));
+	CU_ASSERT_EQUAL(memcmp(&sa, &sb, sizeof(sa)), 0);
+	free(bytes);
+	free_optim(&oa);
+	free_optim(&ob);
+	model_free(a);
+	model_free(b);
+}
+
+/* ---- the checkpoint directory ---- */
+
+static int exists_in(const char *dir, const char *name)
+{
+	char path[600];
+
+	snprintf(path, sizeof(path), "%s/%s", dir, name);
+	return access(path, F_OK) == 0;
+}
+
+static void touch_in(const char *dir, const char *name)
+{
+	char path[600];
+
+	snprintf(path, sizeof(path), "%s/%s", dir, name);
+	spit(path, "x", 1);
+}
+
+static void test_latest_prune(void)
+{
+	char dir[400], path[600], want[600];
+	static const char *const others[] = {
+		"step_00000099.h5.old", "step_123.h5", "step_000000077.h5", "notes.txt",
+		"step_00000088.h5.tmp.", "step_00000050.h5.tmp.12x",
+	};
+	static const int64_t steps[] = { 20, 5, 10 };
+	struct run_config rc;
+	struct moe_model *a;
+	struct adamw oa;
+	struct ckpt_meta meta;
+
+	snprintf(dir, sizeof(dir), "%s", tmp_path("run-ckpts"));
+	checkpoint_path(path, sizeof(path), "some/dir", 42);
+	CU_ASSERT_STRING_EQUAL(path, "some/dir/step_00000042.h5");
+
+	/* none yet: a missing directory, then an empty one */
+	CU_ASSERT_EQUAL(checkpoint_latest(dir, path, sizeof(path), err, sizeof(err)), 1);
+	CU_ASSERT_EQUAL(checkpoint_prune(dir, 2, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL_FATAL(mkdir(dir, 0755), 0);
+	CU_ASSERT_EQUAL(checkpoint_latest(dir, path, sizeof(path), err, sizeof(err)), 1);
+
+	small_config(&rc, 512, 32, 2);
+	a = make_model(&rc, 1);
+	make_optim(&oa, a, 61, 0.0f);
+	for (size_t i = 0; i < sizeof(steps) / sizeof(steps[0]); i++) {
+		struct train_state st = sample_state(steps[i]);
+
+		checkpoint_path(path, sizeof(path), dir, steps[i]);
+		CU_ASSERT_EQUAL_FATAL(save_train(path, a, &oa, &rc, &st), 0);
+	}
+	touch_in(dir, "step_00000030.h5.tmp.123");	/* an interrupted write of step 30 */
+	for (size_t i = 0; i < sizeof(others) / sizeof(others[0]); i++)
+		touch_in(dir, others[i]);
+
+	snprintf(want, sizeof(want), "%s/step_00000020.h5", dir);
+	CU_ASSERT_EQUAL(checkpoint_latest(dir, path, sizeof(path), err, sizeof(err)), 0);
+	CU_ASSERT_STRING_EQUAL(path, want);
+	CU_ASSERT_EQUAL(checkpoint_read_header(path, NULL, &meta, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(meta.step, 20);
+	/* too small a buffer is an error, not a truncated path */
+	CU_ASSERT_EQUAL(checkpoint_latest(dir, path, 10, err, sizeof(err)), -1);
+
+	CU_ASSERT_EQUAL(checkpoint_prune(dir, 0, err, sizeof(err)), -1);
+	CU_ASSERT_TRUE(exists_in(dir, "step_00000005.h5"));
+	CU_ASSERT_EQUAL(checkpoint_prune(dir, 2, err, sizeof(err)), 0);
+	CU_ASSERT_FALSE(exists_in(dir, "step_00000005.h5"));
+	CU_ASSERT_TRUE(exists_in(dir, "step_00000010.h5"));
+	CU_ASSERT_TRUE(exists_in(dir, "step_00000020.h5"));
+	CU_ASSERT_FALSE(exists_in(dir, "step_00000030.h5.tmp.123"));
+	for (size_t i = 0; i < sizeof(others) / sizeof(others[0]); i++)
+		CU_ASSERT_TRUE(exists_in(dir, others[i]));
+	CU_ASSERT_EQUAL(checkpoint_latest(dir, path, sizeof(path), err, sizeof(err)), 0);
+	CU_ASSERT_STRING_EQUAL(path, want);
+	/* pruning again changes nothing */
+	CU_ASSERT_EQUAL(checkpoint_prune(dir, 2, err, sizeof(err)), 0);
+	CU_ASSERT_TRUE(exists_in(dir, "step_00000010.h5"));
+
+	/* only temporaries and other files left: none */
+	snprintf(path, sizeof(path), "%s/step_00000010.h5", dir);
+	unlink(path);
+	unlink(want);
+	touch_in(dir, "step_00000040.h5.tmp.77");
+	CU_ASSERT_EQUAL(checkpoint_latest(dir, path, sizeof(path), err, sizeof(err)), 1);
+	free_optim(&oa);
+	model_free(a);
+}
+
 void register_tests(void)
 {
 	static const struct test_case cases[] = {
@@ -553,6 +969,12 @@ void register_tests(void)
 		{ "missing and extra datasets refused", test_layer_mismatch },
 		{ "stray temporary leaves the checkpoint intact", test_stray_tmp },
 		{ "killed writer leaves a whole checkpoint", test_killed_writer },
+		{ "training checkpoint round trip is bit-exact", test_train_round_trip },
+		{ "moments read as an expert slice", test_train_expert_slice },
+		{ "weights-only file cannot be resumed", test_weights_only_not_resumable },
+		{ "missing /state attribute refused naming it", test_state_attr_missing },
+		{ "flipped optimizer bytes refused (checksum)", test_corrupt_optim },
+		{ "latest and prune in the checkpoint directory", test_latest_prune },
 		{ NULL, NULL },
 	};
 

@@ -1,0 +1,124 @@
+/*
+ * model/cuda/ops_cuda.h - the CUDA backend: a device context, device-memory helpers, and every op of
+ * model/ops.h with a _cuda suffix.
+ *
+ * Plain C (includable from C11 files; no CUDA types: a stream is handed out as an opaque pointer).
+ *
+ * The ops take the same arguments as their CPU counterparts in model/ops.h and follow the same conventions
+ * (row-major [N, dim] activations, [out, in] weights, backward functions ACCUMULATE into gradients except
+ * cross_entropy_backward_cuda, which writes; a NULL gradient pointer means "not needed"), with two
+ * differences:
+ *  - every array argument (float and int alike) is a DEVICE pointer; scalars and the router_params struct
+ *    are host values;
+ *  - they are asynchronous: they are queued on the backend's stream (moe_cuda_stream()) and return before
+ *    the device finishes.  The exception is balance_loss_forward_cuda, which returns a host float and so
+ *    waits (balance_loss_forward_cuda_async writes the loss to device memory instead).
+ * Results match the CPU ops up to float rounding; every reduction runs in a fixed order, so a run repeats
+ * bit for bit (no order-dependent float atomics).  Errors (a failed CUDA call or launch, an unsupported
+ * size) abort with a message naming the call, file and line.
+ *
+ * The CUDA code itself is built only when the CUDA backend is (MOE_HAVE_CUDA); this header can be included
+ * regardless.
+ */
+#ifndef MOE_OPS_CUDA_H
+#define MOE_OPS_CUDA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* struct router_params, enum moe_scoring.  Included inside the extern "C" block so that the CPU ops keep C
+ * linkage in C++ files too: a C++ file must include this header before (or instead of) model/ops.h. */
+#include "model/ops.h"
+
+/* ---- backend context ---- */
+
+/* Number of visible CUDA devices; 0 on ANY error (no driver, no device, ...).  Creates no context. */
+int moe_cuda_device_count(void);
+/* Select `device`, create the backend's stream and cuBLAS handle.  Call only once a device is known to
+ * exist (moe_cuda_device_count() > device).  Returns 0, or -1 with a message on stderr.  A second call
+ * while initialised returns 0 if it names the same device, -1 otherwise. */
+int moe_cuda_init(int device);
+/* Wait for the device, destroy the handle and stream.  Safe to call when not initialised. */
+void moe_cuda_shutdown(void);
+/* The device moe_cuda_init selected, -1 before. */
+int moe_cuda_current_device(void);
+/* The stream every op is queued on (a cudaStream_t). */
+void *moe_cuda_stream(void);
+/* Wait until every op queued so far has finished (aborts if one of them faulted). */
+void moe_cuda_synchronize(void);
+
+/* ---- device memory (for tests and setup; all synchronous with respect to the backend's stream) ---- */
+
+void *moe_cuda_malloc(size_t bytes);                                /* aborts on failure; NULL for 0 */
+void moe_cuda_free(void *dptr);                                     /* NULL is fine */
+void moe_cuda_memcpy_h2d(void *dst, const void *src, size_t bytes); /* host -> device */
+void moe_cuda_memcpy_d2h(void *dst, const void *src, size_t bytes); /* device -> host */
+void moe_cuda_memcpy_d2d(void *dst, const void *src, size_t bytes); /* device -> device */
+void moe_cuda_memset(void *dst, int byte, size_t bytes);            /* 0xFF fills floats with NaN */
+
+/* ---- ops (see model/ops.h for the semantics) ---- */
+
+/* cuBLAS, fp32 inputs and fp32 compute (no TF32). */
+void linear_forward_cuda(float *y, const float *x, const float *w, int N, int in, int out);
+void linear_backward_cuda(float *dx, float *dw, const float *dy, const float *x, const float *w,
+			  int N, int in, int out);
+
+void embedding_forward_cuda(float *out, const int *ids, const float *table, int N, int C);
+/* Deterministic: the tokens are sorted by id (stable), each row of dtable then adds its tokens in token
+ * order, like the CPU op. */
+void embedding_backward_cuda(float *dtable, const float *dout, const int *ids, int N, int C);
+
+void rmsnorm_forward_cuda(float *y, float *rstd, const float *x, const float *w, int N, int C, float eps);
+void rmsnorm_backward_cuda(float *dx, float *dw, const float *dy, const float *x, const float *w,
+			   const float *rstd, int N, int C);
+
+void rope_forward_cuda(float *x, const int *pos, int N, int nheads, int row_stride, int head_stride,
+		       int dr, float theta);
+void rope_backward_cuda(float *dx, const int *pos, int N, int nheads, int row_stride, int head_stride,
+			int dr, float theta);
+
+/* Causal attention, FlashAttention-2 style tiles: dq <= 192, dv <= 128 (DeepSeek: 192 / 128).
+ * attention_backward_cuda needs the forward's out and lse; dq/dk/dv may each be NULL. */
+#define MOE_CUDA_ATTN_MAX_DQ 192
+#define MOE_CUDA_ATTN_MAX_DV 128
+void attention_forward_cuda(float *out, float *lse, const float *q, const float *k, const float *v,
+			    int B, int T, int H, int dq, int dv, float scale);
+void attention_backward_cuda(float *dq, float *dk, float *dv, const float *dout, const float *out,
+			     const float *lse, const float *q, const float *k, const float *v,
+			     int B, int T, int H, int dq_dim, int dv_dim, float scale);
+
+void swiglu_forward_cuda(float *out, const float *gate, const float *up, size_t n);
+void swiglu_backward_cuda(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+			  size_t n);
+
+void cross_entropy_forward_cuda(float *losses, const float *logits, const int *targets, int N, int V);
+/* WRITES dlogits; dlogits may equal logits (in place). */
+void cross_entropy_backward_cuda(float *dlogits, const float *logits, const int *targets, float dloss,
+				 int N, int V);
+
+/* p is a HOST pointer; E <= 1024 experts, n_group <= E. */
+void router_forward_cuda(float *scores, int *topk_idx, float *topk_w, const float *logits, const float *bias,
+			 const struct router_params *p, int N);
+void router_backward_cuda(float *dlogits, const float *dtopk_w, const float *dscores, const float *scores,
+			  const int *topk_idx, const struct router_params *p, int N);
+
+/* Returns the loss on the host (waits for the device). */
+float balance_loss_forward_cuda(const float *scores, const int *topk_idx, int B, int T, int E, int K,
+				float alpha);
+/* Same, writing the loss to the device float *loss without waiting. */
+void balance_loss_forward_cuda_async(float *loss, const float *scores, const int *topk_idx, int B, int T,
+				     int E, int K, float alpha);
+void balance_loss_backward_cuda(float *dscores, const float *scores, const int *topk_idx, int B, int T,
+				int E, int K, float alpha, float dloss);
+
+void vec_add_cuda(float *dst, const float *src, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
