@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "data/shard.h"
+#include "launch/comm.h"
 #include "model/model.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
@@ -109,9 +110,19 @@ static int cmd_train(int argc, char **argv)
 	struct run_config rc;
 	load_config(&rc, &c);
 	char err[1024];
-	if (config_validate(&rc, 1, err, sizeof(err)))
-		die("%s", err);
-	return train_run(&rc, c.resume);
+	struct dist d;
+	if (comm_init(&argc, &argv))
+		die("cannot start MPI%s", "");
+	if (config_validate(&rc, comm_world_size(), err, sizeof(err)) ||
+	    dist_setup(&d, rc.parallel.ep, err, sizeof(err))) {
+		fprintf(stderr, "moe: %s\n", err);
+		comm_finalize();
+		return 1;
+	}
+	int code = train_run(&rc, c.resume, &d);
+	dist_free(&d);
+	comm_finalize();
+	return code;
 }
 
 static int cmd_init(int argc, char **argv)

@@ -6,6 +6,7 @@
 #define MOE_MODEL_LAYERS_H
 
 #include "model/model.h"
+#include "model/moe_dispatch.h"
 #include "model/ops.h"
 
 struct mla_acts {
@@ -27,11 +28,21 @@ struct moe_acts {
 	int *topk_idx;                /* [N, K] */
 	float *topk_w;                /* [N, K] */
 	int *offsets;                 /* [E_local + 1]: rows of each local expert in the sorted order */
-	int *row_token;               /* [N*K] token of each sorted row */
+	int *row_pair;                /* [N*K] (token, slot) pair n*K + k of each sorted row */
+	int *tasks, n_tasks;          /* [E_local + 1]: the parallel tasks, -1 the shared expert */
 	int *row_of;                  /* [N*K] sorted row of (token n, slot k), -1 if not local */
 	float *xe, *ye;               /* [N*K, C] expert inputs (gathered) and outputs */
 	struct mlp_acts e;            /* [N*K, I_moe] */
 	struct mlp_acts shared;       /* [N, S*I_moe] */
+	/*
+	 * Expert parallelism (m->ep_group set): xe and ye hold this rank's rows in send order; the rows
+	 * the local experts compute arrive from the whole ep group into the buffers below, R of them,
+	 * grown as needed (never per step once the loads settle).
+	 */
+	struct moe_dispatch disp;
+	size_t cap_R;
+	float *xr, *yr;               /* [R, C] */
+	struct mlp_acts er;           /* [R, I_moe] */
 };
 
 struct layer_acts {
@@ -44,9 +55,13 @@ struct layer_acts {
 /* Backward scratch, shared by all layers. */
 struct grad_scratch {
 	float *dres, *dln;
-	float *datt, *dq, *dk, *dv, *dkv, *dkpe, *dckv_n, *dckv, *dkva, *dqa_n, *dqa;
-	float *dg, *du, *da;
+	float *datt, *dq, *dk, *dv, *dkv, *dckv_n, *dkva, *dqa_n, *dqa;
+	float *dg, *du;               /* [max(N I, N K I_moe)] */
+	float *dg_shared, *du_shared; /* [N S I_moe] */
 	float *dye, *dxe, *dlogits, *dscores, *dtopk_w;
+	/* expert parallelism: the experts' side, [R, C] and [R, I_moe], grown as needed */
+	size_t cap_R;
+	float *dyr, *dxr, *dgr, *dur;
 };
 
 struct model_acts {
@@ -66,6 +81,10 @@ struct model_acts {
 
 void model_acts_free(struct moe_model *m);
 
+/*
+ * The layer backwards (mla_backward, mlp_backward, moe_backward) WRITE dx: they do not accumulate into it.
+ * Weight gradients accumulate.
+ */
 void mla_forward(const struct model_config *c, const struct layer_weights *w, struct mla_acts *a,
 		 float *out, const float *x, const int *pos, int B, int T);
 void mla_backward(const struct model_config *c, const struct layer_weights *w,
@@ -74,15 +93,39 @@ void mla_backward(const struct model_config *c, const struct layer_weights *w,
 
 void mlp_forward(struct mlp_acts *a, float *y, const float *x, const float *wg, const float *wu,
 		 const float *wd, int rows, int C, int I);
-void mlp_backward(float *dx, float *dwg, float *dwu, float *dwd, float *dg, float *du, float *da,
+void mlp_backward(float *dx, float *dwg, float *dwu, float *dwd, float *dg, float *du,
 		  const float *dy, const float *x, const struct mlp_acts *a, const float *wg,
 		  const float *wu, const float *wd, int rows, int C, int I);
 
 /* Returns the layer's balance loss (0 when aux_loss_alpha is 0); fills load[E] with tokens per expert. */
 float moe_forward(const struct moe_model *m, const struct layer_weights *w, struct moe_acts *a,
 		  float *out, const float *x, int B, int T, int64_t *load);
+/* the expert-parallel buffers of moe_acts (the rest is freed with the activations) */
+void moe_acts_free_ep(struct moe_acts *a);
 void moe_backward(const struct moe_model *m, const struct layer_weights *w,
-		  const struct layer_weights *g, const struct moe_acts *a, struct grad_scratch *s,
+		  const struct layer_weights *g, struct moe_acts *a, struct grad_scratch *s,
 		  float *dx, const float *dout, const float *x, int B, int T, float loss_scale);
+
+/*
+ * CPU-internal variants of ops.h (in ops_cpu.c) for the layers.
+ *
+ * linear_fwd / linear_bwd are linear_forward / linear_backward with flags: LIN_SET_DX writes dx instead of
+ * accumulating into it (dw always accumulates); LIN_SERIAL issues each product as one single-threaded
+ * call, for the tasks of the layers' own parallel regions (the same call whatever the thread count).
+ */
+enum { LIN_SET_DX = 1, LIN_SERIAL = 2 };
+void linear_fwd(float *y, const float *x, const float *w, int N, int in, int out, int flags);
+void linear_bwd(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out,
+		int flags);
+/* The _set variants WRITE their outputs instead of accumulating, so the layers skip zeroing passes. */
+/* dx rows have stride ldx; dw still accumulates */
+void rmsnorm_backward_set(float *dx, int ldx, float *dw, const float *dy, const float *x, const float *w,
+			  const float *rstd, int N, int C);
+void attention_backward_set(float *grad_q, float *grad_k, float *grad_v, const float *dout,
+			    const float *out, const float *lse, const float *q, const float *k,
+			    const float *v, int B, int T, int H, int dq_dim, int dv_dim, float scale);
+/* dgate may be dout (in place) */
+void swiglu_backward_set(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+			 size_t n);
 
 #endif

@@ -75,14 +75,15 @@ void mla_forward(const struct model_config *c, const struct layer_weights *w, st
 	linear_forward(out, a->att, w->o_proj, N, d.H * d.dv, d.C);
 }
 
-/* the transpose of assemble_kv: dkv from dk (nope part) and dv; dk_pe summed over the heads */
-static void disassemble_dkv(const struct mla_dims *d, float *dkv, float *dkpe, const float *dk,
+/* the transpose of assemble_kv: dkv from dk (nope part) and dv; dk_pe, summed over the heads, written to
+ * dkpe (row stride ldpe) */
+static void disassemble_dkv(const struct mla_dims *d, float *dkv, float *dkpe, int ldpe, const float *dk,
 			    const float *dv)
 {
 	int dkvw = d->dn + d->dv;
 #pragma omp parallel for schedule(static)
 	for (int n = 0; n < d->N; n++) {
-		float *dpe = dkpe + (size_t)n * d->dr;
+		float *dpe = dkpe + (size_t)n * ldpe;
 		memset(dpe, 0, sizeof(float) * d->dr);
 		for (int h = 0; h < d->H; h++) {
 			const float *dkh = dk + ((size_t)n * d->H + h) * d->dq;
@@ -95,6 +96,7 @@ static void disassemble_dkv(const struct mla_dims *d, float *dkv, float *dkpe, c
 	}
 }
 
+/* writes dx */
 void mla_backward(const struct model_config *c, const struct layer_weights *w,
 		  const struct layer_weights *g, const struct mla_acts *a, struct grad_scratch *s,
 		  float *dx, const float *dout, const float *x, const int *pos, int B, int T)
@@ -103,38 +105,25 @@ void mla_backward(const struct model_config *c, const struct layer_weights *w,
 	float theta = (float)c->rope_theta;
 	int N = d.N, Dkva = d.Rkv + d.dr;
 
-	memset(s->datt, 0, sizeof(float) * N * d.H * d.dv);
-	linear_backward(s->datt, g->o_proj, dout, a->att, w->o_proj, N, d.H * d.dv, d.C);
+	linear_bwd(s->datt, g->o_proj, dout, a->att, w->o_proj, N, d.H * d.dv, d.C, LIN_SET_DX);
+	attention_backward_set(s->dq, s->dk, s->dv, s->datt, a->att, a->lse, a->q, a->k, a->v, B, T, d.H,
+			       d.dq, d.dv, mla_scale(c));
 
-	memset(s->dq, 0, sizeof(float) * N * d.H * d.dq);
-	memset(s->dk, 0, sizeof(float) * N * d.H * d.dq);
-	memset(s->dv, 0, sizeof(float) * N * d.H * d.dv);
-	attention_backward(s->dq, s->dk, s->dv, s->datt, a->att, a->lse, a->q, a->k, a->v, B, T, d.H,
-			   d.dq, d.dv, mla_scale(c));
-
-	/* kv path: kv_b, its norm, then kv_a (whose output gradient is [dc_kv | dk_pe]) */
-	disassemble_dkv(&d, s->dkv, s->dkpe, s->dk, s->dv);
-	rope_backward(s->dkpe, pos, N, 1, d.dr, 0, d.dr, theta);
-	memset(s->dckv_n, 0, sizeof(float) * N * d.Rkv);
-	linear_backward(s->dckv_n, g->kv_b_proj, s->dkv, a->ckv_n, w->kv_b_proj, N, d.Rkv,
-			d.H * (d.dn + d.dv));
-	memset(s->dckv, 0, sizeof(float) * N * d.Rkv);
-	rmsnorm_backward(s->dckv, g->kv_a_layernorm, s->dckv_n, a->ckv, w->kv_a_layernorm, a->ckv_rstd,
-			 N, d.Rkv);
-	for (int n = 0; n < N; n++) {
-		memcpy(s->dkva + (size_t)n * Dkva, s->dckv + (size_t)n * d.Rkv, sizeof(float) * d.Rkv);
-		memcpy(s->dkva + (size_t)n * Dkva + d.Rkv, s->dkpe + (size_t)n * d.dr, sizeof(float) * d.dr);
-	}
-	linear_backward(dx, g->kv_a_proj_with_mqa, s->dkva, x, w->kv_a_proj_with_mqa, N, d.C, Dkva);
+	/* kv path: kv_b, its norm, then kv_a (whose output gradient is [dc_kv | dk_pe] = dkva) */
+	disassemble_dkv(&d, s->dkv, s->dkva + d.Rkv, Dkva, s->dk, s->dv);
+	rope_backward(s->dkva + d.Rkv, pos, N, 1, Dkva, 0, d.dr, theta);
+	linear_bwd(s->dckv_n, g->kv_b_proj, s->dkv, a->ckv_n, w->kv_b_proj, N, d.Rkv, d.H * (d.dn + d.dv),
+		   LIN_SET_DX);
+	rmsnorm_backward_set(s->dkva, Dkva, g->kv_a_layernorm, s->dckv_n, a->ckv, w->kv_a_layernorm,
+			     a->ckv_rstd, N, d.Rkv);
+	linear_bwd(dx, g->kv_a_proj_with_mqa, s->dkva, x, w->kv_a_proj_with_mqa, N, d.C, Dkva, LIN_SET_DX);
 
 	/* q path */
 	rope_backward(s->dq + d.dn, pos, N, d.H, d.H * d.dq, d.dq, d.dr, theta);
 	if (d.Rq > 0) {
-		memset(s->dqa_n, 0, sizeof(float) * N * d.Rq);
-		linear_backward(s->dqa_n, g->q_b_proj, s->dq, a->qa_n, w->q_b_proj, N, d.Rq, d.H * d.dq);
-		memset(s->dqa, 0, sizeof(float) * N * d.Rq);
-		rmsnorm_backward(s->dqa, g->q_a_layernorm, s->dqa_n, a->qa, w->q_a_layernorm, a->qa_rstd,
-				 N, d.Rq);
+		linear_bwd(s->dqa_n, g->q_b_proj, s->dq, a->qa_n, w->q_b_proj, N, d.Rq, d.H * d.dq, LIN_SET_DX);
+		rmsnorm_backward_set(s->dqa, d.Rq, g->q_a_layernorm, s->dqa_n, a->qa, w->q_a_layernorm,
+				     a->qa_rstd, N, d.Rq);
 		linear_backward(dx, g->q_a_proj, s->dqa, x, w->q_a_proj, N, d.C, d.Rq);
 	} else {
 		linear_backward(dx, g->q_proj, s->dq, x, w->q_proj, N, d.C, d.H * d.dq);

@@ -250,7 +250,11 @@ const struct param *model_find_param(const struct moe_model *m, const char *name
 
 void model_zero_grad(struct moe_model *m)
 {
-	memset(m->grads, 0, sizeof(float) * m->n_weights);
+	const size_t chunk = (size_t)1 << 18;  /* 1 MiB of floats per task */
+	size_t n = m->n_weights, nchunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) if (nchunks > 1)
+	for (size_t i = 0; i < nchunks; i++)
+		memset(m->grads + i * chunk, 0, sizeof(float) * (i * chunk + chunk < n ? chunk : n - i * chunk));
 }
 
 /* ---------------------------------------------------------------- counting */
@@ -374,6 +378,12 @@ void model_acts_free(struct moe_model *m)
 		return;
 	for (int i = 0; i < a->n_allocs; i++)
 		free(a->allocs[i]);
+	for (int l = 0; a->layers && l < m->cfg.num_hidden_layers; l++)
+		moe_acts_free_ep(&a->layers[l].moe);
+	free(a->gs.dyr);
+	free(a->gs.dxr);
+	free(a->gs.dgr);
+	free(a->gs.dur);
 	free(a->layers);
 	free(a);
 	m->acts = NULL;
@@ -421,7 +431,8 @@ static void alloc_layer_acts(const struct moe_model *m, struct model_acts *a, st
 	mo->topk_idx = IALLOC(N * K);
 	mo->topk_w = FALLOC(N * K);
 	mo->offsets = IALLOC(m->expert_end - m->expert_begin + 1);
-	mo->row_token = IALLOC(N * K);
+	mo->tasks = IALLOC(m->expert_end - m->expert_begin + 1);
+	mo->row_pair = IALLOC(N * K);
 	mo->row_of = IALLOC(N * K);
 	mo->xe = FALLOC(N * K * C);
 	mo->ye = FALLOC(N * K * C);
@@ -435,12 +446,6 @@ static void alloc_layer_acts(const struct moe_model *m, struct model_acts *a, st
 	}
 }
 
-static size_t max3(size_t a, size_t b, size_t c)
-{
-	size_t m = a > b ? a : b;
-	return m > c ? m : c;
-}
-
 static void alloc_grad_scratch(const struct model_config *c, struct model_acts *a, size_t N)
 {
 	struct grad_scratch *s = &a->gs;
@@ -448,7 +453,7 @@ static void alloc_grad_scratch(const struct model_config *c, struct model_acts *
 	size_t dv = c->v_head_dim, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
 	size_t Rq = c->q_lora_rank, Rkv = c->kv_lora_rank, E = c->n_routed_experts;
 	size_t K = c->num_experts_per_tok, Im = c->moe_intermediate_size;
-	size_t mlp = max3(N * c->intermediate_size, N * c->n_shared_experts * Im, N * K * Im);
+	size_t mlp = N * c->intermediate_size > N * K * Im ? N * c->intermediate_size : N * K * Im;
 
 	s->dres = FALLOC(N * C);
 	s->dln = FALLOC(N * C);
@@ -457,15 +462,14 @@ static void alloc_grad_scratch(const struct model_config *c, struct model_acts *
 	s->dk = FALLOC(N * H * dq);
 	s->dv = FALLOC(N * H * dv);
 	s->dkv = FALLOC(N * H * (dn + dv));
-	s->dkpe = FALLOC(N * dr);
 	s->dckv_n = FALLOC(N * Rkv);
-	s->dckv = FALLOC(N * Rkv);
 	s->dkva = FALLOC(N * (Rkv + dr));
 	s->dqa_n = FALLOC(N * Rq);
 	s->dqa = FALLOC(N * Rq);
 	s->dg = FALLOC(mlp);
 	s->du = FALLOC(mlp);
-	s->da = FALLOC(mlp);
+	s->dg_shared = FALLOC(N * c->n_shared_experts * Im);
+	s->du_shared = FALLOC(N * c->n_shared_experts * Im);
 	s->dye = FALLOC(N * K * C);
 	s->dxe = FALLOC(N * K * C);
 	s->dlogits = FALLOC(N * E);
@@ -587,29 +591,26 @@ void model_backward(struct moe_model *m, float loss_scale)
 	int count = model_count_targets(m);
 	float dloss = count ? loss_scale / count : 0.0f;
 	cross_entropy_backward(a->logits, a->logits, a->targets, dloss, N, V);
-	memset(s->dln, 0, sizeof(float) * N * C);
-	linear_backward(s->dln, m->g.lm_head, a->logits, a->lnf, m->w.lm_head, N, C, V);
-	memset(s->dres, 0, sizeof(float) * N * C);
-	rmsnorm_backward(s->dres, m->g.norm, s->dln, a->resid + (size_t)L * N * C, m->w.norm, a->lnf_rstd,
-			 N, C);
+	linear_bwd(s->dln, m->g.lm_head, a->logits, a->lnf, m->w.lm_head, N, C, V, LIN_SET_DX);
+	rmsnorm_backward_set(s->dres, C, m->g.norm, s->dln, a->resid + (size_t)L * N * C, m->w.norm,
+			     a->lnf_rstd, N, C);
 
 	/* s->dres holds d(residual) entering the current point, walking the layers backward */
 	for (int l = L - 1; l >= 0; l--) {
 		const struct layer_weights *w = &m->w.layers[l], *g = &m->g.layers[l];
-		const struct layer_acts *la = &a->layers[l];
+		struct layer_acts *la = &a->layers[l];
 		const float *x = a->resid + (size_t)l * N * C, *mid = a->h_mid + (size_t)l * N * C;
 
-		memset(s->dln, 0, sizeof(float) * N * C);
+		/* the layer backwards write s->dln; the norms' backwards add into s->dres */
 		if (mc_layer_is_moe(c, l))
 			moe_backward(m, w, g, &la->moe, s, s->dln, s->dres, la->ln2, B, T, loss_scale);
 		else
 			mlp_backward(s->dln, g->mlp_gate_proj, g->mlp_up_proj, g->mlp_down_proj, s->dg, s->du,
-				     s->da, s->dres, la->ln2, &la->mlp, w->mlp_gate_proj, w->mlp_up_proj,
+				     s->dres, la->ln2, &la->mlp, w->mlp_gate_proj, w->mlp_up_proj,
 				     w->mlp_down_proj, N, C, c->intermediate_size);
 		rmsnorm_backward(s->dres, g->post_attention_layernorm, s->dln, mid, w->post_attention_layernorm,
 				 la->ln2_rstd, N, C);
 
-		memset(s->dln, 0, sizeof(float) * N * C);
 		mla_backward(c, w, g, &la->mla, s, s->dln, s->dres, la->ln1, a->pos, B, T);
 		rmsnorm_backward(s->dres, g->input_layernorm, s->dln, x, w->input_layernorm, la->ln1_rstd, N, C);
 	}

@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "launch/comm.h"
 #include "model/config.h"
 
 #define MOE_MAX_NAME 96
@@ -69,6 +70,7 @@ struct model_acts;                 /* activation buffers, private to model.c */
 struct moe_model {
 	struct model_config cfg;
 	int expert_begin, expert_end;  /* routed experts held by this rank: [begin, end) */
+	struct comm_group *ep_group;   /* expert-parallel group exchanging tokens (NULL: all experts local) */
 	int n_params;
 	struct param *params;
 	size_t n_weights;              /* floats in each arena */

@@ -2,34 +2,48 @@
  * model/moe.c - SwiGLU MLP and the DeepSeekMoE layer (DeepSeek-V3 section 2.1.2), forward and backward.
  *
  * Tokens are grouped by expert (a stable counting sort of the (token, slot) pairs), so each expert runs
- * as three BLAS products over its rows; experts run in parallel, each product single-threaded.
+ * as three BLAS products over its rows.  The experts, and the shared expert (one more task over all the
+ * tokens), run as the tasks of one parallel region, each task single-threaded and writing only its own
+ * rows and its own weight gradients: the results do not depend on the thread count.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "model/layers.h"
 
+/* flags: LIN_SERIAL inside the tasks of the MoE regions */
+static void mlp_fwd(struct mlp_acts *a, float *y, const float *x, const float *wg, const float *wu,
+		    const float *wd, int rows, int C, int I, int flags)
+{
+	linear_fwd(a->g, x, wg, rows, C, I, flags);
+	linear_fwd(a->u, x, wu, rows, C, I, flags);
+	swiglu_forward(a->a, a->g, a->u, (size_t)rows * I);
+	linear_fwd(y, a->a, wd, rows, I, C, flags);
+}
+
 void mlp_forward(struct mlp_acts *a, float *y, const float *x, const float *wg, const float *wu,
 		 const float *wd, int rows, int C, int I)
 {
-	linear_forward(a->g, x, wg, rows, C, I);
-	linear_forward(a->u, x, wu, rows, C, I);
-	swiglu_forward(a->a, a->g, a->u, (size_t)rows * I);
-	linear_forward(y, a->a, wd, rows, I, C);
+	mlp_fwd(a, y, x, wg, wu, wd, rows, C, I, 0);
 }
 
-void mlp_backward(float *dx, float *dwg, float *dwu, float *dwd, float *dg, float *du, float *da,
+/* dx is written (LIN_SET_DX in flags) or accumulated into; dg, du: [rows, I] scratch */
+static void mlp_bwd(float *dx, float *dwg, float *dwu, float *dwd, float *dg, float *du, const float *dy,
+		    const float *x, const struct mlp_acts *a, const float *wg, const float *wu, const float *wd,
+		    int rows, int C, int I, int flags)
+{
+	/* d(silu(g) u) = dy Wd, into dg; then dg, du in place */
+	linear_bwd(dg, dwd, dy, a->a, wd, rows, I, C, (flags & LIN_SERIAL) | LIN_SET_DX);
+	swiglu_backward_set(dg, du, dg, a->g, a->u, (size_t)rows * I);
+	linear_bwd(dx, dwg, dg, x, wg, rows, C, I, flags);
+	linear_bwd(dx, dwu, du, x, wu, rows, C, I, flags & LIN_SERIAL);
+}
+
+void mlp_backward(float *dx, float *dwg, float *dwu, float *dwd, float *dg, float *du,
 		  const float *dy, const float *x, const struct mlp_acts *a, const float *wg,
 		  const float *wu, const float *wd, int rows, int C, int I)
 {
-	size_t n = (size_t)rows * I;
-	memset(da, 0, sizeof(float) * n);
-	linear_backward(da, dwd, dy, a->a, wd, rows, I, C);
-	memset(dg, 0, sizeof(float) * n);
-	memset(du, 0, sizeof(float) * n);
-	swiglu_backward(dg, du, da, a->g, a->u, n);
-	linear_backward(dx, dwg, dg, x, wg, rows, C, I);
-	linear_backward(dx, dwu, du, x, wu, rows, C, I);
+	mlp_bwd(dx, dwg, dwu, dwd, dg, du, dy, x, a, wg, wu, wd, rows, C, I, LIN_SET_DX);
 }
 
 static struct router_params router_params(const struct model_config *c)
@@ -43,7 +57,35 @@ static struct router_params router_params(const struct model_config *c)
 	return p;
 }
 
-/* Stable counting sort of the (token, slot) pairs routed to local experts: offsets, row_token, row_of. */
+/* The task order of the parallel regions from a->offsets: the shared expert (task -1, all N rows) and
+ * the local experts, largest first (the order only balances the threads). */
+static void build_tasks(struct moe_acts *a, int El, int shared)
+{
+	int nt = 0;
+	if (shared)
+		a->tasks[nt++] = -1;
+	for (int e = 0; e < El; e++) {
+		int n = a->offsets[e + 1] - a->offsets[e], j = nt++;
+		if (n == 0) {
+			nt--;
+			continue;
+		}
+		/* insertion sort by rows, descending; ties by expert index */
+		while (j > 0 && a->tasks[j - 1] >= 0 &&
+		       a->offsets[a->tasks[j - 1] + 1] - a->offsets[a->tasks[j - 1]] < n) {
+			a->tasks[j] = a->tasks[j - 1];
+			j--;
+		}
+		a->tasks[j] = e;
+	}
+	a->n_tasks = nt;
+}
+
+/*
+ * Stable counting sort of the (token, slot) pairs routed to local experts: offsets, row_pair (the pair
+ * n*K + k of each sorted row), row_of.  Then the task order of the parallel regions: the shared expert
+ * (task -1, all N rows) and the local experts, largest first (the order only balances the threads).
+ */
 static void group_by_expert(const struct moe_model *m, struct moe_acts *a, int N, int64_t *load)
 {
 	int E = m->cfg.n_routed_experts, K = m->cfg.num_experts_per_tok;
@@ -55,8 +97,8 @@ static void group_by_expert(const struct moe_model *m, struct moe_acts *a, int N
 	a->offsets[0] = 0;
 	for (int e = 0; e < El; e++)
 		a->offsets[e + 1] = a->offsets[e] + (int)load[e0 + e];
-	int *fill = malloc(sizeof(int) * (El + 1));
-	memcpy(fill, a->offsets, sizeof(int) * (El + 1));
+	int *fill = a->tasks;  /* scratch until the task order is built below */
+	memcpy(fill, a->offsets, sizeof(int) * El);
 	for (int i = 0; i < N * K; i++) {
 		int e = a->topk_idx[i] - e0;
 		if (e < 0 || e >= El) {
@@ -65,10 +107,180 @@ static void group_by_expert(const struct moe_model *m, struct moe_acts *a, int N
 		}
 		int r = fill[e]++;
 		a->row_of[i] = r;
-		a->row_token[r] = i / K;
+		a->row_pair[r] = i;
 	}
-	free(fill);
+	build_tasks(a, El, m->cfg.n_shared_experts > 0);
 }
+
+/* ---------------------------------------------------------------- expert parallelism */
+
+static void moe_fail(const char *what)
+{
+	comm_abort(1, what);
+}
+
+/* grow-only buffers; on failure the job ends (an out-of-memory rank must not hang its peers) */
+static float *grow(float *p, size_t floats)
+{
+	float *q = realloc(p, sizeof(float) * (floats + 1));
+	if (!q)
+		moe_fail("out of memory for the expert-parallel buffers");
+	return q;
+}
+
+static void ensure_ep_acts(struct moe_acts *a, size_t R, int C, int Im)
+{
+	if (R <= a->cap_R && a->xr)
+		return;
+	R += R / 4 + 16;  /* headroom: the loads drift from step to step */
+	a->xr = grow(a->xr, R * C);
+	a->yr = grow(a->yr, R * C);
+	a->er.g = grow(a->er.g, R * Im);
+	a->er.u = grow(a->er.u, R * Im);
+	a->er.a = grow(a->er.a, R * Im);
+	a->cap_R = R;
+}
+
+static void ensure_ep_scratch(struct grad_scratch *s, size_t R, int C, int Im)
+{
+	if (R <= s->cap_R && s->dyr)
+		return;
+	R += R / 4 + 16;
+	s->dyr = grow(s->dyr, R * C);
+	s->dxr = grow(s->dxr, R * C);
+	s->dgr = grow(s->dgr, R * Im);
+	s->dur = grow(s->dur, R * Im);
+	s->cap_R = R;
+}
+
+void moe_acts_free_ep(struct moe_acts *a)
+{
+	dispatch_free(&a->disp);
+	free(a->xr);
+	free(a->yr);
+	free(a->er.g);
+	free(a->er.u);
+	free(a->er.a);
+	a->xr = a->yr = a->er.g = a->er.u = a->er.a = NULL;
+	a->cap_R = 0;
+}
+
+/*
+ * The MoE layer under expert parallelism: this rank's (token, slot) rows go, in send order, to the ranks
+ * holding their experts by all-to-all; the local experts compute the rows of the whole ep group; the
+ * outputs come back the same way and are combined here.  Every rank of the group calls this together.
+ */
+static void moe_forward_ep(const struct moe_model *m, const struct layer_weights *w, struct moe_acts *a,
+			   float *out, const float *x, int N, int64_t *load)
+{
+	const struct model_config *c = &m->cfg;
+	int C = c->hidden_size, K = c->num_experts_per_tok, Im = c->moe_intermediate_size;
+	int Is = c->n_shared_experts * Im, El = m->expert_end - m->expert_begin;
+	struct moe_dispatch *d = &a->disp;
+
+	if ((d->N != N || !d->send_row) &&
+	    dispatch_init(d, m->ep_group, N, K, c->n_routed_experts, m->expert_begin, m->expert_end))
+		moe_fail("out of memory for the expert dispatch");
+	if (dispatch_plan(d, a->topk_idx))
+		moe_fail("expert dispatch: exchanging the counts failed");
+	memcpy(load, d->load, sizeof(int64_t) * c->n_routed_experts);
+#pragma omp parallel for schedule(static)
+	for (int i = 0; i < N * K; i++)
+		memcpy(a->xe + (size_t)d->send_row[i] * C, x + (size_t)(i / K) * C, sizeof(float) * C);
+	ensure_ep_acts(a, d->R, C, Im);
+	if (dispatch_to_experts(d, a->xe, a->xr, C))
+		moe_fail("expert dispatch: the all-to-all failed");
+	memcpy(a->offsets, d->offsets, sizeof(int) * (El + 1));
+	build_tasks(a, El, c->n_shared_experts > 0);
+#pragma omp parallel for schedule(dynamic, 1)
+	for (int t = 0; t < a->n_tasks; t++) {
+		int e = a->tasks[t];
+		if (e < 0) {
+			mlp_fwd(&a->shared, out, x, w->shared_gate_proj, w->shared_up_proj,
+				w->shared_down_proj, N, C, Is, LIN_SERIAL);
+			continue;
+		}
+		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
+		size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
+		struct mlp_acts ea = { a->er.g + ro, a->er.u + ro, a->er.a + ro };
+		mlp_fwd(&ea, a->yr + (size_t)r0 * C, a->xr + (size_t)r0 * C, w->experts_gate_proj + wo,
+			w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im, LIN_SERIAL);
+	}
+	if (dispatch_from_experts(d, a->yr, a->ye, C))
+		moe_fail("expert combine: the all-to-all failed");
+	int shared = c->n_shared_experts > 0;
+#pragma omp parallel for schedule(static)
+	for (int n = 0; n < N; n++) {
+		float *o = out + (size_t)n * C;
+		if (!shared)
+			memset(o, 0, sizeof(float) * C);
+		for (int k = 0; k < K; k++) {
+			const float *y = a->ye + (size_t)d->send_row[n * K + k] * C;
+			float wk = a->topk_w[n * K + k];
+			for (int i = 0; i < C; i++)
+				o[i] += wk * y[i];
+		}
+	}
+}
+
+static void moe_backward_ep(const struct moe_model *m, const struct layer_weights *w,
+			    const struct layer_weights *g, struct moe_acts *a, struct grad_scratch *s,
+			    float *dx, const float *dout, const float *x, int N)
+{
+	const struct model_config *c = &m->cfg;
+	int C = c->hidden_size, K = c->num_experts_per_tok, Im = c->moe_intermediate_size;
+	int Is = c->n_shared_experts * Im;
+	struct moe_dispatch *d = &a->disp;
+
+	/* the combine: d topk_w = <dout, expert output>, d expert output = w_k dout, in send order */
+#pragma omp parallel for schedule(static)
+	for (int i = 0; i < N * K; i++) {
+		int r = d->send_row[i];
+		const float *dn = dout + (size_t)(i / K) * C, *y = a->ye + (size_t)r * C;
+		float *dy = s->dye + (size_t)r * C, wk = a->topk_w[i], dot = 0.0f;
+		for (int j = 0; j < C; j++) {
+			dot += dn[j] * y[j];
+			dy[j] = wk * dn[j];
+		}
+		s->dtopk_w[i] = dot;
+	}
+	ensure_ep_scratch(s, d->R, C, Im);
+	if (dispatch_to_experts(d, s->dye, s->dyr, C))
+		moe_fail("expert backward: the all-to-all failed");
+#pragma omp parallel for schedule(dynamic, 1)
+	for (int t = 0; t < a->n_tasks; t++) {
+		int e = a->tasks[t];
+		if (e < 0) {  /* the shared expert writes dx */
+			mlp_bwd(dx, g->shared_gate_proj, g->shared_up_proj, g->shared_down_proj, s->dg_shared,
+				s->du_shared, dout, x, &a->shared, w->shared_gate_proj, w->shared_up_proj,
+				w->shared_down_proj, N, C, Is, LIN_SERIAL | LIN_SET_DX);
+			continue;
+		}
+		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
+		size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
+		struct mlp_acts ea = { a->er.g + ro, a->er.u + ro, a->er.a + ro };
+		mlp_bwd(s->dxr + (size_t)r0 * C, g->experts_gate_proj + wo, g->experts_up_proj + wo,
+			g->experts_down_proj + wo, s->dgr + ro, s->dur + ro, s->dyr + (size_t)r0 * C,
+			a->xr + (size_t)r0 * C, &ea, w->experts_gate_proj + wo, w->experts_up_proj + wo,
+			w->experts_down_proj + wo, n, C, Im, LIN_SERIAL | LIN_SET_DX);
+	}
+	if (dispatch_from_experts(d, s->dxr, s->dxe, C))
+		moe_fail("expert backward: the all-to-all back failed");
+	int shared = c->n_shared_experts > 0;
+#pragma omp parallel for schedule(static)
+	for (int n = 0; n < N; n++) {
+		float *dn = dx + (size_t)n * C;
+		if (!shared)
+			memset(dn, 0, sizeof(float) * C);
+		for (int k = 0; k < K; k++) {
+			const float *src = s->dxe + (size_t)d->send_row[n * K + k] * C;
+			for (int i = 0; i < C; i++)
+				dn[i] += src[i];
+		}
+	}
+}
+
+/* ---------------------------------------------------------------- the layer */
 
 float moe_forward(const struct moe_model *m, const struct layer_weights *w, struct moe_acts *a,
 		  float *out, const float *x, int B, int T, int64_t *load)
@@ -76,37 +288,42 @@ float moe_forward(const struct moe_model *m, const struct layer_weights *w, stru
 	const struct model_config *c = &m->cfg;
 	struct router_params rp = router_params(c);
 	int N = B * T, C = c->hidden_size, K = rp.K, Im = c->moe_intermediate_size;
-	int El = m->expert_end - m->expert_begin;
+	int Is = c->n_shared_experts * Im;
 
 	linear_forward(a->logits, x, w->gate, N, C, rp.E);
 	router_forward(a->scores, a->topk_idx, a->topk_w, a->logits, w->e_score_correction_bias, &rp, N);
+	if (m->ep_group) {
+		moe_forward_ep(m, w, a, out, x, N, load);
+		goto balance;
+	}
 	group_by_expert(m, a, N, load);
 
-	int rows = a->offsets[El];
-#pragma omp parallel for schedule(static)
-	for (int r = 0; r < rows; r++)
-		memcpy(a->xe + (size_t)r * C, x + (size_t)a->row_token[r] * C, sizeof(float) * C);
+	/* each task: gather its rows, then its MLP; the shared expert writes out = shared(x) */
 #pragma omp parallel for schedule(dynamic, 1)
-	for (int e = 0; e < El; e++) {
-		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
-		if (n == 0)
+	for (int t = 0; t < a->n_tasks; t++) {
+		int e = a->tasks[t];
+		if (e < 0) {
+			mlp_fwd(&a->shared, out, x, w->shared_gate_proj, w->shared_up_proj,
+				w->shared_down_proj, N, C, Is, LIN_SERIAL);
 			continue;
+		}
+		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
+		for (int r = r0; r < r0 + n; r++)
+			memcpy(a->xe + (size_t)r * C, x + (size_t)(a->row_pair[r] / K) * C, sizeof(float) * C);
 		size_t wo = (size_t)e * Im * C;
 		struct mlp_acts ea = { a->e.g + (size_t)r0 * Im, a->e.u + (size_t)r0 * Im,
 				       a->e.a + (size_t)r0 * Im };
-		mlp_forward(&ea, a->ye + (size_t)r0 * C, a->xe + (size_t)r0 * C, w->experts_gate_proj + wo,
-			    w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im);
+		mlp_fwd(&ea, a->ye + (size_t)r0 * C, a->xe + (size_t)r0 * C, w->experts_gate_proj + wo,
+			w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im, LIN_SERIAL);
 	}
 
 	/* out = shared(x) + sum_k w_k expert_k(x), slots added in order */
-	if (c->n_shared_experts > 0)
-		mlp_forward(&a->shared, out, x, w->shared_gate_proj, w->shared_up_proj, w->shared_down_proj,
-			    N, C, c->n_shared_experts * Im);
-	else
-		memset(out, 0, sizeof(float) * N * C);
+	int shared = c->n_shared_experts > 0;
 #pragma omp parallel for schedule(static)
 	for (int n = 0; n < N; n++) {
 		float *o = out + (size_t)n * C;
+		if (!shared)
+			memset(o, 0, sizeof(float) * C);
 		for (int k = 0; k < K; k++) {
 			int r = a->row_of[n * K + k];
 			if (r < 0)
@@ -117,55 +334,64 @@ float moe_forward(const struct moe_model *m, const struct layer_weights *w, stru
 				o[i] += wk * y[i];
 		}
 	}
+balance:
 	if (c->aux_loss_alpha > 0)
 		return balance_loss_forward(a->scores, a->topk_idx, B, T, rp.E, K, (float)c->aux_loss_alpha);
 	return 0.0f;
 }
 
 void moe_backward(const struct moe_model *m, const struct layer_weights *w,
-		  const struct layer_weights *g, const struct moe_acts *a, struct grad_scratch *s,
+		  const struct layer_weights *g, struct moe_acts *a, struct grad_scratch *s,
 		  float *dx, const float *dout, const float *x, int B, int T, float loss_scale)
 {
 	const struct model_config *c = &m->cfg;
 	struct router_params rp = router_params(c);
 	int N = B * T, C = c->hidden_size, K = rp.K, E = rp.E, Im = c->moe_intermediate_size;
-	int El = m->expert_end - m->expert_begin, rows = a->offsets[El];
+	int Is = c->n_shared_experts * Im;
 
-	/* the combine: d topk_w = <dout, expert output>, d expert output = w_k dout */
-#pragma omp parallel for schedule(static)
-	for (int n = 0; n < N; n++) {
-		const float *d = dout + (size_t)n * C;
-		for (int k = 0; k < K; k++) {
-			int r = a->row_of[n * K + k];
-			float dot = 0.0f;
-			if (r >= 0) {
-				const float *y = a->ye + (size_t)r * C;
-				float *dy = s->dye + (size_t)r * C, wk = a->topk_w[n * K + k];
-				for (int i = 0; i < C; i++) {
-					dot += d[i] * y[i];
-					dy[i] = wk * d[i];
-				}
-			}
-			s->dtopk_w[n * K + k] = dot;
-		}
+	if (m->ep_group) {
+		moe_backward_ep(m, w, g, a, s, dx, dout, x, N);
+		goto router;
 	}
-	memset(s->dxe, 0, sizeof(float) * rows * C);
+
+	/* slots routed to experts of other ranks get no weight gradient here */
+	memset(s->dtopk_w, 0, sizeof(float) * N * K);
 #pragma omp parallel for schedule(dynamic, 1)
-	for (int e = 0; e < El; e++) {
-		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
-		if (n == 0)
+	for (int t = 0; t < a->n_tasks; t++) {
+		int e = a->tasks[t];
+		if (e < 0) {  /* the shared expert writes dx */
+			mlp_bwd(dx, g->shared_gate_proj, g->shared_up_proj, g->shared_down_proj, s->dg_shared,
+				s->du_shared, dout, x, &a->shared, w->shared_gate_proj, w->shared_up_proj,
+				w->shared_down_proj, N, C, Is, LIN_SERIAL | LIN_SET_DX);
 			continue;
+		}
+		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
+		/* the combine: d topk_w = <dout, expert output>, d expert output = w_k dout */
+		for (int r = r0; r < r0 + n; r++) {
+			int i = a->row_pair[r];
+			const float *d = dout + (size_t)(i / K) * C, *y = a->ye + (size_t)r * C;
+			float *dy = s->dye + (size_t)r * C, wk = a->topk_w[i], dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+			for (int j = 0; j < C; j++) {
+				dot += d[j] * y[j];
+				dy[j] = wk * d[j];
+			}
+			s->dtopk_w[i] = dot;
+		}
 		size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
 		struct mlp_acts ea = { a->e.g + ro, a->e.u + ro, a->e.a + ro };
-		mlp_backward(s->dxe + (size_t)r0 * C, g->experts_gate_proj + wo, g->experts_up_proj + wo,
-			     g->experts_down_proj + wo, s->dg + ro, s->du + ro, s->da + ro,
-			     s->dye + (size_t)r0 * C, a->xe + (size_t)r0 * C, &ea, w->experts_gate_proj + wo,
-			     w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im);
+		mlp_bwd(s->dxe + (size_t)r0 * C, g->experts_gate_proj + wo, g->experts_up_proj + wo,
+			g->experts_down_proj + wo, s->dg + ro, s->du + ro, s->dye + (size_t)r0 * C,
+			a->xe + (size_t)r0 * C, &ea, w->experts_gate_proj + wo, w->experts_up_proj + wo,
+			w->experts_down_proj + wo, n, C, Im, LIN_SERIAL | LIN_SET_DX);
 	}
 	/* scatter the expert input gradients back to their tokens, slots in order */
+	int shared = c->n_shared_experts > 0;
 #pragma omp parallel for schedule(static)
 	for (int n = 0; n < N; n++) {
 		float *d = dx + (size_t)n * C;
+		if (!shared)
+			memset(d, 0, sizeof(float) * C);
 		for (int k = 0; k < K; k++) {
 			int r = a->row_of[n * K + k];
 			if (r < 0)
@@ -176,6 +402,7 @@ void moe_backward(const struct moe_model *m, const struct layer_weights *w,
 		}
 	}
 
+router:
 	/* router: through the weights (and the balance loss), never through the selection */
 	float *dscores = NULL;
 	if (c->aux_loss_alpha > 0) {
@@ -187,9 +414,4 @@ void moe_backward(const struct moe_model *m, const struct layer_weights *w,
 	memset(s->dlogits, 0, sizeof(float) * N * E);
 	router_backward(s->dlogits, s->dtopk_w, dscores, a->scores, a->topk_idx, &rp, N);
 	linear_backward(dx, g->gate, s->dlogits, x, w->gate, N, C, E);
-
-	if (c->n_shared_experts > 0)
-		mlp_backward(dx, g->shared_gate_proj, g->shared_up_proj, g->shared_down_proj, s->dg, s->du,
-			     s->da, dout, x, &a->shared, w->shared_gate_proj, w->shared_up_proj,
-			     w->shared_down_proj, N, C, c->n_shared_experts * Im);
 }

@@ -13,6 +13,9 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef double (*gc_loss_fn)(void *ctx);
 
@@ -26,9 +29,19 @@ static inline double gc_dot(const float *r, const float *y, size_t n)
 	return s;
 }
 
-/* g[i] = dL/dx[i] by central differences; x is perturbed in place and restored bit for bit. */
+/*
+ * g[i] = dL/dx[i] by central differences; x is perturbed in place and restored bit for bit.
+ * The 2n evaluations run with one OpenMP thread: they are many tiny parallel regions, whose spinning
+ * barriers stall badly when the cores are oversubscribed (the ops are deterministic across thread counts,
+ * and the analytic side still runs with the caller's threads).
+ */
 static inline void gc_numeric_grad(double *g, float *x, size_t n, float h, gc_loss_fn loss, void *ctx)
 {
+#ifdef _OPENMP
+	int threads = omp_get_max_threads();
+
+	omp_set_num_threads(1);
+#endif
 	for (size_t i = 0; i < n; i++) {
 		float x0 = x[i];
 		float xp = x0 + h, xm = x0 - h;
@@ -40,6 +53,9 @@ static inline void gc_numeric_grad(double *g, float *x, size_t n, float h, gc_lo
 		x[i] = x0;
 		g[i] = (lp - lm) / ((double)xp - (double)xm);
 	}
+#ifdef _OPENMP
+	omp_set_num_threads(threads);
+#endif
 }
 
 static inline double gc_rms(const double *v, size_t n)

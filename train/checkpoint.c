@@ -9,6 +9,11 @@
  *
  * Writing: everything goes to PATH.tmp.<pid>, which is flushed, closed, fsync'd and renamed over PATH
  * (then the directory is fsync'd), so a crash at any point leaves the previous PATH as it was.
+ * Distributed (checkpoint_save_dist): the file is the same whatever the layout.  World rank 0 creates
+ * it with every dataset at its full shape (same chunks, never straddling two experts) and its own
+ * experts; the other ranks of expert-parallel group 0 then open it in turn and write their experts'
+ * hyperslabs (the same per-tensor code, in WRITE_EXPERTS mode); rank 0 commits.  After each phase every
+ * rank learns whether any rank failed, and with what message, so all of them return -1 together.
  * Reading: every dataset is checked (present, float32, the model's shape) and every attribute read
  * before any tensor data is read; the data goes into scratch buffers (the Fletcher32 filter verifies
  * each chunk) and is copied into the model, the optimizer and the train state only once everything has
@@ -33,6 +38,8 @@
 #include <unistd.h>
 
 #include <hdf5.h>
+
+#include "launch/comm.h"
 
 #define CKPT_CHUNK_ELEMS ((hsize_t)1 << 20)	/* at most ~1M floats (4 MiB) per chunk */
 #define CKPT_NAME_FMT "step_%08lld.h5"	/* a run's checkpoints, in checkpoint.dir */
@@ -468,6 +475,16 @@ static const struct tensor_set set_optim[2] = {
 	{ "/optim", "exp_avg_sq", 0 },
 };
 
+/* The sets of a checkpoint, in file order: /model, then (when there is an optimizer) the moments. */
+#define N_SETS 3
+static const struct tensor_set *const ckpt_sets[N_SETS] = { &set_model, &set_optim[0], &set_optim[1] };
+
+/* The arena the tensors of ckpt_sets[k] come from. */
+static const float *set_arena(int k, const struct moe_model *m, const struct adamw *opt)
+{
+	return k == 0 ? m->weights : k == 1 ? opt->exp_avg : opt->exp_avg_sq;
+}
+
 static int in_set(const struct tensor_set *s, const struct param *p)
 {
 	return s->has_buffers || p->kind != PARAM_BUFFER;
@@ -545,33 +562,56 @@ static void chunk_dims(const struct param *p, hsize_t *chunk)
 		chunk[d] = (hsize_t)p->shape[d];
 }
 
+static int check_tensor(struct ckctx *c, hid_t fid, const struct tensor_set *s, const struct param *p);
+
+/*
+ * What a writer does with each tensor of a set:
+ *   WRITE_CREATE   create the dataset with its full shape (chunked, checksummed) and write this rank's
+ *                  slab: the whole tensor, or this rank's experts of a stacked one
+ *   WRITE_EXPERTS  for stacked tensors only: open the dataset another process created (checking its
+ *                  shape) and write this rank's experts into it
+ */
+enum write_mode { WRITE_CREATE, WRITE_EXPERTS };
+
 /* lcpl creates the intermediate group GROUP/NAME of a leaf. */
 static int write_tensor(struct ckctx *c, hid_t fid, hid_t lcpl, const struct tensor_set *s,
-			const struct moe_model *m, const struct param *p, const float *arena)
+			const struct moe_model *m, const struct param *p, const float *arena,
+			enum write_mode mode)
 {
 	hsize_t dims[MOE_MAX_DIMS], chunk[MOE_MAX_DIMS], start[MOE_MAX_DIMS], count[MOE_MAX_DIMS];
 	hid_t space = -1, mspace = -1, dcpl = -1, dset = -1;
 	char dpath[CKPT_DSET_MAX];
 	int empty = 0, ret = -1;
 
+	if (mode == WRITE_EXPERTS && !p->expert_stacked)
+		return 0;
 	if (check_local_numel(c, m, p))
 		return -1;
 	tensor_path(dpath, s, p);
-	c->what = dpath;
-	for (int d = 0; d < p->ndim; d++) {
-		dims[d] = (hsize_t)p->shape[d];
-		empty |= dims[d] == 0;
+	if (mode == WRITE_CREATE) {
+		c->what = dpath;
+		for (int d = 0; d < p->ndim; d++) {
+			dims[d] = (hsize_t)p->shape[d];
+			empty |= dims[d] == 0;
+		}
+		chunk_dims(p, chunk);
+		H5TRY(space = H5Screate_simple(p->ndim, dims, NULL));
+		H5TRY(dcpl = H5Pcreate(H5P_DATASET_CREATE));
+		if (!empty) {	/* chunks (and so the checksum) need every dimension > 0 */
+			H5TRY(H5Pset_chunk(dcpl, p->ndim, chunk));
+			H5TRY(H5Pset_fletcher32(dcpl));
+		}
+		H5TRY(dset = H5Dcreate2(fid, dpath, H5T_IEEE_F32LE, space, lcpl, dcpl,
+					H5P_DEFAULT));
+	} else {
+		if (check_tensor(c, fid, s, p))	/* present, float32, the model's shape */
+			goto fail;
+		c->what = dpath;
+		H5TRY(dset = H5Dopen2(fid, dpath, H5P_DEFAULT));
+		H5TRY(space = H5Dget_space(dset));
 	}
-	local_slab(m, p, start, count);
-	chunk_dims(p, chunk);
-	H5TRY(space = H5Screate_simple(p->ndim, dims, NULL));
-	H5TRY(dcpl = H5Pcreate(H5P_DATASET_CREATE));
-	if (!empty) {	/* chunks (and so the checksum) need every dimension > 0 */
-		H5TRY(H5Pset_chunk(dcpl, p->ndim, chunk));
-		H5TRY(H5Pset_fletcher32(dcpl));
-	}
-	H5TRY(dset = H5Dcreate2(fid, dpath, H5T_IEEE_F32LE, space, lcpl, dcpl, H5P_DEFAULT));
-	if (!empty) {
+	if (p->numel > 0) {	/* nothing to write of an empty tensor or an empty expert slice */
+		local_slab(m, p, start, count);
 		H5TRY(H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL));
 		H5TRY(mspace = H5Screate_simple(p->ndim, count, NULL));
 		H5TRY(H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, space, H5P_DEFAULT,
@@ -587,9 +627,9 @@ fail:
 	return ret;
 }
 
-/* Every tensor of the set from arena; the set's group exists already. */
+/* Every tensor of the set from arena; in WRITE_CREATE mode the set's group exists already. */
 static int write_set(struct ckctx *c, hid_t fid, const struct tensor_set *s, const struct moe_model *m,
-		     const float *arena)
+		     const float *arena, enum write_mode mode)
 {
 	hid_t lcpl = -1;
 	int ret = -1;
@@ -600,7 +640,7 @@ static int write_set(struct ckctx *c, hid_t fid, const struct tensor_set *s, con
 	c->what = NULL;
 	for (int i = 0; i < m->n_params; i++)
 		if (in_set(s, &m->params[i]) &&
-		    write_tensor(c, fid, lcpl, s, m, &m->params[i], arena))
+		    write_tensor(c, fid, lcpl, s, m, &m->params[i], arena, mode))
 			goto fail;
 	ret = 0;
 fail:
@@ -609,25 +649,29 @@ fail:
 	return ret;
 }
 
-/* /model and, with opt, /optim (the moments and the attribute step). */
+/*
+ * /model and, with opt, /optim (the moments and, in WRITE_CREATE mode, the groups and the attribute
+ * step): every set of ckpt_sets, from its arena.
+ */
 static int write_tensors(struct ckctx *c, hid_t fid, const struct moe_model *m,
-			 const struct adamw *opt)
+			 const struct adamw *opt, enum write_mode mode)
 {
+	const int nsets = opt ? N_SETS : 1;
 	hid_t gid = -1;
 	int ret = -1;
 
-	c->what = set_model.group;
-	H5TRY(gid = H5Gcreate2(fid, set_model.group, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-	close_id(&gid, H5Gclose);
-	if (write_set(c, fid, &set_model, m, m->weights))
-		goto fail;
-	if (opt) {
-		c->what = set_optim[0].group;
-		H5TRY(gid = H5Gcreate2(fid, set_optim[0].group, H5P_DEFAULT, H5P_DEFAULT,
-				       H5P_DEFAULT));
-		if (write_int_attr(c, gid, "step", H5T_STD_I64LE, opt->step) ||
-		    write_set(c, fid, &set_optim[0], m, opt->exp_avg) ||
-		    write_set(c, fid, &set_optim[1], m, opt->exp_avg_sq))
+	for (int k = 0; k < nsets; k++) {
+		const struct tensor_set *s = ckpt_sets[k];
+
+		/* the two moments share /optim */
+		if (mode == WRITE_CREATE && (k == 0 || strcmp(s->group, ckpt_sets[k - 1]->group))) {
+			c->what = s->group;
+			H5TRY(gid = H5Gcreate2(fid, s->group, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+			if (s == &set_optim[0] && write_int_attr(c, gid, "step", H5T_STD_I64LE, opt->step))
+				goto fail;
+			close_id(&gid, H5Gclose);
+		}
+		if (write_set(c, fid, s, m, set_arena(k, m, opt), mode))
 			goto fail;
 	}
 	ret = 0;
@@ -849,7 +893,9 @@ static int commit_file(struct ckctx *c, const char *tmp)
 	return fsync_path(c, dir, O_RDONLY | O_DIRECTORY);
 }
 
-/* ---- the writer and the reader ---- */
+/* ---- the single-process writer ---- */
+
+#define CKPT_TMP_MAX 1100	/* PATH.tmp.<pid> */
 
 static int check_writer_holds_all(struct ckctx *c, const struct moe_model *m)
 {
@@ -867,33 +913,58 @@ static int check_writer_holds_all(struct ckctx *c, const struct moe_model *m)
 	return 0;
 }
 
-/* Root attributes, /model, and /optim and /state when opt and st are given. */
-static int write_checkpoint(const char *path, const struct moe_model *m, const struct adamw *opt,
-			    const struct run_config *cfg, const struct ckpt_meta *meta,
-			    const struct train_state *st, char *err, size_t errlen)
+/* What a writer writes from must be consistent: every parameter's slice, the optimizer's layout. */
+static int check_writer_arrays(struct ckctx *c, const struct moe_model *m, const struct adamw *opt)
 {
-	struct ckctx ctx = { path, NULL, err, errlen }, *c = &ctx;
-	hid_t fapl = -1, fid = -1;
-	char tmp[1100], *json = NULL;
-	int ret = -1;
+	for (int i = 0; i < m->n_params; i++)
+		if (check_local_numel(c, m, &m->params[i]))
+			return -1;
+	return opt ? check_optim_layout(c, m, opt) : 0;
+}
 
-	h5_quiet();
-	if (snprintf(tmp, sizeof(tmp), "%s" CKPT_TMP_SUFFIX "%d", path, (int)getpid()) >=
-	    (int)sizeof(tmp)) {
-		CKERR("%s: path too long", path);
+/* PATH.tmp.<pid of this process> */
+static int tmp_name(struct ckctx *c, char *tmp, size_t len)
+{
+	if (snprintf(tmp, len, "%s" CKPT_TMP_SUFFIX "%d", c->path, (int)getpid()) >= (int)len) {
+		CKERR("%s: path too long", c->path);
 		return -1;
 	}
-	if (check_writer_holds_all(c, m) || (opt && check_optim_layout(c, m, opt)))
-		return -1;
-	json = cfg ? config_to_json(cfg) : NULL;
+	return 0;
+}
+
+static struct ckpt_meta meta_of(const struct train_state *st)
+{
+	struct ckpt_meta meta = { 0, 0 };
+
+	if (st) {
+		meta.step = st->step;
+		meta.tokens_seen = st->tokens_seen;
+	}
+	return meta;
+}
+
+/*
+ * Create tmp with the root attributes, /model, and /optim and /state when opt and st are given: every
+ * dataset with its full shape, holding this process's slab of it (all of it unless the tensor is stacked
+ * and this process holds only some experts: the others' rows are written by fill_experts).  Flushed and
+ * closed; the caller removes tmp on failure.
+ */
+static int create_file(struct ckctx *c, const char *tmp, const struct moe_model *m,
+		       const struct adamw *opt, const struct run_config *cfg,
+		       const struct ckpt_meta *meta, const struct train_state *st)
+{
+	hid_t fapl = -1, fid = -1;
+	char *json = cfg ? config_to_json(cfg) : NULL;
+	int ret = -1;
+
 	if (!json) {
-		CKERR("%s: cannot serialise the config", path);
+		CKERR("%s: cannot serialise the config", c->path);
 		return -1;
 	}
 	H5TRY(fapl = H5Pcreate(H5P_FILE_ACCESS));
 	H5TRY(H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG));
 	H5TRY(fid = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl));
-	if (write_root_attrs(c, fid, json, meta) || write_tensors(c, fid, m, opt) ||
+	if (write_root_attrs(c, fid, json, meta) || write_tensors(c, fid, m, opt, WRITE_CREATE) ||
 	    (st && write_state(c, fid, st)))
 		goto fail;
 	H5TRY(H5Fflush(fid, H5F_SCOPE_GLOBAL));
@@ -903,16 +974,61 @@ static int write_checkpoint(const char *path, const struct moe_model *m, const s
 		fid = -1;
 		H5TRY(H5Fclose(f));
 	}
-	if (commit_file(c, tmp))
-		goto fail;
 	ret = 0;
 fail:
 	close_id(&fid, H5Fclose);
 	close_id(&fapl, H5Pclose);
-	if (ret)
-		unlink(tmp);
 	free(json);
 	return ret;
+}
+
+/*
+ * Write this process's experts of every stacked tensor (weights and, with opt, both moments) into tmp,
+ * which create_file made (the datasets' shapes are checked against this model first); then close it and
+ * fsync it, so that its data is on disk wherever the process that renames it runs.
+ */
+static int fill_experts(struct ckctx *c, const char *tmp, const struct moe_model *m,
+			const struct adamw *opt)
+{
+	hid_t fapl = -1, fid = -1;
+	int ret = -1;
+
+	H5TRY(fapl = H5Pcreate(H5P_FILE_ACCESS));
+	H5TRY(H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG));
+	H5TRY(fid = H5Fopen(tmp, H5F_ACC_RDWR, fapl));
+	if (write_tensors(c, fid, m, opt, WRITE_EXPERTS))
+		goto fail;
+	H5TRY(H5Fflush(fid, H5F_SCOPE_GLOBAL));
+	{
+		hid_t f = fid;
+
+		fid = -1;
+		H5TRY(H5Fclose(f));
+	}
+	ret = fsync_path(c, tmp, O_RDONLY);
+fail:
+	close_id(&fid, H5Fclose);
+	close_id(&fapl, H5Pclose);
+	return ret;
+}
+
+/* Root attributes, /model, and /optim and /state when opt and st are given, all from this process. */
+static int write_checkpoint(const char *path, const struct moe_model *m, const struct adamw *opt,
+			    const struct run_config *cfg, const struct ckpt_meta *meta,
+			    const struct train_state *st, char *err, size_t errlen)
+{
+	struct ckctx ctx = { path, NULL, err, errlen }, *c = &ctx;
+	char tmp[CKPT_TMP_MAX];
+
+	h5_quiet();
+	if (tmp_name(c, tmp, sizeof(tmp)) || check_writer_holds_all(c, m) ||
+	    check_writer_arrays(c, m, opt))
+		return -1;
+	if (create_file(c, tmp, m, opt, cfg, meta, st) || commit_file(c, tmp)) {
+		unlink(tmp);
+		return -1;
+	}
+	return 0;
 }
 
 int checkpoint_save_model(const char *path, const struct moe_model *m, const struct run_config *cfg,
@@ -924,15 +1040,172 @@ int checkpoint_save_model(const char *path, const struct moe_model *m, const str
 int checkpoint_save(const char *path, const struct moe_model *m, const struct adamw *opt,
 		    const struct run_config *cfg, const struct train_state *st, char *err, size_t errlen)
 {
-	struct ckpt_meta meta = { 0, 0 };
+	struct ckpt_meta meta = meta_of(st);
 
-	if (st) {
-		meta.step = st->step;
-		meta.tokens_seen = st->tokens_seen;
-	}
 	return write_checkpoint(path, m, opt, cfg, &meta, st, err, errlen);
 }
 
+/* ---- the distributed writer ---- */
+
+#define CKPT_MSG_MAX 1024	/* an error message sent to every rank */
+
+/*
+ * Collective over the world, after every phase of a distributed save: 0 when no rank failed, else -1 on
+ * every rank, each with the message of the lowest failing rank, as "rank R: MESSAGE".
+ */
+static int sync_failure(struct ckctx *c, const struct dist *d, int failed)
+{
+	int32_t who = failed ? d->rank : d->world;
+	char msg[CKPT_MSG_MAX] = "";
+
+	if (comm_allreduce(d->world_g, &who, 1, COMM_I32, COMM_MIN)) {
+		CKERR("%s: checkpoint: comm_allreduce failed", c->path);
+		return -1;
+	}
+	if (who >= d->world)
+		return 0;
+	if (who == d->rank)
+		snprintf(msg, sizeof(msg), "rank %d: %s", (int)who, c->err);
+	if (comm_broadcast(d->world_g, msg, sizeof(msg), COMM_BYTE, who)) {
+		CKERR("%s: checkpoint: rank %d failed; comm_broadcast of its message failed", c->path,
+		      (int)who);
+		return -1;
+	}
+	msg[sizeof(msg) - 1] = 0;
+	snprintf(c->err, c->errlen, "%s", msg);
+	return -1;
+}
+
+/* What every rank tells the others about its arrays (check_dist_layout). */
+enum { LAY_BEGIN, LAY_END, LAY_EXPERTS, LAY_OPTIM, LAY_FLOATS, LAY_EP, LAY_N };
+
+/*
+ * Collective over the world, with the same verdict (and message) on every rank: all ranks agree on the
+ * grid, the number of experts and whether there is optimizer state; the ranks of expert-parallel group
+ * 0 (world ranks 0 .. ep-1, the writers) hold consecutive expert slices covering all the experts; every
+ * other rank holds the same slice (and arena size) as its counterpart there, whose copy is written.
+ */
+static int check_dist_layout(struct ckctx *c, const struct moe_model *m, const struct adamw *opt,
+			     const struct dist *d)
+{
+	const int64_t mine[LAY_N] = {
+		[LAY_BEGIN] = m->expert_begin, [LAY_END] = m->expert_end,
+		[LAY_EXPERTS] = m->cfg.n_routed_experts, [LAY_OPTIM] = opt != NULL,
+		[LAY_FLOATS] = (int64_t)m->n_weights, [LAY_EP] = d->ep,
+	};
+	int64_t *all = malloc((size_t)d->world * LAY_N * sizeof(*all));
+	int32_t ok = all && d->ep >= 1 && d->world == d->dp * d->ep &&
+		     d->rank == d->dp_rank * d->ep + d->ep_rank;
+	const int ep = d->ep;
+	int ret = -1;
+
+	if (comm_allreduce(d->world_g, &ok, 1, COMM_I32, COMM_MIN) || !ok) {
+		CKERR("%s: cannot check the parallel layout: out of memory, or a (dp, ep) grid that does "
+		      "not match the world on some rank", c->path);
+		goto fail;
+	}
+	if (comm_allgather(d->world_g, mine, all, LAY_N, COMM_I64)) {
+		CKERR("%s: checkpoint: comm_allgather failed", c->path);
+		goto fail;
+	}
+	for (int q = 0; q < d->world; q++) {
+		const int64_t *a = all + (size_t)q * LAY_N, *ref = all + (size_t)(q % ep) * LAY_N;
+
+		if (a[LAY_EP] != all[LAY_EP] || a[LAY_EXPERTS] != all[LAY_EXPERTS] ||
+		    a[LAY_OPTIM] != all[LAY_OPTIM]) {
+			CKERR("%s: ranks 0 and %d disagree on the parallel layout or the model: ep %" PRId64
+			      " vs %" PRId64 ", %" PRId64 " vs %" PRId64 " routed experts, optimizer "
+			      "state %s vs %s", c->path, q, all[LAY_EP], a[LAY_EP], all[LAY_EXPERTS],
+			      a[LAY_EXPERTS], all[LAY_OPTIM] ? "given" : "absent",
+			      a[LAY_OPTIM] ? "given" : "absent");
+			goto fail;
+		}
+		if (q >= ep && (a[LAY_BEGIN] != ref[LAY_BEGIN] || a[LAY_END] != ref[LAY_END] ||
+				a[LAY_FLOATS] != ref[LAY_FLOATS])) {
+			CKERR("%s: rank %d holds experts [%" PRId64 ", %" PRId64 ") in %" PRId64
+			      " floats, but rank %d, which it replicates, [%" PRId64 ", %" PRId64
+			      ") in %" PRId64, c->path, q, a[LAY_BEGIN], a[LAY_END], a[LAY_FLOATS],
+			      q % ep, ref[LAY_BEGIN], ref[LAY_END], ref[LAY_FLOATS]);
+			goto fail;
+		}
+		const int64_t *prev = q > 0 && q < ep ? a - LAY_N : NULL;	/* the writer before */
+
+		if (q < ep && a[LAY_BEGIN] != (prev ? prev[LAY_END] : 0)) {
+			if (prev)
+				CKERR("%s: the experts are not split over the expert-parallel group: "
+				      "rank %d holds [%" PRId64 ", %" PRId64 "), rank %d [%" PRId64 ", %"
+				      PRId64 ")", c->path, q - 1, prev[LAY_BEGIN], prev[LAY_END], q,
+				      a[LAY_BEGIN], a[LAY_END]);
+			else
+				CKERR("%s: the experts are not split over the expert-parallel group: "
+				      "rank 0 holds [%" PRId64 ", %" PRId64 "), not from expert 0",
+				      c->path, a[LAY_BEGIN], a[LAY_END]);
+			goto fail;
+		}
+		if (q == ep - 1 && a[LAY_END] != a[LAY_EXPERTS]) {
+			CKERR("%s: the expert-parallel group holds experts [0, %" PRId64 ") of %" PRId64,
+			      c->path, a[LAY_END], a[LAY_EXPERTS]);
+			goto fail;
+		}
+	}
+	ret = 0;
+fail:
+	free(all);
+	return ret;
+}
+
+/*
+ * Only the writers, expert-parallel group 0, write: world rank 0 creates PATH.tmp.<its pid> with every
+ * dataset and attribute and its own experts, then ranks 1 .. ep-1 in turn add theirs, then rank 0
+ * commits.  Every phase ends with sync_failure, so a failure anywhere stops every rank there.
+ */
+int checkpoint_save_dist(const char *path, const struct moe_model *m, const struct adamw *opt,
+			 const struct run_config *cfg, const struct train_state *st, const struct dist *d,
+			 char *err, size_t errlen)
+{
+	struct ckctx ctx = { path, NULL, err, errlen }, *c = &ctx;
+	const struct ckpt_meta meta = meta_of(st);
+	char tmp[CKPT_TMP_MAX];
+	int failed;
+
+	if (!d || d->world <= 1)
+		return checkpoint_save(path, m, opt, cfg, st, err, errlen);
+	h5_quiet();
+	memset(tmp, 0, sizeof(tmp));
+	if (errlen)
+		err[0] = 0;
+	if (check_dist_layout(c, m, opt, d))
+		return -1;
+	/* every rank checks its arrays; rank 0 names the file, for all */
+	failed = check_writer_arrays(c, m, opt) || (d->rank == 0 && tmp_name(c, tmp, sizeof(tmp)));
+	if (sync_failure(c, d, failed))
+		return -1;
+	if (comm_broadcast(d->world_g, tmp, sizeof(tmp), COMM_BYTE, 0)) {
+		CKERR("%s: checkpoint: comm_broadcast failed", path);
+		return -1;
+	}
+	tmp[sizeof(tmp) - 1] = 0;
+	/* rank 0: every dataset at its full shape, the attributes, /state, and experts [0, E/ep) */
+	failed = d->rank == 0 && create_file(c, tmp, m, opt, cfg, &meta, st);
+	if (sync_failure(c, d, failed))
+		goto fail;
+	/* the other writers' experts, one at a time (serial HDF5: one process has the file open) */
+	for (int r = 1; r < d->ep; r++) {
+		failed = d->dp_rank == 0 && d->ep_rank == r && fill_experts(c, tmp, m, opt);
+		if (sync_failure(c, d, failed))
+			goto fail;
+	}
+	failed = d->rank == 0 && commit_file(c, tmp);
+	if (sync_failure(c, d, failed))
+		goto fail;
+	return 0;
+fail:
+	if (d->rank == 0)
+		unlink(tmp);
+	return -1;
+}
+
+/* ---- the reader ---- */
 int checkpoint_read_header(const char *path, struct run_config *cfg, struct ckpt_meta *meta,
 			   char *err, size_t errlen)
 {
@@ -976,9 +1249,9 @@ int checkpoint_load(const char *path, struct moe_model *m, struct adamw *opt, st
 		    char *err, size_t errlen)
 {
 	struct ckctx ctx = { path, NULL, err, errlen }, *c = &ctx;
-	const struct tensor_set *sets[3] = { &set_model, &set_optim[0], &set_optim[1] };
-	float *dst[3] = { m->weights, opt ? opt->exp_avg : NULL, opt ? opt->exp_avg_sq : NULL };
-	const int nsets = opt ? 3 : 1;
+	const struct tensor_set *const *sets = ckpt_sets;
+	float *dst[N_SETS] = { m->weights, opt ? opt->exp_avg : NULL, opt ? opt->exp_avg_sq : NULL };
+	const int nsets = opt ? N_SETS : 1;
 	const size_t n = m->n_weights;
 	struct train_state st_new;
 	int64_t opt_step = 0;

@@ -60,6 +60,23 @@ struct train_state {
 int checkpoint_save(const char *path, const struct moe_model *m, const struct adamw *opt,
 		    const struct run_config *cfg, const struct train_state *st, char *err, size_t errlen);
 
+struct dist;
+
+/*
+ * checkpoint_save for a job of several ranks (launch/comm.h): called by EVERY rank, with its own slice
+ * of the experts (ep_rank r holds the r-th consecutive slice; ranks with the same ep_rank hold the same
+ * experts) and identical replicated tensors, optimizer step, config and state.  Writes the same file as
+ * checkpoint_save of a single process holding everything.  Only expert-parallel group 0 (dp_rank 0)
+ * writes: world rank 0 everything but the other ranks' experts, which those ranks then add in turn; the
+ * other dp groups' copies are not read.  Atomic like checkpoint_save.  Returns 0 on every rank, or -1
+ * on every rank with the same message, never a hang: that of the lowest failing rank ("rank R: ..."),
+ * or, for slices that do not fit together (checked first, before anything is written), the same words
+ * found by every rank.  d == NULL or a world of 1: exactly checkpoint_save.
+ */
+int checkpoint_save_dist(const char *path, const struct moe_model *m, const struct adamw *opt,
+			 const struct run_config *cfg, const struct train_state *st, const struct dist *d,
+			 char *err, size_t errlen);
+
 /* Load weights and, when opt is not NULL, the optimizer state (a file without /optim is then refused),
  * and, when st is not NULL, /state.  All or nothing: on failure m, opt and st are unchanged. */
 int checkpoint_load(const char *path, struct moe_model *m, struct adamw *opt, struct train_state *st,

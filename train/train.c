@@ -18,13 +18,18 @@
 #include <time.h>
 
 #include "data/loader.h"
+#include "launch/comm.h"
 #include "model/model.h"
 #include "optim/adamw.h"
 #include "train/checkpoint.h"
 #include "train/eval.h"
+#include "train/grad_sync.h"
+#include "train/zero.h"
 
 struct trainer {
 	struct run_config cfg;
+	const struct dist *d;        /* NULL: one process */
+	int rank, world;             /* world rank and size (0, 1 for one process) */
 	struct moe_model *m;
 	struct adamw opt;
 	struct optim_segment *segs;
@@ -37,7 +42,24 @@ struct trainer {
 	int *inputs, *targets;       /* [micro_batch * seq_len] */
 	int64_t *step_load;          /* [L][E] expert loads summed over the step's micro-batches */
 	double step_time_avg;
+	struct grad_sync sync;       /* the data-parallel gradient reduction */
+	int zero;                    /* parallel.zero=1: the AdamW state sharded (then opt is only */
+	struct zero z;               /* allocated around checkpoint loads and saves) */
 };
+
+#define LOG(t, ...) do { if ((t)->rank == 0) printf(__VA_ARGS__); } while (0)
+
+/* Every rank's verdict on a phase: any rank's failure fails all of them, so none waits forever in a
+ * collective that the failed rank will never join. */
+static int all_ok(const struct trainer *t, int ok)
+{
+	if (!t->d || t->world == 1)
+		return ok;
+	int v = ok ? 1 : 0;
+	if (comm_allreduce(t->d->world_g, &v, 1, COMM_I32, COMM_MIN))
+		comm_abort(1, "collective failed");
+	return v;
+}
 
 static volatile sig_atomic_t stop_requested;
 
@@ -173,7 +195,7 @@ static int resolve_resume(const struct trainer *t, const char *resume, char *pat
 		return -1;
 	}
 	if (r == 1) {
-		printf("resume: no checkpoint in %s yet, starting fresh\n", t->cfg.checkpoint.dir);
+		LOG(t, "resume: no checkpoint in %s yet, starting fresh\n", t->cfg.checkpoint.dir);
 		path[0] = 0;
 	}
 	return 0;
@@ -201,18 +223,18 @@ static int restore(struct trainer *t, const char *resume)
 	config_defaults(&saved);
 	if (checkpoint_read_header(path, &saved, NULL, err, sizeof(err)))
 		goto fail;
-	if (compare_with_checkpoint(&saved, &t->cfg, path, full ? "resume" : NULL))
+	if (compare_with_checkpoint(&saved, &t->cfg, path, full && t->rank == 0 ? "resume" : NULL))
 		return -1;
 	if (full) {
 		if (checkpoint_load(path, t->m, &t->opt, &t->st, err, sizeof(err)))
 			goto fail;
-		printf("resumed from %s at step %lld (%lld tokens seen)\n", path, (long long)t->st.step,
-		       (long long)t->st.tokens_seen);
+		LOG(t, "resumed from %s at step %lld (%lld tokens seen)\n", path, (long long)t->st.step,
+		    (long long)t->st.tokens_seen);
 	} else {
 		if (checkpoint_load_model(path, t->m, err, sizeof(err)))
 			goto fail;
 		t->st.data_seed = (uint64_t)t->cfg.train.seed;
-		printf("initialised from %s (weights only, fresh optimizer)\n", path);
+		LOG(t, "initialised from %s (weights only, fresh optimizer)\n", path);
 	}
 	return 0;
 fail:
@@ -265,9 +287,16 @@ static int setup(struct trainer *t, const struct run_config *cfg, const char *re
 	char err[1024];
 	const struct train_config *tc = &cfg->train;
 	t->cfg = *cfg;
-	t->m = model_create(&cfg->model, 0, cfg->model.n_routed_experts, err, sizeof(err));
+	int E = cfg->model.n_routed_experts, ep = t->d ? t->d->ep : 1, ep_rank = t->d ? t->d->ep_rank : 0;
+	t->m = model_create(&cfg->model, ep_rank * (E / ep), (ep_rank + 1) * (E / ep), err, sizeof(err));
 	if (!t->m) {
 		fprintf(stderr, "moe train: %s\n", err);
+		return -1;
+	}
+	if (t->d && ep > 1)
+		t->m->ep_group = t->d->ep_g;
+	if (grad_sync_init(&t->sync, t->m)) {
+		fprintf(stderr, "moe train: out of memory for the gradient buffers\n");
 		return -1;
 	}
 	if (adamw_init(&t->opt, t->m->n_weights) || build_segments(t)) {
@@ -285,6 +314,15 @@ static int setup(struct trainer *t, const struct run_config *cfg, const char *re
 	t->sched.total_steps = tc->steps;
 	if (restore(t, resume))
 		return -1;
+	if (cfg->parallel.zero) {
+		t->zero = 1;
+		if (zero_init(&t->z, t->m, t->d, (float)tc->weight_decay, tc->decay_embeddings)) {
+			fprintf(stderr, "moe train: out of memory for the sharded optimizer\n");
+			return -1;
+		}
+		zero_scatter_state(&t->z, t->m, &t->opt);
+		adamw_free(&t->opt);
+	}
 	if (!cfg->data.train[0]) {
 		fprintf(stderr, "moe train: data.train: no training shards given\n");
 		return -1;
@@ -307,8 +345,12 @@ static int setup(struct trainer *t, const struct run_config *cfg, const char *re
 	t->targets = malloc(sizeof(int) * n);
 	t->step_load = calloc((size_t)cfg->model.num_hidden_layers * (cfg->model.n_routed_experts + 1),
 			      sizeof(int64_t));
-	t->metrics = open_metrics(cfg->log.metrics, t->st.step > 0, t->st.step);
-	if (!t->inputs || !t->targets || !t->step_load || (cfg->log.metrics[0] && !t->metrics))
+	if (t->rank == 0) {
+		t->metrics = open_metrics(cfg->log.metrics, t->st.step > 0, t->st.step);
+		if (cfg->log.metrics[0] && !t->metrics)
+			return -1;
+	}
+	if (!t->inputs || !t->targets || !t->step_load)
 		return -1;
 	return 0;
 }
@@ -320,6 +362,9 @@ static void teardown(struct trainer *t)
 	free(t->inputs);
 	free(t->targets);
 	free(t->step_load);
+	grad_sync_free(&t->sync);
+	if (t->zero)
+		zero_free(&t->z);
 	free(t->segs);
 	if (t->train.shards)
 		loader_close(&t->train);
@@ -332,7 +377,7 @@ static void teardown(struct trainer *t)
 /* ---------------------------------------------------------------- one step */
 
 struct step_result {
-	double loss, ce, aux, grad_norm, lr, seconds;
+	double loss, ce, aux, grad_norm, lr, seconds, comm_seconds;
 	int skipped;
 	const char *bad;             /* the first tensor with a non-finite gradient */
 };
@@ -387,35 +432,57 @@ static void train_step(struct trainer *t, struct step_result *r)
 	int B = tc->micro_batch, T = tc->seq_len, A = tc->grad_accum;
 	double t0 = now_s();
 	memset(r, 0, sizeof(*r));
+	comm_reset_seconds();
 	memset(t->step_load, 0, sizeof(int64_t) * t->m->cfg.num_hidden_layers * t->m->cfg.n_routed_experts);
 
+	/* micro-batch a of rank r reads sequences (a*W + r)*B ..: the same global batch, in the same
+	 * order, for every layout with the same W*A*B (one process with grad_accum = W*A included) */
+	int W = t->world, r0 = t->rank;
+	float scale = 1.0f / ((float)A * W);
 	model_zero_grad(t->m);
 	for (int a = 0; a < A; a++) {
+		uint64_t first = t->st.data_position + ((uint64_t)a * W + r0) * B;
 		for (int b = 0; b < B; b++)
-			loader_get(&t->train, t->st.data_position + (uint64_t)a * B + b, t->inputs + (size_t)b * T,
-				   t->targets + (size_t)b * T);
-		r->loss += model_forward(t->m, t->inputs, t->targets, B, T) / A;
-		r->ce += t->m->last_ce_loss / A;
-		r->aux += t->m->last_aux_loss / A;
+			loader_get(&t->train, first + b, t->inputs + (size_t)b * T, t->targets + (size_t)b * T);
+		r->loss += model_forward(t->m, t->inputs, t->targets, B, T) * scale;
+		r->ce += t->m->last_ce_loss * scale;
+		r->aux += t->m->last_aux_loss * scale;
 		add_loads(t);
-		model_backward(t->m, 1.0f / A);
+		model_backward(t->m, scale);
 	}
-	t->st.data_position += (uint64_t)A * B;
-	t->st.tokens_seen += (int64_t)A * B * T;
+	t->st.data_position += (uint64_t)A * B * W;
+	t->st.tokens_seen += (int64_t)A * B * T * W;
 
 	r->lr = lr_at(&t->sched, t->st.step);
-	r->grad_norm = grad_global_norm(t->m->grads, t->m->n_weights);
+	r->grad_norm = t->zero ? zero_reduce(&t->z, t->m) : grad_sync_reduce(&t->sync, t->m, t->d);
+	double sums[3] = { r->loss, r->ce, r->aux };
+	if (t->d && W > 1) {
+		int64_t n = (int64_t)t->m->cfg.num_hidden_layers * t->m->cfg.n_routed_experts;
+		if (comm_allreduce(t->d->world_g, sums, 3, COMM_F64, COMM_SUM) ||
+		    comm_allreduce(t->d->world_g, t->step_load, n, COMM_I64, COMM_SUM))
+			comm_abort(1, "all-reduce of the step's statistics failed");
+		r->loss = sums[0];
+		r->ce = sums[1];
+		r->aux = sums[2];
+	}
 	if (!isfinite(r->loss) || !isfinite(r->grad_norm)) {
 		r->skipped = 1;
 		r->bad = first_nonfinite_grad(t->m);
 	} else {
-		grad_clip(t->m->grads, t->m->n_weights, r->grad_norm, tc->grad_clip);
 		struct adamw_hparams h = { (float)r->lr, (float)tc->beta1, (float)tc->beta2, (float)tc->eps };
-		adamw_update(&t->opt, t->m->weights, t->m->grads, t->segs, t->nsegs, &h);
+		if (t->zero) {
+			float f = tc->grad_clip > 0 && r->grad_norm > tc->grad_clip ?
+				  (float)(tc->grad_clip / r->grad_norm) : 1.0f;
+			zero_update(&t->z, t->m, f, &h);
+		} else {
+			grad_clip(t->m->grads, t->m->n_weights, r->grad_norm, tc->grad_clip);
+			adamw_update(&t->opt, t->m->weights, t->m->grads, t->segs, t->nsegs, &h);
+		}
 		update_routing_bias(t);
 	}
 	t->st.step++;
 	r->seconds = now_s() - t0;
+	r->comm_seconds = comm_seconds();
 	t->st.elapsed_s += r->seconds;
 }
 
@@ -445,14 +512,15 @@ static void write_imbalance(struct trainer *t, FILE *f)
 static void log_step(struct trainer *t, const struct step_result *r, double val_loss)
 {
 	const struct train_config *tc = &t->cfg.train;
-	double tps = (double)tc->micro_batch * tc->grad_accum * tc->seq_len / r->seconds;
+	double tps = (double)tc->micro_batch * tc->grad_accum * tc->seq_len * t->world / r->seconds;
 	t->step_time_avg = t->step_time_avg == 0 ? r->seconds : 0.9 * t->step_time_avg + 0.1 * r->seconds;
 	if (t->metrics) {
 		FILE *f = t->metrics;
 		fprintf(f, "{\"step\": %lld, \"loss\": %.6f, \"ce_loss\": %.6f, \"aux_loss\": %.6g, \"lr\": %.6g, "
-			"\"grad_norm\": %.6g, \"tokens_per_s\": %.1f, \"elapsed_s\": %.3f, \"tokens_seen\": %lld, ",
+			"\"grad_norm\": %.6g, \"tokens_per_s\": %.1f, \"elapsed_s\": %.3f, \"tokens_seen\": %lld, "
+			"\"step_s\": %.4f, \"comm_s\": %.4f, ",
 			(long long)t->st.step, r->loss, r->ce, r->aux, r->lr, r->grad_norm, tps, t->st.elapsed_s,
-			(long long)t->st.tokens_seen);
+			(long long)t->st.tokens_seen, r->seconds, r->comm_seconds);
 		if (val_loss >= 0)
 			fprintf(f, "\"val_loss\": %.6f, ", val_loss);
 		if (r->skipped)
@@ -461,8 +529,8 @@ static void log_step(struct trainer *t, const struct step_result *r, double val_
 		fprintf(f, "}\n");
 		fflush(f);
 	}
-	if (t->st.step % (t->cfg.log.every > 0 ? t->cfg.log.every : 1) && val_loss < 0 && !r->skipped &&
-	    t->st.step != tc->steps)
+	if (t->rank != 0 || (t->st.step % (t->cfg.log.every > 0 ? t->cfg.log.every : 1) && val_loss < 0 &&
+			     !r->skipped && t->st.step != tc->steps))
 		return;
 	char eta[32];
 	format_duration(eta, sizeof(eta), t->step_time_avg * (tc->steps - t->st.step));
@@ -476,43 +544,69 @@ static void log_step(struct trainer *t, const struct step_result *r, double val_
 	fflush(stdout);
 }
 
+/*
+ * Validation: rank r evaluates sequences r*B.., (W + r)*B.., ...; every rank runs the same number of
+ * forwards (the experts' all-to-all needs them in step), a rank past the end running a batch whose
+ * targets are all ignored.
+ */
 static double validation_loss(struct trainer *t)
 {
 	const struct train_config *tc = &t->cfg.train;
-	int B = tc->micro_batch, T = tc->seq_len;
+	int B = tc->micro_batch, T = tc->seq_len, W = t->world;
 	uint64_t n = t->val.n_seqs;
 	if (tc->eval_batches > 0 && (uint64_t)tc->eval_batches * B < n)
 		n = (uint64_t)tc->eval_batches * B;
-	double sum = 0;
-	int64_t count = 0;
-	for (uint64_t k = 0; k < n; k += B) {
-		int b = n - k < (uint64_t)B ? (int)(n - k) : B;
-		for (int i = 0; i < b; i++)
-			loader_get(&t->val, k + i, t->inputs + (size_t)i * T, t->targets + (size_t)i * T);
-		model_forward(t->m, t->inputs, t->targets, b, T);
+	double sums[2] = { 0, 0 };
+	for (uint64_t k0 = 0; k0 < n; k0 += (uint64_t)B * W) {
+		for (int i = 0; i < B; i++) {
+			uint64_t k = k0 + (uint64_t)t->rank * B + i;
+			int *in = t->inputs + (size_t)i * T, *tg = t->targets + (size_t)i * T;
+			if (k < n) {
+				loader_get(&t->val, k, in, tg);
+			} else {
+				memset(in, 0, sizeof(int) * T);
+				memset(tg, 0xff, sizeof(int) * T);  /* -1: no loss */
+			}
+		}
+		model_forward(t->m, t->inputs, t->targets, B, T);
 		int c = model_count_targets(t->m);
-		sum += (double)t->m->last_ce_loss * c;
-		count += c;
+		sums[0] += (double)t->m->last_ce_loss * c;
+		sums[1] += c;
 	}
-	return count ? sum / count : 0.0;
+	if (t->d && W > 1 && comm_allreduce(t->d->world_g, sums, 2, COMM_F64, COMM_SUM))
+		comm_abort(1, "all-reduce of the validation loss failed");
+	return sums[1] ? sums[0] / sums[1] : 0.0;
 }
 
 static int save_checkpoint(struct trainer *t)
 {
-	char path[1100], err[1024];
+	char path[1100], err[1024] = "";
 	const char *dir = t->cfg.checkpoint.dir;
-	if (make_dirs(dir)) {
-		fprintf(stderr, "moe train: checkpoint.dir %s: %s\n", dir, strerror(errno));
-		return -1;
+	int ok = 1;
+	if (t->rank == 0 && make_dirs(dir)) {
+		snprintf(err, sizeof(err), "checkpoint.dir %s: %s", dir, strerror(errno));
+		ok = 0;
 	}
+	if (!all_ok(t, ok))
+		goto fail;
 	checkpoint_path(path, sizeof(path), dir, t->st.step);
-	if (checkpoint_save(path, t->m, &t->opt, &t->cfg, &t->st, err, sizeof(err)) ||
-	    checkpoint_prune(dir, t->cfg.checkpoint.keep, err, sizeof(err))) {
-		fprintf(stderr, "moe train: %s\n", err);
-		return -1;
-	}
-	printf("saved %s\n", path);
+	/* ZeRO: the file holds the whole AdamW state, gathered for the write */
+	if (t->zero && (adamw_init(&t->opt, t->m->n_weights) || zero_gather_state(&t->z, t->m, &t->opt)))
+		comm_abort(1, "out of memory gathering the optimizer state");
+	ok = !checkpoint_save_dist(path, t->m, &t->opt, &t->cfg, &t->st, t->d, err, sizeof(err));
+	if (t->zero)
+		adamw_free(&t->opt);
+	if (!ok)
+		goto fail;
+	ok = t->rank != 0 || !checkpoint_prune(dir, t->cfg.checkpoint.keep, err, sizeof(err));
+	if (!all_ok(t, ok))
+		goto fail;
+	LOG(t, "saved %s\n", path);
 	return 0;
+fail:
+	if (err[0])
+		fprintf(stderr, "moe train: %s\n", err);
+	return -1;
 }
 
 /* ---------------------------------------------------------------- the loop */
@@ -525,7 +619,8 @@ static int run_loop(struct trainer *t)
 		struct step_result r;
 		train_step(t, &r);
 		if (r.skipped && !strcmp(tc->on_nonfinite, "stop")) {
-			fprintf(stderr, "moe train: non-finite %s at step %lld (loss %g, grad norm %g)%s%s; "
+			if (t->rank == 0)
+				fprintf(stderr, "moe train: non-finite %s at step %lld (loss %g, grad norm %g)%s%s; "
 				"stopping (train.on_nonfinite=skip skips such steps)\n",
 				isfinite(r.loss) ? "gradient" : "loss", (long long)t->st.step, r.loss, r.grad_norm,
 				r.bad ? " first in " : "", r.bad ? r.bad : "");
@@ -536,36 +631,45 @@ static int run_loop(struct trainer *t)
 			val = validation_loss(t);
 		log_step(t, &r, val);
 		int last = t->st.step == tc->steps;
-		int stop = stop_requested || (tc->stop_at > 0 && t->st.step == tc->stop_at);
+		/* a signal may reach the ranks a step apart: they agree to stop together */
+		int signalled = !all_ok(t, !stop_requested);
+		int stop = signalled || (tc->stop_at > 0 && t->st.step == tc->stop_at);
 		if ((every > 0 && t->st.step % every == 0) || last || stop)
 			if (save_checkpoint(t))
 				return 1;
 		if (stop && !last) {
-			printf("stopped at step %lld (%s); continue with --resume latest\n", (long long)t->st.step,
-			       stop_requested ? "signal" : "train.stop_at");
+			LOG(t, "stopped at step %lld (%s); continue with --resume latest\n", (long long)t->st.step,
+			    signalled ? "signal" : "train.stop_at");
 			return 0;
 		}
 	}
 	return 0;
 }
 
-int train_run(const struct run_config *cfg, const char *resume)
+int train_run(const struct run_config *cfg, const char *resume, const struct dist *d)
 {
 	struct trainer *t = calloc(1, sizeof(*t));
 	int rc = 1;
 	if (!t)
 		return 1;
-	if (setup(t, cfg, resume) == 0) {
+	t->d = d;
+	t->rank = d ? d->rank : 0;
+	t->world = d ? d->world : 1;
+	int ok = setup(t, cfg, resume) == 0;
+	if (all_ok(t, ok)) {
 		int64_t total, act;
 		model_count_params(&cfg->model, &total, &act);
-		printf("training: %lld parameters (%lld activated), %d steps of %d x %d x %d tokens, lr %g (%s)\n",
-		       (long long)total, (long long)act, cfg->train.steps, cfg->train.grad_accum,
-		       cfg->train.micro_batch, cfg->train.seq_len, cfg->train.lr, cfg->train.schedule);
+		LOG(t, "training: %lld parameters (%lld activated), %d steps of %d ranks (dp %d x ep %d) x %d x %d "
+		    "x %d tokens, lr %g (%s)\n", (long long)total, (long long)act, cfg->train.steps, t->world,
+		    d ? d->dp : 1, d ? d->ep : 1, cfg->train.grad_accum, cfg->train.micro_batch,
+		    cfg->train.seq_len, cfg->train.lr, cfg->train.schedule);
 		signal(SIGINT, on_stop_signal);
 		signal(SIGTERM, on_stop_signal);
 		rc = run_loop(t);
 		signal(SIGINT, SIG_DFL);
 		signal(SIGTERM, SIG_DFL);
+	} else if (ok) {
+		fprintf(stderr, "moe train: rank %d: stopping, another rank failed to start\n", t->rank);
 	}
 	teardown(t);
 	free(t);

@@ -322,10 +322,16 @@ static void test_rmsnorm(void)
 /* ------------------------------------------------------------------------------------------------ */
 /* rope */
 
-/* A rope layout inside a bigger buffer: rope slots at buf + off + n*row_stride + h*head_stride. */
+/*
+ * A rope layout inside a bigger buffer: rope slots at buf + off + n*row_stride + h*head_stride.
+ * period 0: sparse positions (range wider than N, one (cos, sin) row per token); period p: positions
+ * 3 + (7 n mod p), a shuffled range that fits in N, as in a batch of sequences (a table per position).
+ */
 struct rope_layout {
 	const char *name;
 	int N, nheads, row_stride, head_stride, off, dr;
+	int period;
+	bool fd;	/* finite-difference the backward (small layouts only) */
 };
 
 static size_t rope_buf_len(const struct rope_layout *L)
@@ -374,12 +380,21 @@ static void test_rope_layout(const struct rope_layout *L, float theta)
 	double *num = dalloc(n);
 	int *pos = ialloc(L->N);
 	struct rope_ctx c = { L, x, r, tmp, pos, theta };
-	double worst = 0, worst_norm = 0;
+	double worst = 0, worst_norm = 0, tol;
+	int pmod = L->N * 4 > 300 ? L->N * 4 : 300, pmax = 0;
+	size_t touched = 0;
 
 	test_fill_randn(x, n, 1.0f);
 	test_fill_randn(r, n, 1.0f);
-	for (int i = 0; i < L->N; i++)
-		pos[i] = i == 0 ? 0 : (i * 37 + 5) % 300;	/* includes 0, not monotone */
+	for (int i = 0; i < L->N; i++) {
+		if (L->period)
+			pos[i] = 3 + (i * 7) % L->period;	/* period coprime to 7: a shuffled range */
+		else
+			pos[i] = i == 0 ? 0 : (i * 37 + 5) % pmod;	/* includes 0, not monotone */
+		pmax = pos[i] > pmax ? pos[i] : pmax;
+	}
+	/* a float32 angle pos * freq may be off by ~ulp(pos): allow it */
+	tol = 2e-4 + 2e-7 * pmax;
 
 	/* forward vs the interleaved formula; untouched outside the rope slots */
 	memcpy(y, x, n * sizeof(float));
@@ -388,7 +403,7 @@ static void test_rope_layout(const struct rope_layout *L, float theta)
 		int tn, th, tj;
 
 		if (!rope_slot(L, i, &tn, &th, &tj)) {
-			CU_ASSERT(y[i] == x[i]);
+			touched += y[i] != x[i];
 			continue;
 		}
 		int pair = tj / 2;
@@ -408,14 +423,17 @@ static void test_rope_layout(const struct rope_layout *L, float theta)
 				worst_norm = en;
 		}
 	}
-	if (!(worst <= 2e-4))
+	if (touched)
+		fprintf(stderr, "\n  rope %s: %zu numbers outside the rope slots changed\n", L->name, touched);
+	CU_ASSERT(touched == 0);
+	if (!(worst <= tol))
 		fprintf(stderr, "\n  rope %s forward: max abs err %.3g\n", L->name, worst);
-	CU_ASSERT(worst <= 2e-4);
+	CU_ASSERT(worst <= tol);
 	if (!(worst_norm <= 1e-5))
 		fprintf(stderr, "\n  rope %s norm: max rel err %.3g\n", L->name, worst_norm);
 	CU_ASSERT(worst_norm <= 1e-5);
-	/* pos 0 is the identity */
-	for (int h = 0; h < L->nheads; h++)
+	/* pos 0 (token 0 of the sparse pattern) is the identity */
+	for (int h = 0; h < (pos[0] == 0 ? L->nheads : 0); h++)
 		for (int j = 0; j < L->dr; j++) {
 			size_t i = (size_t)L->off + (size_t)h * L->head_stride + j;
 
@@ -423,12 +441,12 @@ static void test_rope_layout(const struct rope_layout *L, float theta)
 		}
 
 	/* backward = transpose of the forward's Jacobian (identity outside the rope slots) */
-	memcpy(dx, r, n * sizeof(float));
-	rope_backward(dx + L->off, pos, L->N, L->nheads, L->row_stride, L->head_stride, L->dr, theta);
-	gc_numeric_grad(num, x, n, 1e-2f, rope_loss, &c);
-	{
+	if (L->fd) {
 		char what[96];
 
+		memcpy(dx, r, n * sizeof(float));
+		rope_backward(dx + L->off, pos, L->N, L->nheads, L->row_stride, L->head_stride, L->dr, theta);
+		gc_numeric_grad(num, x, n, 1e-2f, rope_loss, &c);
 		snprintf(what, sizeof(what), "rope %s backward", L->name);
 		CU_ASSERT(gc_check(what, dx, num, n, FD_TOL, 1e-6));
 	}
@@ -442,20 +460,26 @@ static void test_rope_layout(const struct rope_layout *L, float theta)
 
 static void test_rope(void)
 {
-	/* q rows [H, dn + dr], rope at offset dn of each head */
-	const struct rope_layout q = { "q [N,H,dn+dr]", 7, 3, 3 * (4 + 8), 4 + 8, 4, 8 };
-	/* kv_a output rows [kv_lora + dr], one shared k_pe at offset kv_lora */
-	const struct rope_layout k = { "k_pe [N,kvl+dr]", 6, 1, 5 + 6, 0, 5, 6 };
-	/* contiguous heads of dr */
-	const struct rope_layout c = { "[N,H*dr]", 4, 2, 2 * 10, 10, 0, 10 };
-	/* single pair */
-	const struct rope_layout s = { "dr=2", 5, 2, 7, 3, 1, 2 };
+	static const struct rope_layout layouts[] = {
+		/* q rows [H, dn + dr], rope at offset dn of each head */
+		{ "q [N,H,dn+dr]", 7, 3, 3 * (4 + 8), 4 + 8, 4, 8, 0, true },
+		{ "q [N,H,dn+dr] pos range 3", 7, 3, 3 * (4 + 8), 4 + 8, 4, 8, 3, true },
+		/* kv_a output rows [kv_lora + dr], one shared k_pe at offset kv_lora */
+		{ "k_pe [N,kvl+dr]", 6, 1, 5 + 6, 0, 5, 6, 0, true },
+		{ "k_pe [N,kvl+dr] pos range 4", 8, 1, 5 + 6, 0, 5, 6, 4, true },
+		/* contiguous heads of dr */
+		{ "[N,H*dr]", 4, 2, 2 * 10, 10, 0, 10, 0, true },
+		/* single pair */
+		{ "dr=2", 5, 2, 7, 3, 1, 2, 0, true },
+		/* big enough for the threaded paths: B=2 sequences of 300, and sparse positions */
+		{ "big q pos range 300", 600, 4, 4 * (8 + 32), 8 + 32, 8, 32, 300, false },
+		{ "big q sparse", 600, 4, 4 * (8 + 32), 8 + 32, 8, 32, 0, false },
+		{ "big k_pe pos range 300", 600, 1, 16 + 64, 0, 16, 64, 300, false },
+	};
 
 	test_rng_seed(4);
-	test_rope_layout(&q, 10000.0f);
-	test_rope_layout(&k, 10000.0f);
-	test_rope_layout(&c, 500.0f);
-	test_rope_layout(&s, 10000.0f);
+	for (size_t i = 0; i < sizeof(layouts) / sizeof(layouts[0]); i++)
+		test_rope_layout(&layouts[i], i == 4 ? 500.0f : 10000.0f);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -582,7 +606,7 @@ static void test_attention_forward(void)
 static void test_attention_backward(void)
 {
 	test_rng_seed(6);
-	attn_case(2, 67, 2, 5, 3, 0.37f, true);
+	attn_case(2, 67, 2, 3, 2, 0.37f, true);	/* one full block of 64 and a partial one */
 	attn_case(2, 3, 2, 4, 6, 0.6f, true);
 	attn_case(1, 1, 1, 3, 2, 0.5f, true);
 }
@@ -1107,7 +1131,7 @@ static void test_router_backward(void)
 		struct router_ctx ctx = { p, logits, scores, w, idx, idx0, r, NULL, N, 0 };
 		char what[64];
 
-		gen_router_logits(logits, NULL, p, N, 1.5f, 2e-3);
+		gen_router_logits(logits, NULL, p, N, 1.5f, 1e-2);
 		test_fill_randn(r, nk, 1.0f);
 		test_fill_randn(r2, ne, 1.0f);
 		router_forward(s0, idx0, w, logits, NULL, p, N);
@@ -1117,7 +1141,7 @@ static void test_router_backward(void)
 			memset(dl, 0, ne * sizeof(float));
 			router_backward(dl, r, ctx.r2, s0, idx0, p, N);
 			ctx.selection_changed = 0;
-			gc_numeric_grad(num, logits, ne, 1e-3f, router_loss, &ctx);
+			gc_numeric_grad(num, logits, ne, 4e-3f, router_loss, &ctx);
 			CU_ASSERT(ctx.selection_changed == 0);
 			snprintf(what, sizeof(what), "router case %zu dlogits%s", c, with_ds ? " (+dscores)" : "");
 			CU_ASSERT(gc_check(what, dl, num, ne, FD_TOL, 1e-6));
@@ -1231,6 +1255,243 @@ static void test_balance_loss(void)
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* sizes past the ops' threading / chunking thresholds, against references in double */
+
+/* naive causal attention backward in double, from dout */
+static void attn_ref_backward(double *gq, double *gk, double *gv, const float *dout, const float *q,
+			      const float *k, const float *v, int B, int T, int H, int dq, int dv, double scale)
+{
+	double *P = dalloc(T), *dP = dalloc(T);
+
+	memset(gq, 0, sizeof(double) * B * T * H * dq);
+	memset(gk, 0, sizeof(double) * B * T * H * dq);
+	memset(gv, 0, sizeof(double) * B * T * H * dv);
+	for (int b = 0; b < B; b++)
+		for (int h = 0; h < H; h++)
+			for (int t = 0; t < T; t++) {
+				size_t qi = ((size_t)(b * T + t) * H + h) * dq, oi = ((size_t)(b * T + t) * H + h) * dv;
+				double m = -INFINITY, sum = 0, D = 0;
+
+				for (int s = 0; s <= t; s++) {
+					size_t ki = ((size_t)(b * T + s) * H + h) * dq;
+					double d = 0;
+
+					for (int i = 0; i < dq; i++)
+						d += (double)q[qi + i] * k[ki + i];
+					P[s] = d * scale;
+					m = P[s] > m ? P[s] : m;
+				}
+				for (int s = 0; s <= t; s++)
+					sum += exp(P[s] - m);
+				for (int s = 0; s <= t; s++) {
+					size_t vi = ((size_t)(b * T + s) * H + h) * dv;
+
+					P[s] = exp(P[s] - m) / sum;
+					dP[s] = 0;
+					for (int j = 0; j < dv; j++) {
+						dP[s] += (double)dout[oi + j] * v[vi + j];
+						gv[vi + j] += P[s] * dout[oi + j];
+					}
+					D += P[s] * dP[s];
+				}
+				for (int s = 0; s <= t; s++) {
+					size_t ki = ((size_t)(b * T + s) * H + h) * dq;
+					double dS = P[s] * (dP[s] - D) * scale;
+
+					for (int i = 0; i < dq; i++) {
+						gq[qi + i] += dS * k[ki + i];
+						gk[ki + i] += dS * q[qi + i];
+					}
+				}
+			}
+	free(P);
+	free(dP);
+}
+
+static void test_large_attention(void)
+{
+	enum { B = 2, T = 150, H = 2, DQ = 6, DV = 4 };	/* three query blocks of 64, the last partial */
+	const float scale = 0.45f;
+	size_t nq = (size_t)B * T * H * DQ, nv = (size_t)B * T * H * DV, nl = (size_t)B * H * T;
+	float *q = falloc(nq), *k = falloc(nq), *v = falloc(nv), *out = falloc(nv), *lse = falloc(nl);
+	float *dout = falloc(nv), *gq = falloc(nq), *gk = falloc(nq), *gv = falloc(nv);
+	double *rq = dalloc(nq), *rk = dalloc(nq), *rv = dalloc(nv);
+
+	test_rng_seed(14);
+	test_fill_randn(q, nq, 1.5f);
+	test_fill_randn(k, nq, 1.5f);
+	test_fill_randn(v, nv, 1.0f);
+	test_fill_randn(dout, nv, 1.0f);
+	attention_forward(out, lse, q, k, v, B, T, H, DQ, DV, scale);
+	attention_backward(gq, gk, gv, dout, out, lse, q, k, v, B, T, H, DQ, DV, scale);
+	attn_ref_backward(rq, rk, rv, dout, q, k, v, B, T, H, DQ, DV, scale);
+	CU_ASSERT(gc_check("attention T=150 dq vs reference", gq, rq, nq, 1e-4, 1e-6));
+	CU_ASSERT(gc_check("attention T=150 dk vs reference", gk, rk, nq, 1e-4, 1e-6));
+	CU_ASSERT(gc_check("attention T=150 dv vs reference", gv, rv, nv, 1e-4, 1e-6));
+
+	free(q); free(k); free(v); free(out); free(lse); free(dout); free(gq); free(gk); free(gv);
+	free(rq); free(rk); free(rv);
+}
+
+static void test_large_linear(void)
+{
+	enum { N = 70, IN = 96, OUT = 80 };
+	float *x = falloc(N * IN), *w = falloc(OUT * IN), *y = falloc(N * OUT), *dy = falloc(N * OUT);
+	float *dx = falloc(N * IN), *dw = falloc(OUT * IN);
+	double *ry = dalloc(N * OUT), *rdx = dalloc(N * IN), *rdw = dalloc(OUT * IN);
+
+	test_rng_seed(15);
+	test_fill_randn(x, N * IN, 1.0f);
+	test_fill_randn(w, OUT * IN, 0.1f);
+	test_fill_randn(dy, N * OUT, 1.0f);
+	ffill(dx, N * IN, ACC_FILL);
+	ffill(dw, OUT * IN, ACC_FILL);
+	linear_forward(y, x, w, N, IN, OUT);
+	linear_backward(dx, dw, dy, x, w, N, IN, OUT);
+	for (int n = 0; n < N; n++)
+		for (int i = 0; i < IN; i++)
+			rdx[n * IN + i] = ACC_FILL;
+	for (int o = 0; o < OUT; o++)
+		for (int i = 0; i < IN; i++)
+			rdw[o * IN + i] = ACC_FILL;
+	for (int n = 0; n < N; n++)
+		for (int o = 0; o < OUT; o++) {
+			double acc = 0, g = dy[n * OUT + o];
+
+			for (int i = 0; i < IN; i++) {
+				acc += (double)x[n * IN + i] * w[o * IN + i];
+				rdx[n * IN + i] += g * w[o * IN + i];
+				rdw[o * IN + i] += g * x[n * IN + i];
+			}
+			ry[n * OUT + o] = acc;
+		}
+	CU_ASSERT(check_close("linear large forward", rel_err_d(y, ry, N * OUT, 1.0), 1e-5));
+	CU_ASSERT(check_close("linear large dx", rel_err_d(dx, rdx, N * IN, 1.0), 1e-5));
+	CU_ASSERT(check_close("linear large dw", rel_err_d(dw, rdw, OUT * IN, 1.0), 1e-5));
+
+	free(x); free(w); free(y); free(dy); free(dx); free(dw); free(ry); free(rdx); free(rdw);
+}
+
+static void test_large_embedding(void)
+{
+	enum { V = 17, C = 130, N = 200 };	/* three column chunks of 64, N*C past the threading threshold */
+	float *table = falloc(V * C), *out = falloc(N * C), *dout = falloc(N * C), *dt = falloc(V * C);
+	double *ref = dalloc(V * C);
+	int *ids = ialloc(N);
+
+	test_rng_seed(16);
+	test_fill_randn(table, V * C, 1.0f);
+	test_fill_randn(dout, N * C, 1.0f);
+	for (int n = 0; n < N; n++)
+		ids[n] = (int)test_rand_uniform(0, V - 1);	/* id V-1 never used */
+	embedding_forward(out, ids, table, N, C);
+	for (int n = 0; n < N; n++)
+		CU_ASSERT(memcmp(out + (size_t)n * C, table + (size_t)ids[n] * C, C * sizeof(float)) == 0);
+	ffill(dt, V * C, ACC_FILL);
+	embedding_backward(dt, dout, ids, N, C);
+	for (int i = 0; i < V * C; i++)
+		ref[i] = ACC_FILL;
+	for (int n = 0; n < N; n++)
+		for (int c = 0; c < C; c++)
+			ref[ids[n] * C + c] += dout[n * C + c];
+	CU_ASSERT(check_close("embedding large backward", rel_err_d(dt, ref, V * C, 1.0), 1e-5));
+	for (int c = 0; c < C; c++)
+		CU_ASSERT(dt[(V - 1) * C + c] == ACC_FILL);
+
+	free(table); free(out); free(dout); free(dt); free(ref); free(ids);
+}
+
+static void test_large_rmsnorm(void)
+{
+	enum { N = 160, C = 130 };
+	const float eps = 1e-6f;
+	float *x = falloc(N * C), *w = falloc(C), *y = falloc(N * C), *rstd = falloc(N), *dy = falloc(N * C);
+	float *dx = falloc(N * C), *dw = falloc(C);
+	double *ry = dalloc(N * C), *rdx = dalloc(N * C), *rdw = dalloc(C);
+
+	test_rng_seed(17);
+	test_fill_randn(x, N * C, 1.0f);
+	for (int i = 0; i < C; i++)
+		w[i] = 1.0f + 0.3f * test_randn();
+	test_fill_randn(dy, N * C, 1.0f);
+	rmsnorm_forward(y, rstd, x, w, N, C, eps);
+	ffill(dx, N * C, ACC_FILL);
+	ffill(dw, C, ACC_FILL);
+	rmsnorm_backward(dx, dw, dy, x, w, rstd, N, C);
+	for (int i = 0; i < C; i++)
+		rdw[i] = ACC_FILL;
+	for (int n = 0; n < N; n++) {
+		const float *xr = x + n * C, *dyr = dy + n * C;
+		double ss = 0, dot = 0, r;
+
+		for (int i = 0; i < C; i++) {
+			ss += (double)xr[i] * xr[i];
+			dot += (double)dyr[i] * w[i] * xr[i];
+		}
+		r = 1.0 / sqrt(ss / C + eps);
+		for (int i = 0; i < C; i++) {
+			ry[n * C + i] = xr[i] * r * w[i];
+			rdx[n * C + i] = ACC_FILL + r * w[i] * dyr[i] - xr[i] * r * r * r * dot / C;
+			rdw[i] += (double)dyr[i] * xr[i] * r;
+		}
+	}
+	CU_ASSERT(check_close("rmsnorm large forward", rel_err_d(y, ry, N * C, 1.0), 1e-5));
+	CU_ASSERT(check_close("rmsnorm large dx", rel_err_d(dx, rdx, N * C, 1.0), 1e-5));
+	CU_ASSERT(check_close("rmsnorm large dw", rel_err_d(dw, rdw, C, 1.0), 1e-5));
+
+	free(x); free(w); free(y); free(rstd); free(dy); free(dx); free(dw); free(ry); free(rdx); free(rdw);
+}
+
+/* forward and the three backward variants (both, dgate only, dup only) vs double */
+static void swiglu_check_ref(size_t n)
+{
+	float *g = falloc(n), *u = falloc(n), *o = falloc(n), *dout = falloc(n);
+	float *dg = falloc(n), *du = falloc(n), *dg1 = falloc(n), *du1 = falloc(n);
+	double *ro = dalloc(n), *rdg = dalloc(n), *rdu = dalloc(n);
+	char what[64];
+
+	test_fill_randn(g, n, 3.0f);
+	test_fill_randn(u, n, 1.0f);
+	test_fill_randn(dout, n, 1.0f);
+	for (size_t i = 0; i < n; i++) {
+		double s = 1.0 / (1.0 + exp(-(double)g[i]));
+
+		ro[i] = g[i] * s * u[i];
+		rdg[i] = ACC_FILL + (double)dout[i] * u[i] * s * (1 + g[i] * (1 - s));
+		rdu[i] = ACC_FILL + (double)dout[i] * g[i] * s;
+	}
+	swiglu_forward(o, g, u, n);
+	snprintf(what, sizeof(what), "swiglu n=%zu forward", n);
+	CU_ASSERT(check_close(what, rel_err_d(o, ro, n, 1.0), 1e-5));
+	ffill(dg, n, ACC_FILL);
+	ffill(du, n, ACC_FILL);
+	ffill(dg1, n, ACC_FILL);
+	ffill(du1, n, ACC_FILL);
+	swiglu_backward(dg, du, dout, g, u, n);
+	swiglu_backward(dg1, NULL, dout, g, u, n);
+	swiglu_backward(NULL, du1, dout, g, u, n);
+	snprintf(what, sizeof(what), "swiglu n=%zu dgate", n);
+	CU_ASSERT(check_close(what, rel_err_d(dg, rdg, n, 1.0), 1e-5));
+	snprintf(what, sizeof(what), "swiglu n=%zu dup", n);
+	CU_ASSERT(check_close(what, rel_err_d(du, rdu, n, 1.0), 1e-5));
+	snprintf(what, sizeof(what), "swiglu n=%zu dgate only", n);
+	CU_ASSERT(check_close(what, rel_err_d(dg1, rdg, n, 1.0), 1e-5));
+	snprintf(what, sizeof(what), "swiglu n=%zu dup only", n);
+	CU_ASSERT(check_close(what, rel_err_d(du1, rdu, n, 1.0), 1e-5));
+
+	free(g); free(u); free(o); free(dout); free(dg); free(du); free(dg1); free(du1);
+	free(ro); free(rdg); free(rdu);
+}
+
+static void test_large_swiglu(void)
+{
+	test_rng_seed(18);
+	swiglu_check_ref(5);
+	swiglu_check_ref(37);
+	swiglu_check_ref(40001);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 
 static void test_vec_add(void)
 {
@@ -1246,6 +1507,20 @@ static void test_vec_add(void)
 	CU_ASSERT(memcmp(a, want, sizeof(a)) == 0);
 	vec_add(a, b, 0);
 	CU_ASSERT(memcmp(a, want, sizeof(a)) == 0);
+
+	/* big enough to be threaded */
+	{
+		size_t nb = 50001;
+		float *x = falloc(nb), *y = falloc(nb), *z = falloc(nb);
+
+		test_fill_randn(x, nb, 1.0f);
+		test_fill_randn(y, nb, 1.0f);
+		for (size_t i = 0; i < nb; i++)
+			z[i] = x[i] + y[i];
+		vec_add(x, y, nb);
+		CU_ASSERT(memcmp(x, z, nb * sizeof(float)) == 0);
+		free(x); free(y); free(z);
+	}
 }
 
 void register_tests(void)
@@ -1264,6 +1539,11 @@ void register_tests(void)
 		{ "router_ties", test_router_ties },
 		{ "router_backward", test_router_backward },
 		{ "balance_loss", test_balance_loss },
+		{ "large_attention", test_large_attention },
+		{ "large_linear", test_large_linear },
+		{ "large_embedding", test_large_embedding },
+		{ "large_rmsnorm", test_large_rmsnorm },
+		{ "large_swiglu", test_large_swiglu },
 		{ "vec_add", test_vec_add },
 		{ NULL, NULL },
 	};
