@@ -14,6 +14,7 @@
 
 #include "data/shard.h"
 #include "launch/comm.h"
+#include "launch/startup.h"
 #include "model/model.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
@@ -163,6 +164,9 @@ static void checkpoint_config(struct run_config *rc, const struct cli *c)
 			die("%s", err);
 	if (config_model_diff(&saved, &rc->model, key, sizeof(key)))
 		die("--set %s would change the checkpoint's model", key);
+	/* one process, whatever layout trained it */
+	rc->parallel.ep = 1;
+	rc->parallel.zero = 0;
 	if (config_validate(rc, 1, err, sizeof(err)))
 		die("%s", err);
 }
@@ -310,6 +314,7 @@ static void usage(void)
 
 int main(int argc, char **argv)
 {
+	startup_fix_blas_kernels(argv);
 	if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
 		usage();
 		return argc < 2 ? 2 : 0;

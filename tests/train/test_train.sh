@@ -113,5 +113,16 @@ expect_error "missing checkpoint" "nope.h5" train "${common[@]}" --set "checkpoi
 	--set train.steps=2 >"$W/ft.log" 2>&1 && grep -q "initialised from" "$W/ft.log" \
 	&& [ -e "$W/ft/step_00000002.h5" ] && pass "init_checkpoint fine-tuning run" || { cat "$W/ft.log"; fail "init_checkpoint"; }
 
+# 7. moe eval and moe inspect on a training checkpoint
+out=$("$MOE" eval --checkpoint "$ck" --data "$W/val_0.bin" 2>&1)
+# 3000 tokens, seq_len 32: 93 sequences of 32 predicted tokens
+if python3 -c 'import json,sys; d=json.loads(sys.argv[1]); sys.exit(0 if d["tokens"] == 93*32 and 0 < d["loss"] < 6 else 1)' "$out"; then
+	pass "moe eval: $out"
+else
+	fail "moe eval: $out"
+fi
+"$MOE" inspect "$ck" | grep -q "model.layers.1.mlp.experts.down_proj.weight *\[8, 64, 32\]" \
+	&& pass "moe inspect lists the stacked experts" || fail "moe inspect"
+
 echo "test_train.sh: $fails failure(s)"
 [ "$fails" = 0 ]
