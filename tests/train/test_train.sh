@@ -124,5 +124,15 @@ fi
 "$MOE" inspect "$ck" | grep -q "model.layers.1.mlp.experts.down_proj.weight *\[8, 64, 32\]" \
 	&& pass "moe inspect lists the stacked experts" || fail "moe inspect"
 
+# 8. non-finite values: an absurd learning rate blows the weights up; stop names the step, skip goes on
+nf=(--set train.lr=1e38 --set train.warmup_steps=0 --set train.grad_clip=0 --set train.steps=6)
+out=$("$MOE" train "${common[@]}" "${nf[@]}" --set "checkpoint.dir=$W/nf1" 2>&1) && fail "non-finite: stop accepted"
+grep -q "non-finite .* at step" <<<"$out" && pass "non-finite stop: $(grep -m1 non-finite <<<"$out")" \
+	|| fail "non-finite stop message: $out"
+"$MOE" train "${common[@]}" "${nf[@]}" --set train.on_nonfinite=skip --set "checkpoint.dir=$W/nf2" \
+	--set "log.metrics=$W/nf2.jsonl" >"$W/nf2.log" 2>&1 && grep -q '"skipped": true' "$W/nf2.jsonl" \
+	&& [ "$(wc -l <"$W/nf2.jsonl")" = 6 ] && pass "non-finite skip: steps skipped, run completes" \
+	|| { tail -3 "$W/nf2.log"; fail "non-finite skip"; }
+
 echo "test_train.sh: $fails failure(s)"
 [ "$fails" = 0 ]
