@@ -21,8 +21,14 @@ void startup_fix_blas_kernels(char **argv)
 		want = "Haswell";
 	if (!want)
 		return;
+	/* exec the binary by its own path, so the process keeps its name (ps, pgrep, killall) */
+	char self[4096];
+	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+	if (n <= 0)
+		return;
+	self[n] = 0;
 	setenv("OPENBLAS_CORETYPE", want, 1);
-	execv("/proc/self/exe", argv);
+	execv(self, argv);
 	/* exec failed: carry on with the slow kernels */
 	fprintf(stderr, "moe: note: OpenBLAS chose its SSE3 kernels; set OPENBLAS_CORETYPE=%s for speed\n", want);
 #else

@@ -87,12 +87,18 @@ else
 fi
 # ... and a rank killed mid-run
 mpi -np 2 "$MOE" train "${common[@]}" --set train.steps=100000 --set "checkpoint.dir=$W/k" >"$W/k.log" 2>&1 &
-sleep 3
-victim=$(pgrep -f "checkpoint.dir=$W/k" | grep -v "^$!\$" | while read p; do
-	[ "$(ps -o comm= -p "$p")" = moe ] && echo "$p"; done | tail -1)
+job=$!
+victim=
+for _ in $(seq 60); do  # wait until both ranks are training
+	sleep 0.5
+	grep -q "^step " "$W/k.log" 2>/dev/null || continue
+	victim=$(pgrep -f "checkpoint.dir=$W/k" | while read p; do
+		[ "$(ps -o comm= -p "$p")" != mpirun ] && echo "$p"; done | tail -1)
+	[ -n "$victim" ] && break
+done
 start=$(date +%s)
-[ -n "$victim" ] && kill -9 "$victim"
-wait $! 2>/dev/null
+if [ -n "$victim" ]; then kill -9 "$victim"; else kill "$job"; fi
+wait "$job" 2>/dev/null
 el=$(( $(date +%s) - start ))
 [ -n "$victim" ] && [ "$el" -lt 20 ] && pass "a rank killed by SIGKILL ends the job in ${el}s" \
 	|| { tail "$W/k.log"; fail "killed rank (${el}s, victim '$victim')"; }
