@@ -112,6 +112,52 @@ static void group_by_expert(const struct moe_model *m, struct moe_acts *a, int N
 	build_tasks(a, El, m->cfg.n_shared_experts > 0);
 }
 
+/*
+ * out[n] (+)= sum_k wk * rows[row[n*K + k]], slots in order (wk = weights[n*K + k], or 1 when weights is
+ * NULL; a row index < 0 is skipped: an expert of another rank).  set: write out instead of adding.
+ */
+static void combine_rows(float *out, const float *rows, const int *row, const float *weights, int N, int K,
+			 int C, int set)
+{
+#pragma omp parallel for schedule(static)
+	for (int n = 0; n < N; n++) {
+		float *o = out + (size_t)n * C;
+		if (set)
+			memset(o, 0, sizeof(float) * C);
+		for (int k = 0; k < K; k++) {
+			int r = row[n * K + k];
+			if (r < 0)
+				continue;
+			const float *y = rows + (size_t)r * C;
+			float wk = weights ? weights[n * K + k] : 1.0f;
+			for (int i = 0; i < C; i++)
+				o[i] += wk * y[i];
+		}
+	}
+}
+
+/* local expert e over its n rows starting at r0: forward, and backward writing dx_rows */
+static void expert_fwd(const struct layer_weights *w, int e, int r0, int n, const float *x_rows, float *y_rows,
+		       const struct mlp_acts *acts, int C, int Im)
+{
+	size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
+	struct mlp_acts ea = { acts->g + ro, acts->u + ro, acts->a + ro };
+	mlp_fwd(&ea, y_rows + (size_t)r0 * C, x_rows + (size_t)r0 * C, w->experts_gate_proj + wo,
+		w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im, LIN_SERIAL);
+}
+
+static void expert_bwd(const struct layer_weights *w, const struct layer_weights *g, int e, int r0, int n,
+		       float *dx_rows, float *dg, float *du, const float *dy_rows, const float *x_rows,
+		       const struct mlp_acts *acts, int C, int Im)
+{
+	size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
+	struct mlp_acts ea = { acts->g + ro, acts->u + ro, acts->a + ro };
+	mlp_bwd(dx_rows + (size_t)r0 * C, g->experts_gate_proj + wo, g->experts_up_proj + wo,
+		g->experts_down_proj + wo, dg + ro, du + ro, dy_rows + (size_t)r0 * C, x_rows + (size_t)r0 * C,
+		&ea, w->experts_gate_proj + wo, w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im,
+		LIN_SERIAL | LIN_SET_DX);
+}
+
 /* ---------------------------------------------------------------- expert parallelism */
 
 static void moe_fail(const char *what)
@@ -200,27 +246,12 @@ static void moe_forward_ep(const struct moe_model *m, const struct layer_weights
 				w->shared_down_proj, N, C, Is, LIN_SERIAL);
 			continue;
 		}
-		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
-		size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
-		struct mlp_acts ea = { a->er.g + ro, a->er.u + ro, a->er.a + ro };
-		mlp_fwd(&ea, a->yr + (size_t)r0 * C, a->xr + (size_t)r0 * C, w->experts_gate_proj + wo,
-			w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im, LIN_SERIAL);
+		int r0 = a->offsets[e];
+		expert_fwd(w, e, r0, a->offsets[e + 1] - r0, a->xr, a->yr, &a->er, C, Im);
 	}
 	if (dispatch_from_experts(d, a->yr, a->ye, C))
 		moe_fail("expert combine: the all-to-all failed");
-	int shared = c->n_shared_experts > 0;
-#pragma omp parallel for schedule(static)
-	for (int n = 0; n < N; n++) {
-		float *o = out + (size_t)n * C;
-		if (!shared)
-			memset(o, 0, sizeof(float) * C);
-		for (int k = 0; k < K; k++) {
-			const float *y = a->ye + (size_t)d->send_row[n * K + k] * C;
-			float wk = a->topk_w[n * K + k];
-			for (int i = 0; i < C; i++)
-				o[i] += wk * y[i];
-		}
-	}
+	combine_rows(out, a->ye, d->send_row, a->topk_w, N, K, C, c->n_shared_experts == 0);
 }
 
 static void moe_backward_ep(const struct moe_model *m, const struct layer_weights *w,
@@ -256,28 +287,13 @@ static void moe_backward_ep(const struct moe_model *m, const struct layer_weight
 				w->shared_down_proj, N, C, Is, LIN_SERIAL | LIN_SET_DX);
 			continue;
 		}
-		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
-		size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
-		struct mlp_acts ea = { a->er.g + ro, a->er.u + ro, a->er.a + ro };
-		mlp_bwd(s->dxr + (size_t)r0 * C, g->experts_gate_proj + wo, g->experts_up_proj + wo,
-			g->experts_down_proj + wo, s->dgr + ro, s->dur + ro, s->dyr + (size_t)r0 * C,
-			a->xr + (size_t)r0 * C, &ea, w->experts_gate_proj + wo, w->experts_up_proj + wo,
-			w->experts_down_proj + wo, n, C, Im, LIN_SERIAL | LIN_SET_DX);
+		int r0 = a->offsets[e];
+		expert_bwd(w, g, e, r0, a->offsets[e + 1] - r0, s->dxr, s->dgr, s->dur, s->dyr, a->xr, &a->er,
+			   C, Im);
 	}
 	if (dispatch_from_experts(d, s->dxr, s->dxe, C))
 		moe_fail("expert backward: the all-to-all back failed");
-	int shared = c->n_shared_experts > 0;
-#pragma omp parallel for schedule(static)
-	for (int n = 0; n < N; n++) {
-		float *dn = dx + (size_t)n * C;
-		if (!shared)
-			memset(dn, 0, sizeof(float) * C);
-		for (int k = 0; k < K; k++) {
-			const float *src = s->dxe + (size_t)d->send_row[n * K + k] * C;
-			for (int i = 0; i < C; i++)
-				dn[i] += src[i];
-		}
-	}
+	combine_rows(dx, s->dxe, d->send_row, NULL, N, K, C, c->n_shared_experts == 0);
 }
 
 /* ---------------------------------------------------------------- the layer */
@@ -310,30 +326,11 @@ float moe_forward(const struct moe_model *m, const struct layer_weights *w, stru
 		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
 		for (int r = r0; r < r0 + n; r++)
 			memcpy(a->xe + (size_t)r * C, x + (size_t)(a->row_pair[r] / K) * C, sizeof(float) * C);
-		size_t wo = (size_t)e * Im * C;
-		struct mlp_acts ea = { a->e.g + (size_t)r0 * Im, a->e.u + (size_t)r0 * Im,
-				       a->e.a + (size_t)r0 * Im };
-		mlp_fwd(&ea, a->ye + (size_t)r0 * C, a->xe + (size_t)r0 * C, w->experts_gate_proj + wo,
-			w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im, LIN_SERIAL);
+		expert_fwd(w, e, r0, n, a->xe, a->ye, &a->e, C, Im);
 	}
 
 	/* out = shared(x) + sum_k w_k expert_k(x), slots added in order */
-	int shared = c->n_shared_experts > 0;
-#pragma omp parallel for schedule(static)
-	for (int n = 0; n < N; n++) {
-		float *o = out + (size_t)n * C;
-		if (!shared)
-			memset(o, 0, sizeof(float) * C);
-		for (int k = 0; k < K; k++) {
-			int r = a->row_of[n * K + k];
-			if (r < 0)
-				continue;
-			const float *y = a->ye + (size_t)r * C;
-			float wk = a->topk_w[n * K + k];
-			for (int i = 0; i < C; i++)
-				o[i] += wk * y[i];
-		}
-	}
+	combine_rows(out, a->ye, a->row_of, a->topk_w, N, K, C, c->n_shared_experts == 0);
 balance:
 	if (c->aux_loss_alpha > 0)
 		return balance_loss_forward(a->scores, a->topk_idx, B, T, rp.E, K, (float)c->aux_loss_alpha);
@@ -378,29 +375,10 @@ void moe_backward(const struct moe_model *m, const struct layer_weights *w,
 			}
 			s->dtopk_w[i] = dot;
 		}
-		size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
-		struct mlp_acts ea = { a->e.g + ro, a->e.u + ro, a->e.a + ro };
-		mlp_bwd(s->dxe + (size_t)r0 * C, g->experts_gate_proj + wo, g->experts_up_proj + wo,
-			g->experts_down_proj + wo, s->dg + ro, s->du + ro, s->dye + (size_t)r0 * C,
-			a->xe + (size_t)r0 * C, &ea, w->experts_gate_proj + wo, w->experts_up_proj + wo,
-			w->experts_down_proj + wo, n, C, Im, LIN_SERIAL | LIN_SET_DX);
+		expert_bwd(w, g, e, r0, n, s->dxe, s->dg, s->du, s->dye, a->xe, &a->e, C, Im);
 	}
 	/* scatter the expert input gradients back to their tokens, slots in order */
-	int shared = c->n_shared_experts > 0;
-#pragma omp parallel for schedule(static)
-	for (int n = 0; n < N; n++) {
-		float *d = dx + (size_t)n * C;
-		if (!shared)
-			memset(d, 0, sizeof(float) * C);
-		for (int k = 0; k < K; k++) {
-			int r = a->row_of[n * K + k];
-			if (r < 0)
-				continue;
-			const float *src = s->dxe + (size_t)r * C;
-			for (int i = 0; i < C; i++)
-				d[i] += src[i];
-		}
-	}
+	combine_rows(dx, s->dxe, a->row_of, NULL, N, K, C, c->n_shared_experts == 0);
 
 router:
 	/* router: through the weights (and the balance loss), never through the selection */
