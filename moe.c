@@ -5,6 +5,7 @@
  *   moe init     --config FILE [--set k=v ...] --out CKPT     write a freshly initialised model
  *   moe eval     --checkpoint CKPT --data SHARD [--set k=v]   loss of a model on a shard, read in order
  *   moe inspect  CKPT | --config FILE [--set k=v ...]          what a checkpoint holds / parameter counts
+ *   moe convert  --from-hf DIR --out CKPT | --to-hf CKPT --out DIR    Hugging Face interop
  *   moe data     synth --out SHARD --vocab V --tokens N        a synthetic token shard (tests, demo)
  */
 #include <math.h>
@@ -18,6 +19,7 @@
 #include "model/model.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
+#include "train/convert.h"
 #include "train/eval.h"
 #include "train/train.h"
 
@@ -309,6 +311,7 @@ static void usage(void)
 	       "  init      write a freshly initialised model to an HDF5 checkpoint\n"
 	       "  eval      loss of a checkpoint on a token shard\n"
 	       "  inspect   what a checkpoint holds, or a config's parameter counts\n"
+	       "  convert   Hugging Face safetensors <-> HDF5 checkpoints\n"
 	       "  data      synthetic token shards\n");
 }
 
@@ -328,6 +331,8 @@ int main(int argc, char **argv)
 		return cmd_eval(argc - 2, argv + 2);
 	if (!strcmp(cmd, "inspect"))
 		return cmd_inspect(argc - 2, argv + 2);
+	if (!strcmp(cmd, "convert"))
+		return convert_cli_main(argc - 2, argv + 2);
 	if (!strcmp(cmd, "data"))
 		return cmd_data(argc - 2, argv + 2);
 	fprintf(stderr, "moe: unknown command '%s'\n", cmd);

@@ -1,0 +1,618 @@
+/*
+ * tests/train/test_convert.c - `moe convert`: a tiny model written with --to-hf (sharded, f32 and bf16)
+ * and read back with --from-hf gives every weight back bit for bit (f32) or rounded to bf16 exactly;
+ * config.json round trips, and a transformers-written config.json loads; missing, unexpected and
+ * misshapen tensors are refused naming them, multi-token-prediction layers are skipped, an index that
+ * disagrees with its files is refused, and a DeepSeek-V2 directory without routing bias loads.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include "harness.h"
+
+#include <glob.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "model/model.h"
+#include "train/checkpoint.h"
+#include "train/config.h"
+#include "train/convert.h"
+#include "train/safetensors.h"
+
+static char err[2048];
+
+static const char *tmp_path(const char *name)
+{
+	static char path[8][400];
+	static int next;
+	char *p = path[next++ & 7];
+
+	snprintf(p, sizeof(path[0]), "%s/%s", test_tmpdir(), name);
+	return p;
+}
+
+/* Two layers (dense, then MoE with 4 experts), q_lora on, sigmoid scoring. */
+static void tiny_config(struct run_config *rc)
+{
+	struct model_config *m = &rc->model;
+
+	config_defaults(rc);
+	m->vocab_size = 48;
+	m->hidden_size = 32;
+	m->intermediate_size = 40;
+	m->moe_intermediate_size = 16;
+	m->num_hidden_layers = 2;
+	m->num_attention_heads = 2;
+	m->num_key_value_heads = 2;
+	m->n_shared_experts = 1;
+	m->n_routed_experts = 4;
+	m->n_group = 2;
+	m->topk_group = 1;
+	m->num_experts_per_tok = 2;
+	m->first_k_dense_replace = 1;
+	m->kv_lora_rank = 16;
+	m->q_lora_rank = 16;
+	m->qk_rope_head_dim = 8;
+	m->qk_nope_head_dim = 8;
+	m->v_head_dim = 8;
+	m->rope_theta = 5000.0;
+	m->routed_scaling_factor = 1.5;
+}
+
+/* A model with random weights everywhere (the routing bias too), saved to ckpt. */
+static struct moe_model *saved_model(const struct run_config *rc, const char *ckpt, uint64_t seed)
+{
+	struct moe_model *m = model_create(&rc->model, 0, rc->model.n_routed_experts, err,
+					   sizeof(err));
+	struct ckpt_meta meta = { 0, 0 };
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(m);
+	model_init_weights(m, seed);
+	test_rng_seed(seed);
+	for (int l = 0; l < rc->model.num_hidden_layers; l++)
+		if (m->w.layers[l].e_score_correction_bias)
+			test_fill_randn(m->w.layers[l].e_score_correction_bias,
+					rc->model.n_routed_experts, 0.1f);
+	for (int i = 0; i < m->n_params; i++)  /* norms are 1 at init: make them say something */
+		if (m->params[i].kind == PARAM_NORM)
+			test_fill_randn(m->weights + m->params[i].offset, m->params[i].numel, 1.0f);
+	if (checkpoint_save_model(ckpt, m, rc, &meta, err, sizeof(err)))
+		fprintf(stderr, "\n  save: %s\n", err);
+	return m;
+}
+
+static struct moe_model *load_model(const char *ckpt, struct run_config *rc)
+{
+	struct moe_model *m;
+
+	config_defaults(rc);
+	if (checkpoint_read_header(ckpt, rc, NULL, err, sizeof(err)))
+		fprintf(stderr, "\n  header: %s\n", err);
+	m = model_create(&rc->model, 0, rc->model.n_routed_experts, err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(m);
+	if (checkpoint_load_model(ckpt, m, err, sizeof(err))) {
+		fprintf(stderr, "\n  load: %s\n", err);
+		CU_FAIL("checkpoint_load_model");
+	}
+	return m;
+}
+
+/* moe convert ARGS... (NULL-terminated); returns the exit code. */
+static int run_convert(const char *a0, ...)
+{
+	char *argv[16];
+	int argc = 0;
+	va_list ap;
+
+	va_start(ap, a0);
+	for (const char *a = a0; a && argc < 16; a = va_arg(ap, const char *))
+		argv[argc++] = (char *)a;
+	va_end(ap);
+	return convert_cli_main(argc, argv);
+}
+
+static int count_files(const char *dir, const char *pattern)
+{
+	char pat[512];
+	glob_t g;
+	int n;
+
+	snprintf(pat, sizeof(pat), "%s/%s", dir, pattern);
+	n = glob(pat, 0, NULL, &g) ? 0 : (int)g.gl_pathc;
+	globfree(&g);
+	return n;
+}
+
+static void rm_dir(const char *dir)
+{
+	char cmd[600];
+
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	CU_ASSERT_EQUAL(system(cmd), 0);
+}
+
+static uint32_t bits(float f)
+{
+	uint32_t u;
+
+	memcpy(&u, &f, sizeof(u));
+	return u;
+}
+
+/* ---- round trips ---- */
+
+static void round_trip(const char *dtype, const char *tag)
+{
+	char dir[400], ckpt[400], back[400];
+	struct run_config rc, rc2;
+	struct moe_model *m, *m2;
+	char key[128];
+	int bf16 = !strcmp(dtype, "bf16"), mismatched = 0;
+
+	tiny_config(&rc);
+	snprintf(ckpt, sizeof(ckpt), "%s", tmp_path("orig.h5"));
+	snprintf(dir, sizeof(dir), "%s/hf-%s", test_tmpdir(), tag);
+	snprintf(back, sizeof(back), "%s/back-%s.h5", test_tmpdir(), tag);
+	m = saved_model(&rc, ckpt, 11);
+	CU_ASSERT_EQUAL_FATAL(run_convert("--to-hf", ckpt, "--out", dir, "--dtype", dtype,
+					  "--shard-size", "20KB", NULL), 0);
+	CU_ASSERT(count_files(dir, "model-*-of-*.safetensors") >= 2);
+	CU_ASSERT_EQUAL(count_files(dir, "model.safetensors.index.json"), 1);
+	CU_ASSERT_EQUAL(count_files(dir, "config.json"), 1);
+	CU_ASSERT_EQUAL_FATAL(run_convert("--from-hf", dir, "--out", back, NULL), 0);
+	m2 = load_model(back, &rc2);
+	CU_ASSERT_EQUAL(config_model_diff(&rc.model, &rc2.model, key, sizeof(key)), 0);
+	CU_ASSERT_EQUAL_FATAL(m2->n_weights, m->n_weights);
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+		const float *a = m->weights + p->offset, *b = m2->weights + p->offset;
+		int exact_f32 = !bf16 || p->kind == PARAM_BUFFER;
+
+		for (size_t j = 0; j < p->numel; j++) {
+			float want = exact_f32 ? a[j] : st_bf16_to_f32(st_f32_to_bf16(a[j]));
+
+			if (bits(b[j]) != bits(want)) {
+				if (!mismatched++)
+					fprintf(stderr, "\n  %s[%zu]: %g, want %g\n", p->name, j, b[j],
+						want);
+			}
+		}
+	}
+	CU_ASSERT_EQUAL(mismatched, 0);
+	model_free(m);
+	model_free(m2);
+}
+
+static void test_round_trip_f32(void)
+{
+	round_trip("f32", "f32");
+}
+
+static void test_round_trip_bf16(void)
+{
+	round_trip("bf16", "bf16");
+}
+
+/* The shards hold HF's per-expert tensors and nothing stacked; the index covers them all. */
+static void test_hf_layout(void)
+{
+	char dir[400], path[600];
+	struct run_config rc;
+	struct moe_model *m;
+	struct st_file f;
+	const struct st_tensor *t;
+
+	tiny_config(&rc);
+	m = saved_model(&rc, tmp_path("layout.h5"), 5);
+	snprintf(dir, sizeof(dir), "%s", tmp_path("hf-layout"));
+	CU_ASSERT_EQUAL_FATAL(run_convert("--to-hf", tmp_path("layout.h5"), "--out", dir, "--dtype",
+					  "bf16", NULL), 0);
+	CU_ASSERT_EQUAL(count_files(dir, "*.safetensors"), 1);  /* one shard: no index */
+	CU_ASSERT_EQUAL(count_files(dir, "model.safetensors.index.json"), 0);
+	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+	CU_ASSERT_EQUAL_FATAL(st_open(&f, path, err, sizeof(err)), 0);
+	CU_ASSERT_STRING_EQUAL(st_metadata(&f, "format"), "pt");
+	t = st_find(&f, "model.layers.1.mlp.experts.3.down_proj.weight");
+	CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+	CU_ASSERT_EQUAL(t->dtype, ST_BF16);
+	CU_ASSERT_EQUAL(t->ndim, 2);
+	CU_ASSERT_EQUAL(t->shape[0], 32);
+	CU_ASSERT_EQUAL(t->shape[1], 16);
+	CU_ASSERT_PTR_NULL(st_find(&f, "model.layers.1.mlp.experts.down_proj.weight"));
+	t = st_find(&f, "model.layers.1.mlp.gate.e_score_correction_bias");
+	CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+	CU_ASSERT_EQUAL(t->dtype, ST_F32);
+	CU_ASSERT_EQUAL(t->begin % 4, 0);
+	CU_ASSERT_EQUAL(f.n_tensors, m->n_params - 3 + 3 * 4);
+	st_close(&f);
+	/* converting into a directory that already holds weights is refused */
+	CU_ASSERT_EQUAL(run_convert("--to-hf", tmp_path("layout.h5"), "--out", dir, NULL), 1);
+	model_free(m);
+}
+
+/* ---- config.json ---- */
+
+static void config_round_trip(struct run_config *rc)
+{
+	struct run_config back;
+	char key[128], *json = convert_hf_config_json(&rc->model, ST_BF16);
+	cJSON *obj;
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(json);
+	obj = cJSON_Parse(json);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(obj);
+	CU_ASSERT_STRING_EQUAL(cJSON_GetObjectItem(obj, "model_type")->valuestring, "deepseek_v3");
+	CU_ASSERT_STRING_EQUAL(cJSON_GetArrayItem(cJSON_GetObjectItem(obj, "architectures"), 0)
+			       ->valuestring, "DeepseekV3ForCausalLM");
+	CU_ASSERT_STRING_EQUAL(cJSON_GetObjectItem(obj, "torch_dtype")->valuestring, "bfloat16");
+	CU_ASSERT(cJSON_IsTrue(cJSON_GetObjectItem(obj, "rope_interleave")));
+	if (rc->model.q_lora_rank == 0)
+		CU_ASSERT(cJSON_IsNull(cJSON_GetObjectItem(obj, "q_lora_rank")));
+	cJSON_Delete(obj);
+	config_defaults(&back);
+	back.model.vocab_size = 7;  /* everything must come from the file */
+	if (convert_hf_config(&back, json, "config.json", NULL, err, sizeof(err)))
+		fprintf(stderr, "\n  %s\n", err);
+	CU_ASSERT_EQUAL(config_model_diff(&rc->model, &back.model, key, sizeof(key)), 0);
+	if (config_model_diff(&rc->model, &back.model, key, sizeof(key)))
+		fprintf(stderr, "\n  differs: %s\n", key);
+	free(json);
+}
+
+static void test_config_round_trip(void)
+{
+	struct run_config rc;
+
+	tiny_config(&rc);
+	config_round_trip(&rc);
+	rc.model.q_lora_rank = 0;
+	rc.model.scoring_func = MOE_SCORING_SOFTMAX;
+	rc.model.norm_topk_prob = false;
+	rc.model.aux_loss_alpha = 0.001;
+	rc.model.rms_norm_eps = 1e-5;
+	config_round_trip(&rc);
+}
+
+/* What transformers 5 writes for a DeepseekV3Config (rope_parameters, qk_head_dim, ...). */
+static const char hf_config[] =
+	"{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"attention_bias\": false,"
+	" \"attention_dropout\": 0.0, \"bos_token_id\": 0, \"dtype\": \"float32\","
+	" \"eos_token_id\": 1, \"first_k_dense_replace\": 1, \"head_dim\": 8, \"hidden_act\": \"silu\","
+	" \"hidden_size\": 32, \"initializer_range\": 0.02, \"intermediate_size\": 48,"
+	" \"kv_lora_rank\": 16, \"max_position_embeddings\": 128, \"model_type\": \"deepseek_v3\","
+	" \"moe_intermediate_size\": 16, \"n_group\": 2, \"n_routed_experts\": 4,"
+	" \"n_shared_experts\": 1, \"norm_topk_prob\": true, \"num_attention_heads\": 2,"
+	" \"num_experts_per_tok\": 2, \"num_hidden_layers\": 2, \"num_key_value_heads\": 2,"
+	" \"num_nextn_predict_layers\": 1, \"output_router_logits\": false, \"pad_token_id\": null,"
+	" \"pretraining_tp\": 1, \"q_lora_rank\": 16, \"qk_head_dim\": 16, \"qk_nope_head_dim\": 8,"
+	" \"qk_rope_head_dim\": 8, \"rms_norm_eps\": 1e-06, \"rope_interleave\": true,"
+	" \"rope_parameters\": {\"rope_theta\": 20000.0, \"rope_type\": \"default\"},"
+	" \"routed_scaling_factor\": 2.5, \"tie_word_embeddings\": false, \"topk_group\": 1,"
+	" \"transformers_version\": \"5.23.0\", \"use_cache\": true, \"v_head_dim\": 8,"
+	" \"vocab_size\": 64}";
+
+static void test_transformers_config(void)
+{
+	struct run_config rc;
+	char *text = strdup(hf_config), *p;
+
+	config_defaults(&rc);
+	CU_ASSERT_EQUAL_FATAL(convert_hf_config(&rc, text, "config.json", NULL, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(rc.model.vocab_size, 64);
+	CU_ASSERT_EQUAL(rc.model.intermediate_size, 48);
+	CU_ASSERT_EQUAL(rc.model.rope_theta, 20000.0);
+	CU_ASSERT_EQUAL(rc.model.scoring_func, MOE_SCORING_SIGMOID);
+	CU_ASSERT_EQUAL(rc.model.n_group, 2);
+	/* YaRN, a wrong qk_head_dim, rope_interleave=false, another model: refused naming the key */
+	p = strstr(text, "\"default\"");
+	memcpy(p, "\"yarn\"   ", 9);
+	CU_ASSERT_EQUAL(convert_hf_config(&rc, text, "config.json", NULL, err, sizeof(err)), -1);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "rope_type"));
+	memcpy(p, "\"default\"", 9);
+	p = strstr(text, "\"qk_head_dim\": 16");
+	p[16] = '7';
+	CU_ASSERT_EQUAL(convert_hf_config(&rc, text, "config.json", NULL, err, sizeof(err)), -1);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "qk_head_dim"));
+	p[16] = '6';
+	p = strstr(text, "\"rope_interleave\": true");
+	memcpy(p + 19, "false,", 6);  /* "true, " -> "false," */
+	CU_ASSERT_EQUAL(convert_hf_config(&rc, text, "config.json", NULL, err, sizeof(err)), -1);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "rope_interleave"));
+	CU_ASSERT_EQUAL(convert_hf_config(&rc, "{\"model_type\": \"llama\"}", "config.json", NULL, err,
+					  sizeof(err)), -1);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "llama"));
+	free(text);
+}
+
+/* Keys a file lacks take transformers' defaults for its model_type, not ours. */
+static void test_config_defaults(void)
+{
+	struct run_config rc;
+	FILE *notes = tmpfile();
+	char buf[4096];
+	size_t n;
+
+	config_defaults(&rc);
+	CU_ASSERT_EQUAL_FATAL(convert_hf_config(&rc, "{\"model_type\": \"deepseek_v3\"}", "c.json",
+						notes, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(rc.model.hidden_size, 7168);
+	CU_ASSERT_EQUAL(rc.model.n_routed_experts, 256);
+	CU_ASSERT_EQUAL(rc.model.num_hidden_layers, 61);
+	rewind(notes);
+	n = fread(buf, 1, sizeof(buf) - 1, notes);
+	buf[n] = '\0';
+	CU_ASSERT_PTR_NOT_NULL(strstr(buf, "no hidden_size"));
+	fclose(notes);
+	config_defaults(&rc);
+	CU_ASSERT_EQUAL_FATAL(convert_hf_config(&rc, "{\"model_type\": \"deepseek_v2\", "
+						"\"num_experts_per_tok\": 6, \"n_group\": 8}", "c.json",
+						NULL, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(rc.model.scoring_func, MOE_SCORING_SOFTMAX);
+	CU_ASSERT_EQUAL(rc.model.n_group, 1);  /* topk_method greedy */
+	CU_ASSERT_EQUAL(rc.model.num_key_value_heads, 32);
+}
+
+/* ---- damaged directories ---- */
+
+/*
+ * Rewrite DIR/model.safetensors (made by --to-hf with one shard): without `drop`, with `rename_from`
+ * renamed to `rename_to`, and with an extra tensor `extra` of shape [n].
+ */
+static void rewrite(const char *dir, const char *drop, const char *rename_from, const char *rename_to,
+		    const char *extra, int64_t n)
+{
+	char path[600];
+	struct st_file f;
+	struct st_spec specs[128];
+	float *bufs[128];
+	int k = 0;
+	struct st_writer *w;
+
+	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+	CU_ASSERT_EQUAL_FATAL(st_open(&f, path, err, sizeof(err)), 0);
+	CU_ASSERT_FATAL(f.n_tensors < 127);
+	for (int i = 0; i < f.n_tensors; i++) {
+		const struct st_tensor *t = &f.tensors[i];
+
+		if (drop && !strcmp(t->name, drop))
+			continue;
+		specs[k].name = rename_from && !strcmp(t->name, rename_from) ? rename_to : t->name;
+		specs[k].dtype = ST_F32;
+		specs[k].ndim = t->ndim;
+		memcpy(specs[k].shape, t->shape, sizeof(t->shape));
+		bufs[k] = malloc(sizeof(float) * (t->numel + 1));
+		CU_ASSERT_EQUAL(st_read_f32(&f, t, bufs[k], err, sizeof(err)), 0);
+		k++;
+	}
+	if (extra) {
+		specs[k].name = extra;
+		specs[k].dtype = ST_F32;
+		specs[k].ndim = 1;
+		specs[k].shape[0] = n;
+		bufs[k] = calloc(n + 1, sizeof(float));
+		k++;
+	}
+	w = st_writer_open(tmp_path("rewrite.safetensors"), specs, k, NULL, err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(w);
+	for (int i = 0; i < k; i++) {
+		uint64_t numel = 1;
+
+		for (int d = 0; d < specs[i].ndim; d++)
+			numel *= (uint64_t)specs[i].shape[d];
+		CU_ASSERT_EQUAL(st_writer_write(w, specs[i].name, bufs[i], numel, err, sizeof(err)), 0);
+		free(bufs[i]);
+	}
+	CU_ASSERT_EQUAL_FATAL(st_writer_close(w, err, sizeof(err)), 0);
+	st_close(&f);
+	CU_ASSERT_EQUAL(rename(tmp_path("rewrite.safetensors"), path), 0);
+}
+
+static void fresh_hf_dir(char *dir, size_t len, const char *tag, struct run_config *rc)
+{
+	char ckpt[400];
+	struct moe_model *m;
+
+	snprintf(dir, len, "%s/dmg-%s", test_tmpdir(), tag);
+	snprintf(ckpt, sizeof(ckpt), "%s/dmg-%s.h5", test_tmpdir(), tag);
+	rm_dir(dir);
+	m = saved_model(rc, ckpt, 3);
+	model_free(m);
+	CU_ASSERT_EQUAL_FATAL(run_convert("--to-hf", ckpt, "--out", dir, NULL), 0);
+}
+
+static void expect_from_hf_fails(const char *dir, const char *w1, const char *w2)
+{
+	int rc = convert_from_hf(dir, tmp_path("never.h5"), NULL, err, sizeof(err));
+
+	CU_ASSERT_EQUAL(rc, -1);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, w1));
+	if (w2)
+		CU_ASSERT_PTR_NOT_NULL(strstr(err, w2));
+	if (!strstr(err, w1) || (w2 && !strstr(err, w2)))
+		fprintf(stderr, "\n  message: %s\n", err);
+	CU_ASSERT_EQUAL(access(tmp_path("never.h5"), F_OK), -1);
+}
+
+static void test_missing_tensor(void)
+{
+	struct run_config rc;
+	char dir[400];
+
+	tiny_config(&rc);
+	fresh_hf_dir(dir, sizeof(dir), "missing", &rc);
+	rewrite(dir, "model.layers.1.mlp.experts.2.up_proj.weight", NULL, NULL, NULL, 0);
+	expect_from_hf_fails(dir, "missing tensor model.layers.1.mlp.experts.2.up_proj.weight", NULL);
+	fresh_hf_dir(dir, sizeof(dir), "missing2", &rc);
+	rewrite(dir, "lm_head.weight", NULL, NULL, NULL, 0);
+	expect_from_hf_fails(dir, "missing tensor lm_head.weight", NULL);
+	/* the command line says so too, with exit code 1 */
+	CU_ASSERT_EQUAL(run_convert("--from-hf", dir, "--out", tmp_path("never.h5"), NULL), 1);
+}
+
+static void test_unexpected_tensor(void)
+{
+	struct run_config rc;
+	char dir[400];
+
+	tiny_config(&rc);
+	fresh_hf_dir(dir, sizeof(dir), "extra", &rc);
+	rewrite(dir, NULL, NULL, NULL, "model.layers.0.mlp.router_bias", 4);
+	expect_from_hf_fails(dir, "unexpected tensor model.layers.0.mlp.router_bias", NULL);
+	fresh_hf_dir(dir, sizeof(dir), "expert9", &rc);
+	rewrite(dir, NULL, NULL, NULL, "model.layers.1.mlp.experts.9.up_proj.weight", 4);
+	expect_from_hf_fails(dir, "model.layers.1.mlp.experts.9.up_proj.weight", "n_routed_experts=4");
+}
+
+static void test_shape_mismatch(void)
+{
+	struct run_config rc;
+	char dir[400];
+
+	tiny_config(&rc);
+	fresh_hf_dir(dir, sizeof(dir), "shape", &rc);
+	rewrite(dir, "model.norm.weight", NULL, NULL, "model.norm.weight", 31);
+	expect_from_hf_fails(dir, "tensor model.norm.weight has shape [31]", "[32]");
+}
+
+/* MTP layers (N >= num_hidden_layers) and rotary buffers are skipped; a V2 file lacks the bias. */
+static void test_skipped_and_v2(void)
+{
+	struct run_config rc, back;
+	char dir[400], path[600], *text;
+	struct moe_model *m;
+	FILE *notes = tmpfile();
+	char buf[4096];
+	size_t n;
+	cJSON *obj;
+
+	tiny_config(&rc);
+	fresh_hf_dir(dir, sizeof(dir), "mtp", &rc);
+	rewrite(dir, NULL, NULL, NULL, "model.layers.2.eh_proj.weight", 8);
+	rewrite(dir, NULL, NULL, NULL, "model.layers.0.self_attn.rotary_emb.inv_freq", 4);
+	CU_ASSERT_EQUAL(convert_from_hf(dir, tmp_path("mtp.h5"), notes, err, sizeof(err)), 0);
+	rewind(notes);
+	n = fread(buf, 1, sizeof(buf) - 1, notes);
+	buf[n] = '\0';
+	fclose(notes);
+	CU_ASSERT_PTR_NOT_NULL(strstr(buf, "skipped 1 tensors of layers >= num_hidden_layers=2"));
+	CU_ASSERT_PTR_NOT_NULL(strstr(buf, "rotary"));
+
+	/* DeepSeek-V2: softmax, greedy top-k, no e_score_correction_bias in the files */
+	rc.model.scoring_func = MOE_SCORING_SOFTMAX;
+	rc.model.n_group = 1;
+	rc.model.topk_group = 1;
+	rc.model.norm_topk_prob = false;
+	fresh_hf_dir(dir, sizeof(dir), "v2", &rc);
+	rewrite(dir, "model.layers.1.mlp.gate.e_score_correction_bias", NULL, NULL, NULL, 0);
+	snprintf(path, sizeof(path), "%s/config.json", dir);
+	text = NULL;
+	{
+		FILE *f = fopen(path, "rb");
+		long len;
+
+		CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+		fseek(f, 0, SEEK_END);
+		len = ftell(f);
+		rewind(f);
+		text = calloc(len + 1, 1);
+		CU_ASSERT_EQUAL(fread(text, 1, len, f), (size_t)len);
+		fclose(f);
+	}
+	obj = cJSON_Parse(text);
+	free(text);
+	cJSON_ReplaceItemInObject(obj, "model_type", cJSON_CreateString("deepseek_v2"));
+	cJSON_DeleteItemFromObject(obj, "topk_method");
+	cJSON_DeleteItemFromObject(obj, "scoring_func");
+	text = cJSON_Print(obj);
+	cJSON_Delete(obj);
+	{
+		FILE *f = fopen(path, "wb");
+
+		fputs(text, f);
+		fclose(f);
+	}
+	free(text);
+	CU_ASSERT_EQUAL_FATAL(convert_from_hf(dir, tmp_path("v2.h5"), NULL, err, sizeof(err)), 0);
+	m = load_model(tmp_path("v2.h5"), &back);
+	CU_ASSERT_EQUAL(back.model.scoring_func, MOE_SCORING_SOFTMAX);
+	CU_ASSERT_EQUAL(m->w.layers[1].e_score_correction_bias[0], 0.0f);
+	model_free(m);
+}
+
+static void test_index_disagrees(void)
+{
+	struct run_config rc;
+	char ckpt[400], dir[400], path[600], *text, *p;
+	struct moe_model *m;
+	FILE *f;
+	long len;
+
+	tiny_config(&rc);
+	snprintf(ckpt, sizeof(ckpt), "%s", tmp_path("idx.h5"));
+	snprintf(dir, sizeof(dir), "%s", tmp_path("hf-idx"));
+	m = saved_model(&rc, ckpt, 9);
+	model_free(m);
+	CU_ASSERT_EQUAL_FATAL(run_convert("--to-hf", ckpt, "--out", dir, "--shard-size", "20000",
+					  NULL), 0);
+	snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
+	f = fopen(path, "rb");
+	CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+	fseek(f, 0, SEEK_END);
+	len = ftell(f);
+	rewind(f);
+	text = calloc(len + 1, 1);
+	CU_ASSERT_EQUAL(fread(text, 1, len, f), (size_t)len);
+	fclose(f);
+	/* map the embedding to the last shard instead of the first */
+	p = strstr(text, "\"model.embed_tokens.weight\"");
+	CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+	p = strstr(p, "model-00001-of-");
+	CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+	p[10] = '2';
+	f = fopen(path, "wb");
+	fputs(text, f);
+	fclose(f);
+	free(text);
+	expect_from_hf_fails(dir, "model.embed_tokens.weight", "index.json");
+}
+
+static void test_cli_usage(void)
+{
+	CU_ASSERT_EQUAL(run_convert("--to-hf", "x.h5", NULL), 2);
+	CU_ASSERT_EQUAL(run_convert("--to-hf", "x.h5", "--from-hf", "d", "--out", "y", NULL), 2);
+	CU_ASSERT_EQUAL(run_convert("--to-hf", "x.h5", "--out", "d", "--dtype", "f16", NULL), 2);
+	CU_ASSERT_EQUAL(run_convert("--to-hf", "x.h5", "--out", "d", "--shard-size", "lots", NULL), 2);
+	CU_ASSERT_EQUAL(run_convert("--bogus", NULL), 2);
+	CU_ASSERT_EQUAL(run_convert("--to-hf", tmp_path("absent.h5"), "--out", tmp_path("o"), NULL),
+			1);
+	CU_ASSERT_EQUAL(run_convert("--from-hf", tmp_path("absent-dir"), "--out", tmp_path("o.h5"),
+				    NULL), 1);
+}
+
+void register_tests(void)
+{
+	static const struct test_case cases[] = {
+		{ "to-hf sharded f32 -> from-hf is bit-exact", test_round_trip_f32 },
+		{ "to-hf sharded bf16 -> from-hf rounds exactly", test_round_trip_bf16 },
+		{ "HF layout: per-expert tensors, f32 bias, one file", test_hf_layout },
+		{ "config.json round trip", test_config_round_trip },
+		{ "a transformers 5 config.json loads", test_transformers_config },
+		{ "missing keys take transformers' defaults", test_config_defaults },
+		{ "missing tensor refused naming it", test_missing_tensor },
+		{ "unexpected tensor refused naming it", test_unexpected_tensor },
+		{ "shape mismatch refused naming it", test_shape_mismatch },
+		{ "MTP layers and rotary buffers skipped; V2 without bias", test_skipped_and_v2 },
+		{ "index disagreeing with the files refused", test_index_disagrees },
+		{ "command-line usage errors", test_cli_usage },
+		{ NULL, NULL },
+	};
+
+	add_suite("convert", cases);
+}

@@ -1,0 +1,1266 @@
+/*
+ * train/convert.c - Hugging Face DeepseekV3/V2 checkpoints to and from our HDF5 checkpoints.
+ *
+ * Names.  Our parameter names are HF DeepseekV3's, so every tensor maps one to one, with one exception:
+ * HF files keep one tensor per routed expert, model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight
+ * [I, C] / [C, I], and we stack them as model.layers.N.mlp.experts.{gate,up,down}_proj.weight
+ * [E, I, C] / [E, C, I]: expert E of HF is row block E of ours.  (A file already holding a stacked
+ * tensor under our name is accepted too.)  Skipped with a note: rotary inv_freq buffers (recomputed, not
+ * weights) and model.layers.N.* for N >= num_hidden_layers (DeepSeek-V3's multi-token-prediction
+ * layers, which the model does not run).  Anything else that does not map is refused naming it, as are
+ * missing tensors and shape mismatches; all of that is checked from the files' headers before any data
+ * is read.
+ *
+ * RoPE: no permutation.  SPEC 1 rotates adjacent pairs (x[2i], x[2i+1]), the layout of DeepSeek's own
+ * checkpoints.  transformers (read in 5.x, models/deepseek_v3/modeling_deepseek_v3.py) does the same
+ * inside the attention when config.rope_interleave is true (its default, and what we write):
+ * apply_rotary_pos_emb_interleave takes q[..., 0::2], q[..., 1::2] as the pairs, rotates each pair by
+ * one frequency (inv_freq = theta^(-2i/d)) and returns [rotated evens | rotated odds], the same
+ * de-interleaving permutation applied to q_pe and k_pe alike, which q.k does not see (older versions
+ * did it with view(d/2, 2).transpose + rotate_half: the same thing).  DeepSeek-V2's HF code rotates
+ * view_as_complex(x.reshape(-1, 2)): adjacent pairs again.  So q_b_proj / q_proj and
+ * kv_a_proj_with_mqa are taken as they are; a config with rope_interleave=false is refused (by the
+ * config loader) rather than permuted.  bench/hf_logits_check.py checks this against transformers.
+ *
+ * Memory.  --from-hf needs the model's float32 arena once: train/checkpoint.h writes a whole model
+ * (there is no per-dataset writer), so the tensors are read from the memory-mapped safetensors straight
+ * into the arena, one at a time, then the arena is written.  (model_create also callocs a gradient
+ * arena, never touched here, so it costs address space, not memory.)  --to-hf loads the checkpoint into
+ * the arena once and streams every tensor to its shard, converting to BF16 a slice at a time.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include "train/convert.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <glob.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "model/model.h"
+#include "train/checkpoint.h"
+
+#define PATH_LEN 4096
+#define HF_NAME_LEN 160
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err && errlen) {
+		va_start(ap, fmt);
+		vsnprintf(err, errlen, fmt, ap);
+		va_end(ap);
+	}
+	return -1;
+}
+
+static void note(FILE *notes, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!notes)
+		return;
+	fprintf(notes, "note: ");
+	va_start(ap, fmt);
+	vfprintf(notes, fmt, ap);
+	va_end(ap);
+	fprintf(notes, "\n");
+}
+
+static char *read_text(const char *path, char *err, size_t errlen)
+{
+	FILE *f = fopen(path, "rb");
+	long len;
+	char *buf = NULL;
+
+	if (!f) {
+		fail(err, errlen, "%s: %s", path, strerror(errno));
+		return NULL;
+	}
+	if (fseek(f, 0, SEEK_END) || (len = ftell(f)) < 0 || fseek(f, 0, SEEK_SET)) {
+		fail(err, errlen, "%s: cannot read", path);
+		goto out;
+	}
+	buf = malloc((size_t)len + 1);
+	if (!buf) {
+		fail(err, errlen, "%s: out of memory", path);
+		goto out;
+	}
+	if (fread(buf, 1, (size_t)len, f) != (size_t)len) {
+		fail(err, errlen, "%s: read error", path);
+		free(buf);
+		buf = NULL;
+		goto out;
+	}
+	buf[len] = '\0';
+out:
+	fclose(f);
+	return buf;
+}
+
+/* PATH.tmp, fsync'd, renamed to PATH. */
+static int write_text(const char *path, const char *text, char *err, size_t errlen)
+{
+	char tmp[PATH_LEN + 8];
+	size_t n = strlen(text);
+	FILE *f;
+	int bad;
+
+	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+	f = fopen(tmp, "wb");
+	if (!f)
+		return fail(err, errlen, "%s: %s", tmp, strerror(errno));
+	bad = fwrite(text, 1, n, f) != n || fputc('\n', f) == EOF || fflush(f) || fsync(fileno(f));
+	bad |= fclose(f) != 0;
+	if (bad || rename(tmp, path)) {
+		fail(err, errlen, "%s: write error: %s", path, strerror(errno));
+		unlink(tmp);
+		return -1;
+	}
+	return 0;
+}
+
+/* ---------------------------------------------------------------- names */
+
+/* "model.layers.N." -> N, else -1. */
+static int layer_of(const char *name)
+{
+	const char *p = name + strlen("model.layers.");
+	char *end;
+	long l;
+
+	if (strncmp(name, "model.layers.", strlen("model.layers.")) || *p < '0' || *p > '9')
+		return -1;
+	l = strtol(p, &end, 10);
+	return *end == '.' && l < INT_MAX ? (int)l : -1;
+}
+
+/*
+ * "model.layers.N.mlp.experts.E.X.weight" -> ours "model.layers.N.mlp.experts.X.weight" and E, for X in
+ * gate_proj, up_proj, down_proj.  Returns E, or -1 when the name is not a per-expert tensor.
+ */
+static int expert_of(const char *name, char *ours, size_t len)
+{
+	static const char *const projs[] = { "gate_proj.weight", "up_proj.weight", "down_proj.weight" };
+	const char *mid = ".mlp.experts.", *p, *q;
+	char *end;
+	long e;
+	int l = layer_of(name);
+
+	if (l < 0)
+		return -1;
+	p = strchr(name + strlen("model.layers."), '.');
+	if (strncmp(p, mid, strlen(mid)))
+		return -1;
+	q = p + strlen(mid);
+	if (*q < '0' || *q > '9')
+		return -1;
+	e = strtol(q, &end, 10);
+	if (*end != '.' || e >= INT_MAX)
+		return -1;
+	for (int i = 0; i < 3; i++) {
+		if (!strcmp(end + 1, projs[i])) {
+			snprintf(ours, len, "model.layers.%d.mlp.experts.%s", l, projs[i]);
+			return (int)e;
+		}
+	}
+	return -1;
+}
+
+/* HF's name of expert e of a stacked parameter (or of a plain parameter when e < 0). */
+static void hf_name(char *out, size_t len, const struct param *p, int e)
+{
+	const char *tail;
+
+	if (e < 0 || !p->expert_stacked) {
+		snprintf(out, len, "%s", p->name);
+		return;
+	}
+	tail = strstr(p->name, ".experts.") + strlen(".experts.");
+	snprintf(out, len, "%.*s%d.%s", (int)(tail - p->name), p->name, e, tail);
+}
+
+static int ends_with(const char *s, const char *suffix)
+{
+	size_t n = strlen(s), k = strlen(suffix);
+
+	return n >= k && !strcmp(s + n - k, suffix);
+}
+
+static void fmt_shape(char *buf, size_t len, int ndim, const int64_t *shape)
+{
+	size_t n = (size_t)snprintf(buf, len, "[");
+
+	for (int d = 0; d < ndim && n < len; d++)
+		n += (size_t)snprintf(buf + n, len - n, "%s%lld", d ? ", " : "", (long long)shape[d]);
+	if (n < len)
+		snprintf(buf + n, len - n, "]");
+}
+
+/* ---------------------------------------------------------------- config.json -> run_config */
+
+/* transformers' defaults (DeepseekV3Config / DeepseekV2Config) for keys a config.json lacks. */
+static const char v3_defaults[] =
+	"{\"vocab_size\": 129280, \"hidden_size\": 7168, \"intermediate_size\": 18432, "
+	"\"moe_intermediate_size\": 2048, \"num_hidden_layers\": 61, \"num_attention_heads\": 128, "
+	"\"num_key_value_heads\": 128, \"n_shared_experts\": 1, \"n_routed_experts\": 256, "
+	"\"routed_scaling_factor\": 2.5, \"kv_lora_rank\": 512, \"q_lora_rank\": 1536, "
+	"\"qk_rope_head_dim\": 64, \"v_head_dim\": 128, \"qk_nope_head_dim\": 128, \"n_group\": 8, "
+	"\"topk_group\": 4, \"num_experts_per_tok\": 8, \"first_k_dense_replace\": 3, "
+	"\"norm_topk_prob\": true, \"max_position_embeddings\": 4096, \"initializer_range\": 0.02, "
+	"\"rms_norm_eps\": 1e-6, \"bos_token_id\": 0, \"eos_token_id\": 1, "
+	"\"tie_word_embeddings\": false, \"rope_theta\": 10000.0, \"attention_bias\": false, "
+	"\"scoring_func\": \"sigmoid\", \"moe_layer_freq\": 1}";
+
+static const char v2_defaults[] =
+	"{\"vocab_size\": 102400, \"hidden_size\": 4096, \"intermediate_size\": 11008, "
+	"\"moe_intermediate_size\": 1407, \"num_hidden_layers\": 32, \"num_attention_heads\": 32, "
+	"\"num_key_value_heads\": null, \"n_shared_experts\": 2, \"n_routed_experts\": 64, "
+	"\"routed_scaling_factor\": 1.0, \"kv_lora_rank\": 512, \"q_lora_rank\": 1536, "
+	"\"qk_rope_head_dim\": 64, \"v_head_dim\": 128, \"qk_nope_head_dim\": 128, \"n_group\": null, "
+	"\"topk_group\": null, \"num_experts_per_tok\": null, \"first_k_dense_replace\": 0, "
+	"\"norm_topk_prob\": false, \"max_position_embeddings\": 2048, \"initializer_range\": 0.02, "
+	"\"rms_norm_eps\": 1e-6, \"bos_token_id\": 1, \"eos_token_id\": 2, "
+	"\"tie_word_embeddings\": false, \"rope_theta\": 10000.0, \"attention_bias\": false, "
+	"\"scoring_func\": \"softmax\", \"moe_layer_freq\": 1}";
+
+/* Keys of transformers' PretrainedConfig (and generation settings of old files): bookkeeping only. */
+static const char *const hf_ignored[] = {
+	"_name_or_path", "_commit_hash", "_attn_implementation", "_attn_implementation_autoset",
+	"output_router_logits", "router_aux_loss_coef", "num_mtp_layers", "output_attentions",
+	"output_hidden_states", "return_dict", "torchscript", "chunk_size_feed_forward",
+	"is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+	"tie_encoder_decoder", "problem_type", "id2label", "label2id", "tokenizer_class", "prefix",
+	"sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task",
+	"use_bfloat16", "pruned_heads", "tf_legacy_loss", "max_length", "min_length", "do_sample",
+	"early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k",
+	"top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+	"encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+	"return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+	"remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+	"begin_suppress_tokens",
+};
+
+static int is_ignored(const char *key)
+{
+	for (size_t i = 0; i < sizeof(hf_ignored) / sizeof(hf_ignored[0]); i++)
+		if (!strcmp(key, hf_ignored[i]))
+			return 1;
+	return 0;
+}
+
+/* rope_parameters (transformers 5) -> rope_theta; only the default (unscaled) RoPE is supported. */
+static int take_rope_parameters(cJSON *obj, const char *origin, char *err, size_t errlen)
+{
+	cJSON *rp = cJSON_DetachItemFromObjectCaseSensitive(obj, "rope_parameters"), *e;
+	cJSON *top = cJSON_GetObjectItemCaseSensitive(obj, "rope_theta");
+	const cJSON *theta = NULL;
+	int rc = 0;
+
+	if (!rp || cJSON_IsNull(rp))
+		goto out;
+	if (!cJSON_IsObject(rp)) {
+		rc = fail(err, errlen, "%s: model.rope_parameters: expected an object", origin);
+		goto out;
+	}
+	cJSON_ArrayForEach(e, rp) {
+		if (!strcmp(e->string, "rope_type")) {
+			if (!cJSON_IsString(e) || strcmp(e->valuestring, "default")) {
+				rc = fail(err, errlen, "%s: model.rope_parameters.rope_type=%s: only "
+					  "\"default\" RoPE is supported (YaRN scaling is not supported "
+					  "yet)", origin, cJSON_IsString(e) ? e->valuestring : "?");
+				goto out;
+			}
+		} else if (!strcmp(e->string, "rope_theta")) {
+			theta = e;
+		} else {
+			rc = fail(err, errlen, "%s: model.rope_parameters.%s is not supported", origin,
+				  e->string);
+			goto out;
+		}
+	}
+	if (!theta)
+		goto out;
+	if (!cJSON_IsNumber(theta)) {
+		rc = fail(err, errlen, "%s: model.rope_parameters.rope_theta: expected a number", origin);
+		goto out;
+	}
+	if (top && (!cJSON_IsNumber(top) || top->valuedouble != theta->valuedouble)) {
+		rc = fail(err, errlen, "%s: model.rope_theta disagrees with "
+			  "model.rope_parameters.rope_theta", origin);
+		goto out;
+	}
+	if (!top)
+		cJSON_AddNumberToObject(obj, "rope_theta", theta->valuedouble);
+out:
+	cJSON_Delete(rp);
+	return rc;
+}
+
+/* HF-only spellings that the config loader does not take, made into ours (or dropped). */
+static int normalise_hf_keys(cJSON *obj, const char *origin, FILE *notes, char *err, size_t errlen)
+{
+	cJSON *e, *next;
+
+	if (take_rope_parameters(obj, origin, err, errlen))
+		return -1;
+	for (e = obj->child; e; e = next) {
+		next = e->next;
+		if (is_ignored(e->string)) {
+			cJSON_Delete(cJSON_DetachItemViaPointer(obj, e));
+		} else if (!strcmp(e->string, "mlp_bias")) {
+			if (!cJSON_IsFalse(e))
+				return fail(err, errlen, "%s: model.mlp_bias: must be false (no biases)",
+					    origin);
+			cJSON_Delete(cJSON_DetachItemViaPointer(obj, e));
+		} else if (!strcmp(e->string, "eos_token_id") && cJSON_IsArray(e)) {
+			cJSON *first = cJSON_GetArrayItem(e, 0);
+
+			if (!cJSON_IsNumber(first))
+				return fail(err, errlen, "%s: model.eos_token_id: expected an integer",
+					    origin);
+			note(notes, "%s: eos_token_id is a list: taking its first id, %d", origin,
+			     (int)first->valuedouble);
+			cJSON_ReplaceItemViaPointer(obj, e, cJSON_CreateNumber(first->valuedouble));
+		} else if ((!strcmp(e->string, "eos_token_id") || !strcmp(e->string, "bos_token_id")) &&
+			   cJSON_IsNull(e)) {
+			note(notes, "%s: %s is null: keeping the default", origin, e->string);
+			cJSON_Delete(cJSON_DetachItemViaPointer(obj, e));
+		}
+	}
+	return 0;
+}
+
+static const char *json_string(const cJSON *obj, const char *key)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+
+	return cJSON_IsString(v) ? v->valuestring : NULL;
+}
+
+/* {"model": obj} over rc. */
+static int apply_model_object(struct run_config *rc, cJSON *obj, const char *origin, char *err,
+			      size_t errlen)
+{
+	cJSON *wrap = cJSON_CreateObject();
+	char *text;
+	int ret;
+
+	if (!wrap)
+		return fail(err, errlen, "%s: out of memory", origin);
+	cJSON_AddItemReferenceToObject(wrap, "model", obj);
+	text = cJSON_PrintUnformatted(wrap);
+	cJSON_Delete(wrap);
+	if (!text)
+		return fail(err, errlen, "%s: out of memory", origin);
+	ret = config_apply_json(rc, text, origin, err, errlen);
+	free(text);
+	return ret;
+}
+
+int convert_hf_config(struct run_config *rc, const char *json_text, const char *origin,
+		      FILE *notes, char *err, size_t errlen)
+{
+	struct run_config tmp = *rc;
+	const char *end = NULL, *type, *topk;
+	cJSON *obj = cJSON_ParseWithOpts(json_text, &end, 1), *defs = NULL, *d, *qk;
+	char why[768];
+	int ret = -1, v2;
+
+	if (!obj)
+		return fail(err, errlen, "%s: malformed JSON", origin);
+	if (!cJSON_IsObject(obj)) {
+		fail(err, errlen, "%s: expected a JSON object", origin);
+		goto out;
+	}
+	type = json_string(obj, "model_type");
+	if (!type || (strcmp(type, "deepseek_v3") && strcmp(type, "deepseek_v2"))) {
+		fail(err, errlen, "%s: model_type %s%s%s: only deepseek_v3 and deepseek_v2 models convert",
+		     origin, type ? "\"" : "", type ? type : "missing", type ? "\"" : "");
+		goto out;
+	}
+	v2 = !strcmp(type, "deepseek_v2");
+	defs = cJSON_Parse(v2 ? v2_defaults : v3_defaults);
+	if (!defs || apply_model_object(&tmp, defs, "transformers defaults", err, errlen))
+		goto out;
+	cJSON_ArrayForEach(d, defs) {
+		/* scoring_func and moe_layer_freq are DeepSeek's keys, implied by model_type */
+		if (cJSON_GetObjectItemCaseSensitive(obj, d->string) ||
+		    !strcmp(d->string, "scoring_func") || !strcmp(d->string, "moe_layer_freq") ||
+		    (!strcmp(d->string, "rope_theta") &&
+		     cJSON_GetObjectItemCaseSensitive(obj, "rope_parameters")))
+			continue;
+		note(notes, "%s: no %s: transformers' %s default", origin, d->string, type);
+	}
+	if (normalise_hf_keys(obj, origin, notes, err, errlen))
+		goto out;
+	qk = cJSON_DetachItemFromObjectCaseSensitive(obj, "qk_head_dim");
+	if (apply_model_object(&tmp, obj, origin, err, errlen)) {
+		cJSON_Delete(qk);
+		goto out;
+	}
+	if (qk && (!cJSON_IsNumber(qk) || qk->valuedouble != mc_qk_head_dim(&tmp.model))) {
+		cJSON_Delete(qk);
+		fail(err, errlen, "%s: model.qk_head_dim must be qk_nope_head_dim + qk_rope_head_dim = %d",
+		     origin, mc_qk_head_dim(&tmp.model));
+		goto out;
+	}
+	cJSON_Delete(qk);
+	topk = json_string(obj, "topk_method");
+	if (v2 && (!topk || !strcmp(topk, "greedy"))) {
+		/* greedy: top-K over all experts, whatever n_group says */
+		if (tmp.model.n_group > 1)
+			note(notes, "%s: topk_method greedy: ignoring n_group=%d", origin,
+			     tmp.model.n_group);
+		tmp.model.n_group = 1;
+		tmp.model.topk_group = 1;
+	}
+	if (tmp.model.num_key_value_heads == 0)
+		tmp.model.num_key_value_heads = tmp.model.num_attention_heads;
+	if (config_validate(&tmp, 0, why, sizeof(why))) {
+		fail(err, errlen, "%s: %s", origin, why);
+		goto out;
+	}
+	*rc = tmp;
+	ret = 0;
+out:
+	cJSON_Delete(defs);
+	cJSON_Delete(obj);
+	return ret;
+}
+
+/* ---------------------------------------------------------------- run_config -> config.json */
+
+static int by_key(const void *a, const void *b)
+{
+	return strcmp((*(cJSON *const *)a)->string, (*(cJSON *const *)b)->string);
+}
+
+/* Reorder an object's members by key, as transformers writes them. */
+static void sort_object(cJSON *obj)
+{
+	int n = cJSON_GetArraySize(obj), i = 0;
+	cJSON **items = malloc(sizeof(cJSON *) * (n ? n : 1));
+
+	if (!items)
+		return;
+	while (obj->child)
+		items[i++] = cJSON_DetachItemViaPointer(obj, obj->child);
+	qsort(items, n, sizeof(cJSON *), by_key);
+	for (i = 0; i < n; i++)
+		cJSON_AddItemToObject(obj, items[i]->string, items[i]);
+	free(items);
+}
+
+static void set_item(cJSON *obj, const char *key, cJSON *v)
+{
+	if (cJSON_GetObjectItemCaseSensitive(obj, key))
+		cJSON_ReplaceItemInObjectCaseSensitive(obj, key, v);
+	else
+		cJSON_AddItemToObject(obj, key, v);
+}
+
+char *convert_hf_config_json(const struct model_config *mc, enum st_dtype dtype)
+{
+	struct run_config rc;
+	cJSON *root, *m, *arch;
+	const char *topk;
+	char *text, num[32];
+
+	config_defaults(&rc);
+	rc.model = *mc;
+	text = config_to_json(&rc);
+	if (!text)
+		return NULL;
+	root = cJSON_Parse(text);
+	free(text);
+	m = root ? cJSON_DetachItemFromObjectCaseSensitive(root, "model") : NULL;
+	cJSON_Delete(root);
+	if (!m)
+		return NULL;
+	arch = cJSON_CreateArray();
+	cJSON_AddItemToArray(arch, cJSON_CreateString("DeepseekV3ForCausalLM"));
+	set_item(m, "architectures", arch);
+	set_item(m, "model_type", cJSON_CreateString("deepseek_v3"));
+	set_item(m, "torch_dtype", cJSON_CreateString(dtype == ST_BF16 ? "bfloat16" : "float32"));
+	set_item(m, "hidden_act", cJSON_CreateString("silu"));
+	set_item(m, "attention_dropout", cJSON_CreateRaw("0.0"));
+	set_item(m, "rope_interleave", cJSON_CreateTrue());
+	set_item(m, "use_cache", cJSON_CreateTrue());
+	set_item(m, "num_nextn_predict_layers", cJSON_CreateNumber(0));
+	if (mc->scoring_func == MOE_SCORING_SIGMOID)
+		topk = "noaux_tc";
+	else
+		topk = mc->n_group > 1 ? "group_limited_greedy" : "greedy";
+	set_item(m, "topk_method", cJSON_CreateString(topk));
+	if (mc->q_lora_rank == 0)
+		set_item(m, "q_lora_rank", cJSON_CreateNull());
+	if (mc->num_key_value_heads == 0) {
+		snprintf(num, sizeof(num), "%d", mc->num_attention_heads);
+		set_item(m, "num_key_value_heads", cJSON_CreateRaw(num));
+	}
+	if (mc->n_routed_experts == 0) {
+		/* transformers builds MoE layers from first_k_dense_replace on: none here */
+		snprintf(num, sizeof(num), "%d", mc->num_hidden_layers);
+		set_item(m, "first_k_dense_replace", cJSON_CreateRaw(num));
+	}
+	sort_object(m);
+	text = cJSON_Print(m);
+	cJSON_Delete(m);
+	return text;
+}
+
+/* ---------------------------------------------------------------- --from-hf */
+
+struct src_file {
+	char name[PATH_LEN];        /* as listed (relative to the directory) */
+	char path[PATH_LEN];
+	struct st_file f;
+	int open;
+};
+
+/* One tensor of the files that goes into the model. */
+struct assignment {
+	int file;
+	const struct st_tensor *t;
+	const struct param *p;
+	int expert;                 /* -1: the whole parameter */
+};
+
+struct from_hf {
+	const char *dir;
+	FILE *notes;
+	char *err;
+	size_t errlen;
+	int v2;
+	struct moe_model *m;
+	int n_files;
+	struct src_file *files;
+	unsigned char *filled;      /* per param and expert: param_base[i] + e */
+	size_t *param_base;
+	int n_assign, cap_assign;
+	struct assignment *assign;
+	int64_t skipped_mtp, skipped_rotary;
+};
+
+static int cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+struct map_entry {
+	const char *tensor, *file;
+};
+
+static int cmp_entry(const void *a, const void *b)
+{
+	return strcmp(((const struct map_entry *)a)->tensor, ((const struct map_entry *)b)->tensor);
+}
+
+static int add_file(struct from_hf *c, const char *name)
+{
+	struct src_file *sf;
+
+	sf = realloc(c->files, sizeof(*c->files) * (c->n_files + 1));
+	if (!sf)
+		return fail(c->err, c->errlen, "out of memory");
+	c->files = sf;
+	sf = &c->files[c->n_files++];
+	memset(sf, 0, sizeof(*sf));
+	snprintf(sf->name, sizeof(sf->name), "%s", name);
+	snprintf(sf->path, sizeof(sf->path), "%s/%s", c->dir, name);
+	if (st_open(&sf->f, sf->path, c->err, c->errlen))
+		return -1;
+	sf->open = 1;
+	return 0;
+}
+
+/*
+ * With model.safetensors.index.json: the files its weight_map names, each tensor of which must be
+ * listed there under that file, and every listed tensor found.
+ */
+static int open_indexed(struct from_hf *c, const char *index_path)
+{
+	char *text = read_text(index_path, c->err, c->errlen), **names = NULL;
+	cJSON *root = text ? cJSON_Parse(text) : NULL, *wm, *e;
+	struct map_entry *map = NULL, key, *hit;
+	int n = 0, n_names = 0, ret = -1;
+	int64_t found = 0;
+
+	if (!text)
+		return -1;
+	wm = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
+	if (!cJSON_IsObject(wm)) {
+		fail(c->err, c->errlen, "%s: no \"weight_map\" object", index_path);
+		goto out;
+	}
+	n = cJSON_GetArraySize(wm);
+	map = malloc(sizeof(*map) * (n ? n : 1));
+	names = malloc(sizeof(char *) * (n ? n : 1));
+	if (!map || !names) {
+		fail(c->err, c->errlen, "%s: out of memory", index_path);
+		goto out;
+	}
+	n = 0;
+	cJSON_ArrayForEach(e, wm) {
+		if (!cJSON_IsString(e) || !e->valuestring[0] || strstr(e->valuestring, "..")) {
+			fail(c->err, c->errlen, "%s: weight_map.%s is not a file name", index_path,
+			     e->string);
+			goto out;
+		}
+		map[n].tensor = e->string;
+		map[n].file = e->valuestring;
+		names[n++] = e->valuestring;
+	}
+	qsort(map, n, sizeof(*map), cmp_entry);
+	for (int i = 1; i < n; i++) {
+		if (!strcmp(map[i].tensor, map[i - 1].tensor)) {
+			fail(c->err, c->errlen, "%s: tensor %s listed twice", index_path, map[i].tensor);
+			goto out;
+		}
+	}
+	qsort(names, n, sizeof(char *), cmp_str);
+	for (int i = 0; i < n; i++)
+		if (!i || strcmp(names[i], names[i - 1]))
+			names[n_names++] = names[i];
+	for (int i = 0; i < n_names; i++) {
+		struct src_file *sf;
+
+		if (add_file(c, names[i]))
+			goto out;
+		sf = &c->files[c->n_files - 1];
+		for (int j = 0; j < sf->f.n_tensors; j++) {
+			key.tensor = sf->f.tensors[j].name;
+			hit = bsearch(&key, map, n, sizeof(*map), cmp_entry);
+			if (!hit || strcmp(hit->file, sf->name)) {
+				fail(c->err, c->errlen, "%s: tensor %s %s%s", sf->path, key.tensor,
+				     hit ? "is mapped to another file by " : "is not listed in ",
+				     index_path);
+				goto out;
+			}
+			found++;
+		}
+	}
+	if (found != n) {
+		for (int i = 0; i < n; i++) {
+			for (int k = 0; k < c->n_files; k++) {
+				if (!strcmp(c->files[k].name, map[i].file) &&
+				    !st_find(&c->files[k].f, map[i].tensor)) {
+					fail(c->err, c->errlen, "%s lists tensor %s in %s, which does not "
+					     "hold it", index_path, map[i].tensor, map[i].file);
+					goto out;
+				}
+			}
+		}
+		fail(c->err, c->errlen, "%s: weight_map disagrees with the files", index_path);
+		goto out;
+	}
+	ret = 0;
+out:
+	free(map);
+	free(names);
+	cJSON_Delete(root);
+	free(text);
+	return ret;
+}
+
+static int open_sources(struct from_hf *c)
+{
+	char pattern[PATH_LEN + 32];
+	struct stat sb;
+	glob_t g;
+	int ret = 0;
+
+	snprintf(pattern, sizeof(pattern), "%s/model.safetensors.index.json", c->dir);
+	if (!stat(pattern, &sb))
+		return open_indexed(c, pattern);
+	snprintf(pattern, sizeof(pattern), "%s/*.safetensors", c->dir);
+	if (glob(pattern, 0, NULL, &g) || g.gl_pathc == 0) {
+		globfree(&g);
+		return fail(c->err, c->errlen, "%s: no *.safetensors files (and no "
+			    "model.safetensors.index.json)", c->dir);
+	}
+	for (size_t i = 0; i < g.gl_pathc && !ret; i++) {
+		const char *slash = strrchr(g.gl_pathv[i], '/');
+
+		ret = add_file(c, slash ? slash + 1 : g.gl_pathv[i]);
+	}
+	globfree(&g);
+	return ret;
+}
+
+static int same_shape(const struct st_tensor *t, int ndim, const int64_t *shape)
+{
+	if (t->ndim != ndim)
+		return 0;
+	for (int d = 0; d < ndim; d++)
+		if (t->shape[d] != shape[d])
+			return 0;
+	return 1;
+}
+
+/* One tensor of file k: skip it, or check it and record where it goes. */
+static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
+{
+	const struct model_config *mc = &c->m->cfg;
+	const char *path = c->files[k].path;
+	char ours[HF_NAME_LEN], got[128], want[128];
+	const struct param *p;
+	int e, l = layer_of(t->name), ndim, E = mc->n_routed_experts;
+	const int64_t *shape;
+	struct assignment *a;
+
+	if (ends_with(t->name, "rotary_emb.inv_freq")) {
+		c->skipped_rotary++;
+		return 0;
+	}
+	if (l >= mc->num_hidden_layers) {
+		c->skipped_mtp++;
+		return 0;
+	}
+	e = expert_of(t->name, ours, sizeof(ours));
+	p = model_find_param(c->m, e >= 0 ? ours : t->name);
+	if (!p || (e >= 0 && !p->expert_stacked))
+		return fail(c->err, c->errlen, "%s: unexpected tensor %s: a model of this config "
+			    "(config.json) has no such weight", path, t->name);
+	if (e >= E)
+		return fail(c->err, c->errlen, "%s: unexpected tensor %s: expert %d, but "
+			    "n_routed_experts=%d", path, t->name, e, E);
+	ndim = e >= 0 ? p->ndim - 1 : p->ndim;
+	shape = e >= 0 ? p->shape + 1 : p->shape;
+	if (!same_shape(t, ndim, shape)) {
+		fmt_shape(got, sizeof(got), t->ndim, t->shape);
+		fmt_shape(want, sizeof(want), ndim, shape);
+		return fail(c->err, c->errlen, "%s: tensor %s has shape %s, but config.json gives %s",
+			    path, t->name, got, want);
+	}
+	if (t->dtype != ST_F32 && t->dtype != ST_BF16 && t->dtype != ST_F16)
+		return fail(c->err, c->errlen, "%s: tensor %s: dtype %s (only F32, BF16 and F16 "
+			    "convert)", path, t->name, st_dtype_name(t->dtype));
+	for (int x = e >= 0 ? e : 0; x < (e >= 0 ? e + 1 : (p->expert_stacked ? E : 1)); x++) {
+		unsigned char *f = &c->filled[c->param_base[p - c->m->params] + x];
+
+		if (*f)
+			return fail(c->err, c->errlen, "%s: tensor %s: its weights appear twice in the "
+				    "files (again here)", path, t->name);
+		*f = 1;
+	}
+	if (c->n_assign == c->cap_assign) {
+		int cap = c->cap_assign ? 2 * c->cap_assign : 1024;
+
+		a = realloc(c->assign, sizeof(*a) * cap);
+		if (!a)
+			return fail(c->err, c->errlen, "out of memory");
+		c->assign = a;
+		c->cap_assign = cap;
+	}
+	a = &c->assign[c->n_assign++];
+	a->file = k;
+	a->t = t;
+	a->p = p;
+	a->expert = e;
+	return 0;
+}
+
+/* Every weight of the model is in the files (a V2 router's bias may be absent: zeros). */
+static int check_complete(struct from_hf *c)
+{
+	const struct moe_model *m = c->m;
+	char name[HF_NAME_LEN];
+
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+		int n = p->expert_stacked ? m->cfg.n_routed_experts : 1;
+
+		for (int e = 0; e < n; e++) {
+			if (c->filled[c->param_base[i] + e])
+				continue;
+			if (c->v2 && ends_with(p->name, ".e_score_correction_bias")) {
+				note(c->notes, "%s absent (DeepSeek-V2 has no routing bias): zeros",
+				     p->name);
+				break;
+			}
+			hf_name(name, sizeof(name), p, p->expert_stacked ? e : -1);
+			return fail(c->err, c->errlen, "%s: missing tensor %s (none of the %d "
+				    "safetensors files holds it)", c->dir, name, c->n_files);
+		}
+	}
+	return 0;
+}
+
+static int read_assigned(struct from_hf *c)
+{
+	const struct moe_model *m = c->m;
+
+	for (int k = 0; k < c->n_files; k++) {
+		for (int i = 0; i < c->n_assign; i++) {
+			const struct assignment *a = &c->assign[i];
+			float *dst;
+
+			if (a->file != k)
+				continue;
+			dst = m->weights + a->p->offset;
+			if (a->expert >= 0)
+				dst += (size_t)a->expert * (a->p->numel / m->cfg.n_routed_experts);
+			if (st_read_f32(&c->files[k].f, a->t, dst, c->err, c->errlen))
+				return -1;
+		}
+		st_close(&c->files[k].f);  /* done with this file: unmap it */
+		c->files[k].open = 0;
+	}
+	return 0;
+}
+
+static int load_hf_config(struct from_hf *c, struct run_config *rc)
+{
+	char path[PATH_LEN + 16], *text;
+	const char *type;
+	cJSON *obj;
+	int ret;
+
+	snprintf(path, sizeof(path), "%s/config.json", c->dir);
+	text = read_text(path, c->err, c->errlen);
+	if (!text)
+		return -1;
+	config_defaults(rc);
+	ret = convert_hf_config(rc, text, path, c->notes, c->err, c->errlen);
+	obj = ret ? NULL : cJSON_Parse(text);
+	type = json_string(obj, "model_type");
+	c->v2 = type && !strcmp(type, "deepseek_v2");
+	cJSON_Delete(obj);
+	free(text);
+	return ret;
+}
+
+int convert_from_hf(const char *dir, const char *out_path, FILE *notes, char *err, size_t errlen)
+{
+	struct from_hf ctx = { .dir = dir, .notes = notes, .err = err, .errlen = errlen }, *c = &ctx;
+	struct ckpt_meta meta = { 0, 0 };
+	struct run_config rc;
+	size_t slots = 0;
+	int ret = -1;
+
+	if (load_hf_config(c, &rc))
+		return -1;
+	c->m = model_create(&rc.model, 0, rc.model.n_routed_experts, err, errlen);
+	if (!c->m)
+		return -1;
+	c->param_base = malloc(sizeof(size_t) * c->m->n_params);
+	if (!c->param_base)
+		goto oom;
+	for (int i = 0; i < c->m->n_params; i++) {
+		c->param_base[i] = slots;
+		slots += c->m->params[i].expert_stacked ? (size_t)rc.model.n_routed_experts : 1;
+	}
+	c->filled = calloc(slots ? slots : 1, 1);
+	if (!c->filled)
+		goto oom;
+	if (open_sources(c))
+		goto out;
+	for (int k = 0; k < c->n_files; k++)
+		for (int j = 0; j < c->files[k].f.n_tensors; j++)
+			if (plan_tensor(c, k, &c->files[k].f.tensors[j]))
+				goto out;
+	if (check_complete(c))
+		goto out;
+	if (c->skipped_mtp)
+		note(notes, "skipped %lld tensors of layers >= num_hidden_layers=%d (multi-token "
+		     "prediction layers are not part of the model)", (long long)c->skipped_mtp,
+		     rc.model.num_hidden_layers);
+	if (c->skipped_rotary)
+		note(notes, "skipped %lld rotary inv_freq buffers (recomputed)",
+		     (long long)c->skipped_rotary);
+	if (read_assigned(c) || checkpoint_save_model(out_path, c->m, &rc, &meta, err, errlen))
+		goto out;
+	ret = 0;
+	goto out;
+oom:
+	fail(err, errlen, "out of memory");
+out:
+	for (int k = 0; k < c->n_files; k++)
+		if (c->files[k].open)
+			st_close(&c->files[k].f);
+	free(c->files);
+	free(c->assign);
+	free(c->filled);
+	free(c->param_base);
+	model_free(c->m);
+	return ret;
+}
+
+/* ---------------------------------------------------------------- --to-hf */
+
+struct out_tensor {
+	char name[HF_NAME_LEN];
+	const float *data;
+	struct st_spec spec;
+	uint64_t numel, bytes;
+	int shard;
+};
+
+static int mkdir_p(const char *dir, char *err, size_t errlen)
+{
+	char buf[PATH_LEN];
+	struct stat sb;
+
+	if (!dir[0] || strlen(dir) >= sizeof(buf))
+		return fail(err, errlen, "output directory \"%s\": empty or too long", dir);
+	strcpy(buf, dir);
+	for (char *p = buf + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = '\0';
+		if (mkdir(buf, 0777) && errno != EEXIST)
+			return fail(err, errlen, "%s: %s", buf, strerror(errno));
+		*p = '/';
+	}
+	if (mkdir(buf, 0777) && errno != EEXIST)
+		return fail(err, errlen, "%s: %s", buf, strerror(errno));
+	if (stat(buf, &sb) || !S_ISDIR(sb.st_mode))
+		return fail(err, errlen, "%s: not a directory", buf);
+	return 0;
+}
+
+/* An output directory holding weights already would end up with a mixture: refuse it. */
+static int check_out_dir(const char *dir, char *err, size_t errlen)
+{
+	char pattern[PATH_LEN + 32];
+	glob_t g;
+	int found;
+
+	snprintf(pattern, sizeof(pattern), "%s/*.safetensors", dir);
+	found = !glob(pattern, 0, NULL, &g) && g.gl_pathc > 0;
+	if (found)
+		fail(err, errlen, "%s already holds weights (%s): convert into an empty directory",
+		     dir, g.gl_pathv[0]);
+	globfree(&g);
+	if (found)
+		return -1;
+	snprintf(pattern, sizeof(pattern), "%s/model.safetensors.index.json", dir);
+	if (!access(pattern, F_OK))
+		return fail(err, errlen, "%s already holds weights (%s): convert into an empty "
+			    "directory", dir, pattern);
+	return 0;
+}
+
+/* The HF tensors of a model, experts unstacked, in our parameter order. */
+static struct out_tensor *list_out_tensors(const struct moe_model *m, enum st_dtype dtype, int *n)
+{
+	int total = 0, k = 0, E = m->cfg.n_routed_experts;
+	struct out_tensor *t;
+
+	for (int i = 0; i < m->n_params; i++)
+		total += m->params[i].expert_stacked ? E : 1;
+	t = calloc(total ? total : 1, sizeof(*t));
+	if (!t)
+		return NULL;
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+		int stacked = p->expert_stacked, ne = stacked ? E : 1;
+
+		for (int e = 0; e < ne; e++, k++) {
+			struct out_tensor *o = &t[k];
+
+			hf_name(o->name, sizeof(o->name), p, stacked ? e : -1);
+			o->spec.name = o->name;
+			o->spec.ndim = stacked ? p->ndim - 1 : p->ndim;
+			memcpy(o->spec.shape, stacked ? p->shape + 1 : p->shape,
+			       sizeof(int64_t) * o->spec.ndim);
+			/* the routing bias stays float32, as in DeepSeek's own checkpoints */
+			o->spec.dtype = p->kind == PARAM_BUFFER ? ST_F32 : dtype;
+			o->numel = stacked ? p->numel / E : p->numel;
+			o->data = m->weights + p->offset + (size_t)e * o->numel;
+			o->bytes = o->numel * st_dtype_size(o->spec.dtype);
+		}
+	}
+	*n = total;
+	return t;
+}
+
+static void shard_name(char *out, size_t len, int shard, int n_shards)
+{
+	if (n_shards == 1)
+		snprintf(out, len, "model.safetensors");
+	else
+		snprintf(out, len, "model-%05d-of-%05d.safetensors", shard + 1, n_shards);
+}
+
+/* Shard s: its tensors, float32 ones first (so every tensor starts aligned to its element size). */
+static int write_shard(const char *dir, struct out_tensor *t, int n, int s, int n_shards,
+		       char *err, size_t errlen)
+{
+	static const char *const meta[] = { "format", "pt", NULL };
+	char name[64], path[PATH_LEN + 80];
+	struct st_spec *specs = malloc(sizeof(*specs) * (n ? n : 1));
+	int *order = malloc(sizeof(int) * (n ? n : 1)), k = 0;
+	struct st_writer *w;
+
+	if (!specs || !order) {
+		free(specs);
+		free(order);
+		return fail(err, errlen, "out of memory");
+	}
+	for (int pass = 0; pass < 2; pass++)
+		for (int i = 0; i < n; i++)
+			if (t[i].shard == s && (t[i].spec.dtype == ST_F32) == (pass == 0))
+				order[k++] = i;
+	for (int i = 0; i < k; i++)
+		specs[i] = t[order[i]].spec;
+	shard_name(name, sizeof(name), s, n_shards);
+	snprintf(path, sizeof(path), "%s/%s", dir, name);
+	w = st_writer_open(path, specs, k, meta, err, errlen);
+	for (int i = 0; w && i < k; i++) {
+		const struct out_tensor *o = &t[order[i]];
+
+		if (st_writer_write(w, o->name, o->data, o->numel, err, errlen)) {
+			st_writer_abort(w);
+			w = NULL;
+		}
+	}
+	free(specs);
+	free(order);
+	if (!w)
+		return -1;
+	return st_writer_close(w, err, errlen);
+}
+
+static int write_index(const char *dir, const struct out_tensor *t, int n, int n_shards,
+		       char *err, size_t errlen)
+{
+	cJSON *root = cJSON_CreateObject(), *meta, *wm;
+	char path[PATH_LEN + 40], name[64], num[32];
+	uint64_t total = 0;
+	char *text;
+	int ret;
+
+	if (!root)
+		return fail(err, errlen, "out of memory");
+	for (int i = 0; i < n; i++)
+		total += t[i].bytes;
+	meta = cJSON_AddObjectToObject(root, "metadata");
+	snprintf(num, sizeof(num), "%llu", (unsigned long long)total);
+	cJSON_AddItemToObject(meta, "total_size", cJSON_CreateRaw(num));
+	wm = cJSON_AddObjectToObject(root, "weight_map");
+	for (int i = 0; wm && i < n; i++) {
+		shard_name(name, sizeof(name), t[i].shard, n_shards);
+		cJSON_AddItemToObject(wm, t[i].name, cJSON_CreateString(name));
+	}
+	if (wm)
+		sort_object(wm);
+	text = cJSON_Print(root);
+	cJSON_Delete(root);
+	if (!text)
+		return fail(err, errlen, "out of memory");
+	snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
+	ret = write_text(path, text, err, errlen);
+	free(text);
+	return ret;
+}
+
+static int load_checkpoint(const char *path, struct run_config *rc, struct moe_model **out,
+			   char *err, size_t errlen)
+{
+	struct moe_model *m;
+
+	config_defaults(rc);
+	if (checkpoint_read_header(path, rc, NULL, err, errlen))
+		return -1;
+	if (rc->model.num_key_value_heads == 0)
+		rc->model.num_key_value_heads = rc->model.num_attention_heads;
+	m = model_create(&rc->model, 0, rc->model.n_routed_experts, err, errlen);
+	if (!m)
+		return -1;
+	if (checkpoint_load_model(path, m, err, errlen)) {
+		model_free(m);
+		return -1;
+	}
+	*out = m;
+	return 0;
+}
+
+int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_to_hf_opts *opts,
+		  FILE *notes, char *err, size_t errlen)
+{
+	struct convert_to_hf_opts o = { ST_F32, CONVERT_DEFAULT_SHARD_BYTES };
+	struct moe_model *m = NULL;
+	struct out_tensor *t = NULL;
+	struct run_config rc;
+	char path[PATH_LEN + 16], *json = NULL;
+	int n = 0, n_shards = 0, ret = -1;
+	uint64_t in_shard = 0;
+
+	if (opts)
+		o = *opts;
+	if (o.dtype != ST_F32 && o.dtype != ST_BF16)
+		return fail(err, errlen, "--dtype %s: only f32 and bf16 are written",
+			    st_dtype_name(o.dtype));
+	if (!o.shard_bytes)
+		return fail(err, errlen, "--shard-size must be > 0");
+	if (load_checkpoint(ckpt_path, &rc, &m, err, errlen))
+		return -1;
+	if (mkdir_p(dir, err, errlen) || check_out_dir(dir, err, errlen))
+		goto out;
+	if (rc.model.scoring_func == MOE_SCORING_SOFTMAX && rc.model.n_routed_experts > 0)
+		note(notes, "scoring_func is softmax: DeepSeek's own code honours it, transformers' "
+		     "DeepseekV3 always scores with sigmoid");
+	t = list_out_tensors(m, o.dtype, &n);
+	if (!t) {
+		fail(err, errlen, "out of memory");
+		goto out;
+	}
+	for (int i = 0; i < n; i++) {
+		/* a new shard when this tensor would overflow a non-empty one */
+		if (!n_shards || (in_shard && in_shard + t[i].bytes > o.shard_bytes)) {
+			n_shards++;
+			in_shard = 0;
+		}
+		t[i].shard = n_shards - 1;
+		in_shard += t[i].bytes;
+	}
+	for (int s = 0; s < n_shards; s++)
+		if (write_shard(dir, t, n, s, n_shards, err, errlen))
+			goto out;
+	if (n_shards > 1 && write_index(dir, t, n, n_shards, err, errlen))
+		goto out;
+	json = convert_hf_config_json(&rc.model, o.dtype);
+	if (!json) {
+		fail(err, errlen, "out of memory");
+		goto out;
+	}
+	snprintf(path, sizeof(path), "%s/config.json", dir);
+	if (write_text(path, json, err, errlen))
+		goto out;
+	note(notes, "%s: %d tensors in %d file%s (%s)", dir, n, n_shards, n_shards > 1 ? "s" : "",
+	     o.dtype == ST_BF16 ? "bf16" : "f32");
+	ret = 0;
+out:
+	free(json);
+	free(t);
+	model_free(m);
+	return ret;
+}
+
+/* ---------------------------------------------------------------- the command */
+
+/* "5000000000", "5GB", "500MB", "64KiB", ... (HF's units: GB = 10^9, GiB = 2^30). */
+static int parse_size(const char *s, uint64_t *out)
+{
+	static const struct {
+		const char *unit;
+		uint64_t mul;
+	} units[] = {
+		{ "", 1 }, { "B", 1 }, { "KB", 1000 }, { "MB", 1000000 }, { "GB", 1000000000 },
+		{ "KiB", 1 << 10 }, { "MiB", 1 << 20 }, { "GiB", 1 << 30 },
+	};
+	char *end;
+	unsigned long long v;
+
+	if (*s < '0' || *s > '9')
+		return -1;
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno)
+		return -1;
+	for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+		if (strcmp(end, units[i].unit))
+			continue;
+		if (v > UINT64_MAX / units[i].mul)
+			return -1;
+		*out = v * units[i].mul;
+		return *out ? 0 : -1;
+	}
+	return -1;
+}
+
+static int usage(int code)
+{
+	FILE *f = code ? stderr : stdout;
+
+	fprintf(f, "usage: moe convert --from-hf DIR --out CKPT.h5\n"
+		"       moe convert --to-hf CKPT.h5 --out DIR [--dtype f32|bf16] [--shard-size BYTES]\n"
+		"--from-hf: a Hugging Face DeepseekV3/V2 directory (config.json, *.safetensors, with\n"
+		"  model.safetensors.index.json when sharded) to an HDF5 checkpoint (step 0); F32, BF16\n"
+		"  and F16 weights, per-expert tensors stacked.  Missing, unexpected or misshapen\n"
+		"  tensors are refused by name; rotary inv_freq buffers and multi-token-prediction\n"
+		"  layers (model.layers.N, N >= num_hidden_layers) are skipped.\n"
+		"--to-hf: a checkpoint's weights to DIR (created; it must not hold weights already):\n"
+		"  config.json (DeepseekV3ForCausalLM), model.safetensors or shards of at most\n"
+		"  --shard-size bytes of data (default 5GB; units B, KB, MB, GB, KiB, MiB, GiB) with\n"
+		"  model.safetensors.index.json.  --dtype f32 (default, lossless) or bf16 (rounded to\n"
+		"  nearest even; the routing bias stays f32).\n");
+	return code;
+}
+
+int convert_cli_main(int argc, char **argv)
+{
+	const char *from = NULL, *to = NULL, *out = NULL, *dtype = "f32", *shard = NULL;
+	struct convert_to_hf_opts o = { ST_F32, CONVERT_DEFAULT_SHARD_BYTES };
+	char err[2048];
+
+	for (int i = 0; i < argc; i++) {
+		const char *a = argv[i], **slot = NULL;
+
+		if (!strcmp(a, "--help") || !strcmp(a, "-h"))
+			return usage(0);
+		if (!strcmp(a, "--from-hf"))
+			slot = &from;
+		else if (!strcmp(a, "--to-hf"))
+			slot = &to;
+		else if (!strcmp(a, "--out"))
+			slot = &out;
+		else if (!strcmp(a, "--dtype"))
+			slot = &dtype;
+		else if (!strcmp(a, "--shard-size"))
+			slot = &shard;
+		if (!slot) {
+			fprintf(stderr, "moe convert: unknown option '%s'\n", a);
+			return usage(2);
+		}
+		if (i + 1 >= argc) {
+			fprintf(stderr, "moe convert: %s needs a value\n", a);
+			return 2;
+		}
+		*slot = argv[++i];
+	}
+	if (!!from == !!to || !out) {
+		fprintf(stderr, "moe convert: give one of --from-hf DIR or --to-hf CKPT, and --out\n");
+		return usage(2);
+	}
+	if (from) {
+		if (shard || strcmp(dtype, "f32")) {
+			fprintf(stderr, "moe convert: --dtype and --shard-size go with --to-hf\n");
+			return 2;
+		}
+		if (convert_from_hf(from, out, stderr, err, sizeof(err))) {
+			fprintf(stderr, "moe convert: %s\n", err);
+			return 1;
+		}
+		printf("wrote %s from %s\n", out, from);
+		return 0;
+	}
+	if (!strcmp(dtype, "bf16")) {
+		o.dtype = ST_BF16;
+	} else if (strcmp(dtype, "f32")) {
+		fprintf(stderr, "moe convert: --dtype %s: expected f32 or bf16\n", dtype);
+		return 2;
+	}
+	if (shard && parse_size(shard, &o.shard_bytes)) {
+		fprintf(stderr, "moe convert: --shard-size %s: expected a positive byte count such as "
+			"5GB or 1000000\n", shard);
+		return 2;
+	}
+	if (convert_to_hf(to, out, &o, stderr, err, sizeof(err))) {
+		fprintf(stderr, "moe convert: %s\n", err);
+		return 1;
+	}
+	printf("wrote %s from %s\n", out, to);
+	return 0;
+}

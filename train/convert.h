@@ -1,0 +1,53 @@
+/*
+ * train/convert.h - Hugging Face checkpoints (config.json + safetensors) to and from our HDF5
+ * checkpoints (SPEC 2).
+ *
+ *   moe convert --from-hf DIR --out CKPT.h5
+ *   moe convert --to-hf CKPT.h5 --out DIR [--dtype bf16|f32] [--shard-size BYTES]
+ *
+ * Names map one to one (our names are HF DeepseekV3's), except the routed experts: HF keeps one tensor
+ * per expert, model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight, we stack them along a leading
+ * [E] axis as model.layers.N.mlp.experts.{gate,up,down}_proj.weight.  No weight is permuted: see the
+ * RoPE note in convert.c.
+ */
+#ifndef MOE_TRAIN_CONVERT_H
+#define MOE_TRAIN_CONVERT_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "train/config.h"
+#include "train/safetensors.h"
+
+/* HF's default: shards of at most 5 GB. */
+#define CONVERT_DEFAULT_SHARD_BYTES 5000000000ULL
+
+/*
+ * A Hugging Face config.json's text (model_type deepseek_v3 or deepseek_v2) into rc's model section:
+ * the keys the file lacks take transformers' defaults for that model_type (not ours), HF bookkeeping
+ * keys are dropped, rope_parameters {rope_type: default, rope_theta} becomes rope_theta.  Every other
+ * section of rc is left as it was.  Validated.  Notes (keys dropped, defaults filled) go to notes
+ * (may be NULL).  Returns 0 or -1 with a message naming origin and the key.
+ */
+int convert_hf_config(struct run_config *rc, const char *json_text, const char *origin,
+		      FILE *notes, char *err, size_t errlen);
+
+/* config.json text (malloc'd) for a model: HF DeepseekV3 keys, architectures, model_type, torch_dtype. */
+char *convert_hf_config_json(const struct model_config *mc, enum st_dtype dtype);
+
+/* HF directory -> HDF5 checkpoint (step 0, the other config sections at their defaults). */
+int convert_from_hf(const char *dir, const char *out_path, FILE *notes, char *err, size_t errlen);
+
+struct convert_to_hf_opts {
+	enum st_dtype dtype;        /* ST_F32 or ST_BF16 (e_score_correction_bias stays F32) */
+	uint64_t shard_bytes;       /* at most this many bytes of tensor data per file */
+};
+
+/* HDF5 checkpoint -> HF directory (created when missing; refused when it already holds weights). */
+int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_to_hf_opts *opts,
+		  FILE *notes, char *err, size_t errlen);
+
+/* `moe convert ...`: argv holds the arguments after "convert".  Returns the exit code. */
+int convert_cli_main(int argc, char **argv);
+
+#endif
