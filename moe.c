@@ -6,13 +6,14 @@
  *   moe eval     --checkpoint CKPT --data SHARD [--set k=v]   loss of a model on a shard, read in order
  *   moe inspect  CKPT | --config FILE [--set k=v ...]          what a checkpoint holds / parameter counts
  *   moe convert  --from-hf DIR --out CKPT | --to-hf CKPT --out DIR    Hugging Face interop
- *   moe data     synth --out SHARD --vocab V --tokens N        a synthetic token shard (tests, demo)
+ *   moe data     tokenizer | shards | decode | encode | synth   (data/data_cli.c; synth here)
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "data/data_cli.h"
 #include "data/shard.h"
 #include "launch/comm.h"
 #include "launch/startup.h"
@@ -269,7 +270,9 @@ static int cmd_data(int argc, char **argv)
 {
 	const char *out = NULL, *pattern = "repeat";
 	long long vocab = 0, ntok = 0, seed = 1, period = 17;
-	int help = argc < 1 || strcmp(argv[0], "synth") != 0;
+	if (argc >= 1 && strcmp(argv[0], "synth"))
+		return data_cli_main(argc, argv);  /* tokenizer, shards, decode, encode */
+	int help = argc < 1;
 	for (int i = 1; i < argc; i++) {
 		if (i + 1 < argc && !strcmp(argv[i], "--out")) out = argv[++i];
 		else if (i + 1 < argc && !strcmp(argv[i], "--vocab")) vocab = atoll(argv[++i]);
@@ -281,7 +284,8 @@ static int cmd_data(int argc, char **argv)
 	}
 	if (help || !out || vocab <= 0 || ntok <= 0 || period <= 0 ||
 	    (strcmp(pattern, "repeat") && strcmp(pattern, "random"))) {
-		printf("usage: moe data synth --out SHARD --vocab V --tokens N [--pattern repeat|random]\n"
+		printf("usage: moe data tokenizer|shards|decode|encode ...   (moe data <command> --help)\n"
+		       "       moe data synth --out SHARD --vocab V --tokens N [--pattern repeat|random]\n"
 		       "                      [--period P] [--seed S]\n"
 		       "Writes a synthetic token shard (SPEC 3): 'repeat' repeats a random phrase of P tokens\n"
 		       "(a model can learn it), 'random' draws every token uniformly.\n");
@@ -312,7 +316,7 @@ static void usage(void)
 	       "  eval      loss of a checkpoint on a token shard\n"
 	       "  inspect   what a checkpoint holds, or a config's parameter counts\n"
 	       "  convert   Hugging Face safetensors <-> HDF5 checkpoints\n"
-	       "  data      synthetic token shards\n");
+	       "  data      tokenizer (BPE) training, text to shards, decode, synthetic shards\n");
 }
 
 int main(int argc, char **argv)

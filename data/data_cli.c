@@ -1,0 +1,828 @@
+/*
+ * data/data_cli.c - `moe data tokenizer|shards|decode|encode`: text in, streaming (inputs are read in
+ * chunks, a JSON Lines file a record at a time, so they may be larger than memory), token shards out.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include "data/data_cli.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <glob.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "data/shard.h"
+#include "data/tokenizer.h"
+
+#define CHUNK_BYTES (1 << 20)		/* text read per fread */
+#define DEFAULT_SHARD_TOKENS 100000000LL
+#define MAX_SPECIALS 256
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ---- arguments ------------------------------------------------------------------------------- */
+
+/* The values after argv[*i] up to the next option; *i is left on the last one. */
+static int take_list(int argc, char **argv, int *i, char ***list)
+{
+	int start = *i + 1, n = 0;
+
+	while (start + n < argc && strncmp(argv[start + n], "--", 2))
+		n++;
+	*list = argv + start;
+	*i += n;
+	return n;
+}
+
+static bool parse_ll(const char *s, long long *v)
+{
+	char *end;
+
+	errno = 0;
+	*v = strtoll(s, &end, 10);
+	return !errno && end != s && !*end;
+}
+
+static bool parse_double(const char *s, double *v)
+{
+	char *end;
+
+	errno = 0;
+	*v = strtod(s, &end);
+	return !errno && end != s && !*end;
+}
+
+/* ---- reading documents ----------------------------------------------------------------------- */
+
+/* What is done with the documents: each callback returns 0, or -1 having written err. */
+struct doc_sink {
+	int (*begin)(void *ctx);
+	int (*data)(void *ctx, const uint8_t *p, size_t n);
+	int (*end)(void *ctx);
+	void *ctx;
+};
+
+struct progress {
+	const char *what;
+	uint64_t total, done;
+	double t0, last;
+	bool tty;
+};
+
+static void progress_show(struct progress *pr, bool final)
+{
+	double t = now_s(), el = t - pr->t0, mb = 1e-6 * (double)pr->done;
+
+	if (!final && t - pr->last < 1.0)
+		return;
+	pr->last = t;
+	fprintf(stderr, "%s: %.1f / %.1f MB (%.1f%%), %.1f MB/s%s", pr->what, mb,
+		1e-6 * (double)pr->total, pr->total ? 100.0 * (double)pr->done / (double)pr->total : 100.0,
+		el > 0 ? mb / el : 0.0, final ? "\n" : pr->tty ? "\r" : "\n");
+	fflush(stderr);
+}
+
+static bool is_jsonl(const char *path)
+{
+	size_t n = strlen(path);
+
+	return n >= 6 && !strcmp(path + n - 6, ".jsonl");
+}
+
+/* Every input must be a readable regular file; their total size goes to the progress line. */
+static int check_inputs(char **files, int n, uint64_t *total, char *err, size_t errlen)
+{
+	*total = 0;
+	if (!n) {
+		snprintf(err, errlen, "no input files");
+		return -1;
+	}
+	for (int k = 0; k < n; k++) {
+		struct stat st;
+
+		if (stat(files[k], &st)) {
+			snprintf(err, errlen, "%s: %s", files[k], strerror(errno));
+			return -1;
+		}
+		if (!S_ISREG(st.st_mode)) {
+			snprintf(err, errlen, "%s: not a regular file", files[k]);
+			return -1;
+		}
+		if (access(files[k], R_OK)) {
+			snprintf(err, errlen, "%s: %s", files[k], strerror(errno));
+			return -1;
+		}
+		*total += (uint64_t)st.st_size;
+	}
+	return 0;
+}
+
+/* True when a JSON text holds the escape \u0000 (which cJSON's C strings cannot carry). */
+static bool has_nul_escape(const char *s, size_t n)
+{
+	for (size_t i = 0; i + 1 < n; i++) {
+		if (s[i] != '\\')
+			continue;
+		if (s[i + 1] == 'u' && i + 5 < n && !memcmp(s + i + 2, "0000", 4))
+			return true;
+		i++;	/* skip the escaped character */
+	}
+	return false;
+}
+
+static int read_text(const char *path, FILE *fp, const struct doc_sink *sink, struct progress *pr,
+		     uint8_t *buf, char *err, size_t errlen)
+{
+	size_t n;
+
+	if (sink->begin(sink->ctx))
+		return -1;
+	while ((n = fread(buf, 1, CHUNK_BYTES, fp)) > 0) {
+		if (sink->data(sink->ctx, buf, n))
+			return -1;
+		pr->done += n;
+		progress_show(pr, false);
+	}
+	if (ferror(fp)) {
+		snprintf(err, errlen, "%s: read error: %s", path, strerror(errno));
+		return -1;
+	}
+	return sink->end(sink->ctx);
+}
+
+static int read_jsonl(const char *path, FILE *fp, const struct doc_sink *sink, struct progress *pr,
+		      char *err, size_t errlen)
+{
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t n;
+	unsigned long lineno = 0;
+	int rc = 0;
+
+	while (!rc && (n = getline(&line, &cap, fp)) >= 0) {
+		const cJSON *text;
+		cJSON *rec;
+		size_t k = 0;
+
+		lineno++;
+		pr->done += (uint64_t)n;
+		while (k < (size_t)n && strchr(" \t\r\n", line[k]))
+			k++;
+		if (k == (size_t)n)
+			continue;	/* a blank line */
+		rec = cJSON_ParseWithLength(line, (size_t)n);
+		if (!rec || !cJSON_IsObject(rec)) {
+			snprintf(err, errlen, "%s:%lu: not a JSON object", path, lineno);
+			rc = -1;
+		} else if (!cJSON_IsString(text = cJSON_GetObjectItemCaseSensitive(rec, "text"))) {
+			snprintf(err, errlen, "%s:%lu: no \"text\" string in the record", path, lineno);
+			rc = -1;
+		} else if (has_nul_escape(line, (size_t)n)) {
+			snprintf(err, errlen, "%s:%lu: a \\u0000 (NUL) escape is not supported", path,
+				 lineno);
+			rc = -1;
+		} else if (sink->begin(sink->ctx) ||
+			   sink->data(sink->ctx, (const uint8_t *)text->valuestring,
+				      strlen(text->valuestring)) ||
+			   sink->end(sink->ctx)) {
+			rc = -1;
+		}
+		cJSON_Delete(rec);
+		progress_show(pr, false);
+	}
+	if (!rc && ferror(fp)) {
+		snprintf(err, errlen, "%s: read error: %s", path, strerror(errno));
+		rc = -1;
+	}
+	free(line);
+	return rc;
+}
+
+static int read_documents(char **files, int n, const struct doc_sink *sink, struct progress *pr,
+			  char *err, size_t errlen)
+{
+	uint8_t *buf = malloc(CHUNK_BYTES);
+	int rc = 0;
+
+	if (!buf) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	pr->t0 = pr->last = now_s();
+	pr->tty = isatty(2);
+	for (int k = 0; !rc && k < n; k++) {
+		FILE *fp = fopen(files[k], "rb");
+
+		if (!fp) {
+			snprintf(err, errlen, "%s: %s", files[k], strerror(errno));
+			rc = -1;
+			break;
+		}
+		if (is_jsonl(files[k]))
+			rc = read_jsonl(files[k], fp, sink, pr, err, errlen);
+		else
+			rc = read_text(files[k], fp, sink, pr, buf, err, errlen);
+		fclose(fp);
+	}
+	if (!rc)
+		progress_show(pr, true);
+	else if (pr->tty)
+		fputc('\n', stderr);
+	free(buf);
+	return rc;
+}
+
+/* ---- moe data tokenizer ---------------------------------------------------------------------- */
+
+static int train_begin(void *ctx)
+{
+	(void)ctx;
+	return 0;
+}
+
+static int train_data(void *ctx, const uint8_t *p, size_t n)
+{
+	tok_trainer_feed(ctx, p, n);
+	return 0;
+}
+
+static int train_end(void *ctx)
+{
+	tok_trainer_end_doc(ctx);
+	return 0;
+}
+
+static int usage_tokenizer(void)
+{
+	printf("usage: moe data tokenizer --train FILES... --vocab N --out tokenizer.json\n"
+	       "                          [--special TOKEN]... [--no-default-specials]\n"
+	       "Trains a byte-level BPE tokenizer (GPT-2 pre-tokenizer) on the files (text: one document\n"
+	       "a file; *.jsonl: each record's \"text\") and writes it as a Hugging Face tokenizer.json.\n"
+	       "N counts every token: the 256 bytes, the merges and the special tokens, which are\n"
+	       "<|endoftext|> <|pad|> <|user|> <|assistant|> and those given with --special.\n");
+	return 2;
+}
+
+static int cmd_tokenizer(int argc, char **argv)
+{
+	const char *specials[MAX_SPECIALS], *out = NULL;
+	char **files = NULL, err[1024];
+	int n_files = 0, n_sp = 0, n_user = 0, help = 0, rc = 1;
+	bool defaults = true;
+	long long vocab = 0;
+	const char *user[MAX_SPECIALS];
+	struct tok_trainer *tr;
+	struct tokenizer *t;
+	struct progress pr = { .what = "tokenizer" };
+	struct doc_sink sink = { train_begin, train_data, train_end, NULL };
+	uint64_t total;
+	double t0 = now_s();
+
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+
+		if (!strcmp(a, "--train"))
+			n_files = take_list(argc, argv, &i, &files);
+		else if (!strcmp(a, "--vocab") && i + 1 < argc && parse_ll(argv[i + 1], &vocab))
+			i++;
+		else if (!strcmp(a, "--out") && i + 1 < argc)
+			out = argv[++i];
+		else if (!strcmp(a, "--special") && i + 1 < argc && n_user < MAX_SPECIALS)
+			user[n_user++] = argv[++i];
+		else if (!strcmp(a, "--no-default-specials"))
+			defaults = false;
+		else
+			help = 1;
+	}
+	if (help || !n_files || vocab <= 0 || !out)
+		return usage_tokenizer();
+	if (defaults)
+		for (int k = 0; k < TOKENIZER_N_DEFAULT_SPECIALS; k++)
+			specials[n_sp++] = tokenizer_default_specials[k];
+	for (int k = 0; k < n_user; k++) {
+		bool dup = false;
+
+		for (int j = 0; j < n_sp; j++)
+			dup |= !strcmp(specials[j], user[k]);
+		if (!dup)
+			specials[n_sp++] = user[k];
+	}
+	if (vocab < 256 + n_sp || vocab > (1 << 24)) {
+		fprintf(stderr, "moe data tokenizer: --vocab %lld: must be at least 256 + %d special "
+			"tokens and at most %d\n", vocab, n_sp, 1 << 24);
+		return 1;
+	}
+	if (check_inputs(files, n_files, &total, err, sizeof(err))) {
+		fprintf(stderr, "moe data tokenizer: %s\n", err);
+		return 1;
+	}
+	tr = tok_trainer_new(specials, n_sp, err, sizeof(err));
+	if (!tr) {
+		fprintf(stderr, "moe data tokenizer: %s\n", err);
+		return 1;
+	}
+	sink.ctx = tr;
+	pr.total = total;
+	if (read_documents(files, n_files, &sink, &pr, err, sizeof(err))) {
+		fprintf(stderr, "moe data tokenizer: %s\n", err);
+		tok_trainer_free(tr);
+		return 1;
+	}
+	fprintf(stderr, "tokenizer: %llu distinct words; merging\n",
+		(unsigned long long)tok_trainer_n_words(tr));
+	t = tok_trainer_finish(tr, (int)vocab, err, sizeof(err));
+	tok_trainer_free(tr);
+	if (!t) {
+		fprintf(stderr, "moe data tokenizer: %s\n", err);
+		return 1;
+	}
+	if (tokenizer_save(t, out, err, sizeof(err))) {
+		fprintf(stderr, "moe data tokenizer: %s\n", err);
+	} else {
+		if (tokenizer_vocab_size(t) < vocab)
+			fprintf(stderr, "tokenizer: no pair left to merge: the vocabulary stops at %d\n",
+				tokenizer_vocab_size(t));
+		printf("wrote %s: vocab %d (%d merges, %d special tokens) in %.1f s\n", out,
+		       tokenizer_vocab_size(t), tokenizer_n_merges(t), n_sp, now_s() - t0);
+		rc = 0;
+	}
+	tokenizer_free(t);
+	return rc;
+}
+
+/* ---- moe data shards ------------------------------------------------------------------------- */
+
+struct split {
+	const char *name;
+	bool open;
+	struct shard_writer w;
+	int index;			/* the shard being written */
+	uint64_t in_shard, tokens, docs;
+};
+
+struct shards_ctx {
+	struct tokenizer *t;
+	struct tok_stream stream;
+	struct tok_ids ids;
+	const char *dir;
+	int token_bytes;
+	uint64_t shard_tokens;
+	double val_frac;
+	uint32_t eot;
+	uint64_t doc;			/* index of the current document */
+	struct split split[2];		/* train, val */
+	struct split *cur;
+	char **written;			/* shards completed, removed if the run fails */
+	int n_written;
+	char *err;
+	size_t errlen;
+};
+
+static uint64_t splitmix64(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ULL;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+	return x ^ (x >> 31);
+}
+
+/* Document i goes to the validation split when a hash of i, as a fraction of 2^64, is below f. */
+static bool doc_is_val(uint64_t i, double f)
+{
+	return (double)(splitmix64(i) >> 11) * 0x1p-53 < f;
+}
+
+static int split_close(struct shards_ctx *c, struct split *s)
+{
+	char **w;
+
+	s->open = false;
+	if (shard_writer_close(&s->w, c->err, c->errlen))
+		return -1;
+	w = realloc(c->written, (size_t)(c->n_written + 1) * sizeof(*w));
+	if (!w || !(w[c->n_written] = strdup(s->w.path))) {
+		c->written = w ? w : c->written;
+		snprintf(c->err, c->errlen, "out of memory");
+		return -1;
+	}
+	c->written = w;
+	c->n_written++;
+	s->index++;
+	s->in_shard = 0;
+	return 0;
+}
+
+static int emit(struct shards_ctx *c, const uint32_t *ids, size_t n)
+{
+	struct split *s = c->cur;
+
+	while (n) {
+		size_t take;
+
+		if (!s->open) {
+			char path[1024];
+
+			snprintf(path, sizeof(path), "%s/%s_%05d.bin", c->dir, s->name, s->index);
+			if (shard_writer_open(&s->w, path, c->token_bytes, c->err, c->errlen))
+				return -1;
+			s->open = true;
+		}
+		take = n;
+		if (take > c->shard_tokens - s->in_shard)
+			take = (size_t)(c->shard_tokens - s->in_shard);
+		if (shard_writer_append(&s->w, ids, take, c->err, c->errlen)) {
+			shard_writer_abort(&s->w);
+			s->open = false;
+			return -1;
+		}
+		s->in_shard += take;
+		s->tokens += take;
+		ids += take;
+		n -= take;
+		if (s->in_shard == c->shard_tokens && split_close(c, s))
+			return -1;
+	}
+	return 0;
+}
+
+static int shards_begin(void *ctx)
+{
+	struct shards_ctx *c = ctx;
+
+	c->cur = &c->split[doc_is_val(c->doc, c->val_frac)];
+	if (c->cur->docs && emit(c, &c->eot, 1))
+		return -1;
+	c->cur->docs++;
+	return 0;
+}
+
+static int flush_ids(struct shards_ctx *c)
+{
+	int rc = emit(c, c->ids.v, c->ids.n);
+
+	c->ids.n = 0;
+	return rc;
+}
+
+static int shards_data(void *ctx, const uint8_t *p, size_t n)
+{
+	struct shards_ctx *c = ctx;
+
+	tok_stream_feed(&c->stream, p, n, &c->ids);
+	return flush_ids(c);
+}
+
+static int shards_end(void *ctx)
+{
+	struct shards_ctx *c = ctx;
+
+	tok_stream_finish(&c->stream, &c->ids);
+	c->doc++;
+	return flush_ids(c);
+}
+
+static int usage_shards(void)
+{
+	printf("usage: moe data shards --tokenizer T --in FILES... --out DIR [--val-frac F]\n"
+	       "                       [--shard-tokens N] [--eot TOKEN]\n"
+	       "Encodes the files (text: one document a file; *.jsonl: each record's \"text\") into token\n"
+	       "shards DIR/train_00000.bin, ... and DIR/val_00000.bin, ... (SPEC 3), the documents of a\n"
+	       "split joined by the end-of-text token (<|endoftext|>, <|end_of_text|> or </s>, or --eot).\n"
+	       "A document goes to the validation split with probability F (default 0), by a hash of\n"
+	       "its index.  N tokens a shard at most (default %lld).  Inputs are streamed.\n",
+	       DEFAULT_SHARD_TOKENS);
+	return 2;
+}
+
+/* Refuse an output directory that already holds shards (a glob over DIR would mix old and new). */
+static int prepare_dir(const char *dir, char *err, size_t errlen)
+{
+	static const char *const pats[] = { "train_*.bin", "val_*.bin" };
+	struct stat st;
+
+	if (mkdir(dir, 0777) && errno != EEXIST) {
+		snprintf(err, errlen, "%s: cannot create the directory: %s", dir, strerror(errno));
+		return -1;
+	}
+	if (stat(dir, &st) || !S_ISDIR(st.st_mode)) {
+		snprintf(err, errlen, "%s: not a directory", dir);
+		return -1;
+	}
+	for (int k = 0; k < 2; k++) {
+		char pat[1100];
+		glob_t g;
+
+		snprintf(pat, sizeof(pat), "%s/%s", dir, pats[k]);
+		if (!glob(pat, 0, NULL, &g)) {
+			snprintf(err, errlen, "%s: already holds shards (%s): remove them or choose another "
+				 "--out", dir, g.gl_pathv[0]);
+			globfree(&g);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static struct tokenizer *load_tokenizer(const char *cmd, const char *path)
+{
+	char err[1024];
+	struct tokenizer *t = tokenizer_load(path, err, sizeof(err));
+
+	if (!t)
+		fprintf(stderr, "moe data %s: %s\n", cmd, err);
+	else if (tokenizer_warning(t))
+		fprintf(stderr, "moe data %s: %s: %s\n", cmd, path, tokenizer_warning(t));
+	return t;
+}
+
+static int cmd_shards(int argc, char **argv)
+{
+	const char *tok_path = NULL, *dir = NULL, *eot_name = NULL;
+	char **files = NULL, err[1024];
+	int n_files = 0, help = 0, rc = 1, eot;
+	long long shard_tokens = DEFAULT_SHARD_TOKENS;
+	double val_frac = 0;
+	uint64_t total;
+	struct shards_ctx c = { 0 };
+	struct progress pr = { .what = "shards" };
+	struct doc_sink sink = { shards_begin, shards_data, shards_end, &c };
+
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+
+		if (!strcmp(a, "--in"))
+			n_files = take_list(argc, argv, &i, &files);
+		else if (!strcmp(a, "--tokenizer") && i + 1 < argc)
+			tok_path = argv[++i];
+		else if (!strcmp(a, "--out") && i + 1 < argc)
+			dir = argv[++i];
+		else if (!strcmp(a, "--eot") && i + 1 < argc)
+			eot_name = argv[++i];
+		else if (!strcmp(a, "--val-frac") && i + 1 < argc && parse_double(argv[i + 1], &val_frac))
+			i++;
+		else if (!strcmp(a, "--shard-tokens") && i + 1 < argc &&
+			 parse_ll(argv[i + 1], &shard_tokens))
+			i++;
+		else
+			help = 1;
+	}
+	if (help || !tok_path || !n_files || !dir)
+		return usage_shards();
+	if (!(val_frac >= 0 && val_frac < 1) || shard_tokens <= 0) {
+		fprintf(stderr, "moe data shards: --val-frac must be in [0, 1) and --shard-tokens > 0\n");
+		return 1;
+	}
+	if (check_inputs(files, n_files, &total, err, sizeof(err))) {
+		fprintf(stderr, "moe data shards: %s\n", err);
+		return 1;
+	}
+	c.t = load_tokenizer("shards", tok_path);
+	if (!c.t)
+		return 1;
+	eot = eot_name ? tokenizer_special_id(c.t, eot_name) : tokenizer_eot_id(c.t);
+	if (eot < 0) {
+		if (eot_name)
+			fprintf(stderr, "moe data shards: %s: no added token \"%s\" (--eot)\n", tok_path,
+				eot_name);
+		else
+			fprintf(stderr, "moe data shards: %s: no end-of-text token (<|endoftext|>, "
+				"<|end_of_text|>, </s>): name one with --eot\n", tok_path);
+		goto out;
+	}
+	if (prepare_dir(dir, err, sizeof(err))) {
+		fprintf(stderr, "moe data shards: %s\n", err);
+		goto out;
+	}
+	c.dir = dir;
+	c.token_bytes = tokenizer_vocab_size(c.t) <= 65536 ? 2 : 4;
+	c.shard_tokens = (uint64_t)shard_tokens;
+	c.val_frac = val_frac;
+	c.eot = (uint32_t)eot;
+	c.split[0].name = "train";
+	c.split[1].name = "val";
+	c.err = err;
+	c.errlen = sizeof(err);
+	tok_stream_init(&c.stream, c.t);
+	pr.total = total;
+	rc = read_documents(files, n_files, &sink, &pr, err, sizeof(err));
+	for (int k = 0; k < 2; k++) {
+		if (!c.split[k].open)
+			continue;
+		if (rc)
+			shard_writer_abort(&c.split[k].w);
+		else if (split_close(&c, &c.split[k]))
+			rc = -1;
+		c.split[k].open = false;
+	}
+	if (rc) {
+		fprintf(stderr, "moe data shards: %s\n", err);
+		for (int k = 0; k < c.n_written; k++)
+			unlink(c.written[k]);
+		rc = 1;
+	} else {
+		for (int k = 0; k < 2; k++) {
+			const struct split *s = &c.split[k];
+
+			printf("%s: %d shard(s), %llu tokens, %llu documents\n", s->name, s->index,
+			       (unsigned long long)s->tokens, (unsigned long long)s->docs);
+		}
+		if (val_frac > 0 && !c.split[1].docs)
+			fprintf(stderr, "moe data shards: warning: no document fell into the validation "
+				"split (%llu documents, --val-frac %g)\n", (unsigned long long)c.doc,
+				val_frac);
+		if (!c.split[0].docs)
+			fprintf(stderr, "moe data shards: warning: no document fell into the training "
+				"split\n");
+	}
+	for (int k = 0; k < c.n_written; k++)
+		free(c.written[k]);
+	free(c.written);
+	tok_stream_free(&c.stream);
+	tok_ids_free(&c.ids);
+out:
+	tokenizer_free(c.t);
+	return rc;
+}
+
+/* ---- moe data decode / encode ---------------------------------------------------------------- */
+
+static int cmd_decode(int argc, char **argv)
+{
+	const char *tok_path = NULL;
+	char **shards = calloc((size_t)argc + 1, sizeof(*shards)), err[1024];
+	int n_shards = 0, help = 0, rc = 0;
+	struct tokenizer *t;
+
+	if (!shards)
+		return 1;
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--tokenizer") && i + 1 < argc)
+			tok_path = argv[++i];
+		else if (strncmp(argv[i], "--", 2))
+			shards[n_shards++] = argv[i];
+		else
+			help = 1;
+	}
+	if (help || !tok_path || !n_shards) {
+		printf("usage: moe data decode --tokenizer T SHARD...\n"
+		       "Prints the shards' tokens as text (a special token as its content).\n");
+		free(shards);
+		return 2;
+	}
+	t = load_tokenizer("decode", tok_path);
+	if (!t) {
+		free(shards);
+		return 1;
+	}
+	for (int k = 0; !rc && k < n_shards; k++) {
+		struct shard s;
+
+		if (shard_open(&s, shards[k], tokenizer_vocab_size(t), err, sizeof(err))) {
+			fprintf(stderr, "moe data decode: %s (tokenizer %s)\n", err, tok_path);
+			rc = 1;
+			break;
+		}
+		for (uint64_t i = 0; i < s.n_tokens; i++) {
+			const uint8_t *p;
+			size_t n;
+			uint32_t id = shard_token(&s, i);
+
+			if (tokenizer_token_bytes(t, id, &p, &n)) {
+				fprintf(stderr, "moe data decode: %s: token %llu: id %u has no token in %s\n",
+					shards[k], (unsigned long long)i, id, tok_path);
+				rc = 1;
+				break;
+			}
+			if (fwrite(p, 1, n, stdout) != n) {
+				fprintf(stderr, "moe data decode: writing the output: %s\n",
+					strerror(errno));
+				rc = 1;
+				break;
+			}
+		}
+		shard_close(&s);
+	}
+	if (fflush(stdout) && !rc) {
+		fprintf(stderr, "moe data decode: writing the output: %s\n", strerror(errno));
+		rc = 1;
+	}
+	tokenizer_free(t);
+	free(shards);
+	return rc;
+}
+
+static void print_ids(const struct tok_ids *ids)
+{
+	for (size_t i = 0; i < ids->n; i++)
+		printf(i ? " %u" : "%u", ids->v[i]);
+	printf("\n");
+}
+
+static int encode_file(struct tokenizer *t, const char *path, char *err, size_t errlen)
+{
+	FILE *fp = fopen(path, "rb");
+	uint8_t buf[65536];
+	struct tok_stream s;
+	struct tok_ids ids = { 0 };
+	size_t n;
+	int rc = 0;
+
+	if (!fp) {
+		snprintf(err, errlen, "%s: %s", path, strerror(errno));
+		return -1;
+	}
+	tok_stream_init(&s, t);
+	while ((n = fread(buf, 1, sizeof(buf), fp)) > 0)
+		tok_stream_feed(&s, buf, n, &ids);
+	if (ferror(fp)) {
+		snprintf(err, errlen, "%s: read error: %s", path, strerror(errno));
+		rc = -1;
+	} else {
+		tok_stream_finish(&s, &ids);
+		print_ids(&ids);
+	}
+	fclose(fp);
+	tok_stream_free(&s);
+	tok_ids_free(&ids);
+	return rc;
+}
+
+static int cmd_encode(int argc, char **argv)
+{
+	const char *tok_path = NULL, *text = NULL;
+	char **files = calloc((size_t)argc + 1, sizeof(*files)), err[1024];
+	int n_files = 0, help = 0, rc = 0;
+	struct tokenizer *t;
+
+	if (!files)
+		return 1;
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--tokenizer") && i + 1 < argc)
+			tok_path = argv[++i];
+		else if (!strcmp(argv[i], "--text") && i + 1 < argc)
+			text = argv[++i];
+		else if (strncmp(argv[i], "--", 2))
+			files[n_files++] = argv[i];
+		else
+			help = 1;
+	}
+	if (help || !tok_path || (!text && !n_files) || (text && n_files)) {
+		printf("usage: moe data encode --tokenizer T (--text STRING | FILE...)\n"
+		       "Prints the token ids of the text, or of each file on a line.\n");
+		free(files);
+		return 2;
+	}
+	t = load_tokenizer("encode", tok_path);
+	if (!t) {
+		free(files);
+		return 1;
+	}
+	if (text) {
+		struct tok_ids ids = { 0 };
+
+		tokenizer_encode(t, text, strlen(text), &ids);
+		print_ids(&ids);
+		tok_ids_free(&ids);
+	}
+	for (int k = 0; !rc && k < n_files; k++) {
+		if (encode_file(t, files[k], err, sizeof(err))) {
+			fprintf(stderr, "moe data encode: %s\n", err);
+			rc = 1;
+		}
+	}
+	tokenizer_free(t);
+	free(files);
+	return rc;
+}
+
+int data_cli_main(int argc, char **argv)
+{
+	const char *cmd = argc > 0 ? argv[0] : "";
+
+	if (!strcmp(cmd, "tokenizer"))
+		return cmd_tokenizer(argc, argv);
+	if (!strcmp(cmd, "shards"))
+		return cmd_shards(argc, argv);
+	if (!strcmp(cmd, "decode"))
+		return cmd_decode(argc, argv);
+	if (!strcmp(cmd, "encode"))
+		return cmd_encode(argc, argv);
+	printf("usage: moe data tokenizer --train FILES... --vocab N --out tokenizer.json [--special T]...\n"
+	       "       moe data shards --tokenizer T --in FILES... --out DIR [--val-frac F]\n"
+	       "       moe data decode --tokenizer T SHARD...\n"
+	       "       moe data encode --tokenizer T (--text STRING | FILE...)\n");
+	return 2;
+}
