@@ -5,6 +5,7 @@
  *   moe init     --config FILE [--set k=v ...] --out CKPT     write a freshly initialised model
  *   moe eval     --checkpoint CKPT --data SHARD [--set k=v]   loss of a model on a shard, read in order
  *   moe inspect  CKPT | --config FILE [--set k=v ...]          what a checkpoint holds / parameter counts
+ *   moe generate --checkpoint CKPT --prompt TEXT|--prompt-ids IDS [sampling options]
  *   moe convert  --from-hf DIR --out CKPT | --to-hf CKPT --out DIR    Hugging Face interop
  *   moe data     tokenizer | shards | decode | encode | synth   (data/data_cli.c; synth here)
  */
@@ -17,6 +18,7 @@
 #include "data/shard.h"
 #include "launch/comm.h"
 #include "launch/startup.h"
+#include "rl/generate.h"
 #include "model/model.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
@@ -315,6 +317,7 @@ static void usage(void)
 	       "  init      write a freshly initialised model to an HDF5 checkpoint\n"
 	       "  eval      loss of a checkpoint on a token shard\n"
 	       "  inspect   what a checkpoint holds, or a config's parameter counts\n"
+	       "  generate  sample from a checkpoint (MLA latent cache, absorbed decode)\n"
 	       "  convert   Hugging Face safetensors <-> HDF5 checkpoints\n"
 	       "  data      tokenizer (BPE) training, text to shards, decode, synthetic shards\n");
 }
@@ -335,6 +338,8 @@ int main(int argc, char **argv)
 		return cmd_eval(argc - 2, argv + 2);
 	if (!strcmp(cmd, "inspect"))
 		return cmd_inspect(argc - 2, argv + 2);
+	if (!strcmp(cmd, "generate"))
+		return generate_cli_main(argc - 2, argv + 2);
 	if (!strcmp(cmd, "convert"))
 		return convert_cli_main(argc - 2, argv + 2);
 	if (!strcmp(cmd, "data"))

@@ -1,0 +1,530 @@
+/*
+ * rl/generate.c - batched generation over the latent cache: prefill, sampling, the decode loop.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "data/tokenizer.h"
+#include "rl/generate.h"
+#include "train/checkpoint.h"
+#include "train/config.h"
+
+uint64_t splitmix64(uint64_t *state)
+{
+	uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
+
+void gen_rng_seed(struct gen_rng *r, uint64_t seed)
+{
+	uint64_t st = seed;
+	for (int i = 0; i < 4; i++)
+		r->s[i] = splitmix64(&st);
+}
+
+static inline uint64_t rotl(uint64_t x, int k)
+{
+	return (x << k) | (x >> (64 - k));
+}
+
+uint64_t gen_rng_next(struct gen_rng *r)
+{
+	uint64_t *s = r->s;
+	uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+	s[2] ^= s[0];
+	s[3] ^= s[1];
+	s[1] ^= s[2];
+	s[0] ^= s[3];
+	s[2] ^= t;
+	s[3] = rotl(s[3], 45);
+	return result;
+}
+
+double gen_rng_uniform(struct gen_rng *r)
+{
+	return (double)(gen_rng_next(r) >> 11) * 0x1.0p-53;
+}
+
+struct sample_params sample_params_default(void)
+{
+	struct sample_params p = {
+		.temperature = 1.0f, .top_p = 1.0f, .top_k = 0, .max_new_tokens = 16, .eos_id = -1, .seed = 0,
+	};
+	return p;
+}
+
+struct keyed {
+	float key;
+	int id;
+};
+
+/* descending by key, ties toward the lower id */
+static int cmp_desc(const void *a, const void *b)
+{
+	const struct keyed *x = a, *y = b;
+	if (x->key > y->key)
+		return -1;
+	if (x->key < y->key)
+		return 1;
+	return (x->id > y->id) - (x->id < y->id);
+}
+
+int sample_token(const float *logits, int V, const struct sample_params *p, struct gen_rng *rng,
+		 float *logprob)
+{
+	if (p->temperature <= 0.0f) {
+		int best = 0;
+		for (int v = 1; v < V; v++)
+			if (logits[v] > logits[best])
+				best = v;
+		if (logprob) {
+			double sum = 0.0;
+			for (int v = 0; v < V; v++)
+				sum += exp((double)logits[v] - logits[best]);
+			*logprob = (float)-log(sum);
+		}
+		return best;
+	}
+
+	double invT = 1.0 / p->temperature, mx = -INFINITY;
+	for (int v = 0; v < V; v++)
+		if (logits[v] * invT > mx)
+			mx = logits[v] * invT;
+	double total = 0.0;
+	for (int v = 0; v < V; v++)
+		total += exp(logits[v] * invT - mx);
+	double lse = mx + log(total);
+	int chosen = V - 1;
+
+	int use_k = p->top_k > 0 && p->top_k < V, use_p = p->top_p > 0.0f && p->top_p < 1.0f;
+	if (!use_k && !use_p) {
+		double u = gen_rng_uniform(rng) * total, acc = 0.0;
+		for (int v = 0; v < V; v++) {
+			acc += exp(logits[v] * invT - mx);
+			if (u < acc) {
+				chosen = v;
+				break;
+			}
+		}
+	} else {
+		struct keyed *idx = malloc(sizeof(*idx) * (size_t)V);
+		double *pr = malloc(sizeof(double) * (size_t)V);
+		if (!idx || !pr) {
+			free(idx);
+			free(pr);
+			return -1;
+		}
+		for (int v = 0; v < V; v++) {
+			idx[v].key = logits[v];   /* the order of logits / T for T > 0 */
+			idx[v].id = v;
+		}
+		qsort(idx, (size_t)V, sizeof(*idx), cmp_desc);
+		int n = use_k ? p->top_k : V;
+		double kept = 0.0;
+		for (int i = 0; i < n; i++) {
+			pr[i] = exp(idx[i].key * invT - mx);
+			kept += pr[i];
+		}
+		if (use_p) {
+			/* the smallest prefix whose probability (within the top-k) reaches top_p */
+			double acc = 0.0, target = p->top_p * kept;
+			int m = 0;
+			while (m < n) {
+				acc += pr[m++];
+				if (acc >= target)
+					break;
+			}
+			n = m;
+			kept = acc;
+		}
+		double u = gen_rng_uniform(rng) * kept, acc = 0.0;
+		chosen = idx[n - 1].id;
+		for (int i = 0; i < n; i++) {
+			acc += pr[i];
+			if (u < acc) {
+				chosen = idx[i].id;
+				break;
+			}
+		}
+		free(idx);
+		free(pr);
+	}
+	if (logprob)
+		*logprob = (float)(logits[chosen] * invT - lse);
+	return chosen;
+}
+
+int prefill(struct moe_model *m, struct latent_cache *c, const int *const *prompts, const int *lens, int G,
+	    float *last_logits)
+{
+	if (G <= 0 || G > c->n_slots)
+		return -1;
+	int total = 0;
+	for (int g = 0; g < G; g++) {
+		if (lens[g] < 1 || lens[g] > c->max_len)
+			return -1;
+		total += lens[g];
+	}
+	int *tok = malloc(sizeof(int) * (size_t)total * 3);
+	float *logits = last_logits ? malloc(sizeof(float) * (size_t)total * m->cfg.vocab_size) : NULL;
+	if (!tok || (last_logits && !logits)) {
+		free(tok);
+		free(logits);
+		return -1;
+	}
+	int *slot = tok + total, *pos = slot + total, k = 0;
+	for (int g = 0; g < G; g++)
+		for (int t = 0; t < lens[g]; t++, k++) {
+			tok[k] = prompts[g][t];
+			slot[k] = g;
+			pos[k] = t;
+		}
+	int *saved = malloc(sizeof(int) * (size_t)G);
+	int rc = saved ? 0 : -1;
+	if (!rc) {
+		memcpy(saved, c->len, sizeof(int) * (size_t)G);
+		for (int g = 0; g < G; g++)
+			latent_cache_reset(c, g);
+		rc = decode_step(m, c, tok, slot, pos, total, logits);
+		if (rc)
+			memcpy(c->len, saved, sizeof(int) * (size_t)G);
+	}
+	if (!rc && last_logits) {
+		size_t V = (size_t)m->cfg.vocab_size;
+		for (int g = 0, end = 0; g < G; g++) {
+			end += lens[g];
+			memcpy(last_logits + g * V, logits + (size_t)(end - 1) * V, sizeof(float) * V);
+		}
+	}
+	free(saved);
+	free(tok);
+	free(logits);
+	return rc;
+}
+
+int generate(struct moe_model *m, const int *const *prompts, const int *lens, int G,
+	     const struct sample_params *p, int *out_tokens, int *out_lens, float *out_logprobs)
+{
+	if (G <= 0 || p->max_new_tokens < 0)
+		return -1;
+	int maxp = 0, Tn = p->max_new_tokens, V = m->cfg.vocab_size;
+	for (int g = 0; g < G; g++) {
+		if (lens[g] < 1)
+			return -1;
+		if (lens[g] > maxp)
+			maxp = lens[g];
+	}
+	for (int g = 0; g < G; g++) {
+		out_lens[g] = 0;
+		for (int t = 0; t < Tn; t++) {
+			out_tokens[(size_t)g * Tn + t] = -1;
+			if (out_logprobs)
+				out_logprobs[(size_t)g * Tn + t] = 0.0f;
+		}
+	}
+	if (Tn == 0)
+		return 0;
+
+	struct latent_cache *c = latent_cache_create(&m->cfg, G, maxp + Tn);
+	float *logits = malloc(sizeof(float) * (size_t)G * V);
+	int *buf = malloc(sizeof(int) * (size_t)G * 4);
+	struct gen_rng *rng = malloc(sizeof(*rng) * (size_t)G);
+	int rc = (!c || !logits || !buf || !rng) ? -1 : 0;
+	if (!rc)
+		rc = prefill(m, c, prompts, lens, G, logits);
+	if (rc)
+		goto out;
+
+	int *tok = buf, *slot = buf + G, *pos = buf + 2 * G, *live = buf + 3 * G;
+	for (int g = 0; g < G; g++) {
+		uint64_t st = p->seed ^ (0xd1b54a32d192ed03ULL * (uint64_t)(g + 1));
+		gen_rng_seed(&rng[g], splitmix64(&st));
+		live[g] = g;
+	}
+	int n = G;  /* live sequences; logits row i belongs to live[i] */
+	for (int t = 0; t < Tn && n > 0; t++) {
+		int nn = 0;
+		for (int i = 0; i < n; i++) {
+			int g = live[i];
+			float lp;
+			int id = sample_token(logits + (size_t)i * V, V, p, &rng[g], &lp);
+			if (id < 0) {
+				rc = -1;
+				goto out;
+			}
+			out_tokens[(size_t)g * Tn + t] = id;
+			if (out_logprobs)
+				out_logprobs[(size_t)g * Tn + t] = lp;
+			out_lens[g] = t + 1;
+			if (id == p->eos_id || t + 1 == Tn)
+				continue;
+			tok[nn] = id;
+			slot[nn] = g;
+			pos[nn] = lens[g] + t;
+			live[nn++] = g;
+		}
+		n = nn;
+		if (n > 0 && decode_step(m, c, tok, slot, pos, n, logits)) {
+			rc = -1;
+			goto out;
+		}
+	}
+out:
+	latent_cache_free(c);
+	free(logits);
+	free(buf);
+	free(rng);
+	return rc;
+}
+
+/* ---------------------------------------------------------------- moe generate */
+
+
+static void gen_usage(FILE *f)
+{
+	fprintf(f,
+		"usage: moe generate --checkpoint CKPT.h5 (--prompt TEXT | --prompt-ids ID,ID,...)\n"
+		"                    [--tokenizer tokenizer.json] [--max-new-tokens N (64)] [--temperature T (1)]\n"
+		"                    [--top-p P (1)] [--top-k K (0: off)] [--seed S (0)] [--num-samples G (1)]\n"
+		"                    [--eos ID] [--set section.key=value ...]\n"
+		"Samples G completions of the prompt with the MLA latent cache (temperature 0: greedy) and prints\n"
+		"each (as text with a tokenizer, else as ids).  The tokenizer defaults to grpo.tokenizer; the stop\n"
+		"id to the tokenizer's end of text (--eos -1: never stop early).\n");
+}
+
+static int parse_int(const char *s, long lo, long hi, long *out)
+{
+	char *end;
+	errno = 0;
+	long v = strtol(s, &end, 10);
+	if (errno || end == s || *end || v < lo || v > hi)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+static int parse_double(const char *s, double *out)
+{
+	char *end;
+	errno = 0;
+	double v = strtod(s, &end);
+	if (errno || end == s || *end || !isfinite(v))
+		return -1;
+	*out = v;
+	return 0;
+}
+
+int generate_cli_main(int argc, char **argv)
+{
+	const char *ckpt = NULL, *prompt = NULL, *prompt_ids = NULL, *tok_path = NULL;
+	const char *sets[64];
+	int nsets = 0, G = 1, eos_set = 0;
+	long eos = -1;
+	struct sample_params sp = sample_params_default();
+	sp.max_new_tokens = 64;
+
+	for (int i = 0; i < argc; i++) {
+		const char *a = argv[i];
+		if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+			gen_usage(stdout);
+			return 0;
+		}
+		if (i + 1 >= argc) {
+			fprintf(stderr, "moe generate: %s needs a value (or is unknown)\n", a);
+			return 2;
+		}
+		const char *v = argv[++i];
+		long iv;
+		double dv;
+		int bad = 0;
+		if (!strcmp(a, "--checkpoint"))
+			ckpt = v;
+		else if (!strcmp(a, "--prompt"))
+			prompt = v;
+		else if (!strcmp(a, "--prompt-ids"))
+			prompt_ids = v;
+		else if (!strcmp(a, "--tokenizer"))
+			tok_path = v;
+		else if (!strcmp(a, "--max-new-tokens"))
+			bad = parse_int(v, 0, 1 << 24, &iv) || ((sp.max_new_tokens = (int)iv), 0);
+		else if (!strcmp(a, "--temperature"))
+			bad = parse_double(v, &dv) || dv < 0 || ((sp.temperature = (float)dv), 0);
+		else if (!strcmp(a, "--top-p"))
+			bad = parse_double(v, &dv) || dv <= 0 || dv > 1 || ((sp.top_p = (float)dv), 0);
+		else if (!strcmp(a, "--top-k"))
+			bad = parse_int(v, 0, 1L << 30, &iv) || ((sp.top_k = (int)iv), 0);
+		else if (!strcmp(a, "--seed"))
+			bad = parse_int(v, 0, LONG_MAX, &iv) || ((sp.seed = (uint64_t)iv), 0);
+		else if (!strcmp(a, "--num-samples"))
+			bad = parse_int(v, 1, 4096, &iv) || ((G = (int)iv), 0);
+		else if (!strcmp(a, "--eos"))
+			bad = parse_int(v, -1, 1L << 30, &eos) || ((eos_set = 1), 0);
+		else if (!strcmp(a, "--set")) {
+			if (nsets == 64) {
+				fprintf(stderr, "moe generate: too many --set options (at most 64)\n");
+				return 2;
+			}
+			sets[nsets++] = v;
+		} else {
+			fprintf(stderr, "moe generate: unknown option %s\n", a);
+			return 2;
+		}
+		if (bad) {
+			fprintf(stderr, "moe generate: bad value for %s: %s\n", a, v);
+			return 2;
+		}
+	}
+	if (!ckpt || (!prompt == !prompt_ids)) {
+		gen_usage(stderr);
+		return 2;
+	}
+
+	char err[1024], key[128];
+	struct run_config rc;
+	config_defaults(&rc);
+	if (checkpoint_read_header(ckpt, &rc, NULL, err, sizeof(err))) {
+		fprintf(stderr, "moe generate: %s\n", err);
+		return 1;
+	}
+	struct model_config saved = rc.model;
+	for (int i = 0; i < nsets; i++)
+		if (config_set(&rc, sets[i], err, sizeof(err))) {
+			fprintf(stderr, "moe generate: %s\n", err);
+			return 1;
+		}
+	if (config_model_diff(&saved, &rc.model, key, sizeof(key))) {
+		fprintf(stderr, "moe generate: --set %s would change the checkpoint's model\n", key);
+		return 1;
+	}
+	if (!tok_path && rc.grpo.tokenizer[0])
+		tok_path = rc.grpo.tokenizer;
+
+	int status = 1, V = rc.model.vocab_size;
+	struct tokenizer *tok = NULL;
+	struct moe_model *m = NULL;
+	struct tok_ids ids = { 0 };
+	int *prompt_tok = NULL, n_prompt = 0, *out = NULL, *lens = NULL;
+	const int **prompts = NULL;
+	if (tok_path) {
+		tok = tokenizer_load(tok_path, err, sizeof(err));
+		if (!tok && prompt) {
+			fprintf(stderr, "moe generate: %s\n", err);
+			goto done;
+		}
+		if (!tok)  /* ids in, ids out */
+			fprintf(stderr, "moe generate: warning: %s; printing ids\n", err);
+	}
+	if (prompt) {
+		if (!tok) {
+			fprintf(stderr, "moe generate: --prompt TEXT needs --tokenizer (or grpo.tokenizer); "
+					"--prompt-ids takes ids\n");
+			goto done;
+		}
+		tokenizer_encode(tok, prompt, strlen(prompt), &ids);
+		n_prompt = (int)ids.n;
+		prompt_tok = malloc(sizeof(int) * (ids.n + 1));
+		for (size_t i = 0; prompt_tok && i < ids.n; i++)
+			prompt_tok[i] = (int)ids.v[i];
+	} else {
+		prompt_tok = malloc(sizeof(int) * (strlen(prompt_ids) / 2 + 2));
+		for (const char *p = prompt_ids; prompt_tok && *p;) {
+			char *end;
+			long id = strtol(p, &end, 10);
+			if (end == p || id < 0 || id >= V) {
+				fprintf(stderr, "moe generate: --prompt-ids: bad id at \"%s\" (vocab %d)\n", p, V);
+				goto done;
+			}
+			prompt_tok[n_prompt++] = (int)id;
+			p = end;
+			while (*p == ',' || *p == ' ')
+				p++;
+		}
+	}
+	if (!prompt_tok) {
+		fprintf(stderr, "moe generate: out of memory\n");
+		goto done;
+	}
+	if (n_prompt == 0) {
+		fprintf(stderr, "moe generate: the prompt is empty\n");
+		goto done;
+	}
+	for (int i = 0; i < n_prompt; i++)
+		if (prompt_tok[i] >= V) {
+			fprintf(stderr, "moe generate: prompt token %d is outside the model's vocab %d\n",
+				prompt_tok[i], V);
+			goto done;
+		}
+	sp.eos_id = eos_set ? (int)eos : (tok ? tokenizer_eot_id(tok) : -1);
+
+	m = model_create(&rc.model, 0, rc.model.n_routed_experts, err, sizeof(err));
+	if (!m || checkpoint_load_model(ckpt, m, err, sizeof(err))) {
+		fprintf(stderr, "moe generate: %s\n", err);
+		goto done;
+	}
+	out = malloc(sizeof(int) * ((size_t)G * sp.max_new_tokens + 1));
+	lens = malloc(sizeof(int) * (size_t)G * 2);
+	prompts = malloc(sizeof(*prompts) * (size_t)G);
+	if (!out || !lens || !prompts) {
+		fprintf(stderr, "moe generate: out of memory\n");
+		goto done;
+	}
+	int *plens = lens + G;
+	for (int g = 0; g < G; g++) {
+		prompts[g] = prompt_tok;
+		plens[g] = n_prompt;
+	}
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	if (generate(m, prompts, plens, G, &sp, out, lens, NULL)) {
+		fprintf(stderr, "moe generate: generation failed (out of memory?)\n");
+		goto done;
+	}
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	long total = 0;
+	for (int g = 0; g < G; g++) {
+		const int *o = out + (size_t)g * sp.max_new_tokens;
+		total += lens[g];
+		if (G > 1)
+			printf("=== sample %d (%d tokens)\n", g, lens[g]);
+		struct tok_bytes text = { 0 };
+		uint32_t *u = tok ? malloc(sizeof(uint32_t) * ((size_t)lens[g] + 1)) : NULL;
+		if (u) {
+			for (int t = 0; t < lens[g]; t++)
+				u[t] = (uint32_t)o[t];
+		}
+		if (u && !tokenizer_decode(tok, u, (size_t)lens[g], &text, err, sizeof(err))) {
+			fwrite(text.v, 1, text.n, stdout);
+			printf("\n");
+		} else {
+			for (int t = 0; t < lens[g]; t++)
+				printf("%s%d", t ? " " : "", o[t]);
+			printf("\n");
+		}
+		tok_bytes_free(&text);
+		free(u);
+	}
+	double s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+	fprintf(stderr, "moe generate: %d sample(s), prompt %d tokens, %ld new tokens in %.2f s (%.1f tokens/s); "
+		"latent cache %zu bytes per token\n", G, n_prompt, total, s, s > 0 ? total / s : 0.0,
+		latent_cache_bytes_per_token(&rc.model));
+	fflush(stdout);
+	status = 0;
+done:
+	free(prompts);
+	free(lens);
+	free(out);
+	free(prompt_tok);
+	tok_ids_free(&ids);
+	if (tok)
+		tokenizer_free(tok);
+	model_free(m);
+	return status;
+}
