@@ -44,6 +44,9 @@ void comm_finalize(void);
 /* End every rank of the job now, with this rank's message on stderr. */
 void comm_abort(int code, const char *msg) __attribute__((noreturn));
 
+/* Bytes of one element of t. */
+size_t comm_dtype_size(enum comm_dtype t);
+
 int comm_world_rank(void);
 int comm_world_size(void);
 int comm_size(const struct comm_group *g);

@@ -248,7 +248,7 @@ static MPI_Datatype mpi_type(enum comm_dtype t)
 	return MPI_DATATYPE_NULL;
 }
 
-static size_t type_size(enum comm_dtype t)
+size_t comm_dtype_size(enum comm_dtype t)
 {
 	switch (t) {
 	case COMM_F32:
@@ -279,7 +279,7 @@ static MPI_Op mpi_op(enum comm_op op)
 
 static int check_type(const char *fn, enum comm_dtype t)
 {
-	if (type_size(t))
+	if (comm_dtype_size(t))
 		return 0;
 	report(fn, "unknown data type");
 	return -1;
@@ -303,7 +303,7 @@ static int check_op(const char *fn, enum comm_dtype t, enum comm_op op)
 /* Elements one MPI call may carry. */
 static size_t chunk_elems(enum comm_dtype t)
 {
-	size_t n = chunk_override ? chunk_override : CHUNK_BYTES / type_size(t);
+	size_t n = chunk_override ? chunk_override : CHUNK_BYTES / comm_dtype_size(t);
 
 	return n < (size_t)INT_MAX ? n : (size_t)INT_MAX;
 }
@@ -333,7 +333,7 @@ static void divide(void *buf, size_t count, enum comm_dtype t, int size)
 
 int comm_allreduce(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, enum comm_op op)
 {
-	size_t es = type_size(t), lim = chunk_elems(t);
+	size_t es = comm_dtype_size(t), lim = chunk_elems(t);
 	double t0;
 
 	if (check_op("comm_allreduce", t, op))
@@ -353,7 +353,7 @@ int comm_allreduce(struct comm_group *g, void *buf, size_t count, enum comm_dtyp
 
 int comm_broadcast(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, int root)
 {
-	size_t es = type_size(t), lim = chunk_elems(t);
+	size_t es = comm_dtype_size(t), lim = chunk_elems(t);
 	double t0;
 
 	if (check_type("comm_broadcast", t))
@@ -374,7 +374,7 @@ int comm_broadcast(struct comm_group *g, void *buf, size_t count, enum comm_dtyp
 
 int comm_allgather(struct comm_group *g, const void *send, void *recv, size_t count, enum comm_dtype t)
 {
-	size_t es = type_size(t), lim = chunk_elems(t), step;
+	size_t es = comm_dtype_size(t), lim = chunk_elems(t), step;
 	MPI_Datatype mt = mpi_type(t);
 	char *r = recv;
 	int in_place;
@@ -415,7 +415,7 @@ int comm_allgather(struct comm_group *g, const void *send, void *recv, size_t co
 int comm_reduce_scatter(struct comm_group *g, const void *send, void *recv, size_t count,
 			enum comm_dtype t, enum comm_op op)
 {
-	size_t es = type_size(t), lim = chunk_elems(t);
+	size_t es = comm_dtype_size(t), lim = chunk_elems(t);
 	uintptr_t s0 = (uintptr_t)send, r0 = (uintptr_t)recv;
 	double t0;
 
@@ -461,7 +461,7 @@ int comm_exchange_counts(struct comm_group *g, const int64_t *send_counts, int64
 static void alltoallv_p2p(struct comm_group *g, const char *send, const int64_t *send_counts, char *recv,
 			  const int64_t *recv_counts, enum comm_dtype t, size_t lim)
 {
-	size_t es = type_size(t), nreq = 0, k = 0;
+	size_t es = comm_dtype_size(t), nreq = 0, k = 0;
 	size_t *soff = calloc((size_t)g->size * 2, sizeof(*soff)), *roff = soff + g->size;
 	MPI_Request *req;
 

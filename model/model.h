@@ -8,6 +8,7 @@
 #ifndef MOE_MODEL_H
 #define MOE_MODEL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -34,6 +35,13 @@ struct param {
 	size_t offset;                /* in floats, into weights/grads (local slice) */
 	size_t numel;                 /* local numel (expert slice when expert_stacked) */
 };
+
+/* AdamW's decoupled weight decay applies to the matrices; norms and the untrained buffer never decay,
+ * the input embedding table only when asked (train.decay_embeddings). */
+static inline float param_weight_decay(const struct param *p, float wd, bool decay_embeddings)
+{
+	return p->kind == PARAM_LINEAR || (p->kind == PARAM_EMBEDDING && decay_embeddings) ? wd : 0.0f;
+}
 
 /* The weights of one layer: pointers into the arena (NULL where the variant lacks the tensor). */
 struct layer_weights {

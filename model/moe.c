@@ -136,6 +136,22 @@ static void combine_rows(float *out, const float *rows, const int *row, const fl
 	}
 }
 
+/* the shared experts over all N tokens, as one task of the expert region */
+static void shared_fwd(const struct layer_weights *w, struct moe_acts *a, float *out, const float *x, int N,
+		       int C, int Is)
+{
+	mlp_fwd(&a->shared, out, x, w->shared_gate_proj, w->shared_up_proj, w->shared_down_proj, N, C, Is,
+		LIN_SERIAL);
+}
+
+static void shared_bwd(const struct layer_weights *w, const struct layer_weights *g, const struct moe_acts *a,
+		       struct grad_scratch *s, float *dx, const float *dout, const float *x, int N, int C, int Is)
+{
+	mlp_bwd(dx, g->shared_gate_proj, g->shared_up_proj, g->shared_down_proj, s->dg_shared, s->du_shared,
+		dout, x, &a->shared, w->shared_gate_proj, w->shared_up_proj, w->shared_down_proj, N, C, Is,
+		LIN_SERIAL | LIN_SET_DX);
+}
+
 /* local expert e over its n rows starting at r0: forward, and backward writing dx_rows */
 static void expert_fwd(const struct layer_weights *w, int e, int r0, int n, const float *x_rows, float *y_rows,
 		       const struct mlp_acts *acts, int C, int Im)
@@ -241,9 +257,8 @@ static void moe_forward_ep(const struct moe_model *m, const struct layer_weights
 #pragma omp parallel for schedule(dynamic, 1)
 	for (int t = 0; t < a->n_tasks; t++) {
 		int e = a->tasks[t];
-		if (e < 0) {
-			mlp_fwd(&a->shared, out, x, w->shared_gate_proj, w->shared_up_proj,
-				w->shared_down_proj, N, C, Is, LIN_SERIAL);
+		if (e < 0) {  /* the shared expert writes out */
+			shared_fwd(w, a, out, x, N, C, Is);
 			continue;
 		}
 		int r0 = a->offsets[e];
@@ -282,9 +297,7 @@ static void moe_backward_ep(const struct moe_model *m, const struct layer_weight
 	for (int t = 0; t < a->n_tasks; t++) {
 		int e = a->tasks[t];
 		if (e < 0) {  /* the shared expert writes dx */
-			mlp_bwd(dx, g->shared_gate_proj, g->shared_up_proj, g->shared_down_proj, s->dg_shared,
-				s->du_shared, dout, x, &a->shared, w->shared_gate_proj, w->shared_up_proj,
-				w->shared_down_proj, N, C, Is, LIN_SERIAL | LIN_SET_DX);
+			shared_bwd(w, g, a, s, dx, dout, x, N, C, Is);
 			continue;
 		}
 		int r0 = a->offsets[e];
@@ -318,9 +331,8 @@ float moe_forward(const struct moe_model *m, const struct layer_weights *w, stru
 #pragma omp parallel for schedule(dynamic, 1)
 	for (int t = 0; t < a->n_tasks; t++) {
 		int e = a->tasks[t];
-		if (e < 0) {
-			mlp_fwd(&a->shared, out, x, w->shared_gate_proj, w->shared_up_proj,
-				w->shared_down_proj, N, C, Is, LIN_SERIAL);
+		if (e < 0) {  /* the shared expert writes out */
+			shared_fwd(w, a, out, x, N, C, Is);
 			continue;
 		}
 		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
@@ -357,9 +369,7 @@ void moe_backward(const struct moe_model *m, const struct layer_weights *w,
 	for (int t = 0; t < a->n_tasks; t++) {
 		int e = a->tasks[t];
 		if (e < 0) {  /* the shared expert writes dx */
-			mlp_bwd(dx, g->shared_gate_proj, g->shared_up_proj, g->shared_down_proj, s->dg_shared,
-				s->du_shared, dout, x, &a->shared, w->shared_gate_proj, w->shared_up_proj,
-				w->shared_down_proj, N, C, Is, LIN_SERIAL | LIN_SET_DX);
+			shared_bwd(w, g, a, s, dx, dout, x, N, C, Is);
 			continue;
 		}
 		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;

@@ -20,6 +20,10 @@ struct grad_sync {
 };
 
 int grad_sync_init(struct grad_sync *s, const struct moe_model *m);
+/* Floats of the replicated (expert = 0) or the expert (expert = 1) trained tensors, packed in order. */
+size_t grad_space_size(const struct moe_model *m, int expert);
+/* Copy those tensors of an arena (m->grads, m->weights or a moment) to packed (to_packed) or back. */
+void grad_pack(const struct moe_model *m, int expert, float *packed, float *arena, int to_packed);
 void grad_sync_free(struct grad_sync *s);
 /* Reduce m's gradients in place (d NULL or one rank: nothing to reduce) and return the global norm. */
 double grad_sync_reduce(struct grad_sync *s, struct moe_model *m, const struct dist *d);

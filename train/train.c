@@ -119,9 +119,8 @@ static int build_segments(struct trainer *t)
 		s->offset = p->offset;
 		s->numel = p->numel;
 		s->frozen = p->kind == PARAM_BUFFER;
-		if (p->kind == PARAM_LINEAR ||
-		    (p->kind == PARAM_EMBEDDING && t->cfg.train.decay_embeddings))
-			s->weight_decay = (float)t->cfg.train.weight_decay;
+		s->weight_decay = param_weight_decay(p, (float)t->cfg.train.weight_decay,
+						     t->cfg.train.decay_embeddings);
 	}
 	t->nsegs = m->n_params;
 	return 0;

@@ -1,30 +1,17 @@
 #include "train/zero.h"
 
+#include "train/grad_sync.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* visit the tensors of one space in packed order: fn(param, packed offset) */
-#define FOR_SPACE(m, expert, p, off)                                                     \
-	for (size_t off = 0, _i = 0; _i < (size_t)(m)->n_params; _i++)                    \
-		for (const struct param *p = &(m)->params[_i];                              \
-		     p && p->kind != PARAM_BUFFER && p->expert_stacked == (expert);          \
-		     off += p->numel, p = NULL)
-
-static size_t space_size(const struct moe_model *m, int expert)
-{
-	size_t n = 0;
-	FOR_SPACE(m, expert, p, off)
-		n = off + p->numel;
-	return n;
-}
 
 static int space_init(struct zero_space *s, const struct moe_model *m, int expert, struct comm_group *g)
 {
 	s->g = g;
 	s->size = g ? comm_size(g) : 1;
 	s->rank = g ? comm_rank(g) : 0;
-	s->n = space_size(m, expert);
+	s->n = grad_space_size(m, expert);
 	s->shard = (s->n + s->size - 1) / s->size;
 	s->n_pad = s->shard * s->size;
 	s->grad = calloc(s->n_pad + 1, sizeof(float));
@@ -32,31 +19,24 @@ static int space_init(struct zero_space *s, const struct moe_model *m, int exper
 	return s->grad && s->weight ? 0 : -1;
 }
 
-/* arena <-> packed copies (to_packed = 1: arena -> packed) */
-static void pack(const struct moe_model *m, int expert, float *packed, float *arena, int to_packed)
-{
-	FOR_SPACE(m, expert, p, off) {
-		if (to_packed)
-			memcpy(packed + off, arena + p->offset, sizeof(float) * p->numel);
-		else
-			memcpy(arena + p->offset, packed + off, sizeof(float) * p->numel);
-	}
-}
-
 /* the optimizer segments of the shard [lo, lo + len) of a space, at base in the shard arrays */
 static void shard_segments(struct zero *z, const struct moe_model *m, int expert, size_t lo, size_t len,
 			   size_t base, float wd, bool decay_embeddings)
 {
-	FOR_SPACE(m, expert, p, off) {
+	size_t off = 0;
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+		if (p->kind == PARAM_BUFFER || p->expert_stacked != expert)
+			continue;
 		size_t a = off > lo ? off : lo, b = off + p->numel < lo + len ? off + p->numel : lo + len;
+		off += p->numel;
 		if (a >= b)
 			continue;
 		struct optim_segment *s = &z->segs[z->nsegs++];
 		s->offset = base + (a - lo);
 		s->numel = b - a;
 		s->frozen = false;
-		s->weight_decay = p->kind == PARAM_LINEAR ||
-				  (p->kind == PARAM_EMBEDDING && decay_embeddings) ? wd : 0.0f;
+		s->weight_decay = param_weight_decay(p, wd, decay_embeddings);
 	}
 }
 
@@ -96,7 +76,7 @@ void zero_free(struct zero *z)
 
 static void reduce_space(struct zero_space *s, const struct moe_model *m, int expert, float *shard)
 {
-	pack(m, expert, s->grad, m->grads, 1);
+	grad_pack(m, expert, s->grad, m->grads, 1);
 	if (!s->g || s->size == 1) {
 		memcpy(shard, s->grad, sizeof(float) * s->shard);
 		return;
@@ -142,16 +122,16 @@ void zero_update(struct zero *z, struct moe_model *m, float clip_factor, const s
 		for (size_t i = 0; i < n; i++)
 			z->shard_g[i] *= clip_factor;
 	/* the shards' current weights */
-	pack(m, 0, z->rep.weight, m->weights, 1);
-	pack(m, 1, z->exp.weight, m->weights, 1);
+	grad_pack(m, 0, z->rep.weight, m->weights, 1);
+	grad_pack(m, 1, z->exp.weight, m->weights, 1);
 	memcpy(z->shard_w, z->rep.weight + z->rep.rank * z->rep.shard, sizeof(float) * z->rep.shard);
 	memcpy(z->shard_w + z->rep.shard, z->exp.weight + z->exp.rank * z->exp.shard,
 	       sizeof(float) * z->exp.shard);
 	adamw_update(&z->opt, z->shard_w, z->shard_g, z->segs, z->nsegs, h);
 	gather_space(&z->rep, z->shard_w);
 	gather_space(&z->exp, z->shard_w + z->rep.shard);
-	pack(m, 0, z->rep.weight, m->weights, 0);
-	pack(m, 1, z->exp.weight, m->weights, 0);
+	grad_pack(m, 0, z->rep.weight, m->weights, 0);
+	grad_pack(m, 1, z->exp.weight, m->weights, 0);
 }
 
 /* one moment: shards -> full packed (all-gather) -> arena layout */
@@ -159,8 +139,8 @@ static void gather_moment(struct zero *z, const struct moe_model *m, const float
 {
 	gather_space(&z->rep, shard);
 	gather_space(&z->exp, shard + z->rep.shard);
-	pack(m, 0, z->rep.weight, arena, 0);
-	pack(m, 1, z->exp.weight, arena, 0);
+	grad_pack(m, 0, z->rep.weight, arena, 0);
+	grad_pack(m, 1, z->exp.weight, arena, 0);
 }
 
 int zero_gather_state(struct zero *z, const struct moe_model *m, struct adamw *full)
@@ -178,8 +158,8 @@ int zero_gather_state(struct zero *z, const struct moe_model *m, struct adamw *f
 
 static void scatter_moment(struct zero *z, const struct moe_model *m, const float *arena, float *shard)
 {
-	pack(m, 0, z->rep.weight, (float *)arena, 1);
-	pack(m, 1, z->exp.weight, (float *)arena, 1);
+	grad_pack(m, 0, z->rep.weight, (float *)arena, 1);
+	grad_pack(m, 1, z->exp.weight, (float *)arena, 1);
 	memcpy(shard, z->rep.weight + z->rep.rank * z->rep.shard, sizeof(float) * z->rep.shard);
 	memcpy(shard + z->rep.shard, z->exp.weight + z->exp.rank * z->exp.shard,
 	       sizeof(float) * z->exp.shard);

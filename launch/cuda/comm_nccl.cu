@@ -99,21 +99,6 @@ static void wait_stream(ncclComm_t comm, cudaStream_t s)
 	}
 }
 
-static size_t type_size(enum comm_dtype t)
-{
-	switch (t) {
-	case COMM_F32:
-	case COMM_I32:
-		return 4;
-	case COMM_F64:
-	case COMM_I64:
-		return 8;
-	case COMM_BYTE:
-		return 1;
-	}
-	return 0;
-}
-
 static int nccl_type(const char *fn, enum comm_dtype t, ncclDataType_t *nt)
 {
 	switch (t) {
@@ -271,7 +256,7 @@ int nccl_reduce_scatter(struct comm_group *g, const void *send, void *recv, size
 	ncclComm_t c = lookup(g, "nccl_reduce_scatter");
 	cudaStream_t s = (cudaStream_t)stream;
 	uintptr_t s0 = (uintptr_t)send, r0 = (uintptr_t)recv;
-	size_t bytes = count * type_size(t);
+	size_t bytes = count * comm_dtype_size(t);
 	ncclDataType_t nt;
 	ncclRedOp_t no;
 	double t0 = now();
@@ -293,7 +278,7 @@ int nccl_alltoallv(struct comm_group *g, const void *send, const int64_t *send_c
 {
 	ncclComm_t c = lookup(g, "nccl_alltoallv");
 	cudaStream_t s = (cudaStream_t)stream;
-	size_t es = type_size(t), soff = 0, roff = 0;
+	size_t es = comm_dtype_size(t), soff = 0, roff = 0;
 	int n = comm_size(g), me = comm_rank(g);
 	ncclDataType_t nt;
 	double t0 = now();
