@@ -70,6 +70,16 @@ const char *test_tmpdir(void)
 	return dir;
 }
 
+const char *tmp_path(const char *name)
+{
+	static char path[8][600];
+	static int next;
+	char *p = path[next++ & 7];
+
+	snprintf(p, sizeof(path[0]), "%s/%s", test_tmpdir(), name);
+	return p;
+}
+
 void add_suite(const char *name, const struct test_case *cases)
 {
 	CU_pSuite suite = CU_add_suite(name, NULL, NULL);

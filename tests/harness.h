@@ -31,5 +31,7 @@ double rel_err(const float *a, const float *b, size_t n, double floor);
 
 /* A scratch directory for the test (created, unique per process); returns its path. */
 const char *test_tmpdir(void);
+/* test_tmpdir()/name; the result stays valid for the next 7 calls (a ring of buffers). */
+const char *tmp_path(const char *name);
 
 #endif

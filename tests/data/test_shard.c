@@ -15,16 +15,6 @@
 
 static char err[512];
 
-static const char *tmp_path(const char *name)
-{
-	static char path[4][400];
-	static int next;
-	char *p = path[next++ & 3];
-
-	snprintf(p, sizeof(path[0]), "%s/%s", test_tmpdir(), name);
-	return p;
-}
-
 static void write_bytes(const char *path, const void *data, size_t n)
 {
 	FILE *fp = fopen(path, "wb");

@@ -44,16 +44,6 @@ static const char *fixture(const char *name)
 	return path;
 }
 
-static const char *tmp_path(const char *name)
-{
-	static char path[4][600];
-	static int next;
-	char *p = path[next++ & 3];
-
-	snprintf(p, sizeof(path[0]), "%s/%s", test_tmpdir(), name);
-	return p;
-}
-
 /* Encode, then check that decoding gives the bytes back; returns the ids (caller frees). */
 static struct tok_ids round_trip(struct tokenizer *t, const void *text, size_t n)
 {

@@ -26,16 +26,6 @@
 
 static char err[1024];
 
-static const char *tmp_path(const char *name)
-{
-	static char path[4][400];
-	static int next;
-	char *p = path[next++ & 3];
-
-	snprintf(p, sizeof(path[0]), "%s/%s", test_tmpdir(), name);
-	return p;
-}
-
 /* A small model: 2 layers (dense, then MoE with 4 experts), q_lora on. */
 static void small_config(struct run_config *rc, int vocab, int hidden, int layers)
 {

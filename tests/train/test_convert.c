@@ -28,16 +28,6 @@
 
 static char err[2048];
 
-static const char *tmp_path(const char *name)
-{
-	static char path[8][400];
-	static int next;
-	char *p = path[next++ & 7];
-
-	snprintf(p, sizeof(path[0]), "%s/%s", test_tmpdir(), name);
-	return p;
-}
-
 /* Two layers (dense, then MoE with 4 experts), q_lora on, sigmoid scoring. */
 static void tiny_config(struct run_config *rc)
 {

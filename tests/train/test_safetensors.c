@@ -20,16 +20,6 @@
 
 static char err[2048];
 
-static const char *tmp_path(const char *name)
-{
-	static char path[4][400];
-	static int next;
-	char *p = path[next++ & 3];
-
-	snprintf(p, sizeof(path[0]), "%s/%s", test_tmpdir(), name);
-	return p;
-}
-
 static uint32_t bits(float f)
 {
 	uint32_t u;
