@@ -5,9 +5,11 @@
  *   moe init     --config FILE [--set k=v ...] --out CKPT     write a freshly initialised model
  *   moe eval     --checkpoint CKPT --data SHARD [--set k=v]   loss of a model on a shard, read in order
  *   moe inspect  CKPT | --config FILE [--set k=v ...]          what a checkpoint holds / parameter counts
+ *   moe grpo     --config FILE [--set k=v ...] [--resume PATH|latest] [--eval PROMPTS [--samples F]]
+ *   moe plot     --metrics FILE --key K [--key K ...] --out PNG [--title T] [--size WxH]
  *   moe generate --checkpoint CKPT --prompt TEXT|--prompt-ids IDS [sampling options]
  *   moe convert  --from-hf DIR --out CKPT | --to-hf CKPT --out DIR    Hugging Face interop
- *   moe data     tokenizer | shards | decode | encode | synth   (data/data_cli.c; synth here)
+ *   moe data     tokenizer | shards | decode | encode | task | synth   (data/data_cli.c; synth here)
  */
 #include <math.h>
 #include <stdio.h>
@@ -19,17 +21,19 @@
 #include "launch/comm.h"
 #include "launch/startup.h"
 #include "rl/generate.h"
+#include "rl/grpo.h"
 #include "model/model.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
 #include "train/convert.h"
 #include "train/eval.h"
+#include "train/plot.h"
 #include "train/train.h"
 
 #define MAX_SETS 64
 
 struct cli {
-	const char *config, *out, *checkpoint, *data, *resume, *positional;
+	const char *config, *out, *checkpoint, *data, *resume, *positional, *eval, *samples;
 	char *sets[MAX_SETS];
 	int nsets;
 	int help;
@@ -64,6 +68,10 @@ static void parse_cli(struct cli *c, int argc, char **argv, const char *cmd)
 			slot = &c->data;
 		else if (!strcmp(a, "--resume"))
 			slot = &c->resume;
+		else if (!strcmp(a, "--eval") && !strcmp(cmd, "grpo"))
+			slot = &c->eval;
+		else if (!strcmp(a, "--samples") && !strcmp(cmd, "grpo"))
+			slot = &c->samples;
 		if (slot || !strcmp(a, "--set")) {
 			if (i + 1 >= argc)
 				die("%s needs a value", a);
@@ -100,6 +108,28 @@ static struct moe_model *new_model(const struct model_config *mc)
 	return m;
 }
 
+/* Config, MPI and the (dp, ep) grid for train and grpo; then the job. */
+static int run_job(struct cli *c, int argc, char **argv, int grpo)
+{
+	struct run_config rc;
+	load_config(&rc, c);
+	char err[1024];
+	struct dist d;
+	if (comm_init(&argc, &argv))
+		die("cannot start MPI%s", "");
+	if (config_validate(&rc, comm_world_size(), err, sizeof(err)) ||
+	    dist_setup(&d, rc.parallel.ep, err, sizeof(err))) {
+		fprintf(stderr, "moe: %s\n", err);
+		comm_finalize();
+		return 1;
+	}
+	int code = !grpo ? train_run(&rc, c->resume, &d) :
+		   c->eval ? grpo_eval(&rc, c->resume, &d, c->eval, c->samples) : grpo_run(&rc, c->resume, &d);
+	dist_free(&d);
+	comm_finalize();
+	return code;
+}
+
 static int cmd_train(int argc, char **argv)
 {
 	struct cli c;
@@ -113,22 +143,31 @@ static int cmd_train(int argc, char **argv)
 		       "SIGINT/SIGTERM: finish the step, checkpoint, exit.\n");
 		return c.help ? 0 : 2;
 	}
-	struct run_config rc;
-	load_config(&rc, &c);
-	char err[1024];
-	struct dist d;
-	if (comm_init(&argc, &argv))
-		die("cannot start MPI%s", "");
-	if (config_validate(&rc, comm_world_size(), err, sizeof(err)) ||
-	    dist_setup(&d, rc.parallel.ep, err, sizeof(err))) {
-		fprintf(stderr, "moe: %s\n", err);
-		comm_finalize();
-		return 1;
+	return run_job(&c, argc, argv, 0);
+}
+
+static int cmd_grpo(int argc, char **argv)
+{
+	struct cli c;
+	parse_cli(&c, argc, argv, "grpo");
+	if (c.help || !c.config) {
+		printf("usage: moe grpo --config FILE [--set section.key=value ...] [--resume PATH|latest]\n"
+		       "       moe grpo --config FILE --eval PROMPTS.jsonl [--samples OUT.jsonl] [--resume PATH]\n"
+		       "GRPO on grpo.prompts (JSON Lines with \"prompt\") scored by grpo.reward_cmd (SPEC 4),\n"
+		       "starting from train.init_checkpoint (also the KL reference when grpo.beta > 0).\n"
+		       "  --resume latest|PATH   continue a stopped run exactly (policy, AdamW, prompt position)\n"
+		       "  --eval PROMPTS         greedy completions of every prompt, scored: mean reward and\n"
+		       "                         accuracy (reward >= 1) of the policy (--resume, else\n"
+		       "                         train.init_checkpoint); --samples writes them (one process)\n"
+		       "Keys: grpo.group_size, prompts_per_step, max_new_tokens, temperature, top_p, top_k, beta,\n"
+		       "epsilon, epsilon_high, num_iterations, loss_type (grpo|bnpo|dr_grpo|dapo), scale_rewards\n"
+		       "(group|batch|none), mask_truncated, routing_replay, sequence_ratio (GSPO), tokenizer,\n"
+		       "reward_cmd, reward_timeout_s; train.steps counts GRPO steps; train.micro_batch x\n"
+		       "train.grad_accum x ranks completions make one optimizer update.\n"
+		       "SIGINT/SIGTERM: finish the step, checkpoint, exit.\n");
+		return c.help ? 0 : 2;
 	}
-	int code = train_run(&rc, c.resume, &d);
-	dist_free(&d);
-	comm_finalize();
-	return code;
+	return run_job(&c, argc, argv, 1);
 }
 
 static int cmd_init(int argc, char **argv)
@@ -317,6 +356,8 @@ static void usage(void)
 	       "  init      write a freshly initialised model to an HDF5 checkpoint\n"
 	       "  eval      loss of a checkpoint on a token shard\n"
 	       "  inspect   what a checkpoint holds, or a config's parameter counts\n"
+	       "  grpo      GRPO against a reward program; --eval scores a policy on a prompt set\n"
+	       "  plot      line plots of a metrics file (JSON Lines) to a PNG\n"
 	       "  generate  sample from a checkpoint (MLA latent cache, absorbed decode)\n"
 	       "  convert   Hugging Face safetensors <-> HDF5 checkpoints\n"
 	       "  data      tokenizer (BPE) training, text to shards, decode, synthetic shards\n");
@@ -338,6 +379,10 @@ int main(int argc, char **argv)
 		return cmd_eval(argc - 2, argv + 2);
 	if (!strcmp(cmd, "inspect"))
 		return cmd_inspect(argc - 2, argv + 2);
+	if (!strcmp(cmd, "plot"))
+		return plot_cli_main(argc - 2, argv + 2);
+	if (!strcmp(cmd, "grpo"))
+		return cmd_grpo(argc - 2, argv + 2);
 	if (!strcmp(cmd, "generate"))
 		return generate_cli_main(argc - 2, argv + 2);
 	if (!strcmp(cmd, "convert"))

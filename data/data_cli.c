@@ -1,6 +1,7 @@
 /*
- * data/data_cli.c - `moe data tokenizer|shards|decode|encode`: text in, streaming (inputs are read in
- * chunks, a JSON Lines file a record at a time, so they may be larger than memory), token shards out.
+ * data/data_cli.c - `moe data tokenizer|shards|decode|encode|task`: text in, streaming (inputs are read
+ * in chunks, a JSON Lines file a record at a time, so they may be larger than memory), token shards out.
+ * The shard writing (struct shard_set) is shared with the task generators (data/task.h).
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -19,6 +20,7 @@
 #include <unistd.h>
 
 #include "data/shard.h"
+#include "data/task.h"
 #include "data/tokenizer.h"
 
 #define CHUNK_BYTES (1 << 20)		/* text read per fread */
@@ -363,26 +365,25 @@ static int cmd_tokenizer(int argc, char **argv)
 	return rc;
 }
 
-/* ---- moe data shards ------------------------------------------------------------------------- */
+/* ---- token shards of two splits (struct shard_set) ------------------------------------------- */
 
 struct split {
 	const char *name;
+	const char *dir;
 	bool open;
 	struct shard_writer w;
 	int index;			/* the shard being written */
 	uint64_t in_shard, tokens, docs;
 };
 
-struct shards_ctx {
+struct shard_set {
 	struct tokenizer *t;
 	struct tok_stream stream;
 	struct tok_ids ids;
-	const char *dir;
 	int token_bytes;
 	uint64_t shard_tokens;
-	double val_frac;
 	uint32_t eot;
-	uint64_t doc;			/* index of the current document */
+	bool finished;
 	struct split split[2];		/* train, val */
 	struct split *cur;
 	char **written;			/* shards completed, removed if the run fails */
@@ -405,7 +406,22 @@ static bool doc_is_val(uint64_t i, double f)
 	return (double)(splitmix64(i) >> 11) * 0x1p-53 < f;
 }
 
-static int split_close(struct shards_ctx *c, struct split *s)
+static void set_init(struct shard_set *s, struct tokenizer *t, const char *train_dir,
+		     const char *val_dir, uint64_t shard_tokens, uint32_t eot)
+{
+	memset(s, 0, sizeof(*s));
+	s->t = t;
+	s->token_bytes = tokenizer_vocab_size(t) <= 65536 ? 2 : 4;
+	s->shard_tokens = shard_tokens;
+	s->eot = eot;
+	s->split[0].name = "train";
+	s->split[0].dir = train_dir;
+	s->split[1].name = "val";
+	s->split[1].dir = val_dir;
+	tok_stream_init(&s->stream, t);
+}
+
+static int split_close(struct shard_set *c, struct split *s)
 {
 	char **w;
 
@@ -425,7 +441,7 @@ static int split_close(struct shards_ctx *c, struct split *s)
 	return 0;
 }
 
-static int emit(struct shards_ctx *c, const uint32_t *ids, size_t n)
+static int emit(struct shard_set *c, const uint32_t *ids, size_t n)
 {
 	struct split *s = c->cur;
 
@@ -435,7 +451,7 @@ static int emit(struct shards_ctx *c, const uint32_t *ids, size_t n)
 		if (!s->open) {
 			char path[1024];
 
-			snprintf(path, sizeof(path), "%s/%s_%05d.bin", c->dir, s->name, s->index);
+			snprintf(path, sizeof(path), "%s/%s_%05d.bin", s->dir, s->name, s->index);
 			if (shard_writer_open(&s->w, path, c->token_bytes, c->err, c->errlen))
 				return -1;
 			s->open = true;
@@ -458,18 +474,17 @@ static int emit(struct shards_ctx *c, const uint32_t *ids, size_t n)
 	return 0;
 }
 
-static int shards_begin(void *ctx)
+/* A document starts in a split: after the split's first, the end-of-text token separates it. */
+static int set_begin(struct shard_set *c, bool val)
 {
-	struct shards_ctx *c = ctx;
-
-	c->cur = &c->split[doc_is_val(c->doc, c->val_frac)];
+	c->cur = &c->split[val];
 	if (c->cur->docs && emit(c, &c->eot, 1))
 		return -1;
 	c->cur->docs++;
 	return 0;
 }
 
-static int flush_ids(struct shards_ctx *c)
+static int flush_ids(struct shard_set *c)
 {
 	int rc = emit(c, c->ids.v, c->ids.n);
 
@@ -477,21 +492,126 @@ static int flush_ids(struct shards_ctx *c)
 	return rc;
 }
 
-static int shards_data(void *ctx, const uint8_t *p, size_t n)
+static int set_data(struct shard_set *c, const uint8_t *p, size_t n)
 {
-	struct shards_ctx *c = ctx;
-
 	tok_stream_feed(&c->stream, p, n, &c->ids);
 	return flush_ids(c);
 }
 
+static int set_end(struct shard_set *c)
+{
+	tok_stream_finish(&c->stream, &c->ids);
+	return flush_ids(c);
+}
+
+/* Close the open shards; the set is finished (its shards kept) only if every one closes. */
+static int set_finish(struct shard_set *c)
+{
+	for (int k = 0; k < 2; k++)
+		if (c->split[k].open && split_close(c, &c->split[k]))
+			return -1;
+	c->finished = true;
+	return 0;
+}
+
+/* Free the set; one not finished loses its shards (the open ones aborted, the closed ones removed). */
+static void set_release(struct shard_set *c)
+{
+	for (int k = 0; k < 2; k++) {
+		if (c->split[k].open)
+			shard_writer_abort(&c->split[k].w);
+		c->split[k].open = false;
+	}
+	for (int k = 0; k < c->n_written; k++) {
+		if (!c->finished)
+			unlink(c->written[k]);
+		free(c->written[k]);
+	}
+	free(c->written);
+	tok_stream_free(&c->stream);
+	tok_ids_free(&c->ids);
+}
+
+struct shard_set *shard_set_new(struct tokenizer *t, const char *train_dir, const char *val_dir,
+				uint32_t eot, char *err, size_t errlen)
+{
+	struct shard_set *s = malloc(sizeof(*s));
+
+	if (!s) {
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	set_init(s, t, train_dir, val_dir, DEFAULT_SHARD_TOKENS, eot);
+	return s;
+}
+
+int shard_set_add(struct shard_set *s, bool val, const void *text, size_t n, char *err,
+		  size_t errlen)
+{
+	s->err = err;
+	s->errlen = errlen;
+	if (s->finished) {
+		snprintf(err, errlen, "shard set already finished");
+		return -1;
+	}
+	if (set_begin(s, val) || set_data(s, text, n) || set_end(s))
+		return -1;
+	return 0;
+}
+
+int shard_set_finish(struct shard_set *s, char *err, size_t errlen)
+{
+	s->err = err;
+	s->errlen = errlen;
+	return set_finish(s);
+}
+
+void shard_set_stats(const struct shard_set *s, bool val, int *shards, uint64_t *tokens,
+		     uint64_t *docs)
+{
+	const struct split *sp = &s->split[val];
+
+	*shards = sp->index + sp->open;
+	*tokens = sp->tokens;
+	*docs = sp->docs;
+}
+
+void shard_set_free(struct shard_set *s)
+{
+	if (!s)
+		return;
+	set_release(s);
+	free(s);
+}
+
+/* ---- moe data shards ------------------------------------------------------------------------- */
+
+struct shards_cmd {
+	struct shard_set set;
+	double val_frac;
+	uint64_t doc;			/* index of the current document */
+};
+
+static int shards_begin(void *ctx)
+{
+	struct shards_cmd *c = ctx;
+
+	return set_begin(&c->set, doc_is_val(c->doc, c->val_frac));
+}
+
+static int shards_data(void *ctx, const uint8_t *p, size_t n)
+{
+	struct shards_cmd *c = ctx;
+
+	return set_data(&c->set, p, n);
+}
+
 static int shards_end(void *ctx)
 {
-	struct shards_ctx *c = ctx;
+	struct shards_cmd *c = ctx;
 
-	tok_stream_finish(&c->stream, &c->ids);
 	c->doc++;
-	return flush_ids(c);
+	return set_end(&c->set);
 }
 
 static int usage_shards(void)
@@ -548,6 +668,22 @@ static struct tokenizer *load_tokenizer(const char *cmd, const char *path)
 	return t;
 }
 
+static void shards_report(const struct shards_cmd *c)
+{
+	for (int k = 0; k < 2; k++) {
+		const struct split *s = &c->set.split[k];
+
+		printf("%s: %d shard(s), %llu tokens, %llu documents\n", s->name, s->index,
+		       (unsigned long long)s->tokens, (unsigned long long)s->docs);
+	}
+	if (c->val_frac > 0 && !c->set.split[1].docs)
+		fprintf(stderr, "moe data shards: warning: no document fell into the validation "
+			"split (%llu documents, --val-frac %g)\n", (unsigned long long)c->doc,
+			c->val_frac);
+	if (!c->set.split[0].docs)
+		fprintf(stderr, "moe data shards: warning: no document fell into the training split\n");
+}
+
 static int cmd_shards(int argc, char **argv)
 {
 	const char *tok_path = NULL, *dir = NULL, *eot_name = NULL;
@@ -556,7 +692,8 @@ static int cmd_shards(int argc, char **argv)
 	long long shard_tokens = DEFAULT_SHARD_TOKENS;
 	double val_frac = 0;
 	uint64_t total;
-	struct shards_ctx c = { 0 };
+	struct tokenizer *t;
+	struct shards_cmd c = { 0 };
 	struct progress pr = { .what = "shards" };
 	struct doc_sink sink = { shards_begin, shards_data, shards_end, &c };
 
@@ -589,10 +726,10 @@ static int cmd_shards(int argc, char **argv)
 		fprintf(stderr, "moe data shards: %s\n", err);
 		return 1;
 	}
-	c.t = load_tokenizer("shards", tok_path);
-	if (!c.t)
+	t = load_tokenizer("shards", tok_path);
+	if (!t)
 		return 1;
-	eot = eot_name ? tokenizer_special_id(c.t, eot_name) : tokenizer_eot_id(c.t);
+	eot = eot_name ? tokenizer_special_id(t, eot_name) : tokenizer_eot_id(t);
 	if (eot < 0) {
 		if (eot_name)
 			fprintf(stderr, "moe data shards: %s: no added token \"%s\" (--eot)\n", tok_path,
@@ -606,54 +743,23 @@ static int cmd_shards(int argc, char **argv)
 		fprintf(stderr, "moe data shards: %s\n", err);
 		goto out;
 	}
-	c.dir = dir;
-	c.token_bytes = tokenizer_vocab_size(c.t) <= 65536 ? 2 : 4;
-	c.shard_tokens = (uint64_t)shard_tokens;
+	set_init(&c.set, t, dir, dir, (uint64_t)shard_tokens, (uint32_t)eot);
+	c.set.err = err;
+	c.set.errlen = sizeof(err);
 	c.val_frac = val_frac;
-	c.eot = (uint32_t)eot;
-	c.split[0].name = "train";
-	c.split[1].name = "val";
-	c.err = err;
-	c.errlen = sizeof(err);
-	tok_stream_init(&c.stream, c.t);
 	pr.total = total;
 	rc = read_documents(files, n_files, &sink, &pr, err, sizeof(err));
-	for (int k = 0; k < 2; k++) {
-		if (!c.split[k].open)
-			continue;
-		if (rc)
-			shard_writer_abort(&c.split[k].w);
-		else if (split_close(&c, &c.split[k]))
-			rc = -1;
-		c.split[k].open = false;
-	}
+	if (!rc)
+		rc = set_finish(&c.set);
 	if (rc) {
 		fprintf(stderr, "moe data shards: %s\n", err);
-		for (int k = 0; k < c.n_written; k++)
-			unlink(c.written[k]);
 		rc = 1;
 	} else {
-		for (int k = 0; k < 2; k++) {
-			const struct split *s = &c.split[k];
-
-			printf("%s: %d shard(s), %llu tokens, %llu documents\n", s->name, s->index,
-			       (unsigned long long)s->tokens, (unsigned long long)s->docs);
-		}
-		if (val_frac > 0 && !c.split[1].docs)
-			fprintf(stderr, "moe data shards: warning: no document fell into the validation "
-				"split (%llu documents, --val-frac %g)\n", (unsigned long long)c.doc,
-				val_frac);
-		if (!c.split[0].docs)
-			fprintf(stderr, "moe data shards: warning: no document fell into the training "
-				"split\n");
+		shards_report(&c);
 	}
-	for (int k = 0; k < c.n_written; k++)
-		free(c.written[k]);
-	free(c.written);
-	tok_stream_free(&c.stream);
-	tok_ids_free(&c.ids);
+	set_release(&c.set);
 out:
-	tokenizer_free(c.t);
+	tokenizer_free(t);
 	return rc;
 }
 
@@ -808,6 +914,23 @@ static int cmd_encode(int argc, char **argv)
 	return rc;
 }
 
+/* ---- moe data task -------------------------------------------------------------------------- */
+
+static int cmd_task(int argc, char **argv)
+{
+	if (argc > 1 && !strcmp(argv[1], "arith"))
+		return task_arith_main(argc - 1, argv + 1);
+	printf("usage: moe data task NAME --out DIR [options]   (moe data task NAME --help)\n"
+	       "Writes a synthetic, verifiable task: a tokenizer, SFT token shards, GRPO prompts and\n"
+	       "held-out evaluation prompts.  Tasks:\n"
+	       "  arith   integer arithmetic, \"37+58=\" -> \"95\"\n");
+	if (argc > 1 && strcmp(argv[1], "--help") && strcmp(argv[1], "-h")) {
+		fprintf(stderr, "moe data task: unknown task \"%s\"\n", argv[1]);
+		return 2;
+	}
+	return argc > 1 ? 0 : 2;
+}
+
 int data_cli_main(int argc, char **argv)
 {
 	const char *cmd = argc > 0 ? argv[0] : "";
@@ -820,9 +943,12 @@ int data_cli_main(int argc, char **argv)
 		return cmd_decode(argc, argv);
 	if (!strcmp(cmd, "encode"))
 		return cmd_encode(argc, argv);
+	if (!strcmp(cmd, "task"))
+		return cmd_task(argc, argv);
 	printf("usage: moe data tokenizer --train FILES... --vocab N --out tokenizer.json [--special T]...\n"
 	       "       moe data shards --tokenizer T --in FILES... --out DIR [--val-frac F]\n"
 	       "       moe data decode --tokenizer T SHARD...\n"
-	       "       moe data encode --tokenizer T (--text STRING | FILE...)\n");
+	       "       moe data encode --tokenizer T (--text STRING | FILE...)\n"
+	       "       moe data task arith --out DIR [options]\n");
 	return 2;
 }

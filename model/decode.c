@@ -6,10 +6,18 @@
  *   q_lat = W_UK_h^T q_nope_h                                   [kv_lora]
  *   s_j   = (q_lat . c_kv_j + q_pe_h . k_pe_j) / sqrt(dq)        j = 0..pos of the token's slot
  *   o_lat = sum_j softmax(s)_j c_kv_j;   o_h = W_UV_h o_lat      [dv]
- * which equals softmax(q k^T / sqrt(dq)) v with k_nope = W_UK c_kv, v = W_UV c_kv.
+ * which equals softmax(q k^T / sqrt(dq)) v with k_nope = W_UK c_kv, v = W_UV c_kv.  The scores are
+ * computed for all heads of a block at once over the cached rows [c_kv | k_pe] (two products per block),
+ * with W_UK and W_UV applied as one product per head over the step's tokens.
+ *
+ * The MoE layer does what model/moe.c's moe_forward does: the (token, slot) rows are sorted by expert
+ * (model/moe_dispatch.h, exchanged with the ep group under expert parallelism), each local expert and
+ * the shared experts run as single-threaded tasks of one parallel region, and each token's output adds
+ * its slots in order.  Every product is cut into pieces by a rule that depends on the shapes only, and
+ * each piece is one single-threaded call, so the results do not depend on the thread count.
  */
-#include <assert.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,18 +25,32 @@
 #include "model/decode.h"
 #include "model/layers.h"
 
+#include <cblas.h>  /* after the headers above: it may bring complex.h's I */
+
 struct decode_scratch {
-	int cap;                       /* tokens the buffers hold */
+	int cap;                       /* tokens the per-token buffers hold */
 	float *arena;
 	float *x, *mid, *ln, *out;     /* [N, C] */
 	float *qa, *qa_n, *rstd;       /* [N, Rq], [N, Rq], [N] */
 	float *q;                      /* [N, H*dq] */
 	float *kva, *ckv, *ckv_n;      /* [N, Rkv+dr], [N, Rkv], [N, Rkv] */
 	float *att;                    /* [N, H*dv] */
-	float *g, *u, *a;              /* [N, max(I, S*Im)] */
+	float *ql, *ol;                /* [N, H, Rkv+dr]: scaled latent queries | q_pe; [N, H, Rkv]: o_lat */
+	float *g, *u, *a;              /* [N, max(I, S*Im)]: the dense MLP, the shared experts */
 	float *rlogits, *rscores;      /* [N, E] */
 	float *topk_w;                 /* [N, K] */
+	float *xe, *ye;                /* [N*K, C]: the routed rows in send order */
 	int *topk_idx;                 /* [N, K] */
+	int *tasks;                    /* [E + 1]: -1 the shared experts, else a local expert */
+	int *new_len;                  /* [n_slots]: the lengths after this step */
+	/* the experts' side: the R rows they compute (under expert parallelism from the whole group) */
+	size_t cap_R;
+	float *xr, *yr, *eg, *eu, *ea; /* [R, C], [R, C], [R, Im] x 3 */
+	/* attention: one buffer per thread (attn_buf_len) */
+	int attn_threads;
+	float *attn_buf;
+	struct moe_dispatch disp;
+	int disp_cap;                  /* tokens disp was set up for (0: not yet) */
 };
 
 size_t latent_cache_bytes_per_token(const struct model_config *c)
@@ -38,7 +60,7 @@ size_t latent_cache_bytes_per_token(const struct model_config *c)
 
 struct latent_cache *latent_cache_create(const struct model_config *c, int n_slots, int max_len)
 {
-	if (n_slots <= 0 || max_len <= 0 || c->num_hidden_layers <= 0 || c->kv_lora_rank <= 0)
+	if (n_slots < 0 || max_len <= 0 || c->num_hidden_layers <= 0 || c->kv_lora_rank <= 0)
 		return NULL;
 	struct latent_cache *lc = calloc(1, sizeof(*lc));
 	if (!lc)
@@ -48,30 +70,45 @@ struct latent_cache *latent_cache_create(const struct model_config *c, int n_slo
 	lc->max_len = max_len;
 	lc->kv_lora = c->kv_lora_rank;
 	lc->dr = c->qk_rope_head_dim;
-	size_t pos = (size_t)lc->n_layers * n_slots * max_len;
-	lc->ckv = calloc(pos * lc->kv_lora, sizeof(float));
-	lc->kpe = calloc(pos * (lc->dr > 0 ? lc->dr : 1), sizeof(float));
-	lc->len = calloc((size_t)n_slots, sizeof(int));
+	size_t slots = n_slots > 0 ? (size_t)n_slots : 1;  /* no slots: still valid pointers */
+	size_t pos = (size_t)lc->n_layers * slots * max_len;
+	lc->kv = calloc(pos * (lc->kv_lora + lc->dr), sizeof(float));
+	lc->len = calloc(slots, sizeof(int));
 	lc->scratch = calloc(1, sizeof(*lc->scratch));
-	if (!lc->ckv || !lc->kpe || !lc->len || !lc->scratch) {
+	if (lc->scratch)
+		lc->scratch->new_len = calloc(slots, sizeof(int));
+	if (!lc->kv || !lc->len || !lc->scratch || !lc->scratch->new_len) {
 		latent_cache_free(lc);
 		return NULL;
 	}
 	return lc;
 }
 
+static void scratch_free(struct decode_scratch *s)
+{
+	free(s->arena);
+	free(s->topk_idx);
+	free(s->tasks);
+	free(s->new_len);
+	free(s->xr);
+	free(s->yr);
+	free(s->eg);
+	free(s->eu);
+	free(s->ea);
+	free(s->attn_buf);
+	dispatch_free(&s->disp);
+	free(s);
+}
+
 void latent_cache_free(struct latent_cache *c)
 {
 	if (!c)
 		return;
-	if (c->scratch) {
-		free(c->scratch->arena);
-		free(c->scratch->topk_idx);
-		free(c->scratch);
-	}
-	free(c->ckv);
-	free(c->kpe);
+	if (c->scratch)
+		scratch_free(c->scratch);
+	free(c->kv);
 	free(c->len);
+	free(c->routes);
 	free(c);
 }
 
@@ -81,280 +118,573 @@ void latent_cache_reset(struct latent_cache *c, int slot)
 		c->len[slot] = 0;
 }
 
-static int ensure_scratch(struct decode_scratch *s, const struct model_config *c, int N)
+int latent_cache_enable_routes(struct latent_cache *c, const struct model_config *cfg)
+{
+	if (cfg->num_hidden_layers != c->n_layers || cfg->kv_lora_rank != c->kv_lora ||
+	    cfg->num_experts_per_tok < 1)
+		return -1;
+	if (c->routes)
+		return cfg->num_experts_per_tok == c->route_k ? 0 : -1;
+	size_t n = (size_t)c->n_layers * c->n_slots * c->max_len * cfg->num_experts_per_tok;
+	c->routes = malloc(sizeof(int) * (n + 1));
+	if (!c->routes)
+		return -1;
+	for (size_t i = 0; i < n; i++)
+		c->routes[i] = -1;
+	c->route_k = cfg->num_experts_per_tok;
+	return 0;
+}
+
+static int *route_at(const struct latent_cache *c, int layer, int slot, int pos)
+{
+	return c->routes + (((size_t)layer * c->n_slots + slot) * c->max_len + pos) * c->route_k;
+}
+
+const int *latent_cache_route(const struct latent_cache *c, int layer, int slot, int pos)
+{
+	if (!c->routes || layer < 0 || layer >= c->n_layers || slot < 0 || slot >= c->n_slots || pos < 0 ||
+	    pos >= c->max_len)
+		return NULL;
+	return route_at(c, layer, slot, pos);
+}
+
+/* ---------------------------------------------------------------- scratch */
+
+/* grow-only; 0 or -1 (the old buffer kept) */
+static int grow(float **p, size_t floats)
+{
+	float *q = realloc(*p, sizeof(float) * (floats + 1));
+	if (!q)
+		return -1;
+	*p = q;
+	return 0;
+}
+
+/* the buffers of the R rows the local experts compute */
+static int ensure_expert_rows(struct decode_scratch *s, size_t R, int C, int Im)
+{
+	if (R <= s->cap_R && s->xr)
+		return 0;
+	R += R / 4 + 16;  /* headroom: the rows arriving from the peers vary from step to step */
+	if (grow(&s->xr, R * C) || grow(&s->yr, R * C) || grow(&s->eg, R * Im) || grow(&s->eu, R * Im) ||
+	    grow(&s->ea, R * Im))
+		return -1;
+	s->cap_R = R;
+	return 0;
+}
+
+/*
+ * Heads go by blocks of ATTN_HEADS: a block's scores over the slot's positions are one product
+ * [heads, kv_lora + dr] x [P, kv_lora + dr]^T, its latent outputs one product [heads, P] x [P, kv_lora],
+ * so each cached row is read once per block.  The blocks depend on the shapes only.
+ */
+#define ATTN_HEADS 4
+
+/* floats of one thread's attention buffer: the scores of a block */
+static size_t attn_buf_len(int max_len)
+{
+	return (size_t)ATTN_HEADS * (size_t)max_len;
+}
+
+/* one attention buffer per thread of the coming parallel regions */
+static int ensure_attn_bufs(struct decode_scratch *s, const struct latent_cache *lc)
+{
+	int nt = omp_get_max_threads();
+	if (nt <= s->attn_threads)
+		return 0;
+	float *b = malloc(sizeof(float) * attn_buf_len(lc->max_len) * nt);
+	if (!b)
+		return -1;
+	free(s->attn_buf);
+	s->attn_buf = b;
+	s->attn_threads = nt;
+	return 0;
+}
+
+/* the per-token buffers for N tokens, carved from one arena */
+static int ensure_tokens(struct decode_scratch *s, const struct model_config *c, int N)
 {
 	if (N <= s->cap)
 		return 0;
 	int C = c->hidden_size, H = c->num_attention_heads, dq = mc_qk_head_dim(c), dv = c->v_head_dim;
 	int Rq = c->q_lora_rank, Rkv = c->kv_lora_rank, dr = c->qk_rope_head_dim;
 	int E = c->n_routed_experts, K = c->num_experts_per_tok;
-	int I = c->intermediate_size, Is = c->n_shared_experts * c->moe_intermediate_size;
-	int W = I > Is ? I : Is;
+	int inter = c->intermediate_size, Is = c->n_shared_experts * c->moe_intermediate_size;
+	int W = inter > Is ? inter : Is;
 	if (W < 1)
 		W = 1;
 	size_t n = (size_t)N;
-	size_t sizes[] = {
-		n * C, n * C, n * C, n * C,
-		n * Rq, n * Rq, n,
-		n * H * dq,
-		n * (Rkv + dr), n * Rkv, n * Rkv,
-		n * H * dv,
-		n * W, n * W, n * W,
-		n * E, n * E,
-		n * K,
+	struct {
+		float **p;
+		size_t floats;
+	} bufs[] = {
+		{ &s->x, n * C }, { &s->mid, n * C }, { &s->ln, n * C }, { &s->out, n * C },
+		{ &s->qa, n * Rq }, { &s->qa_n, n * Rq }, { &s->rstd, n },
+		{ &s->q, n * H * dq },
+		{ &s->kva, n * (Rkv + dr) }, { &s->ckv, n * Rkv }, { &s->ckv_n, n * Rkv },
+		{ &s->att, n * H * dv },
+		{ &s->ql, n * H * (Rkv + dr) }, { &s->ol, n * H * Rkv },
+		{ &s->g, n * W }, { &s->u, n * W }, { &s->a, n * W },
+		{ &s->rlogits, n * E }, { &s->rscores, n * E },
+		{ &s->topk_w, n * K },
+		{ &s->xe, n * K * C }, { &s->ye, n * K * C },
 	};
-	size_t total = 0;
-	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++)
-		total += sizes[i] + 16;
+	size_t total = 0, nb = sizeof(bufs) / sizeof(bufs[0]);
+	for (size_t i = 0; i < nb; i++)
+		total += bufs[i].floats + 16;
 	float *arena = malloc(total * sizeof(float));
 	int *idx = malloc((n * K + 1) * sizeof(int));
-	if (!arena || !idx) {
+	int *tasks = malloc(((size_t)E + 2) * sizeof(int));
+	if (!arena || !idx || !tasks) {
 		free(arena);
 		free(idx);
+		free(tasks);
 		return -1;
 	}
 	free(s->arena);
 	free(s->topk_idx);
+	free(s->tasks);
 	s->arena = arena;
 	s->topk_idx = idx;
-	float **ptrs[] = {
-		&s->x, &s->mid, &s->ln, &s->out,
-		&s->qa, &s->qa_n, &s->rstd,
-		&s->q,
-		&s->kva, &s->ckv, &s->ckv_n,
-		&s->att,
-		&s->g, &s->u, &s->a,
-		&s->rlogits, &s->rscores,
-		&s->topk_w,
-	};
+	s->tasks = tasks;
 	float *p = arena;
-	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
-		*ptrs[i] = p;
-		p += sizes[i] + 16;
+	for (size_t i = 0; i < nb; i++) {
+		*bufs[i].p = p;
+		p += bufs[i].floats + 16;
 	}
 	s->cap = N;
 	return 0;
 }
 
-/* Absorbed attention of the n tokens of one layer over the cache; att [n, H*dv]. */
-static int absorbed_attention(const struct model_config *c, const struct layer_weights *w,
-			      const struct latent_cache *lc, int layer, const float *q, float *att,
-			      const int *slots, const int *positions, int n)
-{
-	int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
-	int dv = c->v_head_dim, dq = dn + dr, Rkv = c->kv_lora_rank, dkv = dn + dv;
-	float scale = 1.0f / sqrtf((float)dq);
-	size_t slot_stride = (size_t)lc->max_len;
-	const float *ckv_l = lc->ckv + (size_t)layer * lc->n_slots * slot_stride * Rkv;
-	const float *kpe_l = lc->kpe + (size_t)layer * lc->n_slots * slot_stride * dr;
-	int fail = 0;
-
-#pragma omp parallel
-	{
-		double *buf = malloc(sizeof(double) * ((size_t)lc->max_len + 2 * (size_t)Rkv + 1));
-		if (!buf) {
-#pragma omp atomic write
-			fail = 1;
-		}
-#pragma omp for schedule(dynamic, 1)
-		for (int t = 0; t < n * H; t++) {
-			if (!buf)
-				continue;
-			int i = t / H, h = t % H, P = positions[i] + 1;
-			double *p = buf, *qlat = buf + lc->max_len, *olat = qlat + Rkv;
-			const float *qn = q + ((size_t)i * H + h) * dq, *qpe = qn + dn;
-			const float *wuk = w->kv_b_proj + (size_t)h * dkv * Rkv;
-			const float *wuv = wuk + (size_t)dn * Rkv;
-			const float *ck = ckv_l + (size_t)slots[i] * slot_stride * Rkv;
-			const float *kp = kpe_l + (size_t)slots[i] * slot_stride * dr;
-
-			for (int r = 0; r < Rkv; r++)
-				qlat[r] = 0.0;
-			for (int d = 0; d < dn; d++) {
-				double qd = qn[d];
-				const float *row = wuk + (size_t)d * Rkv;
-				for (int r = 0; r < Rkv; r++)
-					qlat[r] += qd * row[r];
-			}
-			double mx = -INFINITY;
-			for (int j = 0; j < P; j++) {
-				const float *cj = ck + (size_t)j * Rkv, *kj = kp + (size_t)j * dr;
-				double s = 0.0;
-				for (int r = 0; r < Rkv; r++)
-					s += qlat[r] * cj[r];
-				for (int d = 0; d < dr; d++)
-					s += (double)qpe[d] * kj[d];
-				s *= scale;
-				p[j] = s;
-				if (s > mx)
-					mx = s;
-			}
-			double sum = 0.0;
-			for (int j = 0; j < P; j++) {
-				p[j] = exp(p[j] - mx);
-				sum += p[j];
-			}
-			for (int r = 0; r < Rkv; r++)
-				olat[r] = 0.0;
-			for (int j = 0; j < P; j++) {
-				const float *cj = ck + (size_t)j * Rkv;
-				double pj = p[j] / sum;
-				for (int r = 0; r < Rkv; r++)
-					olat[r] += pj * cj[r];
-			}
-			float *o = att + ((size_t)i * H + h) * dv;
-			for (int d = 0; d < dv; d++) {
-				const float *row = wuv + (size_t)d * Rkv;
-				double s = 0.0;
-				for (int r = 0; r < Rkv; r++)
-					s += row[r] * olat[r];
-				o[d] = (float)s;
-			}
-		}
-		free(buf);
-	}
-	return fail ? -1 : 0;
-}
-
-/* The MoE layer for n tokens: shared expert over all rows, then each token's K experts in slot order. */
-static int moe_decode(const struct moe_model *m, const struct layer_weights *w, struct decode_scratch *s,
-		      float *out, const float *x, int n)
+/*
+ * The expert dispatch, set up for at least N tokens.  dispatch_init sizes its per-token arrays for the
+ * N it is given and only dispatch_plan's sort reads the token count, so a step with fewer tokens (none
+ * at all, under expert parallelism) reuses them with disp.N lowered.
+ */
+static int ensure_dispatch(struct decode_scratch *s, const struct moe_model *m, int N)
 {
 	const struct model_config *c = &m->cfg;
+	struct moe_dispatch *d = &s->disp;
+	if (c->n_routed_experts <= 0)
+		return 0;
+	if (s->disp_cap >= N && d->g == m->ep_group && d->K == c->num_experts_per_tok &&
+	    d->E == c->n_routed_experts && d->El == m->expert_end - m->expert_begin)
+		return 0;
+	s->disp_cap = 0;
+	if (dispatch_init(d, m->ep_group, N, c->num_experts_per_tok, c->n_routed_experts, m->expert_begin,
+			  m->expert_end))
+		return -1;
+	s->disp_cap = N;
+	return 0;
+}
+
+static int ensure_scratch(struct latent_cache *lc, const struct moe_model *m, int n)
+{
+	const struct model_config *c = &m->cfg;
+	struct decode_scratch *s = lc->scratch;
+	int N = n > 0 ? n : 1;
+	if (ensure_tokens(s, c, N) || ensure_attn_bufs(s, lc) || ensure_dispatch(s, m, N))
+		return -1;
+	/* without expert parallelism the experts compute exactly this rank's N*K rows */
+	if (c->n_routed_experts > 0 && !m->ep_group &&
+	    ensure_expert_rows(s, (size_t)N * c->num_experts_per_tok, c->hidden_size,
+			       c->moe_intermediate_size))
+		return -1;
+	return 0;
+}
+
+/* ---------------------------------------------------------------- arguments */
+
+/* the model holds its share of the experts: all of them, or ep rank r's El = E/ep starting at r*El */
+static int experts_ok(const struct moe_model *m)
+{
+	int E = m->cfg.n_routed_experts, El = m->expert_end - m->expert_begin;
+	if (E <= 0)
+		return 1;
+	if (!m->ep_group)
+		return m->expert_begin == 0 && m->expert_end == E;
+	return El > 0 && El * comm_size(m->ep_group) == E && m->expert_begin == comm_rank(m->ep_group) * El;
+}
+
+/* 0 when the step's arguments are valid; fills scratch->new_len with the lengths after the step */
+static int check_args(const struct moe_model *m, const struct latent_cache *lc, const int *tokens,
+		      const int *slots, const int *positions, int n)
+{
+	const struct model_config *c = &m->cfg;
+	if (n < 0 || (n == 0 && !m->ep_group) || !experts_ok(m) || lc->n_layers != c->num_hidden_layers ||
+	    lc->kv_lora != c->kv_lora_rank || lc->dr != c->qk_rope_head_dim ||
+	    (lc->routes && lc->route_k != c->num_experts_per_tok))
+		return -1;
+	int *len = lc->scratch->new_len;
+	memcpy(len, lc->len, sizeof(int) * (size_t)lc->n_slots);
+	for (int i = 0; i < n; i++) {
+		int sl = slots[i], p = positions[i];
+		if (tokens[i] < 0 || tokens[i] >= c->vocab_size || sl < 0 || sl >= lc->n_slots || p < 0 ||
+		    p >= lc->max_len || p > len[sl])
+			return -1;
+		len[sl] = p + 1;
+	}
+	return 0;
+}
+
+/* Under expert parallelism: 1 when the flag is set on any rank of the group (or the agreement failed). */
+static int any_rank(const struct moe_model *m, int flag)
+{
+	if (!m->ep_group)
+		return flag;
+	int f = flag ? 1 : 0;
+	if (comm_allreduce(m->ep_group, &f, 1, COMM_I32, COMM_MAX))
+		return 1;
+	return f;
+}
+
+/* ---------------------------------------------------------------- products of a few rows */
+
+/*
+ * y [n, out] = x [n, in] w [out, in]^T for the few rows of a decode step.  OpenBLAS copies (packs) the
+ * whole weight before a product unless out x n is small, which for a few rows costs as much as the
+ * product itself; cut into tiles of at most SKINNY_ELEMS / n columns, each tile's product reads its
+ * slice of the weight once, and the tiles are shared among the threads.  The tiles depend on the shapes
+ * only, each is one single-threaded call (the region is always entered, as in ops_cpu.c's gemm_run), so
+ * the results do not depend on the thread count.  Many rows (a prefill chunk): linear_forward.
+ */
+#define SKINNY_ROWS 64
+#define SKINNY_ELEMS 1024
+#define SKINNY_MAX_COLS 256
+
+/* columns per tile of a product of n rows */
+static int skinny_cols(int n)
+{
+	int cols = SKINNY_ELEMS / (n > 0 ? n : 1);
+	return cols > SKINNY_MAX_COLS ? SKINNY_MAX_COLS : cols < 16 ? 16 : cols / 16 * 16;
+}
+
+/* tile t of y = x w^T */
+static void skinny_tile(float *y, const float *x, const float *w, int n, int in, int out, int cols, int t)
+{
+	int o0 = t * cols, len = out - o0 < cols ? out - o0 : cols;
+	if (n > 0 && len > 0)
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, len, in, 1.0f, x, in,
+			    w + (size_t)o0 * in, in, 0.0f, y + o0, out);
+}
+
+static void skinny_linear(float *y, const float *x, const float *w, int n, int in, int out)
+{
+	if (n > SKINNY_ROWS) {
+		linear_forward(y, x, w, n, in, out);
+		return;
+	}
+	int cols = skinny_cols(n), nt = (out + cols - 1) / cols;
+#pragma omp parallel for schedule(static)
+	for (int t = 0; t < nt; t++)
+		skinny_tile(y, x, w, n, in, out, cols, t);
+}
+
+/* the same on the calling thread only (a task of a parallel region) */
+static void skinny_linear_serial(float *y, const float *x, const float *w, int n, int in, int out)
+{
+	if (n > SKINNY_ROWS) {
+		linear_fwd(y, x, w, n, in, out, LIN_SERIAL);
+		return;
+	}
+	int cols = skinny_cols(n);
+	for (int t = 0; t * cols < out; t++)
+		skinny_tile(y, x, w, n, in, out, cols, t);
+}
+
+/* the dense SwiGLU MLP of a decode step */
+static void skinny_mlp(struct decode_scratch *s, float *y, const float *x, const float *wg, const float *wu,
+		       const float *wd, int n, int C, int inter)
+{
+	if (n > SKINNY_ROWS) {
+		struct mlp_acts ma = { s->g, s->u, s->a };
+		mlp_forward(&ma, y, x, wg, wu, wd, n, C, inter);
+		return;
+	}
+	skinny_linear(s->g, x, wg, n, C, inter);
+	skinny_linear(s->u, x, wu, n, C, inter);
+	swiglu_forward(s->a, s->g, s->u, (size_t)n * inter);
+	skinny_linear(y, s->a, wd, n, inter, C);
+}
+
+/* ---------------------------------------------------------------- attention */
+
+/*
+ * Latent queries of the n tokens, one product per head over all tokens:
+ * ql[i, h] = (W_UK_h^T q_nope[i, h] | q_pe[i, h]) / sqrt(dq), the softmax scale folded in.
+ */
+static void latent_queries(const struct model_config *c, const float *wkv_b, const float *q, float *ql, int n)
+{
+	int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+	int dv = c->v_head_dim, Rkv = c->kv_lora_rank, dq = dn + dr, Dl = Rkv + dr;
+	float scale = 1.0f / sqrtf((float)dq);
+
+#pragma omp parallel for schedule(static)
+	for (int h = 0; h < H; h++) {
+		float *qh = ql + (size_t)h * Dl;
+		const float *wuk = wkv_b + (size_t)h * (dn + dv) * Rkv;
+		if (n > 0)
+			cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, Rkv, dn, scale,
+				    q + (size_t)h * dq, H * dq, wuk, Rkv, 0.0f, qh, H * Dl);
+		for (int i = 0; i < n; i++) {
+			const float *qpe = q + ((size_t)i * H + h) * dq + dn;
+			for (int d = 0; d < dr; d++)
+				qh[(size_t)i * H * Dl + Rkv + d] = scale * qpe[d];
+		}
+	}
+}
+
+/* rows [nh, P] of scores -> probabilities */
+static void softmax_rows(float *s, int nh, int P)
+{
+	for (int b = 0; b < nh; b++) {
+		float *p = s + (size_t)b * P, mx = -INFINITY;
+		for (int j = 0; j < P; j++)
+			mx = p[j] > mx ? p[j] : mx;
+		double sum = 0.0;
+		for (int j = 0; j < P; j++) {
+			p[j] = expf(p[j] - mx);
+			sum += p[j];
+		}
+		float inv = (float)(1.0 / sum);
+		for (int j = 0; j < P; j++)
+			p[j] *= inv;
+	}
+}
+
+/* nh heads of one token: ol [nh, Rkv] (row stride Rkv) from ql [nh, Rkv+dr] over kv [P, Rkv+dr] */
+static void attend_block(const float *ql, const float *kv, float *ol, float *s, int nh, int P, int Rkv,
+			 int dr)
+{
+	int Dl = Rkv + dr;
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nh, P, Dl, 1.0f, ql, Dl, kv, Dl, 0.0f, s, P);
+	softmax_rows(s, nh, P);
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nh, Rkv, P, 1.0f, s, P, kv, Dl, 0.0f, ol, Rkv);
+}
+
+/* att[i, h] = W_UV_h ol[i, h], one product per head over all tokens */
+static void latent_outputs(const struct model_config *c, const float *wkv_b, const float *ol, float *att,
+			   int n)
+{
+	int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dv = c->v_head_dim, Rkv = c->kv_lora_rank;
+
+#pragma omp parallel for schedule(static)
+	for (int h = 0; h < H; h++) {
+		const float *wuv = wkv_b + ((size_t)h * (dn + dv) + dn) * Rkv;
+		if (n > 0)
+			cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, dv, Rkv, 1.0f,
+				    ol + (size_t)h * Rkv, H * Rkv, wuv, Rkv, 0.0f, att + (size_t)h * dv,
+				    H * dv);
+	}
+}
+
+/* Absorbed attention of the n tokens of one layer over the cache; att [n, H*dv]. */
+static void absorbed_attention(const struct model_config *c, const struct layer_weights *w,
+			       const struct latent_cache *lc, int layer, struct decode_scratch *s,
+			       const int *slots, const int *positions, int n)
+{
+	int H = c->num_attention_heads, Rkv = c->kv_lora_rank, dr = c->qk_rope_head_dim, Dl = Rkv + dr;
+	int nb = (H + ATTN_HEADS - 1) / ATTN_HEADS;
+	const float *kv_l = lc->kv + (size_t)layer * lc->n_slots * lc->max_len * Dl;
+	size_t buf_len = attn_buf_len(lc->max_len);
+
+	latent_queries(c, w->kv_b_proj, s->q, s->ql, n);
+#pragma omp parallel for schedule(dynamic, 1)
+	for (int t = 0; t < n * nb; t++) {
+		int i = t / nb, h0 = (t % nb) * ATTN_HEADS, nh = H - h0 < ATTN_HEADS ? H - h0 : ATTN_HEADS;
+		attend_block(s->ql + ((size_t)i * H + h0) * Dl, kv_l + (size_t)slots[i] * lc->max_len * Dl,
+			     s->ol + ((size_t)i * H + h0) * Rkv, s->attn_buf + buf_len * omp_get_thread_num(),
+			     nh, positions[i] + 1, Rkv, dr);
+	}
+	latent_outputs(c, w->kv_b_proj, s->ol, s->att, n);
+}
+
+/* queries, this step's latents into the cache, absorbed attention; s->mid = x + attention(x) */
+static void attention_block(const struct moe_model *m, struct latent_cache *lc, int l, const int *slots,
+			    const int *positions, int n)
+{
+	const struct model_config *c = &m->cfg;
+	const struct layer_weights *w = &m->w.layers[l];
+	struct decode_scratch *s = lc->scratch;
+	int C = c->hidden_size, H = c->num_attention_heads, dn = c->qk_nope_head_dim;
+	int dr = c->qk_rope_head_dim, dq = dn + dr, dv = c->v_head_dim, Rq = c->q_lora_rank;
+	int Rkv = c->kv_lora_rank, Dkva = Rkv + dr;
+	float eps = (float)c->rms_norm_eps, theta = (float)c->rope_theta;
+
+	rmsnorm_forward(s->ln, s->rstd, s->x, w->input_layernorm, n, C, eps);
+	if (Rq > 0) {
+		skinny_linear(s->qa, s->ln, w->q_a_proj, n, C, Rq);
+		rmsnorm_forward(s->qa_n, s->rstd, s->qa, w->q_a_layernorm, n, Rq, eps);
+		skinny_linear(s->q, s->qa_n, w->q_b_proj, n, Rq, H * dq);
+	} else {
+		skinny_linear(s->q, s->ln, w->q_proj, n, C, H * dq);
+	}
+	rope_forward(s->q + dn, positions, n, H, H * dq, dq, dr, theta);
+	skinny_linear(s->kva, s->ln, w->kv_a_proj_with_mqa, n, C, Dkva);
+	for (int i = 0; i < n; i++)
+		memcpy(s->ckv + (size_t)i * Rkv, s->kva + (size_t)i * Dkva, sizeof(float) * Rkv);
+	rope_forward(s->kva + Rkv, positions, n, 1, Dkva, 0, dr, theta);
+	rmsnorm_forward(s->ckv_n, s->rstd, s->ckv, w->kv_a_layernorm, n, Rkv, eps);
+	for (int i = 0; i < n; i++) {
+		size_t at = ((size_t)l * lc->n_slots + slots[i]) * lc->max_len + positions[i];
+		float *row = lc->kv + at * Dkva;
+		memcpy(row, s->ckv_n + (size_t)i * Rkv, sizeof(float) * Rkv);
+		memcpy(row + Rkv, s->kva + (size_t)i * Dkva + Rkv, sizeof(float) * dr);
+	}
+	absorbed_attention(c, w, lc, l, s, slots, positions, n);
+	skinny_linear(s->mid, s->att, w->o_proj, n, H * dv, C);
+	vec_add(s->mid, s->x, (size_t)n * C);
+}
+
+/* ---------------------------------------------------------------- MoE */
+
+/* the row copies and sums of a few tokens are not worth waking the threads for */
+#define COPY_PARALLEL_MIN 65536
+
+/* A failure after the ep group agreed on the step: the peers are inside collectives, so end the job. */
+static int moe_fail(const struct moe_model *m, const char *what)
+{
+	if (m->ep_group)
+		comm_abort(1, what);
+	return -1;
+}
+
+/* SwiGLU MLP of `rows` rows, single-threaded (a task of the expert region) */
+static void mlp_serial(float *y, const float *x, float *g, float *u, float *a, const float *wg,
+		       const float *wu, const float *wd, int rows, int C, int inter)
+{
+	skinny_linear_serial(g, x, wg, rows, C, inter);
+	skinny_linear_serial(u, x, wu, rows, C, inter);
+	swiglu_forward(a, g, u, (size_t)rows * inter);
+	skinny_linear_serial(y, a, wd, rows, inter, C);
+}
+
+/* the shared experts over the n tokens (out = shared(x)) and each local expert over its rows */
+static void run_experts(const struct moe_model *m, const struct layer_weights *w, struct decode_scratch *s,
+			float *out, const float *x, int n)
+{
+	const struct model_config *c = &m->cfg;
+	int C = c->hidden_size, Im = c->moe_intermediate_size, Is = c->n_shared_experts * Im;
+	int El = m->expert_end - m->expert_begin, nt = 0;
+	const int *off = s->disp.offsets;
+
+	if (Is > 0 && n > 0)
+		s->tasks[nt++] = -1;
+	for (int e = 0; e < El; e++)
+		if (off[e + 1] > off[e])
+			s->tasks[nt++] = e;
+#pragma omp parallel for schedule(dynamic, 1)
+	for (int t = 0; t < nt; t++) {
+		int e = s->tasks[t];
+		if (e < 0) {
+			mlp_serial(out, x, s->g, s->u, s->a, w->shared_gate_proj, w->shared_up_proj,
+				   w->shared_down_proj, n, C, Is);
+			continue;
+		}
+		size_t wo = (size_t)e * Im * C, r0 = (size_t)off[e];
+		mlp_serial(s->yr + r0 * C, s->xr + r0 * C, s->eg + r0 * Im, s->eu + r0 * Im, s->ea + r0 * Im,
+			   w->experts_gate_proj + wo, w->experts_up_proj + wo, w->experts_down_proj + wo,
+			   off[e + 1] - off[e], C, Im);
+	}
+}
+
+/* out[i] (+)= sum_k w_ik * ye[send_row[i*K + k]], slots in order; set: out starts at 0 */
+static void combine(float *out, const float *ye, const int *send_row, const float *topk_w, int n, int K,
+		    int C, int set)
+{
+#pragma omp parallel for schedule(static) if ((size_t)n * K * C >= COPY_PARALLEL_MIN)
+	for (int i = 0; i < n; i++) {
+		float *o = out + (size_t)i * C;
+		if (set)
+			memset(o, 0, sizeof(float) * C);
+		for (int k = 0; k < K; k++) {
+			const float *y = ye + (size_t)send_row[i * K + k] * C;
+			float wk = topk_w[i * K + k];
+			for (int j = 0; j < C; j++)
+				o[j] += wk * y[j];
+		}
+	}
+}
+
+static void record_routes(struct latent_cache *lc, int l, const int *idx, const int *slots,
+			  const int *positions, int n, int K)
+{
+	if (!lc->routes)
+		return;
+	for (int i = 0; i < n; i++)
+		memcpy(route_at(lc, l, slots[i], positions[i]), idx + (size_t)i * K, sizeof(int) * K);
+}
+
+/* The MoE layer for the n tokens x (n may be 0 under expert parallelism): out [n, C]. */
+static int moe_decode(const struct moe_model *m, struct latent_cache *lc, int l, const int *slots,
+		      const int *positions, float *out, const float *x, int n)
+{
+	const struct model_config *c = &m->cfg;
+	const struct layer_weights *w = &m->w.layers[l];
+	struct decode_scratch *s = lc->scratch;
+	struct moe_dispatch *d = &s->disp;
 	int C = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
-	int Im = c->moe_intermediate_size, Is = c->n_shared_experts * Im;
 	struct router_params rp = {
 		.E = E, .K = K, .n_group = c->n_group, .topk_group = c->topk_group,
 		.scoring = c->scoring_func, .norm_topk_prob = c->norm_topk_prob,
 		.routed_scaling_factor = (float)c->routed_scaling_factor,
 	};
 
-	linear_forward(s->rlogits, x, w->gate, n, C, E);
+	skinny_linear(s->rlogits, x, w->gate, n, C, E);
 	router_forward(s->rscores, s->topk_idx, s->topk_w, s->rlogits, w->e_score_correction_bias, &rp, n);
-	if (Is > 0) {
-		struct mlp_acts sa = { s->g, s->u, s->a };
-		mlp_forward(&sa, out, x, w->shared_gate_proj, w->shared_up_proj, w->shared_down_proj, n, C, Is);
-	} else {
-		memset(out, 0, sizeof(float) * (size_t)n * C);
-	}
-	int fail = 0;
-#pragma omp parallel
-	{
-		float *buf = malloc(sizeof(float) * (3 * (size_t)Im + C));
-		if (!buf) {
-#pragma omp atomic write
-			fail = 1;
-		}
-#pragma omp for schedule(static)
-		for (int i = 0; i < n; i++) {
-			if (!buf)
-				continue;
-			float *g = buf, *u = g + Im, *a = u + Im, *y = a + Im;
-			const float *xi = x + (size_t)i * C;
-			float *o = out + (size_t)i * C;
-			for (int k = 0; k < K; k++) {
-				int e = s->topk_idx[i * K + k] - m->expert_begin;
-				size_t wo = (size_t)e * Im * C;
-				linear_fwd(g, xi, w->experts_gate_proj + wo, 1, C, Im, LIN_SERIAL);
-				linear_fwd(u, xi, w->experts_up_proj + wo, 1, C, Im, LIN_SERIAL);
-				swiglu_forward(a, g, u, (size_t)Im);
-				linear_fwd(y, a, w->experts_down_proj + wo, 1, Im, C, LIN_SERIAL);
-				float wk = s->topk_w[i * K + k];
-				for (int j = 0; j < C; j++)
-					o[j] += wk * y[j];
-			}
-		}
-		free(buf);
-	}
-	return fail ? -1 : 0;
+	record_routes(lc, l, s->topk_idx, slots, positions, n, K);
+
+	d->N = n;  /* see ensure_dispatch */
+	if (dispatch_plan(d, s->topk_idx))
+		return moe_fail(m, "decode: exchanging the expert counts failed");
+#pragma omp parallel for schedule(static) if ((size_t)n * K * C >= COPY_PARALLEL_MIN)
+	for (int i = 0; i < n * K; i++)
+		memcpy(s->xe + (size_t)d->send_row[i] * C, x + (size_t)(i / K) * C, sizeof(float) * C);
+	if (ensure_expert_rows(s, (size_t)d->R, C, c->moe_intermediate_size))
+		return moe_fail(m, "decode: out of memory for the expert rows");
+	if (dispatch_to_experts(d, s->xe, s->xr, C))
+		return moe_fail(m, "decode: the expert all-to-all failed");
+	run_experts(m, w, s, out, x, n);
+	if (dispatch_from_experts(d, s->yr, s->ye, C))
+		return moe_fail(m, "decode: the expert all-to-all back failed");
+	combine(out, s->ye, d->send_row, s->topk_w, n, K, C, c->n_shared_experts == 0);
+	return 0;
 }
+
+/* ---------------------------------------------------------------- the step */
 
 int decode_step(struct moe_model *m, struct latent_cache *lc, const int *tokens, const int *slots,
 		const int *positions, int n, float *logits)
 {
 	const struct model_config *c = &m->cfg;
-	assert(m->ep_group == NULL);
-	if (m->ep_group || n <= 0 || lc->n_layers != c->num_hidden_layers || lc->kv_lora != c->kv_lora_rank ||
-	    lc->dr != c->qk_rope_head_dim)
+	int bad = check_args(m, lc, tokens, slots, positions, n) || ensure_scratch(lc, m, n);
+	if (any_rank(m, bad))
 		return -1;
-	if (c->n_routed_experts > 0 &&
-	    (m->expert_begin != 0 || m->expert_end != c->n_routed_experts))
-		return -1;  /* every expert must be local */
-
-	/* validate against a copy of the lengths before touching the cache */
-	int *len = malloc(sizeof(int) * (size_t)lc->n_slots);
-	if (!len)
-		return -1;
-	memcpy(len, lc->len, sizeof(int) * (size_t)lc->n_slots);
-	int bad = 0;
-	for (int i = 0; i < n && !bad; i++) {
-		int sl = slots[i], p = positions[i];
-		if (tokens[i] < 0 || tokens[i] >= c->vocab_size || sl < 0 || sl >= lc->n_slots || p < 0 ||
-		    p >= lc->max_len || p > len[sl])
-			bad = 1;
-		else
-			len[sl] = p + 1;
-	}
-	if (bad || ensure_scratch(lc->scratch, c, n)) {
-		free(len);
-		return -1;
-	}
 
 	struct decode_scratch *s = lc->scratch;
-	int C = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers, H = c->num_attention_heads;
-	int dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim, dq = dn + dr;
-	int Rq = c->q_lora_rank, Rkv = c->kv_lora_rank, Dkva = Rkv + dr;
-	float eps = (float)c->rms_norm_eps, theta = (float)c->rope_theta;
+	int C = c->hidden_size, L = c->num_hidden_layers;
+	float eps = (float)c->rms_norm_eps;
 	size_t NC = (size_t)n * C;
-	int rc = 0;
 
 	embedding_forward(s->x, tokens, m->w.embed_tokens, n, C);
-	for (int l = 0; l < L && !rc; l++) {
+	for (int l = 0; l < L; l++) {
 		const struct layer_weights *w = &m->w.layers[l];
-
-		/* attention: queries, this step's latents into the cache, absorbed attention */
-		rmsnorm_forward(s->ln, s->rstd, s->x, w->input_layernorm, n, C, eps);
-		if (Rq > 0) {
-			linear_forward(s->qa, s->ln, w->q_a_proj, n, C, Rq);
-			rmsnorm_forward(s->qa_n, s->rstd, s->qa, w->q_a_layernorm, n, Rq, eps);
-			linear_forward(s->q, s->qa_n, w->q_b_proj, n, Rq, H * dq);
-		} else {
-			linear_forward(s->q, s->ln, w->q_proj, n, C, H * dq);
-		}
-		rope_forward(s->q + dn, positions, n, H, H * dq, dq, dr, theta);
-		linear_forward(s->kva, s->ln, w->kv_a_proj_with_mqa, n, C, Dkva);
-		for (int i = 0; i < n; i++)
-			memcpy(s->ckv + (size_t)i * Rkv, s->kva + (size_t)i * Dkva, sizeof(float) * Rkv);
-		rope_forward(s->kva + Rkv, positions, n, 1, Dkva, 0, dr, theta);
-		rmsnorm_forward(s->ckv_n, s->rstd, s->ckv, w->kv_a_layernorm, n, Rkv, eps);
-		for (int i = 0; i < n; i++) {
-			size_t at = ((size_t)l * lc->n_slots + slots[i]) * lc->max_len + positions[i];
-			memcpy(lc->ckv + at * Rkv, s->ckv_n + (size_t)i * Rkv, sizeof(float) * Rkv);
-			memcpy(lc->kpe + at * dr, s->kva + (size_t)i * Dkva + Rkv, sizeof(float) * dr);
-		}
-		rc = absorbed_attention(c, w, lc, l, s->q, s->att, slots, positions, n);
-		linear_forward(s->mid, s->att, w->o_proj, n, H * dv, C);
-		vec_add(s->mid, s->x, NC);
-
-		/* feed-forward */
+		attention_block(m, lc, l, slots, positions, n);
 		rmsnorm_forward(s->ln, s->rstd, s->mid, w->post_attention_layernorm, n, C, eps);
 		if (mc_layer_is_moe(c, l)) {
-			rc = moe_decode(m, w, s, s->out, s->ln, n);
+			if (moe_decode(m, lc, l, slots, positions, s->out, s->ln, n))
+				return -1;  /* not reached: the buffers were sized before the step */
 		} else {
-			struct mlp_acts ma = { s->g, s->u, s->a };
-			mlp_forward(&ma, s->out, s->ln, w->mlp_gate_proj, w->mlp_up_proj, w->mlp_down_proj, n, C,
-				    c->intermediate_size);
+			skinny_mlp(s, s->out, s->ln, w->mlp_gate_proj, w->mlp_up_proj, w->mlp_down_proj, n, C,
+				   c->intermediate_size);
 		}
 		for (size_t k = 0; k < NC; k++)
 			s->x[k] = s->mid[k] + s->out[k];
 	}
-	memcpy(lc->len, len, sizeof(int) * (size_t)lc->n_slots);
-	free(len);
-	if (rc)
-		return -1;
-	if (logits) {
+	memcpy(lc->len, s->new_len, sizeof(int) * (size_t)lc->n_slots);
+	if (logits && n > 0) {
 		rmsnorm_forward(s->ln, s->rstd, s->x, m->w.norm, n, C, eps);
-		linear_forward(logits, s->ln, m->w.lm_head, n, C, V);
+		skinny_linear(logits, s->ln, m->w.lm_head, n, C, c->vocab_size);
 	}
 	return 0;
 }

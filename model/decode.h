@@ -1,11 +1,14 @@
 /*
- * model/decode.h - incremental decoding with the MLA latent cache (SPEC 1), CPU, single process.
+ * model/decode.h - incremental decoding with the MLA latent cache (SPEC 1), CPU.
  *
  * The cache holds, per layer, sequence slot and position, only RMSNorm_kv(c_kv) [kv_lora_rank] and the
  * roped k_pe [qk_rope_head_dim]: (kv_lora_rank + qk_rope_head_dim) * num_hidden_layers floats per token.
  * Attention runs in the absorbed form: kv_b_proj's k_nope rows are folded into the query (a latent query
- * [kv_lora_rank] per head) and its v rows into the output, so k and v are never materialised.  The logits
- * equal model_forward's (the non-absorbed path) up to float rounding.
+ * [kv_lora_rank] per head) and its v rows into the output, so k and v are never materialised.  The MoE
+ * layers group the step's (token, slot) rows by expert and run each expert as one product over its rows,
+ * as model_forward does; under expert parallelism (m->ep_group) the rows travel to the ranks holding
+ * their experts by all-to-all.  The logits equal model_forward's (the non-absorbed path) up to float
+ * rounding, and do not depend on the thread count.
  */
 #ifndef MOE_MODEL_DECODE_H
 #define MOE_MODEL_DECODE_H
@@ -19,28 +22,64 @@ struct decode_scratch;             /* private to decode.c, grown as needed */
 struct latent_cache {
 	int n_layers, n_slots, max_len;
 	int kv_lora, dr;
-	float *ckv;                    /* [L][n_slots][max_len][kv_lora]: RMSNorm_kv(c_kv) */
-	float *kpe;                    /* [L][n_slots][max_len][dr]: roped k_pe */
+	float *kv;                     /* [L][n_slots][max_len][kv_lora + dr]: RMSNorm_kv(c_kv), roped k_pe */
 	int *len;                      /* [n_slots]: positions 0..len-1 are filled */
+	/*
+	 * The routing record (NULL unless latent_cache_enable_routes): routes [L][n_slots][max_len][K], the
+	 * K expert ids (global, in the router's slot order) each MoE layer chose for the token decoded at
+	 * (slot, pos); -1 where nothing was recorded (dense layers, positions never decoded).  Read it with
+	 * latent_cache_route().
+	 */
+	int route_k;
+	int *routes;
 	struct decode_scratch *scratch;
 };
 
 /* Bytes of cache one token takes: (kv_lora_rank + qk_rope_head_dim) * num_hidden_layers * 4. */
 size_t latent_cache_bytes_per_token(const struct model_config *c);
 
-/* A cache of n_slots sequences of up to max_len positions each; NULL when out of memory or bad sizes. */
+/*
+ * A cache of n_slots sequences of up to max_len positions each; NULL when out of memory or bad sizes.
+ * n_slots may be 0: the cache of a rank with no sequences that steps along with its expert-parallel
+ * group (decode_step with n = 0).
+ */
 struct latent_cache *latent_cache_create(const struct model_config *c, int n_slots, int max_len);
 void latent_cache_free(struct latent_cache *c);
 /* Forget a slot's positions (len = 0). */
 void latent_cache_reset(struct latent_cache *c, int slot);
 
 /*
+ * Start recording the routes (for GRPO's routing replay): allocates c->routes, num_hidden_layers *
+ * n_slots * max_len * num_experts_per_tok ints, all -1.  Every later decode_step writes, for each MoE
+ * layer and token, the experts it routed the token to.  Returns 0 (also when already enabled), -1 when
+ * out of memory or when cfg is not the cache's model.
+ */
+int latent_cache_enable_routes(struct latent_cache *c, const struct model_config *cfg);
+/*
+ * The K expert ids layer `layer` chose for the token at (slot, pos), the K of model_forward's top-K in
+ * the same order; NULL when routes are not recorded or (layer, slot, pos) is out of range.  Meaningful
+ * for MoE layers and pos < len[slot] (a later decode of the same position overwrites it); otherwise -1s.
+ */
+const int *latent_cache_route(const struct latent_cache *c, int layer, int slot, int pos);
+
+/*
  * Runs the model for n new tokens: token i goes to sequence slot slots[i] at position positions[i]; its
  * latents are written into the cache (the slot's len becomes positions[i] + 1, dropping any later
  * positions), then it attends to the slot's positions 0..positions[i].  Several tokens of the same slot
  * may come in one call (a prefill chunk), in increasing positions; a position may not skip ahead of the
- * slot's filled length.  logits [n, V] are written (may be NULL).  The model must hold all experts
- * (m->ep_group == NULL).  Returns 0, or -1 on bad arguments (the cache is then unchanged) or out of memory.
+ * slot's filled length.  logits [n, V] are written (may be NULL).  Returns 0, or -1 on bad arguments
+ * (the cache is then unchanged) or out of memory (found before anything is computed).
+ *
+ * Without expert parallelism (m->ep_group NULL) the model must hold all experts and n >= 1.
+ *
+ * With expert parallelism (m->ep_group set, the model holding experts [expert_begin, expert_end) =
+ * the ep rank's 1/ep of them) decode_step is a collective of the ep group: every rank of the group
+ * must call it the same number of times, in the same order, each with its own tokens, slots and cache.
+ * A rank with nothing to decode calls it with n = 0 (allowed only here): it still computes its experts
+ * for the peers' rows in every MoE layer's all-to-all.  The ranks first agree on the arguments (one
+ * allreduce of an error flag): when any rank finds bad arguments or runs out of memory, every rank
+ * returns -1 together, its cache unchanged.  A failure after that point (memory for the rows arriving
+ * from the peers, a collective) ends the whole job (comm_abort), as in training: peers never hang.
  */
 int decode_step(struct moe_model *m, struct latent_cache *c, const int *tokens, const int *slots,
 		const int *positions, int n, float *logits);

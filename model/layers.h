@@ -27,6 +27,7 @@ struct moe_acts {
 	float *logits, *scores;       /* [N, E] */
 	int *topk_idx;                /* [N, K] */
 	float *topk_w;                /* [N, K] */
+	const int *replay;            /* [N, K] experts to use instead of the router's (NULL: route) */
 	int *offsets;                 /* [E_local + 1]: rows of each local expert in the sorted order */
 	int *row_pair;                /* [N*K] (token, slot) pair n*K + k of each sorted row */
 	int *tasks, n_tasks;          /* [E_local + 1]: the parallel tasks, -1 the shared expert */
@@ -74,6 +75,7 @@ struct model_acts {
 	float *h_mid;                 /* [L, N, C]: after attention */
 	struct layer_acts *layers;
 	float *lnf, *lnf_rstd, *logits, *losses;
+	float temperature;            /* the loss's logit temperature (1: plain) */
 	struct grad_scratch gs;
 	int n_allocs;
 	void *allocs[1024];

@@ -533,6 +533,8 @@ float model_forward(struct moe_model *m, const int *inputs, const int *targets, 
 		mla_forward(c, w, &la->mla, mid, la->ln1, a->pos, B, T);
 		vec_add(mid, x, (size_t)N * C);
 		rmsnorm_forward(la->ln2, la->ln2_rstd, mid, w->post_attention_layernorm, N, C, eps);
+		la->moe.replay = m->route_replay ?
+			m->route_replay + (size_t)l * N * c->num_experts_per_tok : NULL;
 		if (mc_layer_is_moe(c, l))
 			aux += moe_forward(m, w, &la->moe, next, la->ln2, B, T,
 					   m->expert_load + (size_t)l * c->n_routed_experts);
@@ -549,22 +551,37 @@ float model_forward(struct moe_model *m, const int *inputs, const int *targets, 
 		return 0.0f;
 	}
 	memcpy(a->targets, targets, sizeof(int) * N);
+	a->temperature = m->logit_temperature > 0 ? m->logit_temperature : 1.0f;
+	if (a->temperature != 1.0f) {
+		float inv = 1.0f / a->temperature;
+		for (size_t k = 0; k < (size_t)N * V; k++)
+			a->logits[k] *= inv;
+	}
 	cross_entropy_forward(a->losses, a->logits, targets, N, V);
+	const float *w = m->token_weights;
 	double sum = 0.0;
 	int count = 0;
 	for (int n = 0; n < N; n++) {
 		if (targets[n] >= 0) {
-			sum += a->losses[n];
+			sum += w ? (double)w[n] * a->losses[n] : a->losses[n];
 			count++;
 		}
 	}
-	m->last_ce_loss = count ? (float)(sum / count) : 0.0f;
+	if (w)
+		m->last_ce_loss = (float)sum;
+	else
+		m->last_ce_loss = count ? (float)(sum / count) : 0.0f;
 	return m->last_ce_loss + aux;
 }
 
 const float *model_logits(const struct moe_model *m)
 {
 	return m->acts ? m->acts->logits : NULL;
+}
+
+const float *model_token_losses(const struct moe_model *m)
+{
+	return m->acts && m->acts->has_targets ? m->acts->losses : NULL;
 }
 
 int model_count_targets(const struct moe_model *m)
@@ -588,9 +605,11 @@ void model_backward(struct moe_model *m, float loss_scale)
 	int L = c->num_hidden_layers;
 	struct grad_scratch *s = &a->gs;
 
+	/* d(loss)/d(raw logits): the logits buffer holds logits / temperature */
 	int count = model_count_targets(m);
-	float dloss = count ? loss_scale / count : 0.0f;
-	cross_entropy_backward(a->logits, a->logits, a->targets, dloss, N, V);
+	float dloss = m->token_weights ? loss_scale : count ? loss_scale / count : 0.0f;
+	dloss /= a->temperature;
+	cross_entropy_backward_rows(a->logits, a->logits, a->targets, dloss, m->token_weights, N, V);
 	linear_bwd(s->dln, m->g.lm_head, a->logits, a->lnf, m->w.lm_head, N, C, V, LIN_SET_DX);
 	rmsnorm_backward_set(s->dres, C, m->g.norm, s->dln, a->resid + (size_t)L * N * C, m->w.norm,
 			     a->lnf_rstd, N, C);

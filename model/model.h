@@ -87,6 +87,18 @@ struct moe_model {
 	struct model_weights w;        /* views into weights */
 	struct model_weights g;        /* views into grads (same layout) */
 	struct model_acts *acts;       /* sized for the last (B, T) seen */
+	/*
+	 * Options of the loss (GRPO sets them; all off after model_create).  token_weights [B*T]: the loss
+	 * is sum_n w[n] * CE_n over the targets instead of their mean; model_forward's value uses the
+	 * array as it is then, model_backward's gradient as it is then (GRPO sets it from the forward's
+	 * per-token losses in between).  logit_temperature: CE_n is taken of softmax(logits / temperature)
+	 * (0 or 1: plain), read by model_forward.  route_replay [L][B*T][K], read by model_forward: every
+	 * MoE layer routes token n to route_replay[l][n][0..K) instead of its router's top-K (the gate
+	 * weights still come from the router's scores of those experts, so the router keeps a gradient).
+	 */
+	const float *token_weights;
+	float logit_temperature;
+	const int *route_replay;
 	/* statistics of the last forward */
 	float last_ce_loss;            /* mean cross-entropy over target tokens */
 	float last_aux_loss;           /* sequence-wise balance loss, summed over MoE layers */
@@ -118,6 +130,9 @@ const float *model_logits(const struct moe_model *m);   /* [B*T, V] */
 /* Backward of loss_scale * (the last forward's loss), which must have had targets: accumulates into
  * m->grads (loss_scale = 1/grad_accum for gradient accumulation).  Overwrites the logits. */
 void model_backward(struct moe_model *m, float loss_scale);
+/* CE_n = -log p(target_n) of each of the last forward's B*T tokens (0 where the target is < 0), at
+ * logit_temperature: the per-token log-probabilities GRPO needs.  NULL before a forward with targets. */
+const float *model_token_losses(const struct moe_model *m);
 /* Number of targets >= 0 in the last forward. */
 int model_count_targets(const struct moe_model *m);
 void model_zero_grad(struct moe_model *m);

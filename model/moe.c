@@ -321,6 +321,10 @@ float moe_forward(const struct moe_model *m, const struct layer_weights *w, stru
 
 	linear_forward(a->logits, x, w->gate, N, C, rp.E);
 	router_forward(a->scores, a->topk_idx, a->topk_w, a->logits, w->e_score_correction_bias, &rp, N);
+	if (a->replay) {
+		memcpy(a->topk_idx, a->replay, sizeof(int) * (size_t)N * K);
+		router_replay_weights(a->topk_w, a->scores, a->topk_idx, &rp, N);
+	}
 	if (m->ep_group) {
 		moe_forward_ep(m, w, a, out, x, N, load);
 		goto balance;

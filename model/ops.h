@@ -65,6 +65,9 @@ void cross_entropy_forward(float *losses, const float *logits, const int *target
  * WRITES (not accumulates); dlogits may equal logits (in place). */
 void cross_entropy_backward(float *dlogits, const float *logits, const int *targets, float dloss,
 			    int N, int V);
+/* The same with row n scaled by dloss * row_scale[n] (row_scale may be NULL: 1). */
+void cross_entropy_backward_rows(float *dlogits, const float *logits, const int *targets, float dloss,
+				 const float *row_scale, int N, int V);
 
 /* DeepSeekMoE router (SPEC 1). */
 struct router_params {
@@ -82,6 +85,12 @@ struct router_params {
  */
 void router_forward(float *scores, int *topk_idx, float *topk_w, const float *logits, const float *bias,
 		    const struct router_params *p, int N);
+/*
+ * Routing replay: topk_idx [N,K] is given (each row K distinct experts); topk_w gets the weights
+ * router_forward would give those experts from scores [N,E] (normalised if norm_topk_prob, scaled).
+ */
+void router_replay_weights(float *topk_w, const float *scores, const int *topk_idx,
+			   const struct router_params *p, int N);
 /* dlogits[N,E] += d/dlogits of (sum dtopk_w * topk_w  +  sum dscores * scores); dscores may be NULL. */
 void router_backward(float *dlogits, const float *dtopk_w, const float *dscores, const float *scores,
 		     const int *topk_idx, const struct router_params *p, int N);

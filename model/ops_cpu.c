@@ -571,13 +571,14 @@ void cross_entropy_forward(float *losses, const float *logits, const int *target
 	}
 }
 
-void cross_entropy_backward(float *dlogits, const float *logits, const int *targets, float dloss,
-			    int N, int V)
+void cross_entropy_backward_rows(float *dlogits, const float *logits, const int *targets, float dloss,
+				 const float *row_scale, int N, int V)
 {
 #pragma omp parallel for schedule(static)
 	for (int n = 0; n < N; n++) {
 		const float *row = logits + (size_t)n * V;
 		float *drow = dlogits + (size_t)n * V;
+		float d = row_scale ? dloss * row_scale[n] : dloss;
 		if (targets[n] < 0) {
 			memset(drow, 0, sizeof(float) * V);
 			continue;
@@ -585,9 +586,15 @@ void cross_entropy_backward(float *dlogits, const float *logits, const int *targ
 		float lse = row_logsumexp(row, V);
 #pragma omp simd
 		for (int j = 0; j < V; j++)  /* reads row[j] before writing drow[j]: in place is fine */
-			drow[j] = dloss * exp_fast(row[j] - lse);
-		drow[targets[n]] -= dloss;
+			drow[j] = d * exp_fast(row[j] - lse);
+		drow[targets[n]] -= d;
 	}
+}
+
+void cross_entropy_backward(float *dlogits, const float *logits, const int *targets, float dloss,
+			    int N, int V)
+{
+	cross_entropy_backward_rows(dlogits, logits, targets, dloss, NULL, N, V);
 }
 
 /* index of the largest value among the allowed ones; ties go to the lower index */
@@ -681,6 +688,24 @@ void router_forward(float *scores, int *topk_idx, float *topk_w, const float *lo
 		}
 		free(choice);
 		free(allowed);
+	}
+}
+
+void router_replay_weights(float *topk_w, const float *scores, const int *topk_idx,
+			   const struct router_params *p, int N)
+{
+	int K = p->K;
+	for (int n = 0; n < N; n++) {
+		const float *s = scores + (size_t)n * p->E;
+		const int *idx = topk_idx + (size_t)n * K;
+		float *w = topk_w + (size_t)n * K, sum = 0.0f;
+		for (int k = 0; k < K; k++) {
+			w[k] = s[idx[k]];
+			sum += s[idx[k]];
+		}
+		float c = p->routed_scaling_factor / (p->norm_topk_prob ? sum + 1e-20f : 1.0f);
+		for (int k = 0; k < K; k++)
+			w[k] *= c;
 	}
 }
 

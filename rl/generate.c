@@ -162,67 +162,178 @@ int sample_token(const float *logits, int V, const struct sample_params *p, stru
 	return chosen;
 }
 
-int prefill(struct moe_model *m, struct latent_cache *c, const int *const *prompts, const int *lens, int G,
-	    float *last_logits)
+uint64_t gen_sequence_seed(uint64_t seed, int g)
 {
-	if (G <= 0 || G > c->n_slots)
-		return -1;
+	uint64_t st = seed ^ (0xd1b54a32d192ed03ULL * (uint64_t)(g + 1));
+	return splitmix64(&st);
+}
+
+/* Under expert parallelism: the flag ORed over the ep group (1 when the agreement itself failed). */
+static int any_rank(const struct moe_model *m, int flag)
+{
+	if (!m->ep_group)
+		return flag;
+	int f = flag ? 1 : 0;
+	if (comm_allreduce(m->ep_group, &f, 1, COMM_I32, COMM_MAX))
+		return 1;
+	return f;
+}
+
+/* the number of prompt tokens, -1 when G or a length does not fit the cache */
+static int prompt_total(const struct latent_cache *c, const int *lens, int G)
+{
 	int total = 0;
+	if (G < 0 || G > c->n_slots)
+		return -1;
 	for (int g = 0; g < G; g++) {
 		if (lens[g] < 1 || lens[g] > c->max_len)
 			return -1;
 		total += lens[g];
 	}
-	int *tok = malloc(sizeof(int) * (size_t)total * 3);
-	float *logits = last_logits ? malloc(sizeof(float) * (size_t)total * m->cfg.vocab_size) : NULL;
-	if (!tok || (last_logits && !logits)) {
+	return total;
+}
+
+int prefill(struct moe_model *m, struct latent_cache *c, const int *const *prompts, const int *lens, int G,
+	    float *last_logits)
+{
+	size_t V = (size_t)m->cfg.vocab_size;
+	int total = prompt_total(c, lens, G);
+	int bad = total < 0 || (G == 0 && !m->ep_group);
+	int *tok = bad ? NULL : malloc(sizeof(int) * ((size_t)total * 3 + (size_t)G + 1));
+	float *logits = last_logits && !bad ? malloc(sizeof(float) * ((size_t)total * V + 1)) : NULL;
+	bad = bad || !tok || (last_logits && !logits);
+	if (any_rank(m, bad)) {
 		free(tok);
 		free(logits);
 		return -1;
 	}
-	int *slot = tok + total, *pos = slot + total, k = 0;
+	int *slot = tok + total, *pos = slot + total, *saved = pos + total, k = 0;
 	for (int g = 0; g < G; g++)
 		for (int t = 0; t < lens[g]; t++, k++) {
 			tok[k] = prompts[g][t];
 			slot[k] = g;
 			pos[k] = t;
 		}
-	int *saved = malloc(sizeof(int) * (size_t)G);
-	int rc = saved ? 0 : -1;
-	if (!rc) {
-		memcpy(saved, c->len, sizeof(int) * (size_t)G);
-		for (int g = 0; g < G; g++)
-			latent_cache_reset(c, g);
-		rc = decode_step(m, c, tok, slot, pos, total, logits);
-		if (rc)
-			memcpy(c->len, saved, sizeof(int) * (size_t)G);
-	}
+	memcpy(saved, c->len, sizeof(int) * (size_t)G);
+	for (int g = 0; g < G; g++)
+		latent_cache_reset(c, g);
+	int rc = decode_step(m, c, tok, slot, pos, total, logits);
+	if (rc)
+		memcpy(c->len, saved, sizeof(int) * (size_t)G);
 	if (!rc && last_logits) {
-		size_t V = (size_t)m->cfg.vocab_size;
 		for (int g = 0, end = 0; g < G; g++) {
 			end += lens[g];
 			memcpy(last_logits + g * V, logits + (size_t)(end - 1) * V, sizeof(float) * V);
 		}
 	}
-	free(saved);
 	free(tok);
 	free(logits);
 	return rc;
 }
 
-int generate(struct moe_model *m, const int *const *prompts, const int *lens, int G,
-	     const struct sample_params *p, int *out_tokens, int *out_lens, float *out_logprobs)
+/* the state of one generate call */
+struct gen_run {
+	struct latent_cache *c, *own;  /* the cache used; own: made here (freed at the end) */
+	float *logits;                 /* [G, V]: row i belongs to live[i] */
+	int *tok, *slot, *pos, *live;  /* [G] each: the next step's batch */
+	struct gen_rng *rng;           /* [G] */
+};
+
+static void gen_run_free(struct gen_run *r)
 {
-	if (G <= 0 || p->max_new_tokens < 0)
-		return -1;
-	int maxp = 0, Tn = p->max_new_tokens, V = m->cfg.vocab_size;
+	latent_cache_free(r->own);
+	free(r->logits);
+	free(r->tok);
+	free(r->rng);
+}
+
+static int gen_args_ok(const struct moe_model *m, const struct latent_cache *cache, const int *lens, int G,
+		       const struct sample_params *p, int *maxp)
+{
+	*maxp = 0;
+	if (G < 0 || (G == 0 && !m->ep_group) || p->max_new_tokens < 0)
+		return 0;
 	for (int g = 0; g < G; g++) {
 		if (lens[g] < 1)
-			return -1;
-		if (lens[g] > maxp)
-			maxp = lens[g];
+			return 0;
+		*maxp = lens[g] > *maxp ? lens[g] : *maxp;
 	}
+	if (cache && p->max_new_tokens > 0 &&
+	    (cache->n_slots < G || cache->max_len < *maxp + p->max_new_tokens - 1))
+		return 0;
+	return 1;
+}
+
+static int gen_run_init(struct gen_run *r, struct moe_model *m, struct latent_cache *cache, int G,
+			int max_len, const struct sample_params *p, const uint64_t *seeds)
+{
+	size_t Gs = (size_t)(G > 0 ? G : 1);
+	r->c = cache;
+	if (!r->c)
+		r->c = r->own = latent_cache_create(&m->cfg, (int)Gs, max_len);
+	r->logits = malloc(sizeof(float) * Gs * (size_t)m->cfg.vocab_size);
+	r->tok = malloc(sizeof(int) * Gs * 4);
+	r->rng = malloc(sizeof(*r->rng) * Gs);
+	if (!r->c || !r->logits || !r->tok || !r->rng)
+		return -1;
+	r->slot = r->tok + Gs;
+	r->pos = r->slot + Gs;
+	r->live = r->pos + Gs;
 	for (int g = 0; g < G; g++) {
+		gen_rng_seed(&r->rng[g], seeds ? seeds[g] : gen_sequence_seed(p->seed, g));
+		r->live[g] = g;
+	}
+	return 0;
+}
+
+/*
+ * Samples step t's token of the n live sequences and gathers those that go on into the next batch.
+ * Returns how many go on, -1 when sampling failed (out of memory).
+ */
+static int sample_live(struct gen_run *r, int n, int t, int V, const int *lens, const struct sample_params *p,
+		       int *out_tokens, int *out_lens, float *out_logprobs)
+{
+	int Tn = p->max_new_tokens, nn = 0;
+	for (int i = 0; i < n; i++) {
+		int g = r->live[i];
+		float lp;
+		int id = sample_token(r->logits + (size_t)i * V, V, p, &r->rng[g], &lp);
+		if (id < 0)
+			return -1;
+		out_tokens[(size_t)g * Tn + t] = id;
+		if (out_logprobs)
+			out_logprobs[(size_t)g * Tn + t] = lp;
+		out_lens[g] = t + 1;
+		if (id == p->eos_id || t + 1 == Tn)
+			continue;
+		r->tok[nn] = id;
+		r->slot[nn] = g;
+		r->pos[nn] = lens[g] + t;
+		r->live[nn++] = g;
+	}
+	return nn;
+}
+
+/*
+ * Whether the decode loop goes on: this rank has live sequences, or (under expert parallelism) a peer
+ * has.  *err: some rank failed (every rank then stops together).
+ */
+static int keep_going(const struct moe_model *m, int live, int *err)
+{
+	int f[2] = { live > 0, *err };
+	if (m->ep_group && comm_allreduce(m->ep_group, f, 2, COMM_I32, COMM_MAX))
+		f[1] = 1;
+	*err = f[1];
+	return f[0] && !f[1];
+}
+
+int generate_cached(struct moe_model *m, struct latent_cache *cache, const int *const *prompts,
+		    const int *lens, int G, const struct sample_params *p, const uint64_t *seeds,
+		    int *out_tokens, int *out_lens, float *out_logprobs)
+{
+	int maxp, Tn = p->max_new_tokens, V = m->cfg.vocab_size;
+	int bad = !gen_args_ok(m, cache, lens, G, p, &maxp);
+	for (int g = 0; g < G && !bad; g++) {
 		out_lens[g] = 0;
 		for (int t = 0; t < Tn; t++) {
 			out_tokens[(size_t)g * Tn + t] = -1;
@@ -230,59 +341,33 @@ int generate(struct moe_model *m, const int *const *prompts, const int *lens, in
 				out_logprobs[(size_t)g * Tn + t] = 0.0f;
 		}
 	}
-	if (Tn == 0)
-		return 0;
+	if (!m->ep_group && (bad || Tn == 0))
+		return bad ? -1 : 0;
 
-	struct latent_cache *c = latent_cache_create(&m->cfg, G, maxp + Tn);
-	float *logits = malloc(sizeof(float) * (size_t)G * V);
-	int *buf = malloc(sizeof(int) * (size_t)G * 4);
-	struct gen_rng *rng = malloc(sizeof(*rng) * (size_t)G);
-	int rc = (!c || !logits || !buf || !rng) ? -1 : 0;
-	if (!rc)
-		rc = prefill(m, c, prompts, lens, G, logits);
-	if (rc)
-		goto out;
+	/* under expert parallelism a rank with nothing to sample still steps with its peers */
+	struct gen_run r = { 0 };
+	bad = bad || gen_run_init(&r, m, cache, G, maxp + Tn, p, seeds);
+	if (any_rank(m, bad)) {
+		gen_run_free(&r);
+		return -1;
+	}
+	int n = Tn > 0 ? G : 0, err = 0;
+	int rc = prefill(m, r.c, prompts, lens, n, r.logits);
+	for (int t = 0; !rc; t++) {
+		n = sample_live(&r, n, t, V, lens, p, out_tokens, out_lens, out_logprobs);
+		err = n < 0;
+		if (!keep_going(m, n, &err))
+			break;
+		rc = decode_step(m, r.c, r.tok, r.slot, r.pos, n, r.logits);
+	}
+	gen_run_free(&r);
+	return rc || err ? -1 : 0;
+}
 
-	int *tok = buf, *slot = buf + G, *pos = buf + 2 * G, *live = buf + 3 * G;
-	for (int g = 0; g < G; g++) {
-		uint64_t st = p->seed ^ (0xd1b54a32d192ed03ULL * (uint64_t)(g + 1));
-		gen_rng_seed(&rng[g], splitmix64(&st));
-		live[g] = g;
-	}
-	int n = G;  /* live sequences; logits row i belongs to live[i] */
-	for (int t = 0; t < Tn && n > 0; t++) {
-		int nn = 0;
-		for (int i = 0; i < n; i++) {
-			int g = live[i];
-			float lp;
-			int id = sample_token(logits + (size_t)i * V, V, p, &rng[g], &lp);
-			if (id < 0) {
-				rc = -1;
-				goto out;
-			}
-			out_tokens[(size_t)g * Tn + t] = id;
-			if (out_logprobs)
-				out_logprobs[(size_t)g * Tn + t] = lp;
-			out_lens[g] = t + 1;
-			if (id == p->eos_id || t + 1 == Tn)
-				continue;
-			tok[nn] = id;
-			slot[nn] = g;
-			pos[nn] = lens[g] + t;
-			live[nn++] = g;
-		}
-		n = nn;
-		if (n > 0 && decode_step(m, c, tok, slot, pos, n, logits)) {
-			rc = -1;
-			goto out;
-		}
-	}
-out:
-	latent_cache_free(c);
-	free(logits);
-	free(buf);
-	free(rng);
-	return rc;
+int generate(struct moe_model *m, const int *const *prompts, const int *lens, int G,
+	     const struct sample_params *p, int *out_tokens, int *out_lens, float *out_logprobs)
+{
+	return generate_cached(m, NULL, prompts, lens, G, p, NULL, out_tokens, out_lens, out_logprobs);
 }
 
 /* ---------------------------------------------------------------- moe generate */

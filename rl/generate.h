@@ -1,11 +1,18 @@
 /*
- * rl/generate.h - batched generation with the MLA latent cache (model/decode.h), CPU, single process.
+ * rl/generate.h - batched generation with the MLA latent cache (model/decode.h), CPU.
  *
  * G prompts of different lengths are prefilled together (one decode_step over all their tokens), then
  * decoded one token per unfinished sequence per step.  Sampling: temperature (0: greedy argmax, ties to
  * the lower id), top-k, top-p (nucleus), max_new_tokens, stop at an end-of-text id.  Each sequence g draws
- * from its own xoshiro256** stream seeded by splitmix64 from (seed, g), so a sequence's sample does not
- * depend on what else is in the batch.
+ * from its own xoshiro256** stream (seeded by gen_sequence_seed(seed, g), or by a seed the caller gives
+ * it), so a sequence's sample does not depend on what else is in the batch.
+ *
+ * Expert parallelism (m->ep_group set): prefill and generate are collectives of the ep group, like
+ * decode_step.  Every rank of the group calls them together, each with its own prompts (G may differ
+ * between ranks, and may be 0); a rank whose sequences are done keeps stepping with nothing to decode
+ * until every peer's are done.  With per-sequence seeds the tokens do not depend on how the sequences
+ * are split over the ranks (the logits differ from one process's by float rounding only).  Bad
+ * arguments or out of memory on any rank make every rank return -1.
  */
 #ifndef MOE_RL_GENERATE_H
 #define MOE_RL_GENERATE_H
@@ -36,6 +43,9 @@ struct sample_params {
 /* temperature 1, no top-k/top-p, 16 new tokens, no eos, seed 0 */
 struct sample_params sample_params_default(void);
 
+/* The stream seed of sequence g when the caller gives none: splitmix64 of (seed, g). */
+uint64_t gen_sequence_seed(uint64_t seed, int g);
+
 /*
  * One token from logits [V] (a scratch of V floats and ints is allocated when sorting is needed).  When
  * logprob is not NULL it receives the log-probability of the chosen token under softmax(logits /
@@ -47,7 +57,8 @@ int sample_token(const float *logits, int V, const struct sample_params *p, stru
 /*
  * Prefill: resets slots 0..G-1 and runs all prompt tokens (prompts[g][0..lens[g]-1], lens[g] >= 1) in one
  * decode_step; last_logits [G, V] (may be NULL) receives the logits after each prompt's last token.
- * Returns 0, -1 on bad arguments or out of memory.
+ * Returns 0, -1 on bad arguments or out of memory.  Under expert parallelism a collective of the ep
+ * group (G = 0 allowed).
  */
 int prefill(struct moe_model *m, struct latent_cache *c, const int *const *prompts, const int *lens, int G,
 	    float *last_logits);
@@ -56,10 +67,26 @@ int prefill(struct moe_model *m, struct latent_cache *c, const int *const *promp
  * Generates up to p->max_new_tokens after each of the G prompts.  out_tokens [G, max_new_tokens] receives
  * the completions (the eos token, when sampled, is included and ends the sequence; the rest of the row is
  * filled with -1); out_lens [G] their lengths; out_logprobs [G, max_new_tokens] (may be NULL) the
- * log-probability of each sampled token (see sample_token).  Returns 0, -1 on bad arguments or out of memory.
+ * log-probability of each sampled token (see sample_token).  Returns 0, -1 on bad arguments or out of
+ * memory.  G >= 1, or G >= 0 under expert parallelism (see above).  generate_cached(.., NULL, .., NULL, ..).
  */
 int generate(struct moe_model *m, const int *const *prompts, const int *lens, int G,
 	     const struct sample_params *p, int *out_tokens, int *out_lens, float *out_logprobs);
+
+/*
+ * generate with a cache and seeds of the caller's:
+ * cache: NULL, a cache of its own; else this one, which must have n_slots >= G and max_len >= max(lens) +
+ * max_new_tokens - 1: slots 0..G-1 are reset and left holding the prompts and completions, e.g. to read
+ * the routes (latent_cache_enable_routes) for routing replay.  Every token that was an input is
+ * recorded: the prompt at positions 0..lens[g]-1 and completion tokens 0..out_lens[g]-2 at positions
+ * lens[g]+t (the last sampled token never runs through the model).  With max_new_tokens = 0 nothing is
+ * computed.
+ * seeds: [G], sequence g samples from the stream gen_rng_seed(seeds[g]) (GRPO derives it from the run's
+ * seed, the step and the completion's global index); NULL: gen_sequence_seed(p->seed, g).
+ */
+int generate_cached(struct moe_model *m, struct latent_cache *cache, const int *const *prompts,
+		    const int *lens, int G, const struct sample_params *p, const uint64_t *seeds,
+		    int *out_tokens, int *out_lens, float *out_logprobs);
 
 /*
  * moe generate --checkpoint CKPT.h5 (--prompt TEXT [--tokenizer tokenizer.json] | --prompt-ids 1,2,3)

@@ -14,6 +14,10 @@
  * experts; the other ranks of expert-parallel group 0 then open it in turn and write their experts'
  * hyperslabs (the same per-tensor code, in WRITE_EXPERTS mode); rank 0 commits.  After each phase every
  * rank learns whether any rank failed, and with what message, so all of them return -1 together.
+ * Streaming (ckpt_writer / ckpt_reader, for `moe convert`): the same /model datasets (create_dataset:
+ * same shapes, chunks and checksums) written or read one tensor or one expert's block at a time, with
+ * the parameter table of the config (ckpt_model_params) and no model in memory; the writer tracks every
+ * piece and refuses to commit an incomplete file.
  * Reading: every dataset is checked (present, float32, the model's shape) and every attribute read
  * before any tensor data is read; the data goes into scratch buffers (the Fletcher32 filter verifies
  * each chunk) and is copied into the model, the optimizer and the train state only once everything has
@@ -338,6 +342,7 @@ static const struct state_field {
 	{ "rng", FIELD_U64, ARRAY_SIZE(((struct train_state *)0)->rng),
 	  offsetof(struct train_state, rng) },
 	{ "elapsed_s", FIELD_F64, 1, offsetof(struct train_state, elapsed_s) },
+	{ "ref_checksum", FIELD_U64, 1, offsetof(struct train_state, ref_checksum) },
 };
 
 /* The file type, memory type and class of a field (hid_t constants are not compile-time constants). */
@@ -573,15 +578,68 @@ static int check_tensor(struct ckctx *c, hid_t fid, const struct tensor_set *s, 
  */
 enum write_mode { WRITE_CREATE, WRITE_EXPERTS };
 
-/* lcpl creates the intermediate group GROUP/NAME of a leaf. */
+/*
+ * Create the dataset dpath of parameter p with its full shape, chunked (chunk_dims) and checksummed:
+ * the one definition of a checkpoint's datasets, shared by every writer.  lcpl creates the intermediate
+ * group GROUP/NAME of a leaf.
+ */
+static int create_dataset(struct ckctx *c, hid_t fid, hid_t lcpl, const char *dpath,
+			  const struct param *p, hid_t *dset)
+{
+	hsize_t dims[MOE_MAX_DIMS], chunk[MOE_MAX_DIMS];
+	hid_t space = -1, dcpl = -1;
+	int empty = 0, ret = -1;
+
+	*dset = -1;
+	c->what = dpath;
+	for (int d = 0; d < p->ndim; d++) {
+		dims[d] = (hsize_t)p->shape[d];
+		empty |= dims[d] == 0;
+	}
+	chunk_dims(p, chunk);
+	H5TRY(space = H5Screate_simple(p->ndim, dims, NULL));
+	H5TRY(dcpl = H5Pcreate(H5P_DATASET_CREATE));
+	if (!empty) {	/* chunks (and so the checksum) need every dimension > 0 */
+		H5TRY(H5Pset_chunk(dcpl, p->ndim, chunk));
+		H5TRY(H5Pset_fletcher32(dcpl));
+	}
+	H5TRY(*dset = H5Dcreate2(fid, dpath, H5T_IEEE_F32LE, space, lcpl, dcpl, H5P_DEFAULT));
+	ret = 0;
+fail:
+	close_id(&dcpl, H5Pclose);
+	close_id(&space, H5Sclose);
+	c->what = NULL;
+	return ret;
+}
+
+/* Write the block [start, start + count) of an open dataset from data (count's elements, dense). */
+static int write_slab(struct ckctx *c, hid_t dset, const char *dpath, int ndim, const hsize_t *start,
+		      const hsize_t *count, const float *data)
+{
+	hid_t space = -1, mspace = -1;
+	int ret = -1;
+
+	c->what = dpath;
+	H5TRY(space = H5Dget_space(dset));
+	H5TRY(H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL));
+	H5TRY(mspace = H5Screate_simple(ndim, count, NULL));
+	H5TRY(H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, space, H5P_DEFAULT, data));
+	ret = 0;
+fail:
+	close_id(&mspace, H5Sclose);
+	close_id(&space, H5Sclose);
+	c->what = NULL;
+	return ret;
+}
+
 static int write_tensor(struct ckctx *c, hid_t fid, hid_t lcpl, const struct tensor_set *s,
 			const struct moe_model *m, const struct param *p, const float *arena,
 			enum write_mode mode)
 {
-	hsize_t dims[MOE_MAX_DIMS], chunk[MOE_MAX_DIMS], start[MOE_MAX_DIMS], count[MOE_MAX_DIMS];
-	hid_t space = -1, mspace = -1, dcpl = -1, dset = -1;
+	hsize_t start[MOE_MAX_DIMS], count[MOE_MAX_DIMS];
+	hid_t dset = -1;
 	char dpath[CKPT_DSET_MAX];
-	int empty = 0, ret = -1;
+	int ret = -1;
 
 	if (mode == WRITE_EXPERTS && !p->expert_stacked)
 		return 0;
@@ -589,40 +647,21 @@ static int write_tensor(struct ckctx *c, hid_t fid, hid_t lcpl, const struct ten
 		return -1;
 	tensor_path(dpath, s, p);
 	if (mode == WRITE_CREATE) {
-		c->what = dpath;
-		for (int d = 0; d < p->ndim; d++) {
-			dims[d] = (hsize_t)p->shape[d];
-			empty |= dims[d] == 0;
-		}
-		chunk_dims(p, chunk);
-		H5TRY(space = H5Screate_simple(p->ndim, dims, NULL));
-		H5TRY(dcpl = H5Pcreate(H5P_DATASET_CREATE));
-		if (!empty) {	/* chunks (and so the checksum) need every dimension > 0 */
-			H5TRY(H5Pset_chunk(dcpl, p->ndim, chunk));
-			H5TRY(H5Pset_fletcher32(dcpl));
-		}
-		H5TRY(dset = H5Dcreate2(fid, dpath, H5T_IEEE_F32LE, space, lcpl, dcpl,
-					H5P_DEFAULT));
+		if (create_dataset(c, fid, lcpl, dpath, p, &dset))
+			goto fail;
 	} else {
 		if (check_tensor(c, fid, s, p))	/* present, float32, the model's shape */
 			goto fail;
 		c->what = dpath;
 		H5TRY(dset = H5Dopen2(fid, dpath, H5P_DEFAULT));
-		H5TRY(space = H5Dget_space(dset));
 	}
-	if (p->numel > 0) {	/* nothing to write of an empty tensor or an empty expert slice */
-		local_slab(m, p, start, count);
-		H5TRY(H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL));
-		H5TRY(mspace = H5Screate_simple(p->ndim, count, NULL));
-		H5TRY(H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, space, H5P_DEFAULT,
-				 arena + p->offset));
-	}
+	/* nothing to write of an empty tensor or an empty expert slice */
+	local_slab(m, p, start, count);
+	if (p->numel > 0 && write_slab(c, dset, dpath, p->ndim, start, count, arena + p->offset))
+		goto fail;
 	ret = 0;
 fail:
 	close_id(&dset, H5Dclose);
-	close_id(&dcpl, H5Pclose);
-	close_id(&mspace, H5Sclose);
-	close_id(&space, H5Sclose);
 	c->what = NULL;
 	return ret;
 }
@@ -743,8 +782,18 @@ fail:
 	return ret;
 }
 
+/* A parameter of a table by name (linear: the callers look up a handful of names). */
+static const struct param *table_find(const struct param *params, int n, const char *name)
+{
+	for (int i = 0; i < n; i++)
+		if (!strcmp(params[i].name, name))
+			return &params[i];
+	return NULL;
+}
+
 struct extra_search {
-	const struct moe_model *m;
+	const struct param *params;
+	int n;
 	const struct tensor_set *s;
 	char name[256];
 	int is_param;	/* the extra one is a parameter (a buffer, with no optimizer state) */
@@ -753,7 +802,7 @@ struct extra_search {
 static herr_t extra_cb(hid_t gid, const char *name, const H5L_info_t *info, void *data)
 {
 	struct extra_search *x = data;
-	const struct param *p = model_find_param(x->m, name);
+	const struct param *p = table_find(x->params, x->n, name);
 
 	(void)gid;
 	(void)info;
@@ -766,17 +815,17 @@ static herr_t extra_cb(hid_t gid, const char *name, const H5L_info_t *info, void
 
 /* Every tensor of the set is present (checked before); refuse anything else in its group. */
 static int check_no_extra(struct ckctx *c, hid_t fid, const struct tensor_set *s,
-			  const struct moe_model *m)
+			  const struct param *params, int n)
 {
-	struct extra_search x = { .m = m, .s = s };
+	struct extra_search x = { .params = params, .n = n, .s = s };
 	hid_t gid = -1;
 	H5G_info_t info;
 	hsize_t want = 0;
 	herr_t r;
 	int ret = -1;
 
-	for (int i = 0; i < m->n_params; i++)
-		want += (hsize_t)in_set(s, &m->params[i]);
+	for (int i = 0; i < n; i++)
+		want += (hsize_t)in_set(s, &params[i]);
 	if (open_group(c, fid, s->group, NULL, &gid))
 		return -1;
 	c->what = s->group;
@@ -797,25 +846,20 @@ fail:
 	return ret;
 }
 
-/* This rank's slice of one tensor into buf at the parameter's offset. */
-static int read_tensor(struct ckctx *c, hid_t fid, const struct tensor_set *s, const struct moe_model *m,
-		       const struct param *p, float *buf)
+/* The block [start, start + count) of dataset dpath into buf (dense), its chunks' checksums verified. */
+static int read_slab(struct ckctx *c, hid_t fid, const char *dpath, int ndim, const hsize_t *start,
+		     const hsize_t *count, float *buf)
 {
-	hsize_t start[MOE_MAX_DIMS], count[MOE_MAX_DIMS];
 	hid_t dset = -1, fspace = -1, mspace = -1;
-	char dpath[CKPT_DSET_MAX], detail[256];
+	char detail[256];
 	int ret = -1;
 
-	if (p->numel == 0)
-		return 0;
-	tensor_path(dpath, s, p);
 	c->what = dpath;
-	local_slab(m, p, start, count);
 	H5TRY(dset = H5Dopen2(fid, dpath, H5P_DEFAULT));
 	H5TRY(fspace = H5Dget_space(dset));
 	H5TRY(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, NULL, count, NULL));
-	H5TRY(mspace = H5Screate_simple(p->ndim, count, NULL));
-	if (H5Dread(dset, H5T_NATIVE_FLOAT, mspace, fspace, H5P_DEFAULT, buf + p->offset) < 0) {
+	H5TRY(mspace = H5Screate_simple(ndim, count, NULL));
+	if (H5Dread(dset, H5T_NATIVE_FLOAT, mspace, fspace, H5P_DEFAULT, buf) < 0) {
 		h5_detail(detail, sizeof(detail));
 		CKERR("%s: reading %s failed (checksum mismatch or read error)%s%s", c->path, dpath,
 		      detail[0] ? ": " : "", detail);
@@ -828,6 +872,20 @@ fail:
 	close_id(&dset, H5Dclose);
 	c->what = NULL;
 	return ret;
+}
+
+/* This rank's slice of one tensor into buf at the parameter's offset. */
+static int read_tensor(struct ckctx *c, hid_t fid, const struct tensor_set *s, const struct moe_model *m,
+		       const struct param *p, float *buf)
+{
+	hsize_t start[MOE_MAX_DIMS], count[MOE_MAX_DIMS];
+	char dpath[CKPT_DSET_MAX];
+
+	if (p->numel == 0)
+		return 0;
+	tensor_path(dpath, s, p);
+	local_slab(m, p, start, count);
+	return read_slab(c, fid, dpath, p->ndim, start, count, buf + p->offset);
 }
 
 /* /state into *st (every field present and of the right kind). */
@@ -1206,19 +1264,15 @@ fail:
 }
 
 /* ---- the reader ---- */
-int checkpoint_read_header(const char *path, struct run_config *cfg, struct ckpt_meta *meta,
-			   char *err, size_t errlen)
+
+/* The root attributes of an open checkpoint: the config applied over *cfg, the metadata. */
+static int read_header(struct ckctx *c, hid_t fid, struct run_config *cfg, struct ckpt_meta *meta)
 {
-	struct ckctx ctx = { path, NULL, err, errlen }, *c = &ctx;
 	struct run_config *tmp = NULL;
 	struct ckpt_meta mt;
 	char *json = NULL, origin[1100];
-	hid_t fid = -1;
 	int ret = -1;
 
-	h5_quiet();
-	if (open_checkpoint(c, &fid))
-		return -1;
 	if (read_int_attr(c, fid, "root", "step", &mt.step) ||
 	    read_int_attr(c, fid, "root", "tokens_seen", &mt.tokens_seen) ||
 	    read_str_attr(c, fid, "config", &json))
@@ -1226,12 +1280,12 @@ int checkpoint_read_header(const char *path, struct run_config *cfg, struct ckpt
 	if (cfg) {
 		tmp = malloc(sizeof(*tmp));
 		if (!tmp) {
-			CKERR("%s: out of memory", path);
+			CKERR("%s: out of memory", c->path);
 			goto fail;
 		}
 		*tmp = *cfg;
-		snprintf(origin, sizeof(origin), "%s (attribute config)", path);
-		if (config_apply_json(tmp, json, origin, err, errlen))
+		snprintf(origin, sizeof(origin), "%s (attribute config)", c->path);
+		if (config_apply_json(tmp, json, origin, c->err, c->errlen))
 			goto fail;
 		*cfg = *tmp;
 	}
@@ -1241,6 +1295,20 @@ int checkpoint_read_header(const char *path, struct run_config *cfg, struct ckpt
 fail:
 	free(tmp);
 	free(json);
+	return ret;
+}
+
+int checkpoint_read_header(const char *path, struct run_config *cfg, struct ckpt_meta *meta,
+			   char *err, size_t errlen)
+{
+	struct ckctx ctx = { path, NULL, err, errlen }, *c = &ctx;
+	hid_t fid = -1;
+	int ret;
+
+	h5_quiet();
+	if (open_checkpoint(c, &fid))
+		return -1;
+	ret = read_header(c, fid, cfg, meta);
 	close_id(&fid, H5Fclose);
 	return ret;
 }
@@ -1285,7 +1353,7 @@ int checkpoint_load(const char *path, struct moe_model *m, struct adamw *opt, st
 				goto fail;
 		/* the two moments share /optim */
 		if ((k == 0 || strcmp(sets[k]->group, sets[k - 1]->group) != 0) &&
-		    check_no_extra(c, fid, sets[k], m))
+		    check_no_extra(c, fid, sets[k], m->params, m->n_params))
 			goto fail;
 	}
 	if (st && read_state(c, fid, &st_new))
@@ -1327,6 +1395,475 @@ fail:
 int checkpoint_load_model(const char *path, struct moe_model *m, char *err, size_t errlen)
 {
 	return checkpoint_load(path, m, NULL, NULL, err, errlen);
+}
+
+/* ---- streaming: one tensor, or one expert of a stacked tensor, at a time ---- */
+
+struct param *ckpt_model_params(const struct model_config *mc, int *n, char *err, size_t errlen)
+{
+	/*
+	 * model_create holding no experts: its table, plus arenas for the replicated tensors that are
+	 * never touched (large calloc'd blocks cost address space, not memory).
+	 */
+	struct moe_model *m = model_create(mc, 0, 0, err, errlen);
+	struct param *p;
+
+	if (!m)
+		return NULL;
+	p = malloc(sizeof(*p) * (m->n_params ? (size_t)m->n_params : 1));
+	if (!p) {
+		snprintf(err, errlen, "out of memory for the parameter table");
+		model_free(m);
+		return NULL;
+	}
+	memcpy(p, m->params, sizeof(*p) * (size_t)m->n_params);
+	for (int i = 0; i < m->n_params; i++) {
+		p[i].offset = 0;
+		p[i].numel = 1;
+		for (int d = 0; d < p[i].ndim; d++)
+			p[i].numel *= (size_t)p[i].shape[d];
+	}
+	*n = m->n_params;
+	model_free(m);
+	return p;
+}
+
+/* A model's parameters, with an index by name (the streaming writer looks up every tensor). */
+struct param_table {
+	struct param *params;
+	int n;
+	const struct param **sorted;
+};
+
+static int cmp_param_name(const void *a, const void *b)
+{
+	return strcmp((*(const struct param *const *)a)->name, (*(const struct param *const *)b)->name);
+}
+
+static int cmp_key_param(const void *key, const void *elem)
+{
+	return strcmp(key, (*(const struct param *const *)elem)->name);
+}
+
+static void table_free(struct param_table *t)
+{
+	free(t->params);
+	free(t->sorted);
+	memset(t, 0, sizeof(*t));
+}
+
+static int table_build(struct ckctx *c, struct param_table *t, const struct model_config *mc)
+{
+	char why[512];
+
+	t->params = ckpt_model_params(mc, &t->n, why, sizeof(why));
+	if (!t->params) {
+		CKERR("%s: %s", c->path, why);
+		return -1;
+	}
+	t->sorted = malloc(sizeof(*t->sorted) * (t->n ? (size_t)t->n : 1));
+	if (!t->sorted) {
+		CKERR("%s: out of memory", c->path);
+		table_free(t);
+		return -1;
+	}
+	for (int i = 0; i < t->n; i++)
+		t->sorted[i] = &t->params[i];
+	qsort(t->sorted, (size_t)t->n, sizeof(*t->sorted), cmp_param_name);
+	return 0;
+}
+
+static const struct param *table_lookup(const struct param_table *t, const char *name)
+{
+	const struct param *const *hit = bsearch(name, t->sorted, (size_t)t->n, sizeof(*t->sorted),
+						 cmp_key_param);
+
+	return hit ? *hit : NULL;
+}
+
+/* One piece of p: the whole tensor (expert < 0) or one expert's block of a stacked tensor. */
+static int piece_slab(struct ckctx *c, const struct param *p, int expert, hsize_t *start,
+		      hsize_t *count)
+{
+	for (int d = 0; d < p->ndim; d++) {
+		start[d] = 0;
+		count[d] = (hsize_t)p->shape[d];
+	}
+	if (expert < 0)
+		return 0;
+	if (!p->expert_stacked) {
+		CKERR("%s: tensor %s is not stacked by expert (expert %d given)", c->path, p->name,
+		      expert);
+		return -1;
+	}
+	if (expert >= p->shape[0]) {
+		CKERR("%s: tensor %s: expert %d, but the model has %" PRId64 " routed experts", c->path,
+		      p->name, expert, p->shape[0]);
+		return -1;
+	}
+	start[0] = (hsize_t)expert;
+	count[0] = 1;
+	return 0;
+}
+
+/* The shape of the data given for a piece: the piece's, without the expert axis for one expert. */
+static int check_piece_shape(struct ckctx *c, const struct param *p, int expert, const int64_t *shape,
+			     int ndim)
+{
+	const int64_t *want = expert >= 0 ? p->shape + 1 : p->shape;
+	const int want_ndim = expert >= 0 ? p->ndim - 1 : p->ndim;
+	hsize_t g[H5S_MAX_RANK], m[MOE_MAX_DIMS];
+	char gbuf[160], mbuf[160], which[32] = "";
+	int same = ndim == want_ndim;
+
+	for (int d = 0; same && d < ndim; d++)
+		same = shape[d] == want[d];
+	if (same)
+		return 0;
+	for (int d = 0; d < ndim && d < H5S_MAX_RANK; d++)
+		g[d] = shape[d] < 0 ? 0 : (hsize_t)shape[d];
+	for (int d = 0; d < want_ndim; d++)
+		m[d] = (hsize_t)want[d];
+	fmt_dims(gbuf, sizeof(gbuf), ndim < 0 ? 0 : ndim < H5S_MAX_RANK ? ndim : H5S_MAX_RANK, g);
+	fmt_dims(mbuf, sizeof(mbuf), want_ndim, m);
+	if (expert >= 0)
+		snprintf(which, sizeof(which), " (expert %d)", expert);
+	CKERR("%s: tensor %s%s has shape %s, the model expects %s", c->path, p->name, which, gbuf,
+	      mbuf);
+	return -1;
+}
+
+/* Pieces of p: one per expert of a stacked tensor, else one. */
+static size_t n_pieces(const struct param *p)
+{
+	return p->expert_stacked ? (size_t)p->shape[0] : 1;
+}
+
+struct ckpt_writer {
+	char *path;
+	char tmp[CKPT_TMP_MAX];
+	hid_t fid, lcpl;
+	struct param_table t;
+	size_t *base;		/* params[i]'s first piece in done[] */
+	unsigned char *created;	/* per parameter: its dataset exists */
+	unsigned char *done;	/* per piece: written */
+	int failed;		/* an HDF5 write failed: the file is never committed */
+};
+
+static void writer_free(struct ckpt_writer *w)
+{
+	free(w->path);
+	table_free(&w->t);
+	free(w->base);
+	free(w->created);
+	free(w->done);
+	free(w);
+}
+
+static int writer_alloc(struct ckctx *c, struct ckpt_writer *w)
+{
+	size_t pieces = 0;
+
+	w->base = malloc(sizeof(*w->base) * (w->t.n ? (size_t)w->t.n : 1));
+	w->created = calloc(w->t.n ? (size_t)w->t.n : 1, 1);
+	if (!w->base || !w->created)
+		goto oom;
+	for (int i = 0; i < w->t.n; i++) {
+		w->base[i] = pieces;
+		pieces += n_pieces(&w->t.params[i]);
+	}
+	w->done = calloc(pieces ? pieces : 1, 1);
+	if (!w->done)
+		goto oom;
+	return 0;
+oom:
+	CKERR("%s: out of memory", c->path);
+	return -1;
+}
+
+/* PATH.tmp.<pid> with the root attributes and an empty /model. */
+static int writer_create(struct ckctx *c, struct ckpt_writer *w, const struct run_config *cfg,
+			 const struct ckpt_meta *meta)
+{
+	hid_t fapl = -1, gid = -1;
+	char *json = config_to_json(cfg);
+	int ret = -1;
+
+	if (!json) {
+		CKERR("%s: cannot serialise the config", c->path);
+		return -1;
+	}
+	H5TRY(fapl = H5Pcreate(H5P_FILE_ACCESS));
+	H5TRY(H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG));
+	H5TRY(w->fid = H5Fcreate(w->tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl));
+	if (write_root_attrs(c, w->fid, json, meta))
+		goto fail;
+	c->what = set_model.group;
+	H5TRY(gid = H5Gcreate2(w->fid, set_model.group, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+	H5TRY(w->lcpl = H5Pcreate(H5P_LINK_CREATE));
+	H5TRY(H5Pset_create_intermediate_group(w->lcpl, 1));
+	ret = 0;
+fail:
+	close_id(&gid, H5Gclose);
+	close_id(&fapl, H5Pclose);
+	free(json);
+	c->what = NULL;
+	return ret;
+}
+
+struct ckpt_writer *ckpt_writer_open(const char *path, const struct run_config *cfg,
+				     const struct ckpt_meta *meta, char *err, size_t errlen)
+{
+	struct ckctx ctx = { path, NULL, err, errlen }, *c = &ctx;
+	struct ckpt_writer *w = calloc(1, sizeof(*w));
+
+	h5_quiet();
+	if (!w || !(w->path = strdup(path))) {
+		CKERR("%s: out of memory", path);
+		free(w);
+		return NULL;
+	}
+	w->fid = w->lcpl = -1;
+	if (tmp_name(c, w->tmp, sizeof(w->tmp)) || table_build(c, &w->t, &cfg->model) ||
+	    writer_alloc(c, w) || writer_create(c, w, cfg, meta)) {
+		close_id(&w->lcpl, H5Pclose);
+		if (w->fid >= 0) {
+			close_id(&w->fid, H5Fclose);
+			unlink(w->tmp);
+		}
+		writer_free(w);
+		return NULL;
+	}
+	return w;
+}
+
+/* Create the dataset on its first piece, then write the piece's block. */
+static int writer_write(struct ckctx *c, struct ckpt_writer *w, const struct param *p,
+			const hsize_t *start, const hsize_t *count, const float *data)
+{
+	const int i = (int)(p - w->t.params);
+	char dpath[CKPT_DSET_MAX];
+	hid_t dset = -1;
+	hsize_t numel = 1;
+	int ret = -1;
+
+	tensor_path(dpath, &set_model, p);
+	if (!w->created[i]) {
+		if (create_dataset(c, w->fid, w->lcpl, dpath, p, &dset))
+			goto fail;
+		w->created[i] = 1;
+	} else {
+		c->what = dpath;
+		H5TRY(dset = H5Dopen2(w->fid, dpath, H5P_DEFAULT));
+	}
+	for (int d = 0; d < p->ndim; d++)
+		numel *= count[d];
+	if (numel > 0 && write_slab(c, dset, dpath, p->ndim, start, count, data))
+		goto fail;
+	ret = 0;
+fail:
+	close_id(&dset, H5Dclose);
+	c->what = NULL;
+	return ret;
+}
+
+int ckpt_writer_put(struct ckpt_writer *w, const char *name, const int64_t *shape, int ndim,
+		    int expert, const float *data, char *err, size_t errlen)
+{
+	struct ckctx ctx = { w->path, NULL, err, errlen }, *c = &ctx;
+	const struct param *p = table_lookup(&w->t, name);
+	hsize_t start[MOE_MAX_DIMS], count[MOE_MAX_DIMS];
+	size_t first, n;
+
+	if (w->failed) {
+		CKERR("%s: tensor %s: an earlier write to this file failed", w->path, name);
+		return -1;
+	}
+	if (!p) {
+		CKERR("%s: tensor %s is not a parameter of this model", w->path, name);
+		return -1;
+	}
+	if (piece_slab(c, p, expert, start, count) || check_piece_shape(c, p, expert, shape, ndim))
+		return -1;
+	first = w->base[p - w->t.params] + (expert >= 0 ? (size_t)expert : 0);
+	n = expert >= 0 ? 1 : n_pieces(p);
+	for (size_t k = 0; k < n; k++) {
+		if (w->done[first + k]) {
+			if (p->expert_stacked)
+				CKERR("%s: tensor %s: expert %zu written twice", w->path, name,
+				      first + k - w->base[p - w->t.params]);
+			else
+				CKERR("%s: tensor %s written twice", w->path, name);
+			return -1;
+		}
+	}
+	if (writer_write(c, w, p, start, count, data)) {
+		w->failed = 1;
+		return -1;
+	}
+	memset(w->done + first, 1, n);
+	return 0;
+}
+
+/* Every piece of every parameter written, or -1 naming the first one missing. */
+static int writer_complete(struct ckctx *c, const struct ckpt_writer *w)
+{
+	const struct param *first = NULL;
+	size_t missing = 0, expert = 0;
+
+	for (int i = 0; i < w->t.n; i++) {
+		const struct param *p = &w->t.params[i];
+
+		for (size_t e = 0; e < n_pieces(p); e++) {
+			if (w->done[w->base[i] + e])
+				continue;
+			if (!missing++) {
+				first = p;
+				expert = e;
+			}
+		}
+	}
+	if (!missing)
+		return 0;
+	if (first->expert_stacked)
+		CKERR("%s: incomplete: %s/%s, expert %zu of %" PRId64 ", was never written (%zu "
+		      "pieces missing in all)", c->path, set_model.group, first->name, expert,
+		      first->shape[0], missing);
+	else
+		CKERR("%s: incomplete: %s/%s was never written (%zu pieces missing in all)", c->path,
+		      set_model.group, first->name, missing);
+	return -1;
+}
+
+/* Flush and close the file; -1 when HDF5 could not. */
+static int writer_close_file(struct ckctx *c, struct ckpt_writer *w)
+{
+	hid_t f = w->fid;
+	int ret = -1;
+
+	close_id(&w->lcpl, H5Pclose);
+	w->fid = -1;
+	H5TRY(H5Fflush(f, H5F_SCOPE_GLOBAL));
+	ret = 0;
+fail:
+	if (H5Fclose(f) < 0 && !ret) {
+		h5_fail(c, "H5Fclose", __FILE__, __LINE__);
+		ret = -1;
+	}
+	return ret;
+}
+
+int ckpt_writer_close(struct ckpt_writer *w, int commit, char *err, size_t errlen)
+{
+	struct ckctx ctx = { w ? w->path : "", NULL, err, errlen }, *c = &ctx;
+	int ret = 0;
+
+	if (!w)
+		return 0;
+	if (commit && w->failed) {
+		CKERR("%s: not committed: a write to it failed", w->path);
+		ret = -1;
+	} else if (commit) {
+		ret = writer_complete(c, w);
+	}
+	if (writer_close_file(c, w) && commit && !ret)
+		ret = -1;
+	if (commit && !ret)
+		ret = commit_file(c, w->tmp);
+	if (!commit || ret)
+		unlink(w->tmp);
+	writer_free(w);
+	return commit ? ret : 0;
+}
+
+struct ckpt_reader {
+	char *path;
+	hid_t fid;
+	struct param_table t;
+};
+
+void ckpt_reader_close(struct ckpt_reader *r)
+{
+	if (!r)
+		return;
+	close_id(&r->fid, H5Fclose);
+	table_free(&r->t);
+	free(r->path);
+	free(r);
+}
+
+/* The header, and /model: every dataset present, float32, of the model's shape, and nothing else. */
+static int reader_check(struct ckctx *c, struct ckpt_reader *r, struct run_config *rc,
+			struct ckpt_meta *meta)
+{
+	hid_t gid = -1;
+
+	if (open_checkpoint(c, &r->fid) || read_header(c, r->fid, rc, meta) ||
+	    table_build(c, &r->t, &rc->model) ||
+	    open_group(c, r->fid, set_model.group, NULL, &gid))
+		return -1;
+	close_id(&gid, H5Gclose);
+	for (int i = 0; i < r->t.n; i++)
+		if (check_tensor(c, r->fid, &set_model, &r->t.params[i]))
+			return -1;
+	return check_no_extra(c, r->fid, &set_model, r->t.params, r->t.n);
+}
+
+struct ckpt_reader *ckpt_reader_open(const char *path, struct run_config *cfg,
+				     struct ckpt_meta *meta, char *err, size_t errlen)
+{
+	struct ckctx ctx = { path, NULL, err, errlen }, *c = &ctx;
+	struct ckpt_reader *r = calloc(1, sizeof(*r));
+	struct run_config *rc = malloc(sizeof(*rc));
+
+	h5_quiet();
+	if (!r || !rc || !(r->path = strdup(path))) {
+		CKERR("%s: out of memory", path);
+		goto fail;
+	}
+	r->fid = -1;
+	if (cfg)
+		*rc = *cfg;
+	else
+		config_defaults(rc);
+	if (reader_check(c, r, rc, meta))
+		goto fail;
+	if (cfg)
+		*cfg = *rc;
+	free(rc);
+	return r;
+fail:
+	free(rc);
+	ckpt_reader_close(r);
+	return NULL;
+}
+
+const struct param *ckpt_reader_params(const struct ckpt_reader *r, int *n)
+{
+	*n = r->t.n;
+	return r->t.params;
+}
+
+int ckpt_reader_get(struct ckpt_reader *r, const char *name, int expert, float *out, char *err,
+		    size_t errlen)
+{
+	struct ckctx ctx = { r->path, NULL, err, errlen }, *c = &ctx;
+	const struct param *p = table_lookup(&r->t, name);
+	hsize_t start[MOE_MAX_DIMS], count[MOE_MAX_DIMS], numel = 1;
+	char dpath[CKPT_DSET_MAX];
+
+	if (!p) {
+		CKERR("%s: tensor %s is not a parameter of this model", r->path, name);
+		return -1;
+	}
+	if (piece_slab(c, p, expert, start, count))
+		return -1;
+	for (int d = 0; d < p->ndim; d++)
+		numel *= count[d];
+	if (!numel)
+		return 0;
+	tensor_path(dpath, &set_model, p);
+	return read_slab(c, r->fid, dpath, p->ndim, start, count, out);
 }
 
 /* ---- a run's checkpoint directory ---- */

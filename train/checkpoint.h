@@ -49,6 +49,7 @@ struct train_state {
 	uint64_t data_seed;         /* the shuffle permutation's seed */
 	uint64_t rng[4];            /* the run's random generator (sampling, GRPO) */
 	double elapsed_s;           /* training wall time so far */
+	uint64_t ref_checksum;      /* GRPO: checksum of the reference weights (0: no reference) */
 };
 
 /*
@@ -81,6 +82,52 @@ int checkpoint_save_dist(const char *path, const struct moe_model *m, const stru
  * and, when st is not NULL, /state.  All or nothing: on failure m, opt and st are unchanged. */
 int checkpoint_load(const char *path, struct moe_model *m, struct adamw *opt, struct train_state *st,
 		    char *err, size_t errlen);
+
+/*
+ * Streaming: a weights-only checkpoint (/model and the root attributes, the file checkpoint_save_model
+ * writes) written or read one tensor, or one expert of a stacked tensor, at a time, so that a model
+ * larger than memory passes through (`moe convert`).  A "piece" is a whole tensor (expert = -1) or the
+ * block [expert] of a stacked one, whose shape is the tensor's without the leading expert axis.
+ */
+
+/* The parameters (names, full shapes, kinds) of a model of this config, in the model's order, each with
+ * numel = its whole tensor's element count and offset 0: malloc'd, *n of them.  No weights are held. */
+struct param *ckpt_model_params(const struct model_config *mc, int *n, char *err, size_t errlen);
+
+struct ckpt_writer;
+
+/* Create PATH.tmp.<pid> with the root attributes (config, meta; meta may be NULL) and an empty /model.
+ * Returns NULL with err on failure (nothing is left behind). */
+struct ckpt_writer *ckpt_writer_open(const char *path, const struct run_config *cfg,
+				     const struct ckpt_meta *meta, char *err, size_t errlen);
+/*
+ * Write one piece of parameter `name`: shape[ndim] is the shape of data, which must be the piece's.
+ * A stacked tensor's dataset is created at its full shape [E, ...] with its first piece and filled by
+ * hyperslabs; pieces come in any order, each at most once.  Errors name the file and the tensor; after
+ * a failed HDF5 write the writer refuses everything and can only be closed (and is not committed).
+ */
+int ckpt_writer_put(struct ckpt_writer *w, const char *name, const int64_t *shape, int ndim,
+		    int expert, const float *data, char *err, size_t errlen);
+/*
+ * commit != 0: check that every piece of every parameter was written (else fail naming the first one
+ * missing), flush, fsync and rename to PATH atomically, like checkpoint_save_model.  commit == 0, or any
+ * failure: the temporary file is removed and PATH is untouched.  Frees w.  Returns 0 or -1 with err.
+ */
+int ckpt_writer_close(struct ckpt_writer *w, int commit, char *err, size_t errlen);
+
+struct ckpt_reader;
+
+/* Open a checkpoint for reading pieces of /model: the header is read (the config applied over *cfg
+ * when cfg is not NULL, else over the defaults; meta may be NULL) and every dataset of /model checked
+ * (present, float32, the config's shapes, nothing else) before any data is read. */
+struct ckpt_reader *ckpt_reader_open(const char *path, struct run_config *cfg,
+				     struct ckpt_meta *meta, char *err, size_t errlen);
+/* The model's parameters, as from ckpt_model_params (owned by r). */
+const struct param *ckpt_reader_params(const struct ckpt_reader *r, int *n);
+/* One piece of parameter `name` into out (its element count), checksums verified. */
+int ckpt_reader_get(struct ckpt_reader *r, const char *name, int expert, float *out, char *err,
+		    size_t errlen);
+void ckpt_reader_close(struct ckpt_reader *r);
 
 /* Checkpoints of a run live in one directory as step_%08lld.h5. */
 void checkpoint_path(char *out, size_t len, const char *dir, int64_t step);

@@ -22,11 +22,15 @@
  * kv_a_proj_with_mqa are taken as they are; a config with rope_interleave=false is refused (by the
  * config loader) rather than permuted.  bench/hf_logits_check.py checks this against transformers.
  *
- * Memory.  --from-hf needs the model's float32 arena once: train/checkpoint.h writes a whole model
- * (there is no per-dataset writer), so the tensors are read from the memory-mapped safetensors straight
- * into the arena, one at a time, then the arena is written.  (model_create also callocs a gradient
- * arena, never touched here, so it costs address space, not memory.)  --to-hf loads the checkpoint into
- * the arena once and streams every tensor to its shard, converting to BF16 a slice at a time.
+ * Memory: streamed, never the whole model.  --from-hf checks every header first, then reads one tensor
+ * at a time from the memory-mapped safetensors into a float32 buffer as large as the largest tensor
+ * (F16/BF16 widened), drops that tensor's mapped pages (st_release) and hands it to the streaming
+ * checkpoint writer (ckpt_writer_put: a routed expert goes to its block of the stacked dataset); the
+ * writer checks at the end that every tensor and expert arrived before renaming the file into place.
+ * --to-hf reads one tensor, or one expert's block, at a time (ckpt_reader_get) and writes it to its
+ * shard, converting to BF16 a slice at a time.  Peak memory is about the largest tensor in float32
+ * (for DeepSeek-V3, the 3.7 GB embedding) plus HDF5's small caches.  The parameter table comes from
+ * ckpt_model_params, which holds no weights.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -541,7 +545,10 @@ struct from_hf {
 	char *err;
 	size_t errlen;
 	int v2;
-	struct moe_model *m;
+	const struct model_config *mc;
+	struct param *params;       /* the model's, without weights (ckpt_model_params) */
+	int n_params;
+	const struct param **by_name;  /* params sorted by name */
 	int n_files;
 	struct src_file *files;
 	unsigned char *filled;      /* per param and expert: param_base[i] + e */
@@ -707,10 +714,28 @@ static int same_shape(const struct st_tensor *t, int ndim, const int64_t *shape)
 	return 1;
 }
 
+static int cmp_param(const void *a, const void *b)
+{
+	return strcmp((*(const struct param *const *)a)->name, (*(const struct param *const *)b)->name);
+}
+
+static int cmp_name_param(const void *key, const void *elem)
+{
+	return strcmp(key, (*(const struct param *const *)elem)->name);
+}
+
+static const struct param *find_param(const struct from_hf *c, const char *name)
+{
+	const struct param *const *hit = bsearch(name, c->by_name, (size_t)c->n_params,
+						 sizeof(*c->by_name), cmp_name_param);
+
+	return hit ? *hit : NULL;
+}
+
 /* One tensor of file k: skip it, or check it and record where it goes. */
 static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
 {
-	const struct model_config *mc = &c->m->cfg;
+	const struct model_config *mc = c->mc;
 	const char *path = c->files[k].path;
 	char ours[HF_NAME_LEN], got[128], want[128];
 	const struct param *p;
@@ -727,7 +752,7 @@ static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
 		return 0;
 	}
 	e = expert_of(t->name, ours, sizeof(ours));
-	p = model_find_param(c->m, e >= 0 ? ours : t->name);
+	p = find_param(c, e >= 0 ? ours : t->name);
 	if (!p || (e >= 0 && !p->expert_stacked))
 		return fail(c->err, c->errlen, "%s: unexpected tensor %s: a model of this config "
 			    "(config.json) has no such weight", path, t->name);
@@ -746,7 +771,7 @@ static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
 		return fail(c->err, c->errlen, "%s: tensor %s: dtype %s (only F32, BF16 and F16 "
 			    "convert)", path, t->name, st_dtype_name(t->dtype));
 	for (int x = e >= 0 ? e : 0; x < (e >= 0 ? e + 1 : (p->expert_stacked ? E : 1)); x++) {
-		unsigned char *f = &c->filled[c->param_base[p - c->m->params] + x];
+		unsigned char *f = &c->filled[c->param_base[p - c->params] + x];
 
 		if (*f)
 			return fail(c->err, c->errlen, "%s: tensor %s: its weights appear twice in the "
@@ -770,17 +795,21 @@ static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
 	return 0;
 }
 
+/* Pieces of a parameter: one per routed expert when stacked, else one. */
+static int pieces_of(const struct param *p)
+{
+	return p->expert_stacked ? (int)p->shape[0] : 1;
+}
+
 /* Every weight of the model is in the files (a V2 router's bias may be absent: zeros). */
 static int check_complete(struct from_hf *c)
 {
-	const struct moe_model *m = c->m;
 	char name[HF_NAME_LEN];
 
-	for (int i = 0; i < m->n_params; i++) {
-		const struct param *p = &m->params[i];
-		int n = p->expert_stacked ? m->cfg.n_routed_experts : 1;
+	for (int i = 0; i < c->n_params; i++) {
+		const struct param *p = &c->params[i];
 
-		for (int e = 0; e < n; e++) {
+		for (int e = 0; e < pieces_of(p); e++) {
 			if (c->filled[c->param_base[i] + e])
 				continue;
 			if (c->v2 && ends_with(p->name, ".e_score_correction_bias")) {
@@ -796,27 +825,86 @@ static int check_complete(struct from_hf *c)
 	return 0;
 }
 
-static int read_assigned(struct from_hf *c)
+/* By file, then by position in the file: each file is read front to back. */
+static int cmp_assignment(const void *a, const void *b)
 {
-	const struct moe_model *m = c->m;
+	const struct assignment *x = a, *y = b;
 
+	if (x->file != y->file)
+		return x->file < y->file ? -1 : 1;
+	return (x->t->begin > y->t->begin) - (x->t->begin < y->t->begin);
+}
+
+/* One tensor: widened to float32 in buf, its mapped pages dropped, handed to the writer. */
+static int stream_tensor(struct from_hf *c, struct ckpt_writer *w, const struct assignment *a,
+			 float *buf)
+{
+	const struct st_file *f = &c->files[a->file].f;
+
+	if (st_read_f32(f, a->t, buf, c->err, c->errlen))
+		return -1;
+	st_release(f, a->t);
+	if (ckpt_writer_put(w, a->p->name, a->t->shape, a->t->ndim, a->expert, buf, c->err,
+			    c->errlen)) {
+		/* the writer names the checkpoint and our tensor: add where it came from */
+		size_t n = strlen(c->err);
+
+		snprintf(c->err + n, c->errlen - n, " (from %s of %s)", a->t->name, f->path);
+		return -1;
+	}
+	return 0;
+}
+
+/* The parameters no file holds (only a V2 router's bias gets here): zeros. */
+static int write_absent(struct from_hf *c, struct ckpt_writer *w)
+{
+	for (int i = 0; i < c->n_params; i++) {
+		const struct param *p = &c->params[i];
+		float *zeros;
+		int ret;
+
+		if (p->expert_stacked || c->filled[c->param_base[i]])
+			continue;
+		zeros = calloc(p->numel ? p->numel : 1, sizeof(float));
+		if (!zeros)
+			return fail(c->err, c->errlen, "out of memory");
+		ret = ckpt_writer_put(w, p->name, p->shape, p->ndim, -1, zeros, c->err, c->errlen);
+		free(zeros);
+		if (ret)
+			return -1;
+	}
+	return 0;
+}
+
+/*
+ * The data, one tensor at a time: peak memory is one float32 buffer as large as the largest tensor
+ * (an expert's slice for stacked ones), plus the mapped pages of the tensor being read, which are
+ * dropped right after.  Each file is unmapped once read.
+ */
+static int stream_assigned(struct from_hf *c, struct ckpt_writer *w)
+{
+	uint64_t most = 1;
+	float *buf;
+	int ret = -1, i = 0;
+
+	qsort(c->assign, (size_t)c->n_assign, sizeof(*c->assign), cmp_assignment);
+	for (int j = 0; j < c->n_assign; j++)
+		if (c->assign[j].t->numel > most)
+			most = c->assign[j].t->numel;
+	if (most > SIZE_MAX / sizeof(float) || !(buf = malloc((size_t)most * sizeof(float))))
+		return fail(c->err, c->errlen, "out of memory for a tensor of %llu elements",
+			    (unsigned long long)most);
 	for (int k = 0; k < c->n_files; k++) {
-		for (int i = 0; i < c->n_assign; i++) {
-			const struct assignment *a = &c->assign[i];
-			float *dst;
-
-			if (a->file != k)
-				continue;
-			dst = m->weights + a->p->offset;
-			if (a->expert >= 0)
-				dst += (size_t)a->expert * (a->p->numel / m->cfg.n_routed_experts);
-			if (st_read_f32(&c->files[k].f, a->t, dst, c->err, c->errlen))
-				return -1;
-		}
+		for (; i < c->n_assign && c->assign[i].file == k; i++)
+			if (stream_tensor(c, w, &c->assign[i], buf))
+				goto out;
 		st_close(&c->files[k].f);  /* done with this file: unmap it */
 		c->files[k].open = 0;
 	}
-	return 0;
+	ret = write_absent(c, w);
+out:
+	free(buf);
+	return ret;
 }
 
 static int load_hf_config(struct from_hf *c, struct run_config *rc)
@@ -840,50 +928,70 @@ static int load_hf_config(struct from_hf *c, struct run_config *rc)
 	return ret;
 }
 
+/* The parameter table of rc's model, its index by name, and the per-piece bookkeeping. */
+static int plan_model(struct from_hf *c, const struct run_config *rc)
+{
+	size_t slots = 0;
+
+	c->mc = &rc->model;
+	c->params = ckpt_model_params(&rc->model, &c->n_params, c->err, c->errlen);
+	if (!c->params)
+		return -1;
+	c->by_name = malloc(sizeof(*c->by_name) * (c->n_params ? (size_t)c->n_params : 1));
+	c->param_base = malloc(sizeof(size_t) * (c->n_params ? (size_t)c->n_params : 1));
+	if (!c->by_name || !c->param_base)
+		return fail(c->err, c->errlen, "out of memory");
+	for (int i = 0; i < c->n_params; i++) {
+		c->by_name[i] = &c->params[i];
+		c->param_base[i] = slots;
+		slots += (size_t)pieces_of(&c->params[i]);
+	}
+	qsort(c->by_name, (size_t)c->n_params, sizeof(*c->by_name), cmp_param);
+	c->filled = calloc(slots ? slots : 1, 1);
+	if (!c->filled)
+		return fail(c->err, c->errlen, "out of memory");
+	return 0;
+}
+
+/* Every header read and every tensor placed and checked, before any data is read. */
+static int plan_sources(struct from_hf *c)
+{
+	if (open_sources(c))
+		return -1;
+	for (int k = 0; k < c->n_files; k++)
+		for (int j = 0; j < c->files[k].f.n_tensors; j++)
+			if (plan_tensor(c, k, &c->files[k].f.tensors[j]))
+				return -1;
+	if (check_complete(c))
+		return -1;
+	if (c->skipped_mtp)
+		note(c->notes, "skipped %lld tensors of layers >= num_hidden_layers=%d (multi-token "
+		     "prediction layers are not part of the model)", (long long)c->skipped_mtp,
+		     c->mc->num_hidden_layers);
+	if (c->skipped_rotary)
+		note(c->notes, "skipped %lld rotary inv_freq buffers (recomputed)",
+		     (long long)c->skipped_rotary);
+	return 0;
+}
+
 int convert_from_hf(const char *dir, const char *out_path, FILE *notes, char *err, size_t errlen)
 {
 	struct from_hf ctx = { .dir = dir, .notes = notes, .err = err, .errlen = errlen }, *c = &ctx;
 	struct ckpt_meta meta = { 0, 0 };
+	struct ckpt_writer *w = NULL;
 	struct run_config rc;
-	size_t slots = 0;
 	int ret = -1;
 
-	if (load_hf_config(c, &rc))
-		return -1;
-	c->m = model_create(&rc.model, 0, rc.model.n_routed_experts, err, errlen);
-	if (!c->m)
-		return -1;
-	c->param_base = malloc(sizeof(size_t) * c->m->n_params);
-	if (!c->param_base)
-		goto oom;
-	for (int i = 0; i < c->m->n_params; i++) {
-		c->param_base[i] = slots;
-		slots += c->m->params[i].expert_stacked ? (size_t)rc.model.n_routed_experts : 1;
+	if (load_hf_config(c, &rc) || plan_model(c, &rc) || plan_sources(c))
+		goto out;
+	w = ckpt_writer_open(out_path, &rc, &meta, err, errlen);
+	if (!w)
+		goto out;
+	if (stream_assigned(c, w)) {
+		ckpt_writer_close(w, 0, NULL, 0);  /* removes the temporary file */
+		goto out;
 	}
-	c->filled = calloc(slots ? slots : 1, 1);
-	if (!c->filled)
-		goto oom;
-	if (open_sources(c))
-		goto out;
-	for (int k = 0; k < c->n_files; k++)
-		for (int j = 0; j < c->files[k].f.n_tensors; j++)
-			if (plan_tensor(c, k, &c->files[k].f.tensors[j]))
-				goto out;
-	if (check_complete(c))
-		goto out;
-	if (c->skipped_mtp)
-		note(notes, "skipped %lld tensors of layers >= num_hidden_layers=%d (multi-token "
-		     "prediction layers are not part of the model)", (long long)c->skipped_mtp,
-		     rc.model.num_hidden_layers);
-	if (c->skipped_rotary)
-		note(notes, "skipped %lld rotary inv_freq buffers (recomputed)",
-		     (long long)c->skipped_rotary);
-	if (read_assigned(c) || checkpoint_save_model(out_path, c->m, &rc, &meta, err, errlen))
-		goto out;
-	ret = 0;
-	goto out;
-oom:
-	fail(err, errlen, "out of memory");
+	ret = ckpt_writer_close(w, 1, err, errlen);
 out:
 	for (int k = 0; k < c->n_files; k++)
 		if (c->files[k].open)
@@ -892,7 +1000,8 @@ out:
 	free(c->assign);
 	free(c->filled);
 	free(c->param_base);
-	model_free(c->m);
+	free(c->by_name);
+	free(c->params);
 	return ret;
 }
 
@@ -900,10 +1009,22 @@ out:
 
 struct out_tensor {
 	char name[HF_NAME_LEN];
-	const float *data;
+	const struct param *p;      /* where it comes from: a piece of p */
+	int expert;                 /* -1: the whole of p */
 	struct st_spec spec;
 	uint64_t numel, bytes;
 	int shard;
+};
+
+/* --to-hf's state: the checkpoint being read, the tensors to write and where they go. */
+struct to_hf {
+	const char *dir;
+	struct ckpt_reader *r;
+	struct out_tensor *t;
+	int n, n_shards;
+	float *buf;                 /* one tensor (an expert's slice of a stacked one) */
+	char *err;
+	size_t errlen;
 };
 
 static int mkdir_p(const char *dir, char *err, size_t errlen)
@@ -952,32 +1073,34 @@ static int check_out_dir(const char *dir, char *err, size_t errlen)
 }
 
 /* The HF tensors of a model, experts unstacked, in our parameter order. */
-static struct out_tensor *list_out_tensors(const struct moe_model *m, enum st_dtype dtype, int *n)
+static struct out_tensor *list_out_tensors(const struct param *params, int n_params,
+					   enum st_dtype dtype, int *n)
 {
-	int total = 0, k = 0, E = m->cfg.n_routed_experts;
+	int total = 0, k = 0;
 	struct out_tensor *t;
 
-	for (int i = 0; i < m->n_params; i++)
-		total += m->params[i].expert_stacked ? E : 1;
+	for (int i = 0; i < n_params; i++)
+		total += params[i].expert_stacked ? (int)params[i].shape[0] : 1;
 	t = calloc(total ? total : 1, sizeof(*t));
 	if (!t)
 		return NULL;
-	for (int i = 0; i < m->n_params; i++) {
-		const struct param *p = &m->params[i];
-		int stacked = p->expert_stacked, ne = stacked ? E : 1;
+	for (int i = 0; i < n_params; i++) {
+		const struct param *p = &params[i];
+		int stacked = p->expert_stacked, ne = stacked ? (int)p->shape[0] : 1;
 
 		for (int e = 0; e < ne; e++, k++) {
 			struct out_tensor *o = &t[k];
 
 			hf_name(o->name, sizeof(o->name), p, stacked ? e : -1);
+			o->p = p;
+			o->expert = stacked ? e : -1;
 			o->spec.name = o->name;
 			o->spec.ndim = stacked ? p->ndim - 1 : p->ndim;
 			memcpy(o->spec.shape, stacked ? p->shape + 1 : p->shape,
 			       sizeof(int64_t) * o->spec.ndim);
 			/* the routing bias stays float32, as in DeepSeek's own checkpoints */
 			o->spec.dtype = p->kind == PARAM_BUFFER ? ST_F32 : dtype;
-			o->numel = stacked ? p->numel / E : p->numel;
-			o->data = m->weights + p->offset + (size_t)e * o->numel;
+			o->numel = stacked ? p->numel / (size_t)ne : p->numel;
 			o->bytes = o->numel * st_dtype_size(o->spec.dtype);
 		}
 	}
@@ -993,34 +1116,44 @@ static void shard_name(char *out, size_t len, int shard, int n_shards)
 		snprintf(out, len, "model-%05d-of-%05d.safetensors", shard + 1, n_shards);
 }
 
-/* Shard s: its tensors, float32 ones first (so every tensor starts aligned to its element size). */
-static int write_shard(const char *dir, struct out_tensor *t, int n, int s, int n_shards,
-		       char *err, size_t errlen)
+/* The order of shard s's tensors, float32 ones first (so every tensor starts aligned to its element
+ * size), into order[]; returns their count. */
+static int shard_order(const struct to_hf *h, int s, int *order)
+{
+	int k = 0;
+
+	for (int pass = 0; pass < 2; pass++)
+		for (int i = 0; i < h->n; i++)
+			if (h->t[i].shard == s && (h->t[i].spec.dtype == ST_F32) == (pass == 0))
+				order[k++] = i;
+	return k;
+}
+
+/* Shard s, streamed: each tensor read from the checkpoint into h->buf, then written out. */
+static int write_shard(struct to_hf *h, int s)
 {
 	static const char *const meta[] = { "format", "pt", NULL };
 	char name[64], path[PATH_LEN + 80];
-	struct st_spec *specs = malloc(sizeof(*specs) * (n ? n : 1));
-	int *order = malloc(sizeof(int) * (n ? n : 1)), k = 0;
-	struct st_writer *w;
+	struct st_spec *specs = malloc(sizeof(*specs) * (h->n ? h->n : 1));
+	int *order = malloc(sizeof(int) * (h->n ? h->n : 1)), k;
+	struct st_writer *w = NULL;
 
 	if (!specs || !order) {
 		free(specs);
 		free(order);
-		return fail(err, errlen, "out of memory");
+		return fail(h->err, h->errlen, "out of memory");
 	}
-	for (int pass = 0; pass < 2; pass++)
-		for (int i = 0; i < n; i++)
-			if (t[i].shard == s && (t[i].spec.dtype == ST_F32) == (pass == 0))
-				order[k++] = i;
+	k = shard_order(h, s, order);
 	for (int i = 0; i < k; i++)
-		specs[i] = t[order[i]].spec;
-	shard_name(name, sizeof(name), s, n_shards);
-	snprintf(path, sizeof(path), "%s/%s", dir, name);
-	w = st_writer_open(path, specs, k, meta, err, errlen);
+		specs[i] = h->t[order[i]].spec;
+	shard_name(name, sizeof(name), s, h->n_shards);
+	snprintf(path, sizeof(path), "%s/%s", h->dir, name);
+	w = st_writer_open(path, specs, k, meta, h->err, h->errlen);
 	for (int i = 0; w && i < k; i++) {
-		const struct out_tensor *o = &t[order[i]];
+		const struct out_tensor *o = &h->t[order[i]];
 
-		if (st_writer_write(w, o->name, o->data, o->numel, err, errlen)) {
+		if (ckpt_reader_get(h->r, o->p->name, o->expert, h->buf, h->err, h->errlen) ||
+		    st_writer_write(w, o->name, h->buf, o->numel, h->err, h->errlen)) {
 			st_writer_abort(w);
 			w = NULL;
 		}
@@ -1029,7 +1162,7 @@ static int write_shard(const char *dir, struct out_tensor *t, int n, int s, int 
 	free(order);
 	if (!w)
 		return -1;
-	return st_writer_close(w, err, errlen);
+	return st_writer_close(w, h->err, h->errlen);
 }
 
 static int write_index(const char *dir, const struct out_tensor *t, int n, int n_shards,
@@ -1065,37 +1198,80 @@ static int write_index(const char *dir, const struct out_tensor *t, int n, int n
 	return ret;
 }
 
-static int load_checkpoint(const char *path, struct run_config *rc, struct moe_model **out,
-			   char *err, size_t errlen)
+/* Shards of at most shard_bytes (a tensor larger than that alone in its shard), in order. */
+static void assign_shards(struct to_hf *h, uint64_t shard_bytes)
 {
-	struct moe_model *m;
+	uint64_t in_shard = 0;
 
-	config_defaults(rc);
-	if (checkpoint_read_header(path, rc, NULL, err, errlen))
-		return -1;
-	if (rc->model.num_key_value_heads == 0)
-		rc->model.num_key_value_heads = rc->model.num_attention_heads;
-	m = model_create(&rc->model, 0, rc->model.n_routed_experts, err, errlen);
-	if (!m)
-		return -1;
-	if (checkpoint_load_model(path, m, err, errlen)) {
-		model_free(m);
-		return -1;
+	h->n_shards = 0;
+	for (int i = 0; i < h->n; i++) {
+		/* a new shard when this tensor would overflow a non-empty one */
+		if (!h->n_shards || (in_shard && in_shard + h->t[i].bytes > shard_bytes)) {
+			h->n_shards++;
+			in_shard = 0;
+		}
+		h->t[i].shard = h->n_shards - 1;
+		in_shard += h->t[i].bytes;
 	}
-	*out = m;
-	return 0;
 }
 
+/* After a failure: no weights of ours left in the directory (it held none before), nor the directory
+ * itself when it was made for this conversion. */
+static void remove_outputs(const struct to_hf *h, int made_dir)
+{
+	char name[64], path[PATH_LEN + 80];
+
+	for (int s = 0; s < h->n_shards; s++) {
+		shard_name(name, sizeof(name), s, h->n_shards);
+		snprintf(path, sizeof(path), "%s/%s", h->dir, name);
+		unlink(path);
+	}
+	snprintf(path, sizeof(path), "%s/model.safetensors.index.json", h->dir);
+	unlink(path);
+	if (made_dir)
+		rmdir(h->dir);
+}
+
+/* The shards, the index and config.json. */
+static int write_hf_dir(struct to_hf *h, const struct run_config *rc, enum st_dtype dtype)
+{
+	char path[PATH_LEN + 16], *json;
+	uint64_t most = 1;
+	int ret;
+
+	for (int i = 0; i < h->n; i++)
+		if (h->t[i].numel > most)
+			most = h->t[i].numel;
+	if (most > SIZE_MAX / sizeof(float) || !(h->buf = malloc((size_t)most * sizeof(float))))
+		return fail(h->err, h->errlen, "out of memory for a tensor of %llu elements",
+			    (unsigned long long)most);
+	for (int s = 0; s < h->n_shards; s++)
+		if (write_shard(h, s))
+			return -1;
+	if (h->n_shards > 1 && write_index(h->dir, h->t, h->n, h->n_shards, h->err, h->errlen))
+		return -1;
+	json = convert_hf_config_json(&rc->model, dtype);
+	if (!json)
+		return fail(h->err, h->errlen, "out of memory");
+	snprintf(path, sizeof(path), "%s/config.json", h->dir);
+	ret = write_text(path, json, h->err, h->errlen);
+	free(json);
+	return ret;
+}
+
+/*
+ * Streamed: the checkpoint is read one tensor (one expert's slice for stacked ones) at a time and
+ * written straight to its shard, so peak memory is one such tensor, whatever the model's size.
+ */
 int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_to_hf_opts *opts,
 		  FILE *notes, char *err, size_t errlen)
 {
 	struct convert_to_hf_opts o = { ST_F32, CONVERT_DEFAULT_SHARD_BYTES };
-	struct moe_model *m = NULL;
-	struct out_tensor *t = NULL;
+	struct to_hf h = { .dir = dir, .err = err, .errlen = errlen };
+	const struct param *params;
 	struct run_config rc;
-	char path[PATH_LEN + 16], *json = NULL;
-	int n = 0, n_shards = 0, ret = -1;
-	uint64_t in_shard = 0;
+	struct stat sb;
+	int n_params, made_dir, ret = -1;
 
 	if (opts)
 		o = *opts;
@@ -1104,47 +1280,39 @@ int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_t
 			    st_dtype_name(o.dtype));
 	if (!o.shard_bytes)
 		return fail(err, errlen, "--shard-size must be > 0");
-	if (load_checkpoint(ckpt_path, &rc, &m, err, errlen))
+	config_defaults(&rc);
+	h.r = ckpt_reader_open(ckpt_path, &rc, NULL, err, errlen);
+	if (!h.r)
 		return -1;
-	if (mkdir_p(dir, err, errlen) || check_out_dir(dir, err, errlen))
+	if (rc.model.num_key_value_heads == 0)
+		rc.model.num_key_value_heads = rc.model.num_attention_heads;
+	made_dir = stat(dir, &sb) != 0;
+	if (mkdir_p(dir, err, errlen) || check_out_dir(dir, err, errlen)) {
+		made_dir = 0;  /* not ours to remove */
 		goto out;
+	}
 	if (rc.model.scoring_func == MOE_SCORING_SOFTMAX && rc.model.n_routed_experts > 0)
 		note(notes, "scoring_func is softmax: DeepSeek's own code honours it, transformers' "
 		     "DeepseekV3 always scores with sigmoid");
-	t = list_out_tensors(m, o.dtype, &n);
-	if (!t) {
+	params = ckpt_reader_params(h.r, &n_params);
+	h.t = list_out_tensors(params, n_params, o.dtype, &h.n);
+	if (!h.t) {
 		fail(err, errlen, "out of memory");
+		remove_outputs(&h, made_dir);
 		goto out;
 	}
-	for (int i = 0; i < n; i++) {
-		/* a new shard when this tensor would overflow a non-empty one */
-		if (!n_shards || (in_shard && in_shard + t[i].bytes > o.shard_bytes)) {
-			n_shards++;
-			in_shard = 0;
-		}
-		t[i].shard = n_shards - 1;
-		in_shard += t[i].bytes;
-	}
-	for (int s = 0; s < n_shards; s++)
-		if (write_shard(dir, t, n, s, n_shards, err, errlen))
-			goto out;
-	if (n_shards > 1 && write_index(dir, t, n, n_shards, err, errlen))
-		goto out;
-	json = convert_hf_config_json(&rc.model, o.dtype);
-	if (!json) {
-		fail(err, errlen, "out of memory");
+	assign_shards(&h, o.shard_bytes);
+	if (write_hf_dir(&h, &rc, o.dtype)) {
+		remove_outputs(&h, made_dir);
 		goto out;
 	}
-	snprintf(path, sizeof(path), "%s/config.json", dir);
-	if (write_text(path, json, err, errlen))
-		goto out;
-	note(notes, "%s: %d tensors in %d file%s (%s)", dir, n, n_shards, n_shards > 1 ? "s" : "",
-	     o.dtype == ST_BF16 ? "bf16" : "f32");
+	note(notes, "%s: %d tensors in %d file%s (%s)", dir, h.n, h.n_shards,
+	     h.n_shards > 1 ? "s" : "", o.dtype == ST_BF16 ? "bf16" : "f32");
 	ret = 0;
 out:
-	free(json);
-	free(t);
-	model_free(m);
+	free(h.buf);
+	free(h.t);
+	ckpt_reader_close(h.r);
 	return ret;
 }
 

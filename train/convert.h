@@ -9,6 +9,9 @@
  * per expert, model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight, we stack them along a leading
  * [E] axis as model.layers.N.mlp.experts.{gate,up,down}_proj.weight.  No weight is permuted: see the
  * RoPE note in convert.c.
+ *
+ * Both directions stream, one tensor (or one expert's slice) at a time, so a model larger than memory
+ * converts: peak memory is about the largest tensor in float32.  A failed conversion leaves no output.
  */
 #ifndef MOE_TRAIN_CONVERT_H
 #define MOE_TRAIN_CONVERT_H
@@ -35,7 +38,8 @@ int convert_hf_config(struct run_config *rc, const char *json_text, const char *
 /* config.json text (malloc'd) for a model: HF DeepseekV3 keys, architectures, model_type, torch_dtype. */
 char *convert_hf_config_json(const struct model_config *mc, enum st_dtype dtype);
 
-/* HF directory -> HDF5 checkpoint (step 0, the other config sections at their defaults). */
+/* HF directory -> HDF5 checkpoint (step 0, the other config sections at their defaults).  Every header
+ * is checked before any data is read; out_path is written atomically (untouched on failure). */
 int convert_from_hf(const char *dir, const char *out_path, FILE *notes, char *err, size_t errlen);
 
 struct convert_to_hf_opts {
@@ -43,7 +47,8 @@ struct convert_to_hf_opts {
 	uint64_t shard_bytes;       /* at most this many bytes of tensor data per file */
 };
 
-/* HDF5 checkpoint -> HF directory (created when missing; refused when it already holds weights). */
+/* HDF5 checkpoint -> HF directory (created when missing; refused when it already holds weights).  On
+ * failure the shards already written are removed, and the directory when it was created here. */
 int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_to_hf_opts *opts,
 		  FILE *notes, char *err, size_t errlen);
 

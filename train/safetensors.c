@@ -5,6 +5,7 @@
  * assemble and split the bytes explicitly, so the code is right whatever the host's byte order.
  */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE	/* madvise */
 
 #include "train/safetensors.h"
 
@@ -423,6 +424,32 @@ const struct st_tensor *st_find(const struct st_file *f, const char *name)
 		if (!strcmp(f->tensors[i].name, name))
 			return &f->tensors[i];
 	return NULL;
+}
+
+/*
+ * Reading a tensor also maps some pages of its neighbours: the kernel maps the cached pages around each
+ * fault ("fault-around", 64 KiB by default).  st_release drops this much on either side as well.
+ */
+#define ST_RELEASE_MARGIN ((uintptr_t)1 << 20)
+
+void st_release(const struct st_file *f, const struct st_tensor *t)
+{
+	const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+	const uintptr_t map_lo = (uintptr_t)f->map, map_hi = map_lo + f->size;
+	uintptr_t lo = (uintptr_t)(f->data + t->begin), hi = (uintptr_t)(f->data + t->end);
+
+	if (!f->map || t->end <= t->begin)
+		return;
+	/*
+	 * Whole pages, widened: a neighbour that loses pages loses nothing else, as the mapping is
+	 * read-only and private (never written), so a page dropped here is read from the file again
+	 * (usually from the page cache) if it is touched later.
+	 */
+	lo = lo - map_lo > ST_RELEASE_MARGIN ? lo - ST_RELEASE_MARGIN : map_lo;
+	hi = map_hi - hi > ST_RELEASE_MARGIN ? hi + ST_RELEASE_MARGIN : map_hi;
+	lo &= ~(page - 1);
+	hi = (hi + page - 1) & ~(page - 1);
+	madvise((void *)lo, hi - lo, MADV_DONTNEED);
 }
 
 const char *st_metadata(const struct st_file *f, const char *key)

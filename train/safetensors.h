@@ -97,6 +97,13 @@ const char *st_metadata(const struct st_file *f, const char *key);
 int st_read_f32(const struct st_file *f, const struct st_tensor *t, float *out, char *err,
 		size_t errlen);
 
+/*
+ * Drop the pages of tensor t from this process's memory (they stay in the kernel's page cache): reading
+ * a file larger than memory tensor by tensor keeps only the tensor being read resident.  t stays
+ * readable (its pages come back from the file).
+ */
+void st_release(const struct st_file *f, const struct st_tensor *t);
+
 /* ---- writing ---- */
 
 struct st_spec {

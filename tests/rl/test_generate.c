@@ -1,15 +1,18 @@
 /*
  * tests/rl/test_generate.c - incremental decoding with the MLA latent cache (absorbed attention) against
- * the full forward (non-absorbed), batched decoding against decoding alone, the cache size, and
- * generation: greedy equals the forward's argmax, sampling is reproducible for a seed.
+ * the full forward (non-absorbed), batched decoding (experts grouped over the batch) against the forward
+ * and against decoding alone, the routing record, the cache size, and generation: greedy equals the
+ * forward's argmax, sampling is reproducible for a seed and each sequence's seed is its own.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "harness.h"
 #include "model/decode.h"
+#include "model/layers.h"
 #include "model/model.h"
 #include "rl/generate.h"
 #include "train/checkpoint.h"
@@ -45,9 +48,17 @@ static struct model_config small_config(enum variant v)
 	return c;
 }
 
+static struct moe_model *model_from(const struct model_config *cfg, uint64_t seed);
+
 static struct moe_model *make_model(enum variant v, uint64_t seed)
 {
 	struct model_config c = small_config(v);
+	return model_from(&c, seed);
+}
+
+static struct moe_model *model_from(const struct model_config *cfg, uint64_t seed)
+{
+	struct model_config c = *cfg;
 	char err[256];
 	struct moe_model *m = model_create(&c, 0, c.n_routed_experts, err, sizeof(err));
 	CU_ASSERT_PTR_NOT_NULL_FATAL(m);
@@ -133,6 +144,138 @@ static void check_decode_matches_forward(enum variant v)
 	model_free(m);
 }
 
+/*
+ * (1b) batched decoding, the MoE's experts grouped over the batch: 3 sequences prefilled together, then
+ * decoded together (the batch shrinking as they end), every logits row == model_forward's, and the
+ * recorded routes == the forward's top-K; for q_lora 0 / > 0, softmax / sigmoid scoring (both with
+ * groups), shared experts 0 / 1.
+ */
+#define BG 3
+#define BMAX 14
+
+struct batch_case {
+	int lens[BG], extra[BG];
+	int seq[BG][BMAX];
+	float *ref;                    /* [BG][BMAX][V]: model_forward over each whole sequence */
+	int *ref_routes;               /* [BG][L][BMAX][K] */
+};
+
+static void batch_reference(struct moe_model *m, struct batch_case *bc)
+{
+	const struct model_config *c = &m->cfg;
+	int V = c->vocab_size, L = c->num_hidden_layers, K = c->num_experts_per_tok;
+	bc->ref = calloc((size_t)BG * BMAX * V, sizeof(float));
+	bc->ref_routes = malloc(sizeof(int) * BG * L * BMAX * K);
+	for (int g = 0; g < BG; g++) {
+		int T = bc->lens[g] + bc->extra[g];
+		model_forward(m, bc->seq[g], NULL, 1, T);
+		memcpy(bc->ref + (size_t)g * BMAX * V, model_logits(m), sizeof(float) * T * V);
+		for (int l = 0; l < L; l++)
+			if (mc_layer_is_moe(c, l))
+				memcpy(bc->ref_routes + ((size_t)g * L + l) * BMAX * K,
+				       m->acts->layers[l].moe.topk_idx, sizeof(int) * T * K);
+	}
+}
+
+/* max rel err of the batched decode over all positions; routes compared exactly */
+static double batch_decode(struct moe_model *m, struct batch_case *bc, int *routes_equal)
+{
+	const struct model_config *c = &m->cfg;
+	int V = c->vocab_size, L = c->num_hidden_layers, K = c->num_experts_per_tok;
+	struct latent_cache *lc = latent_cache_create(c, BG, BMAX);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(lc);
+	CU_ASSERT_EQUAL_FATAL(latent_cache_enable_routes(lc, c), 0);
+	const int *prompts[BG] = { bc->seq[0], bc->seq[1], bc->seq[2] };
+	float *lg = malloc(sizeof(float) * BG * V);
+	CU_ASSERT_EQUAL_FATAL(prefill(m, lc, prompts, bc->lens, BG, lg), 0);
+	double worst = 0.0;
+	for (int g = 0; g < BG; g++) {
+		double e = max_rel(lg + (size_t)g * V, bc->ref + ((size_t)g * BMAX + bc->lens[g] - 1) * V, V);
+		worst = e > worst ? e : worst;
+	}
+	for (int s = 0;; s++) {
+		int tok[BG], slots[BG], pos[BG], n = 0;
+		for (int g = BG - 1; g >= 0; g--)  /* any order */
+			if (s < bc->extra[g]) {
+				slots[n] = g;
+				pos[n] = bc->lens[g] + s;
+				tok[n++] = bc->seq[g][bc->lens[g] + s];
+			}
+		if (n == 0)
+			break;
+		CU_ASSERT_EQUAL_FATAL(decode_step(m, lc, tok, slots, pos, n, lg), 0);
+		for (int i = 0; i < n; i++) {
+			double e = max_rel(lg + (size_t)i * V, bc->ref + ((size_t)slots[i] * BMAX + pos[i]) * V, V);
+			worst = e > worst ? e : worst;
+		}
+	}
+	*routes_equal = 1;
+	for (int g = 0; g < BG; g++)
+		for (int l = 0; l < L; l++)
+			for (int t = 0; t < bc->lens[g] + bc->extra[g]; t++) {
+				const int *r = latent_cache_route(lc, l, g, t);
+				const int *want = bc->ref_routes + (((size_t)g * L + l) * BMAX + t) * K;
+				for (int k = 0; k < K; k++)
+					if (r[k] != (mc_layer_is_moe(c, l) ? want[k] : -1))
+						*routes_equal = 0;
+			}
+	CU_ASSERT_PTR_NULL(latent_cache_route(lc, L, 0, 0));
+	CU_ASSERT_PTR_NULL(latent_cache_route(lc, 0, BG, 0));
+	CU_ASSERT_PTR_NULL(latent_cache_route(lc, 0, 0, BMAX));
+	free(lg);
+	latent_cache_free(lc);
+	return worst;
+}
+
+static void test_batched_grouped_experts(void)
+{
+	for (int v = 0; v < 8; v++) {
+		struct model_config c = small_config(V3_LIKE);
+		c.q_lora_rank = v & 1 ? 0 : 8;
+		c.scoring_func = v & 2 ? MOE_SCORING_SOFTMAX : MOE_SCORING_SIGMOID;
+		c.n_shared_experts = v & 4 ? 0 : 1;
+		c.norm_topk_prob = !(v & 2);
+		struct moe_model *m = model_from(&c, 51 + v);
+		struct batch_case bc = { .lens = { 3, 7, 5 }, .extra = { 6, 3, 5 } };
+		for (int g = 0; g < BG; g++)
+			random_tokens(bc.seq[g], BMAX, c.vocab_size);
+		batch_reference(m, &bc);
+		int routes_equal;
+		double worst = batch_decode(m, &bc, &routes_equal);
+		printf("\n  q_lora %d, %s, shared %d: batched decode vs forward max rel err %.3g, routes %s",
+		       c.q_lora_rank, v & 2 ? "softmax" : "sigmoid", c.n_shared_experts, worst,
+		       routes_equal ? "equal" : "DIFFER");
+		CU_ASSERT(worst < 2e-5);
+		CU_ASSERT(routes_equal);
+		free(bc.ref);
+		free(bc.ref_routes);
+		model_free(m);
+	}
+	printf("\n");
+}
+
+/* the logits do not depend on the thread count: 1 thread and 2 threads give the same bits */
+static void test_decode_thread_independent(void)
+{
+	struct moe_model *m = make_model(V3_LIKE, 61);
+	int V = m->cfg.vocab_size, lens[BG] = { 9, 4, 12 }, seq[BG][12];
+	for (int g = 0; g < BG; g++)
+		random_tokens(seq[g], 12, V);
+	const int *prompts[BG] = { seq[0], seq[1], seq[2] };
+	float *a = malloc(sizeof(float) * BG * V * 2), *b = a + BG * V;
+	int saved = omp_get_max_threads();
+	for (int run = 0; run < 2; run++) {
+		omp_set_num_threads(run ? 2 : 1);
+		struct latent_cache *lc = latent_cache_create(&m->cfg, BG, 16);
+		CU_ASSERT_EQUAL_FATAL(prefill(m, lc, prompts, lens, BG, run ? b : a), 0);
+		latent_cache_free(lc);
+	}
+	omp_set_num_threads(saved);
+	CU_ASSERT(memcmp(a, b, sizeof(float) * BG * V) == 0);
+	free(a);
+	model_free(m);
+}
+
 static void test_decode_v3(void) { check_decode_matches_forward(V3_LIKE); }
 static void test_decode_v2(void) { check_decode_matches_forward(V2_LIKE); }
 static void test_decode_dense(void) { check_decode_matches_forward(DENSE_ONLY); }
@@ -156,6 +299,20 @@ static void test_decode_bad_args(void)
 	CU_ASSERT_EQUAL(c->len[0], 1);
 	pos = 4;
 	CU_ASSERT_EQUAL(decode_step(m, c, &tok, &slot, &pos, 1, NULL), -1);  /* past max_len */
+	pos = 1;
+	CU_ASSERT_EQUAL(decode_step(m, c, &tok, &slot, &pos, 0, NULL), -1);  /* n = 0: only with an ep group */
+	CU_ASSERT_EQUAL(c->len[0], 1);
+	/* a cache without slots is valid (a rank with no sequences under expert parallelism) */
+	struct latent_cache *none = latent_cache_create(&m->cfg, 0, 4);
+	CU_ASSERT_PTR_NOT_NULL(none);
+	CU_ASSERT_EQUAL(latent_cache_enable_routes(none, &m->cfg), 0);
+	CU_ASSERT_PTR_NULL(latent_cache_route(none, 1, 0, 0));
+	latent_cache_free(none);
+	CU_ASSERT_PTR_NULL(latent_cache_create(&m->cfg, -1, 4));
+	/* G = 0 likewise */
+	struct sample_params p = sample_params_default();
+	int out[16], out_len;
+	CU_ASSERT_EQUAL(generate(m, NULL, NULL, 0, &p, out, &out_len, NULL), -1);
 	latent_cache_free(c);
 	model_free(m);
 }
@@ -331,6 +488,90 @@ static void test_sampling_reproducible(void)
 	model_free(m);
 }
 
+/* per-sequence seeds: a sequence's completion depends on its seed only, not on the batch around it */
+static void test_sequence_seeds(void)
+{
+	struct moe_model *m = make_model(V3_LIKE, 43);
+	int V = m->cfg.vocab_size, lens[3] = { 4, 2, 6 }, Tn = 9, seq[3][6];
+	for (int g = 0; g < 3; g++)
+		random_tokens(seq[g], 6, V);
+	struct sample_params p = sample_params_default();
+	p.max_new_tokens = Tn;
+	p.temperature = 1.2f;
+	p.top_p = 0.95f;
+	p.seed = 77;
+	const int *prompts[3] = { seq[0], seq[1], seq[2] };
+	uint64_t seeds[3] = { 0x1111, 0x2222, 0x3333 };
+	int a[27], la[3], b[18], lb[2], d[27], ld[3];
+	float lpa[27], lpb[18];
+	CU_ASSERT_EQUAL_FATAL(generate_cached(m, NULL, prompts, lens, 3, &p, seeds, a, la, lpa), 0);
+	/* sequences 2 and 0 in a batch of their own, in another order, with their seeds */
+	const int *sub[2] = { seq[2], seq[0] };
+	int sub_lens[2] = { lens[2], lens[0] };
+	uint64_t sub_seeds[2] = { seeds[2], seeds[0] };
+	CU_ASSERT_EQUAL_FATAL(generate_cached(m, NULL, sub, sub_lens, 2, &p, sub_seeds, b, lb, lpb), 0);
+	CU_ASSERT(memcmp(b, a + 2 * Tn, sizeof(int) * Tn) == 0);
+	CU_ASSERT(memcmp(b + Tn, a, sizeof(int) * Tn) == 0);
+	CU_ASSERT_EQUAL(lb[0], la[2]);
+	CU_ASSERT_EQUAL(lb[1], la[0]);
+	CU_ASSERT(max_rel(lpb, lpa + 2 * Tn, Tn) < 1e-4);
+	/* the same seed for every sequence of one prompt: identical completions */
+	const int *same[3] = { seq[1], seq[1], seq[1] };
+	int same_lens[3] = { lens[1], lens[1], lens[1] };
+	uint64_t same_seeds[3] = { seeds[1], seeds[1], seeds[1] };
+	CU_ASSERT_EQUAL_FATAL(generate_cached(m, NULL, same, same_lens, 3, &p, same_seeds, d, ld, NULL), 0);
+	for (int g = 0; g < 3; g++)
+		CU_ASSERT(memcmp(d + g * Tn, a + Tn, sizeof(int) * Tn) == 0);
+	/* no seeds = gen_sequence_seed(p.seed, g) */
+	uint64_t derived[3];
+	for (int g = 0; g < 3; g++)
+		derived[g] = gen_sequence_seed(p.seed, g);
+	CU_ASSERT_EQUAL_FATAL(generate(m, prompts, lens, 3, &p, a, la, NULL), 0);
+	CU_ASSERT_EQUAL_FATAL(generate_cached(m, NULL, prompts, lens, 3, &p, derived, d, ld, NULL), 0);
+	CU_ASSERT(memcmp(a, d, sizeof(a)) == 0);
+	model_free(m);
+}
+
+/* generate_cached with the caller's cache: the routes of every input token == model_forward's top-K */
+static void test_generate_routes(void)
+{
+	struct moe_model *m = make_model(V3_LIKE, 47);
+	const struct model_config *c = &m->cfg;
+	int V = c->vocab_size, L = c->num_hidden_layers, K = c->num_experts_per_tok;
+	int lens[2] = { 5, 3 }, Tn = 7, seq[2][5], out[14], out_lens[2];
+	for (int g = 0; g < 2; g++)
+		random_tokens(seq[g], 5, V);
+	const int *prompts[2] = { seq[0], seq[1] };
+	struct sample_params p = sample_params_default();
+	p.max_new_tokens = Tn;
+	p.seed = 5;
+	struct latent_cache *small = latent_cache_create(c, 2, 5 + Tn - 2);
+	CU_ASSERT_EQUAL(generate_cached(m, small, prompts, lens, 2, &p, NULL, out, out_lens, NULL), -1);
+	latent_cache_free(small);
+	struct latent_cache *lc = latent_cache_create(c, 2, 5 + Tn - 1);
+	CU_ASSERT_EQUAL_FATAL(latent_cache_enable_routes(lc, c), 0);
+	CU_ASSERT_EQUAL_FATAL(generate_cached(m, lc, prompts, lens, 2, &p, NULL, out, out_lens, NULL), 0);
+	int mismatches = 0, checked = 0;
+	for (int g = 0; g < 2; g++) {
+		int T = lens[g] + out_lens[g] - 1, full[12];
+		CU_ASSERT_EQUAL(lc->len[g], T);
+		memcpy(full, seq[g], sizeof(int) * lens[g]);
+		memcpy(full + lens[g], out + g * Tn, sizeof(int) * (out_lens[g] - 1));
+		model_forward(m, full, NULL, 1, T);
+		for (int l = 0; l < L; l++) {
+			if (!mc_layer_is_moe(c, l))
+				continue;
+			const int *want = m->acts->layers[l].moe.topk_idx;
+			for (int t = 0; t < T; t++, checked++)
+				mismatches += memcmp(latent_cache_route(lc, l, g, t), want + t * K, sizeof(int) * K) != 0;
+		}
+	}
+	CU_ASSERT_EQUAL(mismatches, 0);
+	CU_ASSERT(checked > 0);
+	latent_cache_free(lc);
+	model_free(m);
+}
+
 /* sample_token: top-k = 1 is greedy; top-k / top-p never pick outside their set; frequencies follow p */
 static void test_sample_token(void)
 {
@@ -407,12 +648,17 @@ void register_tests(void)
 		{ "decode_step == model_forward, dense only", test_decode_dense },
 		{ "decode_step refuses bad arguments", test_decode_bad_args },
 		{ "batched decoding == decoding alone", test_batched_equals_alone },
+		{ "batched decoding (grouped experts) == model_forward, routes recorded",
+		  test_batched_grouped_experts },
+		{ "decoding does not depend on the thread count", test_decode_thread_independent },
 		{ "cache bytes per token", test_cache_bytes },
 		{ NULL, NULL },
 	};
 	static const struct test_case gen[] = {
 		{ "greedy == argmax of model_forward, eos stops", test_greedy_matches_forward },
 		{ "seeded sampling reproducible", test_sampling_reproducible },
+		{ "per-sequence seeds: a completion does not depend on its batch", test_sequence_seeds },
+		{ "generate_cached records every input token's routes", test_generate_routes },
 		{ "sample_token top-k, top-p, frequencies", test_sample_token },
 		{ "moe generate entry point", test_cli },
 		{ NULL, NULL },

@@ -3,7 +3,9 @@
  * slices, and every bad file (missing, not HDF5, truncated, corrupted data, mismatched model) refused
  * with a message that says what is wrong and without touching the model; training checkpoints (optimizer
  * moments and train state) round trip bit-exactly and load all or nothing; the checkpoint directory's
- * latest/prune.  No hdf5.h here: the data of a tensor is found in the file by searching for its bytes.
+ * latest/prune; the streaming writer (pieces in any order, bad and missing pieces refused, nothing left
+ * behind) and reader.  No hdf5.h here: the data of a tensor is found in the file by searching for its
+ * bytes.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -942,6 +944,216 @@ static void test_latest_prune(void)
 	model_free(a);
 }
 
+/* ---- streaming writer and reader ---- */
+
+/* Piece `expert` of p (or all of it for -1) in m, with its shape. */
+static const float *piece_of(const struct moe_model *m, const struct param *p, int expert,
+			     int64_t *shape, int *ndim)
+{
+	const struct param *q = model_find_param(m, p->name);
+	size_t per = q->numel / (p->expert_stacked ? (size_t)p->shape[0] : 1);
+
+	*ndim = expert >= 0 ? p->ndim - 1 : p->ndim;
+	memcpy(shape, expert >= 0 ? p->shape + 1 : p->shape, sizeof(int64_t) * *ndim);
+	return m->weights + q->offset + (expert >= 0 ? (size_t)expert * per : 0);
+}
+
+static int put_piece(struct ckpt_writer *w, const struct moe_model *m, const struct param *p,
+		     int expert)
+{
+	int64_t shape[MOE_MAX_DIMS];
+	int ndim;
+	const float *x = piece_of(m, p, expert, shape, &ndim);
+	int r = ckpt_writer_put(w, p->name, shape, ndim, expert, x, err, sizeof(err));
+
+	if (r)
+		fprintf(stderr, "\n  put %s[%d]: %s\n", p->name, expert, err);
+	return r;
+}
+
+/*
+ * Every tensor of m through the streaming writer, in reverse order, the experts of each stacked tensor
+ * backwards (but the first stacked tensor whole), skipping expert `skip` of the last stacked tensor
+ * (none when skip < 0).  Returns the writer, still open.
+ */
+static struct ckpt_writer *stream_model(const char *path, const struct moe_model *m,
+					const struct run_config *rc, int skip)
+{
+	struct ckpt_meta meta = { .step = 3, .tokens_seen = 300 };
+	struct ckpt_writer *w = ckpt_writer_open(path, rc, &meta, err, sizeof(err));
+	int whole_done = 0, n;
+	struct param *params = ckpt_model_params(&rc->model, &n, err, sizeof(err));
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(w);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(params);
+	CU_ASSERT_EQUAL(n, m->n_params);
+	for (int i = n - 1; i >= 0; i--) {
+		const struct param *p = &params[i];
+
+		if (!p->expert_stacked) {
+			CU_ASSERT_EQUAL(put_piece(w, m, p, -1), 0);
+			continue;
+		}
+		if (!whole_done && skip < 0) {
+			whole_done = 1;
+			CU_ASSERT_EQUAL(put_piece(w, m, p, -1), 0);
+			continue;
+		}
+		for (int e = (int)p->shape[0] - 1; e >= 0; e--)
+			if (e != skip)
+				CU_ASSERT_EQUAL(put_piece(w, m, p, e), 0);
+		skip = -1;
+	}
+	free(params);
+	return w;
+}
+
+/* Streamed piece by piece, the file loads like checkpoint_save_model's, bit for bit. */
+static void test_stream_writer(void)
+{
+	const char *path = tmp_path("stream.h5");
+	struct run_config rc, back;
+	struct ckpt_meta meta;
+	struct moe_model *a, *b;
+	struct ckpt_writer *w;
+	char key[128];
+
+	small_config(&rc, 512, 32, 3);
+	a = make_model(&rc, 21);
+	b = make_model(&rc, 22);
+	w = stream_model(path, a, &rc, -1);
+	CU_ASSERT_EQUAL(count_files("stream.h5"), 1);	/* only the temporary */
+	CU_ASSERT_EQUAL(access(path, F_OK), -1);
+	CU_ASSERT_EQUAL_FATAL(ckpt_writer_close(w, 1, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(count_files("stream.h5.tmp"), 0);
+	CU_ASSERT_EQUAL(checkpoint_load_model(path, b, err, sizeof(err)), 0);
+	CU_ASSERT_TRUE(same_weights(a, b));
+	config_defaults(&back);
+	CU_ASSERT_EQUAL(checkpoint_read_header(path, &back, &meta, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(config_model_diff(&rc.model, &back.model, key, sizeof(key)), 0);
+	CU_ASSERT_EQUAL(meta.step, 3);
+	CU_ASSERT_EQUAL(meta.tokens_seen, 300);
+	model_free(a);
+	model_free(b);
+}
+
+static void expect_put_refused(struct ckpt_writer *w, const char *name, const int64_t *shape,
+			       int ndim, int expert, const float *x, const char *needle)
+{
+	CU_ASSERT_EQUAL(ckpt_writer_put(w, name, shape, ndim, expert, x, err, sizeof(err)), -1);
+	if (!strstr(err, needle) || !strstr(err, "refuse.h5")) {
+		fprintf(stderr, "\n  message \"%s\" lacks \"%s\" or the path\n", err, needle);
+		CU_FAIL("message");
+	}
+}
+
+/* Bad pieces are refused naming the file and tensor; an incomplete file is never committed. */
+static void test_stream_writer_refuses(void)
+{
+	const char *path = tmp_path("refuse.h5");
+	const char *up = "model.layers.1.mlp.experts.up_proj.weight";
+	const int64_t slice[2] = { 16, 32 }, wrong[2] = { 16, 31 }, norm[1] = { 32 };
+	struct run_config rc;
+	struct moe_model *a;
+	struct ckpt_writer *w;
+	float x[16 * 32] = { 0 };
+
+	small_config(&rc, 512, 32, 2);
+	a = make_model(&rc, 23);
+	w = ckpt_writer_open(path, &rc, NULL, err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(w);
+	expect_put_refused(w, "model.layers.9.mlp.gate.weight", slice, 2, -1, x,
+			   "model.layers.9.mlp.gate.weight is not a parameter");
+	expect_put_refused(w, up, wrong, 2, 1, x, "has shape [16, 31], the model expects [16, 32]");
+	expect_put_refused(w, up, slice, 2, 4, x, "expert 4, but the model has 4");
+	expect_put_refused(w, "model.norm.weight", norm, 1, 0, x, "not stacked by expert");
+	CU_ASSERT_EQUAL(ckpt_writer_put(w, up, slice, 2, 1, x, err, sizeof(err)), 0);
+	expect_put_refused(w, up, slice, 2, 1, x, "expert 1 written twice");
+	CU_ASSERT_EQUAL(ckpt_writer_close(w, 1, err, sizeof(err)), -1);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "incomplete"));
+	CU_ASSERT_EQUAL(count_files("refuse.h5"), 0);
+
+	/* all but one expert: refused naming it, nothing left behind */
+	w = stream_model(path, a, &rc, 2);
+	CU_ASSERT_EQUAL(ckpt_writer_close(w, 1, err, sizeof(err)), -1);
+	if (!strstr(err, "/model/model.layers.1.mlp.experts.down_proj.weight, expert 2 of 4, was "
+		    "never written"))
+		fprintf(stderr, "\n  message: %s\n", err);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "/model/model.layers.1.mlp.experts.down_proj.weight, "
+				      "expert 2 of 4, was never written"));
+	CU_ASSERT_EQUAL(count_files("refuse.h5"), 0);
+
+	/* abandoned on purpose: nothing left either, and an existing file stays */
+	CU_ASSERT_EQUAL_FATAL(save(path, a, &rc, 1), 0);
+	w = stream_model(path, a, &rc, -1);
+	CU_ASSERT_EQUAL(ckpt_writer_close(w, 0, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(count_files("refuse.h5"), 1);
+	CU_ASSERT_EQUAL(checkpoint_load_model(path, a, err, sizeof(err)), 0);
+
+	/* a writer into a missing directory fails at once */
+	CU_ASSERT_PTR_NULL(ckpt_writer_open(tmp_path("no/such/dir/x.h5"), &rc, NULL, err,
+					    sizeof(err)));
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "no/such/dir/x.h5"));
+	model_free(a);
+}
+
+/* The reader gives every piece of a saved model bit for bit, and refuses what is not there. */
+static void test_stream_reader(void)
+{
+	const char *path = tmp_path("reader.h5");
+	struct run_config rc, back;
+	struct moe_model *a;
+	struct ckpt_reader *r;
+	const struct param *params;
+	float *buf;
+	int n, bad = 0;
+	char key[128];
+
+	small_config(&rc, 512, 32, 3);
+	a = make_model(&rc, 24);
+	CU_ASSERT_EQUAL_FATAL(save(path, a, &rc, 9), 0);
+	config_defaults(&back);
+	r = ckpt_reader_open(path, &back, NULL, err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(r);
+	CU_ASSERT_EQUAL(config_model_diff(&rc.model, &back.model, key, sizeof(key)), 0);
+	params = ckpt_reader_params(r, &n);
+	CU_ASSERT_EQUAL_FATAL(n, a->n_params);
+	buf = malloc(sizeof(float) * a->n_weights);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(buf);
+	for (int i = 0; i < n; i++) {
+		const struct param *p = &params[i];
+		/* every expert of a stacked tensor, else the whole tensor (-1) */
+		int first = p->expert_stacked ? 0 : -1, end = p->expert_stacked ? (int)p->shape[0] : 0;
+
+		for (int e = first; e < end; e++) {
+			int64_t shape[MOE_MAX_DIMS];
+			int nd;
+			const float *want = piece_of(a, p, e, shape, &nd);
+			size_t numel = 1;
+
+			for (int d = 0; d < nd; d++)
+				numel *= (size_t)shape[d];
+			CU_ASSERT_EQUAL(ckpt_reader_get(r, p->name, e, buf, err, sizeof(err)), 0);
+			bad += memcmp(buf, want, numel * sizeof(float)) != 0;
+		}
+	}
+	CU_ASSERT_EQUAL(bad, 0);
+	CU_ASSERT_EQUAL(ckpt_reader_get(r, "model.layers.1.mlp.experts.up_proj.weight", 4, buf, err,
+					sizeof(err)), -1);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "expert 4"));
+	CU_ASSERT_EQUAL(ckpt_reader_get(r, "lm_head.bias", -1, buf, err, sizeof(err)), -1);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "lm_head.bias is not a parameter"));
+	ckpt_reader_close(r);
+	/* without a config to start from: the defaults, overridden by the file's */
+	r = ckpt_reader_open(path, NULL, NULL, err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL(r);
+	ckpt_reader_close(r);
+	CU_ASSERT_PTR_NULL(ckpt_reader_open(tmp_path("absent.h5"), NULL, NULL, err, sizeof(err)));
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "absent.h5"));
+	free(buf);
+	model_free(a);
+}
+
 void register_tests(void)
 {
 	static const struct test_case cases[] = {
@@ -965,6 +1177,9 @@ void register_tests(void)
 		{ "missing /state attribute refused naming it", test_state_attr_missing },
 		{ "flipped optimizer bytes refused (checksum)", test_corrupt_optim },
 		{ "latest and prune in the checkpoint directory", test_latest_prune },
+		{ "streaming writer: pieces in any order load bit-exactly", test_stream_writer },
+		{ "streaming writer: bad or missing pieces refused", test_stream_writer_refuses },
+		{ "streaming reader: every piece bit-exact", test_stream_reader },
 		{ NULL, NULL },
 	};
 

@@ -3,7 +3,9 @@
  * and read back with --from-hf gives every weight back bit for bit (f32) or rounded to bf16 exactly;
  * config.json round trips, and a transformers-written config.json loads; missing, unexpected and
  * misshapen tensors are refused naming them, multi-token-prediction layers are skipped, an index that
- * disagrees with its files is refused, and a DeepSeek-V2 directory without routing bias loads.
+ * disagrees with its files is refused, and a DeepSeek-V2 directory without routing bias loads.  Both
+ * directions stream: a ~66 MB model converts with a peak resident set well under its size (measured in
+ * a child process), and a conversion failing half-way leaves nothing behind.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -15,7 +17,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
@@ -27,6 +32,18 @@
 #include "train/safetensors.h"
 
 static char err[2048];
+
+/* AddressSanitizer keeps freed memory in quarantine: peak memory means nothing under it. */
+#if defined(__SANITIZE_ADDRESS__)
+#define UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define UNDER_ASAN 1
+#endif
+#endif
+#ifndef UNDER_ASAN
+#define UNDER_ASAN 0
+#endif
 
 /* Two layers (dense, then MoE with 4 experts), q_lora on, sigmoid scoring. */
 static void tiny_config(struct run_config *rc)
@@ -573,6 +590,288 @@ static void test_index_disagrees(void)
 	expect_from_hf_fails(dir, "model.embed_tokens.weight", "index.json");
 }
 
+/* ---- streaming: memory, and nothing left behind ---- */
+
+/* A cheap deterministic fill (a hash of the position), so that a large fixture is quick to make. */
+static void fill_hash(float *x, size_t n, uint64_t seed)
+{
+	for (size_t i = 0; i < n; i++) {
+		uint64_t h = (i + 1) * 0x9e3779b97f4a7c15ULL ^ seed;
+
+		h ^= h >> 29;
+		h *= 0xbf58476d1ce4e5b9ULL;
+		x[i] = (float)((h >> 40) & 0xffff) / 32768.0f - 1.0f;
+	}
+}
+
+/* Every tensor of rc's model written with the streaming writer, piece by piece; returns its bytes. */
+static uint64_t write_fixture(const char *path, const struct run_config *rc, uint64_t seed)
+{
+	struct ckpt_writer *w = ckpt_writer_open(path, rc, NULL, err, sizeof(err));
+	struct param *params;
+	uint64_t bytes = 0;
+	size_t most = 1;
+	float *buf;
+	int n;
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(w);
+	params = ckpt_model_params(&rc->model, &n, err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(params);
+	for (int i = 0; i < n; i++)
+		if (params[i].numel > most)
+			most = params[i].numel;
+	buf = malloc(sizeof(float) * most);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(buf);
+	for (int i = 0; i < n; i++) {
+		const struct param *p = &params[i];
+
+		/* stacked tensors a piece at a time: the fixture's own memory stays small too */
+		for (int e = p->expert_stacked ? 0 : -1; e < (p->expert_stacked ? p->shape[0] : 0);
+		     e++) {
+			int sub = e >= 0;
+			size_t k = sub ? p->numel / (size_t)p->shape[0] : p->numel;
+
+			fill_hash(buf, k, seed + (uint64_t)i * 1000 + (uint64_t)(e + 1));
+			CU_ASSERT_EQUAL_FATAL(ckpt_writer_put(w, p->name, p->shape + sub, p->ndim - sub,
+							      e, buf, err, sizeof(err)), 0);
+		}
+		bytes += p->numel * sizeof(float);
+	}
+	CU_ASSERT_EQUAL_FATAL(ckpt_writer_close(w, 1, err, sizeof(err)), 0);
+	free(buf);
+	free(params);
+	return bytes;
+}
+
+/* Same parameters and every piece bit for bit, read a piece at a time. */
+static int same_checkpoints(const char *a, const char *b)
+{
+	struct ckpt_reader *ra = ckpt_reader_open(a, NULL, NULL, err, sizeof(err));
+	struct ckpt_reader *rb = ckpt_reader_open(b, NULL, NULL, err, sizeof(err));
+	const struct param *pa, *pb;
+	int na = 0, nb = 0, diff = 0;
+	float *x = NULL, *y = NULL;
+	size_t most = 1;
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(ra);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(rb);
+	pa = ckpt_reader_params(ra, &na);
+	pb = ckpt_reader_params(rb, &nb);
+	diff = na != nb;
+	for (int i = 0; i < na; i++)
+		if (pa[i].numel > most)
+			most = pa[i].numel;
+	x = malloc(sizeof(float) * most);
+	y = malloc(sizeof(float) * most);
+	CU_ASSERT_FATAL(x && y);
+	for (int i = 0; i < na && !diff; i++) {
+		diff = strcmp(pa[i].name, pb[i].name) != 0 ||
+		       ckpt_reader_get(ra, pa[i].name, -1, x, err, sizeof(err)) ||
+		       ckpt_reader_get(rb, pa[i].name, -1, y, err, sizeof(err)) ||
+		       memcmp(x, y, sizeof(float) * pa[i].numel) != 0;
+		if (diff)
+			fprintf(stderr, "\n  %s differs\n", pa[i].name);
+	}
+	free(x);
+	free(y);
+	ckpt_reader_close(ra);
+	ckpt_reader_close(rb);
+	return !diff;
+}
+
+/* A value of /proc/self/status in kB, or -1. */
+static long long status_kb(const char *key)
+{
+	FILE *f = fopen("/proc/self/status", "r");
+	char line[256];
+	long long v = -1;
+	size_t k = strlen(key);
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (!strncmp(line, key, k) && line[k] == ':')
+			v = atoll(line + k + 1);
+	fclose(f);
+	return v;
+}
+
+static long long maxrss_kb(void)
+{
+	struct rusage ru;
+
+	return getrusage(RUSAGE_SELF, &ru) ? -1 : (long long)ru.ru_maxrss;
+}
+
+struct conv_job {
+	int to_hf;
+	const char *from, *to;
+};
+
+static int run_job(const struct conv_job *j)
+{
+	struct convert_to_hf_opts o = { ST_F32, 16000000 };
+
+	if (j->to_hf)
+		return convert_to_hf(j->from, j->to, &o, NULL, err, sizeof(err));
+	return convert_from_hf(j->from, j->to, NULL, err, sizeof(err));
+}
+
+/*
+ * The conversion in a child process: how much its resident set grew at the peak, in bytes (the child
+ * starts as a copy of this process, so only what the conversion itself touches counts), or -1.
+ */
+static long long peak_growth(const struct conv_job *j)
+{
+	long long out = -1;
+	int fds[2], status;
+	pid_t pid;
+
+	CU_ASSERT_EQUAL_FATAL(pipe(fds), 0);
+	fflush(NULL);
+	pid = fork();
+	CU_ASSERT_FATAL(pid >= 0);
+	if (pid == 0) {
+		FILE *cr = fopen("/proc/self/clear_refs", "w");
+		long long base, peak;
+
+		if (cr) {	/* reset the high-water mark to the current size (Linux) */
+			fputs("5", cr);
+			fclose(cr);
+		}
+		base = status_kb("VmRSS") >= 0 ? status_kb("VmRSS") : maxrss_kb();
+		if (run_job(j) == 0) {
+			peak = status_kb("VmHWM") >= 0 ? status_kb("VmHWM") : maxrss_kb();
+			out = (peak - base) * 1024;
+		} else {
+			fprintf(stderr, "\n  convert: %s\n", err);
+		}
+		if (write(fds[1], &out, sizeof(out)) != sizeof(out))
+			_exit(1);
+		_exit(0);
+	}
+	close(fds[1]);
+	if (read(fds[0], &out, sizeof(out)) != sizeof(out))
+		out = -1;
+	close(fds[0]);
+	CU_ASSERT_EQUAL(waitpid(pid, &status, 0), pid);
+	return out;
+}
+
+/* Peak growth under 40% of the model's size (the old, whole-model conversions took 100-200%). */
+static void check_growth(const char *what, long long growth, uint64_t model_bytes)
+{
+	const long long limit = (long long)(model_bytes * 2 / 5);
+
+	CU_ASSERT(growth >= 0);
+	if (UNDER_ASAN)
+		return;
+	if (growth < 0 || growth >= limit)
+		fprintf(stderr, "\n  %s: peak RSS growth %.1f MB, model %.1f MB\n", what, growth / 1e6,
+			model_bytes / 1e6);
+	CU_ASSERT(growth < limit);
+}
+
+/*
+ * A model of ~66 MB (64 routed experts in 3 layers; its largest tensor 0.5 MB) converts both ways with
+ * a peak resident set well under its size: the conversions stream a tensor at a time.
+ */
+static void test_streaming_memory(void)
+{
+	char ckpt[400], dir[400], back[400];
+	struct run_config rc;
+	struct model_config *m = &rc.model;
+	struct conv_job to = { 1, ckpt, dir }, from = { 0, dir, back };
+	long long g_to, g_from;
+	uint64_t bytes;
+
+	tiny_config(&rc);
+	m->vocab_size = 512;
+	m->hidden_size = 256;
+	m->moe_intermediate_size = 112;
+	m->num_hidden_layers = 4;
+	m->n_routed_experts = 64;
+	m->n_group = 8;
+	m->topk_group = 2;
+	m->num_experts_per_tok = 4;
+	snprintf(ckpt, sizeof(ckpt), "%s", tmp_path("big.h5"));
+	snprintf(dir, sizeof(dir), "%s", tmp_path("hf-big"));
+	snprintf(back, sizeof(back), "%s", tmp_path("big-back.h5"));
+	rm_dir(dir);
+	bytes = write_fixture(ckpt, &rc, 77);
+	CU_ASSERT_FATAL(bytes > 60000000);
+	g_to = peak_growth(&to);
+	CU_ASSERT_EQUAL_FATAL(count_files(dir, "model-*-of-*.safetensors") >= 3, 1);
+	g_from = peak_growth(&from);
+	CU_ASSERT_TRUE(same_checkpoints(ckpt, back));
+	check_growth("--to-hf", g_to, bytes);
+	check_growth("--from-hf", g_from, bytes);
+	unlink(ckpt);
+	unlink(back);
+	rm_dir(dir);
+}
+
+/* lm_head (the last tensor) holds 0.375 everywhere; one byte of it flipped in the file. */
+static void corrupt_checkpoint(const char *ckpt, const struct run_config *rc)
+{
+	struct moe_model *m = model_create(&rc->model, 0, rc->model.n_routed_experts, err,
+					   sizeof(err));
+	const struct param *p;
+	const float pattern[4] = { 0.375f, 0.375f, 0.375f, 0.375f };
+	unsigned char *bytes, *hit = NULL;
+	struct ckpt_meta meta = { 0, 0 };
+	long len;
+	FILE *f;
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(m);
+	model_init_weights(m, 4);
+	p = model_find_param(m, "lm_head.weight");
+	for (size_t i = 0; i < p->numel; i++)
+		m->weights[p->offset + i] = 0.375f;
+	CU_ASSERT_EQUAL_FATAL(checkpoint_save_model(ckpt, m, rc, &meta, err, sizeof(err)), 0);
+	model_free(m);
+	f = fopen(ckpt, "r+b");
+	CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+	fseek(f, 0, SEEK_END);
+	len = ftell(f);
+	rewind(f);
+	bytes = malloc((size_t)len);
+	CU_ASSERT_FATAL(bytes && fread(bytes, 1, (size_t)len, f) == (size_t)len);
+	for (long i = 0; i + 16 <= len && !hit; i++)
+		if (!memcmp(bytes + i, pattern, sizeof(pattern)))
+			hit = bytes + i;
+	CU_ASSERT_PTR_NOT_NULL_FATAL(hit);
+	hit[5] ^= 0x40;
+	rewind(f);
+	CU_ASSERT_EQUAL(fwrite(bytes, 1, (size_t)len, f), (size_t)len);
+	fclose(f);
+	free(bytes);
+}
+
+/* --to-hf failing half-way (some shards written) leaves no weights, nor the directory it made. */
+static void test_to_hf_failure_leaves_nothing(void)
+{
+	char ckpt[400], dir[400];
+	struct run_config rc;
+
+	tiny_config(&rc);
+	snprintf(ckpt, sizeof(ckpt), "%s", tmp_path("corrupt.h5"));
+	snprintf(dir, sizeof(dir), "%s", tmp_path("hf-fail"));
+	corrupt_checkpoint(ckpt, &rc);
+	rm_dir(dir);
+	CU_ASSERT_EQUAL(convert_to_hf(ckpt, dir, &(struct convert_to_hf_opts){ ST_F32, 20000 }, NULL,
+				      err, sizeof(err)), -1);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "lm_head.weight"));
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, ckpt));
+	CU_ASSERT_EQUAL(access(dir, F_OK), -1);
+	/* into an existing directory: it stays, empty of weights */
+	CU_ASSERT_EQUAL_FATAL(mkdir(dir, 0777), 0);
+	CU_ASSERT_EQUAL(run_convert("--to-hf", ckpt, "--out", dir, "--shard-size", "20KB", NULL), 1);
+	CU_ASSERT_EQUAL(access(dir, F_OK), 0);
+	CU_ASSERT_EQUAL(count_files(dir, "*"), 0);
+	rm_dir(dir);
+}
+
 static void test_cli_usage(void)
 {
 	CU_ASSERT_EQUAL(run_convert("--to-hf", "x.h5", NULL), 2);
@@ -601,6 +900,8 @@ void register_tests(void)
 		{ "MTP layers and rotary buffers skipped; V2 without bias", test_skipped_and_v2 },
 		{ "index disagreeing with the files refused", test_index_disagrees },
 		{ "command-line usage errors", test_cli_usage },
+		{ "streamed: peak memory well under the model's size", test_streaming_memory },
+		{ "to-hf failing half-way leaves nothing", test_to_hf_failure_leaves_nothing },
 		{ NULL, NULL },
 	};
 

@@ -1,0 +1,307 @@
+/*
+ * bench/bench_generate.c - generation with the MLA latent cache on the CPU (rl/generate.h).
+ *
+ * A model from a config file (default configs/small.json), randomly initialised (model_init_weights),
+ * random prompts.  Every timing is repeated --reps times and the median reported (the machine is shared
+ * and noisy).  Three measurements:
+ *
+ * (a) throughput: G sequences (--gen-batch, 8 and 16) of --new tokens after a --prompt-token prompt,
+ *     generated batched (one generate() call: one decode step per token position for all G) vs one at a
+ *     time (G generate() calls); new tokens / s of each and their ratio.  Target: batched >= 4x.
+ * (b) the cost of one decode step at a context of 64, 256 and 1024 positions, for one sequence and for a
+ *     batch of G = 8 (the cache is filled with random latents: a step's cost does not depend on their
+ *     values), against recomputing the prefix with model_forward (what decoding without a cache costs).
+ *     Target: one sequence's step at 1024 costs < 4x its step at 64.
+ * (c) cache bytes per token: latent_cache_bytes_per_token == (kv_lora_rank + qk_rope_head_dim) x layers x 4
+ *     and equal to what latent_cache_create allocates per position.  A mismatch exits with status 1.
+ *
+ * Not a test: run it by hand (see bench/RESULTS.md).
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "launch/startup.h"
+#include "model/decode.h"
+#include "model/model.h"
+#include "rl/generate.h"
+#include "train/config.h"
+
+#define MAX_REPS 64
+
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+	qsort(v, (size_t)n, sizeof(double), cmp_double);
+	return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static uint64_t rng_state = 0x853c49e6748fea9bULL;
+
+static uint32_t rng_u32(void)
+{
+	rng_state = rng_state * 6364136223846793005ULL + 1442695040888963407ULL;
+	return (uint32_t)(rng_state >> 33);
+}
+
+struct opts {
+	const char *config;
+	int reps, prompt, new_tokens, threads;
+	uint64_t seed;
+};
+
+/* ---------------------------------------------------------------- (a) throughput */
+
+/* seconds to generate G sequences batched (one_at_a_time = 0) or one generate() call each */
+static double time_generate(struct moe_model *m, const int *const *prompts, const int *lens, int G,
+			    const struct sample_params *p, const uint64_t *seeds, int one_at_a_time, int *out,
+			    int *out_lens)
+{
+	double t0 = now_s();
+	if (!one_at_a_time) {
+		if (generate_cached(m, NULL, prompts, lens, G, p, seeds, out, out_lens, NULL))
+			return -1.0;
+		return now_s() - t0;
+	}
+	for (int g = 0; g < G; g++)
+		if (generate_cached(m, NULL, prompts + g, lens + g, 1, p, seeds + g,
+				    out + (size_t)g * p->max_new_tokens, out_lens + g, NULL))
+			return -1.0;
+	return now_s() - t0;
+}
+
+/* tokens/s batched and one at a time for G sequences; returns the ratio (0 on failure) */
+static double bench_throughput(struct moe_model *m, const struct opts *o, int G)
+{
+	int V = m->cfg.vocab_size, Tn = o->new_tokens;
+	int *tok = malloc(sizeof(int) * (size_t)G * o->prompt), *lens = malloc(sizeof(int) * G);
+	const int **prompts = malloc(sizeof(*prompts) * G);
+	uint64_t *seeds = malloc(sizeof(uint64_t) * G);
+	int *out[2] = { malloc(sizeof(int) * G * Tn), malloc(sizeof(int) * G * Tn) }, out_lens[2][64];
+	double t[2][MAX_REPS], med[2];
+	for (int g = 0; g < G; g++) {
+		for (int i = 0; i < o->prompt; i++)
+			tok[g * o->prompt + i] = (int)(rng_u32() % (uint32_t)V);
+		prompts[g] = tok + g * o->prompt;
+		lens[g] = o->prompt;
+		seeds[g] = o->seed + (uint64_t)g;
+	}
+	struct sample_params p = sample_params_default();
+	p.max_new_tokens = Tn;  /* temperature 1, no eos: every sequence runs Tn tokens */
+	for (int r = 0; r < o->reps; r++)
+		for (int mode = 0; mode < 2; mode++)
+			t[mode][r] = time_generate(m, prompts, lens, G, &p, seeds, mode, out[mode], out_lens[mode]);
+	for (int mode = 0; mode < 2; mode++)
+		med[mode] = median(t[mode], o->reps);
+	int same = !memcmp(out[0], out[1], sizeof(int) * G * Tn);
+	double tps[2] = { G * Tn / med[0], G * Tn / med[1] };
+	printf("(a) G = %2d, %d new tokens each: batched %8.1f tokens/s, one at a time %8.1f tokens/s, "
+	       "ratio %.2fx (tokens %s)\n", G, Tn, tps[0], tps[1], tps[0] / tps[1],
+	       same ? "identical" : "differ by float rounding");
+	free(tok);
+	free(lens);
+	free(prompts);
+	free(seeds);
+	free(out[0]);
+	free(out[1]);
+	return med[0] > 0 && med[1] > 0 ? tps[0] / tps[1] : 0.0;
+}
+
+/* ---------------------------------------------------------------- (b) cost per step */
+
+/* fill slots 0..n_slots-1 of every layer with ctx positions of random latents */
+static void fill_cache(struct latent_cache *lc, int ctx)
+{
+	size_t row = (size_t)lc->kv_lora + lc->dr;
+	for (int l = 0; l < lc->n_layers; l++)
+		for (int s = 0; s < lc->n_slots; s++) {
+			float *kv = lc->kv + ((size_t)l * lc->n_slots + s) * lc->max_len * row;
+			for (size_t i = 0; i < (size_t)ctx * row; i++)
+				kv[i] = (float)(rng_u32() % 2001) / 1000.0f - 1.0f;
+		}
+	for (int s = 0; s < lc->n_slots; s++)
+		lc->len[s] = ctx;
+}
+
+/* median seconds of one decode step of n tokens, each at position ctx of its own slot */
+static double time_step(struct moe_model *m, struct latent_cache *lc, int n, int ctx, int reps)
+{
+	int tok[64], slots[64], pos[64];
+	double t[MAX_REPS];
+	for (int i = 0; i < n; i++) {
+		tok[i] = (int)(rng_u32() % (uint32_t)m->cfg.vocab_size);
+		slots[i] = i;
+		pos[i] = ctx;
+	}
+	decode_step(m, lc, tok, slots, pos, n, NULL);  /* warm-up: buffers sized */
+	for (int r = 0; r < reps; r++) {
+		double t0 = now_s();
+		if (decode_step(m, lc, tok, slots, pos, n, NULL))
+			return -1.0;
+		t[r] = now_s() - t0;
+	}
+	for (int i = 0; i < n; i++)
+		lc->len[i] = ctx;
+	return median(t, reps);
+}
+
+/* median seconds of model_forward over a prefix of ctx + 1 tokens (the next token's logits, uncached) */
+static double time_forward(struct moe_model *m, int ctx, int reps)
+{
+	int *tok = malloc(sizeof(int) * (ctx + 1));
+	double t[MAX_REPS];
+	for (int i = 0; i <= ctx; i++)
+		tok[i] = (int)(rng_u32() % (uint32_t)m->cfg.vocab_size);
+	model_forward(m, tok, NULL, 1, ctx + 1);
+	for (int r = 0; r < reps; r++) {
+		double t0 = now_s();
+		model_forward(m, tok, NULL, 1, ctx + 1);
+		t[r] = now_s() - t0;
+	}
+	free(tok);
+	return median(t, reps);
+}
+
+/* the table of (b); returns the ratio of one sequence's step at the largest to the smallest context */
+static double bench_step_cost(struct moe_model *m, const struct opts *o, int G)
+{
+	static const int ctxs[] = { 64, 256, 1024 };
+	int nc = 3;
+	double one[3], batch[3], fwd[3];
+	struct latent_cache *lc = latent_cache_create(&m->cfg, G, ctxs[nc - 1] + 1);
+	if (!lc)
+		return 1e30;
+	printf("(b) context | step, 1 sequence | step, batch of %d (per token) | model_forward of the prefix\n",
+	       G);
+	for (int i = 0; i < nc; i++) {
+		fill_cache(lc, ctxs[i]);
+		one[i] = time_step(m, lc, 1, ctxs[i], 4 * o->reps);
+		batch[i] = time_step(m, lc, G, ctxs[i], 4 * o->reps);
+		fwd[i] = time_forward(m, ctxs[i], o->reps);
+		printf("    %7d | %9.3f ms     | %9.3f ms (%7.3f ms)          | %9.2f ms\n", ctxs[i], 1e3 * one[i],
+		       1e3 * batch[i], 1e3 * batch[i] / G, 1e3 * fwd[i]);
+	}
+	printf("    cost at %d / cost at %d: decode %.2fx (1 sequence), %.2fx (batch of %d); model_forward "
+	       "%.2fx\n", ctxs[nc - 1], ctxs[0], one[nc - 1] / one[0], batch[nc - 1] / batch[0], G,
+	       fwd[nc - 1] / fwd[0]);
+	latent_cache_free(lc);
+	return one[nc - 1] / one[0];
+}
+
+/* ---------------------------------------------------------------- (c) cache size */
+
+static int check_cache_bytes(const struct model_config *c)
+{
+	size_t want = (size_t)(c->kv_lora_rank + c->qk_rope_head_dim) * c->num_hidden_layers * 4;
+	size_t got = latent_cache_bytes_per_token(c);
+	struct latent_cache *lc = latent_cache_create(c, 2, 8);
+	/* what the cache holds per (slot, position): kv_lora + dr floats in every layer */
+	size_t held = lc ? (size_t)lc->n_layers * (lc->kv_lora + lc->dr) * sizeof(float) : 0;
+	latent_cache_free(lc);
+	int ok = got == want && held == want;
+	printf("(c) cache bytes per token: %zu (= (%d + %d) x %d layers x 4 = %zu; the cache holds %zu); %s\n", got,
+	       c->kv_lora_rank, c->qk_rope_head_dim, c->num_hidden_layers, want, held, ok ? "PASS" : "FAIL");
+	printf("    a full-attention KV cache would take %zu bytes per token (2 x heads x qk_head_dim x layers x 4)\n",
+	       (size_t)2 * c->num_attention_heads * mc_qk_head_dim(c) * c->num_hidden_layers * 4);
+	return ok;
+}
+
+/* ---------------------------------------------------------------- main */
+
+static void usage(const char *prog)
+{
+	fprintf(stderr, "usage: %s [--config FILE (configs/small.json)] [--reps N (5)] [--prompt T (16)]\n"
+			"          [--new N (32)] [--threads N] [--seed S]\n", prog);
+}
+
+static int parse_args(int argc, char **argv, struct opts *o)
+{
+	*o = (struct opts){ "configs/small.json", 5, 16, 32, 0, 1234 };
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+		if (!v)
+			return -1;
+		if (!strcmp(a, "--config"))
+			o->config = v;
+		else if (!strcmp(a, "--reps"))
+			o->reps = atoi(v);
+		else if (!strcmp(a, "--prompt"))
+			o->prompt = atoi(v);
+		else if (!strcmp(a, "--new"))
+			o->new_tokens = atoi(v);
+		else if (!strcmp(a, "--threads"))
+			o->threads = atoi(v);
+		else if (!strcmp(a, "--seed"))
+			o->seed = strtoull(v, NULL, 10);
+		else
+			return -1;
+		i++;
+	}
+	return o->reps < 1 || o->reps > MAX_REPS / 4 || o->prompt < 1 || o->new_tokens < 1 ? -1 : 0;
+}
+
+static struct moe_model *load_model(const struct opts *o)
+{
+	struct run_config rc;
+	char err[1024];
+	config_defaults(&rc);
+	if (config_load(&rc, o->config, NULL, 0, err, sizeof(err))) {
+		fprintf(stderr, "bench_generate: %s\n", err);
+		return NULL;
+	}
+	struct moe_model *m = model_create(&rc.model, 0, rc.model.n_routed_experts, err, sizeof(err));
+	if (!m) {
+		fprintf(stderr, "bench_generate: %s\n", err);
+		return NULL;
+	}
+	model_init_weights(m, o->seed);
+	int64_t total, active;
+	model_count_params(&rc.model, &total, &active);
+	const struct model_config *c = &m->cfg;
+	printf("model %s: %.2fM parameters (%.2fM activated), hidden %d, %d layers, %d heads, kv_lora %d, "
+	       "q_lora %d, %d experts top-%d + %d shared, vocab %d; %d threads\n", o->config, total / 1e6,
+	       active / 1e6, c->hidden_size, c->num_hidden_layers, c->num_attention_heads, c->kv_lora_rank,
+	       c->q_lora_rank, c->n_routed_experts, c->num_experts_per_tok, c->n_shared_experts, c->vocab_size,
+	       omp_get_max_threads());
+	return m;
+}
+
+int main(int argc, char **argv)
+{
+	startup_fix_blas_kernels(argv);
+	struct opts o;
+	if (parse_args(argc, argv, &o)) {
+		usage(argv[0]);
+		return 2;
+	}
+	if (o.threads > 0)
+		omp_set_num_threads(o.threads);
+	struct moe_model *m = load_model(&o);
+	if (!m)
+		return 1;
+	printf("median of %d repetitions; prompts of %d tokens\n", o.reps, o.prompt);
+	double r8 = bench_throughput(m, &o, 8), r16 = bench_throughput(m, &o, 16);
+	printf("    %s: batched generation of 8 sequences >= 4x one at a time (%.2fx; 16: %.2fx)\n",
+	       r8 >= 4.0 ? "PASS" : "FAIL", r8, r16);
+	double grow = bench_step_cost(m, &o, 8);
+	printf("    %s: a decode step at context 1024 costs < 4x the step at 64 (%.2fx)\n",
+	       grow < 4.0 ? "PASS" : "FAIL", grow);
+	int ok = check_cache_bytes(&m->cfg);
+	model_free(m);
+	return ok ? 0 : 1;
+}

@@ -1,0 +1,476 @@
+/*
+ * train/trainer.c - the parts of a training run that `moe train` and `moe grpo` share (trainer.h).
+ */
+#define _POSIX_C_SOURCE 200809L  /* clock_gettime, mkdir */
+
+#include "train/trainer.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+int trainer_all_ok(const struct trainer *t, int ok)
+{
+	if (!t->d || t->world == 1)
+		return ok;
+	int v = ok ? 1 : 0;
+	if (comm_allreduce(t->d->world_g, &v, 1, COMM_I32, COMM_MIN))
+		comm_abort(1, "collective failed");
+	return v;
+}
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_stop_signal(int sig)
+{
+	(void)sig;
+	stop_requested = 1;
+}
+
+void trainer_catch_signals(int on)
+{
+	signal(SIGINT, on ? on_stop_signal : SIG_DFL);
+	signal(SIGTERM, on ? on_stop_signal : SIG_DFL);
+}
+
+/* a signal may reach the ranks a step apart: they agree to stop together */
+int trainer_signalled(const struct trainer *t)
+{
+	return !trainer_all_ok(t, !stop_requested);
+}
+
+double trainer_now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+void trainer_format_duration(char *out, size_t len, double s)
+{
+	long t = (long)(s + 0.5);
+	if (t >= 3600)
+		snprintf(out, len, "%ldh%02ldm", t / 3600, t / 60 % 60);
+	else if (t >= 60)
+		snprintf(out, len, "%ldm%02lds", t / 60, t % 60);
+	else
+		snprintf(out, len, "%lds", t);
+}
+
+int trainer_make_dirs(const char *path)
+{
+	char buf[1100];
+	snprintf(buf, sizeof(buf), "%s", path);
+	for (char *p = buf + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = 0;
+		if (mkdir(buf, 0755) && errno != EEXIST)
+			return -1;
+		*p = '/';
+	}
+	return mkdir(buf, 0755) && errno != EEXIST ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------- setup */
+
+/* One optimizer segment per tensor: decay on matrices, none on norms (and on the input embedding
+ * unless train.decay_embeddings), the routing bias frozen. */
+static int build_segments(struct trainer *t)
+{
+	const struct moe_model *m = t->m;
+	t->segs = calloc(m->n_params, sizeof(*t->segs));
+	if (!t->segs)
+		return -1;
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+		struct optim_segment *s = &t->segs[i];
+		s->offset = p->offset;
+		s->numel = p->numel;
+		s->frozen = p->kind == PARAM_BUFFER;
+		s->weight_decay = param_weight_decay(p, (float)t->cfg.train.weight_decay,
+						     t->cfg.train.decay_embeddings);
+	}
+	t->nsegs = m->n_params;
+	return 0;
+}
+
+
+/* The value of section.key in a config's JSON, as text (for messages). */
+static void config_value_text(const struct run_config *c, const char *section, const char *key, char *out,
+			      size_t len)
+{
+	char *json = config_to_json(c);
+	cJSON *root = cJSON_Parse(json);
+	cJSON *item = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, section), key);
+	char *txt = item ? cJSON_PrintUnformatted(item) : NULL;
+	snprintf(out, len, "%s", txt ? txt : "?");
+	free(txt);
+	cJSON_Delete(root);
+	free(json);
+}
+
+
+/* The model must be the one the checkpoint holds; resuming (what = "resume"), every other difference is
+ * allowed and printed. */
+static int compare_with_checkpoint(const struct run_config *saved, const struct run_config *now,
+				   const char *path, const char *what,
+				   const char *who)
+{
+	char key[128];
+	if (config_model_diff(&saved->model, &now->model, key, sizeof(key))) {
+		char a[128], b[128];
+		config_value_text(saved, "model", key + 6, a, sizeof(a));
+		config_value_text(now, "model", key + 6, b, sizeof(b));
+		fprintf(stderr, "%s: %s was written with %s = %s, the config says %s: the model's "
+			"shapes would change\n", who, path, key, a, b);
+		return -1;
+	}
+	if (!what)
+		return 0;  /* a new run from a checkpoint's weights: only the model must agree */
+	char *js = config_to_json(saved), *jn = config_to_json(now);
+	cJSON *rs = cJSON_Parse(js), *rn = cJSON_Parse(jn);
+	cJSON *sec;
+	cJSON_ArrayForEach(sec, rn) {
+		if (!strcmp(sec->string, "model"))
+			continue;
+		cJSON *old_sec = cJSON_GetObjectItemCaseSensitive(rs, sec->string), *item;
+		cJSON_ArrayForEach(item, sec) {
+			cJSON *old = cJSON_GetObjectItemCaseSensitive(old_sec, item->string);
+			if (old && cJSON_Compare(old, item, 1))
+				continue;
+			char *a = old ? cJSON_PrintUnformatted(old) : NULL, *b = cJSON_PrintUnformatted(item);
+			printf("%s: %s.%s changed: %s -> %s\n", what, sec->string, item->string, a ? a : "(unset)",
+			       b);
+			free(a);
+			free(b);
+		}
+	}
+	cJSON_Delete(rs);
+	cJSON_Delete(rn);
+	free(js);
+	free(jn);
+	return 0;
+}
+
+
+static int resolve_resume(const struct trainer *t, const char *resume, char *path, size_t len)
+{
+	char err[1024];
+	if (strcmp(resume, "latest")) {
+		snprintf(path, len, "%s", resume);
+		return 0;
+	}
+	int r = checkpoint_latest(t->cfg.checkpoint.dir, path, len, err, sizeof(err));
+	if (r < 0) {
+		fprintf(stderr, "%s: %s\n", t->who, err);
+		return -1;
+	}
+	if (r == 1) {
+		TRAINER_LOG(t, "resume: no checkpoint in %s yet, starting fresh\n", t->cfg.checkpoint.dir);
+		path[0] = 0;
+	}
+	return 0;
+}
+
+
+/* Weights (and optimizer, data position, RNG) from --resume, or weights from train.init_checkpoint, or a
+ * fresh initialisation. */
+static int restore(struct trainer *t, const char *resume)
+{
+	char path[1100] = "", err[1024];
+	int full = 0;
+	if (resume) {
+		if (resolve_resume(t, resume, path, sizeof(path)))
+			return -1;
+		full = path[0] != 0;
+	}
+	if (!path[0] && t->cfg.train.init_checkpoint[0])
+		snprintf(path, sizeof(path), "%s", t->cfg.train.init_checkpoint);
+	if (!path[0]) {
+		model_init_weights(t->m, (uint64_t)t->cfg.train.seed);
+		t->st.data_seed = (uint64_t)t->cfg.train.seed;
+		return 0;
+	}
+	struct run_config saved;
+	config_defaults(&saved);
+	if (checkpoint_read_header(path, &saved, NULL, err, sizeof(err)))
+		goto fail;
+	if (compare_with_checkpoint(&saved, &t->cfg, path, full && t->rank == 0 ? "resume" : NULL,
+				    t->who))
+		return -1;
+	if (full) {
+		if (checkpoint_load(path, t->m, &t->opt, &t->st, err, sizeof(err)))
+			goto fail;
+		t->resumed = 1;
+		TRAINER_LOG(t, "resumed from %s at step %lld (%lld tokens seen)\n", path, (long long)t->st.step,
+		    (long long)t->st.tokens_seen);
+	} else {
+		if (checkpoint_load_model(path, t->m, err, sizeof(err)))
+			goto fail;
+		t->st.data_seed = (uint64_t)t->cfg.train.seed;
+		TRAINER_LOG(t, "initialised from %s (weights only, fresh optimizer)\n", path);
+	}
+	snprintf(t->restored_from, sizeof(t->restored_from), "%s", path);
+	return 0;
+fail:
+	fprintf(stderr, "%s: %s\n", t->who, err);
+	return -1;
+}
+
+
+/*
+ * The metrics file.  A resumed run drops the lines past the resumed step (written by the run that was
+ * stopped after its last checkpoint), so the file reads as one uninterrupted run.
+ */
+static FILE *open_metrics(const char *who, const char *path, int resumed, int64_t step)
+{
+	if (!path[0])
+		return NULL;
+	char dir[1100];
+	snprintf(dir, sizeof(dir), "%s", path);
+	char *slash = strrchr(dir, '/');
+	if (slash && slash != dir) {
+		*slash = 0;
+		if (trainer_make_dirs(dir))
+			fprintf(stderr, "%s: cannot create %s: %s\n", who, dir, strerror(errno));
+	}
+	if (resumed) {
+		FILE *in = fopen(path, "r");
+		if (in) {
+			char tmp[1100], line[65536];
+			snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+			FILE *out = fopen(tmp, "w");
+			while (out && fgets(line, sizeof(line), in)) {
+				cJSON *j = cJSON_Parse(line);
+				cJSON *s = cJSON_GetObjectItemCaseSensitive(j, "step");
+				if (cJSON_IsNumber(s) && s->valuedouble <= (double)step)
+					fputs(line, out);
+				cJSON_Delete(j);
+			}
+			fclose(in);
+			if (out && !fclose(out))
+				rename(tmp, path);
+		}
+	}
+	FILE *f = fopen(path, resumed ? "a" : "w");
+	if (!f)
+		fprintf(stderr, "%s: cannot open log.metrics %s: %s\n", who, path, strerror(errno));
+	return f;
+}
+
+
+int trainer_init(struct trainer *t, const char *who, const struct run_config *cfg, const char *resume,
+		 const struct dist *d, int total_updates)
+{
+	char err[1024];
+	const struct train_config *tc = &cfg->train;
+	t->who = who;
+	t->cfg = *cfg;
+	t->d = d;
+	t->rank = d ? d->rank : 0;
+	t->world = d ? d->world : 1;
+	int E = cfg->model.n_routed_experts, ep = d ? d->ep : 1, ep_rank = d ? d->ep_rank : 0;
+	t->m = model_create(&cfg->model, ep_rank * (E / ep), (ep_rank + 1) * (E / ep), err, sizeof(err));
+	if (!t->m) {
+		fprintf(stderr, "%s: %s\n", who, err);
+		return -1;
+	}
+	if (d && ep > 1)
+		t->m->ep_group = d->ep_g;
+	if (grad_sync_init(&t->sync, t->m)) {
+		fprintf(stderr, "%s: out of memory for the gradient buffers\n", who);
+		return -1;
+	}
+	if (adamw_init(&t->opt, t->m->n_weights) || build_segments(t)) {
+		fprintf(stderr, "%s: out of memory for the optimizer state\n", who);
+		return -1;
+	}
+	if (lr_schedule_parse(tc->schedule, &t->sched.kind)) {
+		fprintf(stderr, "%s: train.schedule: unknown schedule '%s'\n", who, tc->schedule);
+		return -1;
+	}
+	t->sched.lr = tc->lr;
+	t->sched.min_lr = tc->min_lr;
+	t->sched.decay_frac = tc->decay_frac;
+	t->sched.warmup_steps = tc->warmup_steps;
+	t->sched.total_steps = total_updates;
+	if (restore(t, resume))
+		return -1;
+	if (cfg->parallel.zero) {
+		t->zero = 1;
+		if (zero_init(&t->z, t->m, d, (float)tc->weight_decay, tc->decay_embeddings)) {
+			fprintf(stderr, "%s: out of memory for the sharded optimizer\n", who);
+			return -1;
+		}
+		zero_scatter_state(&t->z, t->m, &t->opt);
+		adamw_free(&t->opt);
+	}
+	t->step_load = calloc((size_t)cfg->model.num_hidden_layers * (cfg->model.n_routed_experts + 1),
+			      sizeof(int64_t));
+	if (!t->step_load)
+		return -1;
+	if (t->rank == 0) {
+		t->metrics = open_metrics(who, cfg->log.metrics, t->st.step > 0, t->st.step);
+		if (cfg->log.metrics[0] && !t->metrics)
+			return -1;
+	}
+	return 0;
+}
+
+void trainer_free(struct trainer *t)
+{
+	if (t->metrics)
+		fclose(t->metrics);
+	free(t->step_load);
+	grad_sync_free(&t->sync);
+	if (t->zero)
+		zero_free(&t->z);
+	free(t->segs);
+	adamw_free(&t->opt);
+	model_free(t->m);
+}
+
+/* ---------------------------------------------------------------- one update */
+
+void trainer_add_loads(struct trainer *t)
+{
+	const struct model_config *c = &t->m->cfg;
+	size_t n = (size_t)c->num_hidden_layers * c->n_routed_experts;
+	for (size_t i = 0; i < n; i++)
+		t->step_load[i] += t->m->expert_load[i];
+}
+
+
+void trainer_clear_loads(struct trainer *t)
+{
+	const struct model_config *c = &t->m->cfg;
+	memset(t->step_load, 0, sizeof(int64_t) * c->num_hidden_layers * c->n_routed_experts);
+}
+
+/*
+ * Aux-loss-free balancing (DeepSeek-V3 section 2.1.2): after the update, every MoE layer's routing bias
+ * moves by bias_update_speed toward under-loaded experts: b_i += speed * sign(mean_load - load_i).
+ */
+static void update_routing_bias(struct trainer *t)
+{
+	const struct model_config *c = &t->m->cfg;
+	float speed = (float)t->cfg.train.bias_update_speed;
+	int E = c->n_routed_experts;
+	if (speed == 0.0f)
+		return;
+	for (int l = 0; l < c->num_hidden_layers; l++) {
+		if (!mc_layer_is_moe(c, l))
+			continue;
+		const int64_t *load = t->step_load + (size_t)l * E;
+		double mean = 0;
+		for (int e = 0; e < E; e++)
+			mean += load[e];
+		mean /= E;
+		float *bias = t->m->w.layers[l].e_score_correction_bias;
+		for (int e = 0; e < E; e++)
+			bias[e] += speed * (float)((mean > load[e]) - (mean < load[e]));
+	}
+}
+
+
+static const char *first_nonfinite_grad(const struct moe_model *m)
+{
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+		for (size_t j = 0; j < p->numel; j++)
+			if (!isfinite(m->grads[p->offset + j]))
+				return p->name;
+	}
+	return NULL;
+}
+
+
+void trainer_update(struct trainer *t, double lr, double loss, struct update_result *u)
+{
+	const struct train_config *tc = &t->cfg.train;
+	memset(u, 0, sizeof(*u));
+	u->grad_norm = t->zero ? zero_reduce(&t->z, t->m) : grad_sync_reduce(&t->sync, t->m, t->d);
+	if (t->d && t->world > 1) {
+		int64_t n = (int64_t)t->m->cfg.num_hidden_layers * t->m->cfg.n_routed_experts;
+		if (comm_allreduce(t->d->world_g, t->step_load, n, COMM_I64, COMM_SUM))
+			comm_abort(1, "all-reduce of the step's expert loads failed");
+	}
+	if (!isfinite(loss) || !isfinite(u->grad_norm)) {
+		u->skipped = 1;
+		u->bad = first_nonfinite_grad(t->m);
+		return;
+	}
+	struct adamw_hparams h = { (float)lr, (float)tc->beta1, (float)tc->beta2, (float)tc->eps };
+	if (t->zero) {
+		float f = tc->grad_clip > 0 && u->grad_norm > tc->grad_clip ?
+			  (float)(tc->grad_clip / u->grad_norm) : 1.0f;
+		zero_update(&t->z, t->m, f, &h);
+	} else {
+		grad_clip(t->m->grads, t->m->n_weights, u->grad_norm, tc->grad_clip);
+		adamw_update(&t->opt, t->m->weights, t->m->grads, t->segs, t->nsegs, &h);
+	}
+	update_routing_bias(t);
+}
+
+/* ---------------------------------------------------------------- logging, checkpoints */
+
+/* max expert load / mean load of each MoE layer over the step */
+void trainer_write_imbalance(const struct trainer *t, FILE *f)
+{
+	const struct model_config *c = &t->m->cfg;
+	int E = c->n_routed_experts, first = 1;
+	fprintf(f, "\"load_imbalance\": [");
+	for (int l = 0; l < c->num_hidden_layers; l++) {
+		if (!mc_layer_is_moe(c, l))
+			continue;
+		int64_t mx = 0, sum = 0;
+		for (int e = 0; e < E; e++) {
+			int64_t v = t->step_load[(size_t)l * E + e];
+			mx = v > mx ? v : mx;
+			sum += v;
+		}
+		fprintf(f, "%s%.4f", first ? "" : ", ", sum ? (double)mx * E / sum : 0.0);
+		first = 0;
+	}
+	fprintf(f, "]");
+}
+
+
+int trainer_save(struct trainer *t)
+{
+	char path[1100], err[1024] = "";
+	const char *dir = t->cfg.checkpoint.dir;
+	int ok = 1;
+	if (t->rank == 0 && trainer_make_dirs(dir)) {
+		snprintf(err, sizeof(err), "checkpoint.dir %s: %s", dir, strerror(errno));
+		ok = 0;
+	}
+	if (!trainer_all_ok(t, ok))
+		goto fail;
+	checkpoint_path(path, sizeof(path), dir, t->st.step);
+	/* ZeRO: the file holds the whole AdamW state, gathered for the write */
+	if (t->zero && (adamw_init(&t->opt, t->m->n_weights) || zero_gather_state(&t->z, t->m, &t->opt)))
+		comm_abort(1, "out of memory gathering the optimizer state");
+	ok = !checkpoint_save_dist(path, t->m, &t->opt, &t->cfg, &t->st, t->d, err, sizeof(err));
+	if (t->zero)
+		adamw_free(&t->opt);
+	if (!ok)
+		goto fail;
+	ok = t->rank != 0 || !checkpoint_prune(dir, t->cfg.checkpoint.keep, err, sizeof(err));
+	if (!trainer_all_ok(t, ok))
+		goto fail;
+	TRAINER_LOG(t, "saved %s\n", path);
+	return 0;
+fail:
+	if (err[0])
+		fprintf(stderr, "%s: %s\n", t->who, err);
+	return -1;
+}
+

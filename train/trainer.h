@@ -1,0 +1,89 @@
+/*
+ * train/trainer.h - what `moe train` and `moe grpo` share: the model with its AdamW state (or its ZeRO
+ * shard) restored from a checkpoint, one optimizer update from accumulated gradients (data-parallel
+ * reduction, clipping, AdamW, aux-loss-free bias update), checkpoints, the metrics file, and the ranks'
+ * agreement on failures and stop signals.
+ */
+#ifndef MOE_TRAIN_TRAINER_H
+#define MOE_TRAIN_TRAINER_H
+
+#include <stdio.h>
+
+#include "launch/comm.h"
+#include "model/model.h"
+#include "optim/adamw.h"
+#include "train/checkpoint.h"
+#include "train/config.h"
+#include "train/grad_sync.h"
+#include "train/zero.h"
+
+struct trainer {
+	const char *who;             /* "moe train", "moe grpo": the prefix of messages */
+	struct run_config cfg;
+	const struct dist *d;        /* NULL: one process */
+	int rank, world;             /* world rank and size (0, 1 for one process) */
+	struct moe_model *m;
+	struct adamw opt;
+	struct optim_segment *segs;
+	int nsegs;
+	struct lr_schedule sched;
+	struct train_state st;
+	int resumed;                 /* st came from a checkpoint (--resume) */
+	char restored_from[1100];    /* the checkpoint the weights came from ("": fresh initialisation) */
+	FILE *metrics;               /* rank 0's log.metrics (NULL: none) */
+	int64_t *step_load;          /* [L][E] expert loads summed over the step's forwards */
+	struct grad_sync sync;       /* the data-parallel gradient reduction */
+	int zero;                    /* parallel.zero=1: the AdamW state sharded (then opt is only */
+	struct zero z;               /* allocated around checkpoint loads and saves) */
+};
+
+#define TRAINER_LOG(t, ...) do { if ((t)->rank == 0) printf(__VA_ARGS__); } while (0)
+
+/* Every rank's verdict on a phase: any rank's failure fails all of them, so none waits forever in a
+ * collective that the failed rank will never join. */
+int trainer_all_ok(const struct trainer *t, int ok);
+
+double trainer_now_s(void);
+void trainer_format_duration(char *out, size_t len, double s);
+/* mkdir -p; 0 or -1 with errno */
+int trainer_make_dirs(const char *path);
+
+/* SIGINT/SIGTERM ask the loop to checkpoint and stop (on = 0 restores the defaults). */
+void trainer_catch_signals(int on);
+/* Whether any rank was signalled (collective). */
+int trainer_signalled(const struct trainer *t);
+
+/*
+ * The model (this rank's expert slice), gradient reduction, AdamW with its decay masks, the schedule
+ * (over total_updates optimizer updates), weights and state from --resume (NULL, "latest" or a path)
+ * or train.init_checkpoint or a fresh initialisation, ZeRO, and rank 0's metrics file.  Returns 0 or
+ * -1 after printing why.
+ */
+int trainer_init(struct trainer *t, const char *who, const struct run_config *cfg, const char *resume,
+		 const struct dist *d, int total_updates);
+void trainer_free(struct trainer *t);
+
+/* Add the last forward's expert loads to step_load (zero it at the start of a step). */
+void trainer_add_loads(struct trainer *t);
+void trainer_clear_loads(struct trainer *t);
+
+struct update_result {
+	double grad_norm;
+	int skipped;                 /* a non-finite loss or gradient: nothing was applied */
+	const char *bad;             /* the first tensor with a non-finite gradient */
+};
+
+/*
+ * One optimizer update from the gradients accumulated in t->m->grads (each rank's share of the global
+ * mean): reduce them over the ranks, sum the step's expert loads, clip to train.grad_clip, AdamW at lr,
+ * then the routing-bias update.  loss is the step's global loss (a non-finite one skips the update).
+ */
+void trainer_update(struct trainer *t, double lr, double loss, struct update_result *u);
+
+/* "load_imbalance": [...] of the step (max load / mean load per MoE layer) into a JSON object. */
+void trainer_write_imbalance(const struct trainer *t, FILE *f);
+
+/* Checkpoint step st.step into checkpoint.dir (every rank calls it), then prune to checkpoint.keep. */
+int trainer_save(struct trainer *t);
+
+#endif
