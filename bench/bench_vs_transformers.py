@@ -30,14 +30,20 @@ vs transformers' DeepseekV3ForCausalLM.generate, on the same random weights:
      itself can take; greedy then keeps the G rows identical, so every row routes to the same experts);
   3. for each N of --gen-new (largest N also gives the token check), per round and variant, one fresh
      process that loads the model, runs one untimed warm-up generation (2 new tokens), then times
-     generate(1 new token) (3 times, median: prefill + the first sampled token) and generate(N); the
+     generate(1 new token) (--gen-reps1 times, median: prefill + the first token) and generate(N); the
      decode time is t(N) - t(1) (N - 1 single-token steps of G rows) and
          decode tokens/s = G * (N - 1) / (t(N) - t(1)),
-     which leaves out process start, imports, model load and the prefill on both sides.
+     which leaves out process start, imports, model load and the prefill on both sides. For transformers
+     the per-round line also shows "in-call": the same rate from timestamps a LogitsProcessor takes inside
+     generate(N) (first to last generated token), a check of the subtraction.
+  The model is built (and converted) in a process of its own, so that the measuring processes, children
+  of a main process without torch, report their own ru_maxrss (it survives fork + exec on Linux).
 Variants (--gen-variants):
   moe        a small C driver (embedded below, compiled against MOE_BUILD/libmoecore.a with the flags and
              link line CMake used for MOE_BUILD/moe) calling generate() of rl/generate.h: temperature 0,
              eos -1 (never stops early), the latent cache; timed with CLOCK_MONOTONIC around generate().
+             MOE_BUILD must be built from the current tree (the driver uses its headers; a warning is
+             printed when a source is newer than libmoecore.a).
   moe-cli    `moe generate --prompt-ids ... --num-samples G --temperature 0 --eos -1` (only the `same`
              prompt set): one process per N and --gen-reps1 with N = 1 (t(1) = their minimum: a cold
              process's first generate() is sometimes much slower); t = generate()'s time as the command
@@ -48,7 +54,9 @@ Variants (--gen-variants):
              model.generate(input_ids, attention_mask, do_sample=False, max_new_tokens=N, use_cache=True)
              with generation_config.eos_token_id = None (no early stop without min_new_tokens, which would
              mask the eos logit and change the greedy choice); torch.inference_mode; a DynamicCache passed
-             in, whose per-layer tensors give the cache bytes per token.
+             in, whose per-layer tensors give the cache bytes per token (transformers >= 5 caches
+             DeepseekV3's latent, RMSNorm(c_kv) and the roped k_pe, like moe, and expands it through
+             kv_b_proj for every cached position at every step; 4.x cached the expanded per-head K and V).
 All sides are float32 with --threads threads (OMP_NUM_THREADS for moe, torch.set_num_threads for torch).
 The greedy tokens of every variant are compared with those of `moe` (fraction of identical tokens, and the
 first position where a row differs: once a row differs, the rest of it usually does too).
