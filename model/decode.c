@@ -349,8 +349,8 @@ static int any_rank(const struct moe_model *m, int flag)
  * the results do not depend on the thread count.  Many rows (a prefill chunk): linear_forward.
  */
 #define SKINNY_ROWS 64
-#define SKINNY_ELEMS 1024
-#define SKINNY_MAX_COLS 256
+#define SKINNY_ELEMS 512
+#define SKINNY_MAX_COLS 128
 
 /* columns per tile of a product of n rows */
 static int skinny_cols(int n)
