@@ -179,6 +179,7 @@ static int ensure_expert_rows(struct decode_scratch *s, size_t R, int C, int Im)
  * so each cached row is read once per block.  The blocks depend on the shapes only.
  */
 #define ATTN_HEADS 4
+#define ATTN_CHUNK 256
 
 /* floats of one thread's attention buffer: the scores of a block */
 static size_t attn_buf_len(int max_len)
@@ -348,7 +349,7 @@ static int any_rank(const struct moe_model *m, int flag)
  * only, each is one single-threaded call (the region is always entered, as in ops_cpu.c's gemm_run), so
  * the results do not depend on the thread count.  Many rows (a prefill chunk): linear_forward.
  */
-#define SKINNY_ROWS 64
+#define SKINNY_ROWS 32
 #define SKINNY_ELEMS 512
 #define SKINNY_MAX_COLS 128
 
@@ -452,12 +453,20 @@ static void softmax_rows(float *s, int nh, int P)
 	}
 }
 
-/* nh heads of one token: ol [nh, Rkv] (row stride Rkv) from ql [nh, Rkv+dr] over kv [P, Rkv+dr] */
+/*
+ * nh heads of one token: ol [nh, Rkv] (row stride Rkv) from ql [nh, Rkv+dr] over kv [P, Rkv+dr].  The
+ * scores go by chunks of ATTN_CHUNK positions: a product that small runs without copying the cached
+ * rows first (see skinny_linear).
+ */
 static void attend_block(const float *ql, const float *kv, float *ol, float *s, int nh, int P, int Rkv,
 			 int dr)
 {
 	int Dl = Rkv + dr;
-	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nh, P, Dl, 1.0f, ql, Dl, kv, Dl, 0.0f, s, P);
+	for (int j0 = 0; j0 < P; j0 += ATTN_CHUNK) {
+		int len = P - j0 < ATTN_CHUNK ? P - j0 : ATTN_CHUNK;
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nh, len, Dl, 1.0f, ql, Dl,
+			    kv + (size_t)j0 * Dl, Dl, 0.0f, s + j0, P);
+	}
 	softmax_rows(s, nh, P);
 	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nh, Rkv, P, 1.0f, s, P, kv, Dl, 0.0f, ol, Rkv);
 }

@@ -555,8 +555,9 @@ int generate_cli_main(int argc, char **argv)
 		goto done;
 	}
 	out = malloc(sizeof(int) * ((size_t)G * sp.max_new_tokens + 1));
-	lens = malloc(sizeof(int) * (size_t)G * 2);
-	prompts = malloc(sizeof(*prompts) * (size_t)G);
+	/* zeroed: with the sanitizers GCC cannot tell that the loop below fills them */
+	lens = calloc((size_t)G * 2, sizeof(int));
+	prompts = calloc((size_t)G, sizeof(*prompts));
 	if (!out || !lens || !prompts) {
 		fprintf(stderr, "moe generate: out of memory\n");
 		goto done;

@@ -782,7 +782,7 @@ fail:
 	return ret;
 }
 
-/* A parameter of a table by name (linear: the callers look up a handful of names). */
+/* A parameter of a table by name (linear, like model_find_param: used on failure paths only). */
 static const struct param *table_find(const struct param *params, int n, const char *name)
 {
 	for (int i = 0; i < n; i++)

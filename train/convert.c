@@ -1287,10 +1287,8 @@ int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_t
 	if (rc.model.num_key_value_heads == 0)
 		rc.model.num_key_value_heads = rc.model.num_attention_heads;
 	made_dir = stat(dir, &sb) != 0;
-	if (mkdir_p(dir, err, errlen) || check_out_dir(dir, err, errlen)) {
-		made_dir = 0;  /* not ours to remove */
+	if (mkdir_p(dir, err, errlen) || check_out_dir(dir, err, errlen))
 		goto out;
-	}
 	if (rc.model.scoring_func == MOE_SCORING_SOFTMAX && rc.model.n_routed_experts > 0)
 		note(notes, "scoring_func is softmax: DeepSeek's own code honours it, transformers' "
 		     "DeepseekV3 always scores with sigmoid");

@@ -205,7 +205,8 @@ static double batch_decode(struct moe_model *m, struct batch_case *bc, int *rout
 			break;
 		CU_ASSERT_EQUAL_FATAL(decode_step(m, lc, tok, slots, pos, n, lg), 0);
 		for (int i = 0; i < n; i++) {
-			double e = max_rel(lg + (size_t)i * V, bc->ref + ((size_t)slots[i] * BMAX + pos[i]) * V, V);
+			const float *want = bc->ref + ((size_t)slots[i] * BMAX + pos[i]) * V;
+			double e = max_rel(lg + (size_t)i * V, want, V);
 			worst = e > worst ? e : worst;
 		}
 	}
@@ -300,7 +301,7 @@ static void test_decode_bad_args(void)
 	pos = 4;
 	CU_ASSERT_EQUAL(decode_step(m, c, &tok, &slot, &pos, 1, NULL), -1);  /* past max_len */
 	pos = 1;
-	CU_ASSERT_EQUAL(decode_step(m, c, &tok, &slot, &pos, 0, NULL), -1);  /* n = 0: only with an ep group */
+	CU_ASSERT_EQUAL(decode_step(m, c, &tok, &slot, &pos, 0, NULL), -1);  /* n = 0: only under EP */
 	CU_ASSERT_EQUAL(c->len[0], 1);
 	/* a cache without slots is valid (a rank with no sequences under expert parallelism) */
 	struct latent_cache *none = latent_cache_create(&m->cfg, 0, 4);
@@ -563,7 +564,8 @@ static void test_generate_routes(void)
 				continue;
 			const int *want = m->acts->layers[l].moe.topk_idx;
 			for (int t = 0; t < T; t++, checked++)
-				mismatches += memcmp(latent_cache_route(lc, l, g, t), want + t * K, sizeof(int) * K) != 0;
+				mismatches += !!memcmp(latent_cache_route(lc, l, g, t), want + t * K,
+						       sizeof(int) * K);
 		}
 	}
 	CU_ASSERT_EQUAL(mismatches, 0);

@@ -140,8 +140,8 @@ static void local_setup(struct local *lo, struct moe_model *ref)
 		model_forward(ref, lo->seq[g], NULL, 1, T);
 		memcpy(lo->ref + (size_t)g * MAXT * V, model_logits(ref), sizeof(float) * T * V);
 		for (int l = c->first_k_dense_replace; l < L; l++)
-			memcpy(lo->ref_routes + ((size_t)g * L + l) * MAXT * K, ref->acts->layers[l].moe.topk_idx,
-			       sizeof(int) * T * K);
+			memcpy(lo->ref_routes + ((size_t)g * L + l) * MAXT * K,
+			       ref->acts->layers[l].moe.topk_idx, sizeof(int) * T * K);
 	}
 }
 
@@ -151,10 +151,11 @@ static int routes_match(const struct local *lo, const struct latent_cache *lc, c
 	for (int g = 0; g < lo->G; g++) {
 		int j = lo->first + g;
 		for (int l = c->first_k_dense_replace; l < L; l++)
-			for (int t = 0; t < prompt_len(j) + extra_len(j); t++)
-				if (memcmp(latent_cache_route(lc, l, g, t),
-					   lo->ref_routes + (((size_t)g * L + l) * MAXT + t) * K, sizeof(int) * K))
+			for (int t = 0; t < prompt_len(j) + extra_len(j); t++) {
+				const int *want = lo->ref_routes + (((size_t)g * L + l) * MAXT + t) * K;
+				if (memcmp(latent_cache_route(lc, l, g, t), want, sizeof(int) * K))
 					return 0;
+			}
 	}
 	return 1;
 }
@@ -187,13 +188,15 @@ static void test_decode_matches_single_process(void)
 			}
 		CU_ASSERT_EQUAL_FATAL(decode_step(m, lc, tok, slots, pos, n, lg), 0);
 		for (int i = 0; i < n; i++) {
-			double e = max_rel(lg + (size_t)i * V, lo.ref + ((size_t)slots[i] * MAXT + pos[i]) * V, V);
+			const float *want = lo.ref + ((size_t)slots[i] * MAXT + pos[i]) * V;
+			double e = max_rel(lg + (size_t)i * V, want, V);
 			worst = e > worst ? e : worst;
 		}
 	}
 	int routes = routes_match(&lo, lc, &m->cfg);
-	printf("\n  rank %d of %d (dp %d, ep %d): %d sequences, decode vs one process max rel err %.2e, routes %s",
-	       dist.rank, dist.world, dist.dp, dist.ep, lo.G, worst, routes ? "equal" : "DIFFER");
+	printf("\n  rank %d of %d (dp %d, ep %d): %d sequences, decode vs one process max rel err %.2e, "
+	       "routes %s", dist.rank, dist.world, dist.dp, dist.ep, lo.G, worst,
+	       routes ? "equal" : "DIFFER");
 	CU_ASSERT(worst < 2e-5);
 	CU_ASSERT(routes);
 	free(lg);
@@ -226,9 +229,10 @@ static void check_generate(const struct sample_params *p, const char *what)
 	struct latent_cache *lc = latent_cache_create(&m->cfg, G, MAXP + Tn);
 	CU_ASSERT_FATAL(rc && lc && !latent_cache_enable_routes(rc, &ref->cfg) &&
 			!latent_cache_enable_routes(lc, &m->cfg));
-	CU_ASSERT_EQUAL_FATAL(generate_cached(ref, rc, prompts, lens, S, p, seeds, ref_out, ref_lens, ref_lp), 0);
-	CU_ASSERT_EQUAL_FATAL(generate_cached(m, lc, prompts + f, lens + f, G, p, seeds + f, out, out_lens, lp),
+	CU_ASSERT_EQUAL_FATAL(generate_cached(ref, rc, prompts, lens, S, p, seeds, ref_out, ref_lens, ref_lp),
 			      0);
+	CU_ASSERT_EQUAL_FATAL(generate_cached(m, lc, prompts + f, lens + f, G, p, seeds + f, out, out_lens,
+					      lp), 0);
 	int same = !memcmp(out, ref_out + (size_t)f * Tn, sizeof(int) * G * Tn) &&
 		   !memcmp(out_lens, ref_lens + f, sizeof(int) * G);
 	int routes_same = 1;
@@ -313,7 +317,8 @@ static void test_bad_arguments_fail_together(void)
 	len = 2;
 	CU_ASSERT_EQUAL(generate(m, &pp, &len, 1, &p, out, &out_len, NULL), 0);
 	if (dist.ep > 1)  /* G = 0 is allowed only with an ep group */
-		CU_ASSERT_EQUAL(generate(m, &pp, &len, dist.ep_rank == 1 ? 0 : 1, &p, out, &out_len, NULL), 0);
+		CU_ASSERT_EQUAL(generate(m, &pp, &len, dist.ep_rank == 1 ? 0 : 1, &p, out, &out_len, NULL),
+				0);
 	latent_cache_free(lc);
 	model_free(m);
 }

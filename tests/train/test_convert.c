@@ -488,6 +488,32 @@ static void test_shape_mismatch(void)
 	expect_from_hf_fails(dir, "tensor model.norm.weight has shape [31]", "[32]");
 }
 
+/* A tensor of a dtype that does not convert (I32 here, in a second file) is refused naming it. */
+static void test_bad_dtype(void)
+{
+	static const char header[] = "{\"model.norm.weight\":{\"dtype\":\"I32\",\"shape\":[32],"
+				     "\"data_offsets\":[0,128]}}";
+	struct run_config rc;
+	char dir[400], path[600];
+	unsigned char len8[8];
+	FILE *f;
+
+	tiny_config(&rc);
+	fresh_hf_dir(dir, sizeof(dir), "dtype", &rc);
+	rewrite(dir, "model.norm.weight", NULL, NULL, NULL, 0);
+	snprintf(path, sizeof(path), "%s/extra.safetensors", dir);
+	f = fopen(path, "wb");
+	CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+	for (int i = 0; i < 8; i++)
+		len8[i] = (unsigned char)((sizeof(header) - 1) >> (8 * i));
+	fwrite(len8, 1, 8, f);
+	fwrite(header, 1, sizeof(header) - 1, f);
+	for (int i = 0; i < 128; i++)
+		fputc(0, f);
+	fclose(f);
+	expect_from_hf_fails(dir, "extra.safetensors: tensor model.norm.weight: dtype I32", NULL);
+}
+
 /* MTP layers (N >= num_hidden_layers) and rotary buffers are skipped; a V2 file lacks the bias. */
 static void test_skipped_and_v2(void)
 {
@@ -897,6 +923,7 @@ void register_tests(void)
 		{ "missing tensor refused naming it", test_missing_tensor },
 		{ "unexpected tensor refused naming it", test_unexpected_tensor },
 		{ "shape mismatch refused naming it", test_shape_mismatch },
+		{ "unsupported dtype refused naming it", test_bad_dtype },
 		{ "MTP layers and rotary buffers skipped; V2 without bias", test_skipped_and_v2 },
 		{ "index disagreeing with the files refused", test_index_disagrees },
 		{ "command-line usage errors", test_cli_usage },
