@@ -33,6 +33,8 @@ struct grpo {
 	struct trainer t;
 	struct moe_model *ref;        /* frozen reference (beta > 0) */
 	struct prompt_set ps;
+	int *perm;                    /* [ps.n] the prompt order of epoch perm_epoch */
+	uint64_t perm_epoch;
 	int **prompt_ids, *prompt_len;/* [ps.n] the prompts' tokens */
 	struct tokenizer *tok;
 	int eos;
@@ -77,26 +79,29 @@ static uint64_t mix3(uint64_t a, uint64_t b, uint64_t c)
 	return splitmix64(&s);
 }
 
-/* The prompt at stream position pos: epoch pos / n is a permutation seeded by (seed, epoch). */
-static int prompt_at(const struct grpo *g, uint64_t pos)
+/*
+ * The prompt at stream position pos: epoch pos / n is a permutation seeded by (seed, epoch), built once
+ * per epoch (a step asks for every one of its completions' prompts, several times).
+ */
+static int prompt_at(struct grpo *g, uint64_t pos)
 {
 	int n = g->ps.n;
 	uint64_t epoch = pos / (uint64_t)n;
-	int want = (int)(pos % (uint64_t)n), *perm = malloc(sizeof(int) * (size_t)n), r;
-	struct gen_rng rng;
-	if (!perm)
-		comm_abort(1, "out of memory");
-	gen_rng_seed(&rng, mix3((uint64_t)g->t.cfg.train.seed, 0x70726f6d7074ULL, epoch));
-	for (int i = 0; i < n; i++)
-		perm[i] = i;
-	for (int i = n - 1; i > 0; i--) {  /* Fisher-Yates */
-		int j = (int)(gen_rng_next(&rng) % (uint64_t)(i + 1)), tmp = perm[i];
-		perm[i] = perm[j];
-		perm[j] = tmp;
+	if (!g->perm || g->perm_epoch != epoch) {
+		struct gen_rng rng;
+		if (!g->perm && !(g->perm = malloc(sizeof(int) * (size_t)n)))
+			comm_abort(1, "out of memory");
+		gen_rng_seed(&rng, mix3((uint64_t)g->t.cfg.train.seed, 0x70726f6d7074ULL, epoch));
+		for (int i = 0; i < n; i++)
+			g->perm[i] = i;
+		for (int i = n - 1; i > 0; i--) {  /* Fisher-Yates */
+			int j = (int)(gen_rng_next(&rng) % (uint64_t)(i + 1)), tmp = g->perm[i];
+			g->perm[i] = g->perm[j];
+			g->perm[j] = tmp;
+		}
+		g->perm_epoch = epoch;
 	}
-	r = perm[want];
-	free(perm);
-	return r;
+	return g->perm[pos % (uint64_t)n];
 }
 
 /* ---------------------------------------------------------------- setup */
@@ -323,6 +328,7 @@ static void teardown(struct grpo *g)
 		free(g->prompt_ids[i]);
 	free(g->prompt_ids);
 	free(g->prompt_len);
+	free(g->perm);
 	prompt_set_free(&g->ps);
 	tokenizer_free(g->tok);
 	model_free(g->ref);
@@ -359,7 +365,7 @@ struct step_stats {
 };
 
 /* The prompt of local completion k at this step. */
-static int prompt_of(const struct grpo *g, int64_t step, int k)
+static int prompt_of(struct grpo *g, int64_t step, int k)
 {
 	int j = local_to_global(g, g->t.rank, k);
 	return prompt_at(g, (uint64_t)step * g->P + (uint64_t)(j / g->G));
@@ -428,59 +434,10 @@ out:
 	return rc;
 }
 
-/* Length of the valid UTF-8 sequence at s (n bytes left), 0 when it is not one. */
-static size_t utf8_valid(const uint8_t *s, size_t n)
-{
-	size_t len = s[0] < 0x80 ? 1 : (s[0] & 0xe0) == 0xc0 ? 2 : (s[0] & 0xf0) == 0xe0 ? 3 :
-		     (s[0] & 0xf8) == 0xf0 ? 4 : 0;
-	if (!len || len > n || (len == 2 && s[0] < 0xc2))
-		return 0;
-	for (size_t i = 1; i < len; i++)
-		if ((s[i] & 0xc0) != 0x80)
-			return 0;
-	uint32_t cp = len == 1 ? s[0] : len == 2 ? (s[0] & 0x1fu) : len == 3 ? (s[0] & 0x0fu) : (s[0] & 0x07u);
-	for (size_t i = 1; i < len; i++)
-		cp = cp << 6 | (s[i] & 0x3fu);
-	if ((len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp < 0xe000))) || (len == 4 && (cp < 0x10000 ||
-										       cp > 0x10ffff)))
-		return 0;
-	return len;
-}
-
-/* In place: every byte that starts no valid UTF-8 sequence becomes U+FFFD (JSON carries only UTF-8). */
-static char *utf8_sanitize(char *s, size_t n)
-{
-	size_t bad = 0;
-	for (size_t i = 0; i < n;) {
-		size_t l = utf8_valid((const uint8_t *)s + i, n - i);
-		bad += !l;
-		i += l ? l : 1;
-	}
-	if (!bad)
-		return s;
-	char *out = malloc(n + 2 * bad + 1), *o = out;
-	for (size_t i = 0; out && i < n;) {
-		size_t l = utf8_valid((const uint8_t *)s + i, n - i);
-		if (l) {
-			memcpy(o, s + i, l);
-			o += l;
-			i += l;
-		} else {
-			memcpy(o, "\xef\xbf\xbd", 3);
-			o += 3;
-			i++;
-		}
-	}
-	if (out)
-		*o = 0;
-	free(s);
-	return out;
-}
-
 /*
- * The completion's text for the reward program: its tokens without the final end-of-text, as UTF-8: an
- * id the tokenizer lacks (the model's vocabulary may be padded past it) and bytes that form no
- * character (a sequence cut between tokens) read as U+FFFD.
+ * The completion's text for the reward program: its tokens without the final end-of-text; an id the
+ * tokenizer lacks (the model's vocabulary may be padded past it) reads as U+FFFD.  Bytes that form no
+ * character (a sequence cut between tokens) stay: the reward runner writes them as \ufffd.
  */
 static char *completion_text(const struct grpo *g, int k)
 {
@@ -511,7 +468,7 @@ static char *completion_text(const struct grpo *g, int k)
 	}
 	if (s)
 		s[at] = 0;
-	return s ? utf8_sanitize(s, at) : NULL;
+	return s;
 }
 
 /* Score this rank's completions; rewards[k].  On failure err names the record. */
@@ -829,7 +786,6 @@ static int run_loop(struct grpo *g)
 {
 	struct trainer *t = &g->t;
 	const struct train_config *tc = &t->cfg.train;
-	int every = t->cfg.checkpoint.every;
 	while (t->st.step < tc->steps) {
 		struct step_stats ss;
 		if (grpo_step(g, &ss))
@@ -842,16 +798,9 @@ static int run_loop(struct grpo *g)
 			return 1;
 		}
 		log_metrics(g, &ss);
-		int last = t->st.step == tc->steps, signalled = trainer_signalled(t);
-		int stop = signalled || (tc->stop_at > 0 && t->st.step == tc->stop_at);
-		if ((every > 0 && t->st.step % every == 0) || last || stop)
-			if (trainer_save(t))
-				return 1;
-		if (stop && !last) {
-			TRAINER_LOG(t, "stopped at step %lld (%s); continue with --resume latest\n",
-				    (long long)t->st.step, signalled ? "signal" : "train.stop_at");
-			return 0;
-		}
+		int next = trainer_after_step(t);
+		if (next)
+			return next < 0;
 	}
 	return 0;
 }
@@ -948,11 +897,10 @@ static int eval_prompts(struct grpo *g, const char *path, const char *samples_pa
 	}
 	FILE *out = ok && samples_path && t->rank == 0 && W == 1 ? fopen(samples_path, "w") : NULL;
 	for (int k = 0; out && k < n; k++) {
-		fprintf(out, "{\"id\": %d, \"reward\": %.6g, \"completion\": \"", k, rewards[k]);
-		for (const char *c = texts[k]; *c; c++)
-			fprintf(out, *c == '"' || *c == '\\' ? "\\%c" : (unsigned char)*c < 0x20 ? "\\u%04x" : "%c",
-				*c);
-		fprintf(out, "\"}\n");
+		char *lit = reward_json_string(texts[k]);
+		fprintf(out, "{\"id\": %d, \"reward\": %.6g, \"completion\": %s}\n", k, rewards[k],
+			lit ? lit : "null");
+		free(lit);
 	}
 	if (out)
 		fclose(out);

@@ -342,6 +342,18 @@ static char *put_escaped(char *o, const char *s)
 	return o;
 }
 
+char *reward_json_string(const char *s)
+{
+	char *lit = malloc(6 * strlen(s) + 3), *o = lit;
+	if (!lit)
+		return NULL;
+	*o++ = '"';
+	o = put_escaped(o, s);
+	*o++ = '"';
+	*o = 0;
+	return lit;
+}
+
 /* ,"key":value for each member of the (scanned) record that is not ours. */
 static char *put_others(char *o, const char *rec)
 {

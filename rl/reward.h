@@ -57,4 +57,8 @@ int reward_score(struct reward_proc *p, const struct reward_request *req, int n,
  * Safe on NULL and after a failure. */
 void reward_stop(struct reward_proc *p);
 
+/* s as a JSON string literal, quotes included, escaped as requests are (invalid UTF-8 as \ufffd);
+ * malloc'd, NULL when out of memory. */
+char *reward_json_string(const char *s);
+
 #endif

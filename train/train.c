@@ -198,7 +198,6 @@ static int run_loop(struct sft *s)
 {
 	struct trainer *t = &s->t;
 	const struct train_config *tc = &t->cfg.train;
-	int every = t->cfg.checkpoint.every;
 	while (t->st.step < tc->steps) {
 		struct step_result r;
 		train_step(s, &r);
@@ -214,17 +213,9 @@ static int run_loop(struct sft *s)
 		if (s->have_val && (t->st.step % tc->eval_every == 0 || t->st.step == tc->steps))
 			val = validation_loss(s);
 		log_step(s, &r, val);
-		int last = t->st.step == tc->steps;
-		int signalled = trainer_signalled(t);
-		int stop = signalled || (tc->stop_at > 0 && t->st.step == tc->stop_at);
-		if ((every > 0 && t->st.step % every == 0) || last || stop)
-			if (trainer_save(t))
-				return 1;
-		if (stop && !last) {
-			TRAINER_LOG(t, "stopped at step %lld (%s); continue with --resume latest\n",
-				    (long long)t->st.step, signalled ? "signal" : "train.stop_at");
-			return 0;
-		}
+		int next = trainer_after_step(t);
+		if (next)
+			return next < 0;
 	}
 	return 0;
 }

@@ -474,3 +474,17 @@ fail:
 	return -1;
 }
 
+int trainer_after_step(struct trainer *t)
+{
+	const struct train_config *tc = &t->cfg.train;
+	int every = t->cfg.checkpoint.every, last = t->st.step == tc->steps;
+	int signalled = trainer_signalled(t);
+	int stop = signalled || (tc->stop_at > 0 && t->st.step == tc->stop_at);
+	if ((every > 0 && t->st.step % every == 0) || last || stop)
+		if (trainer_save(t))
+			return -1;
+	if (stop && !last)
+		TRAINER_LOG(t, "stopped at step %lld (%s); continue with --resume latest\n",
+			    (long long)t->st.step, signalled ? "signal" : "train.stop_at");
+	return stop || last;
+}

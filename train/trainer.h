@@ -83,6 +83,13 @@ void trainer_update(struct trainer *t, double lr, double loss, struct update_res
 /* "load_imbalance": [...] of the step (max load / mean load per MoE layer) into a JSON object. */
 void trainer_write_imbalance(const struct trainer *t, FILE *f);
 
+/*
+ * After step st.step: a checkpoint when one is due (every checkpoint.every steps, the last step, a stop
+ * by signal or train.stop_at), then whether to go on.  Returns 0 to go on, 1 when the run stops here
+ * (cleanly, with a message; also after the last step), -1 when the checkpoint failed.
+ */
+int trainer_after_step(struct trainer *t);
+
 /* Checkpoint step st.step into checkpoint.dir (every rank calls it), then prune to checkpoint.keep. */
 int trainer_save(struct trainer *t);
 
