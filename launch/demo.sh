@@ -21,7 +21,8 @@ mkdir -p "$OUT"
 cd "$ROOT"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 MPI=(mpirun --oversubscribe --mca btl self,vader -np 2 -x OMP_NUM_THREADS=1)
-PATHS=(--set "data.train=$OUT/task/train/*.bin" --set "data.val=$OUT/task/val/*.bin"
+EP=(--set parallel.ep=2)   # 4 of the 8 experts on each rank
+PATHS=("${EP[@]}" --set "data.train=$OUT/task/train/*.bin" --set "data.val=$OUT/task/val/*.bin"
 	--set "grpo.tokenizer=$OUT/task/tokenizer.json" --set "grpo.prompts=$OUT/task/prompts.jsonl"
 	--set "grpo.reward_cmd=[\"python3\", \"$ROOT/rl/rewards/arith.py\"]")
 t0=$SECONDS
