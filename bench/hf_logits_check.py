@@ -10,6 +10,11 @@ For each of a few tiny configurations:
   3. write a token shard (SPEC 3) and compare transformers' mean cross-entropy over the same sequences
      with `moe eval` (relative error < 1e-4); as a control, the loss with the other RoPE layout
      (rope_interleave=False) must differ by more than that, so the check would see a RoPE mistake;
+     for the YaRN variant (rope_type yarn, an original context of 16 < seq_len, mscale 0.707 and
+     mscale_all_dim 1, so that both the cos/sin multiplier and the softmax scale's mscale^2 differ from
+     1) the losses without YaRN, without the mscale^2 and with attention_factor 1 must differ too, and
+     the same files with DeepSeek's old spelling (rope_scaling {"type": "yarn"}, rope_theta outside)
+     must convert to a model with the same loss;
   4. `moe convert --to-hf` back (f32 and bf16, sharded) and compare every tensor with the saved ones
      (f32 bit-exact, bf16 = round-to-nearest-even of the f32 value; the routing bias stays f32), and
      load the f32 export with from_pretrained (no missing or unexpected keys, same loss).
@@ -24,6 +29,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import struct
 import subprocess
 import sys
@@ -42,18 +48,68 @@ VARIANTS = {
     # plain q_proj, no groups, every layer MoE, two shared experts, no renormalisation
     "qproj-flat": dict(q_lora_rank=None, n_group=1, topk_group=1, first_k_dense_replace=0,
                        n_shared_experts=2, num_experts_per_tok=3, norm_topk_prob=False),
+    # qlora-groups with YaRN: factor 4 over an original context of 16 (max_position_embeddings 64)
+    "qlora-yarn": dict(q_lora_rank=32, n_group=2, topk_group=1, first_k_dense_replace=1,
+                       n_shared_experts=1, num_experts_per_tok=2, norm_topk_prob=True,
+                       max_position_embeddings=64,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0,
+                                        "original_max_position_embeddings": 16, "beta_fast": 32,
+                                        "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0}),
 }
 
 
 def make_config(v):
+    kw = dict(max_position_embeddings=512,
+              rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    kw.update(v)
     return DeepseekV3Config(
         vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
         routed_scaling_factor=1.7, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
-        v_head_dim=24, max_position_embeddings=512, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, rope_interleave=True,
+        v_head_dim=24, rms_norm_eps=1e-5, rope_interleave=True,
         tie_word_embeddings=False, num_mtp_layers=0, bos_token_id=0, eos_token_id=1,
-        attn_implementation="eager", **v)
+        attn_implementation="eager", **kw)
+
+
+def is_yarn(v):
+    return v.get("rope_parameters", {}).get("rope_type") == "yarn"
+
+
+@torch.no_grad()
+def yarn_controls(model, v, tokens, T, B):
+    """Losses of the model with each part of YaRN undone: the check must see every one of them."""
+    out = []
+    plain = dict(v, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    other = DeepseekV3ForCausalLM(make_config(plain)).float().eval()
+    other.load_state_dict(model.state_dict())
+    out.append(("no YaRN", hf_loss(other, tokens, T, B)[0]))
+    attns = [layer.self_attn for layer in model.model.layers]
+    scales = [a.scaling for a in attns]
+    for a in attns:
+        a.scaling = a.qk_head_dim ** -0.5
+    out.append(("no mscale^2", hf_loss(model, tokens, T, B)[0]))
+    for a, s in zip(attns, scales):
+        a.scaling = s
+    rope = model.model.rotary_emb
+    factor = rope.attention_scaling
+    rope.attention_scaling = 1.0
+    out.append(("attention_factor 1 (not %.4f)" % factor, hf_loss(model, tokens, T, B)[0]))
+    rope.attention_scaling = factor
+    return out
+
+
+def old_spelling(hf_dir, out_dir):
+    """The same files with DeepSeek's config spelling: rope_scaling {"type": "yarn"}, rope_theta apart."""
+    shutil.copytree(hf_dir, out_dir)
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    rp = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    rp["type"] = rp.pop("rope_type")
+    cfg["rope_scaling"] = rp
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
 
 
 @torch.no_grad()
@@ -128,6 +184,27 @@ def compare_export(ref, d, bf16):
     return None
 
 
+def check_yarn(name, v, model, tokens, T, B, ref, ours, hf_dir, d, shard, args, convert):
+    """The controls (each part of YaRN matters) and DeepSeek's old config spelling."""
+    ok = True
+    for label, wrong in yarn_controls(model, v, tokens, T, B):
+        rel_wrong = abs(wrong - ref) / ref
+        ok &= rel_wrong > TOL
+        print("%-13s control, %s: loss %.6f, rel %.1e  %s"
+              % (name, label, wrong, rel_wrong, "ok" if rel_wrong > TOL else "FAIL (not seen)"))
+    old_dir, old_ckpt = os.path.join(d, "hf-old"), os.path.join(d, "model-old.h5")
+    old_spelling(hf_dir, old_dir)
+    run(convert + ["--from-hf", old_dir, "--out", old_ckpt])
+    out = run([args.moe, "eval", "--checkpoint", old_ckpt, "--data", shard,
+               "--set", "train.seq_len=%d" % T, "--set", "train.micro_batch=%d" % B])
+    old = json.loads(out.strip().splitlines()[-1])["loss"]
+    good = old == ours
+    ok &= good
+    print("%-13s rope_scaling {\"type\": \"yarn\"} spelling: moe eval %.6f (%s)  %s"
+          % (name, old, "identical" if good else "differs", "ok" if good else "FAIL"))
+    return ok
+
+
 def check_variant(name, v, args, work, convert):
     ok = True
     d = os.path.join(work, name)
@@ -162,6 +239,9 @@ def check_variant(name, v, args, work, convert):
           "(%d tokens)  [other RoPE layout: %.6f, rel %.1e]  %s"
           % (name, len(shards), ref, ours["loss"], rel, count, wrong, rel_wrong,
              "ok" if good else "FAIL"))
+    if is_yarn(v):
+        ok &= check_yarn(name, v, model, tokens, T, B, ref, ours["loss"], hf_dir, d, shard, args,
+                         convert)
 
     ref_tensors = hf_tensors(hf_dir)
     for dtype in ("f32", "bf16"):
@@ -180,11 +260,14 @@ def check_variant(name, v, args, work, convert):
     again = again.float().eval()
     bad_keys = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
     loss_again, _ = hf_loss(again, tokens, T, B)
-    good = (not bad_keys and loss_again == ref and again.config.rope_interleave and
-            again.config.rope_parameters.get("rope_theta") == 5000.0)
+    rp = again.config.rope_parameters
+    want_rp = v.get("rope_parameters", {"rope_type": "default", "rope_theta": 5000.0})
+    same_rope = all(rp.get(k) == want_rp[k] for k in want_rp)
+    good = (not bad_keys and loss_again == ref and again.config.rope_interleave and same_rope)
     ok &= good
-    print("%-13s from_pretrained(--to-hf f32): %s, loss %.6f (%s)  %s"
-          % (name, "keys match" if not bad_keys else {k: info[k] for k in bad_keys}, loss_again,
+    print("%-13s from_pretrained(--to-hf f32): %s, rope %s, loss %.6f (%s)  %s"
+          % (name, "keys match" if not bad_keys else {k: info[k] for k in bad_keys},
+             "as saved" if same_rope else "DIFFERS: %s" % rp, loss_again,
              "identical" if loss_again == ref else "differs", "ok" if good else "FAIL"))
     return ok
 

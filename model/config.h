@@ -10,6 +10,29 @@
 
 enum moe_scoring { MOE_SCORING_SOFTMAX = 0, MOE_SCORING_SIGMOID = 1 };
 
+/* Largest qk_rope_head_dim (the frequency table is a fixed-size array: a CUDA kernel argument). */
+#define MC_ROPE_MAX_DIM 256
+
+enum rope_type { ROPE_DEFAULT = 0, ROPE_YARN = 1 };
+
+/*
+ * HF rope_scaling (rope_parameters in transformers 5), read only when type is ROPE_YARN.  Every number
+ * left 0 (null or absent in the file) takes transformers' default, so a zeroed struct is "no scaling"
+ * and a zeroed YaRN struct is transformers' YaRN defaults.  The math: model/rope.h.
+ */
+struct rope_scaling {
+	enum rope_type type;
+	double factor;                          /* 0: max_position_embeddings / original_max_... */
+	int original_max_position_embeddings;   /* 0: max_position_embeddings */
+	double beta_fast;                       /* 0: 32 */
+	double beta_slow;                       /* 0: 1 */
+	double mscale;                          /* 0: absent */
+	double mscale_all_dim;                  /* 0: absent (no softmax-scale correction) */
+	double attention_factor;                /* 0: from factor, mscale and mscale_all_dim */
+	bool no_truncate;                       /* HF "truncate": false (default true: floor/ceil the
+						   correction range) */
+};
+
 struct model_config {
 	int vocab_size;
 	int hidden_size;
@@ -39,6 +62,7 @@ struct model_config {
 	double initializer_range;
 	double rms_norm_eps;
 	double rope_theta;
+	struct rope_scaling rope_scaling;
 	int bos_token_id;
 	int eos_token_id;
 	bool tie_word_embeddings;   /* must be false: lm_head is untied */

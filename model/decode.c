@@ -4,9 +4,10 @@
  * Per head h, with W_UK_h = kv_b_proj rows [h(dn+dv), h(dn+dv)+dn) and W_UV_h = the dv rows after them
  * (each row kv_lora long):
  *   q_lat = W_UK_h^T q_nope_h                                   [kv_lora]
- *   s_j   = (q_lat . c_kv_j + q_pe_h . k_pe_j) / sqrt(dq)        j = 0..pos of the token's slot
+ *   s_j   = (q_lat . c_kv_j + q_pe_h . k_pe_j) * scale           j = 0..pos of the token's slot
  *   o_lat = sum_j softmax(s)_j c_kv_j;   o_h = W_UV_h o_lat      [dv]
- * which equals softmax(q k^T / sqrt(dq)) v with k_nope = W_UK c_kv, v = W_UV c_kv.  The scores are
+ * which equals softmax(q k^T * scale) v (scale = mc_softmax_scale: dq^-0.5, YaRN's mscale^2) with
+ * k_nope = W_UK c_kv, v = W_UV c_kv.  The scores are
  * computed for all heads of a block at once over the cached rows [c_kv | k_pe] (two products per block),
  * with W_UK and W_UV applied as one product per head over the step's tokens.
  *
@@ -24,6 +25,7 @@
 
 #include "model/decode.h"
 #include "model/layers.h"
+#include "model/rope.h"
 
 #include <cblas.h>  /* after the headers above: it may bring complex.h's I */
 
@@ -412,13 +414,13 @@ static void skinny_mlp(struct decode_scratch *s, float *y, const float *x, const
 
 /*
  * Latent queries of the n tokens, one product per head over all tokens:
- * ql[i, h] = (W_UK_h^T q_nope[i, h] | q_pe[i, h]) / sqrt(dq), the softmax scale folded in.
+ * ql[i, h] = (W_UK_h^T q_nope[i, h] | q_pe[i, h]) * mc_softmax_scale, the softmax scale folded in.
  */
 static void latent_queries(const struct model_config *c, const float *wkv_b, const float *q, float *ql, int n)
 {
 	int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
 	int dv = c->v_head_dim, Rkv = c->kv_lora_rank, dq = dn + dr, Dl = Rkv + dr;
-	float scale = 1.0f / sqrtf((float)dq);
+	float scale = mc_softmax_scale(c);
 
 #pragma omp parallel for schedule(static)
 	for (int h = 0; h < H; h++) {
@@ -518,8 +520,10 @@ static void attention_block(const struct moe_model *m, struct latent_cache *lc, 
 	int C = c->hidden_size, H = c->num_attention_heads, dn = c->qk_nope_head_dim;
 	int dr = c->qk_rope_head_dim, dq = dn + dr, dv = c->v_head_dim, Rq = c->q_lora_rank;
 	int Rkv = c->kv_lora_rank, Dkva = Rkv + dr;
-	float eps = (float)c->rms_norm_eps, theta = (float)c->rope_theta;
+	float eps = (float)c->rms_norm_eps;
+	struct rope_freqs rf;
 
+	mc_rope_freqs(c, &rf);
 	rmsnorm_forward(s->ln, s->rstd, s->x, w->input_layernorm, n, C, eps);
 	if (Rq > 0) {
 		skinny_linear(s->qa, s->ln, w->q_a_proj, n, C, Rq);
@@ -528,11 +532,11 @@ static void attention_block(const struct moe_model *m, struct latent_cache *lc, 
 	} else {
 		skinny_linear(s->q, s->ln, w->q_proj, n, C, H * dq);
 	}
-	rope_forward(s->q + dn, positions, n, H, H * dq, dq, dr, theta);
+	rope_forward(s->q + dn, positions, n, H, H * dq, dq, dr, rf.inv_freq, rf.attention_factor);
 	skinny_linear(s->kva, s->ln, w->kv_a_proj_with_mqa, n, C, Dkva);
 	for (int i = 0; i < n; i++)
 		memcpy(s->ckv + (size_t)i * Rkv, s->kva + (size_t)i * Dkva, sizeof(float) * Rkv);
-	rope_forward(s->kva + Rkv, positions, n, 1, Dkva, 0, dr, theta);
+	rope_forward(s->kva + Rkv, positions, n, 1, Dkva, 0, dr, rf.inv_freq, rf.attention_factor);
 	rmsnorm_forward(s->ckv_n, s->rstd, s->ckv, w->kv_a_layernorm, n, Rkv, eps);
 	for (int i = 0; i < n; i++) {
 		size_t at = ((size_t)l * lc->n_slots + slots[i]) * lc->max_len + positions[i];

@@ -3,13 +3,14 @@
  *
  *   q   = q_b(RMSNorm(q_a x))  or  q_proj x             -> H heads of [q_nope dn | q_pe dr]
  *   [c_kv | k_pe] = kv_a_proj_with_mqa x;  kv = kv_b(RMSNorm(c_kv)) -> H heads of [k_nope dn | v dv]
- *   RoPE on q_pe and the one shared k_pe;  k = [k_nope | k_pe];  causal softmax(q k^T / sqrt(dq)) v
+ *   RoPE on q_pe and the one shared k_pe;  k = [k_nope | k_pe];  causal softmax(q k^T * scale) v
+ *   (scale = dq^-0.5, times YaRN's mscale^2; the frequencies and scales: model/rope.h)
  *   out = o_proj(concat heads)
  */
-#include <math.h>
 #include <string.h>
 
 #include "model/layers.h"
+#include "model/rope.h"
 
 struct mla_dims {
 	int C, H, dn, dr, dv, dq, Rq, Rkv, N;
@@ -23,11 +24,6 @@ static struct mla_dims mla_dims(const struct model_config *c, int N)
 		.Rq = c->q_lora_rank, .Rkv = c->kv_lora_rank, .N = N,
 	};
 	return d;
-}
-
-static float mla_scale(const struct model_config *c)
-{
-	return 1.0f / sqrtf((float)mc_qk_head_dim(c));
 }
 
 /* k[n,h] = [kv[n,h,:dn] | k_pe[n]],  v[n,h] = kv[n,h,dn:] */
@@ -51,9 +47,11 @@ void mla_forward(const struct model_config *c, const struct layer_weights *w, st
 		 float *out, const float *x, const int *pos, int B, int T)
 {
 	struct mla_dims d = mla_dims(c, B * T);
-	float eps = (float)c->rms_norm_eps, theta = (float)c->rope_theta;
+	float eps = (float)c->rms_norm_eps;
 	int N = d.N, Dkva = d.Rkv + d.dr;
+	struct rope_freqs rf;
 
+	mc_rope_freqs(c, &rf);
 	if (d.Rq > 0) {
 		linear_forward(a->qa, x, w->q_a_proj, N, d.C, d.Rq);
 		rmsnorm_forward(a->qa_n, a->qa_rstd, a->qa, w->q_a_layernorm, N, d.Rq, eps);
@@ -61,17 +59,17 @@ void mla_forward(const struct model_config *c, const struct layer_weights *w, st
 	} else {
 		linear_forward(a->q, x, w->q_proj, N, d.C, d.H * d.dq);
 	}
-	rope_forward(a->q + d.dn, pos, N, d.H, d.H * d.dq, d.dq, d.dr, theta);
+	rope_forward(a->q + d.dn, pos, N, d.H, d.H * d.dq, d.dq, d.dr, rf.inv_freq, rf.attention_factor);
 
 	linear_forward(a->kva, x, w->kv_a_proj_with_mqa, N, d.C, Dkva);
 	for (int n = 0; n < N; n++)
 		memcpy(a->ckv + (size_t)n * d.Rkv, a->kva + (size_t)n * Dkva, sizeof(float) * d.Rkv);
-	rope_forward(a->kva + d.Rkv, pos, N, 1, Dkva, 0, d.dr, theta);  /* k_pe, in place */
+	rope_forward(a->kva + d.Rkv, pos, N, 1, Dkva, 0, d.dr, rf.inv_freq, rf.attention_factor);  /* k_pe */
 	rmsnorm_forward(a->ckv_n, a->ckv_rstd, a->ckv, w->kv_a_layernorm, N, d.Rkv, eps);
 	linear_forward(a->kv, a->ckv_n, w->kv_b_proj, N, d.Rkv, d.H * (d.dn + d.dv));
 	assemble_kv(&d, a->k, a->v, a->kv, a->kva);
 
-	attention_forward(a->att, a->lse, a->q, a->k, a->v, B, T, d.H, d.dq, d.dv, mla_scale(c));
+	attention_forward(a->att, a->lse, a->q, a->k, a->v, B, T, d.H, d.dq, d.dv, mc_softmax_scale(c));
 	linear_forward(out, a->att, w->o_proj, N, d.H * d.dv, d.C);
 }
 
@@ -102,16 +100,17 @@ void mla_backward(const struct model_config *c, const struct layer_weights *w,
 		  float *dx, const float *dout, const float *x, const int *pos, int B, int T)
 {
 	struct mla_dims d = mla_dims(c, B * T);
-	float theta = (float)c->rope_theta;
 	int N = d.N, Dkva = d.Rkv + d.dr;
+	struct rope_freqs rf;
 
+	mc_rope_freqs(c, &rf);
 	linear_bwd(s->datt, g->o_proj, dout, a->att, w->o_proj, N, d.H * d.dv, d.C, LIN_SET_DX);
 	attention_backward_set(s->dq, s->dk, s->dv, s->datt, a->att, a->lse, a->q, a->k, a->v, B, T, d.H,
-			       d.dq, d.dv, mla_scale(c));
+			       d.dq, d.dv, mc_softmax_scale(c));
 
 	/* kv path: kv_b, its norm, then kv_a (whose output gradient is [dc_kv | dk_pe] = dkva) */
 	disassemble_dkv(&d, s->dkv, s->dkva + d.Rkv, Dkva, s->dk, s->dv);
-	rope_backward(s->dkva + d.Rkv, pos, N, 1, Dkva, 0, d.dr, theta);
+	rope_backward(s->dkva + d.Rkv, pos, N, 1, Dkva, 0, d.dr, rf.inv_freq, rf.attention_factor);
 	linear_bwd(s->dckv_n, g->kv_b_proj, s->dkv, a->ckv_n, w->kv_b_proj, N, d.Rkv, d.H * (d.dn + d.dv),
 		   LIN_SET_DX);
 	rmsnorm_backward_set(s->dkva, Dkva, g->kv_a_layernorm, s->dckv_n, a->ckv, w->kv_a_layernorm,
@@ -119,7 +118,7 @@ void mla_backward(const struct model_config *c, const struct layer_weights *w,
 	linear_bwd(dx, g->kv_a_proj_with_mqa, s->dkva, x, w->kv_a_proj_with_mqa, N, d.C, Dkva, LIN_SET_DX);
 
 	/* q path */
-	rope_backward(s->dq + d.dn, pos, N, d.H, d.H * d.dq, d.dq, d.dr, theta);
+	rope_backward(s->dq + d.dn, pos, N, d.H, d.H * d.dq, d.dq, d.dr, rf.inv_freq, rf.attention_factor);
 	if (d.Rq > 0) {
 		linear_bwd(s->dqa_n, g->q_b_proj, s->dq, a->qa_n, w->q_b_proj, N, d.Rq, d.H * d.dq, LIN_SET_DX);
 		rmsnorm_backward_set(s->dqa, d.Rq, g->q_a_layernorm, s->dqa_n, a->qa, w->q_a_layernorm,

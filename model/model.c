@@ -162,7 +162,8 @@ static int check_shapes(const struct model_config *c, char *err, size_t errlen)
 	else if (c->num_attention_heads <= 0) bad = "num_attention_heads";
 	else if (c->kv_lora_rank <= 0) bad = "kv_lora_rank";
 	else if (c->q_lora_rank < 0) bad = "q_lora_rank";
-	else if (c->qk_rope_head_dim <= 0 || c->qk_rope_head_dim % 2) bad = "qk_rope_head_dim";
+	else if (c->qk_rope_head_dim <= 0 || c->qk_rope_head_dim % 2 || c->qk_rope_head_dim > MC_ROPE_MAX_DIM)
+		bad = "qk_rope_head_dim";
 	else if (c->qk_nope_head_dim < 0) bad = "qk_nope_head_dim";
 	else if (c->v_head_dim <= 0) bad = "v_head_dim";
 	else if (c->first_k_dense_replace > 0 && c->intermediate_size <= 0) bad = "intermediate_size";

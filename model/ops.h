@@ -35,13 +35,15 @@ void rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, con
 
 /*
  * Interleaved RoPE, in place: for row n and head h the dr numbers at x + n*row_stride + h*head_stride
- * are rotated pairwise, (x[2i], x[2i+1]) by the angle pos[n] * theta^(-2i/dr).
- * rope_backward applies the inverse rotation to the gradient, also in place.
+ * are rotated pairwise, (x[2i], x[2i+1]) by the angle pos[n] * inv_freq[i], and multiplied by
+ * attention_factor (YaRN's cos/sin multiplier, 1 without scaling; model/rope.h makes both from the
+ * config).  rope_backward applies the transpose to the gradient, also in place: the inverse rotation,
+ * multiplied by attention_factor too.
  */
 void rope_forward(float *x, const int *pos, int N, int nheads, int row_stride, int head_stride,
-		  int dr, float theta);
+		  int dr, const double *inv_freq, float attention_factor);
 void rope_backward(float *dx, const int *pos, int N, int nheads, int row_stride, int head_stride,
-		   int dr, float theta);
+		   int dr, const double *inv_freq, float attention_factor);
 
 /*
  * Causal softmax attention, computed in blocks of query rows (memory O(T) per thread, never B*H*T*T).

@@ -286,12 +286,13 @@ void rmsnorm_backward_set(float *dx, int ldx, float *dw, const float *dy, const 
 }
 
 /*
- * sign = +1 rotates forward, -1 applies the inverse (the transpose).  The (cos, sin) pairs are computed
- * once per call for each distinct position (a table over [min pos, max pos], or per row when the
- * positions are sparser than the rows), in double as before, then applied to every head.
+ * sign = +1 rotates forward, -1 applies the inverse (the transpose); both multiply by attention_factor.
+ * The (cos, sin) pairs are computed once per call for each distinct position (a table over [min pos,
+ * max pos], or per row when the positions are sparser than the rows), in double, then applied to every
+ * head.
  */
 static void rope_apply(float *x, const int *pos, int N, int nheads, int row_stride, int head_stride,
-		       int dr, float theta, float sign)
+		       int dr, const double *inv_freq, float attention_factor, float sign)
 {
 	int half = dr / 2;
 	if (N <= 0 || half <= 0)
@@ -303,18 +304,16 @@ static void rope_apply(float *x, const int *pos, int N, int nheads, int row_stri
 	}
 	int by_pos = (int64_t)pmax - pmin + 1 <= N;
 	int rows = by_pos ? pmax - pmin + 1 : N;
-	double *inv_freq = malloc(sizeof(double) * half);
+	double scale = attention_factor;
 	float *cs = malloc(sizeof(float) * 2 * (size_t)rows * half);
-	for (int i = 0; i < half; i++)
-		inv_freq[i] = pow((double)theta, -2.0 * i / dr);
 #pragma omp parallel for schedule(static) if (rows * half > 4096)
 	for (int r = 0; r < rows; r++) {
 		int p = by_pos ? pmin + r : pos[r];
 		float *t = cs + (size_t)2 * r * half;
 		for (int i = 0; i < half; i++) {
 			double angle = (double)p * inv_freq[i];
-			t[i] = (float)cos(angle);
-			t[half + i] = sign * (float)sin(angle);
+			t[i] = (float)(scale * cos(angle));
+			t[half + i] = sign * (float)(scale * sin(angle));
 		}
 	}
 #pragma omp parallel for schedule(static) if ((size_t)N * nheads * dr > 16384)
@@ -330,20 +329,19 @@ static void rope_apply(float *x, const int *pos, int N, int nheads, int row_stri
 			}
 		}
 	}
-	free(inv_freq);
 	free(cs);
 }
 
 void rope_forward(float *x, const int *pos, int N, int nheads, int row_stride, int head_stride,
-		  int dr, float theta)
+		  int dr, const double *inv_freq, float attention_factor)
 {
-	rope_apply(x, pos, N, nheads, row_stride, head_stride, dr, theta, 1.0f);
+	rope_apply(x, pos, N, nheads, row_stride, head_stride, dr, inv_freq, attention_factor, 1.0f);
 }
 
 void rope_backward(float *dx, const int *pos, int N, int nheads, int row_stride, int head_stride,
-		   int dr, float theta)
+		   int dr, const double *inv_freq, float attention_factor)
 {
-	rope_apply(dx, pos, N, nheads, row_stride, head_stride, dr, theta, -1.0f);
+	rope_apply(dx, pos, N, nheads, row_stride, head_stride, dr, inv_freq, attention_factor, -1.0f);
 }
 
 /* largest of row[0, n) (-inf for n = 0) */

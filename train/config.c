@@ -26,6 +26,7 @@ enum cfg_type {
 	CT_STR,         /* char[size] */
 	CT_ARGV,        /* char[CFG_MAX_ARGV][CFG_STR] with an int count at aux */
 	CT_SCORING,     /* enum moe_scoring as "softmax" | "sigmoid" */
+	CT_ROPE,        /* struct rope_scaling as HF's rope_scaling object, or null */
 };
 
 enum {
@@ -65,6 +66,7 @@ struct cfg_key {
 	{ .section = #sec, .name = #f, .type = CT_STR, .off = OFF(sec, f), \
 	  .size = FSZ(sec, f) + CHK(IS_CHARS(sec, f)), .choices = ch }
 #define K_SCORING(sec, f) KEY(sec, f, CT_SCORING, 0, FSZ(sec, f) == sizeof(enum moe_scoring))
+#define K_ROPE(sec, f) KEY(sec, f, CT_ROPE, 0, FSZ(sec, f) == sizeof(struct rope_scaling))
 #define K_ARGV(sec, f, count) \
 	{ .section = #sec, .name = #f, .type = CT_ARGV, .off = OFF(sec, f), \
 	  .size = FSZ(sec, f) + CHK(FSZ(sec, f) == CFG_MAX_ARGV * CFG_STR), \
@@ -106,6 +108,7 @@ static const struct cfg_key cfg_keys[] = {
 	K_DBL(model, initializer_range, CF_POS),
 	K_DBL(model, rms_norm_eps, CF_POS),
 	K_DBL(model, rope_theta, CF_POS),
+	K_ROPE(model, rope_scaling),
 	K_INT(model, bos_token_id, CF_NNEG),
 	K_INT(model, eos_token_id, CF_NNEG),
 	K_BOOL(model, tie_word_embeddings),
@@ -346,11 +349,6 @@ static const char *hf_attention_dropout(const cJSON *v)
 	return v->valuedouble == 0 ? NULL : "must be 0 (attention dropout is not supported)";
 }
 
-static const char *hf_rope_scaling(const cJSON *v)
-{
-	return cJSON_IsNull(v) ? NULL : "YaRN scaling is not supported yet";
-}
-
 static const char *hf_quantization(const cJSON *v)
 {
 	return cJSON_IsNull(v) ? NULL : "quantized models are not supported";
@@ -382,7 +380,6 @@ static const struct hf_key hf_keys[] = {
 	{ "topk_method", hf_topk_method },
 	{ "ep_size", hf_positive_int },
 	{ "num_nextn_predict_layers", hf_nonneg_int },
-	{ "rope_scaling", hf_rope_scaling },
 	{ "rope_interleave", hf_rope_interleave },
 	{ "head_dim", hf_positive_int },
 	{ "pad_token_id", hf_int_or_null },
@@ -587,6 +584,202 @@ static int set_bool(const struct cfg_key *k, bool *dst, const cJSON *v, const ch
 	return 0;
 }
 
+/* an earlier member of obj has item's name */
+static bool has_duplicate(const cJSON *obj, const cJSON *item)
+{
+	for (const cJSON *s = obj->child; s && s != item; s = s->next)
+		if (!strcmp(s->string, item->string))
+			return true;
+	return false;
+}
+
+/* ---- model.rope_scaling: Hugging Face's rope_scaling object ---- */
+
+/* Its numbers, by HF name; 0 (null or absent) stands for transformers' default (model/config.h). */
+struct rope_num {
+	const char *name;
+	size_t off;                     /* in struct rope_scaling */
+	bool is_int;
+};
+
+#define RNUM(f, i) { #f, offsetof(struct rope_scaling, f), i }
+static const struct rope_num rope_nums[] = {
+	RNUM(factor, false),
+	RNUM(original_max_position_embeddings, true),
+	RNUM(beta_fast, false),
+	RNUM(beta_slow, false),
+	RNUM(mscale, false),
+	RNUM(mscale_all_dim, false),
+	RNUM(attention_factor, false),
+};
+#define N_ROPE_NUMS (sizeof(rope_nums) / sizeof(rope_nums[0]))
+
+static double rope_num_get(const struct rope_scaling *rs, const struct rope_num *r)
+{
+	const char *p = (const char *)rs + r->off;
+
+	return r->is_int ? *(const int *)p : *(const double *)p;
+}
+
+static void rope_num_put(struct rope_scaling *rs, const struct rope_num *r, double v)
+{
+	char *p = (char *)rs + r->off;
+
+	if (r->is_int)
+		*(int *)p = (int)v;
+	else
+		*(double *)p = v;
+}
+
+/* "ORIGIN: model.rope_scaling.SUB: message" */
+static int rope_fail(char *err, size_t errlen, const char *origin, const char *sub, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	return fail(err, errlen, "%s: model.rope_scaling.%s: %s", origin, sub, msg);
+}
+
+/* "type" (DeepSeek's files) or "rope_type" (transformers'); both given must agree */
+static int rope_set_type(struct rope_scaling *rs, const cJSON *v, const char **seen, const char *origin,
+			 char *err, size_t errlen)
+{
+	if (!cJSON_IsString(v))
+		return rope_fail(err, errlen, origin, v->string, "expected a string, got %s", json_type(v));
+	if (*seen && strcmp(*seen, v->valuestring))
+		return rope_fail(err, errlen, origin, v->string, "\"%s\" disagrees with \"%s\"",
+				 v->valuestring, *seen);
+	*seen = v->valuestring;
+	if (!strcmp(v->valuestring, "yarn"))
+		rs->type = ROPE_YARN;
+	else if (!strcmp(v->valuestring, "default"))
+		rs->type = ROPE_DEFAULT;
+	else
+		return rope_fail(err, errlen, origin, v->string, "\"%s\" is not supported (only \"yarn\"; "
+				 "\"default\" or a null rope_scaling: no scaling)", v->valuestring);
+	return 0;
+}
+
+static int rope_set_number(struct rope_scaling *rs, const struct rope_num *r, const cJSON *v,
+			   const char *origin, char *err, size_t errlen)
+{
+	char num[48];
+	double d;
+
+	if (cJSON_IsNull(v)) {
+		rope_num_put(rs, r, 0);
+		return 0;
+	}
+	if (!cJSON_IsNumber(v))
+		return rope_fail(err, errlen, origin, r->name, "expected a number, got %s", json_type(v));
+	d = v->valuedouble;
+	if (!isfinite(d))
+		return rope_fail(err, errlen, origin, r->name, "number out of range");
+	fmt_double(num, sizeof(num), d);
+	if (r->is_int && (d != floor(d) || d < INT_MIN || d > INT_MAX))
+		return rope_fail(err, errlen, origin, r->name, "expected an integer, got %s", num);
+	rope_num_put(rs, r, d);
+	return 0;
+}
+
+static int rope_set_item(struct rope_scaling *rs, const cJSON *e, const char **seen, const char *origin,
+			 char *err, size_t errlen)
+{
+	if (!strcmp(e->string, "type") || !strcmp(e->string, "rope_type"))
+		return rope_set_type(rs, e, seen, origin, err, errlen);
+	if (!strcmp(e->string, "truncate")) {
+		if (!cJSON_IsBool(e) && !cJSON_IsNull(e))
+			return rope_fail(err, errlen, origin, e->string, "expected true or false, got %s",
+					 json_type(e));
+		rs->no_truncate = cJSON_IsFalse(e);
+		return 0;
+	}
+	for (size_t i = 0; i < N_ROPE_NUMS; i++)
+		if (!strcmp(e->string, rope_nums[i].name))
+			return rope_set_number(rs, &rope_nums[i], e, origin, err, errlen);
+	return rope_fail(err, errlen, origin, e->string, "unknown key (rope_scaling takes type, factor, "
+			 "original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim, "
+			 "attention_factor, truncate)");
+}
+
+/* An object replaces the whole setting, or with merge changes only the keys it names; null: no scaling. */
+static int set_rope_scaling(const struct cfg_key *k, struct rope_scaling *dst, const cJSON *v, bool merge,
+			    const char *origin, char *err, size_t errlen)
+{
+	struct rope_scaling rs;
+	const char *seen = NULL;
+	const cJSON *e;
+
+	memset(&rs, 0, sizeof(rs));
+	if (cJSON_IsNull(v) && !merge) {
+		memcpy(dst, &rs, sizeof(rs));
+		return 0;
+	}
+	if (!cJSON_IsObject(v))
+		return key_fail(err, errlen, origin, k, "expected an object such as {\"type\": \"yarn\", "
+				"\"factor\": 40, \"original_max_position_embeddings\": 4096} or null, got %s",
+				json_type(v));
+	if (merge)
+		memcpy(&rs, dst, sizeof(rs));
+	cJSON_ArrayForEach(e, v) {
+		if (has_duplicate(v, e))
+			return rope_fail(err, errlen, origin, e->string, "duplicate key");
+		if (rope_set_item(&rs, e, &seen, origin, err, errlen))
+			return -1;
+	}
+	if (!merge && !seen)
+		return key_fail(err, errlen, origin, k, "no \"type\" (\"yarn\")");
+	memcpy(dst, &rs, sizeof(rs));
+	return 0;
+}
+
+static cJSON *rope_json(const struct rope_scaling *rs)
+{
+	cJSON *o;
+	char num[48];
+
+	if (rs->type != ROPE_YARN)
+		return cJSON_CreateNull();
+	o = cJSON_CreateObject();
+	if (!o || !cJSON_AddStringToObject(o, "type", "yarn"))
+		goto oom;
+	for (size_t i = 0; i < N_ROPE_NUMS; i++) {
+		double v = rope_num_get(rs, &rope_nums[i]);
+
+		if (v == 0)
+			continue;
+		if (rope_nums[i].is_int)
+			snprintf(num, sizeof(num), "%d", (int)v);
+		else
+			fmt_double(num, sizeof(num), v);
+		if (!cJSON_AddRawToObject(o, rope_nums[i].name, num))
+			goto oom;
+	}
+	if (rs->no_truncate && !cJSON_AddFalseToObject(o, "truncate"))
+		goto oom;
+	return o;
+oom:
+	cJSON_Delete(o);
+	return NULL;
+}
+
+/* every field, numbers bit for bit */
+static bool rope_equal(const struct rope_scaling *a, const struct rope_scaling *b)
+{
+	if (a->type != b->type || a->no_truncate != b->no_truncate)
+		return false;
+	for (size_t i = 0; i < N_ROPE_NUMS; i++) {
+		double va = rope_num_get(a, &rope_nums[i]), vb = rope_num_get(b, &rope_nums[i]);
+
+		if (memcmp(&va, &vb, sizeof(va)))
+			return false;
+	}
+	return true;
+}
+
 static int apply_value(struct run_config *c, const struct cfg_key *k, const cJSON *v,
 		       const char *origin, char *err, size_t errlen)
 {
@@ -615,19 +808,13 @@ static int apply_value(struct run_config *c, const struct cfg_key *k, const cJSO
 		return set_argv(c, k, v, origin, err, errlen);
 	case CT_SCORING:
 		return set_scoring(k, p, v, origin, err, errlen);
+	case CT_ROPE:
+		return set_rope_scaling(k, p, v, false, origin, err, errlen);
 	}
 	return key_fail(err, errlen, origin, k, "internal error: bad key type");
 }
 
 /* ---- JSON documents ---- */
-
-static bool has_duplicate(const cJSON *obj, const cJSON *item)
-{
-	for (const cJSON *s = obj->child; s && s != item; s = s->next)
-		if (!strcmp(s->string, item->string))
-			return true;
-	return false;
-}
 
 static int apply_section(struct run_config *c, const cJSON *sec, const char *origin, char *err,
 			 size_t errlen)
@@ -748,6 +935,8 @@ static const char *type_phrase(enum cfg_type type)
 		return "a boolean (true or false)";
 	case CT_ARGV:
 		return "a JSON array of strings such as [\"python3\",\"reward.py\"]";
+	case CT_ROPE:
+		return "a JSON object such as {\"type\":\"yarn\",\"factor\":40} or null";
 	default:
 		return "a string";
 	}
@@ -768,6 +957,26 @@ static int set_hf_key(const struct hf_key *h, const char *text, char *err, size_
 	return rc;
 }
 
+/* --set model.rope_scaling.SUB=VALUE: one key of the object, the others kept */
+static int set_rope_key(struct run_config *c, const char *sub, const char *text, char *err, size_t errlen)
+{
+	const struct cfg_key *k = find_key("model", "rope_scaling");
+	const char *end;
+	cJSON *obj = cJSON_CreateObject(), *v = cJSON_ParseWithOpts(text, &end, 1);
+	int rc;
+
+	if (!v)
+		v = cJSON_CreateString(text);
+	if (!obj || !v || !cJSON_AddItemToObject(obj, sub, v)) {
+		cJSON_Delete(obj);
+		cJSON_Delete(v);
+		return fail(err, errlen, "--set: out of memory");
+	}
+	rc = set_rope_scaling(k, field(c, k), obj, true, "--set", err, errlen);
+	cJSON_Delete(obj);
+	return rc;
+}
+
 int config_set(struct run_config *c, const char *assignment, char *err, size_t errlen)
 {
 	const char *eq = strchr(assignment, '=');
@@ -784,6 +993,8 @@ int config_set(struct run_config *c, const char *assignment, char *err, size_t e
 		return fail(err, errlen, "--set: unknown key %.*s", (int)(eq - assignment), assignment);
 	snprintf(section, sizeof(section), "%.*s", (int)(dot - assignment), assignment);
 	snprintf(name, sizeof(name), "%.*s", (int)(eq - dot - 1), dot + 1);
+	if (!strcmp(section, "model") && !strncmp(name, "rope_scaling.", 13))
+		return set_rope_key(c, name + 13, eq + 1, err, errlen);
 	k = find_key(section, name);
 	if (!k) {
 		h = find_hf_key(section, name);
@@ -824,6 +1035,8 @@ static cJSON *value_json(const void *base, const struct cfg_key *k)
 	case CT_SCORING:
 		return cJSON_CreateString(*(const enum moe_scoring *)p == MOE_SCORING_SIGMOID ?
 					  "sigmoid" : "softmax");
+	case CT_ROPE:
+		return rope_json(p);
 	case CT_ARGV: {
 		int argc = *(const int *)((const char *)base + k->aux);
 		cJSON *a = cJSON_CreateArray();
@@ -869,6 +1082,8 @@ static bool field_equal(const void *a, const void *b, const struct cfg_key *k)
 
 	if (k->type == CT_STR)
 		return !strcmp(pa, pb);
+	if (k->type == CT_ROPE)
+		return rope_equal(pa, pb);
 	if (k->type == CT_ARGV) {
 		int na = *(const int *)((const char *)a + k->aux);
 		int nb = *(const int *)((const char *)b + k->aux);
@@ -1057,6 +1272,8 @@ static int validate_attention(const struct model_config *m, char *err, size_t er
 		m->num_key_value_heads, m->num_attention_heads);
 	REQUIRE(m->qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim=%d must be even",
 		m->qk_rope_head_dim);
+	REQUIRE(m->qk_rope_head_dim <= MC_ROPE_MAX_DIM, "model.qk_rope_head_dim=%d must be <= %d",
+		m->qk_rope_head_dim, MC_ROPE_MAX_DIM);
 	REQUIRE(!m->attention_bias, "model.attention_bias=true is not supported");
 	REQUIRE(!m->tie_word_embeddings,
 		"model.tie_word_embeddings=true is not supported (lm_head is untied)");
@@ -1064,6 +1281,30 @@ static int validate_attention(const struct model_config *m, char *err, size_t er
 		m->bos_token_id, m->vocab_size);
 	REQUIRE(m->eos_token_id < m->vocab_size, "model.eos_token_id=%d must be < model.vocab_size=%d",
 		m->eos_token_id, m->vocab_size);
+	return 0;
+}
+
+/* YaRN's numbers are >= 0 (0: transformers' default) and are given only with type "yarn" */
+static int validate_rope(const struct model_config *m, char *err, size_t errlen)
+{
+	const struct rope_scaling *rs = &m->rope_scaling;
+	bool yarn = rs->type == ROPE_YARN;
+	char a[48];
+
+	for (size_t i = 0; i < N_ROPE_NUMS; i++) {
+		double v = rope_num_get(rs, &rope_nums[i]);
+
+		fmt_double(a, sizeof(a), v);
+		REQUIRE(isfinite(v) && v >= 0, "model.rope_scaling.%s=%s must be >= 0 (0 or null: "
+			"transformers' default)", rope_nums[i].name, a);
+		REQUIRE(yarn || v == 0, "model.rope_scaling.%s=%s is given but model.rope_scaling.type is "
+			"not \"yarn\"", rope_nums[i].name, a);
+	}
+	REQUIRE(yarn || !rs->no_truncate,
+		"model.rope_scaling.truncate is given but model.rope_scaling.type is not \"yarn\"");
+	fmt_double(a, sizeof(a), m->rope_theta);
+	REQUIRE(!yarn || m->rope_theta > 1, "model.rope_theta=%s must be > 1 with YaRN (model.rope_scaling)",
+		a);
 	return 0;
 }
 
@@ -1160,7 +1401,8 @@ int config_validate(const struct run_config *c, int world_size, char *err, size_
 		    check_choice(c, &cfg_keys[i], err, errlen))
 			return -1;
 	}
-	if (validate_attention(&c->model, err, errlen) || validate_layers(&c->model, err, errlen) ||
+	if (validate_attention(&c->model, err, errlen) || validate_rope(&c->model, err, errlen) ||
+	    validate_layers(&c->model, err, errlen) ||
 	    validate_routing(&c->model, err, errlen) || validate_train(&c->train, err, errlen) ||
 	    validate_parallel(c, world_size, err, errlen) || validate_grpo(&c->grpo, err, errlen))
 		return -1;

@@ -20,7 +20,9 @@
  * did it with view(d/2, 2).transpose + rotate_half: the same thing).  DeepSeek-V2's HF code rotates
  * view_as_complex(x.reshape(-1, 2)): adjacent pairs again.  So q_b_proj / q_proj and
  * kv_a_proj_with_mqa are taken as they are; a config with rope_interleave=false is refused (by the
- * config loader) rather than permuted.  bench/hf_logits_check.py checks this against transformers.
+ * config loader) rather than permuted.  YaRN (DeepSeek's rope_scaling {"type": "yarn"}, transformers 5's
+ * rope_parameters {"rope_type": "yarn"}) changes only the frequencies and two scales (model/rope.h), no
+ * weight.  bench/hf_logits_check.py checks all this against transformers.
  *
  * Memory: streamed, never the whole model.  --from-hf checks every header first, then reads one tensor
  * at a time from the memory-mapped safetensors into a float32 buffer as large as the largest tensor
@@ -49,6 +51,7 @@
 #include <cjson/cJSON.h>
 
 #include "model/model.h"
+#include "model/rope.h"
 #include "train/checkpoint.h"
 
 #define PATH_LEN 4096
@@ -261,12 +264,60 @@ static int is_ignored(const char *key)
 	return 0;
 }
 
-/* rope_parameters (transformers 5) -> rope_theta; only the default (unscaled) RoPE is supported. */
+/* The keys of a rope_parameters object that the config loader's rope_scaling takes (besides
+ * rope_theta, which becomes the top-level key). */
+static const char *const rope_scaling_keys[] = {
+	"rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+	"mscale", "mscale_all_dim", "attention_factor", "truncate",
+};
+
+static int is_rope_scaling_key(const char *key)
+{
+	for (size_t i = 0; i < sizeof(rope_scaling_keys) / sizeof(rope_scaling_keys[0]); i++)
+		if (!strcmp(key, rope_scaling_keys[i]))
+			return 1;
+	return 0;
+}
+
+/* rope_parameters' rope_theta -> rope_theta (which it must agree with when both are given) */
+static int take_rope_theta(cJSON *obj, cJSON *rp, const char *origin, char *err, size_t errlen)
+{
+	cJSON *theta = cJSON_DetachItemFromObjectCaseSensitive(rp, "rope_theta");
+	const cJSON *top = cJSON_GetObjectItemCaseSensitive(obj, "rope_theta");
+	int rc = 0;
+
+	if (!theta)
+		return 0;
+	if (!cJSON_IsNumber(theta))
+		rc = fail(err, errlen, "%s: model.rope_parameters.rope_theta: expected a number", origin);
+	else if (top && (!cJSON_IsNumber(top) || top->valuedouble != theta->valuedouble))
+		rc = fail(err, errlen, "%s: model.rope_theta disagrees with "
+			  "model.rope_parameters.rope_theta", origin);
+	else if (!top)
+		cJSON_AddNumberToObject(obj, "rope_theta", theta->valuedouble);
+	cJSON_Delete(theta);
+	return rc;
+}
+
+/* {"rope_type": "default"} alone: no scaling */
+static int rope_is_default(const cJSON *rp)
+{
+	const cJSON *t = cJSON_GetObjectItemCaseSensitive(rp, "rope_type");
+
+	if (!t)
+		t = cJSON_GetObjectItemCaseSensitive(rp, "type");
+	return cJSON_GetArraySize(rp) == (t ? 1 : 0) && (!t || (cJSON_IsString(t) &&
+							      !strcmp(t->valuestring, "default")));
+}
+
+/*
+ * rope_parameters (transformers 5): rope_theta -> rope_theta, the rest (rope_type "yarn", factor, ...)
+ * -> rope_scaling, which the config loader reads (DeepSeek's own files write rope_scaling directly).
+ */
 static int take_rope_parameters(cJSON *obj, const char *origin, char *err, size_t errlen)
 {
 	cJSON *rp = cJSON_DetachItemFromObjectCaseSensitive(obj, "rope_parameters"), *e;
-	cJSON *top = cJSON_GetObjectItemCaseSensitive(obj, "rope_theta");
-	const cJSON *theta = NULL;
+	const cJSON *old = cJSON_GetObjectItemCaseSensitive(obj, "rope_scaling");
 	int rc = 0;
 
 	if (!rp || cJSON_IsNull(rp))
@@ -275,35 +326,31 @@ static int take_rope_parameters(cJSON *obj, const char *origin, char *err, size_
 		rc = fail(err, errlen, "%s: model.rope_parameters: expected an object", origin);
 		goto out;
 	}
+	rc = take_rope_theta(obj, rp, origin, err, errlen);
 	cJSON_ArrayForEach(e, rp) {
-		if (!strcmp(e->string, "rope_type")) {
-			if (!cJSON_IsString(e) || strcmp(e->valuestring, "default")) {
-				rc = fail(err, errlen, "%s: model.rope_parameters.rope_type=%s: only "
-					  "\"default\" RoPE is supported (YaRN scaling is not supported "
-					  "yet)", origin, cJSON_IsString(e) ? e->valuestring : "?");
-				goto out;
-			}
-		} else if (!strcmp(e->string, "rope_theta")) {
-			theta = e;
-		} else {
+		int type = !strcmp(e->string, "rope_type") || !strcmp(e->string, "type");
+
+		if (rc)
+			break;
+		if (!is_rope_scaling_key(e->string))
 			rc = fail(err, errlen, "%s: model.rope_parameters.%s is not supported", origin,
 				  e->string);
-			goto out;
-		}
+		else if (type && (!cJSON_IsString(e) || (strcmp(e->valuestring, "default") &&
+							 strcmp(e->valuestring, "yarn"))))
+			rc = fail(err, errlen, "%s: model.rope_parameters.%s=%s: only \"default\" and "
+				  "\"yarn\" RoPE are supported", origin, e->string,
+				  cJSON_IsString(e) ? e->valuestring : "?");
 	}
-	if (!theta)
+	if (rc || rope_is_default(rp))
 		goto out;
-	if (!cJSON_IsNumber(theta)) {
-		rc = fail(err, errlen, "%s: model.rope_parameters.rope_theta: expected a number", origin);
-		goto out;
-	}
-	if (top && (!cJSON_IsNumber(top) || top->valuedouble != theta->valuedouble)) {
-		rc = fail(err, errlen, "%s: model.rope_theta disagrees with "
-			  "model.rope_parameters.rope_theta", origin);
+	if (old && !cJSON_IsNull(old)) {
+		rc = fail(err, errlen, "%s: model.rope_parameters and model.rope_scaling are both given",
+			  origin);
 		goto out;
 	}
-	if (!top)
-		cJSON_AddNumberToObject(obj, "rope_theta", theta->valuedouble);
+	cJSON_DeleteItemFromObjectCaseSensitive(obj, "rope_scaling");
+	cJSON_AddItemToObject(obj, "rope_scaling", rp);
+	rp = NULL;
 out:
 	cJSON_Delete(rp);
 	return rc;
@@ -472,6 +519,24 @@ static void set_item(cJSON *obj, const char *key, cJSON *v)
 		cJSON_AddItemToObject(obj, key, v);
 }
 
+/*
+ * rope_scaling as DeepSeek's files write it, with factor and original_max_position_embeddings always
+ * given (transformers requires both; the config leaves them 0 for "derived").
+ */
+static int hf_rope_scaling(cJSON *m, const struct model_config *mc)
+{
+	cJSON *rs = cJSON_GetObjectItemCaseSensitive(m, "rope_scaling");
+	int omax = mc->rope_scaling.original_max_position_embeddings;
+
+	if (!cJSON_IsObject(rs))
+		return -1;
+	set_item(rs, "factor", cJSON_CreateNumber(mc_rope_factor(mc)));
+	set_item(rs, "original_max_position_embeddings",
+		 cJSON_CreateNumber(omax > 0 ? omax : mc->max_position_embeddings));
+	sort_object(rs);
+	return 0;
+}
+
 char *convert_hf_config_json(const struct model_config *mc, enum st_dtype dtype)
 {
 	struct run_config rc;
@@ -511,6 +576,8 @@ char *convert_hf_config_json(const struct model_config *mc, enum st_dtype dtype)
 		snprintf(num, sizeof(num), "%d", mc->num_attention_heads);
 		set_item(m, "num_key_value_heads", cJSON_CreateRaw(num));
 	}
+	if (mc->rope_scaling.type == ROPE_YARN && hf_rope_scaling(m, mc))
+		goto oom;
 	if (mc->n_routed_experts == 0) {
 		/* transformers builds MoE layers from first_k_dense_replace on: none here */
 		snprintf(num, sizeof(num), "%d", mc->num_hidden_layers);
@@ -520,6 +587,9 @@ char *convert_hf_config_json(const struct model_config *mc, enum st_dtype dtype)
 	text = cJSON_Print(m);
 	cJSON_Delete(m);
 	return text;
+oom:
+	cJSON_Delete(m);
+	return NULL;
 }
 
 /* ---------------------------------------------------------------- --from-hf */

@@ -242,21 +242,27 @@ void rmsnorm_backward_impl(T *dx, T *dw, const T *dy, const T *x, const T *w, co
 
 /* ------------------------------------------------------------------------------------------------------
  * RoPE (interleaved pairs), in place.  One thread per (row n, pair i): it computes cos/sin once, in double
- * like the CPU op (angles reach thousands of radians, beyond float's precision), and rotates pair i of
- * every head.  sign = +1 forward, -1 the inverse rotation (backward).
+ * like the CPU op (angles reach thousands of radians, beyond float's precision), times attention_factor,
+ * and rotates pair i of every head.  sign = +1 forward, -1 the inverse rotation (backward).  The frequency
+ * table (model/rope.h) is a kernel argument.
  * ---------------------------------------------------------------------------------------------------- */
+struct rope_table {
+	double inv_freq[MC_ROPE_MAX_DIM / 2];
+};
+
 template <typename T>
 __global__ void rope_kernel(T *x, const int *__restrict__ pos, int N, int nheads, int row_stride,
-			    int head_stride, int dr, float theta, float sign)
+			    int head_stride, int dr, const rope_table freq, float attention_factor,
+			    float sign)
 {
 	const int half = dr / 2;
 	const size_t total = (size_t)N * half;
 	for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total;
 	     t += (size_t)gridDim.x * blockDim.x) {
 		const int n = (int)(t / half), i = (int)(t % half);
-		const double inv_freq = pow((double)theta, -2.0 * i / dr);
-		const double angle = (double)pos[n] * inv_freq;
-		const float c = (float)cos(angle), s = sign * (float)sin(angle);
+		const double angle = (double)pos[n] * freq.inv_freq[i];
+		const double scale = attention_factor;
+		const float c = (float)(scale * cos(angle)), s = sign * (float)(scale * sin(angle));
 		T *p = x + (size_t)n * row_stride + 2 * i;
 		for (int h = 0; h < nheads; h++, p += head_stride) {
 			const float a = to_f(p[0]), b = to_f(p[1]);
@@ -267,14 +273,19 @@ __global__ void rope_kernel(T *x, const int *__restrict__ pos, int N, int nheads
 }
 
 template <typename T>
-void rope_impl(T *x, const int *pos, int N, int nheads, int row_stride, int head_stride, int dr, float theta,
-	       float sign)
+void rope_impl(T *x, const int *pos, int N, int nheads, int row_stride, int head_stride, int dr,
+	       const double *inv_freq, float attention_factor, float sign)
 {
 	if (N <= 0 || dr < 2 || nheads <= 0)
 		return;
+	if (dr > MC_ROPE_MAX_DIM)
+		fail("rope", "dr must be <= MC_ROPE_MAX_DIM (256)");
+	rope_table freq = {};
+	for (int i = 0; i < dr / 2; i++)
+		freq.inv_freq[i] = inv_freq[i];
 	const size_t total = (size_t)N * (dr / 2);
 	rope_kernel<T><<<grid_for(total), kThreads, 0, stream()>>>(x, pos, N, nheads, row_stride, head_stride,
-								   dr, theta, sign);
+								   dr, freq, attention_factor, sign);
 	CUDA_CHECK_LAUNCH("rope_kernel");
 }
 
@@ -454,15 +465,15 @@ void rmsnorm_backward_cuda(float *dx, float *dw, const float *dy, const float *x
 }
 
 void rope_forward_cuda(float *x, const int *pos, int N, int nheads, int row_stride, int head_stride, int dr,
-		       float theta)
+		       const double *inv_freq, float attention_factor)
 {
-	rope_impl<float>(x, pos, N, nheads, row_stride, head_stride, dr, theta, 1.0f);
+	rope_impl<float>(x, pos, N, nheads, row_stride, head_stride, dr, inv_freq, attention_factor, 1.0f);
 }
 
 void rope_backward_cuda(float *dx, const int *pos, int N, int nheads, int row_stride, int head_stride, int dr,
-			float theta)
+			const double *inv_freq, float attention_factor)
 {
-	rope_impl<float>(dx, pos, N, nheads, row_stride, head_stride, dr, theta, -1.0f);
+	rope_impl<float>(dx, pos, N, nheads, row_stride, head_stride, dr, inv_freq, attention_factor, -1.0f);
 }
 
 void swiglu_forward_cuda(float *out, const float *gate, const float *up, size_t n)

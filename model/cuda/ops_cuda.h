@@ -8,8 +8,8 @@
  * (row-major [N, dim] activations, [out, in] weights, backward functions ACCUMULATE into gradients except
  * cross_entropy_backward_cuda, which writes; a NULL gradient pointer means "not needed"), with two
  * differences:
- *  - every array argument (float and int alike) is a DEVICE pointer; scalars and the router_params struct
- *    are host values;
+ *  - every array argument (float and int alike) is a DEVICE pointer, except RoPE's inv_freq table; scalars
+ *    and the router_params struct are host values;
  *  - they are asynchronous: they are queued on the backend's stream (moe_cuda_stream()) and return before
  *    the device finishes.  The exception is balance_loss_forward_cuda, which returns a host float and so
  *    waits (balance_loss_forward_cuda_async writes the loss to device memory instead).
@@ -76,10 +76,11 @@ void rmsnorm_forward_cuda(float *y, float *rstd, const float *x, const float *w,
 void rmsnorm_backward_cuda(float *dx, float *dw, const float *dy, const float *x, const float *w,
 			   const float *rstd, int N, int C);
 
+/* inv_freq is a HOST array of dr / 2 doubles (dr <= MC_ROPE_MAX_DIM): it travels as a kernel argument. */
 void rope_forward_cuda(float *x, const int *pos, int N, int nheads, int row_stride, int head_stride,
-		       int dr, float theta);
+		       int dr, const double *inv_freq, float attention_factor);
 void rope_backward_cuda(float *dx, const int *pos, int N, int nheads, int row_stride, int head_stride,
-			int dr, float theta);
+			int dr, const double *inv_freq, float attention_factor);
 
 /* Causal attention, FlashAttention-2 style tiles: dq <= 192, dv <= 128 (DeepSeek: 192 / 128).
  * attention_backward_cuda needs the forward's out and lse; dq/dk/dv may each be NULL. */

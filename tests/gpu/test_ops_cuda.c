@@ -18,6 +18,7 @@
 
 #include "harness.h"
 #include "model/ops.h"
+#include "model/rope.h"
 
 #ifdef MOE_HAVE_CUDA
 #include "model/cuda/ops_cuda.h"
@@ -274,28 +275,38 @@ static void test_rmsnorm(void)
 /* ---- RoPE ---- */
 
 /* A buffer of N rows of row_stride floats; RoPE at offset `off` of each row, nheads heads head_stride
- * apart.  The whole buffer is compared: what lies outside the rotated pairs must stay untouched. */
-static void rope_case(const char *name, int N, int nheads, int row_stride, int head_stride, int off, int dr)
+ * apart.  The whole buffer is compared: what lies outside the rotated pairs must stay untouched.  The
+ * frequencies come from model/rope.h for the config's rope_scaling (YaRN: its table and a cos/sin
+ * multiplier != 1). */
+static void rope_case(const char *name, int N, int nheads, int row_stride, int head_stride, int off, int dr,
+		      const struct rope_scaling *rs)
 {
-	const float theta = 10000.0f;
+	struct model_config mc = {
+		.qk_rope_head_dim = dr, .qk_nope_head_dim = 8, .rope_theta = 10000.0,
+		.max_position_embeddings = 16384, .rope_scaling = *rs,
+	};
+	struct rope_freqs f;
 	const size_t n = (size_t)N * row_stride;
-	char label[64];
+	char label[96];
 	float *x = h_randn(n, 1.0f), *g = h_randn(n, 1.0f);
 	int *pos = xmalloc(sizeof(int) * N);
 	for (int i = 0; i < N; i++)
 		pos[i] = (int)test_rand_uniform(0.0f, 4096.0f);
 	pos[0] = 0;
+	mc_rope_freqs(&mc, &f);
 	float *xc = h_copy(x, n), *gc = h_copy(g, n);
-	rope_forward(xc + off, pos, N, nheads, row_stride, head_stride, dr, theta);
-	rope_backward(gc + off, pos, N, nheads, row_stride, head_stride, dr, theta);
+	rope_forward(xc + off, pos, N, nheads, row_stride, head_stride, dr, f.inv_freq, f.attention_factor);
+	rope_backward(gc + off, pos, N, nheads, row_stride, head_stride, dr, f.inv_freq, f.attention_factor);
 
 	int *d_pos = D_INTS(pos, N);
 	float *d_x = D_FLOATS(x, n), *d_g = D_FLOATS(g, n);
-	rope_forward_cuda(d_x + off, d_pos, N, nheads, row_stride, head_stride, dr, theta);
-	rope_backward_cuda(d_g + off, d_pos, N, nheads, row_stride, head_stride, dr, theta);
-	snprintf(label, sizeof(label), "rope fwd %s", name);
+	rope_forward_cuda(d_x + off, d_pos, N, nheads, row_stride, head_stride, dr, f.inv_freq,
+			  f.attention_factor);
+	rope_backward_cuda(d_g + off, d_pos, N, nheads, row_stride, head_stride, dr, f.inv_freq,
+			   f.attention_factor);
+	snprintf(label, sizeof(label), "rope fwd %s%s", name, rs->type == ROPE_YARN ? " yarn" : "");
 	expect_close(label, d_x, xc, n, TOL);
-	snprintf(label, sizeof(label), "rope bwd %s", name);
+	snprintf(label, sizeof(label), "rope bwd %s%s", name, rs->type == ROPE_YARN ? " yarn" : "");
 	expect_close(label, d_g, gc, n, TOL);
 
 	moe_cuda_free(d_pos); moe_cuda_free(d_x); moe_cuda_free(d_g);
@@ -304,13 +315,21 @@ static void rope_case(const char *name, int N, int nheads, int row_stride, int h
 
 static void test_rope(void)
 {
+	/* none, and YaRN with an original context of 1024 (so positions up to 4096 go past it) */
+	const struct rope_scaling scalings[] = {
+		{ .type = ROPE_DEFAULT },
+		{ .type = ROPE_YARN, .factor = 16, .original_max_position_embeddings = 1024, .mscale = 1,
+		  .mscale_all_dim = 0.5 },
+	};
 	test_rng_seed(4);
-	/* q: H heads of [nope 8 | rope 8] */
-	rope_case("q dr=8", 18, 4, 4 * 16, 16, 8, 8);
-	/* q: DeepSeek-like rope part of 64 after 16 nope dims */
-	rope_case("q dr=64", 9, 2, 2 * 80, 80, 16, 64);
-	/* k_pe: one shared head after kv_lora_rank = 32 numbers */
-	rope_case("k_pe", 21, 1, 32 + 8, 0, 32, 8);
+	for (int k = 0; k < 2; k++) {
+		/* q: H heads of [nope 8 | rope 8] */
+		rope_case("q dr=8", 18, 4, 4 * 16, 16, 8, 8, &scalings[k]);
+		/* q: DeepSeek-like rope part of 64 after 16 nope dims */
+		rope_case("q dr=64", 9, 2, 2 * 80, 80, 16, 64, &scalings[k]);
+		/* k_pe: one shared head after kv_lora_rank = 32 numbers */
+		rope_case("k_pe", 21, 1, 32 + 8, 0, 32, 8, &scalings[k]);
+	}
 	report_end();
 }
 

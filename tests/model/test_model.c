@@ -18,10 +18,11 @@ enum variant {
 	V2_LIKE,        /* softmax, q_proj (q_lora 0), no groups, no shared experts, unnormalised, scaled */
 	V2_GROUPS,      /* softmax with group-limited routing and shared experts */
 	DENSE_ONLY,     /* no MoE layer at all */
+	V3_YARN,        /* v3-like with YaRN RoPE: cos/sin x 0.964, softmax scale x 1.30 */
 	N_VARIANTS
 };
 
-static const char *variant_name[] = { "v3-like", "v2-like", "v2-groups", "dense-only" };
+static const char *variant_name[] = { "v3-like", "v2-like", "v2-groups", "dense-only", "v3-yarn" };
 
 static struct model_config small_config(enum variant v)
 {
@@ -56,6 +57,10 @@ static struct model_config small_config(enum variant v)
 	case DENSE_ONLY:
 		c.n_routed_experts = 0;
 		c.first_k_dense_replace = c.num_hidden_layers;
+		break;
+	case V3_YARN:  /* an original context of 4 < T: one frequency interpolated */
+		c.rope_scaling = (struct rope_scaling){ .type = ROPE_YARN, .factor = 4,
+			.original_max_position_embeddings = 4, .mscale = 0.707, .mscale_all_dim = 1.0 };
 		break;
 	default:
 		break;
@@ -218,6 +223,7 @@ static void test_grad_v3_like(void) { check_model_gradient(V3_LIKE); }
 static void test_grad_v2_like(void) { check_model_gradient(V2_LIKE); }
 static void test_grad_v2_groups(void) { check_model_gradient(V2_GROUPS); }
 static void test_grad_dense_only(void) { check_model_gradient(DENSE_ONLY); }
+static void test_grad_v3_yarn(void) { check_model_gradient(V3_YARN); }
 
 /* The largest single gradient entry of every tensor as well, to catch errors a sum could hide. */
 static void test_grad_single_entries(void)
@@ -409,6 +415,7 @@ void register_tests(void)
 		{ "gradient v2-like (softmax, q_proj, no shared, scaled)", test_grad_v2_like },
 		{ "gradient v2 with groups and shared experts", test_grad_v2_groups },
 		{ "gradient dense only", test_grad_dense_only },
+		{ "gradient v3-like with YaRN RoPE", test_grad_v3_yarn },
 		{ "gradient single largest entries", test_grad_single_entries },
 		{ NULL, NULL },
 	};

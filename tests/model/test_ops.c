@@ -12,6 +12,7 @@
 #include "gradcheck.h"
 #include "harness.h"
 #include "model/ops.h"
+#include "model/rope.h"
 
 #define FD_TOL	 1e-2	/* relative tolerance of analytic vs numeric gradients */
 #define ACC_FILL 0.375f	/* prefill of the accumulation checks */
@@ -359,7 +360,8 @@ struct rope_ctx {
 	const float *x, *r;
 	float *tmp;
 	const int *pos;
-	float theta;
+	const double *inv_freq;
+	float af;	/* attention_factor: the cos/sin multiplier */
 };
 
 static double rope_loss(void *p)
@@ -369,36 +371,32 @@ static double rope_loss(void *p)
 
 	memcpy(c->tmp, c->x, n * sizeof(float));
 	rope_forward(c->tmp + c->L->off, c->pos, c->L->N, c->L->nheads, c->L->row_stride,
-		     c->L->head_stride, c->L->dr, c->theta);
+		     c->L->head_stride, c->L->dr, c->inv_freq, c->af);
 	return gc_dot(c->r, c->tmp, n);
 }
 
-static void test_rope_layout(const struct rope_layout *L, float theta)
+static void rope_positions(const struct rope_layout *L, int *pos, int *pmax)
 {
-	size_t n = rope_buf_len(L);
-	float *x = falloc(n), *y = falloc(n), *r = falloc(n), *dx = falloc(n), *tmp = falloc(n);
-	double *num = dalloc(n);
-	int *pos = ialloc(L->N);
-	struct rope_ctx c = { L, x, r, tmp, pos, theta };
-	double worst = 0, worst_norm = 0, tol;
-	int pmod = L->N * 4 > 300 ? L->N * 4 : 300, pmax = 0;
-	size_t touched = 0;
+	int pmod = L->N * 4 > 300 ? L->N * 4 : 300;
 
-	test_fill_randn(x, n, 1.0f);
-	test_fill_randn(r, n, 1.0f);
+	*pmax = 0;
 	for (int i = 0; i < L->N; i++) {
 		if (L->period)
 			pos[i] = 3 + (i * 7) % L->period;	/* period coprime to 7: a shuffled range */
 		else
 			pos[i] = i == 0 ? 0 : (i * 37 + 5) % pmod;	/* includes 0, not monotone */
-		pmax = pos[i] > pmax ? pos[i] : pmax;
+		*pmax = pos[i] > *pmax ? pos[i] : *pmax;
 	}
-	/* a float32 angle pos * freq may be off by ~ulp(pos): allow it */
-	tol = 2e-4 + 2e-7 * pmax;
+}
 
-	/* forward vs the interleaved formula; untouched outside the rope slots */
-	memcpy(y, x, n * sizeof(float));
-	rope_forward(y + L->off, pos, L->N, L->nheads, L->row_stride, L->head_stride, L->dr, theta);
+/* forward vs the interleaved formula (rotation by pos * inv_freq[i], times af); untouched outside the
+ * rope slots; the norm of each pair scaled by af exactly */
+static void rope_check_forward(const struct rope_layout *L, const float *x, const float *y, const int *pos,
+			       const double *inv_freq, float af, double tol)
+{
+	size_t n = rope_buf_len(L), touched = 0;
+	double worst = 0, worst_norm = 0;
+
 	for (size_t i = 0; i < n; i++) {
 		int tn, th, tj;
 
@@ -406,17 +404,16 @@ static void test_rope_layout(const struct rope_layout *L, float theta)
 			touched += y[i] != x[i];
 			continue;
 		}
-		int pair = tj / 2;
 		size_t i0 = i - (tj & 1);
-		double a = pos[tn] * pow((double)theta, -2.0 * pair / L->dr);
+		double a = pos[tn] * inv_freq[tj / 2];
 		double x0 = x[i0], x1 = x[i0 + 1];
-		double want = (tj & 1) ? x0 * sin(a) + x1 * cos(a) : x0 * cos(a) - x1 * sin(a);
+		double want = af * ((tj & 1) ? x0 * sin(a) + x1 * cos(a) : x0 * cos(a) - x1 * sin(a));
 		double e = fabs(y[i] - want);
 
 		if (e > worst)
 			worst = e;
 		if (!(tj & 1)) {
-			double n0 = hypot(x0, x1), n1 = hypot(y[i], y[i + 1]);
+			double n0 = af * hypot(x0, x1), n1 = hypot(y[i], y[i + 1]);
 			double en = fabs(n1 - n0) / (n0 > 1e-3 ? n0 : 1e-3);
 
 			if (en > worst_norm)
@@ -432,30 +429,78 @@ static void test_rope_layout(const struct rope_layout *L, float theta)
 	if (!(worst_norm <= 1e-5))
 		fprintf(stderr, "\n  rope %s norm: max rel err %.3g\n", L->name, worst_norm);
 	CU_ASSERT(worst_norm <= 1e-5);
-	/* pos 0 (token 0 of the sparse pattern) is the identity */
+	/* pos 0 (token 0 of the sparse pattern) is multiplication by af */
 	for (int h = 0; h < (pos[0] == 0 ? L->nheads : 0); h++)
 		for (int j = 0; j < L->dr; j++) {
 			size_t i = (size_t)L->off + (size_t)h * L->head_stride + j;
 
-			CU_ASSERT(fabsf(y[i] - x[i]) <= 1e-7f * (1 + fabsf(x[i])));
+			CU_ASSERT(fabs(y[i] - (double)af * x[i]) <= 2e-7 * (1 + fabsf(x[i])));
 		}
+}
 
-	/* backward = transpose of the forward's Jacobian (identity outside the rope slots) */
+static void test_rope_layout(const struct rope_layout *L, const double *inv_freq, float af)
+{
+	size_t n = rope_buf_len(L);
+	float *x = falloc(n), *y = falloc(n), *r = falloc(n), *dx = falloc(n), *tmp = falloc(n);
+	double *num = dalloc(n);
+	int *pos = ialloc(L->N), pmax;
+	struct rope_ctx c = { L, x, r, tmp, pos, inv_freq, af };
+
+	test_fill_randn(x, n, 1.0f);
+	test_fill_randn(r, n, 1.0f);
+	rope_positions(L, pos, &pmax);
+
+	/* a float32 angle pos * freq may be off by ~ulp(pos): allow it */
+	memcpy(y, x, n * sizeof(float));
+	rope_forward(y + L->off, pos, L->N, L->nheads, L->row_stride, L->head_stride, L->dr, inv_freq, af);
+	rope_check_forward(L, x, y, pos, inv_freq, af, 2e-4 + 2e-7 * pmax);
+
+	/* backward = transpose of the forward's Jacobian (identity outside the rope slots): with af != 1
+	 * the inverse rotation times af, not divided by it */
 	if (L->fd) {
 		char what[96];
 
 		memcpy(dx, r, n * sizeof(float));
-		rope_backward(dx + L->off, pos, L->N, L->nheads, L->row_stride, L->head_stride, L->dr, theta);
+		rope_backward(dx + L->off, pos, L->N, L->nheads, L->row_stride, L->head_stride, L->dr,
+			      inv_freq, af);
 		gc_numeric_grad(num, x, n, 1e-2f, rope_loss, &c);
-		snprintf(what, sizeof(what), "rope %s backward", L->name);
+		snprintf(what, sizeof(what), "rope %s (af %g) backward", L->name, af);
 		CU_ASSERT(gc_check(what, dx, num, n, FD_TOL, 1e-6));
 	}
 
-	/* backward undoes forward */
-	rope_backward(y + L->off, pos, L->N, L->nheads, L->row_stride, L->head_stride, L->dr, theta);
-	CU_ASSERT(check_close("rope round trip", rel_err(y, x, n, 1.0), 1e-5));
+	/* backward after forward: af^2 x in the rope slots (the rotations cancel), x elsewhere */
+	rope_backward(y + L->off, pos, L->N, L->nheads, L->row_stride, L->head_stride, L->dr, inv_freq, af);
+	for (size_t i = 0; i < n; i++) {
+		int tn, th, tj;
+
+		tmp[i] = rope_slot(L, i, &tn, &th, &tj) ? (float)((double)af * af * x[i]) : x[i];
+	}
+	CU_ASSERT(check_close("rope round trip", rel_err(y, tmp, n, 1.0), 1e-5));
 
 	free(x); free(y); free(r); free(dx); free(tmp); free(num); free(pos);
+}
+
+/* the unscaled table rope_theta^(-2i/dr), computed here */
+static void plain_inv_freq(double *inv_freq, int dr, double theta)
+{
+	for (int i = 0; i < dr / 2; i++)
+		inv_freq[i] = pow(theta, -2.0 * i / dr);
+}
+
+/* A YaRN table from model/rope.h (its values are tested in rope_yarn_table): factor 4 over an original
+ * context of 64, so that some frequencies are interpolated, some kept, some on the ramp. */
+static float yarn_inv_freq(double *inv_freq, int dr)
+{
+	struct model_config mc = {
+		.qk_rope_head_dim = dr, .qk_nope_head_dim = 4, .rope_theta = 10000.0,
+		.max_position_embeddings = 256,
+		.rope_scaling = { .type = ROPE_YARN, .factor = 4, .original_max_position_embeddings = 64 },
+	};
+	struct rope_freqs f;
+
+	mc_rope_freqs(&mc, &f);
+	memcpy(inv_freq, f.inv_freq, sizeof(double) * (dr / 2));
+	return f.attention_factor;
 }
 
 static void test_rope(void)
@@ -476,10 +521,128 @@ static void test_rope(void)
 		{ "big q sparse", 600, 4, 4 * (8 + 32), 8 + 32, 8, 32, 0, false },
 		{ "big k_pe pos range 300", 600, 1, 16 + 64, 0, 16, 64, 300, false },
 	};
+	double inv_freq[MC_ROPE_MAX_DIM / 2];
+	float af;
 
 	test_rng_seed(4);
-	for (size_t i = 0; i < sizeof(layouts) / sizeof(layouts[0]); i++)
-		test_rope_layout(&layouts[i], i == 4 ? 500.0f : 10000.0f);
+	for (size_t i = 0; i < sizeof(layouts) / sizeof(layouts[0]); i++) {
+		const struct rope_layout *L = &layouts[i];
+
+		plain_inv_freq(inv_freq, L->dr, i == 4 ? 500.0 : 10000.0);
+		test_rope_layout(L, inv_freq, 1.0f);
+		/* YaRN: its frequencies and a cos/sin multiplier != 1 */
+		af = yarn_inv_freq(inv_freq, L->dr);
+		CU_ASSERT(fabsf(af - 1.0f) > 0.1f);
+		test_rope_layout(L, inv_freq, af);
+		test_rope_layout(L, inv_freq, 0.75f);
+	}
+}
+
+/*
+ * model/rope.h against transformers.  The expected numbers were printed by transformers 5's own
+ * _compute_yarn_parameters (modeling_rope_utils.py: inv_freq, attention_factor) for a DeepseekV3Config
+ * with qk_rope_head_dim 64 and the rope_parameters below, and by modeling_deepseek_v3.yarn_apply_mscale
+ * (rope_parameters, 192 ** -0.5) for the softmax scale (qk_head_dim 192), as float32 with "%.9g".
+ */
+struct yarn_case {
+	const char *name;
+	double theta;
+	int max_pos;
+	struct rope_scaling rs;
+	float attention_factor, softmax_scale;
+	float inv_freq[32];
+};
+
+static const struct yarn_case yarn_cases[] = {
+	{ "DeepSeek-V3: factor 40, original 4096, beta 32/1, mscale 1/1", 10000.0, 163840,
+	  { .type = ROPE_YARN, .factor = 40, .original_max_position_embeddings = 4096, .beta_fast = 32,
+	    .beta_slow = 1, .mscale = 1.0, .mscale_all_dim = 1.0 },
+	  1.0f, 0.135233775f,
+	  { 1, 0.749894202, 0.562341332, 0.421696514,
+	    0.316227764, 0.237137362, 0.177827939, 0.133352146,
+	    0.100000001, 0.0749894157, 0.0562341288, 0.0390069261,
+	    0.0268793609, 0.0183781441, 0.012447956, 0.0083345091,
+	    0.00550000044, 0.00356199732, 0.00224936521, 0.00137051346,
+	    0.000790569407, 0.000414990413, 0.00017782794, 3.3338034e-05,
+	    2.49999994e-05, 1.87473543e-05, 1.40585325e-05, 1.05424124e-05,
+	    7.90569447e-06, 5.92843435e-06, 4.44569832e-06, 3.33380353e-06 } },
+	{ "theta 5000, factor 4, original 256, mscale 0.707 / mscale_all_dim 1", 5000.0, 163840,
+	  { .type = ROPE_YARN, .factor = 4, .original_max_position_embeddings = 256, .beta_fast = 32,
+	    .beta_slow = 1, .mscale = 0.707, .mscale_all_dim = 1.0 },
+	  0.964326915f, 0.093565166f,
+	  { 1, 0.725262225, 0.524319947, 0.377686441,
+	    0.270952672, 0.193478078, 0.137416437, 0.0969907492,
+	    0.0679546893, 0.0471926816, 0.0324232988, 0.0219795555,
+	    0.0146463104, 0.00954013132, 0.00602061208, 0.00461368356,
+	    0.00353553402, 0.00270933192, 0.00207620091, 0.00159102341,
+	    0.00121922465, 0.00093430985, 0.000715975475, 0.00054866256,
+	    0.000420448196, 0.000322195672, 0.000246903306, 0.000189205632,
+	    0.000144991063, 0.000111108799, 8.5144311e-05, 6.52473391e-05 } },
+	/* factor null: max_position_embeddings / original = 8; betas default; no mscale: 0.1 ln 8 + 1 */
+	{ "factor from 32768 / 4096, truncate false, no mscale", 10000.0, 32768,
+	  { .type = ROPE_YARN, .original_max_position_embeddings = 4096, .no_truncate = true },
+	  1.20794415f, 0.0721687824f,
+	  { 1, 0.749894202, 0.562341332, 0.421696514,
+	    0.316227764, 0.237137362, 0.177827939, 0.133352146,
+	    0.100000001, 0.0749894157, 0.0562341288, 0.0405524112,
+	    0.0281120818, 0.0193578731, 0.0132241333, 0.0089476686,
+	    0.00598313287, 0.00394178974, 0.00254728785, 0.00160376146,
+	    0.000972857641, 0.000557219319, 0.00028863296, 0.000166690181,
+	    0.000125000006, 9.37367731e-05, 7.02926627e-05, 5.2712061e-05,
+	    3.95284733e-05, 2.96421731e-05, 2.22284925e-05, 1.66690188e-05 } },
+};
+
+static struct model_config rope_config(double theta, int max_pos, const struct rope_scaling *rs)
+{
+	struct model_config mc = {
+		.qk_rope_head_dim = 64, .qk_nope_head_dim = 128, .rope_theta = theta,
+		.max_position_embeddings = max_pos,
+	};
+
+	if (rs)
+		mc.rope_scaling = *rs;
+	return mc;
+}
+
+static void test_rope_yarn_table(void)
+{
+	double got[32], want[32];
+
+	for (size_t c = 0; c < sizeof(yarn_cases) / sizeof(yarn_cases[0]); c++) {
+		const struct yarn_case *y = &yarn_cases[c];
+		struct model_config mc = rope_config(y->theta, y->max_pos, &y->rs);
+		double worst = 0;
+
+		mc_rope_inv_freq(&mc, got);
+		for (int i = 0; i < 32; i++) {
+			double e = fabs(got[i] - y->inv_freq[i]) / y->inv_freq[i];
+
+			worst = e > worst ? e : worst;
+		}
+		if (!(worst <= 1e-6))
+			fprintf(stderr, "\n  yarn %s: inv_freq rel err %.3g\n", y->name, worst);
+		CU_ASSERT(worst <= 1e-6);
+		CU_ASSERT(fabsf(mc_rope_attention_factor(&mc) - y->attention_factor) <= 1e-6f);
+		CU_ASSERT(fabsf(mc_softmax_scale(&mc) - y->softmax_scale) <= 1e-6f * y->softmax_scale);
+	}
+
+	/* an explicit attention_factor wins; without scaling: theta^(-2i/64), 1, 192^-0.5 */
+	{
+		struct rope_scaling rs = yarn_cases[0].rs;
+		struct model_config mc;
+
+		rs.attention_factor = 0.5;
+		mc = rope_config(10000.0, 163840, &rs);
+		CU_ASSERT_EQUAL(mc_rope_attention_factor(&mc), 0.5f);
+		CU_ASSERT(fabs(mc_rope_factor(&mc) - 40) == 0);
+		mc = rope_config(10000.0, 163840, NULL);
+		mc_rope_inv_freq(&mc, got);
+		plain_inv_freq(want, 64, 10000.0);
+		CU_ASSERT(memcmp(got, want, sizeof(got)) == 0);
+		CU_ASSERT_EQUAL(mc_rope_attention_factor(&mc), 1.0f);
+		CU_ASSERT_EQUAL(mc_rope_factor(&mc), 1.0);
+		CU_ASSERT_EQUAL(mc_softmax_scale(&mc), (float)(1.0 / sqrt(192.0)));
+	}
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -1530,6 +1693,7 @@ void register_tests(void)
 		{ "embedding", test_embedding },
 		{ "rmsnorm", test_rmsnorm },
 		{ "rope", test_rope },
+		{ "rope_yarn_table", test_rope_yarn_table },
 		{ "attention_forward", test_attention_forward },
 		{ "attention_backward", test_attention_backward },
 		{ "swiglu", test_swiglu },

@@ -2,7 +2,8 @@
  * tests/rl/test_generate.c - incremental decoding with the MLA latent cache (absorbed attention) against
  * the full forward (non-absorbed), batched decoding (experts grouped over the batch) against the forward
  * and against decoding alone, the routing record, the cache size, and generation: greedy equals the
- * forward's argmax, sampling is reproducible for a seed and each sequence's seed is its own.
+ * forward's argmax, sampling is reproducible for a seed and each sequence's seed is its own.  Decoding
+ * matches the forward with YaRN RoPE too (its frequencies, cos/sin multiplier and softmax scale).
  */
 #include <math.h>
 #include <omp.h>
@@ -18,7 +19,7 @@
 #include "train/checkpoint.h"
 #include "train/config.h"
 
-enum variant { V3_LIKE, V2_LIKE, DENSE_ONLY };
+enum variant { V3_LIKE, V2_LIKE, DENSE_ONLY, V3_YARN };
 
 static struct model_config small_config(enum variant v)
 {
@@ -44,6 +45,9 @@ static struct model_config small_config(enum variant v)
 	} else if (v == DENSE_ONLY) {
 		c.n_routed_experts = 0;
 		c.first_k_dense_replace = c.num_hidden_layers;
+	} else if (v == V3_YARN) {  /* cos/sin x 0.964, softmax scale x 1.30; positions past 8 */
+		c.rope_scaling = (struct rope_scaling){ .type = ROPE_YARN, .factor = 4,
+			.original_max_position_embeddings = 8, .mscale = 0.707, .mscale_all_dim = 1.0 };
 	}
 	return c;
 }
@@ -280,6 +284,7 @@ static void test_decode_thread_independent(void)
 static void test_decode_v3(void) { check_decode_matches_forward(V3_LIKE); }
 static void test_decode_v2(void) { check_decode_matches_forward(V2_LIKE); }
 static void test_decode_dense(void) { check_decode_matches_forward(DENSE_ONLY); }
+static void test_decode_yarn(void) { check_decode_matches_forward(V3_YARN); }
 
 /* bad arguments are refused and leave the cache unchanged */
 static void test_decode_bad_args(void)
@@ -648,6 +653,7 @@ void register_tests(void)
 		{ "decode_step == model_forward, v3-like (q_lora, sigmoid groups, shared)", test_decode_v3 },
 		{ "decode_step == model_forward, v2-like (q_proj, softmax)", test_decode_v2 },
 		{ "decode_step == model_forward, dense only", test_decode_dense },
+		{ "decode_step == model_forward, v3-like with YaRN RoPE", test_decode_yarn },
 		{ "decode_step refuses bad arguments", test_decode_bad_args },
 		{ "batched decoding == decoding alone", test_batched_equals_alone },
 		{ "batched decoding (grouped experts) == model_forward, routes recorded",

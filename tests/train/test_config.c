@@ -186,6 +186,14 @@ static void test_published_models(void)
 	CU_ASSERT_EQUAL(c.model.num_key_value_heads, 128);
 	CU_ASSERT_EQUAL(c.model.scoring_func, MOE_SCORING_SIGMOID);
 	CU_ASSERT_DOUBLE_EQUAL(c.model.routed_scaling_factor, 2.5, 0);
+	CU_ASSERT_EQUAL(c.model.rope_scaling.type, ROPE_YARN);  /* DeepSeek's rope_scaling, as published */
+	CU_ASSERT_EQUAL(c.model.rope_scaling.factor, 40);
+	CU_ASSERT_EQUAL(c.model.rope_scaling.original_max_position_embeddings, 4096);
+	CU_ASSERT_EQUAL(c.model.rope_scaling.beta_fast, 32);
+	CU_ASSERT_EQUAL(c.model.rope_scaling.beta_slow, 1);
+	CU_ASSERT_EQUAL(c.model.rope_scaling.mscale, 1.0);
+	CU_ASSERT_EQUAL(c.model.rope_scaling.mscale_all_dim, 1.0);
+	CU_ASSERT(!c.model.rope_scaling.no_truncate);
 	CU_ASSERT_EQUAL(config_validate(&c, 64, err, sizeof(err)), 0);
 
 	CU_ASSERT_EQUAL_FATAL(config_load(&c, config_path("deepseek-v2-lite.json"), NULL, 0, err,
@@ -196,6 +204,9 @@ static void test_published_models(void)
 	CU_ASSERT_EQUAL(c.model.scoring_func, MOE_SCORING_SOFTMAX);
 	CU_ASSERT(!c.model.norm_topk_prob);
 	CU_ASSERT_EQUAL(c.model.eos_token_id, 100001);
+	CU_ASSERT_EQUAL(c.model.rope_scaling.type, ROPE_YARN);
+	CU_ASSERT_EQUAL(c.model.rope_scaling.mscale, 0.707);
+	CU_ASSERT_EQUAL(c.model.rope_scaling.mscale_all_dim, 0.707);
 
 	CU_ASSERT_EQUAL_FATAL(config_load(&c, config_path("tiny.json"), NULL, 0, err, sizeof(err)), 0);
 	CU_ASSERT_EQUAL(c.model.vocab_size, 256);
@@ -233,8 +244,8 @@ static void test_hf_nulls_and_ignored_keys(void)
 
 static void test_hf_rejections(void)
 {
-	expect_load_error("{\"model\": {\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 40}}}",
-			  "model.rope_scaling: YaRN scaling is not supported yet", NULL);
+	expect_load_error("{\"model\": {\"rope_scaling\": {\"type\": \"linear\", \"factor\": 4}}}",
+			  "model.rope_scaling.type", "\"linear\" is not supported (only \"yarn\"");
 	expect_load_error("{\"model\": {\"quantization_config\": {\"quant_method\": \"fp8\"}}}",
 			  "model.quantization_config", "not supported");
 	expect_load_error("{\"model\": {\"hidden_act\": \"gelu\"}}", "model.hidden_act", NULL);
@@ -246,6 +257,114 @@ static void test_hf_rejections(void)
 	expect_load_error("{\"model\": {\"moe_layer_freq\": 2}}", "model.moe_layer_freq", NULL);
 	expect_load_error("{\"model\": {\"num_key_value_heads\": 1}}", "model.num_key_value_heads",
 			  NULL);
+}
+
+/* ---- model.rope_scaling (YaRN) ---- */
+
+/* DeepSeek's old spelling ("type") and transformers' ("rope_type"); null numbers are 0 (HF's defaults) */
+static void test_rope_scaling_load(void)
+{
+	struct run_config c;
+	const struct rope_scaling *rs = &c.model.rope_scaling;
+
+	CU_ASSERT_EQUAL_FATAL(config_load(&c, write_tmp("yarn.json",
+		"{\"model\": {\"max_position_embeddings\": 32768,\n"
+		" \"rope_scaling\": {\"rope_type\": \"yarn\", \"type\": \"yarn\", \"factor\": null,\n"
+		" \"original_max_position_embeddings\": 4096, \"beta_fast\": 16, \"mscale_all_dim\": 0.5,\n"
+		" \"attention_factor\": 1.25, \"truncate\": false}}}\n"), NULL, 0, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(rs->type, ROPE_YARN);
+	CU_ASSERT_EQUAL(rs->factor, 0);
+	CU_ASSERT_EQUAL(rs->original_max_position_embeddings, 4096);
+	CU_ASSERT_EQUAL(rs->beta_fast, 16);
+	CU_ASSERT_EQUAL(rs->beta_slow, 0);
+	CU_ASSERT_EQUAL(rs->mscale, 0);
+	CU_ASSERT_EQUAL(rs->mscale_all_dim, 0.5);
+	CU_ASSERT_EQUAL(rs->attention_factor, 1.25);
+	CU_ASSERT(rs->no_truncate);
+	check_round_trip(&c);
+
+	/* "default" is no scaling, like null */
+	CU_ASSERT_EQUAL_FATAL(config_load(&c, write_tmp("yarn.json",
+		"{\"model\": {\"rope_scaling\": {\"rope_type\": \"default\"}}}"), NULL, 0, err,
+		sizeof(err)), 0);
+	CU_ASSERT_EQUAL(rs->type, ROPE_DEFAULT);
+}
+
+/* --set the whole object, or one of its keys (the others kept); null clears it */
+static void test_rope_scaling_set(void)
+{
+	struct run_config c;
+	const struct rope_scaling *rs = &c.model.rope_scaling;
+	char *whole[] = { "model.rope_scaling={\"type\": \"yarn\", \"factor\": 40, "
+			  "\"original_max_position_embeddings\": 4096, \"mscale\": 1, \"mscale_all_dim\": 1}",
+			  "model.rope_scaling.factor=8", "model.rope_scaling.truncate=false" };
+	char *keys[] = { "model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
+			 "model.rope_scaling.original_max_position_embeddings=16" };
+	char *text;
+
+	CU_ASSERT_EQUAL_FATAL(config_load(&c, NULL, whole, 3, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(rs->type, ROPE_YARN);
+	CU_ASSERT_EQUAL(rs->factor, 8);
+	CU_ASSERT_EQUAL(rs->original_max_position_embeddings, 4096);
+	CU_ASSERT_EQUAL(rs->mscale_all_dim, 1);
+	CU_ASSERT(rs->no_truncate);
+	check_round_trip(&c);
+	text = config_to_json(&c);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+	CU_ASSERT(contains(text, "\"type\":\t\"yarn\""));
+	CU_ASSERT(contains(text, "\"factor\":\t8"));
+	CU_ASSERT(contains(text, "\"truncate\":\tfalse"));
+	CU_ASSERT(!strstr(text, "attention_factor"));  /* 0: left out, transformers derives it */
+	free(text);
+	CU_ASSERT_EQUAL(config_set(&c, "model.rope_scaling=null", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(rs->type, ROPE_DEFAULT);
+	CU_ASSERT_EQUAL(rs->factor, 0);
+	CU_ASSERT(!rs->no_truncate);
+	text = config_to_json(&c);
+	CU_ASSERT(contains(text, "\"rope_scaling\":\tnull"));
+	free(text);
+
+	CU_ASSERT_EQUAL_FATAL(config_load(&c, NULL, keys, 3, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(rs->type, ROPE_YARN);
+	CU_ASSERT_EQUAL(rs->factor, 4);
+	CU_ASSERT_EQUAL(rs->original_max_position_embeddings, 16);
+	check_round_trip(&c);
+}
+
+static void test_rope_scaling_errors(void)
+{
+	/* each names the key */
+	expect_load_error("{\"model\": {\"rope_scaling\": {\"type\": \"yarn\", \"factr\": 40}}}",
+			  "model.rope_scaling.factr: unknown key", "factor");
+	expect_load_error("{\"model\": {\"rope_scaling\": {\"type\": \"yarn\", \"factor\": \"40\"}}}",
+			  "model.rope_scaling.factor: expected a number, got string", NULL);
+	expect_load_error("{\"model\": {\"rope_scaling\": {\"type\": \"yarn\", "
+			  "\"original_max_position_embeddings\": 4096.5}}}",
+			  "model.rope_scaling.original_max_position_embeddings: expected an integer", NULL);
+	expect_load_error("{\"model\": {\"rope_scaling\": {\"type\": \"yarn\", \"truncate\": 0}}}",
+			  "model.rope_scaling.truncate: expected true or false", NULL);
+	expect_load_error("{\"model\": {\"rope_scaling\": {\"type\": \"yarn\", \"rope_type\": \"linear\"}}}",
+			  "model.rope_scaling.rope_type", "disagrees");
+	expect_load_error("{\"model\": {\"rope_scaling\": {\"factor\": 40}}}", "model.rope_scaling",
+			  "no \"type\"");
+	expect_load_error("{\"model\": {\"rope_scaling\": \"yarn\"}}", "model.rope_scaling",
+			  "expected an object");
+	expect_load_error("{\"model\": {\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4, "
+			  "\"factor\": 8}}}", "model.rope_scaling.factor: duplicate key", NULL);
+	expect_load_error("{\"model\": {\"rope_scaling\": {\"type\": \"yarn\", \"factor\": -40}}}",
+			  "model.rope_scaling.factor=-40 must be >= 0", NULL);
+	expect_load_error("{\"model\": {\"rope_scaling\": {\"type\": \"yarn\", \"beta_slow\": -1}}}",
+			  "model.rope_scaling.beta_slow=-1", NULL);
+	expect_load_error("{\"model\": {\"rope_theta\": 1, \"rope_scaling\": {\"type\": \"yarn\"}}}",
+			  "model.rope_theta=1 must be > 1 with YaRN", NULL);
+	expect_set_error("model.rope_scaling.beta=3", "model.rope_scaling.beta: unknown key", NULL);
+	expect_set_error("model.rope_scaling.type=ntk", "model.rope_scaling.type", "ntk");
+	expect_set_error("model.rope_scaling.factor=big", "model.rope_scaling.factor", "expected a number");
+	expect_set_error("model.rope_scaling=yarn", "model.rope_scaling", "JSON object");
+	/* YaRN's numbers without type yarn would be lost: refused */
+	expect_invalid("model.rope_scaling.factor=4", 1,
+		       "model.rope_scaling.factor=4 is given but model.rope_scaling.type is not \"yarn\"");
+	expect_invalid("model.qk_rope_head_dim=258", 1, "model.qk_rope_head_dim=258 must be <= 256");
 }
 
 /* ---- --set ---- */
@@ -470,6 +589,14 @@ static void test_model_diff(void)
 	b.model.attention_bias = true;
 	CU_ASSERT_EQUAL(config_model_diff(&a.model, &b.model, key, sizeof(key)), 1);
 	CU_ASSERT_STRING_EQUAL(key, "model.attention_bias");
+	b = a;
+	b.model.rope_scaling.type = ROPE_YARN;
+	CU_ASSERT_EQUAL(config_model_diff(&a.model, &b.model, key, sizeof(key)), 1);
+	CU_ASSERT_STRING_EQUAL(key, "model.rope_scaling");
+	a = b;
+	b.model.rope_scaling.mscale_all_dim = 0.707;
+	CU_ASSERT_EQUAL(config_model_diff(&a.model, &b.model, key, sizeof(key)), 1);
+	CU_ASSERT_STRING_EQUAL(key, "model.rope_scaling");
 }
 
 void register_tests(void)
@@ -480,11 +607,13 @@ void register_tests(void)
 		{ "published models", test_published_models },
 		{ "HF nulls and ignored keys", test_hf_nulls_and_ignored_keys },
 		{ "HF rejections", test_hf_rejections },
+		{ "rope_scaling (YaRN)", test_rope_scaling_load },
 		{ NULL, NULL },
 	};
 	static const struct test_case set[] = {
 		{ "set each type", test_set_each_type },
 		{ "set errors", test_set_errors },
+		{ "set rope_scaling", test_rope_scaling_set },
 		{ NULL, NULL },
 	};
 	static const struct test_case errors[] = {
@@ -494,6 +623,7 @@ void register_tests(void)
 		{ "expert parallel divisibility", test_expert_parallel },
 		{ "validate model", test_validate_model },
 		{ "validate train/grpo", test_validate_train },
+		{ "rope_scaling errors", test_rope_scaling_errors },
 		{ NULL, NULL },
 	};
 	static const struct test_case out[] = {

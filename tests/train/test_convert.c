@@ -1,7 +1,8 @@
 /*
  * tests/train/test_convert.c - `moe convert`: a tiny model written with --to-hf (sharded, f32 and bf16)
  * and read back with --from-hf gives every weight back bit for bit (f32) or rounded to bf16 exactly;
- * config.json round trips, and a transformers-written config.json loads; missing, unexpected and
+ * config.json round trips (YaRN's rope_scaling too), and a transformers-written config.json loads (YaRN
+ * in DeepSeek's rope_scaling and transformers 5's rope_parameters spellings); missing, unexpected and
  * misshapen tensors are refused naming them, multi-token-prediction layers are skipped, an index that
  * disagrees with its files is refused, and a DeepSeek-V2 directory without routing bias loads.  Both
  * directions stream: a ~66 MB model converts with a peak resident set well under its size (measured in
@@ -285,6 +286,61 @@ static void test_config_round_trip(void)
 	rc.model.aux_loss_alpha = 0.001;
 	rc.model.rms_norm_eps = 1e-5;
 	config_round_trip(&rc);
+	/* YaRN with every key given */
+	rc.model.rope_scaling = (struct rope_scaling){
+		.type = ROPE_YARN, .factor = 40, .original_max_position_embeddings = 4096, .beta_fast = 24,
+		.beta_slow = 2, .mscale = 0.707, .mscale_all_dim = 1.0, .attention_factor = 0.9,
+		.no_truncate = true };
+	config_round_trip(&rc);
+}
+
+/* --to-hf writes YaRN as DeepSeek's rope_scaling, with factor and original_max_position_embeddings
+ * always given (transformers requires both), which read back as the same model. */
+static void test_yarn_to_hf(void)
+{
+	struct run_config rc, back;
+	cJSON *obj, *rs;
+	char *json;
+
+	tiny_config(&rc);
+	rc.model.max_position_embeddings = 32768;
+	rc.model.rope_scaling = (struct rope_scaling){ .type = ROPE_YARN, .mscale = 1, .mscale_all_dim = 1 };
+	json = convert_hf_config_json(&rc.model, ST_F32);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(json);
+	obj = cJSON_Parse(json);
+	rs = cJSON_GetObjectItem(obj, "rope_scaling");
+	CU_ASSERT_FATAL(cJSON_IsObject(rs));
+	CU_ASSERT_STRING_EQUAL(cJSON_GetObjectItem(rs, "type")->valuestring, "yarn");
+	CU_ASSERT_EQUAL(cJSON_GetObjectItem(rs, "factor")->valuedouble, 1.0);  /* 32768 / 32768 */
+	CU_ASSERT_EQUAL(cJSON_GetObjectItem(rs, "original_max_position_embeddings")->valuedouble, 32768);
+	CU_ASSERT_EQUAL(cJSON_GetObjectItem(rs, "mscale_all_dim")->valuedouble, 1.0);
+	CU_ASSERT_PTR_NULL(cJSON_GetObjectItem(rs, "beta_fast"));  /* transformers' default, 32 */
+	CU_ASSERT_PTR_NULL(cJSON_GetObjectItem(rs, "truncate"));
+	cJSON_Delete(obj);
+	config_defaults(&back);
+	CU_ASSERT_EQUAL(convert_hf_config(&back, json, "config.json", NULL, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(back.model.rope_scaling.type, ROPE_YARN);
+	CU_ASSERT_EQUAL(back.model.rope_scaling.factor, 1.0);
+	CU_ASSERT_EQUAL(back.model.rope_scaling.original_max_position_embeddings, 32768);
+	CU_ASSERT_EQUAL(back.model.rope_scaling.mscale, 1.0);
+	free(json);
+
+	rc.model.rope_scaling.original_max_position_embeddings = 4096;  /* factor 8 */
+	json = convert_hf_config_json(&rc.model, ST_F32);
+	obj = cJSON_Parse(json);
+	rs = cJSON_GetObjectItem(obj, "rope_scaling");
+	CU_ASSERT_EQUAL(cJSON_GetObjectItem(rs, "factor")->valuedouble, 8.0);
+	cJSON_Delete(obj);
+	free(json);
+
+	rc.model.rope_scaling.type = ROPE_DEFAULT;  /* none: null, as transformers writes */
+	rc.model.rope_scaling.mscale = rc.model.rope_scaling.mscale_all_dim = 0;
+	rc.model.rope_scaling.original_max_position_embeddings = 0;
+	json = convert_hf_config_json(&rc.model, ST_F32);
+	obj = cJSON_Parse(json);
+	CU_ASSERT(cJSON_IsNull(cJSON_GetObjectItem(obj, "rope_scaling")));
+	cJSON_Delete(obj);
+	free(json);
 }
 
 /* What transformers 5 writes for a DeepseekV3Config (rope_parameters, qk_head_dim, ...). */
@@ -317,11 +373,14 @@ static void test_transformers_config(void)
 	CU_ASSERT_EQUAL(rc.model.rope_theta, 20000.0);
 	CU_ASSERT_EQUAL(rc.model.scoring_func, MOE_SCORING_SIGMOID);
 	CU_ASSERT_EQUAL(rc.model.n_group, 2);
-	/* YaRN, a wrong qk_head_dim, rope_interleave=false, another model: refused naming the key */
+	CU_ASSERT_EQUAL(rc.model.rope_scaling.type, ROPE_DEFAULT);
+	/* another RoPE type, a wrong qk_head_dim, rope_interleave=false, another model: refused naming
+	 * the key */
 	p = strstr(text, "\"default\"");
-	memcpy(p, "\"yarn\"   ", 9);
+	memcpy(p, "\"linear\" ", 9);
 	CU_ASSERT_EQUAL(convert_hf_config(&rc, text, "config.json", NULL, err, sizeof(err)), -1);
 	CU_ASSERT_PTR_NOT_NULL(strstr(err, "rope_type"));
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "linear"));
 	memcpy(p, "\"default\"", 9);
 	p = strstr(text, "\"qk_head_dim\": 16");
 	p[16] = '7';
@@ -336,6 +395,107 @@ static void test_transformers_config(void)
 					  sizeof(err)), -1);
 	CU_ASSERT_PTR_NOT_NULL(strstr(err, "llama"));
 	free(text);
+}
+
+/*
+ * DeepSeek-V3's own config.json spells YaRN rope_scaling {"type": "yarn", ...}; transformers 5 writes
+ * rope_parameters {"rope_type": "yarn", "rope_theta", ...} (DeepSeek-V2-Lite's numbers below, with both
+ * type keys, as transformers 5 saves them).  Both load; bad keys are refused naming them.
+ */
+static const char yarn_v3_old[] =
+	"{\"model_type\": \"deepseek_v3\", \"max_position_embeddings\": 163840, \"rope_theta\": 10000,"
+	" \"rope_scaling\": {\"beta_fast\": 32, \"beta_slow\": 1, \"factor\": 40, \"mscale\": 1.0,"
+	" \"mscale_all_dim\": 1.0, \"original_max_position_embeddings\": 4096, \"type\": \"yarn\"}}";
+
+static const char yarn_v2_new[] =
+	"{\"model_type\": \"deepseek_v2\", \"max_position_embeddings\": 163840, \"num_experts_per_tok\": 6,"
+	" \"rope_parameters\": {\"beta_fast\": 32, \"beta_slow\": 1, \"factor\": 40, \"mscale\": 0.707,"
+	" \"mscale_all_dim\": 0.707, \"original_max_position_embeddings\": 4096, \"rope_theta\": 5000,"
+	" \"rope_type\": \"yarn\", \"type\": \"yarn\"}}";
+
+static void expect_convert_error(const char *text, const char *needle1, const char *needle2)
+{
+	struct run_config rc;
+
+	config_defaults(&rc);
+	err[0] = '\0';
+	CU_ASSERT_EQUAL(convert_hf_config(&rc, text, "config.json", NULL, err, sizeof(err)), -1);
+	if (!strstr(err, needle1) || (needle2 && !strstr(err, needle2)))
+		fprintf(stderr, "\n  message \"%s\" lacks \"%s\" / \"%s\"\n", err, needle1,
+			needle2 ? needle2 : "");
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, needle1));
+	if (needle2)
+		CU_ASSERT_PTR_NOT_NULL(strstr(err, needle2));
+}
+
+/* text with the first `from` replaced by `to` (malloc'd) */
+static char *replaced(const char *text, const char *from, const char *to)
+{
+	const char *p = strstr(text, from);
+	size_t n = strlen(text) - strlen(from) + strlen(to) + 1;
+	char *out = malloc(n);
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(out);
+	snprintf(out, n, "%.*s%s%s", (int)(p - text), text, to, p + strlen(from));
+	return out;
+}
+
+static void test_yarn_from_hf(void)
+{
+	static const struct { const char *from, *to, *needle1, *needle2; } bad[] = {
+		{ "\"mscale\": 1.0", "\"mscal\": 1.0", "model.rope_scaling.mscal", "unknown key" },
+		{ "\"factor\": 40", "\"factor\": \"40\"", "model.rope_scaling.factor", "expected a number" },
+		{ "\"type\": \"yarn\"", "\"type\": \"dynamic\"", "model.rope_scaling.type", "dynamic" },
+		{ "\"beta_slow\": 1", "\"beta_slow\": -1", "model.rope_scaling.beta_slow=-1", NULL },
+	};
+	static const struct { const char *from, *to, *needle1, *needle2; } bad_new[] = {
+		{ "\"rope_type\": \"yarn\"", "\"rope_type\": \"llama3\"",
+		  "model.rope_parameters.rope_type=llama3", "only \"default\" and \"yarn\"" },
+		{ "\"beta_fast\": 32", "\"partial_rotary_factor\": 0.5",
+		  "model.rope_parameters.partial_rotary_factor is not supported", NULL },
+		{ "\"rope_theta\": 5000", "\"rope_theta\": \"5000\"", "model.rope_parameters.rope_theta",
+		  NULL },
+		{ "\"model_type\": \"deepseek_v2\",", "\"model_type\": \"deepseek_v2\", \"rope_scaling\": "
+		  "{\"type\": \"yarn\"},", "rope_parameters and model.rope_scaling are both given", NULL },
+	};
+	struct run_config rc;
+	const struct rope_scaling *rs = &rc.model.rope_scaling;
+
+	config_defaults(&rc);
+	CU_ASSERT_EQUAL_FATAL(convert_hf_config(&rc, yarn_v3_old, "config.json", NULL, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(rs->type, ROPE_YARN);
+	CU_ASSERT_EQUAL(rs->factor, 40);
+	CU_ASSERT_EQUAL(rs->original_max_position_embeddings, 4096);
+	CU_ASSERT_EQUAL(rs->beta_fast, 32);
+	CU_ASSERT_EQUAL(rs->beta_slow, 1);
+	CU_ASSERT_EQUAL(rs->mscale, 1.0);
+	CU_ASSERT_EQUAL(rs->mscale_all_dim, 1.0);
+	CU_ASSERT_EQUAL(rc.model.max_position_embeddings, 163840);
+
+	config_defaults(&rc);
+	if (convert_hf_config(&rc, yarn_v2_new, "config.json", NULL, err, sizeof(err)))
+		fprintf(stderr, "\n  %s\n", err);
+	CU_ASSERT_EQUAL(rs->type, ROPE_YARN);
+	CU_ASSERT_EQUAL(rs->factor, 40);
+	CU_ASSERT_EQUAL(rs->original_max_position_embeddings, 4096);
+	CU_ASSERT_EQUAL(rs->mscale, 0.707);
+	CU_ASSERT_EQUAL(rs->mscale_all_dim, 0.707);
+	CU_ASSERT_EQUAL(rc.model.rope_theta, 5000);
+	CU_ASSERT_EQUAL(rc.model.scoring_func, MOE_SCORING_SOFTMAX);
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		char *text = replaced(yarn_v3_old, bad[i].from, bad[i].to);
+
+		expect_convert_error(text, bad[i].needle1, bad[i].needle2);
+		free(text);
+	}
+	for (size_t i = 0; i < sizeof(bad_new) / sizeof(bad_new[0]); i++) {
+		char *text = replaced(yarn_v2_new, bad_new[i].from, bad_new[i].to);
+
+		expect_convert_error(text, bad_new[i].needle1, bad_new[i].needle2);
+		free(text);
+	}
 }
 
 /* Keys a file lacks take transformers' defaults for its model_type, not ours. */
@@ -919,6 +1079,9 @@ void register_tests(void)
 		{ "HF layout: per-expert tensors, f32 bias, one file", test_hf_layout },
 		{ "config.json round trip", test_config_round_trip },
 		{ "a transformers 5 config.json loads", test_transformers_config },
+		{ "YaRN: DeepSeek's rope_scaling and transformers' rope_parameters load",
+		  test_yarn_from_hf },
+		{ "YaRN: --to-hf writes rope_scaling", test_yarn_to_hf },
 		{ "missing keys take transformers' defaults", test_config_defaults },
 		{ "missing tensor refused naming it", test_missing_tensor },
 		{ "unexpected tensor refused naming it", test_unexpected_tensor },
