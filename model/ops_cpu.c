@@ -17,6 +17,7 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -508,47 +509,94 @@ static inline float sigmoid_fast(float x)
 	return 1.0f / (1.0f + exp_fast(-x));
 }
 
-void swiglu_forward(float *out, const float *gate, const float *up, size_t n)
+/*
+ * The SwiGLU loops: n elements, cut into one chunk per thread when there are enough of them, each chunk
+ * one vectorised loop.  (GCC 12 compiled `parallel for simd if (...)` so that the serial case, every
+ * decode step's few rows, ran the scalar loop: 4.6 ns an element against 0.5.)  Every element is computed
+ * alone, so neither the cut nor the vector width changes a result.
+ */
+#define ELEMWISE_PARALLEL_MIN 16384
+
+static int elemwise_chunks(size_t n)
 {
-#pragma omp parallel for simd schedule(static) if (n > 16384)
-	for (size_t i = 0; i < n; i++)
+	return n > ELEMWISE_PARALLEL_MIN ? omp_get_max_threads() : 1;
+}
+
+static void swiglu_fwd_range(float *out, const float *gate, const float *up, size_t i0, size_t i1)
+{
+#pragma omp simd
+	for (size_t i = i0; i < i1; i++)
 		out[i] = gate[i] * sigmoid_fast(gate[i]) * up[i];
 }
 
-void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
-		     size_t n)
+void swiglu_forward(float *out, const float *gate, const float *up, size_t n)
 {
-	if (dgate && dup) {
-#pragma omp parallel for simd schedule(static) if (n > 16384)
-		for (size_t i = 0; i < n; i++) {
+	int nc = elemwise_chunks(n);
+	if (nc == 1) {  /* not even a team of one: a decode step calls this for a few hundred elements */
+		swiglu_fwd_range(out, gate, up, 0, n);
+		return;
+	}
+#pragma omp parallel for schedule(static)
+	for (int c = 0; c < nc; c++)
+		swiglu_fwd_range(out, gate, up, n * c / nc, n * (c + 1) / nc);
+}
+
+/* set: dgate, dup = the gradients (both given); else they accumulate (either may be NULL) */
+static void swiglu_bwd_range(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+			     size_t i0, size_t i1, int set)
+{
+	if (set) {
+#pragma omp simd
+		for (size_t i = i0; i < i1; i++) {
+			float g = gate[i], s = sigmoid_fast(g), d = dout[i];
+			dgate[i] = d * up[i] * s * (1.0f + g * (1.0f - s));
+			dup[i] = d * g * s;
+		}
+	} else if (dgate && dup) {
+#pragma omp simd
+		for (size_t i = i0; i < i1; i++) {
 			float g = gate[i], s = sigmoid_fast(g);
 			dgate[i] += dout[i] * up[i] * s * (1.0f + g * (1.0f - s));
 			dup[i] += dout[i] * g * s;
 		}
 	} else if (dgate) {
-#pragma omp parallel for simd schedule(static) if (n > 16384)
-		for (size_t i = 0; i < n; i++) {
+#pragma omp simd
+		for (size_t i = i0; i < i1; i++) {
 			float g = gate[i], s = sigmoid_fast(g);
 			dgate[i] += dout[i] * up[i] * s * (1.0f + g * (1.0f - s));
 		}
 	} else if (dup) {
-#pragma omp parallel for simd schedule(static) if (n > 16384)
-		for (size_t i = 0; i < n; i++) {
+#pragma omp simd
+		for (size_t i = i0; i < i1; i++) {
 			float g = gate[i], s = sigmoid_fast(g);
 			dup[i] += dout[i] * g * s;
 		}
 	}
 }
 
+static void swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+		       size_t n, int set)
+{
+	int nc = elemwise_chunks(n);
+	if (nc == 1) {
+		swiglu_bwd_range(dgate, dup, dout, gate, up, 0, n, set);
+		return;
+	}
+#pragma omp parallel for schedule(static)
+	for (int c = 0; c < nc; c++)
+		swiglu_bwd_range(dgate, dup, dout, gate, up, n * c / nc, n * (c + 1) / nc, set);
+}
+
+void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+		     size_t n)
+{
+	swiglu_bwd(dgate, dup, dout, gate, up, n, 0);
+}
+
 void swiglu_backward_set(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
 			 size_t n)
 {
-#pragma omp parallel for simd schedule(static) if (n > 16384)
-	for (size_t i = 0; i < n; i++) {
-		float g = gate[i], s = sigmoid_fast(g), d = dout[i];
-		dgate[i] = d * up[i] * s * (1.0f + g * (1.0f - s));
-		dup[i] = d * g * s;
-	}
+	swiglu_bwd(dgate, dup, dout, gate, up, n, 1);
 }
 
 static float row_logsumexp(const float *row, int V)
