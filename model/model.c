@@ -182,8 +182,10 @@ static int check_shapes(const struct model_config *c, char *err, size_t errlen)
 	return 0;
 }
 
-struct moe_model *model_create(const struct model_config *cfg, int expert_begin, int expert_end,
-			       char *err, size_t errlen)
+/* The model without its arenas: config, layer views and the parameter table (offsets into arenas of
+ * b->offset floats that are not allocated yet).  NULL and err filled on failure. */
+static struct moe_model *model_shell(const struct model_config *cfg, int expert_begin, int expert_end,
+				     struct param_builder *b, char *err, size_t errlen)
 {
 	if (check_shapes(cfg, err, errlen))
 		return NULL;
@@ -193,7 +195,7 @@ struct moe_model *model_create(const struct model_config *cfg, int expert_begin,
 		return NULL;
 	}
 	struct moe_model *m = calloc(1, sizeof(*m));
-	struct param_builder b = { .m = m };
+	b->m = m;
 	if (!m)
 		goto oom;
 	m->cfg = *cfg;
@@ -204,14 +206,35 @@ struct moe_model *model_create(const struct model_config *cfg, int expert_begin,
 	m->expert_load = calloc((size_t)cfg->num_hidden_layers * (cfg->n_routed_experts + 1), sizeof(int64_t));
 	if (!m->w.layers || !m->g.layers || !m->expert_load)
 		goto oom;
-	build_params(&b);
-	if (b.failed)
+	build_params(b);
+	if (b->failed)
 		goto oom;
+	return m;
+oom:
+	free(b->w_slots);
+	free(b->g_slots);
+	snprintf(err, errlen, "out of memory building the model's parameter table");
+	model_free(m);
+	return NULL;
+}
+
+struct moe_model *model_create(const struct model_config *cfg, int expert_begin, int expert_end,
+			       char *err, size_t errlen)
+{
+	struct param_builder b = { 0 };
+	struct moe_model *m = model_shell(cfg, expert_begin, expert_end, &b, err, errlen);
+	if (!m)
+		return NULL;
 	m->n_weights = b.offset;
 	m->weights = calloc(m->n_weights, sizeof(float));
 	m->grads = calloc(m->n_weights, sizeof(float));
-	if (!m->weights || !m->grads)
-		goto oom;
+	if (!m->weights || !m->grads) {
+		snprintf(err, errlen, "out of memory building the model (%zu floats)", b.offset);
+		free(b.w_slots);
+		free(b.g_slots);
+		model_free(m);
+		return NULL;
+	}
 	for (int i = 0; i < m->n_params; i++) {
 		*b.w_slots[i] = m->weights + m->params[i].offset;
 		*b.g_slots[i] = m->grads + m->params[i].offset;
@@ -219,12 +242,21 @@ struct moe_model *model_create(const struct model_config *cfg, int expert_begin,
 	free(b.w_slots);
 	free(b.g_slots);
 	return m;
-oom:
+}
+
+struct param *model_param_table(const struct model_config *cfg, int *n, char *err, size_t errlen)
+{
+	struct param_builder b = { 0 };
+	struct moe_model *m = model_shell(cfg, 0, cfg->n_routed_experts, &b, err, errlen);
+	if (!m)
+		return NULL;
+	struct param *p = m->params;
+	*n = m->n_params;
+	m->params = NULL;
 	free(b.w_slots);
 	free(b.g_slots);
-	snprintf(err, errlen, "out of memory building the model (%zu floats)", b.offset);
 	model_free(m);
-	return NULL;
+	return p;
 }
 
 void model_free(struct moe_model *m)

@@ -111,6 +111,11 @@ struct moe_model *model_create(const struct model_config *cfg, int expert_begin,
 			       char *err, size_t errlen);
 void model_free(struct moe_model *m);
 
+/* The parameter table of a whole model (every expert; offsets as in a single-process model) without
+ * allocating its weights: what a tool needs to read or write a checkpoint of any size.  n_params entries,
+ * free() it; NULL and err filled on a bad shape or out of memory. */
+struct param *model_param_table(const struct model_config *cfg, int *n_params, char *err, size_t errlen);
+
 /* Deterministic initialisation: every tensor (every expert of a stacked one) draws from its own stream,
  * seeded by (seed, name, expert), so any expert slicing gives the same weights. */
 void model_init_weights(struct moe_model *m, uint64_t seed);

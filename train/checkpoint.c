@@ -1401,30 +1401,12 @@ int checkpoint_load_model(const char *path, struct moe_model *m, char *err, size
 
 struct param *ckpt_model_params(const struct model_config *mc, int *n, char *err, size_t errlen)
 {
-	/*
-	 * model_create holding no experts: its table, plus arenas for the replicated tensors that are
-	 * never touched (large calloc'd blocks cost address space, not memory).
-	 */
-	struct moe_model *m = model_create(mc, 0, 0, err, errlen);
-	struct param *p;
+	struct param *p = model_param_table(mc, n, err, errlen);
 
-	if (!m)
+	if (!p)
 		return NULL;
-	p = malloc(sizeof(*p) * (m->n_params ? (size_t)m->n_params : 1));
-	if (!p) {
-		snprintf(err, errlen, "out of memory for the parameter table");
-		model_free(m);
-		return NULL;
-	}
-	memcpy(p, m->params, sizeof(*p) * (size_t)m->n_params);
-	for (int i = 0; i < m->n_params; i++) {
+	for (int i = 0; i < *n; i++)
 		p[i].offset = 0;
-		p[i].numel = 1;
-		for (int d = 0; d < p[i].ndim; d++)
-			p[i].numel *= (size_t)p[i].shape[d];
-	}
-	*n = m->n_params;
-	model_free(m);
 	return p;
 }
 
@@ -1461,7 +1443,7 @@ static int table_build(struct ckctx *c, struct param_table *t, const struct mode
 		CKERR("%s: %s", c->path, why);
 		return -1;
 	}
-	t->sorted = malloc(sizeof(*t->sorted) * (t->n ? (size_t)t->n : 1));
+	t->sorted = malloc(sizeof(*t->sorted) * (t->n > 0 ? (size_t)t->n : 1));
 	if (!t->sorted) {
 		CKERR("%s: out of memory", c->path);
 		table_free(t);
