@@ -14,6 +14,8 @@
  *     Target: one sequence's step at 1024 costs < 4x its step at 64.
  * (c) cache bytes per token: latent_cache_bytes_per_token == (kv_lora_rank + qk_rope_head_dim) x layers x 4
  *     and equal to what latent_cache_create allocates per position.  A mismatch exits with status 1.
+ * (d) one GRPO group: 16 completions of one 256-token prompt (prefilled once) against 16 different
+ *     prompts of that length.
  *
  * Not a test: run it by hand (see bench/RESULTS.md).
  */
@@ -121,6 +123,48 @@ static double bench_throughput(struct moe_model *m, const struct opts *o, int G)
 	free(out[0]);
 	free(out[1]);
 	return med[0] > 0 && med[1] > 0 ? tps[0] / tps[1] : 0.0;
+}
+
+/*
+ * (d) one GRPO group: G completions of one prompt of P tokens (prefilled once, its cache rows copied)
+ * against G different prompts of the same length (P x G prompt tokens to run); new tokens / s of each.
+ */
+static void bench_group(struct moe_model *m, const struct opts *o, int G, int P)
+{
+	int V = m->cfg.vocab_size, Tn = o->new_tokens;
+	int *tok = malloc(sizeof(int) * (size_t)G * P), *lens = malloc(sizeof(int) * G);
+	const int **prompts = malloc(sizeof(*prompts) * G);
+	uint64_t *seeds = malloc(sizeof(uint64_t) * G);
+	int *out = malloc(sizeof(int) * G * Tn), *out_lens = malloc(sizeof(int) * G);
+	double t[2][MAX_REPS], med[2];
+	for (size_t i = 0; i < (size_t)G * P; i++)
+		tok[i] = (int)(rng_u32() % (uint32_t)V);
+	struct sample_params p = sample_params_default();
+	p.max_new_tokens = Tn;
+	for (int r = 0; r < o->reps; r++)
+		for (int shared = 0; shared < 2; shared++) {
+			for (int g = 0; g < G; g++) {
+				prompts[g] = tok + (shared ? 0 : (size_t)g * P);
+				lens[g] = P;
+				seeds[g] = o->seed + (uint64_t)g;
+			}
+			double t0 = now_s();
+			if (generate_cached(m, NULL, prompts, lens, G, &p, seeds, out, out_lens, NULL))
+				t[shared][r] = -1.0;
+			else
+				t[shared][r] = now_s() - t0;
+		}
+	for (int k = 0; k < 2; k++)
+		med[k] = median(t[k], o->reps);
+	printf("(d) G = %d completions of %d new tokens after a %d-token prompt: one shared prompt %8.1f "
+	       "tokens/s, %d different prompts %8.1f tokens/s, %.2fx\n", G, Tn, P, G * Tn / med[1], G,
+	       G * Tn / med[0], med[0] / med[1]);
+	free(tok);
+	free(lens);
+	free(prompts);
+	free(seeds);
+	free(out);
+	free(out_lens);
 }
 
 /* ---------------------------------------------------------------- (b) cost per step */
@@ -313,6 +357,7 @@ int main(int argc, char **argv)
 	printf("    %s: a decode step at context 1024 costs < 4x the step at 64 (%.2fx)\n",
 	       grow < 4.0 ? "PASS" : "FAIL", grow);
 	int ok = check_cache_bytes(&m->cfg);
+	bench_group(m, &o, 16, 256);
 	model_free(m);
 	return ok ? 0 : 1;
 }

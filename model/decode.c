@@ -150,6 +150,24 @@ const int *latent_cache_route(const struct latent_cache *c, int layer, int slot,
 	return route_at(c, layer, slot, pos);
 }
 
+int latent_cache_copy_prefix(struct latent_cache *c, int dst, int src, int len)
+{
+	if (dst < 0 || dst >= c->n_slots || src < 0 || src >= c->n_slots || len < 0 || len > c->len[src])
+		return -1;
+	if (dst == src)
+		return 0;
+	size_t row = (size_t)c->kv_lora + c->dr;
+	for (int l = 0; l < c->n_layers; l++) {
+		size_t from = ((size_t)l * c->n_slots + src) * c->max_len;
+		size_t to = ((size_t)l * c->n_slots + dst) * c->max_len;
+		memcpy(c->kv + to * row, c->kv + from * row, sizeof(float) * row * (size_t)len);
+		if (c->routes)
+			memcpy(route_at(c, l, dst, 0), route_at(c, l, src, 0), sizeof(int) * c->route_k * (size_t)len);
+	}
+	c->len[dst] = len;
+	return 0;
+}
+
 /* ---------------------------------------------------------------- scratch */
 
 /* grow-only; 0 or -1 (the old buffer kept) */

@@ -63,6 +63,13 @@ int latent_cache_enable_routes(struct latent_cache *c, const struct model_config
 const int *latent_cache_route(const struct latent_cache *c, int layer, int slot, int pos);
 
 /*
+ * Slot dst takes slot src's first len positions: every layer's latents and, when recorded, the routes
+ * (dst's len becomes len).  Sequences that share a prompt are prefilled once and copied.  0, or -1 on bad
+ * arguments (len beyond src's filled length, a slot out of range).
+ */
+int latent_cache_copy_prefix(struct latent_cache *c, int dst, int src, int len);
+
+/*
  * Runs the model for n new tokens: token i goes to sequence slot slots[i] at position positions[i]; its
  * latents are written into the cache (the slot's len becomes positions[i] + 1, dropping any later
  * positions), then it attends to the slot's positions 0..positions[i].  Several tokens of the same slot

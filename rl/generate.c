@@ -193,13 +193,39 @@ static int prompt_total(const struct latent_cache *c, const int *lens, int G)
 	return total;
 }
 
+/* whether sequence g's prompt is sequence g-1's (GRPO's group: G completions of one prompt, side by side) */
+static int same_prompt_as_previous(const int *const *prompts, const int *lens, int g)
+{
+	return g > 0 && lens[g] == lens[g - 1] &&
+	       (prompts[g] == prompts[g - 1] || !memcmp(prompts[g], prompts[g - 1], sizeof(int) * lens[g]));
+}
+
+/*
+ * The tokens of the prompts that are not a repeat of the one before (leader[g] = g), leader[g] the first
+ * sequence of g's run otherwise; returns the token count.
+ */
+static int prefill_batch(const int *const *prompts, const int *lens, int G, int *leader, int *tok, int *slot,
+			 int *pos)
+{
+	int k = 0;
+	for (int g = 0; g < G; g++) {
+		leader[g] = same_prompt_as_previous(prompts, lens, g) ? leader[g - 1] : g;
+		for (int t = 0; leader[g] == g && t < lens[g]; t++, k++) {
+			tok[k] = prompts[g][t];
+			slot[k] = g;
+			pos[k] = t;
+		}
+	}
+	return k;
+}
+
 int prefill(struct moe_model *m, struct latent_cache *c, const int *const *prompts, const int *lens, int G,
 	    float *last_logits)
 {
 	size_t V = (size_t)m->cfg.vocab_size;
 	int total = prompt_total(c, lens, G);
 	int bad = total < 0 || (G == 0 && !m->ep_group);
-	int *tok = bad ? NULL : malloc(sizeof(int) * ((size_t)total * 3 + (size_t)G + 1));
+	int *tok = bad ? NULL : malloc(sizeof(int) * ((size_t)total * 3 + (size_t)G * 2 + 1));
 	float *logits = last_logits && !bad ? malloc(sizeof(float) * ((size_t)total * V + 1)) : NULL;
 	bad = bad || !tok || (last_logits && !logits);
 	if (any_rank(m, bad)) {
@@ -207,24 +233,24 @@ int prefill(struct moe_model *m, struct latent_cache *c, const int *const *promp
 		free(logits);
 		return -1;
 	}
-	int *slot = tok + total, *pos = slot + total, *saved = pos + total, k = 0;
-	for (int g = 0; g < G; g++)
-		for (int t = 0; t < lens[g]; t++, k++) {
-			tok[k] = prompts[g][t];
-			slot[k] = g;
-			pos[k] = t;
-		}
+	int *slot = tok + total, *pos = slot + total, *saved = pos + total, *leader = saved + G;
+	int n = prefill_batch(prompts, lens, G, leader, tok, slot, pos);
 	memcpy(saved, c->len, sizeof(int) * (size_t)G);
 	for (int g = 0; g < G; g++)
 		latent_cache_reset(c, g);
-	int rc = decode_step(m, c, tok, slot, pos, total, logits);
+	int rc = decode_step(m, c, tok, slot, pos, n, logits);
 	if (rc)
 		memcpy(c->len, saved, sizeof(int) * (size_t)G);
-	if (!rc && last_logits) {
-		for (int g = 0, end = 0; g < G; g++) {
-			end += lens[g];
-			memcpy(last_logits + g * V, logits + (size_t)(end - 1) * V, sizeof(float) * V);
+	for (int g = 0, end = 0; !rc && g < G; g++) {
+		if (leader[g] != g) {  /* a repeat: the leader's latents, routes and logits */
+			latent_cache_copy_prefix(c, g, leader[g], lens[g]);
+			if (last_logits)
+				memcpy(last_logits + g * V, last_logits + leader[g] * V, sizeof(float) * V);
+			continue;
 		}
+		end += lens[g];
+		if (last_logits)
+			memcpy(last_logits + g * V, logits + (size_t)(end - 1) * V, sizeof(float) * V);
 	}
 	free(tok);
 	free(logits);

@@ -56,7 +56,9 @@ int sample_token(const float *logits, int V, const struct sample_params *p, stru
 
 /*
  * Prefill: resets slots 0..G-1 and runs all prompt tokens (prompts[g][0..lens[g]-1], lens[g] >= 1) in one
- * decode_step; last_logits [G, V] (may be NULL) receives the logits after each prompt's last token.
+ * decode_step; last_logits [G, V] (may be NULL) receives the logits after each prompt's last token.  A
+ * prompt equal to the one before it (GRPO's G completions of a prompt) is run once and its cache rows
+ * copied (latent_cache_copy_prefix).
  * Returns 0, -1 on bad arguments or out of memory.  Under expert parallelism a collective of the ep
  * group (G = 0 allowed).
  */

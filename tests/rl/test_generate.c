@@ -379,6 +379,61 @@ static void test_batched_equals_alone(void)
 	}
 }
 
+/*
+ * A GRPO batch: prompts A A B B' C (the second A the same pointer, B' an equal copy).  The repeats are
+ * prefilled once: their cache rows, routes and last logits are the leader's, bit for bit; every
+ * sequence's logits agree with prefilling it alone; and a latent_cache_copy_prefix past the source's
+ * length is refused.
+ */
+static void test_shared_prompt_prefill(void)
+{
+	struct moe_model *m = make_model(V3_LIKE, 44);
+	int V = m->cfg.vocab_size, G = 5, lens[5] = { 6, 6, 4, 4, 6 }, L = m->cfg.num_hidden_layers;
+	int a[6], b[4], b2[4], cc[6];
+	random_tokens(a, 6, V);
+	random_tokens(b, 4, V);
+	memcpy(b2, b, sizeof(b));
+	random_tokens(cc, 6, V);
+	const int *prompts[5] = { a, a, b, b2, cc };
+	struct latent_cache *c = latent_cache_create(&m->cfg, G, 8);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+	CU_ASSERT_EQUAL_FATAL(latent_cache_enable_routes(c, &m->cfg), 0);
+	float *last = malloc(sizeof(float) * G * V), *alone = malloc(sizeof(float) * V);
+	CU_ASSERT_EQUAL_FATAL(prefill(m, c, prompts, lens, G, last), 0);
+
+	size_t row = (size_t)c->kv_lora + c->dr;
+	static const int rep[][2] = { { 1, 0 }, { 3, 2 } };  /* (repeat, leader) */
+	for (int r = 0; r < 2; r++) {
+		int g = rep[r][0], f = rep[r][1];
+		CU_ASSERT_EQUAL(c->len[g], lens[g]);
+		CU_ASSERT(memcmp(last + (size_t)g * V, last + (size_t)f * V, sizeof(float) * V) == 0);
+		for (int l = 0; l < L; l++) {
+			const float *kg = c->kv + ((size_t)l * G + g) * c->max_len * row;
+			const float *kf = c->kv + ((size_t)l * G + f) * c->max_len * row;
+			CU_ASSERT(memcmp(kg, kf, sizeof(float) * row * lens[g]) == 0);
+			for (int t = 0; mc_layer_is_moe(&m->cfg, l) && t < lens[g]; t++)
+				CU_ASSERT(memcmp(latent_cache_route(c, l, g, t), latent_cache_route(c, l, f, t),
+						 sizeof(int) * c->route_k) == 0);
+		}
+	}
+	double worst = 0.0;
+	for (int g = 0; g < G; g++) {
+		struct latent_cache *one = latent_cache_create(&m->cfg, 1, 8);
+		CU_ASSERT_EQUAL_FATAL(prefill(m, one, prompts + g, lens + g, 1, alone), 0);
+		double e = max_rel(last + (size_t)g * V, alone, V);
+		worst = e > worst ? e : worst;
+		latent_cache_free(one);
+	}
+	printf("\n  shared prefill vs alone: max rel err %.3g\n", worst);
+	CU_ASSERT(worst < 3e-5);
+	CU_ASSERT_EQUAL(latent_cache_copy_prefix(c, 4, 2, 5), -1);  /* slot 2 holds 4 positions */
+	CU_ASSERT_EQUAL(latent_cache_copy_prefix(c, G, 2, 1), -1);
+	free(last);
+	free(alone);
+	latent_cache_free(c);
+	model_free(m);
+}
+
 /* (3) bytes per token */
 static void test_cache_bytes(void)
 {
@@ -656,6 +711,7 @@ void register_tests(void)
 		{ "decode_step == model_forward, v3-like with YaRN RoPE", test_decode_yarn },
 		{ "decode_step refuses bad arguments", test_decode_bad_args },
 		{ "batched decoding == decoding alone", test_batched_equals_alone },
+		{ "a repeated prompt is prefilled once (GRPO groups)", test_shared_prompt_prefill },
 		{ "batched decoding (grouped experts) == model_forward, routes recorded",
 		  test_batched_grouped_experts },
 		{ "decoding does not depend on the thread count", test_decode_thread_independent },
