@@ -8,6 +8,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include "rl/prompts.h"
+#include "train/errmsg.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -16,20 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
 
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (err && errlen) {
-		va_start(ap, fmt);
-		vsnprintf(err, errlen, fmt, ap);
-		va_end(ap);
-	}
-	return -1;
-}
 
 /* cJSON counts every byte up to the space as whitespace; so does the compaction. */
 static int is_blank_byte(char c)
@@ -100,16 +88,16 @@ static const char *line_prompt(const cJSON *obj, const char *where, char *err, s
 	const cJSON *p;
 
 	if (!cJSON_IsObject(obj)) {
-		fail(err, errlen, "%s: not a JSON object", where);
+		set_err(err, errlen, "%s: not a JSON object", where);
 		return NULL;
 	}
 	p = cJSON_GetObjectItemCaseSensitive(obj, "prompt");
 	if (!p)
-		fail(err, errlen, "%s: no \"prompt\" field", where);
+		set_err(err, errlen, "%s: no \"prompt\" field", where);
 	else if (!cJSON_IsString(p) || !p->valuestring)
-		fail(err, errlen, "%s: \"prompt\" is not a string", where);
+		set_err(err, errlen, "%s: \"prompt\" is not a string", where);
 	else if (!p->valuestring[0])
-		fail(err, errlen, "%s: \"prompt\" is empty", where);
+		set_err(err, errlen, "%s: \"prompt\" is empty", where);
 	else
 		return p->valuestring;
 	return NULL;
@@ -139,15 +127,15 @@ static int add_line(struct prompt_set *ps, int *cap, char *s, size_t len, int li
 
 	snprintf(where, sizeof(where), "%s:%d", ps->path, lineno);
 	if (strlen(s) != len)
-		return fail(err, errlen, "%s: the line contains a NUL byte", where);
+		return set_err(err, errlen, "%s: the line contains a NUL byte", where);
 	obj = cJSON_ParseWithOpts(s, &end, 1);
 	if (!obj)
-		return fail(err, errlen, "%s: not valid JSON (at column %td)", where,
-			    end && end >= s ? end - s + 1 : (ptrdiff_t)1);
+		return set_err(err, errlen, "%s: not valid JSON (at column %td)", where,
+			       end && end >= s ? end - s + 1 : (ptrdiff_t)1);
 	prompt = line_prompt(obj, where, err, errlen);
 	if (prompt)
 		rc = append(ps, cap, prompt, s, len, lineno) ?
-			fail(err, errlen, "%s: out of memory", where) : 0;
+			set_err(err, errlen, "%s: out of memory", where) : 0;
 	cJSON_Delete(obj);
 	return rc;
 }
@@ -175,7 +163,8 @@ static int read_lines(struct prompt_set *ps, FILE *f, char *err, size_t errlen)
 			rc = add_line(ps, &cap, s, len, lineno, err, errlen);
 	}
 	if (!rc && ferror(f))
-		rc = fail(err, errlen, "%s: read error after line %d: %s", ps->path, lineno, strerror(errno));
+		rc = set_err(err, errlen, "%s: read error after line %d: %s", ps->path, lineno,
+			     strerror(errno));
 	free(buf);
 	return rc;
 }
@@ -189,11 +178,11 @@ int prompt_set_load(struct prompt_set *ps, const char *path, char *err, size_t e
 	snprintf(ps->path, sizeof(ps->path), "%s", path);
 	f = fopen(path, "re");
 	if (!f)
-		return fail(err, errlen, "%s: %s", path, strerror(errno));
+		return set_err(err, errlen, "%s: %s", path, strerror(errno));
 	rc = read_lines(ps, f, err, errlen);
 	fclose(f);
 	if (!rc && ps->n == 0)
-		rc = fail(err, errlen, "%s: no prompts (the file is empty)", path);
+		rc = set_err(err, errlen, "%s: no prompts (the file is empty)", path);
 	if (rc)
 		prompt_set_free(ps);
 	return rc;

@@ -19,6 +19,7 @@
 #define _GNU_SOURCE		/* pipe2 */
 
 #include "rl/reward.h"
+#include "train/errmsg.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -74,19 +75,7 @@ struct batch {
 
 /* ---- small helpers ---------------------------------------------------------------------------- */
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (err && errlen) {
-		va_start(ap, fmt);
-		vsnprintf(err, errlen, fmt, ap);
-		va_end(ap);
-	}
-	return -1;
-}
 
 /* Records the failure of request k in the batch; returns -1. */
 static int say(struct batch *b, int k, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -421,25 +410,25 @@ static int check_answer(const char *line, size_t len, int64_t id, double *reward
 
 	snippet(line, len, quoted, sizeof(quoted));
 	if (strlen(line) != len)
-		return fail(what, wl, "the answer contains a NUL byte: %s", quoted);
+		return set_err(what, wl, "the answer contains a NUL byte: %s", quoted);
 	a = cJSON_ParseWithOpts(line, NULL, 1);
 	jid = cJSON_GetObjectItemCaseSensitive(a, "id");
 	jr = cJSON_GetObjectItemCaseSensitive(a, "reward");
 	if (!a) {
-		fail(what, wl, "the answer is not JSON: %s", quoted);
+		set_err(what, wl, "the answer is not JSON: %s", quoted);
 	} else if (!cJSON_IsObject(a)) {
-		fail(what, wl, "the answer is not a JSON object: %s", quoted);
+		set_err(what, wl, "the answer is not a JSON object: %s", quoted);
 	} else if (!jid) {
-		fail(what, wl, "the answer has no \"id\": %s", quoted);
+		set_err(what, wl, "the answer has no \"id\": %s", quoted);
 	} else if (!id_is(jid, id)) {
 		got = cJSON_PrintUnformatted(jid);
 		snippet(got ? got : "?", got ? strlen(got) : 1, quoted, sizeof(quoted));
-		fail(what, wl, "the answer has the wrong id: expected %" PRId64 ", got %s", id, quoted);
+		set_err(what, wl, "the answer has the wrong id: expected %" PRId64 ", got %s", id, quoted);
 		free(got);
 	} else if (!cJSON_IsNumber(jr)) {
-		fail(what, wl, "the answer has no numeric \"reward\": %s", quoted);
+		set_err(what, wl, "the answer has no numeric \"reward\": %s", quoted);
 	} else if (!isfinite(jr->valuedouble)) {
-		fail(what, wl, "the answer's reward is not finite: %s", quoted);
+		set_err(what, wl, "the answer's reward is not finite: %s", quoted);
 	} else {
 		*reward = jr->valuedouble;
 		rc = 0;
@@ -697,14 +686,14 @@ int reward_score(struct reward_proc *p, const struct reward_request *req, int n,
 	int rc;
 
 	if (!p)
-		return fail(err, errlen, "reward program: not started");
+		return set_err(err, errlen, "reward program: not started");
 	if (p->dead[0])
-		return fail(err, errlen, "reward program stopped after an earlier failure: %s", p->dead);
+		return set_err(err, errlen, "reward program stopped after an earlier failure: %s", p->dead);
 	if (n <= 0)
 		return 0;
 	b.written_at = calloc((size_t)n, sizeof(*b.written_at));
 	if (!b.written_at)
-		return fail(err, errlen, "reward program '%s': out of memory for %d requests", p->cmd, n);
+		return set_err(err, errlen, "reward program '%s': out of memory for %d requests", p->cmd, n);
 	b.last_answer = b.last_write = now_s();
 	sigpipe_block(&g);
 	rc = run_batch(p, &b);
@@ -717,7 +706,7 @@ int reward_score(struct reward_proc *p, const struct reward_request *req, int n,
 	snprintf(p->dead, sizeof(p->dead), "reward program '%s': record id %" PRId64 " (prompt %s): %s", p->cmd,
 		 req[b.bad].id, prompt, b.what);
 	proc_kill(p);
-	return fail(err, errlen, "%s", p->dead);
+	return set_err(err, errlen, "%s", p->dead);
 }
 
 /* The command line, for messages. */
@@ -840,7 +829,8 @@ static int start(struct reward_proc *p, char *const *argv, int argc, char *err, 
 		rc = errno;
 		close_fd(&in[0]);
 		close_fd(&in[1]);
-		return fail(err, errlen, "reward program '%s': cannot create pipes: %s", p->cmd, strerror(rc));
+		return set_err(err, errlen, "reward program '%s': cannot create pipes: %s", p->cmd,
+			       strerror(rc));
 	}
 	rc = spawn(p, argv, argc, in[0], out[1]);
 	close_fd(&in[0]);
@@ -848,7 +838,7 @@ static int start(struct reward_proc *p, char *const *argv, int argc, char *err, 
 	p->in_fd = in[1];
 	p->out_fd = out[0];
 	if (rc)
-		return fail(err, errlen, "reward program '%s': cannot start it: %s", p->cmd, strerror(rc));
+		return set_err(err, errlen, "reward program '%s': cannot start it: %s", p->cmd, strerror(rc));
 	fcntl(p->in_fd, F_SETFL, fcntl(p->in_fd, F_GETFL) | O_NONBLOCK);
 	fcntl(p->out_fd, F_SETFL, fcntl(p->out_fd, F_GETFL) | O_NONBLOCK);
 	return 0;
@@ -859,12 +849,12 @@ struct reward_proc *reward_start(char *const *argv, int argc, double timeout_s, 
 	struct reward_proc *p;
 
 	if (!argv || argc < 1 || !argv[0] || !argv[0][0]) {
-		fail(err, errlen, "reward program: the command is empty");
+		set_err(err, errlen, "reward program: the command is empty");
 		return NULL;
 	}
 	p = calloc(1, sizeof(*p));
 	if (!p) {
-		fail(err, errlen, "reward program '%s': out of memory", argv[0]);
+		set_err(err, errlen, "reward program '%s': out of memory", argv[0]);
 		return NULL;
 	}
 	p->pid = -1;
@@ -874,7 +864,7 @@ struct reward_proc *reward_start(char *const *argv, int argc, double timeout_s, 
 	p->rcap = READ_CHUNK;
 	p->rbuf = malloc(p->rcap);
 	if (!p->rbuf)
-		fail(err, errlen, "reward program '%s': out of memory", p->cmd);
+		set_err(err, errlen, "reward program '%s': out of memory", p->cmd);
 	if (!p->rbuf || start(p, argv, argc, err, errlen)) {
 		reward_stop(p);
 		return NULL;

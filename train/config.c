@@ -6,6 +6,7 @@
  * only the checks that tie keys together are written out by hand (config_validate).
  */
 #include "train/config.h"
+#include "train/errmsg.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -177,18 +178,6 @@ static const struct cfg_key cfg_keys[] = {
 
 /* ---- errors ---- */
 
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (err && errlen) {
-		va_start(ap, fmt);
-		vsnprintf(err, errlen, fmt, ap);
-		va_end(ap);
-	}
-	return -1;
-}
-
 /* "ORIGIN: section.key: message" */
 static int key_fail(char *err, size_t errlen, const char *origin, const struct cfg_key *k,
 		    const char *fmt, ...)
@@ -199,7 +188,7 @@ static int key_fail(char *err, size_t errlen, const char *origin, const struct c
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	return fail(err, errlen, "%s: %s.%s: %s", origin, k->section, k->name, msg);
+	return set_err(err, errlen, "%s: %s.%s: %s", origin, k->section, k->name, msg);
 }
 
 static const char *json_type(const cJSON *v)
@@ -403,7 +392,7 @@ static int check_hf_key(const struct hf_key *h, const cJSON *v, const char *orig
 
 	if (!why)
 		return 0;
-	return fail(err, errlen, "%s: model.%s: %s", origin, h->name, why);
+	return set_err(err, errlen, "%s: model.%s: %s", origin, h->name, why);
 }
 
 /* ---- "did you mean" ---- */
@@ -464,16 +453,16 @@ static int unknown_key(const char *origin, const char *section, const char *name
 	if (!known_section(section)) {
 		s = suggest(NULL, section);
 		if (s)
-			return fail(err, errlen, "%s: unknown section %s (did you mean %s?)", origin,
-				    section, s);
-		return fail(err, errlen, "%s: unknown section %s (sections: model, train, data, "
-			    "parallel, checkpoint, log, grpo)", origin, section);
+			return set_err(err, errlen, "%s: unknown section %s (did you mean %s?)", origin,
+				       section, s);
+		return set_err(err, errlen, "%s: unknown section %s (sections: model, train, data, "
+			       "parallel, checkpoint, log, grpo)", origin, section);
 	}
 	s = suggest(section, name);
 	if (s)
-		return fail(err, errlen, "%s: unknown key %s.%s (did you mean %s.%s?)", origin, section,
-			    name, section, s);
-	return fail(err, errlen, "%s: unknown key %s.%s", origin, section, name);
+		return set_err(err, errlen, "%s: unknown key %s.%s (did you mean %s.%s?)", origin, section,
+			       name, section, s);
+	return set_err(err, errlen, "%s: unknown key %s.%s", origin, section, name);
 }
 
 /* ---- setting one key from a JSON value ---- */
@@ -640,7 +629,7 @@ static int rope_fail(char *err, size_t errlen, const char *origin, const char *s
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	return fail(err, errlen, "%s: model.rope_scaling.%s: %s", origin, sub, msg);
+	return set_err(err, errlen, "%s: model.rope_scaling.%s: %s", origin, sub, msg);
 }
 
 /* "type" (DeepSeek's files) or "rope_type" (transformers'); both given must agree */
@@ -822,15 +811,15 @@ static int apply_section(struct run_config *c, const cJSON *sec, const char *ori
 	const cJSON *item;
 
 	if (!cJSON_IsObject(sec))
-		return fail(err, errlen, "%s: %s: expected an object, got %s", origin, sec->string,
-			    json_type(sec));
+		return set_err(err, errlen, "%s: %s: expected an object, got %s", origin, sec->string,
+			       json_type(sec));
 	cJSON_ArrayForEach(item, sec) {
 		const struct cfg_key *k = find_key(sec->string, item->string);
 		const struct hf_key *h;
 
 		if (has_duplicate(sec, item))
-			return fail(err, errlen, "%s: duplicate key %s.%s", origin, sec->string,
-				    item->string);
+			return set_err(err, errlen, "%s: duplicate key %s.%s", origin, sec->string,
+				       item->string);
 		if (k) {
 			if (apply_value(c, k, item, origin, err, errlen))
 				return -1;
@@ -869,9 +858,9 @@ static int parse_error(const char *text, const char *at, const char *origin, cha
 	}
 	near[n] = '\0';
 	if (!n)
-		return fail(err, errlen, "%s:%d:%d: malformed JSON (unexpected end of input)", origin,
-			    line, col);
-	return fail(err, errlen, "%s:%d:%d: malformed JSON near '%s'", origin, line, col, near);
+		return set_err(err, errlen, "%s:%d:%d: malformed JSON (unexpected end of input)", origin,
+			       line, col);
+	return set_err(err, errlen, "%s:%d:%d: malformed JSON near '%s'", origin, line, col, near);
 }
 
 int config_apply_json(struct run_config *c, const char *json_text, const char *origin, char *err,
@@ -884,18 +873,18 @@ int config_apply_json(struct run_config *c, const char *json_text, const char *o
 	if (!origin)
 		origin = "config";
 	if (!json_text)
-		return fail(err, errlen, "%s: no JSON text", origin);
+		return set_err(err, errlen, "%s: no JSON text", origin);
 	root = cJSON_ParseWithOpts(json_text, &end, 1);
 	if (!root)
 		return parse_error(json_text, end, origin, err, errlen);
 	if (!cJSON_IsObject(root)) {
-		rc = fail(err, errlen, "%s: expected a JSON object at the top level, got %s", origin,
-			  json_type(root));
+		rc = set_err(err, errlen, "%s: expected a JSON object at the top level, got %s", origin,
+			     json_type(root));
 		goto out;
 	}
 	cJSON_ArrayForEach(sec, root) {
 		if (has_duplicate(root, sec)) {
-			rc = fail(err, errlen, "%s: duplicate section %s", origin, sec->string);
+			rc = set_err(err, errlen, "%s: duplicate section %s", origin, sec->string);
 			break;
 		}
 		if (!known_section(sec->string)) {
@@ -951,7 +940,7 @@ static int set_hf_key(const struct hf_key *h, const char *text, char *err, size_
 	if (!v)
 		v = cJSON_CreateString(text);
 	if (!v)
-		return fail(err, errlen, "--set: out of memory");
+		return set_err(err, errlen, "--set: out of memory");
 	rc = check_hf_key(h, v, "--set", err, errlen);
 	cJSON_Delete(v);
 	return rc;
@@ -970,7 +959,7 @@ static int set_rope_key(struct run_config *c, const char *sub, const char *text,
 	if (!obj || !v || !cJSON_AddItemToObject(obj, sub, v)) {
 		cJSON_Delete(obj);
 		cJSON_Delete(v);
-		return fail(err, errlen, "--set: out of memory");
+		return set_err(err, errlen, "--set: out of memory");
 	}
 	rc = set_rope_scaling(k, field(c, k), obj, true, "--set", err, errlen);
 	cJSON_Delete(obj);
@@ -988,9 +977,9 @@ int config_set(struct run_config *c, const char *assignment, char *err, size_t e
 	int rc;
 
 	if (!eq || !dot || dot > eq || dot == assignment || dot + 1 == eq)
-		return fail(err, errlen, "--set %s: expected section.key=value", assignment);
+		return set_err(err, errlen, "--set %s: expected section.key=value", assignment);
 	if ((size_t)(dot - assignment) >= sizeof(section) || (size_t)(eq - dot - 1) >= sizeof(name))
-		return fail(err, errlen, "--set: unknown key %.*s", (int)(eq - assignment), assignment);
+		return set_err(err, errlen, "--set: unknown key %.*s", (int)(eq - assignment), assignment);
 	snprintf(section, sizeof(section), "%.*s", (int)(dot - assignment), assignment);
 	snprintf(name, sizeof(name), "%.*s", (int)(eq - dot - 1), dot + 1);
 	if (!strcmp(section, "model") && !strncmp(name, "rope_scaling.", 13))
@@ -1234,11 +1223,11 @@ static int check_range(const struct run_config *c, const struct cfg_key *k, char
 		return 0;
 	fmt_double(num, sizeof(num), v);
 	if (!isfinite(v))
-		return fail(err, errlen, "%s.%s=%s must be finite", k->section, k->name, num);
+		return set_err(err, errlen, "%s.%s=%s must be finite", k->section, k->name, num);
 	if ((k->flags & CF_POS) && !(v > 0))
-		return fail(err, errlen, "%s.%s=%s must be > 0", k->section, k->name, num);
+		return set_err(err, errlen, "%s.%s=%s must be > 0", k->section, k->name, num);
 	if ((k->flags & CF_NNEG) && !(v >= 0))
-		return fail(err, errlen, "%s.%s=%s must be >= 0", k->section, k->name, num);
+		return set_err(err, errlen, "%s.%s=%s must be >= 0", k->section, k->name, num);
 	return 0;
 }
 
@@ -1256,13 +1245,13 @@ static int check_choice(const struct run_config *c, const struct cfg_key *k, cha
 		snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s", i ? ", " : "",
 			 k->choices[i]);
 	}
-	return fail(err, errlen, "%s.%s=\"%s\" must be one of: %s", k->section, k->name, v, list);
+	return set_err(err, errlen, "%s.%s=\"%s\" must be one of: %s", k->section, k->name, v, list);
 }
 
 #define REQUIRE(cond, ...) \
 	do { \
 		if (!(cond)) \
-			return fail(err, errlen, __VA_ARGS__); \
+			return set_err(err, errlen, __VA_ARGS__); \
 	} while (0)
 
 static int validate_attention(const struct model_config *m, char *err, size_t errlen)
@@ -1418,7 +1407,7 @@ static char *read_file(const char *path, char *err, size_t errlen)
 	char *buf = NULL, *nb;
 
 	if (!f) {
-		fail(err, errlen, "config %s: %s", path, strerror(errno));
+		set_err(err, errlen, "config %s: %s", path, strerror(errno));
 		return NULL;
 	}
 	do {
@@ -1426,7 +1415,7 @@ static char *read_file(const char *path, char *err, size_t errlen)
 			cap = cap ? 2 * cap : 8192;
 			nb = realloc(buf, cap);
 			if (!nb) {
-				fail(err, errlen, "config %s: out of memory", path);
+				set_err(err, errlen, "config %s: out of memory", path);
 				goto bad;
 			}
 			buf = nb;
@@ -1435,12 +1424,12 @@ static char *read_file(const char *path, char *err, size_t errlen)
 		len += n;
 	} while (n > 0);
 	if (ferror(f)) {
-		fail(err, errlen, "config %s: read error", path);
+		set_err(err, errlen, "config %s: read error", path);
 		goto bad;
 	}
 	buf[len] = '\0';
 	if (strlen(buf) != len) {
-		fail(err, errlen, "config %s: contains a NUL byte (not a JSON text file)", path);
+		set_err(err, errlen, "config %s: contains a NUL byte (not a JSON text file)", path);
 		goto bad;
 	}
 	fclose(f);
@@ -1477,6 +1466,6 @@ int config_load(struct run_config *c, const char *path, char *const *sets, int n
 	if (c->model.num_key_value_heads == 0)
 		c->model.num_key_value_heads = c->model.num_attention_heads;
 	if (config_validate(c, 0, why, sizeof(why)))
-		return fail(err, errlen, "%s: %s", path ? path : "config", why);
+		return set_err(err, errlen, "%s: %s", path ? path : "config", why);
 	return 0;
 }

@@ -37,6 +37,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include "train/convert.h"
+#include "train/errmsg.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -57,17 +58,6 @@
 #define PATH_LEN 4096
 #define HF_NAME_LEN 160
 
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (err && errlen) {
-		va_start(ap, fmt);
-		vsnprintf(err, errlen, fmt, ap);
-		va_end(ap);
-	}
-	return -1;
-}
 
 static void note(FILE *notes, const char *fmt, ...)
 {
@@ -89,20 +79,20 @@ static char *read_text(const char *path, char *err, size_t errlen)
 	char *buf = NULL;
 
 	if (!f) {
-		fail(err, errlen, "%s: %s", path, strerror(errno));
+		set_err(err, errlen, "%s: %s", path, strerror(errno));
 		return NULL;
 	}
 	if (fseek(f, 0, SEEK_END) || (len = ftell(f)) < 0 || fseek(f, 0, SEEK_SET)) {
-		fail(err, errlen, "%s: cannot read", path);
+		set_err(err, errlen, "%s: cannot read", path);
 		goto out;
 	}
 	buf = malloc((size_t)len + 1);
 	if (!buf) {
-		fail(err, errlen, "%s: out of memory", path);
+		set_err(err, errlen, "%s: out of memory", path);
 		goto out;
 	}
 	if (fread(buf, 1, (size_t)len, f) != (size_t)len) {
-		fail(err, errlen, "%s: read error", path);
+		set_err(err, errlen, "%s: read error", path);
 		free(buf);
 		buf = NULL;
 		goto out;
@@ -124,11 +114,11 @@ static int write_text(const char *path, const char *text, char *err, size_t errl
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
 	f = fopen(tmp, "wb");
 	if (!f)
-		return fail(err, errlen, "%s: %s", tmp, strerror(errno));
+		return set_err(err, errlen, "%s: %s", tmp, strerror(errno));
 	bad = fwrite(text, 1, n, f) != n || fputc('\n', f) == EOF || fflush(f) || fsync(fileno(f));
 	bad |= fclose(f) != 0;
 	if (bad || rename(tmp, path)) {
-		fail(err, errlen, "%s: write error: %s", path, strerror(errno));
+		set_err(err, errlen, "%s: write error: %s", path, strerror(errno));
 		unlink(tmp);
 		return -1;
 	}
@@ -289,10 +279,10 @@ static int take_rope_theta(cJSON *obj, cJSON *rp, const char *origin, char *err,
 	if (!theta)
 		return 0;
 	if (!cJSON_IsNumber(theta))
-		rc = fail(err, errlen, "%s: model.rope_parameters.rope_theta: expected a number", origin);
+		rc = set_err(err, errlen, "%s: model.rope_parameters.rope_theta: expected a number", origin);
 	else if (top && (!cJSON_IsNumber(top) || top->valuedouble != theta->valuedouble))
-		rc = fail(err, errlen, "%s: model.rope_theta disagrees with "
-			  "model.rope_parameters.rope_theta", origin);
+		rc = set_err(err, errlen, "%s: model.rope_theta disagrees with "
+			     "model.rope_parameters.rope_theta", origin);
 	else if (!top)
 		cJSON_AddNumberToObject(obj, "rope_theta", theta->valuedouble);
 	cJSON_Delete(theta);
@@ -323,7 +313,7 @@ static int take_rope_parameters(cJSON *obj, const char *origin, char *err, size_
 	if (!rp || cJSON_IsNull(rp))
 		goto out;
 	if (!cJSON_IsObject(rp)) {
-		rc = fail(err, errlen, "%s: model.rope_parameters: expected an object", origin);
+		rc = set_err(err, errlen, "%s: model.rope_parameters: expected an object", origin);
 		goto out;
 	}
 	rc = take_rope_theta(obj, rp, origin, err, errlen);
@@ -333,19 +323,19 @@ static int take_rope_parameters(cJSON *obj, const char *origin, char *err, size_
 		if (rc)
 			break;
 		if (!is_rope_scaling_key(e->string))
-			rc = fail(err, errlen, "%s: model.rope_parameters.%s is not supported", origin,
-				  e->string);
+			rc = set_err(err, errlen, "%s: model.rope_parameters.%s is not supported", origin,
+				     e->string);
 		else if (type && (!cJSON_IsString(e) || (strcmp(e->valuestring, "default") &&
 							 strcmp(e->valuestring, "yarn"))))
-			rc = fail(err, errlen, "%s: model.rope_parameters.%s=%s: only \"default\" and "
-				  "\"yarn\" RoPE are supported", origin, e->string,
-				  cJSON_IsString(e) ? e->valuestring : "?");
+			rc = set_err(err, errlen, "%s: model.rope_parameters.%s=%s: only \"default\" and "
+				     "\"yarn\" RoPE are supported", origin, e->string,
+				     cJSON_IsString(e) ? e->valuestring : "?");
 	}
 	if (rc || rope_is_default(rp))
 		goto out;
 	if (old && !cJSON_IsNull(old)) {
-		rc = fail(err, errlen, "%s: model.rope_parameters and model.rope_scaling are both given",
-			  origin);
+		rc = set_err(err, errlen, "%s: model.rope_parameters and model.rope_scaling are both given",
+			     origin);
 		goto out;
 	}
 	cJSON_DeleteItemFromObjectCaseSensitive(obj, "rope_scaling");
@@ -369,15 +359,15 @@ static int normalise_hf_keys(cJSON *obj, const char *origin, FILE *notes, char *
 			cJSON_Delete(cJSON_DetachItemViaPointer(obj, e));
 		} else if (!strcmp(e->string, "mlp_bias")) {
 			if (!cJSON_IsFalse(e))
-				return fail(err, errlen, "%s: model.mlp_bias: must be false (no biases)",
-					    origin);
+				return set_err(err, errlen, "%s: model.mlp_bias: must be false (no biases)",
+					       origin);
 			cJSON_Delete(cJSON_DetachItemViaPointer(obj, e));
 		} else if (!strcmp(e->string, "eos_token_id") && cJSON_IsArray(e)) {
 			cJSON *first = cJSON_GetArrayItem(e, 0);
 
 			if (!cJSON_IsNumber(first))
-				return fail(err, errlen, "%s: model.eos_token_id: expected an integer",
-					    origin);
+				return set_err(err, errlen, "%s: model.eos_token_id: expected an integer",
+					       origin);
 			note(notes, "%s: eos_token_id is a list: taking its first id, %d", origin,
 			     (int)first->valuedouble);
 			cJSON_ReplaceItemViaPointer(obj, e, cJSON_CreateNumber(first->valuedouble));
@@ -406,12 +396,12 @@ static int apply_model_object(struct run_config *rc, cJSON *obj, const char *ori
 	int ret;
 
 	if (!wrap)
-		return fail(err, errlen, "%s: out of memory", origin);
+		return set_err(err, errlen, "%s: out of memory", origin);
 	cJSON_AddItemReferenceToObject(wrap, "model", obj);
 	text = cJSON_PrintUnformatted(wrap);
 	cJSON_Delete(wrap);
 	if (!text)
-		return fail(err, errlen, "%s: out of memory", origin);
+		return set_err(err, errlen, "%s: out of memory", origin);
 	ret = config_apply_json(rc, text, origin, err, errlen);
 	free(text);
 	return ret;
@@ -427,15 +417,15 @@ int convert_hf_config(struct run_config *rc, const char *json_text, const char *
 	int ret = -1, v2;
 
 	if (!obj)
-		return fail(err, errlen, "%s: malformed JSON", origin);
+		return set_err(err, errlen, "%s: malformed JSON", origin);
 	if (!cJSON_IsObject(obj)) {
-		fail(err, errlen, "%s: expected a JSON object", origin);
+		set_err(err, errlen, "%s: expected a JSON object", origin);
 		goto out;
 	}
 	type = json_string(obj, "model_type");
 	if (!type || (strcmp(type, "deepseek_v3") && strcmp(type, "deepseek_v2"))) {
-		fail(err, errlen, "%s: model_type %s%s%s: only deepseek_v3 and deepseek_v2 models convert",
-		     origin, type ? "\"" : "", type ? type : "missing", type ? "\"" : "");
+		set_err(err, errlen, "%s: model_type %s%s%s: only deepseek_v3 and deepseek_v2 models convert",
+		        origin, type ? "\"" : "", type ? type : "missing", type ? "\"" : "");
 		goto out;
 	}
 	v2 = !strcmp(type, "deepseek_v2");
@@ -460,8 +450,8 @@ int convert_hf_config(struct run_config *rc, const char *json_text, const char *
 	}
 	if (qk && (!cJSON_IsNumber(qk) || qk->valuedouble != mc_qk_head_dim(&tmp.model))) {
 		cJSON_Delete(qk);
-		fail(err, errlen, "%s: model.qk_head_dim must be qk_nope_head_dim + qk_rope_head_dim = %d",
-		     origin, mc_qk_head_dim(&tmp.model));
+		set_err(err, errlen, "%s: model.qk_head_dim must be qk_nope_head_dim + qk_rope_head_dim = %d",
+		        origin, mc_qk_head_dim(&tmp.model));
 		goto out;
 	}
 	cJSON_Delete(qk);
@@ -477,7 +467,7 @@ int convert_hf_config(struct run_config *rc, const char *json_text, const char *
 	if (tmp.model.num_key_value_heads == 0)
 		tmp.model.num_key_value_heads = tmp.model.num_attention_heads;
 	if (config_validate(&tmp, 0, why, sizeof(why))) {
-		fail(err, errlen, "%s: %s", origin, why);
+		set_err(err, errlen, "%s: %s", origin, why);
 		goto out;
 	}
 	*rc = tmp;
@@ -648,7 +638,7 @@ static int add_file(struct from_hf *c, const char *name)
 
 	sf = realloc(c->files, sizeof(*c->files) * (c->n_files + 1));
 	if (!sf)
-		return fail(c->err, c->errlen, "out of memory");
+		return set_err(c->err, c->errlen, "out of memory");
 	c->files = sf;
 	sf = &c->files[c->n_files++];
 	memset(sf, 0, sizeof(*sf));
@@ -676,21 +666,21 @@ static int open_indexed(struct from_hf *c, const char *index_path)
 		return -1;
 	wm = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
 	if (!cJSON_IsObject(wm)) {
-		fail(c->err, c->errlen, "%s: no \"weight_map\" object", index_path);
+		set_err(c->err, c->errlen, "%s: no \"weight_map\" object", index_path);
 		goto out;
 	}
 	n = cJSON_GetArraySize(wm);
 	map = malloc(sizeof(*map) * (n ? n : 1));
 	names = malloc(sizeof(char *) * (n ? n : 1));
 	if (!map || !names) {
-		fail(c->err, c->errlen, "%s: out of memory", index_path);
+		set_err(c->err, c->errlen, "%s: out of memory", index_path);
 		goto out;
 	}
 	n = 0;
 	cJSON_ArrayForEach(e, wm) {
 		if (!cJSON_IsString(e) || !e->valuestring[0] || strstr(e->valuestring, "..")) {
-			fail(c->err, c->errlen, "%s: weight_map.%s is not a file name", index_path,
-			     e->string);
+			set_err(c->err, c->errlen, "%s: weight_map.%s is not a file name", index_path,
+			        e->string);
 			goto out;
 		}
 		map[n].tensor = e->string;
@@ -700,7 +690,7 @@ static int open_indexed(struct from_hf *c, const char *index_path)
 	qsort(map, n, sizeof(*map), cmp_entry);
 	for (int i = 1; i < n; i++) {
 		if (!strcmp(map[i].tensor, map[i - 1].tensor)) {
-			fail(c->err, c->errlen, "%s: tensor %s listed twice", index_path, map[i].tensor);
+			set_err(c->err, c->errlen, "%s: tensor %s listed twice", index_path, map[i].tensor);
 			goto out;
 		}
 	}
@@ -718,9 +708,9 @@ static int open_indexed(struct from_hf *c, const char *index_path)
 			key.tensor = sf->f.tensors[j].name;
 			hit = bsearch(&key, map, n, sizeof(*map), cmp_entry);
 			if (!hit || strcmp(hit->file, sf->name)) {
-				fail(c->err, c->errlen, "%s: tensor %s %s%s", sf->path, key.tensor,
-				     hit ? "is mapped to another file by " : "is not listed in ",
-				     index_path);
+				set_err(c->err, c->errlen, "%s: tensor %s %s%s", sf->path, key.tensor,
+				        hit ? "is mapped to another file by " : "is not listed in ",
+				        index_path);
 				goto out;
 			}
 			found++;
@@ -731,13 +721,13 @@ static int open_indexed(struct from_hf *c, const char *index_path)
 			for (int k = 0; k < c->n_files; k++) {
 				if (!strcmp(c->files[k].name, map[i].file) &&
 				    !st_find(&c->files[k].f, map[i].tensor)) {
-					fail(c->err, c->errlen, "%s lists tensor %s in %s, which does not "
-					     "hold it", index_path, map[i].tensor, map[i].file);
+					set_err(c->err, c->errlen, "%s lists tensor %s in %s, which does not "
+					        "hold it", index_path, map[i].tensor, map[i].file);
 					goto out;
 				}
 			}
 		}
-		fail(c->err, c->errlen, "%s: weight_map disagrees with the files", index_path);
+		set_err(c->err, c->errlen, "%s: weight_map disagrees with the files", index_path);
 		goto out;
 	}
 	ret = 0;
@@ -762,8 +752,8 @@ static int open_sources(struct from_hf *c)
 	snprintf(pattern, sizeof(pattern), "%s/*.safetensors", c->dir);
 	if (glob(pattern, 0, NULL, &g) || g.gl_pathc == 0) {
 		globfree(&g);
-		return fail(c->err, c->errlen, "%s: no *.safetensors files (and no "
-			    "model.safetensors.index.json)", c->dir);
+		return set_err(c->err, c->errlen, "%s: no *.safetensors files (and no "
+			       "model.safetensors.index.json)", c->dir);
 	}
 	for (size_t i = 0; i < g.gl_pathc && !ret; i++) {
 		const char *slash = strrchr(g.gl_pathv[i], '/');
@@ -824,28 +814,28 @@ static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
 	e = expert_of(t->name, ours, sizeof(ours));
 	p = find_param(c, e >= 0 ? ours : t->name);
 	if (!p || (e >= 0 && !p->expert_stacked))
-		return fail(c->err, c->errlen, "%s: unexpected tensor %s: a model of this config "
-			    "(config.json) has no such weight", path, t->name);
+		return set_err(c->err, c->errlen, "%s: unexpected tensor %s: a model of this config "
+			       "(config.json) has no such weight", path, t->name);
 	if (e >= E)
-		return fail(c->err, c->errlen, "%s: unexpected tensor %s: expert %d, but "
-			    "n_routed_experts=%d", path, t->name, e, E);
+		return set_err(c->err, c->errlen, "%s: unexpected tensor %s: expert %d, but "
+			       "n_routed_experts=%d", path, t->name, e, E);
 	ndim = e >= 0 ? p->ndim - 1 : p->ndim;
 	shape = e >= 0 ? p->shape + 1 : p->shape;
 	if (!same_shape(t, ndim, shape)) {
 		fmt_shape(got, sizeof(got), t->ndim, t->shape);
 		fmt_shape(want, sizeof(want), ndim, shape);
-		return fail(c->err, c->errlen, "%s: tensor %s has shape %s, but config.json gives %s",
-			    path, t->name, got, want);
+		return set_err(c->err, c->errlen, "%s: tensor %s has shape %s, but config.json gives %s",
+			       path, t->name, got, want);
 	}
 	if (t->dtype != ST_F32 && t->dtype != ST_BF16 && t->dtype != ST_F16)
-		return fail(c->err, c->errlen, "%s: tensor %s: dtype %s (only F32, BF16 and F16 "
-			    "convert)", path, t->name, st_dtype_name(t->dtype));
+		return set_err(c->err, c->errlen, "%s: tensor %s: dtype %s (only F32, BF16 and F16 "
+			       "convert)", path, t->name, st_dtype_name(t->dtype));
 	for (int x = e >= 0 ? e : 0; x < (e >= 0 ? e + 1 : (p->expert_stacked ? E : 1)); x++) {
 		unsigned char *f = &c->filled[c->param_base[p - c->params] + x];
 
 		if (*f)
-			return fail(c->err, c->errlen, "%s: tensor %s: its weights appear twice in the "
-				    "files (again here)", path, t->name);
+			return set_err(c->err, c->errlen, "%s: tensor %s: its weights appear twice in the "
+				       "files (again here)", path, t->name);
 		*f = 1;
 	}
 	if (c->n_assign == c->cap_assign) {
@@ -853,7 +843,7 @@ static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
 
 		a = realloc(c->assign, sizeof(*a) * cap);
 		if (!a)
-			return fail(c->err, c->errlen, "out of memory");
+			return set_err(c->err, c->errlen, "out of memory");
 		c->assign = a;
 		c->cap_assign = cap;
 	}
@@ -888,8 +878,8 @@ static int check_complete(struct from_hf *c)
 				break;
 			}
 			hf_name(name, sizeof(name), p, p->expert_stacked ? e : -1);
-			return fail(c->err, c->errlen, "%s: missing tensor %s (none of the %d "
-				    "safetensors files holds it)", c->dir, name, c->n_files);
+			return set_err(c->err, c->errlen, "%s: missing tensor %s (none of the %d "
+				       "safetensors files holds it)", c->dir, name, c->n_files);
 		}
 	}
 	return 0;
@@ -937,7 +927,7 @@ static int write_absent(struct from_hf *c, struct ckpt_writer *w)
 			continue;
 		zeros = calloc(p->numel ? p->numel : 1, sizeof(float));
 		if (!zeros)
-			return fail(c->err, c->errlen, "out of memory");
+			return set_err(c->err, c->errlen, "out of memory");
 		ret = ckpt_writer_put(w, p->name, p->shape, p->ndim, -1, zeros, c->err, c->errlen);
 		free(zeros);
 		if (ret)
@@ -962,8 +952,8 @@ static int stream_assigned(struct from_hf *c, struct ckpt_writer *w)
 		if (c->assign[j].t->numel > most)
 			most = c->assign[j].t->numel;
 	if (most > SIZE_MAX / sizeof(float) || !(buf = malloc((size_t)most * sizeof(float))))
-		return fail(c->err, c->errlen, "out of memory for a tensor of %llu elements",
-			    (unsigned long long)most);
+		return set_err(c->err, c->errlen, "out of memory for a tensor of %llu elements",
+			       (unsigned long long)most);
 	for (int k = 0; k < c->n_files; k++) {
 		for (; i < c->n_assign && c->assign[i].file == k; i++)
 			if (stream_tensor(c, w, &c->assign[i], buf))
@@ -1010,7 +1000,7 @@ static int plan_model(struct from_hf *c, const struct run_config *rc)
 	c->by_name = malloc(sizeof(*c->by_name) * (c->n_params ? (size_t)c->n_params : 1));
 	c->param_base = malloc(sizeof(size_t) * (c->n_params ? (size_t)c->n_params : 1));
 	if (!c->by_name || !c->param_base)
-		return fail(c->err, c->errlen, "out of memory");
+		return set_err(c->err, c->errlen, "out of memory");
 	for (int i = 0; i < c->n_params; i++) {
 		c->by_name[i] = &c->params[i];
 		c->param_base[i] = slots;
@@ -1019,7 +1009,7 @@ static int plan_model(struct from_hf *c, const struct run_config *rc)
 	qsort(c->by_name, (size_t)c->n_params, sizeof(*c->by_name), cmp_param);
 	c->filled = calloc(slots ? slots : 1, 1);
 	if (!c->filled)
-		return fail(c->err, c->errlen, "out of memory");
+		return set_err(c->err, c->errlen, "out of memory");
 	return 0;
 }
 
@@ -1103,20 +1093,20 @@ static int mkdir_p(const char *dir, char *err, size_t errlen)
 	struct stat sb;
 
 	if (!dir[0] || strlen(dir) >= sizeof(buf))
-		return fail(err, errlen, "output directory \"%s\": empty or too long", dir);
+		return set_err(err, errlen, "output directory \"%s\": empty or too long", dir);
 	strcpy(buf, dir);
 	for (char *p = buf + 1; *p; p++) {
 		if (*p != '/')
 			continue;
 		*p = '\0';
 		if (mkdir(buf, 0777) && errno != EEXIST)
-			return fail(err, errlen, "%s: %s", buf, strerror(errno));
+			return set_err(err, errlen, "%s: %s", buf, strerror(errno));
 		*p = '/';
 	}
 	if (mkdir(buf, 0777) && errno != EEXIST)
-		return fail(err, errlen, "%s: %s", buf, strerror(errno));
+		return set_err(err, errlen, "%s: %s", buf, strerror(errno));
 	if (stat(buf, &sb) || !S_ISDIR(sb.st_mode))
-		return fail(err, errlen, "%s: not a directory", buf);
+		return set_err(err, errlen, "%s: not a directory", buf);
 	return 0;
 }
 
@@ -1130,15 +1120,15 @@ static int check_out_dir(const char *dir, char *err, size_t errlen)
 	snprintf(pattern, sizeof(pattern), "%s/*.safetensors", dir);
 	found = !glob(pattern, 0, NULL, &g) && g.gl_pathc > 0;
 	if (found)
-		fail(err, errlen, "%s already holds weights (%s): convert into an empty directory",
-		     dir, g.gl_pathv[0]);
+		set_err(err, errlen, "%s already holds weights (%s): convert into an empty directory",
+		        dir, g.gl_pathv[0]);
 	globfree(&g);
 	if (found)
 		return -1;
 	snprintf(pattern, sizeof(pattern), "%s/model.safetensors.index.json", dir);
 	if (!access(pattern, F_OK))
-		return fail(err, errlen, "%s already holds weights (%s): convert into an empty "
-			    "directory", dir, pattern);
+		return set_err(err, errlen, "%s already holds weights (%s): convert into an empty "
+			       "directory", dir, pattern);
 	return 0;
 }
 
@@ -1211,7 +1201,7 @@ static int write_shard(struct to_hf *h, int s)
 	if (!specs || !order) {
 		free(specs);
 		free(order);
-		return fail(h->err, h->errlen, "out of memory");
+		return set_err(h->err, h->errlen, "out of memory");
 	}
 	k = shard_order(h, s, order);
 	for (int i = 0; i < k; i++)
@@ -1245,7 +1235,7 @@ static int write_index(const char *dir, const struct out_tensor *t, int n, int n
 	int ret;
 
 	if (!root)
-		return fail(err, errlen, "out of memory");
+		return set_err(err, errlen, "out of memory");
 	for (int i = 0; i < n; i++)
 		total += t[i].bytes;
 	meta = cJSON_AddObjectToObject(root, "metadata");
@@ -1261,7 +1251,7 @@ static int write_index(const char *dir, const struct out_tensor *t, int n, int n
 	text = cJSON_Print(root);
 	cJSON_Delete(root);
 	if (!text)
-		return fail(err, errlen, "out of memory");
+		return set_err(err, errlen, "out of memory");
 	snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
 	ret = write_text(path, text, err, errlen);
 	free(text);
@@ -1313,8 +1303,8 @@ static int write_hf_dir(struct to_hf *h, const struct run_config *rc, enum st_dt
 		if (h->t[i].numel > most)
 			most = h->t[i].numel;
 	if (most > SIZE_MAX / sizeof(float) || !(h->buf = malloc((size_t)most * sizeof(float))))
-		return fail(h->err, h->errlen, "out of memory for a tensor of %llu elements",
-			    (unsigned long long)most);
+		return set_err(h->err, h->errlen, "out of memory for a tensor of %llu elements",
+			       (unsigned long long)most);
 	for (int s = 0; s < h->n_shards; s++)
 		if (write_shard(h, s))
 			return -1;
@@ -1322,7 +1312,7 @@ static int write_hf_dir(struct to_hf *h, const struct run_config *rc, enum st_dt
 		return -1;
 	json = convert_hf_config_json(&rc->model, dtype);
 	if (!json)
-		return fail(h->err, h->errlen, "out of memory");
+		return set_err(h->err, h->errlen, "out of memory");
 	snprintf(path, sizeof(path), "%s/config.json", h->dir);
 	ret = write_text(path, json, h->err, h->errlen);
 	free(json);
@@ -1346,10 +1336,10 @@ int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_t
 	if (opts)
 		o = *opts;
 	if (o.dtype != ST_F32 && o.dtype != ST_BF16)
-		return fail(err, errlen, "--dtype %s: only f32 and bf16 are written",
-			    st_dtype_name(o.dtype));
+		return set_err(err, errlen, "--dtype %s: only f32 and bf16 are written",
+			       st_dtype_name(o.dtype));
 	if (!o.shard_bytes)
-		return fail(err, errlen, "--shard-size must be > 0");
+		return set_err(err, errlen, "--shard-size must be > 0");
 	config_defaults(&rc);
 	h.r = ckpt_reader_open(ckpt_path, &rc, NULL, err, errlen);
 	if (!h.r)
@@ -1365,7 +1355,7 @@ int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_t
 	params = ckpt_reader_params(h.r, &n_params);
 	h.t = list_out_tensors(params, n_params, o.dtype, &h.n);
 	if (!h.t) {
-		fail(err, errlen, "out of memory");
+		set_err(err, errlen, "out of memory");
 		remove_outputs(&h, made_dir);
 		goto out;
 	}

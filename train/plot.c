@@ -11,6 +11,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include "train/plot.h"
+#include "train/errmsg.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -53,15 +54,6 @@ void plot_key_color(int i, unsigned char rgb[3])
 	memcpy(rgb, palette[(unsigned)i % 8], 3);
 }
 
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-	return -1;
-}
 
 /* ---- canvas ---- */
 
@@ -216,18 +208,18 @@ static int png_write(const char *path, const struct canvas *c, char *err, size_t
 	int rc = -1;
 
 	if (!tmp)
-		return fail(err, errlen, "%s: out of memory", path);
+		return set_err(err, errlen, "%s: out of memory", path);
 	snprintf(tmp, n, "%s.tmp.%ld", path, (long)getpid());
 	f = fopen(tmp, "wb");
 	if (!f) {
-		fail(err, errlen, "%s: cannot create: %s", tmp, strerror(errno));
+		set_err(err, errlen, "%s: cannot create: %s", tmp, strerror(errno));
 	} else if (png_stream(f, c) || fflush(f) || fsync(fileno(f))) {
-		fail(err, errlen, "%s: write failed: %s", tmp, strerror(errno));
+		set_err(err, errlen, "%s: write failed: %s", tmp, strerror(errno));
 		fclose(f);
 	} else if (fclose(f)) {
-		fail(err, errlen, "%s: write failed: %s", tmp, strerror(errno));
+		set_err(err, errlen, "%s: write failed: %s", tmp, strerror(errno));
 	} else if (rename(tmp, path)) {
-		fail(err, errlen, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
+		set_err(err, errlen, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
 	} else {
 		rc = 0;
 	}
@@ -272,15 +264,15 @@ static int parse_line(const char *line, const char *path, long lineno, const cha
 	int rc = 0;
 
 	if (!cJSON_IsObject(o))
-		rc = fail(err, errlen, "%s:%ld: not a JSON object", path, lineno);
+		rc = set_err(err, errlen, "%s:%ld: not a JSON object", path, lineno);
 	else if (!cJSON_IsNumber(step) || !isfinite(step->valuedouble))
-		rc = fail(err, errlen, "%s:%ld: no numeric \"step\"", path, lineno);
+		rc = set_err(err, errlen, "%s:%ld: no numeric \"step\"", path, lineno);
 	for (int k = 0; !rc && k < nkeys; k++) {
 		const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, keys[k]);
 
 		if (cJSON_IsNumber(v) && isfinite(v->valuedouble) &&
 		    add_point(&ser[k], step->valuedouble, v->valuedouble))
-			rc = fail(err, errlen, "%s:%ld: out of memory", path, lineno);
+			rc = set_err(err, errlen, "%s:%ld: out of memory", path, lineno);
 	}
 	cJSON_Delete(o);
 	return rc;
@@ -303,20 +295,20 @@ static int read_metrics(const char *path, const char *const *keys, int nkeys, st
 	int rc = 0;
 
 	if (!f)
-		return fail(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+		return set_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
 	while (!rc && getline(&buf, &cap, f) >= 0) {
 		lineno++;
 		if (buf[strspn(buf, " \t\r\n")])
 			rc = parse_line(buf, path, lineno, keys, nkeys, ser, err, errlen);
 	}
 	if (!rc && ferror(f))
-		rc = fail(err, errlen, "%s:%ld: read error", path, lineno + 1);
+		rc = set_err(err, errlen, "%s:%ld: read error", path, lineno + 1);
 	free(buf);
 	fclose(f);
 	for (int k = 0; !rc && k < nkeys; k++) {
 		if (!ser[k].n)
-			rc = fail(err, errlen, "%s: key \"%s\" has no numeric value on any line", path,
-				  keys[k]);
+			rc = set_err(err, errlen, "%s: key \"%s\" has no numeric value on any line", path,
+				     keys[k]);
 		else
 			qsort(ser[k].p, ser[k].n, sizeof(struct pt), by_step);
 	}
@@ -503,17 +495,17 @@ int plot_metrics(const char *metrics_path, const char *const *keys, int nkeys, c
 	int rc;
 
 	if (nkeys < 1 || nkeys > PLOT_MAX_KEYS)
-		return fail(err, errlen, "%s: between 1 and %d keys, not %d", png_path, PLOT_MAX_KEYS,
-			    nkeys);
+		return set_err(err, errlen, "%s: between 1 and %d keys, not %d", png_path, PLOT_MAX_KEYS,
+			       nkeys);
 	if (width < PLOT_MIN_SIZE || height < PLOT_MIN_SIZE || width > PLOT_MAX_SIZE ||
 	    height > PLOT_MAX_SIZE)
-		return fail(err, errlen, "%s: size %dx%d outside %d..%d pixels a side", png_path, width,
-			    height, PLOT_MIN_SIZE, PLOT_MAX_SIZE);
+		return set_err(err, errlen, "%s: size %dx%d outside %d..%d pixels a side", png_path, width,
+			       height, PLOT_MIN_SIZE, PLOT_MAX_SIZE);
 	rc = read_metrics(metrics_path, keys, nkeys, ser, err, errlen);
 	if (!rc) {
 		c.px = calloc((size_t)height, 1 + 3 * (size_t)width);
 		if (!c.px) {
-			rc = fail(err, errlen, "%s: out of memory", png_path);
+			rc = set_err(err, errlen, "%s: out of memory", png_path);
 		} else {
 			render(&c, ser, keys, nkeys, title);
 			rc = png_write(png_path, &c, err, errlen);

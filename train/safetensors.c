@@ -8,6 +8,7 @@
 #define _DEFAULT_SOURCE	/* madvise */
 
 #include "train/safetensors.h"
+#include "train/errmsg.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -68,17 +69,6 @@ int st_dtype_parse(const char *name, enum st_dtype *t)
 	return -1;
 }
 
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (err && errlen) {
-		va_start(ap, fmt);
-		vsnprintf(err, errlen, fmt, ap);
-		va_end(ap);
-	}
-	return -1;
-}
 
 /* ---- conversions ---- */
 
@@ -165,53 +155,53 @@ static int parse_tensor(const struct st_file *f, const cJSON *e, struct st_tenso
 	uint64_t numel = 1, bytes, dim;
 
 	if (!cJSON_IsObject(e))
-		return fail(err, errlen, "%s: tensor %s: header entry is not an object", f->path,
-			    e->string);
+		return set_err(err, errlen, "%s: tensor %s: header entry is not an object", f->path,
+			       e->string);
 	if (!cJSON_IsString(dt))
-		return fail(err, errlen, "%s: tensor %s: no \"dtype\" string", f->path, e->string);
+		return set_err(err, errlen, "%s: tensor %s: no \"dtype\" string", f->path, e->string);
 	if (st_dtype_parse(dt->valuestring, &t->dtype))
-		return fail(err, errlen, "%s: tensor %s: unknown dtype \"%s\"", f->path, e->string,
-			    dt->valuestring);
+		return set_err(err, errlen, "%s: tensor %s: unknown dtype \"%s\"", f->path, e->string,
+			       dt->valuestring);
 	if (!cJSON_IsArray(sh))
-		return fail(err, errlen, "%s: tensor %s: no \"shape\" array", f->path, e->string);
+		return set_err(err, errlen, "%s: tensor %s: no \"shape\" array", f->path, e->string);
 	if (cJSON_GetArraySize(sh) > ST_MAX_DIMS)
-		return fail(err, errlen, "%s: tensor %s: %d dimensions (at most %d)", f->path,
-			    e->string, cJSON_GetArraySize(sh), ST_MAX_DIMS);
+		return set_err(err, errlen, "%s: tensor %s: %d dimensions (at most %d)", f->path,
+			       e->string, cJSON_GetArraySize(sh), ST_MAX_DIMS);
 	t->ndim = 0;
 	cJSON_ArrayForEach(d, sh) {
 		if (json_uint(d, &dim))
-			return fail(err, errlen, "%s: tensor %s: shape holds something other than a "
-				    "non-negative integer", f->path, e->string);
+			return set_err(err, errlen, "%s: tensor %s: shape holds something other than a "
+				       "non-negative integer", f->path, e->string);
 		if (dim && numel > (UINT64_C(1) << 60) / dim)
-			return fail(err, errlen, "%s: tensor %s: shape too large", f->path, e->string);
+			return set_err(err, errlen, "%s: tensor %s: shape too large", f->path, e->string);
 		numel *= dim;
 		t->shape[t->ndim++] = (int64_t)dim;
 	}
 	if (!cJSON_IsArray(off) || cJSON_GetArraySize(off) != 2 ||
 	    json_uint(cJSON_GetArrayItem(off, 0), &t->begin) ||
 	    json_uint(cJSON_GetArrayItem(off, 1), &t->end))
-		return fail(err, errlen, "%s: tensor %s: \"data_offsets\" is not [begin, end]", f->path,
-			    e->string);
+		return set_err(err, errlen, "%s: tensor %s: \"data_offsets\" is not [begin, end]", f->path,
+			       e->string);
 	t->numel = numel;
 	bytes = numel * st_dtype_size(t->dtype);
 	if (t->end < t->begin)
-		return fail(err, errlen, "%s: tensor %s: data_offsets [%llu, %llu] end before they "
-			    "begin", f->path, e->string, (unsigned long long)t->begin,
-			    (unsigned long long)t->end);
+		return set_err(err, errlen, "%s: tensor %s: data_offsets [%llu, %llu] end before they "
+			       "begin", f->path, e->string, (unsigned long long)t->begin,
+			       (unsigned long long)t->end);
 	if (t->end > f->data_len)
-		return fail(err, errlen, "%s: tensor %s: data_offsets [%llu, %llu] run past the data "
-			    "section (%llu bytes): file truncated or corrupt", f->path, e->string,
-			    (unsigned long long)t->begin, (unsigned long long)t->end,
-			    (unsigned long long)f->data_len);
+		return set_err(err, errlen, "%s: tensor %s: data_offsets [%llu, %llu] run past the data "
+			       "section (%llu bytes): file truncated or corrupt", f->path, e->string,
+			       (unsigned long long)t->begin, (unsigned long long)t->end,
+			       (unsigned long long)f->data_len);
 	if (t->end - t->begin != bytes)
-		return fail(err, errlen, "%s: tensor %s: data_offsets [%llu, %llu] hold %llu bytes, "
-			    "but %s of %llu elements needs %llu", f->path, e->string,
-			    (unsigned long long)t->begin, (unsigned long long)t->end,
-			    (unsigned long long)(t->end - t->begin), st_dtype_name(t->dtype),
-			    (unsigned long long)numel, (unsigned long long)bytes);
+		return set_err(err, errlen, "%s: tensor %s: data_offsets [%llu, %llu] hold %llu bytes, "
+			       "but %s of %llu elements needs %llu", f->path, e->string,
+			       (unsigned long long)t->begin, (unsigned long long)t->end,
+			       (unsigned long long)(t->end - t->begin), st_dtype_name(t->dtype),
+			       (unsigned long long)numel, (unsigned long long)bytes);
 	t->name = strdup(e->string);
 	if (!t->name)
-		return fail(err, errlen, "%s: out of memory", f->path);
+		return set_err(err, errlen, "%s: out of memory", f->path);
 	return 0;
 }
 
@@ -221,20 +211,20 @@ static int parse_metadata(struct st_file *f, const cJSON *m, char *err, size_t e
 	int n = cJSON_GetArraySize(m);
 
 	if (!cJSON_IsObject(m))
-		return fail(err, errlen, "%s: __metadata__ is not an object", f->path);
+		return set_err(err, errlen, "%s: __metadata__ is not an object", f->path);
 	f->meta_keys = calloc(n ? n : 1, sizeof(char *));
 	f->meta_values = calloc(n ? n : 1, sizeof(char *));
 	if (!f->meta_keys || !f->meta_values)
-		return fail(err, errlen, "%s: out of memory", f->path);
+		return set_err(err, errlen, "%s: out of memory", f->path);
 	cJSON_ArrayForEach(e, m) {
 		if (!cJSON_IsString(e))
-			return fail(err, errlen, "%s: __metadata__.%s is not a string", f->path,
-				    e->string);
+			return set_err(err, errlen, "%s: __metadata__.%s is not a string", f->path,
+				       e->string);
 		f->meta_keys[f->n_meta] = strdup(e->string);
 		f->meta_values[f->n_meta] = strdup(e->valuestring);
 		f->n_meta++;
 		if (!f->meta_keys[f->n_meta - 1] || !f->meta_values[f->n_meta - 1])
-			return fail(err, errlen, "%s: out of memory", f->path);
+			return set_err(err, errlen, "%s: out of memory", f->path);
 	}
 	return 0;
 }
@@ -264,24 +254,24 @@ static int check_layout(struct st_file *f, char *err, size_t errlen)
 	int rc = 0;
 
 	if (!t)
-		return fail(err, errlen, "%s: out of memory", f->path);
+		return set_err(err, errlen, "%s: out of memory", f->path);
 	for (int i = 0; i < n; i++)
 		t[i] = &f->tensors[i];
 	qsort(t, n, sizeof(*t), by_name);
 	for (int i = 1; i < n && !rc; i++)
 		if (!strcmp(t[i]->name, t[i - 1]->name))
-			rc = fail(err, errlen, "%s: tensor %s appears twice in the header", f->path,
-				  t[i]->name);
+			rc = set_err(err, errlen, "%s: tensor %s appears twice in the header", f->path,
+				     t[i]->name);
 	qsort(t, n, sizeof(*t), by_begin);
 	for (int i = 0; i < n && !rc; i++) {
 		if (t[i]->begin == t[i]->end)
 			continue;
 		if (prev && t[i]->begin < prev->end)
-			rc = fail(err, errlen, "%s: tensor %s: data_offsets [%llu, %llu] overlap those "
-				  "of tensor %s [%llu, %llu]", f->path, t[i]->name,
-				  (unsigned long long)t[i]->begin, (unsigned long long)t[i]->end,
-				  prev->name, (unsigned long long)prev->begin,
-				  (unsigned long long)prev->end);
+			rc = set_err(err, errlen, "%s: tensor %s: data_offsets [%llu, %llu] overlap those "
+				     "of tensor %s [%llu, %llu]", f->path, t[i]->name,
+				     (unsigned long long)t[i]->begin, (unsigned long long)t[i]->end,
+				     prev->name, (unsigned long long)prev->begin,
+				     (unsigned long long)prev->end);
 		prev = t[i];
 	}
 	free(t);
@@ -295,22 +285,22 @@ static int parse_header(struct st_file *f, const char *text, char *err, size_t e
 	int n, rc = 0;
 
 	if (!root)
-		return fail(err, errlen, "%s: header is not valid JSON (near byte %ld of %zu)", f->path,
-			    end ? (long)(end - text) : 0L, strlen(text));
+		return set_err(err, errlen, "%s: header is not valid JSON (near byte %ld of %zu)", f->path,
+			       end ? (long)(end - text) : 0L, strlen(text));
 	if (!cJSON_IsObject(root)) {
-		rc = fail(err, errlen, "%s: header is not a JSON object", f->path);
+		rc = set_err(err, errlen, "%s: header is not a JSON object", f->path);
 		goto out;
 	}
 	n = cJSON_GetArraySize(root);
 	f->tensors = calloc(n ? n : 1, sizeof(*f->tensors));
 	if (!f->tensors) {
-		rc = fail(err, errlen, "%s: out of memory", f->path);
+		rc = set_err(err, errlen, "%s: out of memory", f->path);
 		goto out;
 	}
 	cJSON_ArrayForEach(e, root) {
 		if (!strcmp(e->string, "__metadata__")) {
 			if (f->meta_keys) {
-				rc = fail(err, errlen, "%s: __metadata__ appears twice", f->path);
+				rc = set_err(err, errlen, "%s: __metadata__ appears twice", f->path);
 				break;
 			}
 			rc = parse_metadata(f, e, err, errlen);
@@ -345,47 +335,47 @@ int st_open(struct st_file *f, const char *path, char *err, size_t errlen)
 	reset(f);
 	f->path = strdup(path);
 	if (!f->path)
-		return fail(err, errlen, "%s: out of memory", path);
+		return set_err(err, errlen, "%s: out of memory", path);
 	f->fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (f->fd < 0) {
-		fail(err, errlen, "%s: %s", path, strerror(errno));
+		set_err(err, errlen, "%s: %s", path, strerror(errno));
 		goto out;
 	}
 	if (fstat(f->fd, &sb) || !S_ISREG(sb.st_mode)) {
-		fail(err, errlen, "%s: not a regular file", path);
+		set_err(err, errlen, "%s: not a regular file", path);
 		goto out;
 	}
 	f->size = (size_t)sb.st_size;
 	if (f->size < 8) {
-		fail(err, errlen, "%s: %zu bytes: too short for a safetensors file (8-byte header "
-		     "length)", path, f->size);
+		set_err(err, errlen, "%s: %zu bytes: too short for a safetensors file (8-byte header "
+		        "length)", path, f->size);
 		goto out;
 	}
 	f->map = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, f->fd, 0);
 	if (f->map == MAP_FAILED) {
 		f->map = NULL;
-		fail(err, errlen, "%s: mmap: %s", path, strerror(errno));
+		set_err(err, errlen, "%s: mmap: %s", path, strerror(errno));
 		goto out;
 	}
 	hlen = load_le64(f->map);
 	if (hlen < 2 || hlen > ST_MAX_HEADER || hlen > f->size - 8) {
-		fail(err, errlen, "%s: header length %llu is impossible for a file of %zu bytes "
-		     "(not safetensors, or truncated)", path, (unsigned long long)hlen, f->size);
+		set_err(err, errlen, "%s: header length %llu is impossible for a file of %zu bytes "
+		        "(not safetensors, or truncated)", path, (unsigned long long)hlen, f->size);
 		goto out;
 	}
 	if (f->map[8] != '{') {
-		fail(err, errlen, "%s: header does not start with '{' (not safetensors)", path);
+		set_err(err, errlen, "%s: header does not start with '{' (not safetensors)", path);
 		goto out;
 	}
 	text = malloc(hlen + 1);
 	if (!text) {
-		fail(err, errlen, "%s: out of memory", path);
+		set_err(err, errlen, "%s: out of memory", path);
 		goto out;
 	}
 	memcpy(text, f->map + 8, hlen);
 	text[hlen] = '\0';
 	if (strlen(text) != hlen) {
-		fail(err, errlen, "%s: header contains a NUL byte", path);
+		set_err(err, errlen, "%s: header contains a NUL byte", path);
 		goto out;
 	}
 	f->data = f->map + 8 + hlen;
@@ -487,8 +477,8 @@ int st_read_f32(const struct st_file *f, const struct st_tensor *t, float *out, 
 			out[i] = st_f16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
 		return 0;
 	default:
-		return fail(err, errlen, "%s: tensor %s: dtype %s cannot be read as float32 (F32, F16 "
-			    "and BF16 can)", f->path, t->name, st_dtype_name(t->dtype));
+		return set_err(err, errlen, "%s: tensor %s: dtype %s cannot be read as float32 (F32, F16 "
+			       "and BF16 can)", f->path, t->name, st_dtype_name(t->dtype));
 	}
 }
 
@@ -585,25 +575,25 @@ static int check_specs(const char *path, const struct st_spec *specs, int n, cha
 		       size_t errlen)
 {
 	if (n < 0)
-		return fail(err, errlen, "%s: %d tensors", path, n);
+		return set_err(err, errlen, "%s: %d tensors", path, n);
 	for (int i = 0; i < n; i++) {
 		const struct st_spec *s = &specs[i];
 
 		if (!s->name || !s->name[0] || !strcmp(s->name, "__metadata__"))
-			return fail(err, errlen, "%s: tensor %d: empty or reserved name", path, i);
+			return set_err(err, errlen, "%s: tensor %d: empty or reserved name", path, i);
 		if (s->dtype != ST_F32 && s->dtype != ST_BF16)
-			return fail(err, errlen, "%s: tensor %s: cannot write dtype %s (F32 or BF16)",
-				    path, s->name, st_dtype_name(s->dtype));
+			return set_err(err, errlen, "%s: tensor %s: cannot write dtype %s (F32 or BF16)",
+				       path, s->name, st_dtype_name(s->dtype));
 		if (s->ndim < 0 || s->ndim > ST_MAX_DIMS)
-			return fail(err, errlen, "%s: tensor %s: %d dimensions", path, s->name,
-				    s->ndim);
+			return set_err(err, errlen, "%s: tensor %s: %d dimensions", path, s->name,
+				       s->ndim);
 		for (int d = 0; d < s->ndim; d++)
 			if (s->shape[d] < 0)
-				return fail(err, errlen, "%s: tensor %s: negative dimension", path,
-					    s->name);
+				return set_err(err, errlen, "%s: tensor %s: negative dimension", path,
+					       s->name);
 		for (int j = 0; j < i; j++)
 			if (!strcmp(specs[j].name, s->name))
-				return fail(err, errlen, "%s: tensor %s listed twice", path, s->name);
+				return set_err(err, errlen, "%s: tensor %s listed twice", path, s->name);
 	}
 	return 0;
 }
@@ -644,18 +634,18 @@ struct st_writer *st_writer_open(const char *path, const struct st_spec *specs, 
 		len8[i] = (uint8_t)((uint64_t)padded >> (8 * i));
 	w->fp = fopen(w->tmp, "wb");
 	if (!w->fp) {
-		fail(err, errlen, "%s: %s", w->tmp, strerror(errno));
+		set_err(err, errlen, "%s: %s", w->tmp, strerror(errno));
 		goto bad;
 	}
 	if (fwrite(len8, 1, 8, w->fp) != 8 || fwrite(header, 1, hlen, w->fp) != hlen ||
 	    fprintf(w->fp, "%*s", (int)(padded - hlen), "") < 0) {
-		fail(err, errlen, "%s: write error: %s", w->tmp, strerror(errno));
+		set_err(err, errlen, "%s: write error: %s", w->tmp, strerror(errno));
 		goto bad;
 	}
 	free(header);
 	return w;
 oom:
-	fail(err, errlen, "%s: out of memory", path);
+	set_err(err, errlen, "%s: out of memory", path);
 bad:
 	free(header);
 	st_writer_abort(w);
@@ -686,7 +676,7 @@ static int emit(struct st_writer *w, const float *x, uint64_t n, enum st_dtype d
 			bytes = 4 * k;
 		}
 		if (fwrite(w->buf, 1, bytes, w->fp) != bytes)
-			return fail(err, errlen, "%s: write error: %s", w->tmp, strerror(errno));
+			return set_err(err, errlen, "%s: write error: %s", w->tmp, strerror(errno));
 		x += k;
 		n -= k;
 	}
@@ -702,7 +692,7 @@ int st_writer_append(struct st_writer *w, const float *x, uint64_t n, char *err,
 		while (w->cur < w->n && w->t[w->cur].numel == 0)
 			w->cur++;
 		if (w->cur >= w->n)
-			return fail(err, errlen, "%s: more data than the header declares", w->path);
+			return set_err(err, errlen, "%s: more data than the header declares", w->path);
 		t = &w->t[w->cur];
 		k = t->numel - w->done < n ? t->numel - w->done : n;
 		if (emit(w, x, k, t->dtype, err, errlen))
@@ -722,15 +712,15 @@ int st_writer_write(struct st_writer *w, const char *name, const float *x, uint6
 		    char *err, size_t errlen)
 {
 	if (w->cur >= w->n)
-		return fail(err, errlen, "%s: tensor %s: every declared tensor is already written",
-			    w->path, name);
+		return set_err(err, errlen, "%s: tensor %s: every declared tensor is already written",
+			       w->path, name);
 	if (strcmp(w->t[w->cur].name, name) || w->done)
-		return fail(err, errlen, "%s: tensor %s written out of order (%s is next)", w->path,
-			    name, w->t[w->cur].name);
+		return set_err(err, errlen, "%s: tensor %s written out of order (%s is next)", w->path,
+			       name, w->t[w->cur].name);
 	if (numel != w->t[w->cur].numel)
-		return fail(err, errlen, "%s: tensor %s: %llu elements given, the header says %llu",
-			    w->path, name, (unsigned long long)numel,
-			    (unsigned long long)w->t[w->cur].numel);
+		return set_err(err, errlen, "%s: tensor %s: %llu elements given, the header says %llu",
+			       w->path, name, (unsigned long long)numel,
+			       (unsigned long long)w->t[w->cur].numel);
 	if (!numel) {
 		w->cur++;
 		return 0;
@@ -761,24 +751,24 @@ int st_writer_close(struct st_writer *w, char *err, size_t errlen)
 	while (w->cur < w->n && w->t[w->cur].numel == 0)
 		w->cur++;
 	if (w->cur < w->n) {
-		fail(err, errlen, "%s: tensor %s was not written (%llu of %llu elements)", w->path,
-		     w->t[w->cur].name, (unsigned long long)w->done,
-		     (unsigned long long)w->t[w->cur].numel);
+		set_err(err, errlen, "%s: tensor %s was not written (%llu of %llu elements)", w->path,
+		        w->t[w->cur].name, (unsigned long long)w->done,
+		        (unsigned long long)w->t[w->cur].numel);
 		st_writer_abort(w);
 		return -1;
 	}
 	w->fp = NULL;
 	if (fflush(fp) || fsync(fileno(fp))) {
-		fail(err, errlen, "%s: write error: %s", w->tmp, strerror(errno));
+		set_err(err, errlen, "%s: write error: %s", w->tmp, strerror(errno));
 		fclose(fp);
 		goto bad;
 	}
 	if (fclose(fp)) {
-		fail(err, errlen, "%s: write error: %s", w->tmp, strerror(errno));
+		set_err(err, errlen, "%s: write error: %s", w->tmp, strerror(errno));
 		goto bad;
 	}
 	if (rename(w->tmp, w->path)) {
-		fail(err, errlen, "%s: rename to %s: %s", w->tmp, w->path, strerror(errno));
+		set_err(err, errlen, "%s: rename to %s: %s", w->tmp, w->path, strerror(errno));
 		goto bad;
 	}
 	fsync_dir_of(w->path);

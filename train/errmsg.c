@@ -1,0 +1,17 @@
+/* train/errmsg.c - see errmsg.h */
+#include "train/errmsg.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+
+int set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err && errlen) {
+		va_start(ap, fmt);
+		vsnprintf(err, errlen, fmt, ap);
+		va_end(ap);
+	}
+	return -1;
+}
