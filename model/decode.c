@@ -348,8 +348,7 @@ static int check_args(const struct moe_model *m, const struct latent_cache *lc, 
 	return 0;
 }
 
-/* Under expert parallelism: 1 when the flag is set on any rank of the group (or the agreement failed). */
-static int any_rank(const struct moe_model *m, int flag)
+int decode_any_rank(const struct moe_model *m, int flag)
 {
 	if (!m->ep_group)
 		return flag;
@@ -689,7 +688,7 @@ int decode_step(struct moe_model *m, struct latent_cache *lc, const int *tokens,
 {
 	const struct model_config *c = &m->cfg;
 	int bad = check_args(m, lc, tokens, slots, positions, n) || ensure_scratch(lc, m, n);
-	if (any_rank(m, bad))
+	if (decode_any_rank(m, bad))
 		return -1;
 
 	struct decode_scratch *s = lc->scratch;

@@ -70,6 +70,13 @@ const int *latent_cache_route(const struct latent_cache *c, int layer, int slot,
 int latent_cache_copy_prefix(struct latent_cache *c, int dst, int src, int len);
 
 /*
+ * Under expert parallelism (m->ep_group set): 1 when flag is set on any rank of the ep group, or when the
+ * agreement itself failed; without it, flag.  A collective: the ranks of a decode agree on a failure
+ * before anyone enters the step.
+ */
+int decode_any_rank(const struct moe_model *m, int flag);
+
+/*
  * Runs the model for n new tokens: token i goes to sequence slot slots[i] at position positions[i]; its
  * latents are written into the cache (the slot's len becomes positions[i] + 1, dropping any later
  * positions), then it attends to the slot's positions 0..positions[i].  Several tokens of the same slot

@@ -168,17 +168,6 @@ uint64_t gen_sequence_seed(uint64_t seed, int g)
 	return splitmix64(&st);
 }
 
-/* Under expert parallelism: the flag ORed over the ep group (1 when the agreement itself failed). */
-static int any_rank(const struct moe_model *m, int flag)
-{
-	if (!m->ep_group)
-		return flag;
-	int f = flag ? 1 : 0;
-	if (comm_allreduce(m->ep_group, &f, 1, COMM_I32, COMM_MAX))
-		return 1;
-	return f;
-}
-
 /* the number of prompt tokens, -1 when G or a length does not fit the cache */
 static int prompt_total(const struct latent_cache *c, const int *lens, int G)
 {
@@ -228,7 +217,7 @@ int prefill(struct moe_model *m, struct latent_cache *c, const int *const *promp
 	int *tok = bad ? NULL : malloc(sizeof(int) * ((size_t)total * 3 + (size_t)G * 2 + 1));
 	float *logits = last_logits && !bad ? malloc(sizeof(float) * ((size_t)total * V + 1)) : NULL;
 	bad = bad || !tok || (last_logits && !logits);
-	if (any_rank(m, bad)) {
+	if (decode_any_rank(m, bad)) {
 		free(tok);
 		free(logits);
 		return -1;
@@ -373,7 +362,7 @@ int generate_cached(struct moe_model *m, struct latent_cache *cache, const int *
 	/* under expert parallelism a rank with nothing to sample still steps with its peers */
 	struct gen_run r = { 0 };
 	bad = bad || gen_run_init(&r, m, cache, G, maxp + Tn, p, seeds);
-	if (any_rank(m, bad)) {
+	if (decode_any_rank(m, bad)) {
 		gen_run_free(&r);
 		return -1;
 	}
