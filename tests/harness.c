@@ -1,5 +1,7 @@
 #include "harness.h"
 
+#include "model/model.h"
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,6 +39,21 @@ void test_fill_randn(float *x, size_t n, float scale)
 {
 	for (size_t i = 0; i < n; i++)
 		x[i] = scale * test_randn();
+}
+
+void test_separate_routers(struct moe_model *m, uint64_t seed)
+{
+	const struct model_config *c = &m->cfg;
+
+	test_rng_seed(seed);
+	for (int l = 0; l < c->num_hidden_layers; l++) {
+		struct layer_weights *w = &m->w.layers[l];
+
+		if (!w->gate)
+			continue;
+		test_fill_randn(w->gate, (size_t)c->n_routed_experts * c->hidden_size, 2.0f);
+		test_fill_randn(w->e_score_correction_bias, c->n_routed_experts, 0.3f);
+	}
 }
 
 double rel_err(const float *a, const float *b, size_t n, double floor)

@@ -26,6 +26,14 @@ float test_randn(void);
 float test_rand_uniform(float lo, float hi);
 void test_fill_randn(float *x, size_t n, float scale);
 
+/*
+ * Router weights and biases redrawn large (seeded with seed): the top-k choices are well separated, so
+ * float rounding or a small weight step never flips a selection.  Every layer with a router; replicated
+ * tensors only, so every expert slice of a model draws the same values.
+ */
+struct moe_model;
+void test_separate_routers(struct moe_model *m, uint64_t seed);
+
 /* max |a-b| / max(|b|, floor) over n elements */
 double rel_err(const float *a, const float *b, size_t n, double floor);
 

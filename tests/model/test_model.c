@@ -76,14 +76,7 @@ static struct moe_model *make_model(enum variant v, uint64_t seed)
 	struct moe_model *m = model_create(&c, 0, c.n_routed_experts, err, sizeof(err));
 	CU_ASSERT_PTR_NOT_NULL_FATAL(m);
 	model_init_weights(m, seed);
-	test_rng_seed(seed);
-	for (int l = 0; l < c.num_hidden_layers; l++) {
-		struct layer_weights *w = &m->w.layers[l];
-		if (!w->gate)
-			continue;
-		test_fill_randn(w->gate, (size_t)c.n_routed_experts * c.hidden_size, 2.0f);
-		test_fill_randn(w->e_score_correction_bias, c.n_routed_experts, 0.3f);
-	}
+	test_separate_routers(m, seed);
 	/* norms away from 1 so their gradients are exercised with generic values */
 	for (int i = 0; i < m->n_params; i++) {
 		const struct param *p = &m->params[i];

@@ -64,12 +64,7 @@ static struct moe_model *make_model(int ref, uint64_t seed)
 	if (!ref && dist.ep > 1)
 		m->ep_group = dist.ep_g;
 	model_init_weights(m, seed);
-	/* well separated router choices (replicated tensors only, so every slice agrees) */
-	test_rng_seed(seed);
-	for (int l = c.first_k_dense_replace; l < c.num_hidden_layers; l++) {
-		test_fill_randn(m->w.layers[l].gate, (size_t)c.n_routed_experts * c.hidden_size, 2.0f);
-		test_fill_randn(m->w.layers[l].e_score_correction_bias, c.n_routed_experts, 0.3f);
-	}
+	test_separate_routers(m, seed);
 	return m;
 }
 
