@@ -1002,6 +1002,35 @@ static struct ckpt_meta meta_of(const struct train_state *st)
 }
 
 /*
+ * tmp created (truncated) with the root attributes: the config as JSON and meta.  Its file id, or -1
+ * (closed again; the caller removes tmp).
+ */
+static hid_t create_with_root(struct ckctx *c, const char *tmp, const struct run_config *cfg,
+			      const struct ckpt_meta *meta)
+{
+	hid_t fapl = -1, fid = -1;
+	char *json = cfg ? config_to_json(cfg) : NULL;
+
+	if (!json) {
+		CKERR("%s: cannot serialise the config", c->path);
+		return -1;
+	}
+	H5TRY(fapl = H5Pcreate(H5P_FILE_ACCESS));
+	H5TRY(H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG));
+	H5TRY(fid = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl));
+	if (write_root_attrs(c, fid, json, meta))
+		goto fail;
+	close_id(&fapl, H5Pclose);
+	free(json);
+	return fid;
+fail:
+	close_id(&fid, H5Fclose);
+	close_id(&fapl, H5Pclose);
+	free(json);
+	return -1;
+}
+
+/*
  * Create tmp with the root attributes, /model, and /optim and /state when opt and st are given: every
  * dataset with its full shape, holding this process's slab of it (all of it unless the tensor is stacked
  * and this process holds only some experts: the others' rows are written by fill_experts).  Flushed and
@@ -1011,19 +1040,12 @@ static int create_file(struct ckctx *c, const char *tmp, const struct moe_model 
 		       const struct adamw *opt, const struct run_config *cfg,
 		       const struct ckpt_meta *meta, const struct train_state *st)
 {
-	hid_t fapl = -1, fid = -1;
-	char *json = cfg ? config_to_json(cfg) : NULL;
+	hid_t fid = create_with_root(c, tmp, cfg, meta);
 	int ret = -1;
 
-	if (!json) {
-		CKERR("%s: cannot serialise the config", c->path);
+	if (fid < 0)
 		return -1;
-	}
-	H5TRY(fapl = H5Pcreate(H5P_FILE_ACCESS));
-	H5TRY(H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG));
-	H5TRY(fid = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl));
-	if (write_root_attrs(c, fid, json, meta) || write_tensors(c, fid, m, opt, WRITE_CREATE) ||
-	    (st && write_state(c, fid, st)))
+	if (write_tensors(c, fid, m, opt, WRITE_CREATE) || (st && write_state(c, fid, st)))
 		goto fail;
 	H5TRY(H5Fflush(fid, H5F_SCOPE_GLOBAL));
 	{
@@ -1035,8 +1057,6 @@ static int create_file(struct ckctx *c, const char *tmp, const struct moe_model 
 	ret = 0;
 fail:
 	close_id(&fid, H5Fclose);
-	close_id(&fapl, H5Pclose);
-	free(json);
 	return ret;
 }
 
@@ -1567,19 +1587,12 @@ oom:
 static int writer_create(struct ckctx *c, struct ckpt_writer *w, const struct run_config *cfg,
 			 const struct ckpt_meta *meta)
 {
-	hid_t fapl = -1, gid = -1;
-	char *json = config_to_json(cfg);
+	hid_t gid = -1;
 	int ret = -1;
 
-	if (!json) {
-		CKERR("%s: cannot serialise the config", c->path);
+	w->fid = create_with_root(c, w->tmp, cfg, meta);
+	if (w->fid < 0)
 		return -1;
-	}
-	H5TRY(fapl = H5Pcreate(H5P_FILE_ACCESS));
-	H5TRY(H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG));
-	H5TRY(w->fid = H5Fcreate(w->tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl));
-	if (write_root_attrs(c, w->fid, json, meta))
-		goto fail;
 	c->what = set_model.group;
 	H5TRY(gid = H5Gcreate2(w->fid, set_model.group, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
 	H5TRY(w->lcpl = H5Pcreate(H5P_LINK_CREATE));
@@ -1587,8 +1600,6 @@ static int writer_create(struct ckctx *c, struct ckpt_writer *w, const struct ru
 	ret = 0;
 fail:
 	close_id(&gid, H5Gclose);
-	close_id(&fapl, H5Pclose);
-	free(json);
 	c->what = NULL;
 	return ret;
 }
