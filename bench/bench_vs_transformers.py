@@ -291,23 +291,11 @@ int main(int argc, char **argv)
 
 
 def gen_randomise(model, seed):
-    """Unit-scale weights (as bench/hf_logits_check.py): sharp logits and routing, few float near-ties."""
-    import math
+    """Unit-scale weights (bench/hf_logits_check.py's randomise): sharp logits and routing, few float
+    near-ties."""
     import torch
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            else:
-                sharp = ("lm_head", "q_proj", "q_b_proj", "kv_a_proj_with_mqa")
-                scale = 2.0 if any(s in name for s in sharp) else 1.0
-                p.copy_(torch.randn(p.shape, generator=gen) * scale / math.sqrt(p.shape[-1]))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+    from hf_logits_check import randomise  # bench/ is the script's directory, first on sys.path
+    randomise(model, torch.Generator().manual_seed(seed))
 
 
 def gen_build_model(args, work):
