@@ -65,7 +65,15 @@ struct grad_scratch {
 	float *dyr, *dxr, *dgr, *dur;
 };
 
+/* Where a model_acts' buffers come from: host memory (calloc) for the CPU model, device memory for the
+ * GPU one (model/cuda/model_cuda.cu); alloc returns zeroed memory or NULL. */
+struct acts_memory {
+	void *(*alloc)(size_t bytes);
+	void (*release)(void *p);
+};
+
 struct model_acts {
+	struct acts_memory mem;
 	int B, T;
 	int *pos;                     /* [N] position of each token */
 	int *targets;                 /* [N] copy (-1: none) */
@@ -81,7 +89,11 @@ struct model_acts {
 	void *allocs[1024];
 };
 
-void model_acts_free(struct moe_model *m);
+/* Every buffer of one (B, T), from mem (pos is left zero: the caller fills it).  The expert-parallel
+ * buffers are grown later, on the host. */
+struct model_acts *model_acts_create(const struct moe_model *m, int B, int T, const struct acts_memory *mem);
+void model_acts_destroy(const struct model_config *c, struct model_acts *a);
+void model_acts_free(struct moe_model *m);   /* m->acts, then NULL */
 
 /*
  * The layer backwards (mla_backward, mlp_backward, moe_backward) WRITE dx: they do not accumulate into it.
@@ -98,6 +110,15 @@ void mlp_forward(struct mlp_acts *a, float *y, const float *x, const float *wg, 
 void mlp_backward(float *dx, float *dwg, float *dwu, float *dwd, float *dg, float *du,
 		  const float *dy, const float *x, const struct mlp_acts *a, const float *wg,
 		  const float *wu, const float *wd, int rows, int C, int I);
+
+/*
+ * Stable counting sort of the (token, slot) pairs i = n*K + k by expert: load[E] = pairs per expert (all
+ * E), offsets[El + 1] = the first sorted row of each local expert e0 + e, row_pair[r] = the pair of sorted
+ * row r, row_of[i] = the sorted row of pair i (-1: an expert outside [e0, e0 + El)).  fill: El ints of
+ * scratch.  Host arrays.
+ */
+void moe_group_rows(const int *topk_idx, int N, int K, int E, int e0, int El, int64_t *load, int *offsets,
+		    int *row_pair, int *row_of, int *fill);
 
 /* Returns the layer's balance loss (0 when aux_loss_alpha is 0); fills load[E] with tokens per expert. */
 float moe_forward(const struct moe_model *m, const struct layer_weights *w, struct moe_acts *a,

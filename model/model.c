@@ -386,13 +386,18 @@ void model_init_weights(struct moe_model *m, uint64_t seed)
 
 /* ---------------------------------------------------------------- activations */
 
+static void *host_alloc(size_t bytes)
+{
+	return calloc(1, bytes ? bytes : 1);
+}
+
 static void *act_alloc(struct model_acts *a, size_t bytes)
 {
 	if (a->n_allocs == (int)(sizeof(a->allocs) / sizeof(a->allocs[0]))) {
 		fprintf(stderr, "moe: too many activation buffers\n");
 		abort();
 	}
-	void *p = calloc(1, bytes ? bytes : 1);
+	void *p = a->mem.alloc(bytes);
 	if (!p) {
 		fprintf(stderr, "moe: out of memory allocating %zu bytes of activations\n", bytes);
 		exit(1);
@@ -404,14 +409,13 @@ static void *act_alloc(struct model_acts *a, size_t bytes)
 #define FALLOC(n) ((float *)act_alloc(a, sizeof(float) * (size_t)(n)))
 #define IALLOC(n) ((int *)act_alloc(a, sizeof(int) * (size_t)(n)))
 
-void model_acts_free(struct moe_model *m)
+void model_acts_destroy(const struct model_config *c, struct model_acts *a)
 {
-	struct model_acts *a = m->acts;
 	if (!a)
 		return;
 	for (int i = 0; i < a->n_allocs; i++)
-		free(a->allocs[i]);
-	for (int l = 0; a->layers && l < m->cfg.num_hidden_layers; l++)
+		a->mem.release(a->allocs[i]);
+	for (int l = 0; a->layers && l < c->num_hidden_layers; l++)
 		moe_acts_free_ep(&a->layers[l].moe);
 	free(a->gs.dyr);
 	free(a->gs.dxr);
@@ -419,6 +423,11 @@ void model_acts_free(struct moe_model *m)
 	free(a->gs.dur);
 	free(a->layers);
 	free(a);
+}
+
+void model_acts_free(struct moe_model *m)
+{
+	model_acts_destroy(&m->cfg, m->acts);
 	m->acts = NULL;
 }
 
@@ -510,21 +519,18 @@ static void alloc_grad_scratch(const struct model_config *c, struct model_acts *
 	s->dtopk_w = FALLOC(N * K);
 }
 
-static void ensure_acts(struct moe_model *m, int B, int T)
+struct model_acts *model_acts_create(const struct moe_model *m, int B, int T, const struct acts_memory *mem)
 {
-	if (m->acts && m->acts->B == B && m->acts->T == T)
-		return;
-	model_acts_free(m);
 	const struct model_config *c = &m->cfg;
 	size_t N = (size_t)B * T, C = c->hidden_size, L = c->num_hidden_layers;
 	struct model_acts *a = calloc(1, sizeof(*a));
-	if (!a) {
+	if (!a || !(a->layers = calloc(L, sizeof(*a->layers)))) {
 		fprintf(stderr, "moe: out of memory\n");
 		exit(1);
 	}
+	a->mem = *mem;
 	a->B = B;
 	a->T = T;
-	a->layers = calloc(L, sizeof(*a->layers));
 	a->pos = IALLOC(N);
 	a->targets = IALLOC(N);
 	a->inputs = IALLOC(N);
@@ -537,9 +543,19 @@ static void ensure_acts(struct moe_model *m, int B, int T)
 	a->logits = FALLOC(N * c->vocab_size);
 	a->losses = FALLOC(N);
 	alloc_grad_scratch(c, a, N);
-	for (size_t n = 0; n < N; n++)
-		a->pos[n] = (int)(n % T);
-	m->acts = a;
+	return a;
+}
+
+static void ensure_acts(struct moe_model *m, int B, int T)
+{
+	static const struct acts_memory host = { host_alloc, free };
+
+	if (m->acts && m->acts->B == B && m->acts->T == T)
+		return;
+	model_acts_free(m);
+	m->acts = model_acts_create(m, B, T, &host);
+	for (size_t n = 0; n < (size_t)B * T; n++)
+		m->acts->pos[n] = (int)(n % T);
 }
 
 /* ---------------------------------------------------------------- forward and backward */
@@ -667,4 +683,33 @@ void model_backward(struct moe_model *m, float loss_scale)
 		rmsnorm_backward(s->dres, g->input_layernorm, s->dln, x, w->input_layernorm, la->ln1_rstd, N, C);
 	}
 	embedding_backward(m->g.embed_tokens, s->dres, a->inputs, N, C);
+}
+
+/* ---------------------------------------------------------------- training FLOPs */
+
+/*
+ * Model FLOPs of one training step, per token, at sequence length T (no recomputation counted):
+ *
+ *   6 * activated  +  3 * L * 2 * H * (dq + dv) * (T + 1) / 2
+ *
+ * The first term: 2 FLOPs per multiply-add in the forward, twice that in the backward (dx and dw), over
+ * model_count_params' activated count: every attention projection, the dense MLPs, the K routed and the
+ * shared experts of each MoE layer, and the lm_head (a [V, C] product per token), but neither the input
+ * embedding (a lookup) nor the routers ([E, C] each, 0.1-0.3% of the count: left out, as DeepSeek does).
+ * The RMSNorm gains it includes (about 5e-5 of V2-Lite's count) are counted as if they were matmul weights.
+ *
+ * The second term is causal attention: per token and layer QK^T costs 2 * H * dq * ctx and PV
+ * 2 * H * dv * ctx for a context of ctx keys; position t (0-based) sees t + 1 keys, so averaged over the
+ * sequence ctx = (T + 1) / 2 (what the kernels compute; PaLM and Megatron count the full T instead,
+ * about twice this).  dq = qk_nope + qk_rope, dv = v_head_dim.  The backward costs twice the forward,
+ * hence the 3.  Softmax, norms, SwiGLU and the router are elementwise and not counted.
+ */
+double model_train_flops_per_token(const struct model_config *cfg, int T)
+{
+	int64_t total, activated;
+	double H = cfg->num_attention_heads, dq = mc_qk_head_dim(cfg), dv = cfg->v_head_dim;
+	double attn_fwd = cfg->num_hidden_layers * 2.0 * H * (dq + dv) * ((T + 1) / 2.0);
+
+	model_count_params(cfg, &total, &activated);
+	return 6.0 * (double)activated + 3.0 * attn_fwd;
 }

@@ -123,6 +123,9 @@ void model_init_weights(struct moe_model *m, uint64_t seed);
 /* Parameter counts for a config, without allocating: total, and activated per token the way DeepSeek
  * counts it (routed experts: K of E; the input embedding table and the routers excluded). */
 void model_count_params(const struct model_config *cfg, int64_t *total, int64_t *activated);
+/* Model FLOPs of a training step (forward + backward) per token at sequence length T: 6 x activated
+ * (as model_count_params) + causal attention (mean context (T + 1) / 2).  See model.c for what is counted. */
+double model_train_flops_per_token(const struct model_config *cfg, int T);
 
 const struct param *model_find_param(const struct moe_model *m, const char *name);
 

@@ -81,34 +81,36 @@ static void build_tasks(struct moe_acts *a, int El, int shared)
 	a->n_tasks = nt;
 }
 
-/*
- * Stable counting sort of the (token, slot) pairs routed to local experts: offsets, row_pair (the pair
- * n*K + k of each sorted row), row_of.  Then the task order of the parallel regions: the shared expert
- * (task -1, all N rows) and the local experts, largest first (the order only balances the threads).
- */
-static void group_by_expert(const struct moe_model *m, struct moe_acts *a, int N, int64_t *load)
+void moe_group_rows(const int *topk_idx, int N, int K, int E, int e0, int El, int64_t *load, int *offsets,
+		    int *row_pair, int *row_of, int *fill)
 {
-	int E = m->cfg.n_routed_experts, K = m->cfg.num_experts_per_tok;
-	int e0 = m->expert_begin, El = m->expert_end - m->expert_begin;
-
 	memset(load, 0, sizeof(int64_t) * E);
 	for (int i = 0; i < N * K; i++)
-		load[a->topk_idx[i]]++;
-	a->offsets[0] = 0;
+		load[topk_idx[i]]++;
+	offsets[0] = 0;
 	for (int e = 0; e < El; e++)
-		a->offsets[e + 1] = a->offsets[e] + (int)load[e0 + e];
-	int *fill = a->tasks;  /* scratch until the task order is built below */
-	memcpy(fill, a->offsets, sizeof(int) * El);
+		offsets[e + 1] = offsets[e] + (int)load[e0 + e];
+	memcpy(fill, offsets, sizeof(int) * El);
 	for (int i = 0; i < N * K; i++) {
-		int e = a->topk_idx[i] - e0;
+		int e = topk_idx[i] - e0;
 		if (e < 0 || e >= El) {
-			a->row_of[i] = -1;
+			row_of[i] = -1;
 			continue;
 		}
 		int r = fill[e]++;
-		a->row_of[i] = r;
-		a->row_pair[r] = i;
+		row_of[i] = r;
+		row_pair[r] = i;
 	}
+}
+
+/* The sorted rows of this forward, then the task order of the parallel regions (see build_tasks). */
+static void group_by_expert(const struct moe_model *m, struct moe_acts *a, int N, int64_t *load)
+{
+	int El = m->expert_end - m->expert_begin;
+
+	/* a->tasks is scratch until the task order is built */
+	moe_group_rows(a->topk_idx, N, m->cfg.num_experts_per_tok, m->cfg.n_routed_experts, m->expert_begin,
+		       El, load, a->offsets, a->row_pair, a->row_of, a->tasks);
 	build_tasks(a, El, m->cfg.n_shared_experts > 0);
 }
 

@@ -309,7 +309,7 @@ static int setup(struct grpo *g, const struct run_config *cfg, const char *resum
 	t->cfg = *cfg;
 	if (check_layout(g, eval))
 		return -1;
-	if (trainer_init(t, "moe grpo", cfg, resume, d, upd * g->nmb))
+	if (trainer_init(t, "moe grpo", cfg, resume, d, upd * g->nmb) || trainer_setup_device(t, 0))
 		return -1;
 	/* the balance loss is a pretraining regulariser; here the bias update alone keeps the balance */
 	t->m->cfg.aux_loss_alpha = 0;

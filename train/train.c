@@ -30,7 +30,7 @@ static int setup(struct sft *s, const struct run_config *cfg, const char *resume
 	char err[1024];
 	struct trainer *t = &s->t;
 	const struct train_config *tc = &cfg->train;
-	if (trainer_init(t, "moe train", cfg, resume, d, tc->steps))
+	if (trainer_init(t, "moe train", cfg, resume, d, tc->steps) || trainer_setup_device(t, 1))
 		return -1;
 	if (!cfg->data.train[0]) {
 		fprintf(stderr, "moe train: data.train: no training shards given\n");
@@ -89,16 +89,16 @@ static void train_step(struct sft *s, struct step_result *r)
 	 * order, for every layout with the same W*A*B (one process with grad_accum = W*A included) */
 	int W = t->world, r0 = t->rank;
 	float scale = 1.0f / ((float)A * W);
-	model_zero_grad(t->m);
+	trainer_zero_grad(t);
 	for (int a = 0; a < A; a++) {
 		uint64_t first = t->st.data_position + ((uint64_t)a * W + r0) * B;
 		for (int b = 0; b < B; b++)
 			loader_get(&s->train, first + b, s->inputs + (size_t)b * T, s->targets + (size_t)b * T);
-		r->loss += model_forward(t->m, s->inputs, s->targets, B, T) * scale;
+		r->loss += trainer_forward(t, s->inputs, s->targets, B, T) * scale;
 		r->ce += t->m->last_ce_loss * scale;
 		r->aux += t->m->last_aux_loss * scale;
 		trainer_add_loads(t);
-		model_backward(t->m, scale);
+		trainer_backward(t, scale);
 	}
 	t->st.data_position += (uint64_t)A * B * W;
 	t->st.tokens_seen += (int64_t)A * B * T * W;
@@ -182,8 +182,10 @@ static double validation_loss(struct sft *s)
 				memset(tg, 0xff, sizeof(int) * T);  /* -1: no loss */
 			}
 		}
-		model_forward(t->m, s->inputs, s->targets, B, T);
-		int c = model_count_targets(t->m);
+		trainer_forward(t, s->inputs, s->targets, B, T);
+		int c = 0;
+		for (int i = 0; i < B * T; i++)
+			c += s->targets[i] >= 0;
 		sums[0] += (double)t->m->last_ce_loss * c;
 		sums[1] += c;
 	}

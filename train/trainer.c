@@ -15,6 +15,12 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#ifdef MOE_HAVE_CUDA
+#include "model/cuda/model_cuda.h"
+#include "model/cuda/ops_cuda.h"
+#include "optim/cuda/adamw_cuda.h"
+#endif
+
 int trainer_all_ok(const struct trainer *t, int ok)
 {
 	if (!t->d || t->world == 1)
@@ -324,8 +330,11 @@ int trainer_init(struct trainer *t, const char *who, const struct run_config *cf
 	return 0;
 }
 
+static void gpu_stop(struct trainer *t);
+
 void trainer_free(struct trainer *t)
 {
+	gpu_stop(t);
 	if (t->metrics)
 		fclose(t->metrics);
 	free(t->step_load);
@@ -392,10 +401,182 @@ static const char *first_nonfinite_grad(const struct moe_model *m)
 }
 
 
+/* ---------------------------------------------------------------- the GPU */
+
+#ifdef MOE_HAVE_CUDA
+/* the routing biases, changed on the host by update_routing_bias, to the device arena */
+static void upload_routing_bias(struct trainer *t)
+{
+	const struct moe_model *m = t->m;
+	float *dw = gpu_model_weights(t->gpu);
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+		if (p->kind == PARAM_BUFFER)
+			moe_cuda_memcpy_h2d(dw + p->offset, m->weights + p->offset, sizeof(float) * p->numel);
+	}
+}
+
+static void gpu_update(struct trainer *t, double lr, double loss, struct update_result *u)
+{
+	const struct train_config *tc = &t->cfg.train;
+	u->grad_norm = grad_global_norm_cuda(gpu_model_grads(t->gpu), t->m->n_weights);
+	if (!isfinite(loss) || !isfinite(u->grad_norm)) {
+		u->skipped = 1;
+		gpu_model_download_grads(t->gpu);
+		u->bad = first_nonfinite_grad(t->m);
+		return;
+	}
+	struct adamw_hparams h = { (float)lr, (float)tc->beta1, (float)tc->beta2, (float)tc->eps };
+	float f = tc->grad_clip > 0 && u->grad_norm > tc->grad_clip ? (float)(tc->grad_clip / u->grad_norm) : 1.0f;
+	adamw_cuda_update(t->gopt, gpu_model_weights(t->gpu), gpu_model_grads(t->gpu), &h, f,
+			  gpu_model_weights_bf16(t->gpu));
+	update_routing_bias(t);
+	upload_routing_bias(t);
+}
+
+/* the device's weights and AdamW state into m->weights and opt (for a checkpoint) */
+static void gpu_download(struct trainer *t)
+{
+	gpu_model_download_weights(t->gpu);
+	adamw_cuda_download_state(t->gopt, &t->opt);
+}
+
+static int gpu_start(struct trainer *t)
+{
+	char err[256];
+	if (moe_cuda_init(0)) {
+		fprintf(stderr, "%s: train.device: the CUDA device could not be initialised\n", t->who);
+		return -1;
+	}
+	/* bf16 matmuls with fp32 master weights, gradients and AdamW state */
+	t->gpu = gpu_model_create(t->m, 1, err, sizeof(err));
+	if (!t->gpu) {
+		fprintf(stderr, "%s: train.device=cuda: %s\n", t->who, err);
+		return -1;
+	}
+	t->gopt = calloc(1, sizeof(*t->gopt));
+	if (!t->gopt || adamw_cuda_init(t->gopt, t->m->n_weights, t->segs, t->nsegs)) {
+		fprintf(stderr, "%s: out of memory for the GPU optimizer state\n", t->who);
+		return -1;
+	}
+	adamw_cuda_upload_state(t->gopt, &t->opt);
+	t->cuda = 1;
+	return 0;
+}
+
+static void gpu_stop(struct trainer *t)
+{
+	if (t->gopt)
+		adamw_cuda_free(t->gopt);
+	free(t->gopt);
+	gpu_model_free(t->gpu);
+	t->gopt = NULL;
+	t->gpu = NULL;
+	t->cuda = 0;
+}
+
+static int cuda_devices(void)
+{
+	return moe_cuda_device_count();
+}
+#else
+static void gpu_update(struct trainer *t, double lr, double loss, struct update_result *u)
+{
+	(void)t, (void)lr, (void)loss, (void)u;
+}
+
+static void gpu_download(struct trainer *t)
+{
+	(void)t;
+}
+
+static int gpu_start(struct trainer *t)
+{
+	(void)t;
+	return -1;
+}
+
+static void gpu_stop(struct trainer *t)
+{
+	(void)t;
+}
+
+static int cuda_devices(void)
+{
+	return 0;
+}
+#endif
+
+int trainer_setup_device(struct trainer *t, int gpu_capable)
+{
+	const char *dev = t->cfg.train.device;
+	int forced = strcmp(dev, "cuda") == 0;
+	int n = strcmp(dev, "cpu") == 0 ? 0 : cuda_devices();  /* "cpu": not even a probe */
+	const char *why = NULL;
+
+	if (n == 0)
+		why = "no CUDA device found (or a build without the CUDA backend)";
+	else if (!gpu_capable)
+		why = "this command runs on the CPU for now";
+	else if (t->world > 1)
+		why = "the GPU path runs one process for now (no NCCL data/expert parallelism of the GPU model yet)";
+	else if (t->zero)
+		why = "parallel.zero shards the optimizer over ranks; the GPU path runs one process";
+	if (why && forced) {
+		fprintf(stderr, "%s: train.device=cuda: %s\n", t->who, why);
+		return -1;
+	}
+	if (why) {
+		if (n > 0)
+			TRAINER_LOG(t, "%s: running on the CPU: %s\n", t->who, why);
+		return 0;
+	}
+	if (gpu_start(t))
+		return -1;
+	TRAINER_LOG(t, "%s: running on the GPU (bf16 matmuls, fp32 master weights and AdamW state)\n", t->who);
+	return 0;
+}
+
+float trainer_forward(struct trainer *t, const int *inputs, const int *targets, int B, int T)
+{
+#ifdef MOE_HAVE_CUDA
+	if (t->cuda)
+		return gpu_model_forward(t->gpu, inputs, targets, B, T);
+#endif
+	return model_forward(t->m, inputs, targets, B, T);
+}
+
+void trainer_backward(struct trainer *t, float loss_scale)
+{
+#ifdef MOE_HAVE_CUDA
+	if (t->cuda) {
+		gpu_model_backward(t->gpu, loss_scale);
+		return;
+	}
+#endif
+	model_backward(t->m, loss_scale);
+}
+
+void trainer_zero_grad(struct trainer *t)
+{
+#ifdef MOE_HAVE_CUDA
+	if (t->cuda) {
+		gpu_model_zero_grad(t->gpu);
+		return;
+	}
+#endif
+	model_zero_grad(t->m);
+}
+
+
 void trainer_update(struct trainer *t, double lr, double loss, struct update_result *u)
 {
 	const struct train_config *tc = &t->cfg.train;
 	memset(u, 0, sizeof(*u));
+	if (t->cuda) {
+		gpu_update(t, lr, loss, u);
+		return;
+	}
 	u->grad_norm = t->zero ? zero_reduce(&t->z, t->m) : grad_sync_reduce(&t->sync, t->m, t->d);
 	if (t->d && t->world > 1) {
 		int64_t n = (int64_t)t->m->cfg.num_hidden_layers * t->m->cfg.n_routed_experts;
@@ -455,6 +636,8 @@ int trainer_save(struct trainer *t)
 	if (!trainer_all_ok(t, ok))
 		goto fail;
 	checkpoint_path(path, sizeof(path), dir, t->st.step);
+	if (t->cuda)
+		gpu_download(t);
 	/* ZeRO: the file holds the whole AdamW state, gathered for the write */
 	if (t->zero && (adamw_init(&t->opt, t->m->n_weights) || zero_gather_state(&t->z, t->m, &t->opt)))
 		comm_abort(1, "out of memory gathering the optimizer state");

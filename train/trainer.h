@@ -17,6 +17,9 @@
 #include "train/grad_sync.h"
 #include "train/zero.h"
 
+struct gpu_model;
+struct adamw_cuda;
+
 struct trainer {
 	const char *who;             /* "moe train", "moe grpo": the prefix of messages */
 	struct run_config cfg;
@@ -35,6 +38,14 @@ struct trainer {
 	struct grad_sync sync;       /* the data-parallel gradient reduction */
 	int zero;                    /* parallel.zero=1: the AdamW state sharded (then opt is only */
 	struct zero z;               /* allocated around checkpoint loads and saves) */
+	/*
+	 * The GPU (train.device, trainer_setup_device): the model's device copy and its AdamW state.  The
+	 * device arenas are authoritative; m->weights and opt are refreshed from them for checkpoints.  The
+	 * routing biases are the exception: updated on the host (from the step's loads) and uploaded.
+	 */
+	int cuda;
+	struct gpu_model *gpu;
+	struct adamw_cuda *gopt;
 };
 
 #define TRAINER_LOG(t, ...) do { if ((t)->rank == 0) printf(__VA_ARGS__); } while (0)
@@ -62,6 +73,20 @@ int trainer_signalled(const struct trainer *t);
 int trainer_init(struct trainer *t, const char *who, const struct run_config *cfg, const char *resume,
 		 const struct dist *d, int total_updates);
 void trainer_free(struct trainer *t);
+
+/*
+ * Where the step runs, from train.device: cuda (the GPU; an error where there is none), cpu, or auto
+ * (the GPU when cudaGetDeviceCount finds one and the run can use it, else the CPU).  gpu_capable: the
+ * caller's loop runs on the GPU model (moe train: yes; moe grpo: not yet).  The GPU path runs one
+ * process (data and expert parallelism over NCCL on the GPU are not wired yet).  0, or -1 after printing
+ * why.  Call after trainer_init (the weights and AdamW state restored there are uploaded).
+ */
+int trainer_setup_device(struct trainer *t, int gpu_capable);
+
+/* model_forward / model_backward / model_zero_grad on the trainer's device */
+float trainer_forward(struct trainer *t, const int *inputs, const int *targets, int B, int T);
+void trainer_backward(struct trainer *t, float loss_scale);
+void trainer_zero_grad(struct trainer *t);
 
 /* Add the last forward's expert loads to step_load (zero it at the start of a step). */
 void trainer_add_loads(struct trainer *t);

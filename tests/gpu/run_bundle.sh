@@ -3,7 +3,9 @@
 # bundle made by tests/gpu/bundle.sh and run, each with its log in LOGDIR: nvidia-smi -L (read only), the
 # GPU suite (gpu_test_ops_cuda), every other CUnit executable (as ctest runs them: MOE_SRC = this checkout,
 # MOE_BIN = the bundled moe, OMP_NUM_THREADS=2), `mpirun -np 2` of launch_test_comm, the script tests
-# tests/*/test_*.sh, bench_train (default arguments) and bench/bench_scaling.sh on the bundled binaries.
+# tests/*/test_*.sh, bench_train (default arguments), bench_attention (our attention kernels against cuDNN's
+# graph API; it needs the host's cuDNN 9, libcudnn.so.9, which the bundle leaves out) and
+# bench/bench_scaling.sh on the bundled binaries.
 # LOGDIR/summary.txt gets one line per item (PASS / FAIL / SKIP / TIMEOUT, seconds, note), written as each
 # item ends, so a run cut short still leaves what it finished.
 #
@@ -11,7 +13,7 @@
 #   MOE_BUNDLE_DIR  where to unpack (default /tmp/moe-bundle; emptied first)
 #   ONLY / SKIP     extended regexes on item names: run only the matching / leave out the matching
 #                   (items: nvidia-smi env gpu_test_ops_cuda <name>_test_<x> mpirun_np2 <dir>_test_<x>_sh
-#                    bench_train bench_scaling)
+#                    bench_train bench_attention bench_scaling)
 #   BUDGET_S        seconds for the whole run (default 0: none); an item gets at most what is left and none
 #                   starts with less than 15 s left (SKIP), so the script ends within about BUDGET_S + 15
 #   ITEM_TIMEOUT    seconds per item (default 900)
@@ -186,7 +188,7 @@ if wanted env; then
 				libresolv.so.* | libutil.so.* | libanl.so.* | libnss_*.so.* | libthread_db.so.* | \
 				libc_malloc_debug.so.* | libstdc++.so.* | libgcc_s.so.* | libcuda.so* | libcudart.so* | \
 				libcublas.so* | libcublasLt.so* | libnccl.so* | libnvidia-*.so* | libnvJitLink.so* | \
-				libnvrtc*.so* | libcudadebugger.so*) return 0 ;;
+				libnvrtc*.so* | libcudadebugger.so* | libcudnn*.so*) return 0 ;;
 			esac
 			return 1
 		}
@@ -265,6 +267,7 @@ done
 
 # 7. benchmarks
 [ -x "$B/bin/bench_train" ] && item bench_train bench "$B/bin/bench_train"
+[ -x "$B/bin/bench_attention" ] && item bench_attention bench "$B/bin/bench_attention"
 if [ -f "$ROOT/bench/bench_scaling.sh" ]; then
 	item bench_scaling plain bash "$ROOT/bench/bench_scaling.sh" "$B/bin"
 fi
@@ -274,6 +277,7 @@ fi
 	echo "total: $npass passed, $nfail failed, $nskip skipped in $(($(date +%s) - T0))s"
 	if [ -f "$LOGDIR/bench_scaling.log" ]; then echo; echo "bench_scaling:"; cat "$LOGDIR/bench_scaling.log"; fi
 	if [ -f "$LOGDIR/bench_train.log" ]; then echo; echo "bench_train:"; cat "$LOGDIR/bench_train.log"; fi
+	if [ -f "$LOGDIR/bench_attention.log" ]; then echo; echo "bench_attention:"; cat "$LOGDIR/bench_attention.log"; fi
 } >>"$SUMMARY"
 tail -n +"$(grep -n '^total:' "$SUMMARY" | cut -d: -f1)" "$SUMMARY" | head -1
 [ "$nfail" = 0 ]

@@ -142,21 +142,25 @@ cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperatio
 			    int ldb, const void *beta, void *C, cudaDataType_t ct, int ldc, cublasComputeType_t,
 			    cublasGemmAlgo_t)
 {
-	if (at != CUDA_R_32F || bt != CUDA_R_32F || ct != CUDA_R_32F) return CUBLAS_STATUS_INVALID_VALUE;
+	if (at != bt || (at != CUDA_R_32F && at != CUDA_R_16BF) || ct != CUDA_R_32F) return CUBLAS_STATUS_INVALID_VALUE;
 	if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
 	if (lda < std::max(1, ta == CUBLAS_OP_N ? m : k) || ldb < std::max(1, tb == CUBLAS_OP_N ? k : n) || ldc < std::max(1, m)) {
 		fprintf(stderr, "EMU gemm: bad ld m%d n%d k%d lda%d ldb%d ldc%d\n", m, n, k, lda, ldb, ldc);
 		return CUBLAS_STATUS_INVALID_VALUE;
 	}
-	const float *a = (const float *)A, *b = (const float *)B;
+	/* bf16 operands (A and B alike) are read as their float values */
+	auto ld = [at](const void *p, size_t i) -> float {
+		if (at == CUDA_R_32F) return ((const float *)p)[i];
+		return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
+	};
 	float *c = (float *)C;
 	float al = *(const float *)alpha, be = *(const float *)beta;
 	for (int j = 0; j < n; j++)
 		for (int i = 0; i < m; i++) {
 			double acc = 0;
 			for (int l = 0; l < k; l++) {
-				float x = ta == CUBLAS_OP_N ? a[i + (size_t)l * lda] : a[l + (size_t)i * lda];
-				float y = tb == CUBLAS_OP_N ? b[l + (size_t)j * ldb] : b[j + (size_t)l * ldb];
+				float x = ld(A, ta == CUBLAS_OP_N ? i + (size_t)l * lda : l + (size_t)i * lda);
+				float y = ld(B, tb == CUBLAS_OP_N ? l + (size_t)j * ldb : j + (size_t)l * ldb);
 				acc += (double)x * y;
 			}
 			float *cc = &c[i + (size_t)j * ldc];

@@ -6,7 +6,8 @@
 # it checks index arithmetic, masking, barriers and shared-memory bounds, not speed; the real check remains
 # ctest -L gpu on a GPU machine.
 #
-#   tests/gpu/emu/run.sh            (from anywhere; needs g++, python3, CUnit, OpenBLAS)
+#   tests/gpu/emu/run.sh [TEST.c ...]   (from anywhere; default tests/gpu/test_ops_cuda.c; needs g++,
+#                                       python3, cmake, CUnit, OpenBLAS, HDF5, cJSON: the CPU build's packages)
 #   EMU_SAN= tests/gpu/emu/run.sh   without sanitizers (faster)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,24 +15,40 @@ src=$(cd "$here/../../.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 SAN=${EMU_SAN--fsanitize=address,undefined}
-blas=$(pkg-config --cflags openblas 2>/dev/null || echo -I/usr/include/x86_64-linux-gnu/openblas-pthread)
+tests=("$@")
+[ ${#tests[@]} -gt 0 ] || tests=(tests/gpu/test_ops_cuda.c)
+blas=-I/usr/include/x86_64-linux-gnu/openblas-openmp
 
-python3 "$here/transform.py" "$src/model/cuda" "$work/src/model/cuda"
+# the CUDA sources of every backend folder, transformed for the emulator
+cuda_dirs="model/cuda"
+[ -d "$src/optim/cuda" ] && cuda_dirs="$cuda_dirs optim/cuda"
 CXX="g++ -std=c++17 -O1 -g $SAN -w -I$here/include -I$work/src -I$src"
 CC="gcc -std=c11 -O1 -g $SAN -Wall -Wextra -I$src -I$src/tests"
-mkdir -p "$work/obj"
-for f in "$work"/src/model/cuda/*.cu; do
-	$CXX -x c++ -c "$f" -o "$work/obj/$(basename "$f" .cu).o"
+mkdir -p "$work/obj" "$work/tobj"
+for d in $cuda_dirs; do
+	python3 "$here/transform.py" "$src/$d" "$work/src/$d"
+	for f in "$work"/src/$d/*.cu; do
+		$CXX -x c++ -c "$f" -o "$work/obj/$(echo "$d" | tr / _)_$(basename "$f" .cu).o"
+	done
 done
 $CXX -c "$here/emu.cpp" -o "$work/obj/emu.o"
-$CC -fopenmp $blas -c "$src/model/ops_cpu.c" -o "$work/obj/ops_cpu.o"
-$CC -c "$src/tests/harness.c" -o "$work/obj/harness.o"
-$CC -DMOE_HAVE_CUDA=1 -c "$src/tests/gpu/test_ops_cuda.c" -o "$work/obj/test_ops_cuda.o"
-g++ $SAN -o "$work/test_emu" "$work"/obj/*.o -lcunit -lopenblas -lgomp -lm
+# the CPU reference: the whole moecore library built without CUDA, with the same sanitizers
+cmake -S "$src" -B "$work/cpu" -DMOE_CUDA=OFF -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_FLAGS="-O1 $SAN" \
+	>"$work/cmake.log" 2>&1 || { cat "$work/cmake.log"; exit 1; }
+cmake --build "$work/cpu" --target moecore -j "$(nproc)" >"$work/build.log" 2>&1 ||
+	{ tail -30 "$work/build.log"; exit 1; }
+$CC -c "$src/tests/harness.c" -o "$work/tobj/harness.o"
 
 status=0
-for order in 0 1; do
-	echo "=== emulated CUDA, thread order $([ $order = 1 ] && echo reverse || echo forward)"
-	EMU_REVERSE=$order ASAN_OPTIONS=detect_leaks=0 OMP_NUM_THREADS=2 "$work/test_emu" || status=1
+for t in "${tests[@]}"; do
+	name=$(basename "$t" .c)
+	$CC -DMOE_HAVE_CUDA=1 $blas -c "$src/$t" -o "$work/tobj/$name.o"
+	g++ $SAN -o "$work/$name" "$work/tobj/$name.o" "$work/tobj/harness.o" "$work"/obj/*.o \
+		"$work/cpu/libmoecore.a" $(cat "$work/cpu/moecore_libs.txt" 2>/dev/null) \
+		-lcunit -L/usr/lib/x86_64-linux-gnu/openblas-openmp -lopenblas -lgomp -lhdf5_serial -lcjson $(pkg-config --libs ompi-c 2>/dev/null || echo -lmpi) -lm
+	for order in 0 1; do
+		echo "=== $name, emulated CUDA, thread order $([ $order = 1 ] && echo reverse || echo forward)"
+		EMU_REVERSE=$order ASAN_OPTIONS=detect_leaks=0 OMP_NUM_THREADS=2 "$work/$name" || status=1
+	done
 done
 exit $status

@@ -60,6 +60,9 @@ template <class T> T __shfl_xor_sync(unsigned, T v, int o)
 	return r;
 }
 inline int atomicAdd(int *p, int v) { int o = *p; *p += v; return o; }
+/* products rounded on their own, never contracted into a fused multiply-add (neither is host code here) */
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
@@ -95,7 +98,14 @@ template <class F> cudaError_t cudaFuncSetAttribute(F fn, cudaFuncAttribute, int
 /* ---- bf16 stand-in ---- */
 struct __nv_bfloat16 { unsigned short x; };
 inline float __bfloat162float(__nv_bfloat16 h) { unsigned u = (unsigned)h.x << 16; float f; memcpy(&f, &u, 4); return f; }
-inline __nv_bfloat16 __float2bfloat16(float f) { unsigned u; memcpy(&u, &f, 4); __nv_bfloat16 h; h.x = (unsigned short)(u >> 16); return h; }
+/* round to nearest even, as the hardware does (NaN stays a quiet NaN) */
+inline __nv_bfloat16 __float2bfloat16(float f)
+{
+	unsigned u; memcpy(&u, &f, 4); __nv_bfloat16 h;
+	if ((u & 0x7fffffffu) > 0x7f800000u) { h.x = (unsigned short)((u >> 16) | 0x40); return h; }
+	u += 0x7fffu + ((u >> 16) & 1u);
+	h.x = (unsigned short)(u >> 16); return h;
+}
 
 /* ---- cuBLAS ---- */
 typedef void *cublasHandle_t;

@@ -1,0 +1,745 @@
+/*
+ * model/cuda/model_cuda.cu - the whole model on one GPU (model/cuda/model_cuda.h): model.c, mla.c and moe.c
+ * step for step, over device arenas, with the ops of ops_cuda.h and a few layout kernels of its own.
+ *
+ * The activations are the CPU model's struct model_acts (model/layers.h), allocated by the same code with
+ * device memory, so both models hold the same buffers under the same names.  What differs:
+ *  - matmuls: with bf16 on, every linear layer except the router runs on tensor cores (bf16 operands,
+ *    fp32 accumulation and output): the weights come from the bf16 copy of the arena, the activation
+ *    operand is rounded to bf16 just before the product.  The router stays fp32 (its top-k decides which
+ *    expert a token visits: small drifts must not flip it more than the rest of the model does).
+ *  - MoE: the router's top-k comes back to the host (one wait per MoE layer, as the all-to-all counts
+ *    would need anyway), where the same counting sort as the CPU model orders the rows by expert; the
+ *    rows are gathered, each expert is three GEMMs over its block, the outputs combined by a kernel that
+ *    adds the K slots of a token in order (deterministic, no atomics).
+ */
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "model/cuda/cuda_common.cuh"
+#include "model/cuda/model_cuda.h"
+#include "model/cuda/ops_cuda.h"
+
+extern "C" {
+#include "model/layers.h"
+#include "model/rope.h"
+}
+
+using namespace moe_cuda;
+
+struct gpu_model {
+	struct moe_model *m;
+	int bf16;
+	float *w, *g;                    /* device arenas, m->n_weights floats */
+	__nv_bfloat16 *wbf;              /* bf16 copy of w (NULL unless bf16) */
+	struct model_weights W, G;       /* views into w and g */
+	struct model_acts *a;            /* device buffers for the last (B, T) */
+	float *aux;                      /* [L] each MoE layer's balance loss (device) */
+	/* host side of the routing, per layer: the rows each expert got, [L][El + 1] */
+	std::vector<int> offsets;
+	std::vector<int> topk, row_pair, row_of, fill;  /* host scratch */
+	std::vector<int> targets;        /* host copy of the last targets */
+	std::vector<float> losses;       /* host copy of the per-token losses */
+};
+
+/* ------------------------------------------------------------------------------------------------------
+ * Layout kernels
+ * ---------------------------------------------------------------------------------------------------- */
+
+namespace {
+
+__global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t n)
+{
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+		dst[i] = __float2bfloat16(src[i]);
+}
+
+/* dst[n, 0..width) = src[n, 0..width), row strides ldd / lds */
+__global__ void copy_cols_kernel(float *dst, int ldd, const float *src, int lds, int N, int width)
+{
+	size_t total = (size_t)N * width;
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+		size_t n = i / width, j = i % width;
+		dst[n * ldd + j] = src[n * lds + j];
+	}
+}
+
+/* k[n,h] = [kv[n,h,:dn] | kva[n, Rkv:]],  v[n,h] = kv[n,h,dn:] */
+__global__ void assemble_kv_kernel(float *k, float *v, const float *kv, const float *kva, int N, int H, int dn,
+				   int dv, int dr, int Rkv)
+{
+	int dq = dn + dr, dkv = dn + dv;
+	size_t total = (size_t)N * H * (dq + dv);
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+		size_t nh = i / (dq + dv);
+		int j = (int)(i % (dq + dv));
+		size_t n = nh / H;
+		const float *src = kv + nh * dkv;
+		if (j < dn)
+			k[nh * dq + j] = src[j];
+		else if (j < dq)
+			k[nh * dq + j] = kva[n * (Rkv + dr) + Rkv + (j - dn)];
+		else
+			v[nh * dv + (j - dq)] = src[dn + (j - dq)];
+	}
+}
+
+/* the transpose: dkv[n,h] = [dk[n,h,:dn] | dv[n,h]];  dkpe[n] = sum_h dk[n,h,dn:] (heads in order) */
+__global__ void disassemble_dkv_kernel(float *dkv, float *dkpe, int ldpe, const float *dk, const float *dvv,
+				       int N, int H, int dn, int dv, int dr)
+{
+	int dq = dn + dr, dkvw = dn + dv, per = H * dkvw + dr;
+	size_t total = (size_t)N * per;
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+		size_t n = i / per;
+		int j = (int)(i % per);
+		if (j < H * dkvw) {
+			int h = j / dkvw, c = j % dkvw;
+			size_t nh = n * H + h;
+			dkv[nh * dkvw + c] = c < dn ? dk[nh * dq + c] : dvv[nh * dv + (c - dn)];
+		} else {
+			int c = j - H * dkvw;
+			float s = 0.0f;
+			for (int h = 0; h < H; h++)
+				s += dk[(n * H + h) * dq + dn + c];
+			dkpe[n * ldpe + c] = s;
+		}
+	}
+}
+
+/* xe[r] = x[row_pair[r] / K] */
+__global__ void gather_rows_kernel(float *xe, const float *x, const int *row_pair, int K, int R, int C)
+{
+	size_t total = (size_t)R * C;
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+		size_t r = i / C;
+		int c = (int)(i % C);
+		xe[i] = x[(size_t)(row_pair[r] / K) * C + c];
+	}
+}
+
+/* out[n] (+)= sum_k w[n*K+k] * rows[row_of[n*K+k]], slots in order (w NULL: 1; row < 0 skipped) */
+__global__ void combine_rows_kernel(float *out, const float *rows, const int *row_of, const float *w, int N,
+				    int K, int C, int set)
+{
+	size_t total = (size_t)N * C;
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+		size_t n = i / C;
+		int c = (int)(i % C);
+		float acc = set ? 0.0f : out[i];
+		for (int k = 0; k < K; k++) {
+			int r = row_of[n * K + k];
+			if (r >= 0)
+				acc += (w ? w[n * K + k] : 1.0f) * rows[(size_t)r * C + c];
+		}
+		out[i] = acc;
+	}
+}
+
+/*
+ * The combine's backward, one warp per sorted row r (pair i = row_pair[r], token i / K):
+ * dye[r] = w_i dout[token],  dtopk_w[i] = <dout[token], ye[r]>  (a fixed shuffle tree: deterministic).
+ */
+__global__ void combine_backward_kernel(float *dye, float *dtopk_w, const float *dout, const float *ye,
+					const float *topk_w, const int *row_pair, int K, int R, int C)
+{
+	int lane = threadIdx.x & 31;
+	int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+	if (r >= R)
+		return;
+	int i = row_pair[r];
+	const float *d = dout + (size_t)(i / K) * C, *y = ye + (size_t)r * C;
+	float *dy = dye + (size_t)r * C, wk = topk_w[i], dot = 0.0f;
+	for (int c = lane; c < C; c += 32) {
+		dot += d[c] * y[c];
+		dy[c] = wk * d[c];
+	}
+	dot = warp_sum(dot);
+	if (lane == 0)
+		dtopk_w[i] = dot;
+}
+
+void copy_cols(float *dst, int ldd, const float *src, int lds, int N, int width)
+{
+	if (N > 0 && width > 0)
+		copy_cols_kernel<<<grid_for((size_t)N * width), kThreads, 0, stream()>>>(dst, ldd, src, lds, N, width);
+}
+
+void zero(void *p, size_t bytes)
+{
+	if (bytes)
+		CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream()));
+}
+
+/* ------------------------------------------------------------------------------------------------------
+ * Linear layers: y = x W^T, column-major cuBLAS as in ops_cuda.cu (x -> x^T [in, N], W -> W^T [in, out]).
+ * ---------------------------------------------------------------------------------------------------- */
+
+void gemm_ex(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const void *A, int lda,
+	     const void *B, int ldb, float beta, float *C, int ldc, cudaDataType_t type)
+{
+	const float alpha = 1.0f;
+	CUBLAS_CHECK(cublasGemmEx(cublas(), ta, tb, m, n, k, &alpha, A, type, lda, B, type, ldb, &beta, C,
+				  CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+__nv_bfloat16 *to_bf16(const float *x, size_t n)
+{
+	__nv_bfloat16 *b = scratch<__nv_bfloat16>(n);
+	to_bf16_kernel<<<grid_for(n), kThreads, 0, stream()>>>(b, x, n);
+	return b;
+}
+
+/* A weight of the arena as cuBLAS should read it: its bf16 copy, or itself. */
+const void *weight_operand(const gpu_model *g, const float *w, cudaDataType_t *type)
+{
+	if (!g->bf16) {
+		*type = CUDA_R_32F;
+		return w;
+	}
+	*type = CUDA_R_16BF;
+	return g->wbf + (w - g->w);
+}
+
+/* y[N,out] = x W^T (fp32: `exact`, or the model's precision) */
+void lin_fwd(const gpu_model *g, float *y, const float *x, const float *w, int N, int in, int out, bool exact = false)
+{
+	if (N <= 0 || out <= 0)
+		return;
+	if (exact || !g->bf16) {
+		gemm_ex(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, w, in, x, in, 0.0f, y, out, CUDA_R_32F);
+		return;
+	}
+	cudaDataType_t t;
+	const void *wb = weight_operand(g, w, &t);
+	__nv_bfloat16 *xb = to_bf16(x, (size_t)N * in);
+	gemm_ex(CUBLAS_OP_T, CUBLAS_OP_N, out, N, in, wb, in, xb, in, 0.0f, y, out, t);
+	scratch_free(xb);
+}
+
+/* dx[N,in] (set or +=) dy W;  dw[out,in] += dy^T x.  dx, dw may be NULL. */
+void lin_bwd(const gpu_model *g, float *dx, float *dw, const float *dy, const float *x, const float *w, int N,
+	     int in, int out, bool set_dx, bool exact = false)
+{
+	if (N <= 0 || in <= 0)
+		return;
+	if (out <= 0) {
+		if (dx && set_dx)
+			zero(dx, sizeof(float) * (size_t)N * in);
+		return;
+	}
+	if (exact || !g->bf16) {
+		if (dx)
+			gemm_ex(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, w, in, dy, out, set_dx ? 0.0f : 1.0f, dx, in,
+				CUDA_R_32F);
+		if (dw)
+			gemm_ex(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, x, in, dy, out, 1.0f, dw, in, CUDA_R_32F);
+		return;
+	}
+	cudaDataType_t t;
+	__nv_bfloat16 *dyb = to_bf16(dy, (size_t)N * out);
+	if (dx) {
+		const void *wb = weight_operand(g, w, &t);
+		gemm_ex(CUBLAS_OP_N, CUBLAS_OP_N, in, N, out, wb, in, dyb, out, set_dx ? 0.0f : 1.0f, dx, in, t);
+	}
+	if (dw) {
+		__nv_bfloat16 *xb = to_bf16(x, (size_t)N * in);
+		gemm_ex(CUBLAS_OP_N, CUBLAS_OP_T, in, out, N, xb, in, dyb, out, 1.0f, dw, in, CUDA_R_16BF);
+		scratch_free(xb);
+	}
+	scratch_free(dyb);
+}
+
+/* ------------------------------------------------------------------------------------------------------
+ * MLA (mla.c)
+ * ---------------------------------------------------------------------------------------------------- */
+
+struct dims {
+	int C, H, dn, dr, dv, dq, Rq, Rkv, N;
+};
+
+dims mla_dims(const struct model_config *c, int N)
+{
+	dims d = { c->hidden_size, c->num_attention_heads, c->qk_nope_head_dim, c->qk_rope_head_dim,
+		   c->v_head_dim, mc_qk_head_dim(c), c->q_lora_rank, c->kv_lora_rank, N };
+	return d;
+}
+
+void mla_fwd(const gpu_model *g, const struct layer_weights *w, struct mla_acts *a, float *out, const float *x,
+	     const int *pos, int B, int T)
+{
+	const struct model_config *c = &g->m->cfg;
+	dims d = mla_dims(c, B * T);
+	float eps = (float)c->rms_norm_eps;
+	int N = d.N, Dkva = d.Rkv + d.dr;
+	struct rope_freqs rf;
+
+	mc_rope_freqs(c, &rf);
+	if (d.Rq > 0) {
+		lin_fwd(g, a->qa, x, w->q_a_proj, N, d.C, d.Rq);
+		rmsnorm_forward_cuda(a->qa_n, a->qa_rstd, a->qa, w->q_a_layernorm, N, d.Rq, eps);
+		lin_fwd(g, a->q, a->qa_n, w->q_b_proj, N, d.Rq, d.H * d.dq);
+	} else {
+		lin_fwd(g, a->q, x, w->q_proj, N, d.C, d.H * d.dq);
+	}
+	rope_forward_cuda(a->q + d.dn, pos, N, d.H, d.H * d.dq, d.dq, d.dr, rf.inv_freq, rf.attention_factor);
+
+	lin_fwd(g, a->kva, x, w->kv_a_proj_with_mqa, N, d.C, Dkva);
+	copy_cols(a->ckv, d.Rkv, a->kva, Dkva, N, d.Rkv);
+	rope_forward_cuda(a->kva + d.Rkv, pos, N, 1, Dkva, 0, d.dr, rf.inv_freq, rf.attention_factor);
+	rmsnorm_forward_cuda(a->ckv_n, a->ckv_rstd, a->ckv, w->kv_a_layernorm, N, d.Rkv, eps);
+	lin_fwd(g, a->kv, a->ckv_n, w->kv_b_proj, N, d.Rkv, d.H * (d.dn + d.dv));
+	size_t n_kv = (size_t)N * d.H * (d.dq + d.dv);
+	assemble_kv_kernel<<<grid_for(n_kv), kThreads, 0, stream()>>>(a->k, a->v, a->kv, a->kva, N, d.H, d.dn,
+								       d.dv, d.dr, d.Rkv);
+	attention_forward_cuda(a->att, a->lse, a->q, a->k, a->v, B, T, d.H, d.dq, d.dv, mc_softmax_scale(c));
+	lin_fwd(g, out, a->att, w->o_proj, N, d.H * d.dv, d.C);
+}
+
+/* writes dx */
+void mla_bwd(const gpu_model *g, const struct layer_weights *w, const struct layer_weights *gw,
+	     const struct mla_acts *a, struct grad_scratch *s, float *dx, const float *dout, const float *x,
+	     const int *pos, int B, int T)
+{
+	const struct model_config *c = &g->m->cfg;
+	dims d = mla_dims(c, B * T);
+	int N = d.N, Dkva = d.Rkv + d.dr;
+	struct rope_freqs rf;
+
+	mc_rope_freqs(c, &rf);
+	lin_bwd(g, s->datt, gw->o_proj, dout, a->att, w->o_proj, N, d.H * d.dv, d.C, true);
+	zero(s->dq, sizeof(float) * (size_t)N * d.H * d.dq);
+	zero(s->dk, sizeof(float) * (size_t)N * d.H * d.dq);
+	zero(s->dv, sizeof(float) * (size_t)N * d.H * d.dv);
+	attention_backward_cuda(s->dq, s->dk, s->dv, s->datt, a->att, a->lse, a->q, a->k, a->v, B, T, d.H, d.dq,
+				d.dv, mc_softmax_scale(c));
+
+	/* kv path: kv_b, its norm, then kv_a (whose output gradient is [dc_kv | dk_pe] = dkva) */
+	size_t n_dkv = (size_t)N * (d.H * (d.dn + d.dv) + d.dr);
+	disassemble_dkv_kernel<<<grid_for(n_dkv), kThreads, 0, stream()>>>(s->dkv, s->dkva + d.Rkv, Dkva, s->dk,
+									    s->dv, N, d.H, d.dn, d.dv, d.dr);
+	rope_backward_cuda(s->dkva + d.Rkv, pos, N, 1, Dkva, 0, d.dr, rf.inv_freq, rf.attention_factor);
+	lin_bwd(g, s->dckv_n, gw->kv_b_proj, s->dkv, a->ckv_n, w->kv_b_proj, N, d.Rkv, d.H * (d.dn + d.dv), true);
+	float *dckv = scratch<float>((size_t)N * d.Rkv);
+	zero(dckv, sizeof(float) * (size_t)N * d.Rkv);
+	rmsnorm_backward_cuda(dckv, gw->kv_a_layernorm, s->dckv_n, a->ckv, w->kv_a_layernorm, a->ckv_rstd, N,
+			      d.Rkv);
+	copy_cols(s->dkva, Dkva, dckv, d.Rkv, N, d.Rkv);
+	scratch_free(dckv);
+	lin_bwd(g, dx, gw->kv_a_proj_with_mqa, s->dkva, x, w->kv_a_proj_with_mqa, N, d.C, Dkva, true);
+
+	/* q path */
+	rope_backward_cuda(s->dq + d.dn, pos, N, d.H, d.H * d.dq, d.dq, d.dr, rf.inv_freq, rf.attention_factor);
+	if (d.Rq > 0) {
+		lin_bwd(g, s->dqa_n, gw->q_b_proj, s->dq, a->qa_n, w->q_b_proj, N, d.Rq, d.H * d.dq, true);
+		zero(s->dqa, sizeof(float) * (size_t)N * d.Rq);
+		rmsnorm_backward_cuda(s->dqa, gw->q_a_layernorm, s->dqa_n, a->qa, w->q_a_layernorm, a->qa_rstd, N,
+				      d.Rq);
+		lin_bwd(g, dx, gw->q_a_proj, s->dqa, x, w->q_a_proj, N, d.C, d.Rq, false);
+	} else {
+		lin_bwd(g, dx, gw->q_proj, s->dq, x, w->q_proj, N, d.C, d.H * d.dq, false);
+	}
+}
+
+/* ------------------------------------------------------------------------------------------------------
+ * SwiGLU MLP and DeepSeekMoE (moe.c)
+ * ---------------------------------------------------------------------------------------------------- */
+
+void mlp_fwd(const gpu_model *g, const struct mlp_acts *a, float *y, const float *x, const float *wg,
+	     const float *wu, const float *wd, int rows, int C, int I)
+{
+	lin_fwd(g, a->g, x, wg, rows, C, I);
+	lin_fwd(g, a->u, x, wu, rows, C, I);
+	swiglu_forward_cuda(a->a, a->g, a->u, (size_t)rows * I);
+	lin_fwd(g, y, a->a, wd, rows, I, C);
+}
+
+/* dx written (set_dx) or accumulated; dg, du: [rows, I] scratch */
+void mlp_bwd(const gpu_model *g, float *dx, float *dwg, float *dwu, float *dwd, float *dg, float *du,
+	     const float *dy, const float *x, const struct mlp_acts *a, const float *wg, const float *wu,
+	     const float *wd, int rows, int C, int I, bool set_dx)
+{
+	lin_bwd(g, dg, dwd, dy, a->a, wd, rows, I, C, true);
+	/* swiglu_backward_cuda accumulates: d(gate) and d(up) from d(out) = dg, into zeroed buffers */
+	float *da = scratch<float>((size_t)rows * I);
+	CUDA_CHECK(cudaMemcpyAsync(da, dg, sizeof(float) * (size_t)rows * I, cudaMemcpyDeviceToDevice, stream()));
+	zero(dg, sizeof(float) * (size_t)rows * I);
+	zero(du, sizeof(float) * (size_t)rows * I);
+	swiglu_backward_cuda(dg, du, da, a->g, a->u, (size_t)rows * I);
+	scratch_free(da);
+	lin_bwd(g, dx, dwg, dg, x, wg, rows, C, I, set_dx);
+	lin_bwd(g, dx, dwu, du, x, wu, rows, C, I, false);
+}
+
+struct router_params router_params_of(const struct model_config *c)
+{
+	struct router_params p;
+	p.E = c->n_routed_experts;
+	p.K = c->num_experts_per_tok;
+	p.n_group = c->n_group;
+	p.topk_group = c->topk_group;
+	p.scoring = c->scoring_func;
+	p.norm_topk_prob = c->norm_topk_prob;
+	p.routed_scaling_factor = (float)c->routed_scaling_factor;
+	return p;
+}
+
+/* the local experts' blocks: expert e's rows [off[e], off[e+1]) */
+void experts_fwd(const gpu_model *g, const struct layer_weights *w, const struct moe_acts *a, const int *off,
+		 int El, int C, int Im)
+{
+	for (int e = 0; e < El; e++) {
+		int r0 = off[e], n = off[e + 1] - r0;
+		size_t wo = (size_t)e * Im * C;
+		if (n == 0)
+			continue;
+		struct mlp_acts ea = { a->e.g + (size_t)r0 * Im, a->e.u + (size_t)r0 * Im, a->e.a + (size_t)r0 * Im };
+		mlp_fwd(g, &ea, a->ye + (size_t)r0 * C, a->xe + (size_t)r0 * C, w->experts_gate_proj + wo,
+			w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im);
+	}
+}
+
+void experts_bwd(const gpu_model *g, const struct layer_weights *w, const struct layer_weights *gw,
+		 const struct moe_acts *a, struct grad_scratch *s, const int *off, int El, int C, int Im)
+{
+	for (int e = 0; e < El; e++) {
+		int r0 = off[e], n = off[e + 1] - r0;
+		size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
+		if (n == 0)
+			continue;
+		struct mlp_acts ea = { a->e.g + ro, a->e.u + ro, a->e.a + ro };
+		mlp_bwd(g, s->dxe + (size_t)r0 * C, gw->experts_gate_proj + wo, gw->experts_up_proj + wo,
+			gw->experts_down_proj + wo, s->dg + ro, s->du + ro, s->dye + (size_t)r0 * C,
+			a->xe + (size_t)r0 * C, &ea, w->experts_gate_proj + wo, w->experts_up_proj + wo,
+			w->experts_down_proj + wo, n, C, Im, true);
+	}
+}
+
+/* routes on the host: the counting sort of moe.c; uploads row_pair and row_of; fills load */
+int route_rows(gpu_model *g, struct moe_acts *a, int l, int N, int64_t *load)
+{
+	const struct model_config *c = &g->m->cfg;
+	int K = c->num_experts_per_tok, E = c->n_routed_experts;
+	int *off = g->offsets.data() + (size_t)l * (E + 1);
+
+	g->topk.resize((size_t)N * K);
+	g->row_pair.resize((size_t)N * K);
+	g->row_of.resize((size_t)N * K);
+	g->fill.resize(E);
+	moe_cuda_memcpy_d2h(g->topk.data(), a->topk_idx, sizeof(int) * (size_t)N * K);
+	moe_group_rows(g->topk.data(), N, K, E, 0, E, load, off, g->row_pair.data(), g->row_of.data(),
+		       g->fill.data());
+	moe_cuda_memcpy_h2d(a->row_pair, g->row_pair.data(), sizeof(int) * (size_t)N * K);
+	moe_cuda_memcpy_h2d(a->row_of, g->row_of.data(), sizeof(int) * (size_t)N * K);
+	return off[E];
+}
+
+void moe_fwd(gpu_model *g, int l, const struct layer_weights *w, struct moe_acts *a, float *out,
+	     const float *x, int B, int T, int64_t *load)
+{
+	const struct model_config *c = &g->m->cfg;
+	struct router_params rp = router_params_of(c);
+	int N = B * T, C = c->hidden_size, K = rp.K, Im = c->moe_intermediate_size;
+	int Is = c->n_shared_experts * Im;
+
+	lin_fwd(g, a->logits, x, w->gate, N, C, rp.E, true);
+	router_forward_cuda(a->scores, a->topk_idx, a->topk_w, a->logits, w->e_score_correction_bias, &rp, N);
+	int R = route_rows(g, a, l, N, load);
+	if (R > 0)
+		gather_rows_kernel<<<grid_for((size_t)R * C), kThreads, 0, stream()>>>(a->xe, x, a->row_pair, K, R, C);
+	experts_fwd(g, w, a, g->offsets.data() + (size_t)l * (rp.E + 1), rp.E, C, Im);
+	if (Is)
+		mlp_fwd(g, &a->shared, out, x, w->shared_gate_proj, w->shared_up_proj, w->shared_down_proj, N, C,
+			Is);
+	combine_rows_kernel<<<grid_for((size_t)N * C), kThreads, 0, stream()>>>(out, a->ye, a->row_of, a->topk_w,
+										N, K, C, Is == 0);
+	if (c->aux_loss_alpha > 0)
+		balance_loss_forward_cuda_async(g->aux + l, a->scores, a->topk_idx, B, T, rp.E, K,
+						(float)c->aux_loss_alpha);
+}
+
+void moe_bwd(gpu_model *g, int l, const struct layer_weights *w, const struct layer_weights *gw,
+	     const struct moe_acts *a, struct grad_scratch *s, float *dx, const float *dout, const float *x,
+	     int B, int T, float loss_scale)
+{
+	const struct model_config *c = &g->m->cfg;
+	struct router_params rp = router_params_of(c);
+	int N = B * T, C = c->hidden_size, K = rp.K, E = rp.E, Im = c->moe_intermediate_size;
+	int Is = c->n_shared_experts * Im;
+	const int *off = g->offsets.data() + (size_t)l * (E + 1);
+	int R = off[E];
+
+	if (R > 0) {
+		int warps = kThreads / 32;
+		combine_backward_kernel<<<(R + warps - 1) / warps, kThreads, 0, stream()>>>(
+			s->dye, s->dtopk_w, dout, a->ye, a->topk_w, a->row_pair, K, R, C);
+	}
+	experts_bwd(g, w, gw, a, s, off, E, C, Im);
+	if (Is)
+		mlp_bwd(g, dx, gw->shared_gate_proj, gw->shared_up_proj, gw->shared_down_proj, s->dg_shared,
+			s->du_shared, dout, x, &a->shared, w->shared_gate_proj, w->shared_up_proj,
+			w->shared_down_proj, N, C, Is, true);
+	/* the expert input gradients back to their tokens, slots in order */
+	combine_rows_kernel<<<grid_for((size_t)N * C), kThreads, 0, stream()>>>(dx, s->dxe, a->row_of, NULL, N, K,
+										C, Is == 0);
+
+	/* router: through the weights (and the balance loss), never through the selection */
+	float *dscores = NULL;
+	if (c->aux_loss_alpha > 0) {
+		dscores = s->dscores;
+		zero(dscores, sizeof(float) * (size_t)N * E);
+		balance_loss_backward_cuda(dscores, a->scores, a->topk_idx, B, T, E, K, (float)c->aux_loss_alpha,
+					   loss_scale);
+	}
+	zero(s->dlogits, sizeof(float) * (size_t)N * E);
+	router_backward_cuda(s->dlogits, s->dtopk_w, dscores, a->scores, a->topk_idx, &rp, N);
+	lin_bwd(g, dx, gw->gate, s->dlogits, x, w->gate, N, C, E, false, true);
+}
+
+/* ------------------------------------------------------------------------------------------------------
+ * The model (model.c)
+ * ---------------------------------------------------------------------------------------------------- */
+
+void *device_alloc(size_t bytes)
+{
+	void *p = moe_cuda_malloc(bytes < 16 ? 16 : bytes);
+	moe_cuda_memset(p, 0, bytes < 16 ? 16 : bytes);
+	return p;
+}
+
+const struct acts_memory device_memory = { device_alloc, moe_cuda_free };
+
+/* The device view of a host view: the same offset into the other arena.  struct layer_weights holds only
+ * float pointers, so it is walked as an array of them. */
+float *translate(const float *p, const float *host_base, float *dev_base)
+{
+	return p ? dev_base + (p - host_base) : NULL;
+}
+
+void translate_weights(struct model_weights *dst, const struct model_weights *src, const float *host_base,
+		       float *dev_base, int L)
+{
+	static_assert(sizeof(struct layer_weights) % sizeof(float *) == 0, "layer_weights: float pointers only");
+	const int per = (int)(sizeof(struct layer_weights) / sizeof(float *));
+	dst->embed_tokens = translate(src->embed_tokens, host_base, dev_base);
+	dst->norm = translate(src->norm, host_base, dev_base);
+	dst->lm_head = translate(src->lm_head, host_base, dev_base);
+	dst->layers = (struct layer_weights *)calloc(L, sizeof(struct layer_weights));
+	if (!dst->layers)
+		fail("gpu_model_create", "out of host memory");
+	for (int l = 0; l < L; l++) {
+		float *const *s = (float *const *)&src->layers[l];
+		float **d = (float **)&dst->layers[l];
+		for (int i = 0; i < per; i++)
+			d[i] = translate(s[i], host_base, dev_base);
+	}
+}
+
+void ensure_acts(gpu_model *g, int B, int T)
+{
+	if (g->a && g->a->B == B && g->a->T == T)
+		return;
+	model_acts_destroy(&g->m->cfg, g->a);
+	g->a = model_acts_create(g->m, B, T, &device_memory);
+	std::vector<int> pos((size_t)B * T);
+	for (size_t n = 0; n < pos.size(); n++)
+		pos[n] = (int)(n % T);
+	moe_cuda_memcpy_h2d(g->a->pos, pos.data(), sizeof(int) * pos.size());
+}
+
+} /* namespace */
+
+/* ------------------------------------------------------------------------------------------------------
+ * The API
+ * ---------------------------------------------------------------------------------------------------- */
+
+extern "C" struct gpu_model *gpu_model_create(struct moe_model *m, int bf16, char *err, size_t errlen)
+{
+	const struct model_config *c = &m->cfg;
+	if (m->ep_group || m->expert_begin != 0 || m->expert_end != c->n_routed_experts) {
+		snprintf(err, errlen, "the GPU model holds every expert (no expert parallelism on the GPU yet)");
+		return NULL;
+	}
+	if (c->qk_rope_head_dim + c->qk_nope_head_dim > MOE_CUDA_ATTN_MAX_DQ || c->v_head_dim > MOE_CUDA_ATTN_MAX_DV) {
+		snprintf(err, errlen, "attention head dims %d / %d exceed the GPU kernel's %d / %d",
+			 mc_qk_head_dim(c), c->v_head_dim, MOE_CUDA_ATTN_MAX_DQ, MOE_CUDA_ATTN_MAX_DV);
+		return NULL;
+	}
+	gpu_model *g = new gpu_model();
+	g->m = m;
+	g->bf16 = bf16 != 0;
+	size_t n = m->n_weights;
+	g->w = (float *)moe_cuda_malloc(sizeof(float) * n);
+	g->g = (float *)moe_cuda_malloc(sizeof(float) * n);
+	if (g->bf16)
+		g->wbf = (__nv_bfloat16 *)moe_cuda_malloc(sizeof(__nv_bfloat16) * n);
+	g->aux = (float *)moe_cuda_malloc(sizeof(float) * (c->num_hidden_layers + 1));
+	moe_cuda_memset(g->aux, 0, sizeof(float) * (c->num_hidden_layers + 1));
+	translate_weights(&g->W, &m->w, m->weights, g->w, c->num_hidden_layers);
+	translate_weights(&g->G, &m->g, m->grads, g->g, c->num_hidden_layers);
+	g->offsets.assign((size_t)c->num_hidden_layers * (c->n_routed_experts + 1), 0);
+	gpu_model_upload_weights(g);
+	gpu_model_zero_grad(g);
+	return g;
+}
+
+extern "C" void gpu_model_free(struct gpu_model *g)
+{
+	if (!g)
+		return;
+	moe_cuda_synchronize();
+	model_acts_destroy(&g->m->cfg, g->a);
+	moe_cuda_free(g->w);
+	moe_cuda_free(g->g);
+	moe_cuda_free(g->wbf);
+	moe_cuda_free(g->aux);
+	free(g->W.layers);
+	free(g->G.layers);
+	delete g;
+}
+
+extern "C" void gpu_model_upload_weights(struct gpu_model *g)
+{
+	moe_cuda_memcpy_h2d(g->w, g->m->weights, sizeof(float) * g->m->n_weights);
+	gpu_model_refresh_bf16(g);
+}
+
+extern "C" void gpu_model_download_weights(struct gpu_model *g)
+{
+	moe_cuda_memcpy_d2h(g->m->weights, g->w, sizeof(float) * g->m->n_weights);
+}
+
+extern "C" void gpu_model_download_grads(struct gpu_model *g)
+{
+	moe_cuda_memcpy_d2h(g->m->grads, g->g, sizeof(float) * g->m->n_weights);
+}
+
+extern "C" float *gpu_model_weights(struct gpu_model *g) { return g->w; }
+extern "C" float *gpu_model_grads(struct gpu_model *g) { return g->g; }
+extern "C" uint16_t *gpu_model_weights_bf16(struct gpu_model *g) { return (uint16_t *)g->wbf; }
+
+extern "C" void gpu_model_refresh_bf16(struct gpu_model *g)
+{
+	size_t n = g->m->n_weights;
+	if (g->bf16 && n)
+		to_bf16_kernel<<<grid_for(n), kThreads, 0, stream()>>>(g->wbf, g->w, n);
+}
+
+extern "C" void gpu_model_zero_grad(struct gpu_model *g)
+{
+	zero(g->g, sizeof(float) * g->m->n_weights);
+}
+
+extern "C" const float *gpu_model_logits(const struct gpu_model *g)
+{
+	return g->a ? g->a->logits : NULL;
+}
+
+static void check_options(const struct moe_model *m)
+{
+	if (m->token_weights || (m->logit_temperature > 0 && m->logit_temperature != 1.0f) || m->route_replay)
+		fail("gpu_model_forward", "token weights, logit temperature and routing replay are CPU-only for now");
+}
+
+extern "C" float gpu_model_forward(struct gpu_model *g, const int *inputs, const int *targets, int B, int T)
+{
+	struct moe_model *m = g->m;
+	const struct model_config *c = &m->cfg;
+	int N = B * T, C = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
+	float eps = (float)c->rms_norm_eps;
+
+	check_options(m);
+	ensure_acts(g, B, T);
+	memset(m->expert_load, 0, sizeof(int64_t) * (size_t)L * c->n_routed_experts);  /* dense layers: 0 */
+	struct model_acts *a = g->a;
+	moe_cuda_memcpy_h2d(a->inputs, inputs, sizeof(int) * N);
+	a->has_targets = targets != NULL;
+	embedding_forward_cuda(a->resid, a->inputs, g->W.embed_tokens, N, C);
+	zero(g->aux, sizeof(float) * L);
+	for (int l = 0; l < L; l++) {
+		const struct layer_weights *w = &g->W.layers[l];
+		struct layer_acts *la = &a->layers[l];
+		float *x = a->resid + (size_t)l * N * C, *mid = a->h_mid + (size_t)l * N * C;
+		float *next = a->resid + (size_t)(l + 1) * N * C;
+
+		rmsnorm_forward_cuda(la->ln1, la->ln1_rstd, x, w->input_layernorm, N, C, eps);
+		mla_fwd(g, w, &la->mla, mid, la->ln1, a->pos, B, T);
+		vec_add_cuda(mid, x, (size_t)N * C);
+		rmsnorm_forward_cuda(la->ln2, la->ln2_rstd, mid, w->post_attention_layernorm, N, C, eps);
+		if (mc_layer_is_moe(c, l))
+			moe_fwd(g, l, w, &la->moe, next, la->ln2, B, T, m->expert_load + (size_t)l * c->n_routed_experts);
+		else
+			mlp_fwd(g, &la->mlp, next, la->ln2, w->mlp_gate_proj, w->mlp_up_proj, w->mlp_down_proj, N, C,
+				c->intermediate_size);
+		vec_add_cuda(next, mid, (size_t)N * C);
+	}
+	rmsnorm_forward_cuda(a->lnf, a->lnf_rstd, a->resid + (size_t)L * N * C, g->W.norm, N, C, eps);
+	lin_fwd(g, a->logits, a->lnf, g->W.lm_head, N, C, V);
+
+	std::vector<float> aux(L);
+	moe_cuda_memcpy_d2h(aux.data(), g->aux, sizeof(float) * L);
+	m->last_aux_loss = 0.0f;
+	for (int l = 0; l < L; l++)  /* in layer order, as the CPU model adds them */
+		m->last_aux_loss += aux[l];
+	if (!targets) {
+		m->last_ce_loss = 0.0f;
+		return 0.0f;
+	}
+	g->targets.assign(targets, targets + N);
+	moe_cuda_memcpy_h2d(a->targets, targets, sizeof(int) * N);
+	a->temperature = 1.0f;
+	cross_entropy_forward_cuda(a->losses, a->logits, a->targets, N, V);
+	g->losses.resize(N);
+	moe_cuda_memcpy_d2h(g->losses.data(), a->losses, sizeof(float) * N);
+	double sum = 0.0;
+	int count = 0;
+	for (int i = 0; i < N; i++) {
+		if (targets[i] >= 0) {
+			sum += g->losses[i];
+			count++;
+		}
+	}
+	m->last_ce_loss = count ? (float)(sum / count) : 0.0f;
+	return m->last_ce_loss + m->last_aux_loss;
+}
+
+extern "C" void gpu_model_backward(struct gpu_model *g, float loss_scale)
+{
+	struct moe_model *m = g->m;
+	const struct model_config *c = &m->cfg;
+	struct model_acts *a = g->a;
+	if (!a || !a->has_targets)
+		fail("gpu_model_backward", "no forward with targets to differentiate");
+	int B = a->B, T = a->T, N = B * T, C = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
+	struct grad_scratch *s = &a->gs;
+
+	int count = 0;
+	for (int i = 0; i < N; i++)
+		count += g->targets[i] >= 0;
+	float dloss = count ? loss_scale / count : 0.0f;
+	cross_entropy_backward_cuda(a->logits, a->logits, a->targets, dloss, N, V);
+	lin_bwd(g, s->dln, g->G.lm_head, a->logits, a->lnf, g->W.lm_head, N, C, V, true);
+	zero(s->dres, sizeof(float) * (size_t)N * C);
+	rmsnorm_backward_cuda(s->dres, g->G.norm, s->dln, a->resid + (size_t)L * N * C, g->W.norm, a->lnf_rstd, N,
+			      C);
+
+	for (int l = L - 1; l >= 0; l--) {
+		const struct layer_weights *w = &g->W.layers[l], *gw = &g->G.layers[l];
+		struct layer_acts *la = &a->layers[l];
+		const float *x = a->resid + (size_t)l * N * C, *mid = a->h_mid + (size_t)l * N * C;
+
+		if (mc_layer_is_moe(c, l))
+			moe_bwd(g, l, w, gw, &la->moe, s, s->dln, s->dres, la->ln2, B, T, loss_scale);
+		else
+			mlp_bwd(g, s->dln, gw->mlp_gate_proj, gw->mlp_up_proj, gw->mlp_down_proj, s->dg, s->du, s->dres,
+				la->ln2, &la->mlp, w->mlp_gate_proj, w->mlp_up_proj, w->mlp_down_proj, N, C,
+				c->intermediate_size, true);
+		rmsnorm_backward_cuda(s->dres, gw->post_attention_layernorm, s->dln, mid, w->post_attention_layernorm,
+				      la->ln2_rstd, N, C);
+		mla_bwd(g, w, gw, &la->mla, s, s->dln, s->dres, la->ln1, a->pos, B, T);
+		rmsnorm_backward_cuda(s->dres, gw->input_layernorm, s->dln, x, w->input_layernorm, la->ln1_rstd, N, C);
+	}
+	embedding_backward_cuda(g->G.embed_tokens, s->dres, a->inputs, N, C);
+}

@@ -1,0 +1,69 @@
+/*
+ * model/cuda/model_cuda.h - the whole model (model/model.h) on one GPU: forward and backward over device
+ * arenas, the same math and the same arena layout as the CPU model it mirrors.
+ *
+ * A gpu_model is made from a host moe_model and keeps a pointer to it: the config, the parameter table and
+ * the expert slice come from there, and the host arenas are where weights and gradients are copied to and
+ * from (checkpoints, tests).  On the device it holds
+ *   - weights: the fp32 master copy (the optimizer updates it), same layout as m->weights;
+ *   - grads: fp32, same layout as m->grads (backward accumulates into it, like model_backward);
+ *   - weights_bf16: a bf16 copy of the weights that the GEMMs read when the model runs its matmuls in
+ *     bf16 (gpu_model_create's bf16 flag): tensor cores, fp32 accumulation, fp32 outputs.  Whoever changes
+ *     the fp32 weights refreshes it (gpu_model_refresh_bf16, or the fused AdamW that writes both).
+ * Activations are kept in fp32; with bf16 matmuls each GEMM rounds its activation operand to bf16.
+ *
+ * Plain C: includable from C11 files.  Every call is queued on the backend's stream (moe_cuda_stream());
+ * the ones that return a host value or fill host memory wait for it.  One process, every expert local
+ * (no expert parallelism on the GPU path yet): gpu_model_create refuses a model with an ep group.
+ */
+#ifndef MOE_MODEL_CUDA_H
+#define MOE_MODEL_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model/model.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct gpu_model;
+
+/* Needs moe_cuda_init() first.  Allocates the device arenas and uploads m->weights.  bf16: run the
+ * matmuls in bf16 (else fp32 cuBLAS, no TF32).  NULL and err filled on failure (out of device memory, an
+ * ep group, an unsupported shape). */
+struct gpu_model *gpu_model_create(struct moe_model *m, int bf16, char *err, size_t errlen);
+void gpu_model_free(struct gpu_model *g);
+
+/* Host arenas <-> device (these wait).  upload_weights also refreshes the bf16 copy. */
+void gpu_model_upload_weights(struct gpu_model *g);
+void gpu_model_download_weights(struct gpu_model *g);
+void gpu_model_download_grads(struct gpu_model *g);
+
+/* Device arenas, m->n_weights floats each (weights_bf16: uint16_t bf16 bits, NULL unless bf16). */
+float *gpu_model_weights(struct gpu_model *g);
+float *gpu_model_grads(struct gpu_model *g);
+uint16_t *gpu_model_weights_bf16(struct gpu_model *g);
+/* Recompute the bf16 copy from the fp32 weights (no-op unless bf16). */
+void gpu_model_refresh_bf16(struct gpu_model *g);
+
+void gpu_model_zero_grad(struct gpu_model *g);
+
+/*
+ * As model_forward: inputs and targets (may be NULL) are HOST arrays of B*T ids.  Returns the loss (mean
+ * cross-entropy over the targets + the balance loss), waiting for the device; sets m->last_ce_loss,
+ * m->last_aux_loss and m->expert_load like the CPU model.  The loss options of model.h (token_weights,
+ * logit_temperature, route_replay) are not supported yet: they must be unset.
+ */
+float gpu_model_forward(struct gpu_model *g, const int *inputs, const int *targets, int B, int T);
+/* As model_backward: accumulates d(loss_scale * loss)/dweights into the device grads. */
+void gpu_model_backward(struct gpu_model *g, float loss_scale);
+/* The last forward's logits [B*T, V] on the device (overwritten by the backward). */
+const float *gpu_model_logits(const struct gpu_model *g);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,369 @@
+/*
+ * tests/gpu/test_model_cuda.c - the whole model on the GPU (model/cuda/model_cuda.h) against the CPU model
+ * on the same weights and tokens: the loss and its parts, the logits, the expert loads and every
+ * parameter's gradient, for each model variant, in fp32 (tight: only summation order differs) and with
+ * bf16 matmuls (bf16 tolerances), and two forward/backward calls accumulating like model_backward.
+ *
+ * The GPU's outputs are poisoned (NaN) before each run, so a buffer it forgets to write fails.  Without
+ * the CUDA backend, or without a device, the suite is one test that prints "SKIP: no CUDA device".
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "harness.h"
+#include "model/model.h"
+
+#ifdef MOE_HAVE_CUDA
+#include "model/cuda/model_cuda.h"
+#include "model/cuda/ops_cuda.h"
+#endif
+
+static const char *skip_reason = "";
+
+static void test_skip(void)
+{
+	printf("\nSKIP: no CUDA device (%s)\n", skip_reason);
+	CU_PASS("SKIP: no CUDA device");
+}
+
+#ifdef MOE_HAVE_CUDA
+
+enum variant { V3_LIKE, V2_LIKE, V2_GROUPS, DENSE_ONLY, V3_YARN, N_VARIANTS };
+static const char *variant_name[] = { "v3-like", "v2-like", "v2-groups", "dense-only", "v3-yarn" };
+
+/* The shapes of tests/model/test_model.c, wider, with DeepSeek's head dims ratio (dq 192 / dv 128 is
+ * what the attention kernel is sized for; a smaller pair exercises its masking). */
+static struct model_config gpu_config(enum variant v)
+{
+	struct model_config c = {
+		.vocab_size = 97, .hidden_size = 64, .intermediate_size = 96, .moe_intermediate_size = 32,
+		.num_hidden_layers = 3, .num_attention_heads = 4, .num_key_value_heads = 4,
+		.n_shared_experts = 1, .n_routed_experts = 8, .routed_scaling_factor = 2.5,
+		.kv_lora_rank = 32, .q_lora_rank = 24, .qk_rope_head_dim = 8, .qk_nope_head_dim = 16,
+		.v_head_dim = 16, .n_group = 4, .topk_group = 2, .num_experts_per_tok = 2,
+		.moe_layer_freq = 1, .first_k_dense_replace = 1, .norm_topk_prob = true,
+		.scoring_func = MOE_SCORING_SIGMOID, .aux_loss_alpha = 0.05, .seq_aux = true,
+		.max_position_embeddings = 64, .initializer_range = 0.1, .rms_norm_eps = 1e-6,
+		.rope_theta = 10000.0,
+	};
+	switch (v) {
+	case V2_LIKE:
+		c.scoring_func = MOE_SCORING_SOFTMAX;
+		c.q_lora_rank = 0;
+		c.n_group = 1;
+		c.topk_group = 1;
+		c.n_shared_experts = 0;
+		c.norm_topk_prob = false;
+		c.routed_scaling_factor = 16.0;
+		c.aux_loss_alpha = 0.0;
+		break;
+	case V2_GROUPS:
+		c.scoring_func = MOE_SCORING_SOFTMAX;
+		c.n_shared_experts = 2;
+		c.norm_topk_prob = false;
+		c.routed_scaling_factor = 1.0;
+		break;
+	case DENSE_ONLY:
+		c.n_routed_experts = 0;
+		c.first_k_dense_replace = c.num_hidden_layers;
+		break;
+	case V3_YARN:
+		c.rope_scaling = (struct rope_scaling){ .type = ROPE_YARN, .factor = 4,
+			.original_max_position_embeddings = 8, .mscale = 0.707, .mscale_all_dim = 1.0 };
+		break;
+	default:
+		break;
+	}
+	return c;
+}
+
+static void *xmalloc(size_t bytes)
+{
+	void *p = malloc(bytes ? bytes : 1);
+	if (!p) {
+		fprintf(stderr, "out of memory\n");
+		exit(2);
+	}
+	return p;
+}
+
+/* ||a - b|| / ||b|| over n floats (b the reference); +inf if a holds a NaN */
+static double norm_rel_err(const float *a, const float *b, size_t n)
+{
+	double d = 0.0, r = 0.0;
+	for (size_t i = 0; i < n; i++) {
+		if (!isfinite(a[i]))
+			return INFINITY;
+		d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+		r += (double)b[i] * b[i];
+	}
+	return r > 0 ? sqrt(d / r) : sqrt(d);
+}
+
+struct run {
+	float loss, ce, aux;
+	float *logits;     /* [N, V] */
+	float *grads;      /* [n_weights] */
+	int64_t *load;     /* [L, E] */
+};
+
+static void run_free(struct run *r)
+{
+	free(r->logits);
+	free(r->grads);
+	free(r->load);
+}
+
+static void keep(struct run *r, const struct moe_model *m, float loss, const float *logits, size_t NV)
+{
+	size_t LE = (size_t)m->cfg.num_hidden_layers * m->cfg.n_routed_experts;
+	r->loss = loss;
+	r->ce = m->last_ce_loss;
+	r->aux = m->last_aux_loss;
+	r->logits = xmalloc(sizeof(float) * NV);
+	memcpy(r->logits, logits, sizeof(float) * NV);
+	r->load = xmalloc(sizeof(int64_t) * (LE ? LE : 1));
+	memcpy(r->load, m->expert_load, sizeof(int64_t) * LE);
+	r->grads = xmalloc(sizeof(float) * m->n_weights);
+}
+
+/* `calls` forward/backward pairs (each with its own tokens, loss_scale 1/calls) on the CPU */
+static void run_cpu(struct moe_model *m, const int *in, const int *tg, int B, int T, int calls, struct run *r)
+{
+	size_t NV = (size_t)B * T * m->cfg.vocab_size;
+	model_zero_grad(m);
+	float loss = 0.0f;
+	for (int i = 0; i < calls; i++) {
+		loss = model_forward(m, in + (size_t)i * B * T, tg + (size_t)i * B * T, B, T);
+		if (i == calls - 1)
+			keep(r, m, loss, model_logits(m), NV);
+		model_backward(m, 1.0f / calls);
+	}
+	memcpy(r->grads, m->grads, sizeof(float) * m->n_weights);
+}
+
+static void run_gpu(struct moe_model *m, int bf16, const int *in, const int *tg, int B, int T, int calls,
+		    struct run *r)
+{
+	size_t NV = (size_t)B * T * m->cfg.vocab_size;
+	char err[256];
+	struct gpu_model *g = gpu_model_create(m, bf16, err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(g);
+	/* poison: the gradient arena must be written by zero_grad + backward, the logits by the forward */
+	moe_cuda_memset(gpu_model_grads(g), 0xFF, sizeof(float) * m->n_weights);
+	gpu_model_zero_grad(g);
+	memset(m->expert_load, 0xFF, sizeof(int64_t) * (size_t)m->cfg.num_hidden_layers * m->cfg.n_routed_experts);
+	float *logits = xmalloc(sizeof(float) * NV);
+	float loss = 0.0f;
+	for (int i = 0; i < calls; i++) {
+		if (i > 0)  /* the activations persist between calls: poison the logits of the last one */
+			moe_cuda_memset((void *)gpu_model_logits(g), 0xFF, sizeof(float) * NV);
+		loss = gpu_model_forward(g, in + (size_t)i * B * T, tg + (size_t)i * B * T, B, T);
+		if (i == calls - 1) {
+			moe_cuda_memcpy_d2h(logits, gpu_model_logits(g), sizeof(float) * NV);
+			keep(r, m, loss, logits, NV);
+		}
+		gpu_model_backward(g, 1.0f / calls);
+	}
+	moe_cuda_synchronize();
+	float *host_grads = m->grads;  /* download into r->grads without touching the CPU's arena */
+	m->grads = r->grads;
+	gpu_model_download_grads(g);
+	m->grads = host_grads;
+	free(logits);
+	gpu_model_free(g);
+}
+
+/*
+ * Tolerances.  fp32 differs from the CPU only in summation order.  bf16 rounds every matmul operand to 8
+ * significant bits; how far that moves a gradient depends on the model (cancellation in small random
+ * models amplifies it), so the bound is relative to a measured scale: the same CPU run with its weights
+ * rounded to bf16 (one bf16 rounding, of the weights only).  The GPU, which also rounds the activation
+ * operands, must stay within `scale` times that per tensor, plus `grad`.  A wrong operand (a weight
+ * offset, a transposed product) lands orders of magnitude outside.
+ */
+struct tol {
+	double loss, aux, logits, grad, scale;  /* aux: the balance loss counts routes, a flip moves it */
+};
+
+static uint16_t bf16_bits(float f)
+{
+	uint32_t u;
+	memcpy(&u, &f, 4);
+	if ((u & 0x7fffffffu) > 0x7f800000u)
+		return (uint16_t)((u >> 16) | 0x40);
+	u += 0x7fffu + ((u >> 16) & 1u);  /* round to nearest even */
+	return (uint16_t)(u >> 16);
+}
+
+static float bf16_round(float f)
+{
+	uint32_t u = (uint32_t)bf16_bits(f) << 16;
+	memcpy(&f, &u, 4);
+	return f;
+}
+
+/* err(gpu) < base + scale * err(sens), the sens term only with a sensitivity run */
+static int within(double e, double base, const struct tol *t, const struct run *sens, double es)
+{
+	return e < base + (sens ? t->scale * es : 0.0);
+}
+
+static double scalar_rel(float a, float b)
+{
+	return b != 0 ? fabs((double)a - b) / fabs((double)b) : fabs((double)a);
+}
+
+static void compare(const struct moe_model *m, const struct run *gpu, const struct run *cpu,
+		    const struct run *sens, size_t NV, const char *what, const struct tol *t)
+{
+	const struct model_config *c = &m->cfg;
+	size_t LE = (size_t)c->num_hidden_layers * c->n_routed_experts;
+	double el = scalar_rel(gpu->loss, cpu->loss), ea = scalar_rel(gpu->aux, cpu->aux);
+	double elog = norm_rel_err(gpu->logits, cpu->logits, NV);
+	double sl = sens ? scalar_rel(sens->loss, cpu->loss) : 0, sa = sens ? scalar_rel(sens->aux, cpu->aux) : 0;
+	double slog = sens ? norm_rel_err(sens->logits, cpu->logits, NV) : 0;
+	int load_diff = 0;
+	for (size_t i = 0; i < LE; i++)
+		load_diff += gpu->load[i] != cpu->load[i];
+	printf("\n    %-20s loss %.7f gpu %.7f rel %.1e  aux rel %.1e  logits %.1e  loads differ %d", what, cpu->loss,
+	       gpu->loss, el, ea, elog, load_diff);
+	if (sens)
+		printf("\n    %-20s (bf16 weights alone, on the CPU: loss %.1e aux %.1e logits %.1e)", "", sl, sa, slog);
+	CU_ASSERT(isfinite(gpu->loss) && within(el, t->loss, t, sens, sl));
+	CU_ASSERT(within(ea, t->aux, t, sens, sa));
+	CU_ASSERT(within(elog, t->logits, t, sens, slog));
+	if (!sens)  /* fp32: the same routing, exactly */
+		CU_ASSERT(load_diff == 0);
+
+	double worst = 0.0;
+	const char *worst_name = "";
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+		if (p->kind == PARAM_BUFFER)
+			continue;
+		double e = norm_rel_err(gpu->grads + p->offset, cpu->grads + p->offset, p->numel);
+		double es = sens ? norm_rel_err(sens->grads + p->offset, cpu->grads + p->offset, p->numel) : 0;
+		if (!within(e, t->grad, t, sens, es))
+			printf("\n      %s: grad rel err %.3e (bf16 weights alone %.3e)", p->name, e, es);
+		CU_ASSERT(within(e, t->grad, t, sens, es));
+		if (!(e <= worst)) {
+			worst = e;
+			worst_name = p->name;
+		}
+	}
+	printf("\n    %-20s worst grad %.2e (%s)", "", worst, worst_name);
+}
+
+static void check_variant(enum variant v, int bf16, int calls)
+{
+	struct model_config c = gpu_config(v);
+	char err[256], what[64];
+	struct moe_model *m = model_create(&c, 0, c.n_routed_experts, err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(m);
+	model_init_weights(m, 7 + v);
+	if (c.n_routed_experts)
+		test_separate_routers(m, 11 + v);
+
+	const int B = 2, T = 24;
+	int *in = xmalloc(sizeof(int) * B * T * calls), *tg = xmalloc(sizeof(int) * B * T * calls);
+	test_rng_seed(100 + v);
+	for (int i = 0; i < B * T * calls; i++) {
+		in[i] = (int)(test_rand_uniform(0, 1) * c.vocab_size) % c.vocab_size;
+		tg[i] = i % 7 == 3 ? -1 : (int)(test_rand_uniform(0, 1) * c.vocab_size) % c.vocab_size;
+	}
+	struct run cpu = { 0 }, gpu = { 0 }, sens = { 0 };
+	run_cpu(m, in, tg, B, T, calls, &cpu);
+	if (bf16) {  /* the scale of a bf16 rounding: the CPU run on bf16-rounded weights */
+		float *w = xmalloc(sizeof(float) * m->n_weights);
+		memcpy(w, m->weights, sizeof(float) * m->n_weights);
+		for (size_t i = 0; i < m->n_weights; i++)
+			m->weights[i] = bf16_round(w[i]);
+		run_cpu(m, in, tg, B, T, calls, &sens);
+		memcpy(m->weights, w, sizeof(float) * m->n_weights);
+		free(w);
+	}
+	run_gpu(m, bf16, in, tg, B, T, calls, &gpu);
+	snprintf(what, sizeof(what), "%s %s%s", variant_name[v], bf16 ? "bf16" : "fp32", calls > 1 ? " x2" : "");
+	struct tol fp32 = { 1e-5, 1e-5, 1e-5, 1e-4, 0 }, half = { 5e-3, 5e-2, 2e-2, 2e-2, 4.0 };
+	compare(m, &gpu, &cpu, bf16 ? &sens : NULL, (size_t)B * T * c.vocab_size, what, bf16 ? &half : &fp32);
+	run_free(&cpu);
+	run_free(&gpu);
+	run_free(&sens);
+	free(in);
+	free(tg);
+	model_free(m);
+}
+
+static void test_fp32(void)
+{
+	for (int v = 0; v < N_VARIANTS; v++)
+		check_variant(v, 0, 1);
+}
+
+static void test_bf16(void)
+{
+	for (int v = 0; v < N_VARIANTS; v++)
+		check_variant(v, 1, 1);
+}
+
+/* two forward/backward pairs accumulate into the gradients as model_backward does */
+static void test_accumulate(void)
+{
+	check_variant(V3_LIKE, 0, 2);
+	check_variant(V2_GROUPS, 1, 2);
+}
+
+/* the GPU model refuses what it does not hold, naming why */
+static void test_refuses_ep_slice(void)
+{
+	struct model_config c = gpu_config(V3_LIKE);
+	char err[256] = "";
+	struct moe_model *m = model_create(&c, 0, 4, err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(m);
+	CU_ASSERT_PTR_NULL(gpu_model_create(m, 1, err, sizeof(err)));
+	CU_ASSERT(strstr(err, "expert") != NULL);
+	model_free(m);
+}
+
+static void test_init_failed(void)
+{
+	CU_FAIL("moe_cuda_init(0) failed although a device is visible (see stderr)");
+}
+
+#endif /* MOE_HAVE_CUDA */
+
+void register_tests(void)
+{
+	static const struct test_case skip_cases[] = {
+		{"skip", test_skip},
+		{NULL, NULL},
+	};
+#ifdef MOE_HAVE_CUDA
+	static const struct test_case cases[] = {
+		{"fp32", test_fp32},
+		{"bf16", test_bf16},
+		{"accumulate", test_accumulate},
+		{"refuses_ep_slice", test_refuses_ep_slice},
+		{NULL, NULL},
+	};
+	static const struct test_case init_failed[] = {
+		{"init", test_init_failed},
+		{NULL, NULL},
+	};
+	if (moe_cuda_device_count() > 0) {
+		if (moe_cuda_init(0) != 0) {
+			add_suite("model_cuda", init_failed);
+			return;
+		}
+		add_suite("model_cuda", cases);
+		return;
+	}
+	skip_reason = "moe_cuda_device_count() = 0";
+#else
+	skip_reason = "built without the CUDA backend (MOE_HAVE_CUDA)";
+#endif
+	add_suite("model_cuda", skip_cases);
+}
