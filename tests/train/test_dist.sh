@@ -31,8 +31,10 @@ done
 
 # 2. training under mpirun, resumed across layouts
 "$MOE" data synth --out "$W/train_0.bin" --vocab 256 --tokens 40000 --seed 1 >/dev/null
+# train.device=cpu: every layout against the one-process CPU reference (on a GPU machine, auto would move
+# the one-process runs to the GPU while the multi-rank ones stay on the CPU)
 common=(--config "$SRC/configs/tiny.json" --set "data.train=$W/train_*.bin" --set data.val= --set train.steps=8
-	--set train.warmup_steps=2 --set train.micro_batch=2 --set data.shuffle=true)
+	--set train.warmup_steps=2 --set train.micro_batch=2 --set data.shuffle=true --set train.device=cpu)
 # the reference: one process with grad_accum 4 = the same global batch of 8 sequences as 4 ranks x 1
 "$MOE" train "${common[@]}" --set train.grad_accum=4 --set "checkpoint.dir=$W/ref" \
 	--set "log.metrics=$W/ref.jsonl" >"$W/ref.log" 2>&1 || { cat "$W/ref.log"; fail "reference"; }
