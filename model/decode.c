@@ -654,11 +654,7 @@ static int moe_decode(const struct moe_model *m, struct latent_cache *lc, int l,
 	struct decode_scratch *s = lc->scratch;
 	struct moe_dispatch *d = &s->disp;
 	int C = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
-	struct router_params rp = {
-		.E = E, .K = K, .n_group = c->n_group, .topk_group = c->topk_group,
-		.scoring = c->scoring_func, .norm_topk_prob = c->norm_topk_prob,
-		.routed_scaling_factor = (float)c->routed_scaling_factor,
-	};
+	struct router_params rp = moe_router_params(c);
 
 	skinny_linear(s->rlogits, x, w->gate, n, C, E);
 	router_forward(s->rscores, s->topk_idx, s->topk_w, s->rlogits, w->e_score_correction_bias, &rp, n);

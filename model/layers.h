@@ -111,6 +111,9 @@ void mlp_backward(float *dx, float *dwg, float *dwu, float *dwd, float *dg, floa
 		  const float *dy, const float *x, const struct mlp_acts *a, const float *wg,
 		  const float *wu, const float *wd, int rows, int C, int I);
 
+/* The router's parameters (ops.h) from the config: what moe.c and the GPU model route with. */
+struct router_params moe_router_params(const struct model_config *c);
+
 /*
  * Stable counting sort of the (token, slot) pairs i = n*K + k by expert: load[E] = pairs per expert (all
  * E), offsets[El + 1] = the first sorted row of each local expert e0 + e, row_pair[r] = the pair of sorted

@@ -46,7 +46,7 @@ void mlp_backward(float *dx, float *dwg, float *dwu, float *dwd, float *dg, floa
 	mlp_bwd(dx, dwg, dwu, dwd, dg, du, dy, x, a, wg, wu, wd, rows, C, I, LIN_SET_DX);
 }
 
-static struct router_params router_params(const struct model_config *c)
+struct router_params moe_router_params(const struct model_config *c)
 {
 	struct router_params p = {
 		.E = c->n_routed_experts, .K = c->num_experts_per_tok, .n_group = c->n_group,
@@ -317,7 +317,7 @@ float moe_forward(const struct moe_model *m, const struct layer_weights *w, stru
 		  float *out, const float *x, int B, int T, int64_t *load)
 {
 	const struct model_config *c = &m->cfg;
-	struct router_params rp = router_params(c);
+	struct router_params rp = moe_router_params(c);
 	int N = B * T, C = c->hidden_size, K = rp.K, Im = c->moe_intermediate_size;
 	int Is = c->n_shared_experts * Im;
 
@@ -360,7 +360,7 @@ void moe_backward(const struct moe_model *m, const struct layer_weights *w,
 		  float *dx, const float *dout, const float *x, int B, int T, float loss_scale)
 {
 	const struct model_config *c = &m->cfg;
-	struct router_params rp = router_params(c);
+	struct router_params rp = moe_router_params(c);
 	int N = B * T, C = c->hidden_size, K = rp.K, E = rp.E, Im = c->moe_intermediate_size;
 	int Is = c->n_shared_experts * Im;
 

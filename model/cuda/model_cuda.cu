@@ -373,19 +373,6 @@ void mlp_bwd(const gpu_model *g, float *dx, float *dwg, float *dwu, float *dwd, 
 	lin_bwd(g, dx, dwu, du, x, wu, rows, C, I, false);
 }
 
-struct router_params router_params_of(const struct model_config *c)
-{
-	struct router_params p;
-	p.E = c->n_routed_experts;
-	p.K = c->num_experts_per_tok;
-	p.n_group = c->n_group;
-	p.topk_group = c->topk_group;
-	p.scoring = c->scoring_func;
-	p.norm_topk_prob = c->norm_topk_prob;
-	p.routed_scaling_factor = (float)c->routed_scaling_factor;
-	return p;
-}
-
 /* the local experts' blocks: expert e's rows [off[e], off[e+1]) */
 void experts_fwd(const gpu_model *g, const struct layer_weights *w, const struct moe_acts *a, const int *off,
 		 int El, int C, int Im)
@@ -440,7 +427,7 @@ void moe_fwd(gpu_model *g, int l, const struct layer_weights *w, struct moe_acts
 	     const float *x, int B, int T, int64_t *load)
 {
 	const struct model_config *c = &g->m->cfg;
-	struct router_params rp = router_params_of(c);
+	struct router_params rp = moe_router_params(c);
 	int N = B * T, C = c->hidden_size, K = rp.K, Im = c->moe_intermediate_size;
 	int Is = c->n_shared_experts * Im;
 
@@ -465,7 +452,7 @@ void moe_bwd(gpu_model *g, int l, const struct layer_weights *w, const struct la
 	     int B, int T, float loss_scale)
 {
 	const struct model_config *c = &g->m->cfg;
-	struct router_params rp = router_params_of(c);
+	struct router_params rp = moe_router_params(c);
 	int N = B * T, C = c->hidden_size, K = rp.K, E = rp.E, Im = c->moe_intermediate_size;
 	int Is = c->n_shared_experts * Im;
 	const int *off = g->offsets.data() + (size_t)l * (E + 1);
