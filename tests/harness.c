@@ -125,3 +125,13 @@ int main(void)
 	CU_cleanup_registry();
 	return (failed || errors) ? 1 : 0;
 }
+
+void *test_xmalloc(size_t bytes)
+{
+	void *p = malloc(bytes ? bytes : 1);
+	if (!p) {
+		fprintf(stderr, "out of memory\n");
+		exit(2);
+	}
+	return p;
+}

@@ -20,6 +20,9 @@ struct test_case {
 };
 void add_suite(const char *name, const struct test_case *cases);
 
+/* malloc that ends the test run (exit 2) when memory runs out; never NULL (0 bytes: 1). */
+void *test_xmalloc(size_t bytes);
+
 /* Deterministic test randomness. */
 void test_rng_seed(uint64_t seed);
 float test_randn(void);

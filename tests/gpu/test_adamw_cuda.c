@@ -47,26 +47,16 @@ static void test_skip(void)
 
 /* ---- helpers ---- */
 
-static void *xmalloc(size_t bytes)
-{
-	void *p = malloc(bytes ? bytes : 1);
-	if (!p) {
-		fprintf(stderr, "out of memory\n");
-		exit(2);
-	}
-	return p;
-}
-
 static float *h_randn(size_t n, float scale)
 {
-	float *p = xmalloc(sizeof(float) * n);
+	float *p = test_xmalloc(sizeof(float) * n);
 	test_fill_randn(p, n, scale);
 	return p;
 }
 
 static float *h_copy(const float *src, size_t n)
 {
-	float *p = xmalloc(sizeof(float) * n);
+	float *p = test_xmalloc(sizeof(float) * n);
 	memcpy(p, src, sizeof(float) * n);
 	return p;
 }
@@ -80,7 +70,7 @@ static float *d_floats(const float *host, size_t n)
 
 static float *h_from_dev(const float *d, size_t n)
 {
-	float *h = xmalloc(sizeof(float) * n);
+	float *h = test_xmalloc(sizeof(float) * n);
 	moe_cuda_memcpy_d2h(h, d, sizeof(float) * n);
 	return h;
 }
@@ -176,7 +166,7 @@ static void expect_untouched(const float *w, const float *w0, const float *m, co
 /* the bf16 copy against the GPU weights (or, when none was asked for, still all poison) */
 static void expect_bf16(const uint16_t *d_wb, const float *w, size_t n, int written)
 {
-	uint16_t *wb = xmalloc(sizeof(uint16_t) * n);
+	uint16_t *wb = test_xmalloc(sizeof(uint16_t) * n);
 	size_t bad = 0, first = 0;
 
 	moe_cuda_memcpy_d2h(wb, d_wb, sizeof(uint16_t) * n);

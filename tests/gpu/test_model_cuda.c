@@ -79,16 +79,6 @@ static struct model_config gpu_config(enum variant v)
 	return c;
 }
 
-static void *xmalloc(size_t bytes)
-{
-	void *p = malloc(bytes ? bytes : 1);
-	if (!p) {
-		fprintf(stderr, "out of memory\n");
-		exit(2);
-	}
-	return p;
-}
-
 /* ||a - b|| / ||b|| over n floats (b the reference); +inf if a holds a NaN */
 static double norm_rel_err(const float *a, const float *b, size_t n)
 {
@@ -122,11 +112,11 @@ static void keep(struct run *r, const struct moe_model *m, float loss, const flo
 	r->loss = loss;
 	r->ce = m->last_ce_loss;
 	r->aux = m->last_aux_loss;
-	r->logits = xmalloc(sizeof(float) * NV);
+	r->logits = test_xmalloc(sizeof(float) * NV);
 	memcpy(r->logits, logits, sizeof(float) * NV);
-	r->load = xmalloc(sizeof(int64_t) * (LE ? LE : 1));
+	r->load = test_xmalloc(sizeof(int64_t) * (LE ? LE : 1));
 	memcpy(r->load, m->expert_load, sizeof(int64_t) * LE);
-	r->grads = xmalloc(sizeof(float) * m->n_weights);
+	r->grads = test_xmalloc(sizeof(float) * m->n_weights);
 }
 
 /* `calls` forward/backward pairs (each with its own tokens, loss_scale 1/calls) on the CPU */
@@ -155,7 +145,7 @@ static void run_gpu(struct moe_model *m, int bf16, const int *in, const int *tg,
 	moe_cuda_memset(gpu_model_grads(g), 0xFF, sizeof(float) * m->n_weights);
 	gpu_model_zero_grad(g);
 	memset(m->expert_load, 0xFF, sizeof(int64_t) * (size_t)m->cfg.num_hidden_layers * m->cfg.n_routed_experts);
-	float *logits = xmalloc(sizeof(float) * NV);
+	float *logits = test_xmalloc(sizeof(float) * NV);
 	float loss = 0.0f;
 	for (int i = 0; i < calls; i++) {
 		if (i > 0)  /* the activations persist between calls: poison the logits of the last one */
@@ -268,7 +258,7 @@ static void check_variant(enum variant v, int bf16, int calls)
 		test_separate_routers(m, 11 + v);
 
 	const int B = 2, T = 24;
-	int *in = xmalloc(sizeof(int) * B * T * calls), *tg = xmalloc(sizeof(int) * B * T * calls);
+	int *in = test_xmalloc(sizeof(int) * B * T * calls), *tg = test_xmalloc(sizeof(int) * B * T * calls);
 	test_rng_seed(100 + v);
 	for (int i = 0; i < B * T * calls; i++) {
 		in[i] = (int)(test_rand_uniform(0, 1) * c.vocab_size) % c.vocab_size;
@@ -277,7 +267,7 @@ static void check_variant(enum variant v, int bf16, int calls)
 	struct run cpu = { 0 }, gpu = { 0 }, sens = { 0 };
 	run_cpu(m, in, tg, B, T, calls, &cpu);
 	if (bf16) {  /* the scale of a bf16 rounding: the CPU run on bf16-rounded weights */
-		float *w = xmalloc(sizeof(float) * m->n_weights);
+		float *w = test_xmalloc(sizeof(float) * m->n_weights);
 		memcpy(w, m->weights, sizeof(float) * m->n_weights);
 		for (size_t i = 0; i < m->n_weights; i++)
 			m->weights[i] = bf16_round(w[i]);

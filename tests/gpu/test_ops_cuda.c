@@ -44,26 +44,16 @@ static void test_skip(void)
 
 /* ---- host / device helpers ---- */
 
-static void *xmalloc(size_t bytes)
-{
-	void *p = malloc(bytes ? bytes : 1);
-	if (!p) {
-		fprintf(stderr, "out of memory\n");
-		exit(2);
-	}
-	return p;
-}
-
 static float *h_randn(size_t n, float scale)
 {
-	float *p = xmalloc(sizeof(float) * n);
+	float *p = test_xmalloc(sizeof(float) * n);
 	test_fill_randn(p, n, scale);
 	return p;
 }
 
 static float *h_copy(const float *src, size_t n)
 {
-	float *p = xmalloc(sizeof(float) * n);
+	float *p = test_xmalloc(sizeof(float) * n);
 	memcpy(p, src, sizeof(float) * n);
 	return p;
 }
@@ -88,7 +78,7 @@ static void *d_poison(size_t bytes)
 
 static float *h_from_dev(const void *d, size_t n)
 {
-	float *h = xmalloc(sizeof(float) * n);
+	float *h = test_xmalloc(sizeof(float) * n);
 	moe_cuda_memcpy_d2h(h, d, sizeof(float) * n);
 	return h;
 }
@@ -137,7 +127,7 @@ static void expect_close(const char *what, const float *d_gpu, const float *cpu,
 
 static void expect_ints(const char *what, const int *d_gpu, const int *cpu, size_t n)
 {
-	int *g = xmalloc(sizeof(int) * n);
+	int *g = test_xmalloc(sizeof(int) * n);
 	moe_cuda_memcpy_d2h(g, d_gpu, sizeof(int) * n);
 	size_t bad = 0, first = 0;
 	for (size_t i = 0; i < n; i++)
@@ -175,7 +165,7 @@ static void test_linear(void)
 	float *x = h_randn((size_t)N * in, 1.0f), *w = h_randn((size_t)out * in, 0.2f);
 	float *dy = h_randn((size_t)N * out, 1.0f);
 	float *dx0 = h_randn((size_t)N * in, 1.0f), *dw0 = h_randn((size_t)out * in, 1.0f);
-	float *y = xmalloc(sizeof(float) * N * out), *dx = h_copy(dx0, (size_t)N * in),
+	float *y = test_xmalloc(sizeof(float) * N * out), *dx = h_copy(dx0, (size_t)N * in),
 	      *dw = h_copy(dw0, (size_t)out * in);
 	linear_forward(y, x, w, N, in, out);
 	linear_backward(dx, dw, dy, x, w, N, in, out);
@@ -208,11 +198,11 @@ static void test_embedding(void)
 	const int V = 37, C = 300, N = 500; /* many repeated ids */
 	float *table = h_randn((size_t)V * C, 1.0f), *dout = h_randn((size_t)N * C, 1.0f);
 	float *dtable0 = h_randn((size_t)V * C, 1.0f);
-	int *ids = xmalloc(sizeof(int) * N);
+	int *ids = test_xmalloc(sizeof(int) * N);
 	for (int n = 0; n < N; n++)
 		ids[n] = (int)test_rand_uniform(0.0f, (float)V) % V;
 	ids[0] = ids[N - 1] = V - 1;
-	float *out = xmalloc(sizeof(float) * N * C), *dtable = h_copy(dtable0, (size_t)V * C);
+	float *out = test_xmalloc(sizeof(float) * N * C), *dtable = h_copy(dtable0, (size_t)V * C);
 	embedding_forward(out, ids, table, N, C);
 	embedding_backward(dtable, dout, ids, N, C);
 
@@ -240,7 +230,7 @@ static void rmsnorm_case(int N, int C)
 	const float eps = 1e-6f;
 	float *x = h_randn((size_t)N * C, 2.0f), *w = h_randn((size_t)C, 1.0f), *dy = h_randn((size_t)N * C, 1.0f);
 	float *dx0 = h_randn((size_t)N * C, 1.0f), *dw0 = h_randn((size_t)C, 1.0f);
-	float *y = xmalloc(sizeof(float) * N * C), *rstd = xmalloc(sizeof(float) * N);
+	float *y = test_xmalloc(sizeof(float) * N * C), *rstd = test_xmalloc(sizeof(float) * N);
 	float *dx = h_copy(dx0, (size_t)N * C), *dw = h_copy(dw0, (size_t)C);
 	rmsnorm_forward(y, rstd, x, w, N, C, eps);
 	rmsnorm_backward(dx, dw, dy, x, w, rstd, N, C);
@@ -289,7 +279,7 @@ static void rope_case(const char *name, int N, int nheads, int row_stride, int h
 	const size_t n = (size_t)N * row_stride;
 	char label[96];
 	float *x = h_randn(n, 1.0f), *g = h_randn(n, 1.0f);
-	int *pos = xmalloc(sizeof(int) * N);
+	int *pos = test_xmalloc(sizeof(int) * N);
 	for (int i = 0; i < N; i++)
 		pos[i] = (int)test_rand_uniform(0.0f, 4096.0f);
 	pos[0] = 0;
@@ -342,7 +332,7 @@ static void attention_case(int B, int T, int H, int dq, int dv)
 	char label[96];
 	float *q = h_randn(nq, 1.0f), *k = h_randn(nq, 1.0f), *v = h_randn(nv, 1.0f), *dout = h_randn(nv, 1.0f);
 	float *dq0 = h_randn(nq, 0.5f), *dk0 = h_randn(nq, 0.5f), *dv0 = h_randn(nv, 0.5f);
-	float *out = xmalloc(sizeof(float) * nv), *lse = xmalloc(sizeof(float) * nl);
+	float *out = test_xmalloc(sizeof(float) * nv), *lse = test_xmalloc(sizeof(float) * nl);
 	float *gq = h_copy(dq0, nq), *gk = h_copy(dk0, nq), *gv = h_copy(dv0, nv);
 	attention_forward(out, lse, q, k, v, B, T, H, dq, dv, scale);
 	attention_backward(gq, gk, gv, dout, out, lse, q, k, v, B, T, H, dq, dv, scale);
@@ -406,7 +396,7 @@ static void test_swiglu(void)
 	const size_t n = 10007;
 	float *gate = h_randn(n, 3.0f), *up = h_randn(n, 1.0f), *dout = h_randn(n, 1.0f);
 	float *dg0 = h_randn(n, 1.0f), *du0 = h_randn(n, 1.0f);
-	float *out = xmalloc(sizeof(float) * n), *dg = h_copy(dg0, n), *du = h_copy(du0, n);
+	float *out = test_xmalloc(sizeof(float) * n), *dg = h_copy(dg0, n), *du = h_copy(du0, n);
 	float *dg_only = h_copy(dg0, n);
 	swiglu_forward(out, gate, up, n);
 	swiglu_backward(dg, du, dout, gate, up, n);
@@ -452,12 +442,12 @@ static void test_cross_entropy(void)
 	const float dloss = 1.0f / 10.0f;
 	const size_t nl = (size_t)N * V;
 	float *logits = h_randn(nl, 3.0f);
-	int *targets = xmalloc(sizeof(int) * N);
+	int *targets = test_xmalloc(sizeof(int) * N);
 	for (int n = 0; n < N; n++)
 		targets[n] = (int)test_rand_uniform(0.0f, (float)V) % V;
 	targets[3] = targets[7] = -1; /* ignored */
 	targets[5] = V - 1;
-	float *losses = xmalloc(sizeof(float) * N), *dlogits = xmalloc(sizeof(float) * nl);
+	float *losses = test_xmalloc(sizeof(float) * N), *dlogits = test_xmalloc(sizeof(float) * nl);
 	cross_entropy_forward(losses, logits, targets, N, V);
 	cross_entropy_backward(dlogits, logits, targets, dloss, N, V);
 
@@ -500,8 +490,8 @@ static void router_case_run(const struct router_case *rc)
 		for (size_t i = 0; i < ne; i++)
 			logits[i] = 0.5f * (float)((int)test_rand_uniform(0.0f, 4.0f) % 4);
 	float *bias = rc->bias ? h_randn((size_t)E, 0.1f) : NULL;
-	float *scores = xmalloc(sizeof(float) * ne), *w = xmalloc(sizeof(float) * nk);
-	int *idx = xmalloc(sizeof(int) * nk);
+	float *scores = test_xmalloc(sizeof(float) * ne), *w = test_xmalloc(sizeof(float) * nk);
+	int *idx = test_xmalloc(sizeof(int) * nk);
 	router_forward(scores, idx, w, logits, bias, &p, N);
 
 	float *d_logits = D_FLOATS(logits, ne), *d_bias = bias ? D_FLOATS(bias, E) : NULL;
@@ -566,8 +556,8 @@ static void balance_case(const char *name, enum moe_scoring scoring, int B, int 
 	const float alpha = 0.3f, dloss = 0.7f;
 	char label[96];
 	struct router_params p = {E, K, 1, 1, scoring, true, 1.0f};
-	float *logits = h_randn(ne, 1.0f), *scores = xmalloc(sizeof(float) * ne), *w = xmalloc(sizeof(float) * nk);
-	int *idx = xmalloc(sizeof(int) * nk);
+	float *logits = h_randn(ne, 1.0f), *scores = test_xmalloc(sizeof(float) * ne), *w = test_xmalloc(sizeof(float) * nk);
+	int *idx = test_xmalloc(sizeof(int) * nk);
 	router_forward(scores, idx, w, logits, NULL, &p, N);
 	float loss = balance_loss_forward(scores, idx, B, T, E, K, alpha);
 	float *ds0 = h_randn(ne, 0.1f), *ds = h_copy(ds0, ne);
