@@ -44,6 +44,7 @@ struct decode_scratch {
 	float *xe, *ye;                /* [N*K, C]: the routed rows in send order */
 	int *topk_idx;                 /* [N, K] */
 	int *tasks;                    /* [E + 1]: -1 the shared experts, else a local expert */
+	struct attn_task *attn_tasks;  /* [N * H] */
 	int *new_len;                  /* [n_slots]: the lengths after this step */
 	/* the experts' side: the R rows they compute (under expert parallelism from the whole group) */
 	size_t cap_R;
@@ -91,6 +92,7 @@ static void scratch_free(struct decode_scratch *s)
 	free(s->arena);
 	free(s->topk_idx);
 	free(s->tasks);
+	free(s->attn_tasks);
 	free(s->new_len);
 	free(s->xr);
 	free(s->yr);
@@ -194,17 +196,26 @@ static int ensure_expert_rows(struct decode_scratch *s, size_t R, int C, int Im)
 }
 
 /*
- * Heads go by blocks of ATTN_HEADS: a block's scores over the slot's positions are one product
- * [heads, kv_lora + dr] x [P, kv_lora + dr]^T, its latent outputs one product [heads, P] x [P, kv_lora],
- * so each cached row is read once per block.  The blocks depend on the shapes only.
+ * The attention of a step goes by tasks of at most ATTN_ROWS query rows (token, head) of one run: the
+ * tokens of one slot at consecutive positions (a prompt in a prefill; a decode step's runs are single
+ * tokens).  A task's scores over the run's positions are one product [rows, kv_lora + dr] x
+ * [P, kv_lora + dr]^T and its latent outputs one product [rows, P] x [P, kv_lora], so each cached row is
+ * read once per task, and a prompt's tokens share their reads.  A step of a single token splits its
+ * heads into two tasks for two threads.  The tasks depend on the step's shapes only, never on the thread
+ * count, and neither do the logits.
  */
-#define ATTN_HEADS 4
+#define ATTN_ROWS 64
 #define ATTN_CHUNK 256
 
-/* floats of one thread's attention buffer: the scores of a block */
+struct attn_task {
+	int i0;                        /* the run's first token */
+	int r0, rows;                  /* its rows r0.. of the run's (token - i0) * H + head */
+};
+
+/* floats of one thread's attention buffer: the scores of a task */
 static size_t attn_buf_len(int max_len)
 {
-	return (size_t)ATTN_HEADS * (size_t)max_len;
+	return (size_t)ATTN_ROWS * (size_t)max_len;
 }
 
 /* one attention buffer per thread of the coming parallel regions */
@@ -256,18 +267,22 @@ static int ensure_tokens(struct decode_scratch *s, const struct model_config *c,
 	float *arena = malloc(total * sizeof(float));
 	int *idx = malloc((n * K + 1) * sizeof(int));
 	int *tasks = malloc(((size_t)E + 2) * sizeof(int));
-	if (!arena || !idx || !tasks) {
+	struct attn_task *at = malloc(n * H * sizeof(*at));
+	if (!arena || !idx || !tasks || !at) {
 		free(arena);
 		free(idx);
 		free(tasks);
+		free(at);
 		return -1;
 	}
 	free(s->arena);
 	free(s->topk_idx);
 	free(s->tasks);
+	free(s->attn_tasks);
 	s->arena = arena;
 	s->topk_idx = idx;
 	s->tasks = tasks;
+	s->attn_tasks = at;
 	float *p = arena;
 	for (size_t i = 0; i < nb; i++) {
 		*bufs[i].p = p;
@@ -454,40 +469,58 @@ static void latent_queries(const struct model_config *c, const float *wkv_b, con
 	}
 }
 
-/* rows [nh, P] of scores -> probabilities */
-static void softmax_rows(float *s, int nh, int P)
+/* the rows of scores [rows, P] -> probabilities; row b covers positions < valid(b), the rest get 0 */
+static void masked_softmax(float *s, const int *pos, int H, int r0, int rows, int P)
 {
-	for (int b = 0; b < nh; b++) {
+	for (int b = 0; b < rows; b++) {
 		float *p = s + (size_t)b * P, mx = -INFINITY;
-		for (int j = 0; j < P; j++)
+		int valid = pos[(r0 + b) / H] + 1;
+		for (int j = 0; j < valid; j++)
 			mx = p[j] > mx ? p[j] : mx;
 		double sum = 0.0;
-		for (int j = 0; j < P; j++) {
+		for (int j = 0; j < valid; j++) {
 			p[j] = expf(p[j] - mx);
 			sum += p[j];
 		}
 		float inv = (float)(1.0 / sum);
-		for (int j = 0; j < P; j++)
+		for (int j = 0; j < valid; j++)
 			p[j] *= inv;
+		for (int j = valid; j < P; j++)
+			p[j] = 0.0f;
 	}
 }
 
 /*
- * nh heads of one token: ol [nh, Rkv] (row stride Rkv) from ql [nh, Rkv+dr] over kv [P, Rkv+dr].  The
- * scores go by chunks of ATTN_CHUNK positions: a product that small runs without copying the cached
- * rows first (see skinny_linear).
+ * The rows [r0, r0 + rows) of a run: ol [rows, Rkv] from ql [rows, Rkv + dr] over the slot's cached kv
+ * [P, Rkv + dr]; pos: the run's positions.  The scores go by chunks of ATTN_CHUNK positions: a product
+ * that small runs without copying the cached rows first (see skinny_linear).
  */
-static void attend_block(const float *ql, const float *kv, float *ol, float *s, int nh, int P, int Rkv,
-			 int dr)
+static void attend_rows(const float *ql, const float *kv, float *ol, float *s, const int *pos, int H, int r0,
+			int rows, int Rkv, int dr)
 {
-	int Dl = Rkv + dr;
+	int Dl = Rkv + dr, P = pos[(r0 + rows - 1) / H] + 1;
 	for (int j0 = 0; j0 < P; j0 += ATTN_CHUNK) {
 		int len = P - j0 < ATTN_CHUNK ? P - j0 : ATTN_CHUNK;
-		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nh, len, Dl, 1.0f, ql, Dl,
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, len, Dl, 1.0f, ql, Dl,
 			    kv + (size_t)j0 * Dl, Dl, 0.0f, s + j0, P);
 	}
-	softmax_rows(s, nh, P);
-	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nh, Rkv, P, 1.0f, s, P, kv, Dl, 0.0f, ol, Rkv);
+	masked_softmax(s, pos, H, r0, rows, P);
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, Rkv, P, 1.0f, s, P, kv, Dl, 0.0f, ol, Rkv);
+}
+
+/* the step's attention tasks (see ATTN_ROWS); returns their count */
+static int attn_plan(struct attn_task *t, const int *slots, const int *positions, int n, int H)
+{
+	int nt = 0;
+	for (int i0 = 0, i1; i0 < n; i0 = i1) {
+		for (i1 = i0 + 1; i1 < n && slots[i1] == slots[i0] && positions[i1] == positions[i1 - 1] + 1; i1++)
+			;
+		int rows = (i1 - i0) * H, chunk = i1 - i0 == 1 ? (H + 1) / 2 : ATTN_ROWS;
+		chunk = chunk > ATTN_ROWS ? ATTN_ROWS : chunk;
+		for (int r0 = 0; r0 < rows; r0 += chunk)
+			t[nt++] = (struct attn_task){ i0, r0, rows - r0 < chunk ? rows - r0 : chunk };
+	}
+	return nt;
 }
 
 /* att[i, h] = W_UV_h ol[i, h], one product per head over all tokens */
@@ -512,17 +545,18 @@ static void absorbed_attention(const struct model_config *c, const struct layer_
 			       const int *slots, const int *positions, int n)
 {
 	int H = c->num_attention_heads, Rkv = c->kv_lora_rank, dr = c->qk_rope_head_dim, Dl = Rkv + dr;
-	int nb = (H + ATTN_HEADS - 1) / ATTN_HEADS;
 	const float *kv_l = lc->kv + (size_t)layer * lc->n_slots * lc->max_len * Dl;
 	size_t buf_len = attn_buf_len(lc->max_len);
+	int nt = attn_plan(s->attn_tasks, slots, positions, n, H);
 
 	latent_queries(c, w->kv_b_proj, s->q, s->ql, n);
 #pragma omp parallel for schedule(dynamic, 1)
-	for (int t = 0; t < n * nb; t++) {
-		int i = t / nb, h0 = (t % nb) * ATTN_HEADS, nh = H - h0 < ATTN_HEADS ? H - h0 : ATTN_HEADS;
-		attend_block(s->ql + ((size_t)i * H + h0) * Dl, kv_l + (size_t)slots[i] * lc->max_len * Dl,
-			     s->ol + ((size_t)i * H + h0) * Rkv, s->attn_buf + buf_len * omp_get_thread_num(),
-			     nh, positions[i] + 1, Rkv, dr);
+	for (int t = 0; t < nt; t++) {
+		const struct attn_task *a = &s->attn_tasks[t];
+		size_t row = (size_t)a->i0 * H + a->r0;
+		attend_rows(s->ql + row * Dl, kv_l + (size_t)slots[a->i0] * lc->max_len * Dl, s->ol + row * Rkv,
+			    s->attn_buf + buf_len * omp_get_thread_num(), positions + a->i0, H, a->r0, a->rows,
+			    Rkv, dr);
 	}
 	latent_outputs(c, w->kv_b_proj, s->ol, s->att, n);
 }
