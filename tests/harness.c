@@ -56,6 +56,41 @@ void test_separate_routers(struct moe_model *m, uint64_t seed)
 	}
 }
 
+const char *const test_variant_name[N_VARIANTS] = { "v3-like", "v2-like", "v2-groups", "dense-only",
+						     "v3-yarn" };
+
+void test_apply_variant(struct model_config *c, enum test_variant v, int yarn_original)
+{
+	switch (v) {
+	case V2_LIKE:
+		c->scoring_func = MOE_SCORING_SOFTMAX;
+		c->q_lora_rank = 0;
+		c->n_group = 1;
+		c->topk_group = 1;
+		c->n_shared_experts = 0;
+		c->norm_topk_prob = false;
+		c->routed_scaling_factor = 16.0;
+		c->aux_loss_alpha = 0.0;
+		break;
+	case V2_GROUPS:
+		c->scoring_func = MOE_SCORING_SOFTMAX;
+		c->n_shared_experts = 2;
+		c->norm_topk_prob = false;
+		c->routed_scaling_factor = 1.0;
+		break;
+	case DENSE_ONLY:
+		c->n_routed_experts = 0;
+		c->first_k_dense_replace = c->num_hidden_layers;
+		break;
+	case V3_YARN:  /* one frequency interpolated: cos/sin x 0.964, softmax scale x 1.30 */
+		c->rope_scaling = (struct rope_scaling){ .type = ROPE_YARN, .factor = 4,
+			.original_max_position_embeddings = yarn_original, .mscale = 0.707, .mscale_all_dim = 1.0 };
+		break;
+	default:
+		break;
+	}
+}
+
 double rel_err(const float *a, const float *b, size_t n, double floor)
 {
 	double worst = 0;

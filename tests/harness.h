@@ -37,6 +37,18 @@ void test_fill_randn(float *x, size_t n, float scale);
 struct moe_model;
 void test_separate_routers(struct moe_model *m, uint64_t seed);
 
+/*
+ * The model variants the model tests run, names in test_variant_name: DeepSeek-V3-like (sigmoid scores,
+ * group-limited routing, q_lora, shared experts), V2-like (softmax, no q_lora, one group, no shared
+ * experts, no norm_topk_prob, no balance loss), V2 with groups and 2 shared experts, dense only, and
+ * V3 with YaRN RoPE over an original context of yarn_original positions.
+ */
+enum test_variant { V3_LIKE, V2_LIKE, V2_GROUPS, DENSE_ONLY, V3_YARN, N_VARIANTS };
+extern const char *const test_variant_name[N_VARIANTS];
+/* c: a V3-like config (each test picks its own sizes); turned into variant v */
+struct model_config;
+void test_apply_variant(struct model_config *c, enum test_variant v, int yarn_original);
+
 /* max |a-b| / max(|b|, floor) over n elements */
 double rel_err(const float *a, const float *b, size_t n, double floor);
 

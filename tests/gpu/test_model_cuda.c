@@ -30,12 +30,10 @@ static void test_skip(void)
 
 #ifdef MOE_HAVE_CUDA
 
-enum variant { V3_LIKE, V2_LIKE, V2_GROUPS, DENSE_ONLY, V3_YARN, N_VARIANTS };
-static const char *variant_name[] = { "v3-like", "v2-like", "v2-groups", "dense-only", "v3-yarn" };
 
 /* The shapes of tests/model/test_model.c, wider, with DeepSeek's head dims ratio (dq 192 / dv 128 is
  * what the attention kernel is sized for; a smaller pair exercises its masking). */
-static struct model_config gpu_config(enum variant v)
+static struct model_config gpu_config(enum test_variant v)
 {
 	struct model_config c = {
 		.vocab_size = 97, .hidden_size = 64, .intermediate_size = 96, .moe_intermediate_size = 32,
@@ -48,34 +46,7 @@ static struct model_config gpu_config(enum variant v)
 		.max_position_embeddings = 64, .initializer_range = 0.1, .rms_norm_eps = 1e-6,
 		.rope_theta = 10000.0,
 	};
-	switch (v) {
-	case V2_LIKE:
-		c.scoring_func = MOE_SCORING_SOFTMAX;
-		c.q_lora_rank = 0;
-		c.n_group = 1;
-		c.topk_group = 1;
-		c.n_shared_experts = 0;
-		c.norm_topk_prob = false;
-		c.routed_scaling_factor = 16.0;
-		c.aux_loss_alpha = 0.0;
-		break;
-	case V2_GROUPS:
-		c.scoring_func = MOE_SCORING_SOFTMAX;
-		c.n_shared_experts = 2;
-		c.norm_topk_prob = false;
-		c.routed_scaling_factor = 1.0;
-		break;
-	case DENSE_ONLY:
-		c.n_routed_experts = 0;
-		c.first_k_dense_replace = c.num_hidden_layers;
-		break;
-	case V3_YARN:
-		c.rope_scaling = (struct rope_scaling){ .type = ROPE_YARN, .factor = 4,
-			.original_max_position_embeddings = 8, .mscale = 0.707, .mscale_all_dim = 1.0 };
-		break;
-	default:
-		break;
-	}
+	test_apply_variant(&c, v, 8);
 	return c;
 }
 
@@ -247,7 +218,7 @@ static void compare(const struct moe_model *m, const struct run *gpu, const stru
 	printf("\n    %-20s worst grad %.2e (%s)", "", worst, worst_name);
 }
 
-static void check_variant(enum variant v, int bf16, int calls)
+static void check_variant(enum test_variant v, int bf16, int calls)
 {
 	struct model_config c = gpu_config(v);
 	char err[256], what[64];
@@ -276,7 +247,7 @@ static void check_variant(enum variant v, int bf16, int calls)
 		free(w);
 	}
 	run_gpu(m, bf16, in, tg, B, T, calls, &gpu);
-	snprintf(what, sizeof(what), "%s %s%s", variant_name[v], bf16 ? "bf16" : "fp32", calls > 1 ? " x2" : "");
+	snprintf(what, sizeof(what), "%s %s%s", test_variant_name[v], bf16 ? "bf16" : "fp32", calls > 1 ? " x2" : "");
 	struct tol fp32 = { 1e-5, 1e-5, 1e-5, 1e-4, 0 }, half = { 5e-3, 5e-2, 2e-2, 2e-2, 4.0 };
 	compare(m, &gpu, &cpu, bf16 ? &sens : NULL, (size_t)B * T * c.vocab_size, what, bf16 ? &half : &fp32);
 	run_free(&cpu);

@@ -13,18 +13,7 @@
 #include "model/model.h"
 #include "train/config.h"
 
-enum variant {
-	V3_LIKE,        /* sigmoid, q_lora, groups, shared experts, norm_topk_prob, bias, balance loss */
-	V2_LIKE,        /* softmax, q_proj (q_lora 0), no groups, no shared experts, unnormalised, scaled */
-	V2_GROUPS,      /* softmax with group-limited routing and shared experts */
-	DENSE_ONLY,     /* no MoE layer at all */
-	V3_YARN,        /* v3-like with YaRN RoPE: cos/sin x 0.964, softmax scale x 1.30 */
-	N_VARIANTS
-};
-
-static const char *variant_name[] = { "v3-like", "v2-like", "v2-groups", "dense-only", "v3-yarn" };
-
-static struct model_config small_config(enum variant v)
+static struct model_config small_config(enum test_variant v)
 {
 	struct model_config c = {
 		.vocab_size = 29, .hidden_size = 16, .intermediate_size = 24, .moe_intermediate_size = 8,
@@ -37,39 +26,12 @@ static struct model_config small_config(enum variant v)
 		.max_position_embeddings = 64, .initializer_range = 0.3, .rms_norm_eps = 1e-6,
 		.rope_theta = 10000.0,
 	};
-	switch (v) {
-	case V2_LIKE:
-		c.scoring_func = MOE_SCORING_SOFTMAX;
-		c.q_lora_rank = 0;
-		c.n_group = 1;
-		c.topk_group = 1;
-		c.n_shared_experts = 0;
-		c.norm_topk_prob = false;
-		c.routed_scaling_factor = 16.0;
-		c.aux_loss_alpha = 0.0;
-		break;
-	case V2_GROUPS:
-		c.scoring_func = MOE_SCORING_SOFTMAX;
-		c.n_shared_experts = 2;
-		c.norm_topk_prob = false;
-		c.routed_scaling_factor = 1.0;
-		break;
-	case DENSE_ONLY:
-		c.n_routed_experts = 0;
-		c.first_k_dense_replace = c.num_hidden_layers;
-		break;
-	case V3_YARN:  /* an original context of 4 < T: one frequency interpolated */
-		c.rope_scaling = (struct rope_scaling){ .type = ROPE_YARN, .factor = 4,
-			.original_max_position_embeddings = 4, .mscale = 0.707, .mscale_all_dim = 1.0 };
-		break;
-	default:
-		break;
-	}
+	test_apply_variant(&c, v, 4);  /* an original context of 4 < T */
 	return c;
 }
 
 /* A model with well separated router choices, so small weight steps never change the selection. */
-static struct moe_model *make_model(enum variant v, uint64_t seed)
+static struct moe_model *make_model(enum test_variant v, uint64_t seed)
 {
 	struct model_config c = small_config(v);
 	char err[256];
@@ -177,7 +139,7 @@ static void check_param_directional(struct moe_model *m, const struct param *p, 
 	free(w0);
 }
 
-static void check_model_gradient(enum variant v)
+static void check_model_gradient(enum test_variant v)
 {
 	struct moe_model *m = make_model(v, 1000 + v);
 	const struct model_config *c = &m->cfg;
@@ -204,7 +166,7 @@ static void check_model_gradient(enum variant v)
 		check_param_directional(m, p, in, tgt, B, T, route0, route, route_n, &st);
 	}
 	printf("\n  %s: %d tensors, worst error %.2f of tolerance (%s), %d selection flips avoided",
-	       variant_name[v], st.checked, st.worst, st.worst_name, st.flips);
+	       test_variant_name[v], st.checked, st.worst, st.worst_name, st.flips);
 	CU_ASSERT(st.worst <= 1.0);
 	CU_ASSERT(st.checked == m->n_params - (v == DENSE_ONLY ? 0 : c->num_hidden_layers - 1));
 	free(route0);
@@ -291,7 +253,8 @@ static void test_causality(void)
 			/* sequence 0 untouched, sequence 1 unchanged up to t */
 			double before = rel_err(lg, ref, (size_t)(T + t + 1) * V, 1e-3);
 			if (before >= 1e-4)
-				printf("\n  %s: t=%d logits before t+1 changed by %.2e", variant_name[v], t, before);
+				printf("\n  %s: t=%d logits before t+1 changed by %.2e", test_variant_name[v], t,
+				       before);
 			CU_ASSERT(before < 1e-4);
 			CU_ASSERT(rel_err(lg + (size_t)(T + t + 1) * V, ref + (size_t)(T + t + 1) * V, V, 1e-3)
 				  > 1e-4);

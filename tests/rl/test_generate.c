@@ -19,9 +19,7 @@
 #include "train/checkpoint.h"
 #include "train/config.h"
 
-enum variant { V3_LIKE, V2_LIKE, DENSE_ONLY, V3_YARN };
-
-static struct model_config small_config(enum variant v)
+static struct model_config small_config(enum test_variant v)
 {
 	struct model_config c = {
 		.vocab_size = 37, .hidden_size = 16, .intermediate_size = 24, .moe_intermediate_size = 8,
@@ -34,27 +32,13 @@ static struct model_config small_config(enum variant v)
 		.max_position_embeddings = 64, .initializer_range = 0.3, .rms_norm_eps = 1e-6,
 		.rope_theta = 10000.0,
 	};
-	if (v == V2_LIKE) {
-		c.scoring_func = MOE_SCORING_SOFTMAX;
-		c.q_lora_rank = 0;
-		c.n_group = 1;
-		c.topk_group = 1;
-		c.n_shared_experts = 0;
-		c.norm_topk_prob = false;
-		c.routed_scaling_factor = 16.0;
-	} else if (v == DENSE_ONLY) {
-		c.n_routed_experts = 0;
-		c.first_k_dense_replace = c.num_hidden_layers;
-	} else if (v == V3_YARN) {  /* cos/sin x 0.964, softmax scale x 1.30; positions past 8 */
-		c.rope_scaling = (struct rope_scaling){ .type = ROPE_YARN, .factor = 4,
-			.original_max_position_embeddings = 8, .mscale = 0.707, .mscale_all_dim = 1.0 };
-	}
+	test_apply_variant(&c, v, 8);  /* YaRN: positions past 8 */
 	return c;
 }
 
 static struct moe_model *model_from(const struct model_config *cfg, uint64_t seed);
 
-static struct moe_model *make_model(enum variant v, uint64_t seed)
+static struct moe_model *make_model(enum test_variant v, uint64_t seed)
 {
 	struct model_config c = small_config(v);
 	return model_from(&c, seed);
@@ -100,7 +84,7 @@ static void random_tokens(int *t, int n, int V)
 }
 
 /* (1) token-by-token decode_step logits == model_forward logits at every position */
-static void check_decode_matches_forward(enum variant v)
+static void check_decode_matches_forward(enum test_variant v)
 {
 	struct moe_model *m = make_model(v, 11 + v);
 	int V = m->cfg.vocab_size, T = 20;
@@ -275,6 +259,7 @@ static void test_decode_thread_independent(void)
 
 static void test_decode_v3(void) { check_decode_matches_forward(V3_LIKE); }
 static void test_decode_v2(void) { check_decode_matches_forward(V2_LIKE); }
+static void test_decode_v2_groups(void) { check_decode_matches_forward(V2_GROUPS); }
 static void test_decode_dense(void) { check_decode_matches_forward(DENSE_ONLY); }
 static void test_decode_yarn(void) { check_decode_matches_forward(V3_YARN); }
 
@@ -319,7 +304,7 @@ static void test_decode_bad_args(void)
 static void test_batched_equals_alone(void)
 {
 	for (int v = V3_LIKE; v <= V2_LIKE; v++) {
-		struct moe_model *m = make_model((enum variant)v, 21 + v);
+		struct moe_model *m = make_model((enum test_variant)v, 21 + v);
 		int V = m->cfg.vocab_size, G = 3, lens[3] = { 3, 7, 5 }, extra = 6, maxT = 7 + 6;
 		int seq[3][13];
 		for (int g = 0; g < G; g++)
@@ -455,7 +440,7 @@ static int argmax(const float *x, int n)
 static void test_greedy_matches_forward(void)
 {
 	for (int v = V3_LIKE; v <= V2_LIKE; v++) {
-		struct moe_model *m = make_model((enum variant)v, 31 + v);
+		struct moe_model *m = make_model((enum test_variant)v, 31 + v);
 		int V = m->cfg.vocab_size, G = 3, lens[3] = { 2, 6, 4 }, Tn = 8;
 		int seq[3][6];
 		for (int g = 0; g < G; g++)
@@ -699,6 +684,7 @@ void register_tests(void)
 	static const struct test_case decode[] = {
 		{ "decode_step == model_forward, v3-like (q_lora, sigmoid groups, shared)", test_decode_v3 },
 		{ "decode_step == model_forward, v2-like (q_proj, softmax)", test_decode_v2 },
+		{ "decode_step == model_forward, v2 with groups, 2 shared experts", test_decode_v2_groups },
 		{ "decode_step == model_forward, dense only", test_decode_dense },
 		{ "decode_step == model_forward, v3-like with YaRN RoPE", test_decode_yarn },
 		{ "decode_step refuses bad arguments", test_decode_bad_args },
