@@ -4,11 +4,7 @@
 # JSON Lines, across shard boundaries and with a validation split; bad inputs are refused naming the file.
 set -uo pipefail
 MOE="${MOE_BIN:?}"
-W="$(mktemp -d "${TMPDIR:-/tmp}/moe-data-cli-test.XXXXXX")"
-trap 'rm -rf "$W"' EXIT
-fails=0
-pass() { echo "PASS: $*"; }
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-data-cli-test
 
 # documents: UTF-8 in several scripts, invalid UTF-8, NUL bytes, CRLF, a special token, an empty file
 mkdir -p "$W/docs"
@@ -145,5 +141,4 @@ expect_error "missing training file" "gone.txt" data tokenizer --train "$W/gone.
 expect_error "vocab too small" "--vocab 100" data tokenizer --train "$W/train.txt" --vocab 100 --out "$W/t2.json"
 [ ! -e "$W/t2.json" ] && pass "no tokenizer written by a refused run" || fail "tokenizer written after an error"
 
-echo "test_data_cli.sh: $fails failure(s)"
-[ "$fails" = 0 ]
+finish

@@ -6,11 +6,7 @@
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 SRC="${MOE_SRC:?}"
-W="$(mktemp -d "${TMPDIR:-/tmp}/moe-task-arith-test.XXXXXX")"
-trap 'rm -rf "$W"' EXIT
-fails=0
-pass() { echo "PASS: $*"; }
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-task-arith-test
 EOT='<|endoftext|>'
 
 # stdin: lines "PROBLEM ANSWER" ("37+58= 95"); fails on a malformed problem, an operand of more than
@@ -210,5 +206,4 @@ EOF
 		{ cat "$W/bad.err"; fail "request without completion: rc $rc"; }
 fi
 
-echo "$fails failure(s)"
-[ "$fails" -eq 0 ]
+finish

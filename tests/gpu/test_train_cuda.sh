@@ -7,8 +7,7 @@
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 SRC="${MOE_SRC:?}"
-W="$(mktemp -d "${TMPDIR:-/tmp}/moe-train-cuda-test.XXXXXX")"
-trap 'rm -rf "$W"' EXIT
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-train-cuda-test
 "$MOE" data synth --out "$W/train_0.bin" --vocab 512 --tokens 100000 --period 97 --seed 3 >/dev/null || exit 1
 train() {  # NAME DEVICE [--set ...]: metrics in $W/NAME.jsonl, checkpoints in $W/NAME
 	local name=$1 dev=$2

@@ -6,26 +6,15 @@
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 BIN="$(dirname "$MOE")/launch_test_comm"
-W="$(mktemp -d "${TMPDIR:-/tmp}/moe-comm-test.XXXXXX")"
-trap 'rm -rf "$W"' EXIT
-fails=0
-pass() { echo "PASS: $*"; }
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-comm-test
 
 [ -x "$BIN" ] || { echo "FAIL: $BIN is not built"; exit 1; }
 command -v mpirun >/dev/null || { echo "FAIL: mpirun not found (install openmpi-bin)"; exit 1; }
 
-# Shared memory only (self + vader, the ob1 engine): no network probing in a sandbox without one.
-# --oversubscribe: more ranks than cores.  The two variables let mpirun run as root (containers).
-mpi() {
-	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
-		mpirun --oversubscribe --mca btl self,vader --mca pml ob1 -x OMP_NUM_THREADS=1 "$@"
-}
-
 # 1. the CUnit tests at every world size
 for np in 1 2 4; do
 	log="$W/np$np.log"
-	timeout 300 bash -c "$(declare -f mpi); mpi -np $np '$BIN'" >"$log" 2>&1
+	mpi -np "$np" "$BIN" >"$log" 2>&1
 	rc=$?
 	if [ "$rc" = 0 ] && grep -q "Run Summary" "$log"; then
 		pass "CUnit tests under mpirun -np $np"
@@ -40,7 +29,7 @@ done
 check_failure() {
 	local mode="$1" want="$2" log="$W/fail-$1.log" t0 t1 rc elapsed
 	t0=$(date +%s.%N)
-	timeout 30 bash -c "$(declare -f mpi); mpi -np 2 -x MOE_COMM_TEST_FAIL=$mode '$BIN'" >"$log" 2>&1
+	MPI_TIMEOUT=30 mpi -np 2 -x MOE_COMM_TEST_FAIL="$mode" "$BIN" >"$log" 2>&1
 	rc=$?
 	t1=$(date +%s.%N)
 	elapsed=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
@@ -78,7 +67,7 @@ elif [ "${avail_kb:-0}" -lt $((10 * 1024 * 1024)) ]; then
 	echo "SKIP: large transfers (need 10 GiB available, have $((avail_kb / 1024)) MiB)"
 else
 	log="$W/large.log"
-	timeout 400 bash -c "$(declare -f mpi); mpi -np 2 -x MOE_COMM_TEST_LARGE=1 '$BIN'" >"$log" 2>&1
+	MPI_TIMEOUT=400 mpi -np 2 -x MOE_COMM_TEST_LARGE=1 "$BIN" >"$log" 2>&1
 	rc=$?
 	if [ "$rc" = 0 ] && grep -q "Run Summary" "$log"; then
 		pass "transfers beyond 2^31 bytes under mpirun -np 2"
@@ -88,8 +77,4 @@ else
 	fi
 fi
 
-if [ "$fails" -ne 0 ]; then
-	echo "$fails failure(s)"
-	exit 1
-fi
-echo "all comm script tests passed"
+finish

@@ -6,24 +6,16 @@
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 BIN="$(dirname "$MOE")/rl_test_generate_dist"
-W="$(mktemp -d "${TMPDIR:-/tmp}/moe-gen-dist.XXXXXX")"
-trap 'rm -rf "$W"' EXIT
-fails=0
-mpi() {
-	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 300 \
-		mpirun --oversubscribe --mca btl self,vader --mca pml ob1 -x OMP_NUM_THREADS=1 "$@"
-}
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-gen-dist
 for layout in "2 2" "4 4" "4 2"; do
 	set -- $layout
 	log="$W/gen_$1_$2.log"
 	if mpi -np "$1" -x MOE_TEST_EP="$2" "$BIN" >"$log" 2>&1 && grep -q "Run Summary" "$log" &&
 		! grep -q "DIFFER" "$log"; then
-		echo "PASS: world $1, ep $2: $(grep -o 'max rel err [0-9.e+-]*' "$log" | sort -k4 -g | tail -1)"
+		pass "world $1, ep $2: $(grep -o 'max rel err [0-9.e+-]*' "$log" | sort -k4 -g | tail -1)"
 	else
 		tail -n 40 "$log"
-		echo "FAIL: world $1, ep $2"
-		fails=$((fails + 1))
+		fail "world $1, ep $2"
 	fi
 done
-echo "test_generate_dist.sh: $fails failure(s)"
-[ "$fails" = 0 ]
+finish

@@ -13,12 +13,8 @@
 #   7. --eval: the trained policy scores higher than the initial one.
 set -uo pipefail
 MOE="${MOE_BIN:?}"
-W="$(mktemp -d "${TMPDIR:-/tmp}/moe-grpo-test.XXXXXX")"
-trap 'rm -rf "$W"' EXIT
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-grpo-test
 cd "$W" || exit 1
-fails=0
-pass() { echo "PASS: $*"; }
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
 T0=$(date +%s)
 TMO=300
 
@@ -296,5 +292,4 @@ else
 	fail "--eval: want the trained checkpoint to beat the initial model (and 10 samples written)"
 fi
 
-echo "test_grpo.sh: $fails failure(s) in $(( $(date +%s) - T0 ))s"
-[ "$fails" = 0 ]
+finish " in $(( $(date +%s) - T0 ))s"

@@ -13,17 +13,9 @@
 # 4e-3 after 3 steps); with 1e-4 the weights of every layout agree to ~1e-6.
 set -uo pipefail
 MOE="${MOE_BIN:?}"
-W="$(mktemp -d "${TMPDIR:-/tmp}/moe-grpo-dist-test.XXXXXX")"
-trap 'rm -rf "$W"' EXIT
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-grpo-dist-test
 cd "$W" || exit 1
-fails=0
-pass() { echo "PASS: $*"; }
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
 T0=$(date +%s)
-mpi() {
-	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout -k 10 300 \
-		mpirun --oversubscribe --mca btl self,vader --mca pml ob1 -x OMP_NUM_THREADS=1 "$@"
-}
 
 printf 'hello world 0123456789 abc\n' >text.txt
 "$MOE" data tokenizer --train text.txt --vocab 260 --out tok.json >/dev/null 2>&1 \
@@ -151,5 +143,4 @@ else
 	fail "failing rank: rc $rc in ${el}s; want non-zero within 60 s, a message of rank 1 naming id 40, no process left, no checkpoint"
 fi
 
-echo "test_grpo_dist.sh: $fails failure(s) in $(( $(date +%s) - T0 ))s"
-[ "$fails" = 0 ]
+finish " in $(( $(date +%s) - T0 ))s"

@@ -8,27 +8,16 @@
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 BIN="$(dirname "$MOE")/train_test_checkpoint_dist"
-W="$(mktemp -d "${TMPDIR:-/tmp}/moe-ckpt-dist-test.XXXXXX")"
-trap 'rm -rf "$W"' EXIT
-fails=0
-pass() { echo "PASS: $*"; }
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-ckpt-dist-test
 
 [ -x "$BIN" ] || { echo "FAIL: $BIN is not built"; exit 1; }
 command -v mpirun >/dev/null || { echo "FAIL: mpirun not found (install openmpi-bin)"; exit 1; }
-
-# Shared memory only (self + vader, the ob1 engine); --oversubscribe: more ranks than cores; the two
-# variables let mpirun run as root (containers).
-mpi() {
-	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
-		mpirun --oversubscribe --mca btl self,vader --mca pml ob1 -x OMP_NUM_THREADS=1 "$@"
-}
 
 # 1. the CUnit tests at every world size, each in its own directory (shared by its ranks)
 for np in 1 2 3 4; do
 	dir="$W/np$np" log="$W/np$np.log"
 	mkdir -p "$dir"
-	timeout 60 bash -c "$(declare -f mpi); mpi -np $np -x MOE_CKPT_DIST_DIR='$dir' '$BIN'" >"$log" 2>&1
+	MPI_TIMEOUT=60 mpi -np "$np" -x MOE_CKPT_DIST_DIR="$dir" "$BIN" >"$log" 2>&1
 	rc=$?
 	if [ "$rc" = 124 ]; then
 		tail -n 40 "$log"
@@ -88,8 +77,4 @@ else
 	fi
 fi
 
-if [ "$fails" -ne 0 ]; then
-	echo "$fails failure(s)"
-	exit 1
-fi
-echo "all distributed checkpoint script tests passed"
+finish

@@ -7,15 +7,7 @@ set -uo pipefail
 MOE="${MOE_BIN:?}"
 SRC="${MOE_SRC:?}"
 BIN="$(dirname "$MOE")/train_test_dist"
-W="$(mktemp -d "${TMPDIR:-/tmp}/moe-dist-test.XXXXXX")"
-trap 'rm -rf "$W"' EXIT
-fails=0
-pass() { echo "PASS: $*"; }
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
-mpi() {
-	OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 300 \
-		mpirun --oversubscribe --mca btl self,vader --mca pml ob1 -x OMP_NUM_THREADS=1 "$@"
-}
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-dist-test
 
 # 1. gradients: (dp, ep) = (1,1) (2,1) (1,2) (4,1) (2,2) (1,4)
 for layout in "1 1" "2 1" "2 2" "4 1" "4 2" "4 4"; do
@@ -105,5 +97,4 @@ el=$(( $(date +%s) - start ))
 [ -n "$victim" ] && [ "$el" -lt 20 ] && pass "a rank killed by SIGKILL ends the job in ${el}s" \
 	|| { tail "$W/k.log"; fail "killed rank (${el}s, victim '$victim')"; }
 
-echo "test_dist.sh: $fails failure(s)"
-[ "$fails" = 0 ]
+finish

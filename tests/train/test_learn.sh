@@ -5,8 +5,7 @@
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 SRC="${MOE_SRC:?}"
-W="$(mktemp -d "${TMPDIR:-/tmp}/moe-learn-test.XXXXXX")"
-trap 'rm -rf "$W"' EXIT
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-learn-test
 "$MOE" data synth --out "$W/train_0.bin" --vocab 512 --tokens 100000 --period 97 --seed 3 >/dev/null
 "$MOE" train --config "$SRC/configs/small.json" --set "data.train=$W/train_*.bin" --set data.val= \
 	--set train.seq_len=64 --set train.grad_accum=1 --set train.steps=120 --set train.warmup_steps=20 \

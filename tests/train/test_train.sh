@@ -5,11 +5,7 @@
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 SRC="${MOE_SRC:?}"
-W="$(mktemp -d "${TMPDIR:-/tmp}/moe-train-test.XXXXXX")"
-trap 'rm -rf "$W"' EXIT
-fails=0
-pass() { echo "PASS: $*"; }
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-train-test
 
 "$MOE" data synth --out "$W/train_0.bin" --vocab 256 --tokens 6000 --seed 1 >/dev/null
 "$MOE" data synth --out "$W/train_1.bin" --vocab 256 --tokens 5000 --seed 2 >/dev/null
@@ -134,5 +130,4 @@ grep -q "non-finite .* at step" <<<"$out" && pass "non-finite stop: $(grep -m1 n
 	&& [ "$(wc -l <"$W/nf2.jsonl")" = 6 ] && pass "non-finite skip: steps skipped, run completes" \
 	|| { tail -3 "$W/nf2.log"; fail "non-finite skip"; }
 
-echo "test_train.sh: $fails failure(s)"
-[ "$fails" = 0 ]
+finish
