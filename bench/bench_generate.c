@@ -10,7 +10,8 @@
  *     time (G generate() calls); new tokens / s of each and their ratio.  Target: batched >= 4x.
  * (b) the cost of one decode step at a context of 64, 256 and 1024 positions, for one sequence and for a
  *     batch of G = 8 (the cache is filled with random latents: a step's cost does not depend on their
- *     values), against recomputing the prefix with model_forward (what decoding without a cache costs).
+ *     values), against recomputing the prefix with model_forward (what decoding without a cache costs)
+ *     and against the naive form of attention over the same cache (latent_cache.naive_attention).
  *     Target: one sequence's step at 1024 costs < 4x its step at 64.
  * (c) cache bytes per token: latent_cache_bytes_per_token == (kv_lora_rank + qk_rope_head_dim) x layers x 4
  *     and equal to what latent_cache_create allocates per position.  A mismatch exits with status 1.
@@ -239,19 +240,23 @@ static double bench_step_cost(struct moe_model *m, const struct opts *o, int G)
 {
 	static const int ctxs[] = { 64, 256, 1024 };
 	int nc = 3;
-	double one[3], batch[3], fwd[3];
+	double one[3], batch[3], fwd[3], naive[3];
 	struct latent_cache *lc = latent_cache_create(&m->cfg, G, ctxs[nc - 1] + 1);
 	if (!lc)
 		return 1e30;
 	printf("(b) context | step, 1 sequence | step, batch of %d (per token) | "
-	       "model_forward of the prefix\n", G);
+	       "model_forward of the prefix | naive form, 1 sequence\n", G);
 	for (int i = 0; i < nc; i++) {
 		fill_cache(lc, ctxs[i]);
 		one[i] = time_step(m, lc, 1, ctxs[i], 4 * o->reps);
 		batch[i] = time_step(m, lc, G, ctxs[i], 4 * o->reps);
 		fwd[i] = time_forward(m, ctxs[i], o->reps);
-		printf("    %7d | %9.3f ms     | %9.3f ms (%7.3f ms)          | %9.2f ms\n", ctxs[i],
-		       1e3 * one[i], 1e3 * batch[i], 1e3 * batch[i] / G, 1e3 * fwd[i]);
+		lc->naive_attention = 1;
+		naive[i] = time_step(m, lc, 1, ctxs[i], 4 * o->reps);
+		lc->naive_attention = 0;
+		printf("    %7d | %9.3f ms     | %9.3f ms (%7.3f ms)          | %9.2f ms                 | "
+		       "%9.3f ms\n", ctxs[i], 1e3 * one[i], 1e3 * batch[i], 1e3 * batch[i] / G, 1e3 * fwd[i],
+		       1e3 * naive[i]);
 	}
 	printf("    cost at %d / cost at %d: decode %.2fx (1 sequence), %.2fx (batch of %d); model_forward "
 	       "%.2fx\n", ctxs[nc - 1], ctxs[0], one[nc - 1] / one[0], batch[nc - 1] / batch[0], G,

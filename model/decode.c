@@ -49,8 +49,9 @@ struct decode_scratch {
 	/* the experts' side: the R rows they compute (under expert parallelism from the whole group) */
 	size_t cap_R;
 	float *xr, *yr, *eg, *eu, *ea; /* [R, C], [R, C], [R, Im] x 3 */
-	/* attention: one buffer per thread (attn_buf_len) */
+	/* attention: one buffer of attn_len floats per thread (attn_buf_len) */
 	int attn_threads;
+	size_t attn_len;
 	float *attn_buf;
 	struct moe_dispatch disp;
 	int disp_cap;                  /* tokens disp was set up for (0: not yet) */
@@ -212,24 +213,33 @@ struct attn_task {
 	int r0, rows;                  /* its rows r0.. of the run's (token - i0) * H + head */
 };
 
-/* floats of one thread's attention buffer: the scores of a task */
-static size_t attn_buf_len(int max_len)
+/*
+ * floats of one thread's attention buffer: the scores of a task; in the naive form a position's scores
+ * and the slot's expanded k_nope | v [P, H * (qk_nope + v)]
+ */
+static size_t attn_buf_len(const struct latent_cache *lc, const struct model_config *c)
 {
-	return (size_t)ATTN_ROWS * (size_t)max_len;
+	size_t len = (size_t)ATTN_ROWS * (size_t)lc->max_len;
+	size_t naive = (size_t)lc->max_len * (1 + (size_t)c->num_attention_heads *
+					      (c->qk_nope_head_dim + c->v_head_dim));
+	return lc->naive_attention && naive > len ? naive : len;
 }
 
 /* one attention buffer per thread of the coming parallel regions */
-static int ensure_attn_bufs(struct decode_scratch *s, const struct latent_cache *lc)
+static int ensure_attn_bufs(struct decode_scratch *s, const struct latent_cache *lc,
+			    const struct model_config *c)
 {
 	int nt = omp_get_max_threads();
-	if (nt <= s->attn_threads)
+	size_t len = attn_buf_len(lc, c);
+	if (nt <= s->attn_threads && len <= s->attn_len)
 		return 0;
-	float *b = malloc(sizeof(float) * attn_buf_len(lc->max_len) * nt);
+	float *b = malloc(sizeof(float) * len * nt);
 	if (!b)
 		return -1;
 	free(s->attn_buf);
 	s->attn_buf = b;
 	s->attn_threads = nt;
+	s->attn_len = len;
 	return 0;
 }
 
@@ -319,7 +329,7 @@ static int ensure_scratch(struct latent_cache *lc, const struct moe_model *m, in
 	const struct model_config *c = &m->cfg;
 	struct decode_scratch *s = lc->scratch;
 	int N = n > 0 ? n : 1;
-	if (ensure_tokens(s, c, N) || ensure_attn_bufs(s, lc) || ensure_dispatch(s, m, N))
+	if (ensure_tokens(s, c, N) || ensure_attn_bufs(s, lc, c) || ensure_dispatch(s, m, N))
 		return -1;
 	/* without expert parallelism the experts compute exactly this rank's N*K rows */
 	if (c->n_routed_experts > 0 && !m->ep_group &&
@@ -546,7 +556,7 @@ static void absorbed_attention(const struct model_config *c, const struct layer_
 {
 	int H = c->num_attention_heads, Rkv = c->kv_lora_rank, dr = c->qk_rope_head_dim, Dl = Rkv + dr;
 	const float *kv_l = lc->kv + (size_t)layer * lc->n_slots * lc->max_len * Dl;
-	size_t buf_len = attn_buf_len(lc->max_len);
+	size_t buf_len = s->attn_len;
 	int nt = attn_plan(s->attn_tasks, slots, positions, n, H);
 
 	latent_queries(c, w->kv_b_proj, s->q, s->ql, n);
@@ -561,7 +571,59 @@ static void absorbed_attention(const struct model_config *c, const struct layer_
 	latent_outputs(c, w->kv_b_proj, s->ol, s->att, n);
 }
 
-/* queries, this step's latents into the cache, absorbed attention; s->mid = x + attention(x) */
+/*
+ * The naive form (latent_cache.naive_attention): token i's slot's latents [P, kv_lora] expanded through
+ * kv_b_proj into kv [P, H * (qk_nope + v)] (head h: k_nope then v), then per head
+ * softmax(scale * (q_nope . k_nope + q_pe . k_pe)) over the positions, times v.  One token per task.
+ */
+static void naive_attention(const struct model_config *c, const struct layer_weights *w,
+			    const struct latent_cache *lc, int layer, struct decode_scratch *s,
+			    const int *slots, const int *positions, int n)
+{
+	int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+	int dv = c->v_head_dim, Rkv = c->kv_lora_rank, Dl = Rkv + dr, dq = dn + dr, hw = dn + dv;
+	const float *kv_l = lc->kv + (size_t)layer * lc->n_slots * lc->max_len * Dl;
+	float scale = mc_softmax_scale(c);
+
+#pragma omp parallel for schedule(dynamic, 1)
+	for (int i = 0; i < n; i++) {
+		const float *lat = kv_l + (size_t)slots[i] * lc->max_len * Dl;
+		float *p = s->attn_buf + s->attn_len * omp_get_thread_num(), *kv = p + lc->max_len;
+		int P = positions[i] + 1;
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, P, H * hw, Rkv, 1.0f, lat, Dl,
+			    w->kv_b_proj, Rkv, 0.0f, kv, H * hw);
+		for (int h = 0; h < H; h++) {
+			const float *q = s->q + ((size_t)i * H + h) * dq;
+			float *o = s->att + ((size_t)i * H + h) * dv, mx = -INFINITY;
+			for (int j = 0; j < P; j++) {
+				const float *k = kv + (size_t)j * H * hw + (size_t)h * hw;
+				const float *kpe = lat + (size_t)j * Dl + Rkv;
+				float dot = 0.0f;
+				for (int d = 0; d < dn; d++)
+					dot += q[d] * k[d];
+				for (int d = 0; d < dr; d++)
+					dot += q[dn + d] * kpe[d];
+				p[j] = scale * dot;
+				mx = p[j] > mx ? p[j] : mx;
+			}
+			double sum = 0.0;
+			for (int j = 0; j < P; j++) {
+				p[j] = expf(p[j] - mx);
+				sum += p[j];
+			}
+			for (int e = 0; e < dv; e++)
+				o[e] = 0.0f;
+			for (int j = 0; j < P; j++) {
+				const float *v = kv + (size_t)j * H * hw + (size_t)h * hw + dn;
+				float pj = (float)(p[j] / sum);
+				for (int e = 0; e < dv; e++)
+					o[e] += pj * v[e];
+			}
+		}
+	}
+}
+
+/* queries, this step's latents into the cache, attention; s->mid = x + attention(x) */
 static void attention_block(const struct moe_model *m, struct latent_cache *lc, int l, const int *slots,
 			    const int *positions, int n)
 {
@@ -595,7 +657,10 @@ static void attention_block(const struct moe_model *m, struct latent_cache *lc, 
 		memcpy(row, s->ckv_n + (size_t)i * Rkv, sizeof(float) * Rkv);
 		memcpy(row + Rkv, s->kva + (size_t)i * Dkva + Rkv, sizeof(float) * dr);
 	}
-	absorbed_attention(c, w, lc, l, s, slots, positions, n);
+	if (lc->naive_attention)
+		naive_attention(c, w, lc, l, s, slots, positions, n);
+	else
+		absorbed_attention(c, w, lc, l, s, slots, positions, n);
 	skinny_linear(s->mid, s->att, w->o_proj, n, H * dv, C);
 	vec_add(s->mid, s->x, (size_t)n * C);
 }

@@ -32,6 +32,14 @@ struct latent_cache {
 	 */
 	int route_k;
 	int *routes;
+	/*
+	 * 0 (the default): attention in the absorbed form.  1: the naive form, the reference for the other:
+	 * every step expands the slot's cached latents into each head's k_nope and v through kv_b_proj and
+	 * attends with q = [q_nope | q_pe] over k = [k_nope | k_pe], as model_forward does (per token:
+	 * positions x heads x (qk_nope + v) x kv_lora multiply-adds more, and a buffer of positions x heads x
+	 * (qk_nope + v) floats per thread).  Both give model_forward's logits up to float rounding.
+	 */
+	int naive_attention;
 	struct decode_scratch *scratch;
 };
 

@@ -83,44 +83,48 @@ static void random_tokens(int *t, int n, int V)
 		t[i] = (int)(test_rand_uniform(0, 1) * V) % V;
 }
 
-/* (1) token-by-token decode_step logits == model_forward logits at every position */
+/*
+ * (1) token-by-token decode_step logits == model_forward logits at every position, in the absorbed form
+ * and in the naive one (k and v expanded from the latents); a whole prompt in one call as well
+ */
 static void check_decode_matches_forward(enum test_variant v)
 {
 	struct moe_model *m = make_model(v, 11 + v);
 	int V = m->cfg.vocab_size, T = 20;
-	int tokens[20];
+	int tokens[20], slots[20], pos[20];
 	random_tokens(tokens, T, V);
 	model_forward(m, tokens, NULL, 1, T);
 	const float *ref = model_logits(m);
-
-	struct latent_cache *c = latent_cache_create(&m->cfg, 1, T);
-	CU_ASSERT_PTR_NOT_NULL_FATAL(c);
-	float *lg = malloc(sizeof(float) * V);
-	double worst = 0.0;
-	for (int t = 0; t < T; t++) {
-		int slot = 0;
-		CU_ASSERT_EQUAL_FATAL(decode_step(m, c, &tokens[t], &slot, &t, 1, lg), 0);
-		double e = max_rel(lg, ref + (size_t)t * V, V);
-		if (e > worst)
-			worst = e;
-	}
-	CU_ASSERT_EQUAL(c->len[0], T);
-	printf("\n  variant %d: decode vs forward max rel err %.3g\n", v, worst);
-	CU_ASSERT(worst < 1e-4);
-
-	/* a whole-prompt chunk in one call gives the same logits too */
-	latent_cache_reset(c, 0);
-	float *all = malloc(sizeof(float) * (size_t)T * V);
-	int slots[20], pos[20];
+	float *lg = malloc(sizeof(float) * V), *all = malloc(sizeof(float) * (size_t)T * V);
 	for (int t = 0; t < T; t++) {
 		slots[t] = 0;
 		pos[t] = t;
 	}
-	CU_ASSERT_EQUAL_FATAL(decode_step(m, c, tokens, slots, pos, T, all), 0);
-	CU_ASSERT(max_rel(all, ref, (size_t)T * V) < 1e-4);
+
+	for (int naive = 0; naive < 2; naive++) {
+		struct latent_cache *c = latent_cache_create(&m->cfg, 1, T);
+		CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+		c->naive_attention = naive;
+		double worst = 0.0;
+		for (int t = 0; t < T; t++) {
+			CU_ASSERT_EQUAL_FATAL(decode_step(m, c, &tokens[t], &slots[t], &t, 1, lg), 0);
+			double e = max_rel(lg, ref + (size_t)t * V, V);
+			if (e > worst)
+				worst = e;
+		}
+		CU_ASSERT_EQUAL(c->len[0], T);
+		latent_cache_reset(c, 0);
+		CU_ASSERT_EQUAL_FATAL(decode_step(m, c, tokens, slots, pos, T, all), 0);
+		double chunk = max_rel(all, ref, (size_t)T * V);
+		printf("\n  variant %d, %s: decode vs forward max rel err %.3g (token by token), %.3g (one call)",
+		       v, naive ? "naive" : "absorbed", worst, chunk);
+		CU_ASSERT(worst < 1e-4);
+		CU_ASSERT(chunk < 1e-4);
+		latent_cache_free(c);
+	}
+	printf("\n");
 	free(all);
 	free(lg);
-	latent_cache_free(c);
 	model_free(m);
 }
 
