@@ -479,20 +479,75 @@ static void latent_queries(const struct model_config *c, const float *wkv_b, con
 	}
 }
 
+/*
+ * e^x for x <= 0 (a score minus its row's maximum) in a form the compiler vectorises: glibc's expf is a
+ * call per element, which made the softmax cost more than the two products around it (2.9 us against
+ * 1.7 for 8 heads x 65 positions).  Cephes' expf: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-7
+ * polynomial, times 2^n built in the exponent bits; relative error < 8e-8 on [-87, 0] (checked against
+ * exp in double), and e^-87 ~ 1.6e-38 for anything smaller (a share below any float sum's rounding).
+ */
+static inline float exp_nonpos(float x)
+{
+	x = x < -87.0f ? -87.0f : x;
+	float n = (x * 1.44269504089f + 12582912.0f) - 12582912.0f;  /* round to nearest: 1.5 * 2^23 */
+	float r = x - n * 0.693359375f;
+	r = r - n * -2.12194440e-4f;                                  /* ln2 in two parts */
+	float p = 1.9875691500e-4f;
+	p = p * r + 1.3981999507e-3f;
+	p = p * r + 8.3334519073e-3f;
+	p = p * r + 4.1665795894e-2f;
+	p = p * r + 1.6666665459e-1f;
+	p = p * r + 5.0000001201e-1f;
+	p = p * r * r + r + 1.0f;
+	int32_t bits = ((int32_t)n + 127) << 23;
+	float scale;
+	memcpy(&scale, &bits, sizeof(scale));
+	return p * scale;
+}
+
+/* the largest of p[0..n), by 16 lanes (the compiler vectorises a fixed-width inner loop) */
+static float max_of(const float *p, int n)
+{
+	float lane[16], mx = -INFINITY;
+	int j = 0;
+	for (int t = 0; t < 16; t++)
+		lane[t] = -INFINITY;
+	for (; j + 16 <= n; j += 16)
+		for (int t = 0; t < 16; t++)
+			lane[t] = p[j + t] > lane[t] ? p[j + t] : lane[t];
+	for (; j < n; j++)
+		mx = p[j] > mx ? p[j] : mx;
+	for (int t = 0; t < 16; t++)
+		mx = lane[t] > mx ? lane[t] : mx;
+	return mx;
+}
+
+/* the sum of p[0..n): 16 float lanes, added up in double */
+static double sum_of(const float *p, int n)
+{
+	float lane[16] = { 0 };
+	double sum = 0.0;
+	int j = 0;
+	for (; j + 16 <= n; j += 16)
+		for (int t = 0; t < 16; t++)
+			lane[t] += p[j + t];
+	for (; j < n; j++)
+		sum += p[j];
+	for (int t = 0; t < 16; t++)
+		sum += lane[t];
+	return sum;
+}
+
 /* the rows of scores [rows, P] -> probabilities; row b covers positions < valid(b), the rest get 0 */
 static void masked_softmax(float *s, const int *pos, int H, int r0, int rows, int P)
 {
 	for (int b = 0; b < rows; b++) {
-		float *p = s + (size_t)b * P, mx = -INFINITY;
+		float *p = s + (size_t)b * P;
 		int valid = pos[(r0 + b) / H] + 1;
+		float mx = max_of(p, valid);
 		for (int j = 0; j < valid; j++)
-			mx = p[j] > mx ? p[j] : mx;
-		double sum = 0.0;
-		for (int j = 0; j < valid; j++) {
-			p[j] = expf(p[j] - mx);
-			sum += p[j];
-		}
-		float inv = (float)(1.0 / sum);
+			p[j] = exp_nonpos(p[j] - mx);
+		float inv = (float)(1.0 / sum_of(p, valid));
 		for (int j = 0; j < valid; j++)
 			p[j] *= inv;
 		for (int j = valid; j < P; j++)
