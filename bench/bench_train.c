@@ -41,6 +41,7 @@
 
 #include <cblas.h>
 
+#include "launch/startup.h"
 #include "model/model.h"
 #include "optim/adamw.h"
 #include "train/config.h"
@@ -811,6 +812,7 @@ static int run_gpu(const struct bench_opts *o)
 
 int main(int argc, char **argv)
 {
+	startup_fix_blas_kernels(argv);  /* as moe does: the kernels `moe train` would run */
 	struct bench_opts o;
 	int rc = parse_args(&o, argc, argv);
 
