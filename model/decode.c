@@ -479,39 +479,6 @@ static void latent_queries(const struct model_config *c, const float *wkv_b, con
 	}
 }
 
-/* the largest of p[0..n), by 16 lanes (the compiler vectorises a fixed-width inner loop) */
-static float max_of(const float *p, int n)
-{
-	float lane[16], mx = -INFINITY;
-	int j = 0;
-	for (int t = 0; t < 16; t++)
-		lane[t] = -INFINITY;
-	for (; j + 16 <= n; j += 16)
-		for (int t = 0; t < 16; t++)
-			lane[t] = p[j + t] > lane[t] ? p[j + t] : lane[t];
-	for (; j < n; j++)
-		mx = p[j] > mx ? p[j] : mx;
-	for (int t = 0; t < 16; t++)
-		mx = lane[t] > mx ? lane[t] : mx;
-	return mx;
-}
-
-/* the sum of p[0..n): 16 float lanes, added up in double */
-static double sum_of(const float *p, int n)
-{
-	float lane[16] = { 0 };
-	double sum = 0.0;
-	int j = 0;
-	for (; j + 16 <= n; j += 16)
-		for (int t = 0; t < 16; t++)
-			lane[t] += p[j + t];
-	for (; j < n; j++)
-		sum += p[j];
-	for (int t = 0; t < 16; t++)
-		sum += lane[t];
-	return sum;
-}
-
 /*
  * the rows of scores [rows, P] -> probabilities; row b covers positions < valid(b), the rest get 0.
  * Vectorised throughout (exp_fast, 16-lane max and sum): with glibc's expf, a call per element, the

@@ -5,50 +5,11 @@
 #ifndef MOE_MODEL_LAYERS_H
 #define MOE_MODEL_LAYERS_H
 
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
 #include "model/model.h"
 #include "model/moe_dispatch.h"
 #include "model/ops.h"
+#include "model/vmath.h"
 
-/*
- * exp(x) for the hot elementwise loops (softmax rows, cross-entropy, SiLU): branch-free, so loops calling
- * it vectorise (16 lanes with AVX-512).  2^n exp(r), n = round(x / ln 2), r in [-ln2/2, ln2/2] by a
- * two-constant Cody-Waite reduction, exp(r) by the Cephes polynomial: within about 1 ulp of the correctly
- * rounded exp over the normal range (checked on every 37th float of it); 0 below it (where expf returns
- * denormals), inf above, NaN passes through.
- * Every element is computed alone, so results do not depend on the vector width or the thread count.
- */
-static inline float exp_fast(float x)
-{
-	float xc = x < -87.33654f ? -87.33654f : x;  /* (fminf/fmaxf would not be inlined) */
-	xc = xc > 88.72283f ? 88.72283f : xc;
-	float t = fmaf(xc, 1.44269504088896341f, 12582912.0f);  /* 1.5 * 2^23: rounds to an integer */
-	float n = t - 12582912.0f;
-	float r = fmaf(n, -0.693359375f, xc);
-	r = fmaf(n, 2.12194440e-4f, r);
-	float p = 1.9875691500e-4f;
-	p = fmaf(p, r, 1.3981999507e-3f);
-	p = fmaf(p, r, 8.3334519073e-3f);
-	p = fmaf(p, r, 4.1665795894e-2f);
-	p = fmaf(p, r, 1.6666665459e-1f);
-	p = fmaf(p, r, 5.0000001201e-1f);
-	p = fmaf(p, r * r, r) + 1.0f;
-	int32_t ti;
-	memcpy(&ti, &t, sizeof(ti));
-	int32_t ni = ti - 0x4B400000;      /* n, in [-126, 128] */
-	int32_t nh = ni >> 1, nl = ni - nh; /* 2^n = 2^nh 2^nl, each a normal float */
-	int32_t bh = (nh + 127) << 23, bl = (nl + 127) << 23;
-	float sh, sl;
-	memcpy(&sh, &bh, sizeof(sh));
-	memcpy(&sl, &bl, sizeof(sl));
-	float y = p * sh * sl;
-	y = x < -87.33654f ? 0.0f : y;
-	y = x > 88.72283f ? INFINITY : y;
-	return x != x ? x : y;
-}
 
 struct mla_acts {
 	float *qa, *qa_n, *qa_rstd;   /* q_lora_rank > 0 only */

@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "data/tokenizer.h"
+#include "model/vmath.h"
 #include "rl/generate.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
@@ -77,6 +78,129 @@ static int cmp_desc(const void *a, const void *b)
 	return (x->id > y->id) - (x->id < y->id);
 }
 
+/* whether x comes before y in cmp_desc's order (a strict total order: ids are distinct) */
+static int goes_before(const struct keyed *x, const struct keyed *y)
+{
+	return x->key > y->key || (x->key == y->key && x->id < y->id);
+}
+
+/*
+ * Moves the n first entries of a[0..V) in cmp_desc's order to a[0..n), in no particular order:
+ * quickselect, O(V) on average, rather than sorting the whole vocabulary for a top-k of tens.
+ */
+static void select_first(struct keyed *a, int V, int n)
+{
+	int lo = 0, hi = V - 1, want = n - 1;
+	while (lo < hi) {
+		struct keyed pivot = a[lo + (hi - lo) / 2], tmp;
+		int i = lo, j = hi;
+		while (i <= j) {
+			while (goes_before(&a[i], &pivot))
+				i++;
+			while (goes_before(&pivot, &a[j]))
+				j--;
+			if (i <= j) {
+				tmp = a[i];
+				a[i++] = a[j];
+				a[j--] = tmp;
+			}
+		}
+		if (want <= j)
+			hi = j;
+		else if (want >= i)
+			lo = i;
+		else
+			break;
+	}
+}
+
+/* sum over v < n of e^(x[v] * scale - shift), in double (8 lanes: the loop vectorises) */
+static double sum_exp(const float *x, int n, float scale, float shift)
+{
+	double lane[8] = { 0 }, sum = 0.0;
+	int v = 0;
+	for (; v + 8 <= n; v += 8)
+		for (int t = 0; t < 8; t++)
+			lane[t] += exp_fast(x[v + t] * scale - shift);
+	for (; v < n; v++)
+		sum += exp_fast(x[v] * scale - shift);
+	for (int t = 0; t < 8; t++)
+		sum += lane[t];
+	return sum;
+}
+
+#define SAMPLE_BLOCK 256
+
+/* the id where the running sum of e^(logits * invT - mx) passes u (blocks of SAMPLE_BLOCK at a time) */
+static int sample_plain(const float *logits, int V, float invT, float mx, double u)
+{
+	float e[SAMPLE_BLOCK];
+	double acc = 0.0;
+	for (int v0 = 0; v0 < V; v0 += SAMPLE_BLOCK) {
+		int len = V - v0 < SAMPLE_BLOCK ? V - v0 : SAMPLE_BLOCK;
+		for (int j = 0; j < len; j++)
+			e[j] = exp_fast(logits[v0 + j] * invT - mx);
+		double block = sum_of(e, (size_t)len);
+		if (u >= acc + block) {
+			acc += block;
+			continue;
+		}
+		for (int j = 0; j < len; j++) {
+			acc += e[j];
+			if (u < acc)
+				return v0 + j;
+		}
+	}
+	return V - 1;  /* u at the very top, past the float rounding of the sums */
+}
+
+/*
+ * Top-k / top-p: the first n ids in descending order of logits into idx[0..n) (sorted), their
+ * probabilities (unnormalised) into pr; returns n, the nucleus size.  total: the sum over all V.
+ */
+static int nucleus(const float *logits, int V, const struct sample_params *p, float invT, float mx,
+		   double total, struct keyed *idx, double *pr, double *kept)
+{
+	int use_k = p->top_k > 0 && p->top_k < V, use_p = p->top_p > 0.0f && p->top_p < 1.0f;
+	for (int v = 0; v < V; v++) {
+		idx[v].key = logits[v];   /* the order of logits / T for T > 0 */
+		idx[v].id = v;
+	}
+	/* top-k: its k entries; top-p alone: the first c, c growing until their mass reaches top_p */
+	int c = use_k ? p->top_k : V < 64 ? V : 64;
+	for (;;) {
+		if (c < V)
+			select_first(idx, V, c);
+		qsort(idx, (size_t)c, sizeof(*idx), cmp_desc);
+		double sum = 0.0, target = use_k ? 0.0 : p->top_p * total;
+		int m = 0;
+		for (; m < c; m++) {
+			pr[m] = exp_fast(idx[m].key * invT - mx);
+			sum += pr[m];
+			if (!use_k && sum >= target) {
+				*kept = sum;
+				return m + 1;
+			}
+		}
+		if (use_k || c == V) {
+			if (use_p) {  /* the smallest prefix of the top-k reaching top_p of its mass */
+				double acc = 0.0;
+				target = p->top_p * sum;
+				for (m = 0; m < c;) {
+					acc += pr[m++];
+					if (acc >= target)
+						break;
+				}
+				*kept = acc;
+				return m;
+			}
+			*kept = sum;
+			return c;
+		}
+		c = c > V / 4 ? V : c * 4;
+	}
+}
+
 int sample_token(const float *logits, int V, const struct sample_params *p, struct gen_rng *rng,
 		 float *logprob)
 {
@@ -85,66 +209,28 @@ int sample_token(const float *logits, int V, const struct sample_params *p, stru
 		for (int v = 1; v < V; v++)
 			if (logits[v] > logits[best])
 				best = v;
-		if (logprob) {
-			double sum = 0.0;
-			for (int v = 0; v < V; v++)
-				sum += exp((double)logits[v] - logits[best]);
-			*logprob = (float)-log(sum);
-		}
+		if (logprob)
+			*logprob = (float)-log(sum_exp(logits, V, 1.0f, logits[best]));
 		return best;
 	}
 
-	double invT = 1.0 / p->temperature, mx = -INFINITY;
-	for (int v = 0; v < V; v++)
-		if (logits[v] * invT > mx)
-			mx = logits[v] * invT;
-	double total = 0.0;
-	for (int v = 0; v < V; v++)
-		total += exp(logits[v] * invT - mx);
+	float invT = 1.0f / p->temperature, mx = max_of(logits, (size_t)V) * invT;
+	double total = sum_exp(logits, V, invT, mx);
 	double lse = mx + log(total);
-	int chosen = V - 1;
+	int chosen;
 
 	int use_k = p->top_k > 0 && p->top_k < V, use_p = p->top_p > 0.0f && p->top_p < 1.0f;
 	if (!use_k && !use_p) {
-		double u = gen_rng_uniform(rng) * total, acc = 0.0;
-		for (int v = 0; v < V; v++) {
-			acc += exp(logits[v] * invT - mx);
-			if (u < acc) {
-				chosen = v;
-				break;
-			}
-		}
+		chosen = sample_plain(logits, V, invT, mx, gen_rng_uniform(rng) * total);
 	} else {
 		struct keyed *idx = malloc(sizeof(*idx) * (size_t)V);
-		double *pr = malloc(sizeof(double) * (size_t)V);
+		double *pr = malloc(sizeof(double) * (size_t)V), kept = 0.0;
 		if (!idx || !pr) {
 			free(idx);
 			free(pr);
 			return -1;
 		}
-		for (int v = 0; v < V; v++) {
-			idx[v].key = logits[v];   /* the order of logits / T for T > 0 */
-			idx[v].id = v;
-		}
-		qsort(idx, (size_t)V, sizeof(*idx), cmp_desc);
-		int n = use_k ? p->top_k : V;
-		double kept = 0.0;
-		for (int i = 0; i < n; i++) {
-			pr[i] = exp(idx[i].key * invT - mx);
-			kept += pr[i];
-		}
-		if (use_p) {
-			/* the smallest prefix whose probability (within the top-k) reaches top_p */
-			double acc = 0.0, target = p->top_p * kept;
-			int m = 0;
-			while (m < n) {
-				acc += pr[m++];
-				if (acc >= target)
-					break;
-			}
-			n = m;
-			kept = acc;
-		}
+		int n = nucleus(logits, V, p, invT, mx, total, idx, pr, &kept);
 		double u = gen_rng_uniform(rng) * kept, acc = 0.0;
 		chosen = idx[n - 1].id;
 		for (int i = 0; i < n; i++) {

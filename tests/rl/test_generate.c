@@ -649,6 +649,83 @@ static void test_sample_token(void)
 		CU_ASSERT(fabs(counts[i] / (double)n - exp(logits[i]) / z) < 0.01);
 }
 
+/* the reference order of test_sample_large: logits descending, ties to the lower id */
+static const float *sort_logits;
+static int cmp_ref(const void *a, const void *b)
+{
+	int x = *(const int *)a, y = *(const int *)b;
+	if (sort_logits[x] != sort_logits[y])
+		return sort_logits[x] > sort_logits[y] ? -1 : 1;
+	return x - y;
+}
+
+/*
+ * sample_token over a vocabulary larger than its blocks and first selections (quickselect, growing
+ * nucleus): every draw inside the top-k / top-p set computed by a full sort in double, frequencies
+ * within 0.01 of the renormalised probabilities, logprob = log p
+ */
+static void test_sample_large(void)
+{
+	enum { V = 1000, DRAWS = 60000 };
+	static float logits[V];
+	static int order[V], counts[V];
+	static double prob[V];
+	test_rng_seed(17);
+	for (int v = 0; v < V; v++) {
+		logits[v] = 2.0f * test_randn();
+		order[v] = v;
+	}
+	sort_logits = logits;
+	qsort(order, V, sizeof(int), cmp_ref);
+	double z = 0.0;
+	for (int v = 0; v < V; v++)
+		z += exp((double)logits[v] - logits[order[0]]);
+	for (int v = 0; v < V; v++)
+		prob[v] = exp((double)logits[v] - logits[order[0]]) / z;
+	struct { int top_k; float top_p; } cases[] = { { 0, 1.0f }, { 20, 1.0f }, { 0, 0.6f }, { 300, 0.6f } };
+	struct gen_rng r;
+	gen_rng_seed(&r, 5);
+	for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+		struct sample_params p = sample_params_default();
+		p.top_k = cases[k].top_k;
+		p.top_p = cases[k].top_p;
+		/* the reference set: the top-k, then its smallest prefix holding top_p of the top-k's mass */
+		int n = p.top_k > 0 ? p.top_k : V, outside = 0;
+		double mass = 0.0, worst = 0.0, worst_lp = 0.0;
+		for (int i = 0; i < n; i++)
+			mass += prob[order[i]];
+		if (p.top_p < 1.0f) {
+			double target = p.top_p * mass;
+			for (n = 0, mass = 0.0; mass < target;)
+				mass += prob[order[n++]];
+		}
+		memset(counts, 0, sizeof(counts));
+		for (int i = 0; i < DRAWS; i++) {
+			float lp;
+			int id = sample_token(logits, V, &p, &r, &lp);
+			CU_ASSERT_FATAL(id >= 0 && id < V);
+			counts[id]++;
+			double e = fabs(lp - log(prob[id]));
+			worst_lp = e > worst_lp ? e : worst_lp;
+		}
+		for (int i = 0; i < V; i++) {
+			int id = order[i];
+			if (i >= n) {
+				outside += counts[id];
+				continue;
+			}
+			double e = fabs(counts[id] / (double)DRAWS - prob[id] / mass);
+			worst = e > worst ? e : worst;
+		}
+		printf("\n  top_k %d top_p %.1f: nucleus %d, draws outside %d, worst frequency error %.4f, "
+		       "worst logprob error %.2g", p.top_k, p.top_p, n, outside, worst, worst_lp);
+		CU_ASSERT_EQUAL(outside, 0);
+		CU_ASSERT(worst < 0.01);
+		CU_ASSERT(worst_lp < 1e-5);
+	}
+	printf("\n");
+}
+
 /* moe generate's entry point on a saved checkpoint */
 static void test_cli(void)
 {
@@ -706,6 +783,7 @@ void register_tests(void)
 		{ "per-sequence seeds: a completion does not depend on its batch", test_sequence_seeds },
 		{ "generate_cached records every input token's routes", test_generate_routes },
 		{ "sample_token top-k, top-p, frequencies", test_sample_token },
+		{ "sample_token over a large vocabulary vs a full sort", test_sample_large },
 		{ "moe generate entry point", test_cli },
 		{ NULL, NULL },
 	};
