@@ -124,7 +124,8 @@ static double bench_throughput(struct moe_model *m, const struct opts *o, int G,
 	if (group == 1)
 		printf("(a) G = %2d, %d new tokens each: ", G, Tn);
 	else
-		printf("(e) %d prompts x G = %d, %d new tokens each: ", G / group, group, Tn);
+		printf("(e) %d prompt%s x G = %d, %d new tokens each: ", G / group, G > group ? "s" : "", group,
+		       Tn);
 	printf("batched %8.1f tokens/s, one at a time %8.1f tokens/s, ratio %.2fx (tokens %s)\n", tps[0],
 	       tps[1], tps[0] / tps[1], same ? "identical" : "differ by float rounding");
 	free(tok);
@@ -379,6 +380,7 @@ int main(int argc, char **argv)
 	bench_group(m, &o, 16, 256);
 	/* what `moe grpo` samples in one step: prompts_per_step groups of group_size, in one batch */
 	int G = grpo.group_size, n = grpo.prompts_per_step * G;
+	bench_throughput(m, &o, G, G);  /* one group alone, for comparison with (a) */
 	double step = bench_throughput(m, &o, n, G);
 	printf("    %s: a GRPO step's sampling batched >= 4x one at a time (%.2fx)\n",
 	       step >= 4.0 ? "PASS" : "FAIL", step);
