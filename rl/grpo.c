@@ -309,11 +309,18 @@ static int setup(struct grpo *g, const struct run_config *cfg, const char *resum
 	t->cfg = *cfg;
 	if (check_layout(g, eval))
 		return -1;
-	if (trainer_init(t, "moe grpo", cfg, resume, d, upd * g->nmb) || trainer_setup_device(t, 0))
+	if (trainer_init(t, "moe grpo", cfg, resume, d, upd * g->nmb))
 		return -1;
 	/* the balance loss is a pretraining regulariser; here the bias update alone keeps the balance */
 	t->m->cfg.aux_loss_alpha = 0;
 	t->m->logit_temperature = (float)cfg->grpo.temperature;
+	/*
+	 * The updates may run on the GPU (train.device=cuda; auto keeps the CPU until the GPU path has run
+	 * on real hardware: tests/gpu/test_grpo_cuda.sh); sampling, the reference and evaluation stay on the
+	 * CPU.
+	 */
+	if (!eval && trainer_setup_device(t, TRAINER_GPU_WHEN_ASKED))
+		return -1;
 	if (load_prompts(g) || load_reference(g) || check_reference(g) || alloc_buffers(g))
 		return -1;
 	if (g->ref)
@@ -627,8 +634,8 @@ static void train_micro(struct grpo *g, int64_t step, int k0, struct grpo_stats 
 	int plen[g->mb];
 	int T = build_micro(g, step, k0, plen);
 	m->route_replay = g->replay;
-	model_forward(m, g->inputs, g->targets, g->mb, T);
-	const float *ce = model_token_losses(m);
+	trainer_forward(&g->t, g->inputs, g->targets, g->mb, T);
+	const float *ce = trainer_token_losses(&g->t);
 	memset(g->weights, 0, sizeof(float) * (size_t)g->mb * T);
 	for (int s = 0; s < g->mb; s++) {
 		int k = k0 + s, j = local_to_global(g, g->t.rank, k), n = g->len[k];
@@ -645,7 +652,7 @@ static void train_micro(struct grpo *g, int64_t step, int k0, struct grpo_stats 
 	}
 	trainer_add_loads(&g->t);
 	m->token_weights = g->weights;
-	model_backward(m, 1.0f);
+	trainer_backward(&g->t, 1.0f);
 	m->token_weights = NULL;
 	m->route_replay = NULL;
 	*tokens += (long)g->mb * T;
@@ -681,7 +688,7 @@ static void train_updates(struct grpo *g, int64_t step, struct step_stats *ss)
 			struct grpo_stats st = { 0 };
 			long tokens = 0;
 			struct update_result ur;
-			model_zero_grad(t->m);
+			trainer_zero_grad(t);
 			trainer_clear_loads(t);
 			for (int a = 0; a < g->ga; a++)
 				train_micro(g, step, b * per + a * g->mb, &st, &tokens);
@@ -718,6 +725,7 @@ static int grpo_step(struct grpo *g, struct step_stats *ss)
 	memset(ss, 0, sizeof(*ss));
 	comm_reset_seconds();
 
+	trainer_weights_to_host(t);  /* the sampler reads m->weights: the policy as the updates left it */
 	int ok = local && !sample_completions(g, step, ss);
 	if (!ok)
 		snprintf(err, sizeof(err), "sampling failed (out of memory?)");

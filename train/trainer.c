@@ -518,6 +518,8 @@ int trainer_setup_device(struct trainer *t, int gpu_capable)
 		why = "no CUDA device found (or a build without the CUDA backend)";
 	else if (!gpu_capable)
 		why = "this command runs on the CPU for now";
+	else if (gpu_capable == TRAINER_GPU_WHEN_ASKED && !forced)
+		why = "this command uses the GPU only with train.device=cuda for now";
 	else if (t->world > 1)
 		why = "the GPU path runs one process for now (no NCCL data/expert parallelism of the GPU model yet)";
 	else if (t->zero)
@@ -555,6 +557,25 @@ void trainer_backward(struct trainer *t, float loss_scale)
 	}
 #endif
 	model_backward(t->m, loss_scale);
+}
+
+const float *trainer_token_losses(struct trainer *t)
+{
+#ifdef MOE_HAVE_CUDA
+	if (t->cuda)
+		return gpu_model_token_losses(t->gpu);
+#endif
+	return model_token_losses(t->m);
+}
+
+void trainer_weights_to_host(struct trainer *t)
+{
+#ifdef MOE_HAVE_CUDA
+	if (t->cuda)
+		gpu_model_download_weights(t->gpu);
+#else
+	(void)t;
+#endif
 }
 
 void trainer_zero_grad(struct trainer *t)

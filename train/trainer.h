@@ -77,16 +77,22 @@ void trainer_free(struct trainer *t);
 /*
  * Where the step runs, from train.device: cuda (the GPU; an error where there is none), cpu, or auto
  * (the GPU when cudaGetDeviceCount finds one and the run can use it, else the CPU).  gpu_capable: the
- * caller's loop runs on the GPU model (moe train: yes; moe grpo: not yet).  The GPU path runs one
- * process (data and expert parallelism over NCCL on the GPU are not wired yet).  0, or -1 after printing
- * why.  Call after trainer_init (the weights and AdamW state restored there are uploaded).
+ * caller's loop runs on the GPU model: 0 no, 1 yes (moe train), TRAINER_GPU_WHEN_ASKED only with
+ * train.device=cuda, not under auto (moe grpo's updates: not yet run on real hardware).  The GPU path
+ * runs one process (data and expert parallelism over NCCL on the GPU are not wired yet).  0, or -1 after
+ * printing why.  Call after trainer_init (the weights and AdamW state restored there are uploaded).
  */
+#define TRAINER_GPU_WHEN_ASKED 2
 int trainer_setup_device(struct trainer *t, int gpu_capable);
 
-/* model_forward / model_backward / model_zero_grad on the trainer's device */
+/* model_forward / model_backward / model_zero_grad / model_token_losses on the trainer's device (the
+ * loss options of model.h are read from t->m on either) */
 float trainer_forward(struct trainer *t, const int *inputs, const int *targets, int B, int T);
 void trainer_backward(struct trainer *t, float loss_scale);
 void trainer_zero_grad(struct trainer *t);
+const float *trainer_token_losses(struct trainer *t);
+/* On the GPU: the device's weights into t->m->weights, for what reads them on the host (the sampler). */
+void trainer_weights_to_host(struct trainer *t);
 
 /* Add the last forward's expert loads to step_load (zero it at the start of a step). */
 void trainer_add_loads(struct trainer *t);

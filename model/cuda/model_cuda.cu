@@ -42,6 +42,9 @@ struct gpu_model {
 	std::vector<int> topk, row_pair, row_of, fill;  /* host scratch */
 	std::vector<int> targets;        /* host copy of the last targets */
 	std::vector<float> losses;       /* host copy of the per-token losses */
+	std::vector<float> scores, topk_w;  /* host scratch of routing replay */
+	float *token_w;                  /* [token_w_cap] device copy of m->token_weights */
+	size_t token_w_cap;
 };
 
 /* ------------------------------------------------------------------------------------------------------
@@ -54,6 +57,21 @@ __global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t n)
 {
 	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
 		dst[i] = __float2bfloat16(src[i]);
+}
+
+/* x[i] *= alpha */
+__global__ void scale_kernel(float *x, float alpha, size_t n)
+{
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+		x[i] *= alpha;
+}
+
+/* row n of x [N, V] times w[n] */
+__global__ void scale_rows_kernel(float *x, const float *w, int N, int V)
+{
+	size_t n_all = (size_t)N * V;
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n_all; i += (size_t)gridDim.x * blockDim.x)
+		x[i] *= w[i / V];
 }
 
 /* dst[n, 0..width) = src[n, 0..width), row strides ldd / lds */
@@ -423,6 +441,22 @@ int route_rows(gpu_model *g, struct moe_acts *a, int l, int N, int64_t *load)
 	return off[E];
 }
 
+/*
+ * Routing replay (model.h route_replay; a->replay is the HOST array of this layer, [N, K]): the given
+ * experts instead of the router's top-K, weighted by the router's scores of them, computed on the host
+ * by the CPU model's router_replay_weights.
+ */
+void replay_routes(gpu_model *g, struct moe_acts *a, const struct router_params *rp, int N)
+{
+	size_t NK = (size_t)N * rp->K, NE = (size_t)N * rp->E;
+	g->scores.resize(NE);
+	g->topk_w.resize(NK);
+	moe_cuda_memcpy_d2h(g->scores.data(), a->scores, sizeof(float) * NE);
+	router_replay_weights(g->topk_w.data(), g->scores.data(), a->replay, rp, N);
+	moe_cuda_memcpy_h2d(a->topk_idx, a->replay, sizeof(int) * NK);
+	moe_cuda_memcpy_h2d(a->topk_w, g->topk_w.data(), sizeof(float) * NK);
+}
+
 void moe_fwd(gpu_model *g, int l, const struct layer_weights *w, struct moe_acts *a, float *out,
 	     const float *x, int B, int T, int64_t *load)
 {
@@ -433,6 +467,8 @@ void moe_fwd(gpu_model *g, int l, const struct layer_weights *w, struct moe_acts
 
 	lin_fwd(g, a->logits, x, w->gate, N, C, rp.E, true);
 	router_forward_cuda(a->scores, a->topk_idx, a->topk_w, a->logits, w->e_score_correction_bias, &rp, N);
+	if (a->replay)
+		replay_routes(g, a, &rp, N);
 	int R = route_rows(g, a, l, N, load);
 	if (R > 0)
 		gather_rows_kernel<<<grid_for((size_t)R * C), kThreads, 0, stream()>>>(a->xe, x, a->row_pair, K, R, C);
@@ -582,6 +618,7 @@ extern "C" void gpu_model_free(struct gpu_model *g)
 	moe_cuda_free(g->g);
 	moe_cuda_free(g->wbf);
 	moe_cuda_free(g->aux);
+	moe_cuda_free(g->token_w);
 	free(g->W.layers);
 	free(g->G.layers);
 	delete g;
@@ -624,10 +661,9 @@ extern "C" const float *gpu_model_logits(const struct gpu_model *g)
 	return g->a ? g->a->logits : NULL;
 }
 
-static void check_options(const struct moe_model *m)
+extern "C" const float *gpu_model_token_losses(const struct gpu_model *g)
 {
-	if (m->token_weights || (m->logit_temperature > 0 && m->logit_temperature != 1.0f) || m->route_replay)
-		fail("gpu_model_forward", "token weights, logit temperature and routing replay are CPU-only for now");
+	return g->a && g->a->has_targets ? g->losses.data() : NULL;
 }
 
 extern "C" float gpu_model_forward(struct gpu_model *g, const int *inputs, const int *targets, int B, int T)
@@ -637,7 +673,6 @@ extern "C" float gpu_model_forward(struct gpu_model *g, const int *inputs, const
 	int N = B * T, C = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
 	float eps = (float)c->rms_norm_eps;
 
-	check_options(m);
 	ensure_acts(g, B, T);
 	memset(m->expert_load, 0, sizeof(int64_t) * (size_t)L * c->n_routed_experts);  /* dense layers: 0 */
 	struct model_acts *a = g->a;
@@ -655,6 +690,7 @@ extern "C" float gpu_model_forward(struct gpu_model *g, const int *inputs, const
 		mla_fwd(g, w, &la->mla, mid, la->ln1, a->pos, B, T);
 		vec_add_cuda(mid, x, (size_t)N * C);
 		rmsnorm_forward_cuda(la->ln2, la->ln2_rstd, mid, w->post_attention_layernorm, N, C, eps);
+		la->moe.replay = m->route_replay ? m->route_replay + (size_t)l * N * c->num_experts_per_tok : NULL;
 		if (mc_layer_is_moe(c, l))
 			moe_fwd(g, l, w, &la->moe, next, la->ln2, B, T, m->expert_load + (size_t)l * c->n_routed_experts);
 		else
@@ -676,19 +712,26 @@ extern "C" float gpu_model_forward(struct gpu_model *g, const int *inputs, const
 	}
 	g->targets.assign(targets, targets + N);
 	moe_cuda_memcpy_h2d(a->targets, targets, sizeof(int) * N);
-	a->temperature = 1.0f;
+	a->temperature = m->logit_temperature > 0 ? m->logit_temperature : 1.0f;
+	if (a->temperature != 1.0f)  /* the logits buffer holds logits / temperature, as on the CPU */
+		scale_kernel<<<grid_for((size_t)N * V), kThreads, 0, stream()>>>(a->logits, 1.0f / a->temperature,
+										   (size_t)N * V);
 	cross_entropy_forward_cuda(a->losses, a->logits, a->targets, N, V);
 	g->losses.resize(N);
 	moe_cuda_memcpy_d2h(g->losses.data(), a->losses, sizeof(float) * N);
+	const float *tw = m->token_weights;
 	double sum = 0.0;
 	int count = 0;
 	for (int i = 0; i < N; i++) {
 		if (targets[i] >= 0) {
-			sum += g->losses[i];
+			sum += tw ? (double)tw[i] * g->losses[i] : g->losses[i];
 			count++;
 		}
 	}
-	m->last_ce_loss = count ? (float)(sum / count) : 0.0f;
+	if (tw)
+		m->last_ce_loss = (float)sum;
+	else
+		m->last_ce_loss = count ? (float)(sum / count) : 0.0f;
 	return m->last_ce_loss + m->last_aux_loss;
 }
 
@@ -702,11 +745,22 @@ extern "C" void gpu_model_backward(struct gpu_model *g, float loss_scale)
 	int B = a->B, T = a->T, N = B * T, C = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
 	struct grad_scratch *s = &a->gs;
 
+	/* d(loss)/d(raw logits): the token weights as they are now (model.h), the temperature's 1/T */
 	int count = 0;
 	for (int i = 0; i < N; i++)
 		count += g->targets[i] >= 0;
-	float dloss = count ? loss_scale / count : 0.0f;
-	cross_entropy_backward_cuda(a->logits, a->logits, a->targets, dloss, N, V);
+	const float *tw = m->token_weights;
+	float dloss = tw ? loss_scale : count ? loss_scale / count : 0.0f;
+	cross_entropy_backward_cuda(a->logits, a->logits, a->targets, dloss / a->temperature, N, V);
+	if (tw) {
+		if (g->token_w_cap < (size_t)N) {
+			moe_cuda_free(g->token_w);
+			g->token_w = (float *)moe_cuda_malloc(sizeof(float) * N);
+			g->token_w_cap = N;
+		}
+		moe_cuda_memcpy_h2d(g->token_w, tw, sizeof(float) * N);
+		scale_rows_kernel<<<grid_for((size_t)N * V), kThreads, 0, stream()>>>(a->logits, g->token_w, N, V);
+	}
 	lin_bwd(g, s->dln, g->G.lm_head, a->logits, a->lnf, g->W.lm_head, N, C, V, true);
 	zero(s->dres, sizeof(float) * (size_t)N * C);
 	rmsnorm_backward_cuda(s->dres, g->G.norm, s->dln, a->resid + (size_t)L * N * C, g->W.norm, a->lnf_rstd, N,

@@ -53,14 +53,18 @@ void gpu_model_zero_grad(struct gpu_model *g);
 /*
  * As model_forward: inputs and targets (may be NULL) are HOST arrays of B*T ids.  Returns the loss (mean
  * cross-entropy over the targets + the balance loss), waiting for the device; sets m->last_ce_loss,
- * m->last_aux_loss and m->expert_load like the CPU model.  The loss options of model.h (token_weights,
- * logit_temperature, route_replay) are not supported yet: they must be unset.
+ * m->last_aux_loss and m->expert_load like the CPU model, and honours the loss options of model.h as it
+ * does: route_replay (HOST [L][B*T][K]) and logit_temperature here, token_weights (HOST [B*T]) here for
+ * the value and in gpu_model_backward (as they are then) for the gradient.
  */
 float gpu_model_forward(struct gpu_model *g, const int *inputs, const int *targets, int B, int T);
 /* As model_backward: accumulates d(loss_scale * loss)/dweights into the device grads. */
 void gpu_model_backward(struct gpu_model *g, float loss_scale);
 /* The last forward's logits [B*T, V] on the device (overwritten by the backward). */
 const float *gpu_model_logits(const struct gpu_model *g);
+/* As model_token_losses: the last forward's per-token cross-entropy [B*T], a HOST array; NULL before a
+ * forward with targets. */
+const float *gpu_model_token_losses(const struct gpu_model *g);
 
 #ifdef __cplusplus
 }

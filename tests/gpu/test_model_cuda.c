@@ -68,10 +68,12 @@ struct run {
 	float *logits;     /* [N, V] */
 	float *grads;      /* [n_weights] */
 	int64_t *load;     /* [L, E] */
+	float *tok;        /* [N] per-token losses */
 };
 
 static void run_free(struct run *r)
 {
+	free(r->tok);
 	free(r->logits);
 	free(r->grads);
 	free(r->load);
@@ -90,6 +92,13 @@ static void keep(struct run *r, const struct moe_model *m, float loss, const flo
 	r->grads = test_xmalloc(sizeof(float) * m->n_weights);
 }
 
+/* the per-token losses of the last forward (a HOST array) */
+static void keep_token_losses(struct run *r, const float *tok, size_t N)
+{
+	r->tok = test_xmalloc(sizeof(float) * N);
+	memcpy(r->tok, tok, sizeof(float) * N);
+}
+
 /* `calls` forward/backward pairs (each with its own tokens, loss_scale 1/calls) on the CPU */
 static void run_cpu(struct moe_model *m, const int *in, const int *tg, int B, int T, int calls, struct run *r)
 {
@@ -98,8 +107,10 @@ static void run_cpu(struct moe_model *m, const int *in, const int *tg, int B, in
 	float loss = 0.0f;
 	for (int i = 0; i < calls; i++) {
 		loss = model_forward(m, in + (size_t)i * B * T, tg + (size_t)i * B * T, B, T);
-		if (i == calls - 1)
+		if (i == calls - 1) {
 			keep(r, m, loss, model_logits(m), NV);
+			keep_token_losses(r, model_token_losses(m), (size_t)B * T);
+		}
 		model_backward(m, 1.0f / calls);
 	}
 	memcpy(r->grads, m->grads, sizeof(float) * m->n_weights);
@@ -125,6 +136,7 @@ static void run_gpu(struct moe_model *m, int bf16, const int *in, const int *tg,
 		if (i == calls - 1) {
 			moe_cuda_memcpy_d2h(logits, gpu_model_logits(g), sizeof(float) * NV);
 			keep(r, m, loss, logits, NV);
+			keep_token_losses(r, gpu_model_token_losses(g), (size_t)B * T);
 		}
 		gpu_model_backward(g, 1.0f / calls);
 	}
@@ -277,6 +289,62 @@ static void test_accumulate(void)
 	check_variant(V2_GROUPS, 1, 2);
 }
 
+/*
+ * GRPO's loss options (model.h) as on the CPU, fp32: per-token weights (some negative, as advantages
+ * make them), a logit temperature and routing replay (experts unlike the router's choice): loss, every
+ * per-token loss, logits, loads and every gradient
+ */
+static void test_loss_options(void)
+{
+	static const enum test_variant vs[] = { V3_LIKE, V2_GROUPS };
+	for (size_t k = 0; k < sizeof(vs) / sizeof(vs[0]); k++) {
+		struct model_config c = gpu_config(vs[k]);
+		char err[256];
+		struct moe_model *m = model_create(&c, 0, c.n_routed_experts, err, sizeof(err));
+		CU_ASSERT_PTR_NOT_NULL_FATAL(m);
+		model_init_weights(m, 31 + k);
+		test_separate_routers(m, 37 + k);
+		const int B = 2, T = 24, N = B * T, L = c.num_hidden_layers, K = c.num_experts_per_tok;
+		int *in = test_xmalloc(sizeof(int) * N), *tg = test_xmalloc(sizeof(int) * N);
+		int *routes = test_xmalloc(sizeof(int) * (size_t)L * N * K);
+		float *tw = test_xmalloc(sizeof(float) * N);
+		test_rng_seed(200 + k);
+		for (int i = 0; i < N; i++) {
+			in[i] = (int)(test_rand_uniform(0, 1) * c.vocab_size) % c.vocab_size;
+			tg[i] = i % 5 == 2 ? -1 : (int)(test_rand_uniform(0, 1) * c.vocab_size) % c.vocab_size;
+			tw[i] = test_rand_uniform(-1.0f, 1.0f) / N;
+		}
+		for (int i = 0; i < L * N; i++) {  /* K distinct experts from a random first one */
+			int first = (int)(test_rand_uniform(0, 1) * c.n_routed_experts) % c.n_routed_experts;
+			for (int e = 0; e < K; e++)
+				routes[(size_t)i * K + e] = (first + e) % c.n_routed_experts;
+		}
+		m->token_weights = tw;
+		m->logit_temperature = 0.7f;
+		m->route_replay = routes;
+		struct run cpu = { 0 }, gpu = { 0 };
+		run_cpu(m, in, tg, B, T, 1, &cpu);
+		run_gpu(m, 0, in, tg, B, T, 1, &gpu);
+		struct tol fp32 = { 1e-5, 1e-5, 1e-5, 1e-4, 0 };
+		char what[64];
+		snprintf(what, sizeof(what), "%s options", test_variant_name[vs[k]]);
+		compare(m, &gpu, &cpu, NULL, (size_t)N * c.vocab_size, what, &fp32);
+		double etok = norm_rel_err(gpu.tok, cpu.tok, N);
+		printf("\n    %-20s token losses rel %.1e", "", etok);
+		CU_ASSERT(etok < 1e-5);
+		m->token_weights = NULL;
+		m->route_replay = NULL;
+		m->logit_temperature = 0.0f;
+		run_free(&cpu);
+		run_free(&gpu);
+		free(in);
+		free(tg);
+		free(routes);
+		free(tw);
+		model_free(m);
+	}
+}
+
 /* the GPU model refuses what it does not hold, naming why */
 static void test_refuses_ep_slice(void)
 {
@@ -307,6 +375,7 @@ void register_tests(void)
 		{"fp32", test_fp32},
 		{"bf16", test_bf16},
 		{"accumulate", test_accumulate},
+		{"loss_options", test_loss_options},
 		{"refuses_ep_slice", test_refuses_ep_slice},
 		{NULL, NULL},
 	};

@@ -11,6 +11,7 @@
 #      naming the record, and nothing of the failed step is applied;
 #   6. bad inputs are refused naming the file:line or the key;
 #   7. --eval: the trained policy scores higher than the initial one.
+# train.device=cpu: the CPU reference (the GPU's bf16 updates are checked by tests/gpu/test_grpo_cuda.sh).
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-grpo-test
@@ -57,7 +58,7 @@ chmod +x reward.sh
 cat >cfg.json <<EOF
 {"model": {"vocab_size": 260},
  "train": {"steps": 15, "micro_batch": 16, "grad_accum": 4, "lr": 3e-2, "min_lr": 0, "warmup_steps": 0,
-           "schedule": "constant", "seed": 1},
+           "schedule": "constant", "seed": 1, "device": "cpu"},
  "checkpoint": {"dir": "ck", "every": 0}, "log": {"metrics": "m.jsonl"},
  "grpo": {"prompts": "$W/prompts.jsonl", "tokenizer": "$W/tok.json", "reward_cmd": ["$W/reward.sh"],
           "group_size": 8, "prompts_per_step": 8, "max_new_tokens": 4, "beta": 0, "num_iterations": 1,

@@ -10,7 +10,8 @@
 #
 # AdamW's eps is 1e-4 here: with the default 1e-8 an element whose gradient is ~0 (a token never sampled)
 # moves by about +-lr on float noise alone, which differs between layouts by up to 2 lr per step (seen:
-# 4e-3 after 3 steps); with 1e-4 the weights of every layout agree to ~1e-6.
+# 4e-3 after 3 steps); with 1e-4 the weights of every layout agree to ~1e-6.  train.device=cpu: on a GPU
+# machine the one-process reference would otherwise run its updates on the GPU.
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-grpo-dist-test
@@ -36,7 +37,7 @@ chmod +x reward.sh
 cat >cfg.json <<EOF
 {"model": {"vocab_size": 260},
  "train": {"steps": 3, "micro_batch": 16, "grad_accum": 4, "lr": 3e-2, "min_lr": 0, "warmup_steps": 0,
-           "schedule": "constant", "seed": 1},
+           "schedule": "constant", "seed": 1, "device": "cpu"},
  "checkpoint": {"dir": "ck", "every": 0}, "log": {"metrics": "m.jsonl"},
  "grpo": {"prompts": "$W/prompts.jsonl", "tokenizer": "$W/tok.json", "reward_cmd": ["$W/reward.sh"],
           "group_size": 8, "prompts_per_step": 8, "max_new_tokens": 4, "beta": 0, "num_iterations": 1}}
