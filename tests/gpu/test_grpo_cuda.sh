@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # tests/gpu/test_grpo_cuda.sh - `moe grpo` with its updates on the GPU (train.device=cuda; sampling, the
 # reward and the reference stay on the CPU) against the same run on the CPU, with the fixture of
-# tests/rl/test_grpo.sh (the tiny model, a byte-level tokenizer, reward 1 when the completion ends with a
-# digit): step 1 samples the same completions (the same weights and seeds: the same rewards exactly) and
+# tests/rl/grpo_fixture.sh (the tiny model, a byte-level tokenizer, reward 1 when the completion ends with
+# a digit): step 1 samples the same completions (the same weights and seeds: the same rewards exactly) and
 # its gradient norm agrees within 5% (bf16 matmuls vs the fp32 reference); every step's ratio stays
 # within 0.05 of 1 (one update per batch: only the bf16 / fp32 gap between the updates and the sampler
 # moves it); both learn (mean reward of the last 3 of 12 steps > 0.8); a GPU run stopped at step 6 and
@@ -12,28 +12,8 @@ MOE="${MOE_BIN:?}"
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-grpo-cuda-test
 cd "$W" || exit 1
 
-printf 'hello world 0123456789 abc\n' >text.txt
-"$MOE" data tokenizer --train text.txt --vocab 260 --out tok.json >/dev/null 2>&1 \
-	|| { echo "FAIL: moe data tokenizer"; exit 1; }
-for p in hello world abc xyz foo bar baz qux; do printf '{"prompt": "%s", "tag": "x"}\n' "$p"; done >prompts.jsonl
-cat >reward.sh <<'EOF'
-#!/bin/sh
-while IFS= read -r line; do
-	id=${line#'{"id":'}
-	id=${id%%,*}
-	case "$line" in *[0-9]'","tag"'*) r=1 ;; *) r=0 ;; esac
-	printf '{"id":%s,"reward":%s}\n' "$id" "$r"
-done
-EOF
-chmod +x reward.sh
-cat >cfg.json <<EOF
-{"model": {"vocab_size": 260},
- "train": {"steps": 12, "micro_batch": 16, "grad_accum": 4, "lr": 3e-2, "min_lr": 0, "warmup_steps": 0,
-           "schedule": "constant", "seed": 1},
- "checkpoint": {"dir": "ck", "every": 0}, "log": {"metrics": "m.jsonl"},
- "grpo": {"prompts": "$W/prompts.jsonl", "tokenizer": "$W/tok.json", "reward_cmd": ["$W/reward.sh"],
-          "group_size": 8, "prompts_per_step": 8, "max_new_tokens": 4, "beta": 0, "num_iterations": 1}}
-EOF
+. "$(dirname "${BASH_SOURCE[0]}")/../rl/grpo_fixture.sh"
+grpo_fixture 12
 grpo() {  # NAME DEVICE [--set ...]: metrics NAME.jsonl, checkpoints NAME.ck, log NAME.log
 	local name=$1 dev=$2
 	shift 2

@@ -20,50 +20,9 @@ T0=$(date +%s)
 TMO=300
 
 # ---------------------------------------------------------------- fixtures
-printf 'hello world 0123456789 abc\n' >text.txt
-"$MOE" data tokenizer --train text.txt --vocab 260 --out tok.json >/dev/null 2>&1 \
-	|| { echo "FAIL: moe data tokenizer"; exit 1; }
-for p in hello world abc xyz foo bar baz qux; do printf '{"prompt": "%s", "tag": "x"}\n' "$p"; done >prompts.jsonl
+. "$(dirname "${BASH_SOURCE[0]}")/grpo_fixture.sh"
+grpo_fixture 15 ', "epsilon": 0.2, "epsilon_high": 0.2'
 for p in one two three four five six seven eight nine ten; do printf '{"prompt": "%s", "tag": "y"}\n' "$p"; done >eval.jsonl
-
-# The reward program: {"id":N,"prompt":...,"completion":...,"tag":...} -> {"id":N,"reward":1 or 0}, 1 when
-# the completion's last character is a digit (its closing quote is followed by ,"tag").
-# With an argument MODE it misbehaves from its 68th request on (step 2's 4th: id 67; a step is 64):
-#   exit: exits (after 3 answers in step 2), hang: sleeps, nan: answers NaN, inf: answers 1e999 (valid
-#   JSON, not a finite double), junk: answers no JSON, wrongid: answers another id.
-cat >reward.sh <<'EOF'
-#!/bin/sh
-mode=${1:-ok}
-n=0
-while IFS= read -r line; do
-	n=$((n + 1))
-	id=${line#'{"id":'}
-	id=${id%%,*}
-	case "$line" in *[0-9]'","tag"'*) r=1 ;; *) r=0 ;; esac
-	if [ "$n" -gt 67 ]; then
-		case "$mode" in
-		exit) exit 3 ;;
-		hang) sleep 1000 ;;
-		nan) r=NaN ;;
-		inf) r=1e999 ;;
-		junk) echo 'this is not JSON'; continue ;;
-		wrongid) id=$((id + 1)) ;;
-		esac
-	fi
-	printf '{"id":%s,"reward":%s}\n' "$id" "$r"
-done
-EOF
-chmod +x reward.sh
-
-cat >cfg.json <<EOF
-{"model": {"vocab_size": 260},
- "train": {"steps": 15, "micro_batch": 16, "grad_accum": 4, "lr": 3e-2, "min_lr": 0, "warmup_steps": 0,
-           "schedule": "constant", "seed": 1, "device": "cpu"},
- "checkpoint": {"dir": "ck", "every": 0}, "log": {"metrics": "m.jsonl"},
- "grpo": {"prompts": "$W/prompts.jsonl", "tokenizer": "$W/tok.json", "reward_cmd": ["$W/reward.sh"],
-          "group_size": 8, "prompts_per_step": 8, "max_new_tokens": 4, "beta": 0, "num_iterations": 1,
-          "epsilon": 0.2, "epsilon_high": 0.2}}
-EOF
 
 # grpo NAME [--set ...]: a run in its own checkpoint dir NAME.ck with metrics NAME.jsonl, log NAME.log;
 # sets rc and el (seconds).  Every call is bounded by timeout (generous: shared CI machines can be slow): a

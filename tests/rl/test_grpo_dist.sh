@@ -18,30 +18,8 @@ MOE="${MOE_BIN:?}"
 cd "$W" || exit 1
 T0=$(date +%s)
 
-printf 'hello world 0123456789 abc\n' >text.txt
-"$MOE" data tokenizer --train text.txt --vocab 260 --out tok.json >/dev/null 2>&1 \
-	|| { echo "FAIL: moe data tokenizer"; exit 1; }
-for p in hello world abc xyz foo bar baz qux; do printf '{"prompt": "%s", "tag": "x"}\n' "$p"; done >prompts.jsonl
-# reward 1 when the completion ends with a digit; with argument FAILID: exits on the request of that id
-cat >reward.sh <<'EOF'
-#!/bin/sh
-while IFS= read -r line; do
-	id=${line#'{"id":'}
-	id=${id%%,*}
-	[ "$id" = "${1:-none}" ] && { echo "reward.sh: failing on id $id" >&2; exit 5; }
-	case "$line" in *[0-9]'","tag"'*) r=1 ;; *) r=0 ;; esac
-	printf '{"id":%s,"reward":%s}\n' "$id" "$r"
-done
-EOF
-chmod +x reward.sh
-cat >cfg.json <<EOF
-{"model": {"vocab_size": 260},
- "train": {"steps": 3, "micro_batch": 16, "grad_accum": 4, "lr": 3e-2, "min_lr": 0, "warmup_steps": 0,
-           "schedule": "constant", "seed": 1, "device": "cpu"},
- "checkpoint": {"dir": "ck", "every": 0}, "log": {"metrics": "m.jsonl"},
- "grpo": {"prompts": "$W/prompts.jsonl", "tokenizer": "$W/tok.json", "reward_cmd": ["$W/reward.sh"],
-          "group_size": 8, "prompts_per_step": 8, "max_new_tokens": 4, "beta": 0, "num_iterations": 1}}
-EOF
+. "$(dirname "${BASH_SOURCE[0]}")/grpo_fixture.sh"
+grpo_fixture 3
 
 
 cat >cmp.py <<'PY'
