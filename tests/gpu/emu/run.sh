@@ -6,8 +6,11 @@
 # it checks index arithmetic, masking, barriers and shared-memory bounds, not speed; the real check remains
 # ctest -L gpu on a GPU machine.
 #
-#   tests/gpu/emu/run.sh [TEST.c ...]   (from anywhere; default tests/gpu/test_ops_cuda.c; needs g++,
-#                                       python3, cmake, CUnit, OpenBLAS, HDF5, cJSON: the CPU build's packages)
+#   tests/gpu/emu/run.sh [TEST.c | TEST.sh ...]   (from anywhere; default tests/gpu/test_ops_cuda.c; needs
+#                                       g++, python3, cmake, CUnit, OpenBLAS, HDF5, cJSON: the CPU build's packages)
+# A script test (TEST.sh, e.g. tests/gpu/test_grpo_cuda.sh) runs against a `moe` whose trainer takes the
+# GPU path (train/trainer.c built with MOE_HAVE_CUDA) over the emulated kernels: the wiring of a command
+# to the GPU model, end to end, without a GPU (slowly: every kernel runs its threads one by one).
 #   EMU_SAN= tests/gpu/emu/run.sh   without sanitizers (faster)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -39,8 +42,23 @@ cmake --build "$work/cpu" --target moecore -j "$(nproc)" >"$work/build.log" 2>&1
 	{ tail -30 "$work/build.log"; exit 1; }
 $CC -c "$src/tests/harness.c" -o "$work/tobj/harness.o"
 
+LIBS=("$work/cpu/libmoecore.a" -lcunit -L/usr/lib/x86_64-linux-gnu/openblas-openmp -lopenblas -lgomp
+	-lhdf5_serial -lcjson $(pkg-config --libs ompi-c 2>/dev/null || echo -lmpi) -lm)
 status=0
 for t in "${tests[@]}"; do
+	if [[ "$t" == *.sh ]]; then  # a script test, with the emulated moe
+		if [ ! -x "$work/moe" ]; then
+			for f in train/trainer.c moe.c; do
+				$CC -DMOE_HAVE_CUDA=1 $blas $(pkg-config --cflags libcjson ompi-c 2>/dev/null) \
+					-I/usr/include/hdf5/serial -c "$src/$f" -o "$work/tobj/emu_$(basename "$f" .c).o"
+			done
+			g++ $SAN -o "$work/moe" "$work"/tobj/emu_*.o "$work"/obj/*.o "${LIBS[@]}"
+		fi
+		echo "=== $t, moe on emulated CUDA"
+		MOE_BIN="$work/moe" MOE_SRC="$src" ASAN_OPTIONS=detect_leaks=0 OMP_NUM_THREADS=2 \
+			bash "$src/$t" || status=1
+		continue
+	fi
 	name=$(basename "$t" .c)
 	$CC -DMOE_HAVE_CUDA=1 $blas -c "$src/$t" -o "$work/tobj/$name.o"
 	g++ $SAN -o "$work/$name" "$work/tobj/$name.o" "$work/tobj/harness.o" "$work"/obj/*.o \
