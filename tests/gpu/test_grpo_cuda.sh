@@ -10,9 +10,9 @@
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-grpo-cuda-test
+. "$(dirname "${BASH_SOURCE[0]}")/../rl/grpo_fixture.sh"
 cd "$W" || exit 1
 
-. "$(dirname "${BASH_SOURCE[0]}")/../rl/grpo_fixture.sh"
 grpo_fixture 12
 grpo() {  # NAME DEVICE [--set ...]: metrics NAME.jsonl, checkpoints NAME.ck, log NAME.log
 	local name=$1 dev=$2

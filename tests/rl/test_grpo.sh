@@ -15,12 +15,12 @@
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-grpo-test
+. "$(dirname "${BASH_SOURCE[0]}")/grpo_fixture.sh"
 cd "$W" || exit 1
 T0=$(date +%s)
 TMO=300
 
 # ---------------------------------------------------------------- fixtures
-. "$(dirname "${BASH_SOURCE[0]}")/grpo_fixture.sh"
 grpo_fixture 15 ', "epsilon": 0.2, "epsilon_high": 0.2'
 for p in one two three four five six seven eight nine ten; do printf '{"prompt": "%s", "tag": "y"}\n' "$p"; done >eval.jsonl
 

@@ -15,10 +15,10 @@
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-grpo-dist-test
+. "$(dirname "${BASH_SOURCE[0]}")/grpo_fixture.sh"
 cd "$W" || exit 1
 T0=$(date +%s)
 
-. "$(dirname "${BASH_SOURCE[0]}")/grpo_fixture.sh"
 grpo_fixture 3
 
 
