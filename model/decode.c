@@ -201,9 +201,9 @@ static int ensure_expert_rows(struct decode_scratch *s, size_t R, int C, int Im)
  * tokens of one slot at consecutive positions (a prompt in a prefill; a decode step's runs are single
  * tokens).  A task's scores over the run's positions are one product [rows, kv_lora + dr] x
  * [P, kv_lora + dr]^T and its latent outputs one product [rows, P] x [P, kv_lora], so each cached row is
- * read once per task, and a prompt's tokens share their reads.  A step of a single token splits its
- * heads into two tasks for two threads.  The tasks depend on the step's shapes only, never on the thread
- * count, and neither do the logits.
+ * read once per task, and a prompt's tokens share their reads.  A run of one token (every token of a
+ * decode step) goes as two tasks of half its heads, so that a lone sequence keeps two threads busy.  The
+ * tasks depend on the step's shapes only, never on the thread count, and neither do the logits.
  */
 #define ATTN_ROWS 64
 #define ATTN_CHUNK 256
