@@ -156,4 +156,16 @@ void attention_backward_set(float *grad_q, float *grad_k, float *grad_v, const f
 void swiglu_backward_set(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
 			 size_t n);
 
+/*
+ * The cross-entropy term of the loss (model.h, shared with the GPU model): sum_n w[n] CE_n over the
+ * targets with token weights w, else their mean (0 without targets).
+ */
+float ce_term(const float *losses, const int *targets, const float *w, int N);
+/*
+ * The factor of a target row's d(loss_scale * that term)/d(raw logits), before its token weight:
+ * loss_scale with token weights, else loss_scale / the target count; over the temperature, as the
+ * logits buffer holds logits / temperature.
+ */
+float ce_row_scale(const int *targets, const float *w, int N, float loss_scale, float temperature);
+
 #endif

@@ -607,20 +607,32 @@ float model_forward(struct moe_model *m, const int *inputs, const int *targets, 
 			a->logits[k] *= inv;
 	}
 	cross_entropy_forward(a->losses, a->logits, targets, N, V);
-	const float *w = m->token_weights;
+	m->last_ce_loss = ce_term(a->losses, targets, m->token_weights, N);
+	return m->last_ce_loss + aux;
+}
+
+float ce_term(const float *losses, const int *targets, const float *w, int N)
+{
 	double sum = 0.0;
 	int count = 0;
 	for (int n = 0; n < N; n++) {
 		if (targets[n] >= 0) {
-			sum += w ? (double)w[n] * a->losses[n] : a->losses[n];
+			sum += w ? (double)w[n] * losses[n] : losses[n];
 			count++;
 		}
 	}
 	if (w)
-		m->last_ce_loss = (float)sum;
-	else
-		m->last_ce_loss = count ? (float)(sum / count) : 0.0f;
-	return m->last_ce_loss + aux;
+		return (float)sum;
+	return count ? (float)(sum / count) : 0.0f;
+}
+
+float ce_row_scale(const int *targets, const float *w, int N, float loss_scale, float temperature)
+{
+	int count = 0;
+	for (int n = 0; n < N; n++)
+		count += targets[n] >= 0;
+	float dloss = w ? loss_scale : count ? loss_scale / count : 0.0f;
+	return dloss / temperature;
 }
 
 const float *model_logits(const struct moe_model *m)
@@ -654,10 +666,7 @@ void model_backward(struct moe_model *m, float loss_scale)
 	int L = c->num_hidden_layers;
 	struct grad_scratch *s = &a->gs;
 
-	/* d(loss)/d(raw logits): the logits buffer holds logits / temperature */
-	int count = model_count_targets(m);
-	float dloss = m->token_weights ? loss_scale : count ? loss_scale / count : 0.0f;
-	dloss /= a->temperature;
+	float dloss = ce_row_scale(a->targets, m->token_weights, N, loss_scale, a->temperature);
 	cross_entropy_backward_rows(a->logits, a->logits, a->targets, dloss, m->token_weights, N, V);
 	linear_bwd(s->dln, m->g.lm_head, a->logits, a->lnf, m->w.lm_head, N, C, V, LIN_SET_DX);
 	rmsnorm_backward_set(s->dres, C, m->g.norm, s->dln, a->resid + (size_t)L * N * C, m->w.norm,

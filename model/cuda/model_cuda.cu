@@ -719,19 +719,7 @@ extern "C" float gpu_model_forward(struct gpu_model *g, const int *inputs, const
 	cross_entropy_forward_cuda(a->losses, a->logits, a->targets, N, V);
 	g->losses.resize(N);
 	moe_cuda_memcpy_d2h(g->losses.data(), a->losses, sizeof(float) * N);
-	const float *tw = m->token_weights;
-	double sum = 0.0;
-	int count = 0;
-	for (int i = 0; i < N; i++) {
-		if (targets[i] >= 0) {
-			sum += tw ? (double)tw[i] * g->losses[i] : g->losses[i];
-			count++;
-		}
-	}
-	if (tw)
-		m->last_ce_loss = (float)sum;
-	else
-		m->last_ce_loss = count ? (float)(sum / count) : 0.0f;
+	m->last_ce_loss = ce_term(g->losses.data(), targets, m->token_weights, N);
 	return m->last_ce_loss + m->last_aux_loss;
 }
 
@@ -745,13 +733,10 @@ extern "C" void gpu_model_backward(struct gpu_model *g, float loss_scale)
 	int B = a->B, T = a->T, N = B * T, C = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
 	struct grad_scratch *s = &a->gs;
 
-	/* d(loss)/d(raw logits): the token weights as they are now (model.h), the temperature's 1/T */
-	int count = 0;
-	for (int i = 0; i < N; i++)
-		count += g->targets[i] >= 0;
+	/* d(loss)/d(raw logits), with the token weights as they are now (model.h) */
 	const float *tw = m->token_weights;
-	float dloss = tw ? loss_scale : count ? loss_scale / count : 0.0f;
-	cross_entropy_backward_cuda(a->logits, a->logits, a->targets, dloss / a->temperature, N, V);
+	float dloss = ce_row_scale(g->targets.data(), tw, N, loss_scale, a->temperature);
+	cross_entropy_backward_cuda(a->logits, a->logits, a->targets, dloss, N, V);
 	if (tw) {
 		if (g->token_w_cap < (size_t)N) {
 			moe_cuda_free(g->token_w);
