@@ -42,8 +42,10 @@ cmake --build "$work/cpu" --target moecore -j "$(nproc)" >"$work/build.log" 2>&1
 	{ tail -30 "$work/build.log"; exit 1; }
 $CC -c "$src/tests/harness.c" -o "$work/tobj/harness.o"
 
-LIBS=("$work/cpu/libmoecore.a" -lcunit -L/usr/lib/x86_64-linux-gnu/openblas-openmp -lopenblas -lgomp
-	-lhdf5_serial -lcjson $(pkg-config --libs ompi-c 2>/dev/null || echo -lmpi) -lm)
+# what every emulated program links: the CPU library and its packages
+LIBS=("$work/cpu/libmoecore.a" $(cat "$work/cpu/moecore_libs.txt" 2>/dev/null) -lcunit
+	-L/usr/lib/x86_64-linux-gnu/openblas-openmp -lopenblas -lgomp -lhdf5_serial -lcjson
+	$(pkg-config --libs ompi-c 2>/dev/null || echo -lmpi) -lm)
 status=0
 for t in "${tests[@]}"; do
 	if [[ "$t" == *.sh ]]; then  # a script test, with the emulated moe
@@ -61,9 +63,7 @@ for t in "${tests[@]}"; do
 	fi
 	name=$(basename "$t" .c)
 	$CC -DMOE_HAVE_CUDA=1 $blas -c "$src/$t" -o "$work/tobj/$name.o"
-	g++ $SAN -o "$work/$name" "$work/tobj/$name.o" "$work/tobj/harness.o" "$work"/obj/*.o \
-		"$work/cpu/libmoecore.a" $(cat "$work/cpu/moecore_libs.txt" 2>/dev/null) \
-		-lcunit -L/usr/lib/x86_64-linux-gnu/openblas-openmp -lopenblas -lgomp -lhdf5_serial -lcjson $(pkg-config --libs ompi-c 2>/dev/null || echo -lmpi) -lm
+	g++ $SAN -o "$work/$name" "$work/tobj/$name.o" "$work/tobj/harness.o" "$work"/obj/*.o "${LIBS[@]}"
 	for order in 0 1; do
 		echo "=== $name, emulated CUDA, thread order $([ $order = 1 ] && echo reverse || echo forward)"
 		EMU_REVERSE=$order ASAN_OPTIONS=detect_leaks=0 OMP_NUM_THREADS=2 "$work/$name" || status=1
