@@ -29,14 +29,7 @@
 #include "model/cuda/ops_cuda.h"
 #include "optim/cuda/adamw_cuda.h"
 #endif
-
-static const char *skip_reason = "";
-
-static void test_skip(void)
-{
-	printf("\nSKIP: no CUDA device (%s)\n", skip_reason);
-	CU_PASS("SKIP: no CUDA device");
-}
+#include "gpu/gpu_suite.h"
 
 #ifdef MOE_HAVE_CUDA
 
@@ -394,19 +387,10 @@ static void test_vec_scale(void)
 	report_end();
 }
 
-static void test_init_failed(void)
-{
-	CU_FAIL("moe_cuda_init(0) failed although a device is visible (see stderr)");
-}
-
 #endif /* MOE_HAVE_CUDA */
 
 void register_tests(void)
 {
-	static const struct test_case skip_cases[] = {
-		{"skip", test_skip},
-		{NULL, NULL},
-	};
 #ifdef MOE_HAVE_CUDA
 	static const struct test_case cases[] = {
 		{"adamw", test_adamw},
@@ -416,21 +400,8 @@ void register_tests(void)
 		{"vec_scale", test_vec_scale},
 		{NULL, NULL},
 	};
-	static const struct test_case init_failed[] = {
-		{"init", test_init_failed},
-		{NULL, NULL},
-	};
-	if (moe_cuda_device_count() > 0) {
-		if (moe_cuda_init(0) != 0) {
-			add_suite("adamw_cuda", init_failed);
-			return;
-		}
-		add_suite("adamw_cuda", cases);
-		return;
-	}
-	skip_reason = "moe_cuda_device_count() = 0";
+	add_gpu_suite("adamw_cuda", cases);
 #else
-	skip_reason = "built without the CUDA backend (MOE_HAVE_CUDA)";
+	add_gpu_suite("adamw_cuda", NULL);
 #endif
-	add_suite("adamw_cuda", skip_cases);
 }

@@ -19,17 +19,9 @@
 #include "model/cuda/model_cuda.h"
 #include "model/cuda/ops_cuda.h"
 #endif
-
-static const char *skip_reason = "";
-
-static void test_skip(void)
-{
-	printf("\nSKIP: no CUDA device (%s)\n", skip_reason);
-	CU_PASS("SKIP: no CUDA device");
-}
+#include "gpu/gpu_suite.h"
 
 #ifdef MOE_HAVE_CUDA
-
 
 /* The shapes of tests/model/test_model.c, wider, with DeepSeek's head dims ratio (dq 192 / dv 128 is
  * what the attention kernel is sized for; a smaller pair exercises its masking). */
@@ -357,19 +349,10 @@ static void test_refuses_ep_slice(void)
 	model_free(m);
 }
 
-static void test_init_failed(void)
-{
-	CU_FAIL("moe_cuda_init(0) failed although a device is visible (see stderr)");
-}
-
 #endif /* MOE_HAVE_CUDA */
 
 void register_tests(void)
 {
-	static const struct test_case skip_cases[] = {
-		{"skip", test_skip},
-		{NULL, NULL},
-	};
 #ifdef MOE_HAVE_CUDA
 	static const struct test_case cases[] = {
 		{"fp32", test_fp32},
@@ -379,21 +362,8 @@ void register_tests(void)
 		{"refuses_ep_slice", test_refuses_ep_slice},
 		{NULL, NULL},
 	};
-	static const struct test_case init_failed[] = {
-		{"init", test_init_failed},
-		{NULL, NULL},
-	};
-	if (moe_cuda_device_count() > 0) {
-		if (moe_cuda_init(0) != 0) {
-			add_suite("model_cuda", init_failed);
-			return;
-		}
-		add_suite("model_cuda", cases);
-		return;
-	}
-	skip_reason = "moe_cuda_device_count() = 0";
+	add_gpu_suite("model_cuda", cases);
 #else
-	skip_reason = "built without the CUDA backend (MOE_HAVE_CUDA)";
+	add_gpu_suite("model_cuda", NULL);
 #endif
-	add_suite("model_cuda", skip_cases);
 }

@@ -23,14 +23,7 @@
 #ifdef MOE_HAVE_CUDA
 #include "model/cuda/ops_cuda.h"
 #endif
-
-static const char *skip_reason = "";
-
-static void test_skip(void)
-{
-	printf("\nSKIP: no CUDA device (%s)\n", skip_reason);
-	CU_PASS("SKIP: no CUDA device");
-}
+#include "gpu/gpu_suite.h"
 
 #ifdef MOE_HAVE_CUDA
 
@@ -602,19 +595,10 @@ static void test_shutdown(void)
 	CU_ASSERT(moe_cuda_device_count() > 0);
 }
 
-static void test_init_failed(void)
-{
-	CU_FAIL("moe_cuda_init(0) failed although a device is visible (see stderr)");
-}
-
 #endif /* MOE_HAVE_CUDA */
 
 void register_tests(void)
 {
-	static const struct test_case skip_cases[] = {
-		{"skip", test_skip},
-		{NULL, NULL},
-	};
 #ifdef MOE_HAVE_CUDA
 	static const struct test_case cases[] = {
 		{"linear", test_linear},
@@ -631,22 +615,8 @@ void register_tests(void)
 		{"shutdown", test_shutdown},
 		{NULL, NULL},
 	};
-	static const struct test_case init_failed[] = {
-		{"init", test_init_failed},
-		{NULL, NULL},
-	};
-	int ndev = moe_cuda_device_count();
-	if (ndev > 0) {
-		if (moe_cuda_init(0) != 0) {
-			add_suite("ops_cuda", init_failed);
-			return;
-		}
-		add_suite("ops_cuda", cases);
-		return;
-	}
-	skip_reason = "moe_cuda_device_count() = 0";
+	add_gpu_suite("ops_cuda", cases);
 #else
-	skip_reason = "built without the CUDA backend (MOE_HAVE_CUDA)";
+	add_gpu_suite("ops_cuda", NULL);
 #endif
-	add_suite("ops_cuda", skip_cases);
 }
