@@ -232,7 +232,24 @@ static void test_grad_single_entries(void)
 	model_free(m);
 }
 
-/* Changing token t+1 leaves the logits of positions <= t unchanged, and does change later ones. */
+/* max |a-b| / max |b|: the size of a change against the scale of the logits */
+static double scaled_err(const float *a, const float *b, size_t n)
+{
+	double d = 0, s = 0;
+	for (size_t i = 0; i < n; i++) {
+		d = fmax(d, fabs((double)a[i] - (double)b[i]));
+		s = fmax(s, fabs((double)b[i]));
+	}
+	return s > 0 ? d / s : d;
+}
+
+/*
+ * Changing token t+1 leaves the logits of positions <= t unchanged, and does change later ones.
+ * "Unchanged" is up to rounding, against the logits' scale: the changed token moves rows between experts,
+ * and the expert GEMMs' blocking (hence the rounding of every row they hold) depends on their row count
+ * (seen: 9.5e-7 on logits of magnitude 4 with OpenBLAS's AVX-512 kernels, 3.6e-4 relative on a logit near
+ * zero).  A leak of the future moves the logits by a fraction of their own size.
+ */
 static void test_causality(void)
 {
 	for (int v = 0; v < N_VARIANTS; v++) {
@@ -251,11 +268,11 @@ static void test_causality(void)
 			model_forward(m, in, NULL, B, T);
 			const float *lg = model_logits(m);
 			/* sequence 0 untouched, sequence 1 unchanged up to t */
-			double before = rel_err(lg, ref, (size_t)(T + t + 1) * V, 1e-3);
-			if (before >= 1e-4)
-				printf("\n  %s: t=%d logits before t+1 changed by %.2e", test_variant_name[v], t,
-				       before);
-			CU_ASSERT(before < 1e-4);
+			double before = scaled_err(lg, ref, (size_t)(T + t + 1) * V);
+			if (before >= 1e-5)
+				printf("\n  %s: t=%d logits before t+1 changed by %.2e of their scale",
+				       test_variant_name[v], t, before);
+			CU_ASSERT(before < 1e-5);
 			CU_ASSERT(rel_err(lg + (size_t)(T + t + 1) * V, ref + (size_t)(T + t + 1) * V, V, 1e-3)
 				  > 1e-4);
 			memcpy(ref, lg, sizeof(float) * N * V);
