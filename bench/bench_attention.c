@@ -63,7 +63,7 @@ int main(int argc, char **argv)
 
 #include <cuda_runtime.h>
 
-#include "model/cuda/cuda_check.h"
+#include "launch/cuda/cuda_check.h"
 #include "model/cuda/ops_cuda.h"
 #ifdef MOE_HAVE_CUDNN
 #include <cudnn.h>

@@ -22,6 +22,7 @@
 #include "data/shard.h"
 #include "data/task.h"
 #include "data/tokenizer.h"
+#include "launch/rng.h"
 
 #define CHUNK_BYTES (1 << 20)		/* text read per fread */
 #define DEFAULT_SHARD_TOKENS 100000000LL
@@ -392,18 +393,10 @@ struct shard_set {
 	size_t errlen;
 };
 
-static uint64_t splitmix64(uint64_t x)
-{
-	x += 0x9e3779b97f4a7c15ULL;
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-	return x ^ (x >> 31);
-}
-
 /* Document i goes to the validation split when a hash of i, as a fraction of 2^64, is below f. */
 static bool doc_is_val(uint64_t i, double f)
 {
-	return (double)(splitmix64(i) >> 11) * 0x1p-53 < f;
+	return rng_uniform(mix64(i + RNG_GOLDEN_GAMMA)) < f;
 }
 
 static void set_init(struct shard_set *s, struct tokenizer *t, const char *train_dir,

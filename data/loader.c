@@ -20,17 +20,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "launch/rng.h"
+
 #define EPOCH_MIX 0xd6e8feb86659fd93ULL	/* odd: spreads epochs across the key space */
-#define GOLDEN_GAMMA 0x9e3779b97f4a7c15ULL
 
 /* ---- permutation ---- */
-
-static uint64_t splitmix64(uint64_t z)
-{
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-	return z ^ (z >> 31);
-}
 
 /* Counter-based stream: draw i is mix(key + (i + 1) * gamma); key depends only on (seed, epoch). */
 struct perm_rng {
@@ -41,7 +35,7 @@ struct perm_rng {
 static uint64_t perm_rng_next(struct perm_rng *r)
 {
 	r->ctr++;
-	return splitmix64(r->key + r->ctr * GOLDEN_GAMMA);
+	return mix64(r->key + r->ctr * RNG_GOLDEN_GAMMA);
 }
 
 /* Uniform in [0, n), n >= 1, without modulo bias. */
@@ -59,7 +53,7 @@ static uint64_t perm_rng_below(struct perm_rng *r, uint64_t n)
 static void build_perm(struct loader *l, uint64_t epoch)
 {
 	struct perm_rng r = {
-		.key = splitmix64(l->seed ^ (epoch * EPOCH_MIX)),
+		.key = mix64(l->seed ^ (epoch * EPOCH_MIX)),
 		.ctr = 0,
 	};
 	uint64_t *p = l->perm;

@@ -30,6 +30,7 @@
 
 #include "data/data_cli.h"
 #include "data/tokenizer.h"
+#include "launch/rng.h"
 
 #define PFX "moe data task arith: "
 #define PATH_LEN 4096
@@ -69,25 +70,18 @@ struct problem {
 
 /* ---- random numbers, problems, the held-out set ----------------------------------------------- */
 
-static uint64_t mix64(uint64_t x)
-{
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-	return x ^ (x >> 31);
-}
-
 struct rng {
 	uint64_t s;
 };
 
 static void rng_seed(struct rng *r, long long seed, enum stream stream)
 {
-	r->s = mix64((uint64_t)seed ^ mix64(0x9e3779b97f4a7c15ULL * (uint64_t)stream));
+	r->s = rng_stream_seed((uint64_t)seed, (uint64_t)stream);
 }
 
 static uint64_t rng_next(struct rng *r)
 {
-	return mix64(r->s += 0x9e3779b97f4a7c15ULL);
+	return splitmix64(&r->s);
 }
 
 /* Uniform in 0 .. n - 1 (rejection, no modulo bias). */

@@ -19,6 +19,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "launch/rng.h"
+
 const char *const tokenizer_default_specials[TOKENIZER_N_DEFAULT_SPECIALS] = {
 	"<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>",
 };
@@ -99,16 +101,6 @@ void tok_bytes_free(struct tok_bytes *b)
 }
 
 /* ---- hashing --------------------------------------------------------------------------------- */
-
-static uint64_t mix64(uint64_t x)
-{
-	x ^= x >> 30;
-	x *= 0xbf58476d1ce4e5b9ULL;
-	x ^= x >> 27;
-	x *= 0x94d049bb133111ebULL;
-	x ^= x >> 31;
-	return x;
-}
 
 static uint64_t hash_bytes(const uint8_t *p, size_t n)
 {

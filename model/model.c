@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "launch/rng.h"
 #include "model/layers.h"
 #include "model/ops.h"
 
@@ -331,14 +332,6 @@ void model_count_params(const struct model_config *cfg, int64_t *total, int64_t 
 }
 
 /* ---------------------------------------------------------------- initialisation */
-
-static uint64_t splitmix64(uint64_t *s)
-{
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-	return z ^ (z >> 31);
-}
 
 static uint64_t fnv1a(const char *s)
 {

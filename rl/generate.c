@@ -11,18 +11,11 @@
 #include <time.h>
 
 #include "data/tokenizer.h"
+#include "launch/rng.h"
 #include "model/vmath.h"
 #include "rl/generate.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
-
-uint64_t splitmix64(uint64_t *state)
-{
-	uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-	return z ^ (z >> 31);
-}
 
 void gen_rng_seed(struct gen_rng *r, uint64_t seed)
 {

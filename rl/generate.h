@@ -26,7 +26,6 @@ struct gen_rng {
 	uint64_t s[4];
 };
 
-uint64_t splitmix64(uint64_t *state);
 void gen_rng_seed(struct gen_rng *r, uint64_t seed);
 uint64_t gen_rng_next(struct gen_rng *r);       /* xoshiro256** */
 double gen_rng_uniform(struct gen_rng *r);      /* [0, 1), 53 bits */

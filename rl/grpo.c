@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "data/tokenizer.h"
+#include "launch/rng.h"
 #include "model/decode.h"
 #include "model/model.h"
 #include "rl/generate.h"

@@ -8,7 +8,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include "rl/prompts.h"
-#include "train/errmsg.h"
+#include "launch/errmsg.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

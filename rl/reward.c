@@ -19,7 +19,7 @@
 #define _GNU_SOURCE		/* pipe2 */
 
 #include "rl/reward.h"
-#include "train/errmsg.h"
+#include "launch/errmsg.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

@@ -6,7 +6,7 @@
  * only the checks that tie keys together are written out by hand (config_validate).
  */
 #include "train/config.h"
-#include "train/errmsg.h"
+#include "launch/errmsg.h"
 
 #include <errno.h>
 #include <limits.h>

@@ -37,7 +37,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include "train/convert.h"
-#include "train/errmsg.h"
+#include "launch/errmsg.h"
 
 #include <errno.h>
 #include <fcntl.h>

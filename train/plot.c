@@ -11,7 +11,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include "train/plot.h"
-#include "train/errmsg.h"
+#include "launch/errmsg.h"
 
 #include <ctype.h>
 #include <errno.h>

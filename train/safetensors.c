@@ -8,7 +8,7 @@
 #define _DEFAULT_SOURCE	/* madvise */
 
 #include "train/safetensors.h"
-#include "train/errmsg.h"
+#include "launch/errmsg.h"
 
 #include <errno.h>
 #include <fcntl.h>

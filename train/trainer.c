@@ -17,7 +17,7 @@
 
 #ifdef MOE_HAVE_CUDA
 #include "model/cuda/model_cuda.h"
-#include "model/cuda/ops_cuda.h"
+#include "launch/cuda/device.h"
 #include "optim/cuda/adamw_cuda.h"
 #endif
 

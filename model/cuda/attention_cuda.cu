@@ -25,7 +25,7 @@
  * cover dq, dv <= 64 and dq <= 192, dv <= 128.  Rows past T are zero-filled in shared memory and masked,
  * so they contribute nothing and produce no NaN.
  */
-#include "model/cuda/cuda_common.cuh"
+#include "launch/cuda/cuda_common.cuh"
 #include "model/cuda/ops_cuda.h"
 
 namespace moe_cuda {

@@ -18,7 +18,7 @@
 #include <cstring>
 #include <vector>
 
-#include "model/cuda/cuda_common.cuh"
+#include "launch/cuda/cuda_common.cuh"
 #include "model/cuda/model_cuda.h"
 #include "model/cuda/ops_cuda.h"
 

@@ -8,7 +8,7 @@
  */
 #include <cub/device/device_radix_sort.cuh>
 
-#include "model/cuda/cuda_common.cuh"
+#include "launch/cuda/cuda_common.cuh"
 #include "model/cuda/ops_cuda.h"
 
 namespace moe_cuda {

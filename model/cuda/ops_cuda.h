@@ -1,6 +1,6 @@
 /*
- * model/cuda/ops_cuda.h - the CUDA backend: a device context, device-memory helpers, and every op of
- * model/ops.h with a _cuda suffix.
+ * model/cuda/ops_cuda.h - the CUDA backend: every op of model/ops.h with a _cuda suffix.  The device
+ * context and device-memory helpers they run on are launch/cuda/device.h's (included here).
  *
  * Plain C (includable from C11 files; no CUDA types: a stream is handed out as an opaque pointer).
  *
@@ -33,32 +33,7 @@ extern "C" {
 /* struct router_params, enum moe_scoring.  Included inside the extern "C" block so that the CPU ops keep C
  * linkage in C++ files too: a C++ file must include this header before (or instead of) model/ops.h. */
 #include "model/ops.h"
-
-/* ---- backend context ---- */
-
-/* Number of visible CUDA devices; 0 on ANY error (no driver, no device, ...).  Creates no context. */
-int moe_cuda_device_count(void);
-/* Select `device`, create the backend's stream and cuBLAS handle.  Call only once a device is known to
- * exist (moe_cuda_device_count() > device).  Returns 0, or -1 with a message on stderr.  A second call
- * while initialised returns 0 if it names the same device, -1 otherwise. */
-int moe_cuda_init(int device);
-/* Wait for the device, destroy the handle and stream.  Safe to call when not initialised. */
-void moe_cuda_shutdown(void);
-/* The device moe_cuda_init selected, -1 before. */
-int moe_cuda_current_device(void);
-/* The stream every op is queued on (a cudaStream_t). */
-void *moe_cuda_stream(void);
-/* Wait until every op queued so far has finished (aborts if one of them faulted). */
-void moe_cuda_synchronize(void);
-
-/* ---- device memory (for tests and setup; all synchronous with respect to the backend's stream) ---- */
-
-void *moe_cuda_malloc(size_t bytes);                                /* aborts on failure; NULL for 0 */
-void moe_cuda_free(void *dptr);                                     /* NULL is fine */
-void moe_cuda_memcpy_h2d(void *dst, const void *src, size_t bytes); /* host -> device */
-void moe_cuda_memcpy_d2h(void *dst, const void *src, size_t bytes); /* device -> host */
-void moe_cuda_memcpy_d2d(void *dst, const void *src, size_t bytes); /* device -> device */
-void moe_cuda_memset(void *dst, int byte, size_t bytes);            /* 0xFF fills floats with NaN */
+#include "launch/cuda/device.h"
 
 /* ---- ops (see model/ops.h for the semantics) ---- */
 

@@ -4,7 +4,7 @@
  *
  * Router scores are kept in float whatever the activation type.
  */
-#include "model/cuda/cuda_common.cuh"
+#include "launch/cuda/cuda_common.cuh"
 #include "model/cuda/ops_cuda.h"
 
 namespace moe_cuda {

@@ -20,8 +20,8 @@
 #include <cstring>
 #include <vector>
 
-#include "model/cuda/cuda_common.cuh"
-#include "model/cuda/ops_cuda.h"
+#include "launch/cuda/cuda_common.cuh"
+#include "launch/cuda/device.h"
 #include "optim/cuda/adamw_cuda.h"
 
 struct adamw_cuda_span {

@@ -3,7 +3,7 @@
  * optim/adamw.h: the same update, element for element, on device arrays.
  *
  * Plain C (includable from C11 files; no CUDA types).  Every weight, gradient and bf16 pointer is a DEVICE
- * pointer; everything is queued on the CUDA backend's stream (moe_cuda_stream(), model/cuda/ops_cuda.h),
+ * pointer; everything is queued on the CUDA backend's stream (moe_cuda_stream(), launch/cuda/device.h),
  * so moe_cuda_init must have run.  Results are deterministic: the update treats each element on its own,
  * and the norm is summed in a fixed order that depends on n only.  A failed CUDA call aborts with a message.
  */

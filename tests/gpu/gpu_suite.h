@@ -1,6 +1,6 @@
 /*
  * tests/gpu/gpu_suite.h - how the GPU test programs register their suite (include after harness.h and,
- * with MOE_HAVE_CUDA, model/cuda/ops_cuda.h).  A machine without a CUDA device, or a build without the
+ * with MOE_HAVE_CUDA, launch/cuda/device.h).  A machine without a CUDA device, or a build without the
  * backend, gets one test that prints SKIP and why, so ctest passes there; a visible device that
  * moe_cuda_init(0) cannot take gets one failing test.
  */

@@ -26,7 +26,7 @@
 #include "optim/adamw.h"
 
 #ifdef MOE_HAVE_CUDA
-#include "model/cuda/ops_cuda.h"
+#include "launch/cuda/device.h"
 #include "optim/cuda/adamw_cuda.h"
 #endif
 #include "gpu/gpu_suite.h"

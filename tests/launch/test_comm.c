@@ -28,7 +28,7 @@
 #include "launch/comm.h"
 #ifdef MOE_HAVE_CUDA
 #include "launch/comm_nccl.h"
-#include "model/cuda/ops_cuda.h"
+#include "launch/cuda/device.h"
 #endif
 
 static struct dist grid;

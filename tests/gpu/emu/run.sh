@@ -1,6 +1,6 @@
 #!/bin/bash
 # tests/gpu/emu/run.sh - run tests/gpu/test_ops_cuda.c on a machine WITHOUT a GPU: the CUDA backend's
-# kernels (model/cuda/*.cu) are compiled as C++ against a small emulator (include/emu.h, emu.cpp) and
+# kernels (launch/cuda, model/cuda, optim/cuda) are compiled as C++ against a small emulator (include/emu.h, emu.cpp) and
 # checked against the CPU ops, under AddressSanitizer/UBSan, with the threads of each block scheduled in
 # forward and then in reverse order.  A development aid for kernel authors, not part of ctest or the build:
 # it checks index arithmetic, masking, barriers and shared-memory bounds, not speed; the real check remains
@@ -23,14 +23,14 @@ tests=("$@")
 blas=-I/usr/include/x86_64-linux-gnu/openblas-openmp
 
 # the CUDA sources of every backend folder, transformed for the emulator
-cuda_dirs="model/cuda"
-[ -d "$src/optim/cuda" ] && cuda_dirs="$cuda_dirs optim/cuda"
+cuda_dirs="launch/cuda model/cuda optim/cuda"
 CXX="g++ -std=c++17 -O1 -g $SAN -w -I$here/include -I$work/src -I$src"
 CC="gcc -std=c11 -O1 -g $SAN -Wall -Wextra -I$src -I$src/tests"
 mkdir -p "$work/obj" "$work/tobj"
 for d in $cuda_dirs; do
 	python3 "$here/transform.py" "$src/$d" "$work/src/$d"
 	for f in "$work"/src/$d/*.cu; do
+		grep -q '<nccl.h>' "$f" && continue  # NCCL is not emulated: the emulated runs use the MPI path
 		$CXX -x c++ -c "$f" -o "$work/obj/$(echo "$d" | tr / _)_$(basename "$f" .cu).o"
 	done
 done

@@ -1,9 +1,9 @@
 /*
- * train/errmsg.h - the one error-message helper of the tools that report into a caller's buffer
+ * launch/errmsg.h - the one error-message helper of the tools that report into a caller's buffer
  * (config, checkpoint conversion, safetensors, plots, prompt sets, the reward runner).
  */
-#ifndef MOE_TRAIN_ERRMSG_H
-#define MOE_TRAIN_ERRMSG_H
+#ifndef MOE_LAUNCH_ERRMSG_H
+#define MOE_LAUNCH_ERRMSG_H
 
 #include <stddef.h>
 

@@ -1,5 +1,5 @@
 /*
- * model/cuda/cuda_common.cuh - internal to the CUDA backend (C++ / CUDA only).
+ * launch/cuda/cuda_common.cuh - internal to the CUDA backend (C++ / CUDA only).
  *
  * The backend context (stream, cuBLAS handle, stream-ordered scratch memory), element-type conversion for
  * the kernels' templates, and deterministic warp/block reductions.
@@ -19,11 +19,11 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "model/cuda/cuda_check.h"
+#include "launch/cuda/cuda_check.h"
 
 namespace moe_cuda {
 
-/* ---- context (context_cuda.cu) ---- */
+/* ---- context (launch/cuda/context.cu) ---- */
 cudaStream_t stream();
 cublasHandle_t cublas();  /* aborts if moe_cuda_init has not run */
 /* Stream-ordered scratch memory (cudaMallocAsync on stream()); freed with scratch_free on the same stream,

@@ -1,5 +1,5 @@
 /*
- * model/cuda/cuda_check.h - one check macro per CUDA library.  Each names the failing call, the file and the
+ * launch/cuda/cuda_check.h - one check macro per CUDA library.  Each names the failing call, the file and the
  * line, and aborts: a failed CUDA call leaves the device in an unknown state, so there is nothing to recover.
  *
  *   CUDA_CHECK(cudaMalloc(&p, n));        the CUDA runtime

@@ -1,5 +1,5 @@
-/* train/errmsg.c - see errmsg.h */
-#include "train/errmsg.h"
+/* launch/errmsg.c - see errmsg.h */
+#include "launch/errmsg.h"
 
 #include <stdarg.h>
 #include <stdio.h>

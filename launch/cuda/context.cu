@@ -1,5 +1,5 @@
 /*
- * model/cuda/context_cuda.cu - the CUDA backend's context: device selection, the stream every op runs on,
+ * launch/cuda/context.cu - the CUDA backend's context: device selection, the stream every op runs on,
  * the cuBLAS handle, scratch memory, and device-memory helpers.
  *
  * One device per process (one rank per GPU), so the context is a set of file-scope globals.
@@ -8,8 +8,8 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include "model/cuda/cuda_common.cuh"
-#include "model/cuda/ops_cuda.h"
+#include "launch/cuda/cuda_common.cuh"
+#include "launch/cuda/device.h"
 
 namespace {
 int g_device = -1;
