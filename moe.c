@@ -9,7 +9,11 @@
  *   moe plot     --metrics FILE --key K [--key K ...] --out PNG [--title T] [--size WxH]
  *   moe generate --checkpoint CKPT --prompt TEXT|--prompt-ids IDS [sampling options]
  *   moe convert  --from-hf DIR --out CKPT | --to-hf CKPT --out DIR    Hugging Face interop
- *   moe data     tokenizer | shards | decode | encode | task | synth   (data/data_cli.c; synth here)
+ *   moe data     tokenizer | shards | decode | encode | task | synth
+ *
+ * The first five share the options parsed here.  The others parse their own, in one commands file per
+ * folder: plot and convert in train/train_cli.c, generate in rl/rl_cli.c, data in data/data_cli.c
+ * (and data/task_arith.c).  No library file includes a commands header (tests/test_layering.sh).
  */
 #include <math.h>
 #include <stdio.h>
@@ -20,15 +24,14 @@
 #include "data/shard.h"
 #include "launch/comm.h"
 #include "launch/startup.h"
-#include "rl/generate.h"
 #include "rl/grpo.h"
+#include "rl/rl_cli.h"
 #include "model/model.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
-#include "train/convert.h"
 #include "train/eval.h"
-#include "train/plot.h"
 #include "train/train.h"
+#include "train/train_cli.h"
 
 #define MAX_SETS 64
 
@@ -298,56 +301,6 @@ static int cmd_inspect(int argc, char **argv)
 	return 0;
 }
 
-static uint64_t next_rand(uint64_t *s)
-{
-	*s ^= *s << 13;
-	*s ^= *s >> 7;
-	*s ^= *s << 17;
-	return *s;
-}
-
-/* moe data synth: a shard of `repeat` (a short random phrase repeated: learnable) or `random` tokens */
-static int cmd_data(int argc, char **argv)
-{
-	const char *out = NULL, *pattern = "repeat";
-	long long vocab = 0, ntok = 0, seed = 1, period = 17;
-	if (argc >= 1 && strcmp(argv[0], "synth"))
-		return data_cli_main(argc, argv);  /* tokenizer, shards, decode, encode */
-	int help = argc < 1;
-	for (int i = 1; i < argc; i++) {
-		if (i + 1 < argc && !strcmp(argv[i], "--out")) out = argv[++i];
-		else if (i + 1 < argc && !strcmp(argv[i], "--vocab")) vocab = atoll(argv[++i]);
-		else if (i + 1 < argc && !strcmp(argv[i], "--tokens")) ntok = atoll(argv[++i]);
-		else if (i + 1 < argc && !strcmp(argv[i], "--seed")) seed = atoll(argv[++i]);
-		else if (i + 1 < argc && !strcmp(argv[i], "--period")) period = atoll(argv[++i]);
-		else if (i + 1 < argc && !strcmp(argv[i], "--pattern")) pattern = argv[++i];
-		else help = 1;
-	}
-	if (help || !out || vocab <= 0 || ntok <= 0 || period <= 0 ||
-	    (strcmp(pattern, "repeat") && strcmp(pattern, "random"))) {
-		printf("usage: moe data tokenizer|shards|decode|encode ...   (moe data <command> --help)\n"
-		       "       moe data synth --out SHARD --vocab V --tokens N [--pattern repeat|random]\n"
-		       "                      [--period P] [--seed S]\n"
-		       "Writes a synthetic token shard (SPEC 3): 'repeat' repeats a random phrase of P tokens\n"
-		       "(a model can learn it), 'random' draws every token uniformly.\n");
-		return 2;
-	}
-	uint32_t *tok = malloc(sizeof(uint32_t) * ntok);
-	uint64_t s = 0x9e3779b97f4a7c15ULL ^ (uint64_t)seed;
-	for (long long i = 0; i < ntok; i++) {
-		if (!strcmp(pattern, "random") || i < period)
-			tok[i] = (uint32_t)(next_rand(&s) % (uint64_t)vocab);
-		else
-			tok[i] = tok[i - period];
-	}
-	char err[1024];
-	if (shard_write(out, tok, ntok, vocab <= 65536 ? 2 : 4, err, sizeof(err)))
-		die("%s", err);
-	printf("wrote %s: %lld tokens\n", out, ntok);
-	free(tok);
-	return 0;
-}
-
 static void usage(void)
 {
 	printf("moe - DeepSeek-style MoE training (MLA + DeepSeekMoE)\n\n"
@@ -388,7 +341,7 @@ int main(int argc, char **argv)
 	if (!strcmp(cmd, "convert"))
 		return convert_cli_main(argc - 2, argv + 2);
 	if (!strcmp(cmd, "data"))
-		return cmd_data(argc - 2, argv + 2);
+		return data_cli_main(argc - 2, argv + 2);
 	fprintf(stderr, "moe: unknown command '%s'\n", cmd);
 	usage();
 	return 2;

@@ -1,7 +1,8 @@
 /*
- * data/data_cli.c - `moe data tokenizer|shards|decode|encode|task`: text in, streaming (inputs are read
- * in chunks, a JSON Lines file a record at a time, so they may be larger than memory), token shards out.
- * The shard writing (struct shard_set) is shared with the task generators (data/task.h).
+ * data/data_cli.c - `moe data tokenizer|shards|decode|encode|task|synth`: text in, streaming (inputs
+ * are read in chunks, a JSON Lines file a record at a time, so they may be larger than memory), token
+ * shards out.  The shard writing (struct shard_set) is data/shard.c's, shared with the task generators
+ * (data/task.h).
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -25,7 +26,6 @@
 #include "launch/rng.h"
 
 #define CHUNK_BYTES (1 << 20)		/* text read per fread */
-#define DEFAULT_SHARD_TOKENS 100000000LL
 #define MAX_SPECIALS 256
 
 static double now_s(void)
@@ -366,32 +366,7 @@ static int cmd_tokenizer(int argc, char **argv)
 	return rc;
 }
 
-/* ---- token shards of two splits (struct shard_set) ------------------------------------------- */
-
-struct split {
-	const char *name;
-	const char *dir;
-	bool open;
-	struct shard_writer w;
-	int index;			/* the shard being written */
-	uint64_t in_shard, tokens, docs;
-};
-
-struct shard_set {
-	struct tokenizer *t;
-	struct tok_stream stream;
-	struct tok_ids ids;
-	int token_bytes;
-	uint64_t shard_tokens;
-	uint32_t eot;
-	bool finished;
-	struct split split[2];		/* train, val */
-	struct split *cur;
-	char **written;			/* shards completed, removed if the run fails */
-	int n_written;
-	char *err;
-	size_t errlen;
-};
+/* ---- moe data shards ------------------------------------------------------------------------- */
 
 /* Document i goes to the validation split when a hash of i, as a fraction of 2^64, is below f. */
 static bool doc_is_val(uint64_t i, double f)
@@ -399,204 +374,26 @@ static bool doc_is_val(uint64_t i, double f)
 	return rng_uniform(mix64(i + RNG_GOLDEN_GAMMA)) < f;
 }
 
-static void set_init(struct shard_set *s, struct tokenizer *t, const char *train_dir,
-		     const char *val_dir, uint64_t shard_tokens, uint32_t eot)
-{
-	memset(s, 0, sizeof(*s));
-	s->t = t;
-	s->token_bytes = tokenizer_vocab_size(t) <= 65536 ? 2 : 4;
-	s->shard_tokens = shard_tokens;
-	s->eot = eot;
-	s->split[0].name = "train";
-	s->split[0].dir = train_dir;
-	s->split[1].name = "val";
-	s->split[1].dir = val_dir;
-	tok_stream_init(&s->stream, t);
-}
-
-static int split_close(struct shard_set *c, struct split *s)
-{
-	char **w;
-
-	s->open = false;
-	if (shard_writer_close(&s->w, c->err, c->errlen))
-		return -1;
-	w = realloc(c->written, (size_t)(c->n_written + 1) * sizeof(*w));
-	if (!w || !(w[c->n_written] = strdup(s->w.path))) {
-		c->written = w ? w : c->written;
-		snprintf(c->err, c->errlen, "out of memory");
-		return -1;
-	}
-	c->written = w;
-	c->n_written++;
-	s->index++;
-	s->in_shard = 0;
-	return 0;
-}
-
-static int emit(struct shard_set *c, const uint32_t *ids, size_t n)
-{
-	struct split *s = c->cur;
-
-	while (n) {
-		size_t take;
-
-		if (!s->open) {
-			char path[1024];
-
-			snprintf(path, sizeof(path), "%s/%s_%05d.bin", s->dir, s->name, s->index);
-			if (shard_writer_open(&s->w, path, c->token_bytes, c->err, c->errlen))
-				return -1;
-			s->open = true;
-		}
-		take = n;
-		if (take > c->shard_tokens - s->in_shard)
-			take = (size_t)(c->shard_tokens - s->in_shard);
-		if (shard_writer_append(&s->w, ids, take, c->err, c->errlen)) {
-			shard_writer_abort(&s->w);
-			s->open = false;
-			return -1;
-		}
-		s->in_shard += take;
-		s->tokens += take;
-		ids += take;
-		n -= take;
-		if (s->in_shard == c->shard_tokens && split_close(c, s))
-			return -1;
-	}
-	return 0;
-}
-
-/* A document starts in a split: after the split's first, the end-of-text token separates it. */
-static int set_begin(struct shard_set *c, bool val)
-{
-	c->cur = &c->split[val];
-	if (c->cur->docs && emit(c, &c->eot, 1))
-		return -1;
-	c->cur->docs++;
-	return 0;
-}
-
-static int flush_ids(struct shard_set *c)
-{
-	int rc = emit(c, c->ids.v, c->ids.n);
-
-	c->ids.n = 0;
-	return rc;
-}
-
-static int set_data(struct shard_set *c, const uint8_t *p, size_t n)
-{
-	tok_stream_feed(&c->stream, p, n, &c->ids);
-	return flush_ids(c);
-}
-
-static int set_end(struct shard_set *c)
-{
-	tok_stream_finish(&c->stream, &c->ids);
-	return flush_ids(c);
-}
-
-/* Close the open shards; the set is finished (its shards kept) only if every one closes. */
-static int set_finish(struct shard_set *c)
-{
-	for (int k = 0; k < 2; k++)
-		if (c->split[k].open && split_close(c, &c->split[k]))
-			return -1;
-	c->finished = true;
-	return 0;
-}
-
-/* Free the set; one not finished loses its shards (the open ones aborted, the closed ones removed). */
-static void set_release(struct shard_set *c)
-{
-	for (int k = 0; k < 2; k++) {
-		if (c->split[k].open)
-			shard_writer_abort(&c->split[k].w);
-		c->split[k].open = false;
-	}
-	for (int k = 0; k < c->n_written; k++) {
-		if (!c->finished)
-			unlink(c->written[k]);
-		free(c->written[k]);
-	}
-	free(c->written);
-	tok_stream_free(&c->stream);
-	tok_ids_free(&c->ids);
-}
-
-struct shard_set *shard_set_new(struct tokenizer *t, const char *train_dir, const char *val_dir,
-				uint32_t eot, char *err, size_t errlen)
-{
-	struct shard_set *s = malloc(sizeof(*s));
-
-	if (!s) {
-		snprintf(err, errlen, "out of memory");
-		return NULL;
-	}
-	set_init(s, t, train_dir, val_dir, DEFAULT_SHARD_TOKENS, eot);
-	return s;
-}
-
-int shard_set_add(struct shard_set *s, bool val, const void *text, size_t n, char *err,
-		  size_t errlen)
-{
-	s->err = err;
-	s->errlen = errlen;
-	if (s->finished) {
-		snprintf(err, errlen, "shard set already finished");
-		return -1;
-	}
-	if (set_begin(s, val) || set_data(s, text, n) || set_end(s))
-		return -1;
-	return 0;
-}
-
-int shard_set_finish(struct shard_set *s, char *err, size_t errlen)
-{
-	s->err = err;
-	s->errlen = errlen;
-	return set_finish(s);
-}
-
-void shard_set_stats(const struct shard_set *s, bool val, int *shards, uint64_t *tokens,
-		     uint64_t *docs)
-{
-	const struct split *sp = &s->split[val];
-
-	*shards = sp->index + sp->open;
-	*tokens = sp->tokens;
-	*docs = sp->docs;
-}
-
-void shard_set_free(struct shard_set *s)
-{
-	if (!s)
-		return;
-	set_release(s);
-	free(s);
-}
-
-/* ---- moe data shards ------------------------------------------------------------------------- */
-
 struct shards_cmd {
-	struct shard_set set;
+	struct shard_set *set;
 	double val_frac;
 	uint64_t doc;			/* index of the current document */
+	char *err;
+	size_t errlen;
 };
 
 static int shards_begin(void *ctx)
 {
 	struct shards_cmd *c = ctx;
 
-	return set_begin(&c->set, doc_is_val(c->doc, c->val_frac));
+	return shard_set_begin(c->set, doc_is_val(c->doc, c->val_frac), c->err, c->errlen);
 }
 
 static int shards_data(void *ctx, const uint8_t *p, size_t n)
 {
 	struct shards_cmd *c = ctx;
 
-	return set_data(&c->set, p, n);
+	return shard_set_feed(c->set, p, n, c->err, c->errlen);
 }
 
 static int shards_end(void *ctx)
@@ -604,7 +401,7 @@ static int shards_end(void *ctx)
 	struct shards_cmd *c = ctx;
 
 	c->doc++;
-	return set_end(&c->set);
+	return shard_set_end(c->set, c->err, c->errlen);
 }
 
 static int usage_shards(void)
@@ -616,7 +413,7 @@ static int usage_shards(void)
 	       "split joined by the end-of-text token (<|endoftext|>, <|end_of_text|> or </s>, or --eot).\n"
 	       "A document goes to the validation split with probability F (default 0), by a hash of\n"
 	       "its index.  N tokens a shard at most (default %lld).  Inputs are streamed.\n",
-	       DEFAULT_SHARD_TOKENS);
+	       (long long)SHARD_SET_DEFAULT_TOKENS);
 	return 2;
 }
 
@@ -661,19 +458,23 @@ static struct tokenizer *load_tokenizer(const char *cmd, const char *path)
 	return t;
 }
 
+/* After a finished set: what each split got. */
 static void shards_report(const struct shards_cmd *c)
 {
-	for (int k = 0; k < 2; k++) {
-		const struct split *s = &c->set.split[k];
+	static const char *const names[] = { "train", "val" };
+	uint64_t tokens, docs[2];
+	int shards;
 
-		printf("%s: %d shard(s), %llu tokens, %llu documents\n", s->name, s->index,
-		       (unsigned long long)s->tokens, (unsigned long long)s->docs);
+	for (int k = 0; k < 2; k++) {
+		shard_set_stats(c->set, k, &shards, &tokens, &docs[k]);
+		printf("%s: %d shard(s), %llu tokens, %llu documents\n", names[k], shards,
+		       (unsigned long long)tokens, (unsigned long long)docs[k]);
 	}
-	if (c->val_frac > 0 && !c->set.split[1].docs)
+	if (c->val_frac > 0 && !docs[1])
 		fprintf(stderr, "moe data shards: warning: no document fell into the validation "
 			"split (%llu documents, --val-frac %g)\n", (unsigned long long)c->doc,
 			c->val_frac);
-	if (!c->set.split[0].docs)
+	if (!docs[0])
 		fprintf(stderr, "moe data shards: warning: no document fell into the training split\n");
 }
 
@@ -682,7 +483,7 @@ static int cmd_shards(int argc, char **argv)
 	const char *tok_path = NULL, *dir = NULL, *eot_name = NULL;
 	char **files = NULL, err[1024];
 	int n_files = 0, help = 0, rc = 1, eot;
-	long long shard_tokens = DEFAULT_SHARD_TOKENS;
+	long long shard_tokens = (long long)SHARD_SET_DEFAULT_TOKENS;
 	double val_frac = 0;
 	uint64_t total;
 	struct tokenizer *t;
@@ -736,21 +537,25 @@ static int cmd_shards(int argc, char **argv)
 		fprintf(stderr, "moe data shards: %s\n", err);
 		goto out;
 	}
-	set_init(&c.set, t, dir, dir, (uint64_t)shard_tokens, (uint32_t)eot);
-	c.set.err = err;
-	c.set.errlen = sizeof(err);
+	c.set = shard_set_new(t, dir, dir, (uint64_t)shard_tokens, (uint32_t)eot, err, sizeof(err));
+	if (!c.set) {
+		fprintf(stderr, "moe data shards: %s\n", err);
+		goto out;
+	}
+	c.err = err;
+	c.errlen = sizeof(err);
 	c.val_frac = val_frac;
 	pr.total = total;
 	rc = read_documents(files, n_files, &sink, &pr, err, sizeof(err));
 	if (!rc)
-		rc = set_finish(&c.set);
+		rc = shard_set_finish(c.set, err, sizeof(err));
 	if (rc) {
 		fprintf(stderr, "moe data shards: %s\n", err);
 		rc = 1;
 	} else {
 		shards_report(&c);
 	}
-	set_release(&c.set);
+	shard_set_free(c.set);
 out:
 	tokenizer_free(t);
 	return rc;
@@ -924,10 +729,72 @@ static int cmd_task(int argc, char **argv)
 	return argc > 1 ? 0 : 2;
 }
 
+/* ---- moe data synth -------------------------------------------------------------------------- */
+
+/* xorshift64: the synthetic shards' own stream (tests and configs pin the shards it gives) */
+static uint64_t next_rand(uint64_t *s)
+{
+	*s ^= *s << 13;
+	*s ^= *s >> 7;
+	*s ^= *s << 17;
+	return *s;
+}
+
+/* A shard of `repeat` (a short random phrase repeated: learnable) or `random` tokens. */
+static int cmd_synth(int argc, char **argv)
+{
+	const char *out = NULL, *pattern = "repeat";
+	long long vocab = 0, ntok = 0, seed = 1, period = 17;
+	int help = argc < 1;
+
+	for (int i = 1; i < argc; i++) {
+		if (i + 1 < argc && !strcmp(argv[i], "--out")) out = argv[++i];
+		else if (i + 1 < argc && !strcmp(argv[i], "--vocab")) vocab = atoll(argv[++i]);
+		else if (i + 1 < argc && !strcmp(argv[i], "--tokens")) ntok = atoll(argv[++i]);
+		else if (i + 1 < argc && !strcmp(argv[i], "--seed")) seed = atoll(argv[++i]);
+		else if (i + 1 < argc && !strcmp(argv[i], "--period")) period = atoll(argv[++i]);
+		else if (i + 1 < argc && !strcmp(argv[i], "--pattern")) pattern = argv[++i];
+		else help = 1;
+	}
+	if (help || !out || vocab <= 0 || ntok <= 0 || period <= 0 ||
+	    (strcmp(pattern, "repeat") && strcmp(pattern, "random"))) {
+		printf("usage: moe data tokenizer|shards|decode|encode ...   (moe data <command> --help)\n"
+		       "       moe data synth --out SHARD --vocab V --tokens N [--pattern repeat|random]\n"
+		       "                      [--period P] [--seed S]\n"
+		       "Writes a synthetic token shard (SPEC 3): 'repeat' repeats a random phrase of P tokens\n"
+		       "(a model can learn it), 'random' draws every token uniformly.\n");
+		return 2;
+	}
+	uint32_t *tok = malloc(sizeof(uint32_t) * ntok);
+	uint64_t s = 0x9e3779b97f4a7c15ULL ^ (uint64_t)seed;
+	char err[1024];
+
+	if (!tok) {
+		fprintf(stderr, "moe: out of memory\n");
+		return 1;
+	}
+	for (long long i = 0; i < ntok; i++) {
+		if (!strcmp(pattern, "random") || i < period)
+			tok[i] = (uint32_t)(next_rand(&s) % (uint64_t)vocab);
+		else
+			tok[i] = tok[i - period];
+	}
+	if (shard_write(out, tok, ntok, vocab <= 65536 ? 2 : 4, err, sizeof(err))) {
+		fprintf(stderr, "moe: %s\n", err);
+		free(tok);
+		return 1;
+	}
+	printf("wrote %s: %lld tokens\n", out, ntok);
+	free(tok);
+	return 0;
+}
+
 int data_cli_main(int argc, char **argv)
 {
 	const char *cmd = argc > 0 ? argv[0] : "";
 
+	if (argc < 1 || !strcmp(cmd, "synth"))
+		return cmd_synth(argc, argv);
 	if (!strcmp(cmd, "tokenizer"))
 		return cmd_tokenizer(argc, argv);
 	if (!strcmp(cmd, "shards"))

@@ -1,5 +1,6 @@
 /*
- * data/shard.c - token shards: validation, memory-mapped reading, atomic streaming writing.
+ * data/shard.c - token shards: validation, memory-mapped reading, atomic streaming writing; shard sets
+ * (text documents tokenized into the shards of a training and a validation split).
  *
  * Layout (SPEC 3): bytes 0..7 "MOESHARD", 8..11 uint32 version, 12..15 uint32 bytes per token,
  * 16..23 uint64 token count, 24..63 zero; then the tokens.  Every integer is little-endian and is encoded
@@ -18,6 +19,8 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "data/tokenizer.h"
 
 #define SHARD_WRITE_BUF 8192	/* tokens encoded per fwrite */
 
@@ -306,4 +309,232 @@ int shard_write(const char *path, const uint32_t *tokens, size_t n, int token_by
 		return -1;
 	}
 	return shard_writer_close(&w, err, errlen);
+}
+
+/* ---- token shards of two splits (struct shard_set) ------------------------------------------- */
+
+struct split {
+	const char *name;
+	const char *dir;
+	bool open;
+	struct shard_writer w;
+	int index;			/* the shard being written */
+	uint64_t in_shard, tokens, docs;
+};
+
+struct shard_set {
+	struct tokenizer *t;
+	struct tok_stream stream;
+	struct tok_ids ids;
+	int token_bytes;
+	uint64_t shard_tokens;
+	uint32_t eot;
+	bool finished;
+	struct split split[2];		/* train, val */
+	struct split *cur;
+	char **written;			/* shards completed, removed if the run fails */
+	int n_written;
+	char *err;
+	size_t errlen;
+};
+
+static void set_init(struct shard_set *s, struct tokenizer *t, const char *train_dir,
+		     const char *val_dir, uint64_t shard_tokens, uint32_t eot)
+{
+	memset(s, 0, sizeof(*s));
+	s->t = t;
+	s->token_bytes = tokenizer_vocab_size(t) <= 65536 ? 2 : 4;
+	s->shard_tokens = shard_tokens;
+	s->eot = eot;
+	s->split[0].name = "train";
+	s->split[0].dir = train_dir;
+	s->split[1].name = "val";
+	s->split[1].dir = val_dir;
+	tok_stream_init(&s->stream, t);
+}
+
+static int split_close(struct shard_set *c, struct split *s)
+{
+	char **w;
+
+	s->open = false;
+	if (shard_writer_close(&s->w, c->err, c->errlen))
+		return -1;
+	w = realloc(c->written, (size_t)(c->n_written + 1) * sizeof(*w));
+	if (!w || !(w[c->n_written] = strdup(s->w.path))) {
+		c->written = w ? w : c->written;
+		snprintf(c->err, c->errlen, "out of memory");
+		return -1;
+	}
+	c->written = w;
+	c->n_written++;
+	s->index++;
+	s->in_shard = 0;
+	return 0;
+}
+
+static int emit(struct shard_set *c, const uint32_t *ids, size_t n)
+{
+	struct split *s = c->cur;
+
+	while (n) {
+		size_t take;
+
+		if (!s->open) {
+			char path[1024];
+
+			snprintf(path, sizeof(path), "%s/%s_%05d.bin", s->dir, s->name, s->index);
+			if (shard_writer_open(&s->w, path, c->token_bytes, c->err, c->errlen))
+				return -1;
+			s->open = true;
+		}
+		take = n;
+		if (take > c->shard_tokens - s->in_shard)
+			take = (size_t)(c->shard_tokens - s->in_shard);
+		if (shard_writer_append(&s->w, ids, take, c->err, c->errlen)) {
+			shard_writer_abort(&s->w);
+			s->open = false;
+			return -1;
+		}
+		s->in_shard += take;
+		s->tokens += take;
+		ids += take;
+		n -= take;
+		if (s->in_shard == c->shard_tokens && split_close(c, s))
+			return -1;
+	}
+	return 0;
+}
+
+/* A document starts in a split: after the split's first, the end-of-text token separates it. */
+static int set_begin(struct shard_set *c, bool val)
+{
+	c->cur = &c->split[val];
+	if (c->cur->docs && emit(c, &c->eot, 1))
+		return -1;
+	c->cur->docs++;
+	return 0;
+}
+
+static int flush_ids(struct shard_set *c)
+{
+	int rc = emit(c, c->ids.v, c->ids.n);
+
+	c->ids.n = 0;
+	return rc;
+}
+
+static int set_data(struct shard_set *c, const uint8_t *p, size_t n)
+{
+	tok_stream_feed(&c->stream, p, n, &c->ids);
+	return flush_ids(c);
+}
+
+static int set_end(struct shard_set *c)
+{
+	tok_stream_finish(&c->stream, &c->ids);
+	return flush_ids(c);
+}
+
+/* Close the open shards; the set is finished (its shards kept) only if every one closes. */
+static int set_finish(struct shard_set *c)
+{
+	for (int k = 0; k < 2; k++)
+		if (c->split[k].open && split_close(c, &c->split[k]))
+			return -1;
+	c->finished = true;
+	return 0;
+}
+
+/* Free the set; one not finished loses its shards (the open ones aborted, the closed ones removed). */
+static void set_release(struct shard_set *c)
+{
+	for (int k = 0; k < 2; k++) {
+		if (c->split[k].open)
+			shard_writer_abort(&c->split[k].w);
+		c->split[k].open = false;
+	}
+	for (int k = 0; k < c->n_written; k++) {
+		if (!c->finished)
+			unlink(c->written[k]);
+		free(c->written[k]);
+	}
+	free(c->written);
+	tok_stream_free(&c->stream);
+	tok_ids_free(&c->ids);
+}
+
+/* The caller's error buffer for what follows. */
+static void set_err_buf(struct shard_set *s, char *err, size_t errlen)
+{
+	s->err = err;
+	s->errlen = errlen;
+}
+
+struct shard_set *shard_set_new(struct tokenizer *t, const char *train_dir, const char *val_dir,
+				uint64_t shard_tokens, uint32_t eot, char *err, size_t errlen)
+{
+	struct shard_set *s = malloc(sizeof(*s));
+
+	if (!s) {
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	set_init(s, t, train_dir, val_dir, shard_tokens, eot);
+	return s;
+}
+
+int shard_set_begin(struct shard_set *s, bool val, char *err, size_t errlen)
+{
+	set_err_buf(s, err, errlen);
+	return set_begin(s, val);
+}
+
+int shard_set_feed(struct shard_set *s, const void *text, size_t n, char *err, size_t errlen)
+{
+	set_err_buf(s, err, errlen);
+	return set_data(s, text, n);
+}
+
+int shard_set_end(struct shard_set *s, char *err, size_t errlen)
+{
+	set_err_buf(s, err, errlen);
+	return set_end(s);
+}
+
+int shard_set_add(struct shard_set *s, bool val, const void *text, size_t n, char *err,
+		  size_t errlen)
+{
+	set_err_buf(s, err, errlen);
+	if (s->finished) {
+		snprintf(err, errlen, "shard set already finished");
+		return -1;
+	}
+	if (set_begin(s, val) || set_data(s, text, n) || set_end(s))
+		return -1;
+	return 0;
+}
+
+int shard_set_finish(struct shard_set *s, char *err, size_t errlen)
+{
+	set_err_buf(s, err, errlen);
+	return set_finish(s);
+}
+
+void shard_set_stats(const struct shard_set *s, bool val, int *shards, uint64_t *tokens,
+		     uint64_t *docs)
+{
+	const struct split *sp = &s->split[val];
+
+	*shards = sp->index + sp->open;
+	*tokens = sp->tokens;
+	*docs = sp->docs;
+}
+
+void shard_set_free(struct shard_set *s)
+{
+	if (!s)
+		return;
+	set_release(s);
+	free(s);
 }

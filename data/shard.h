@@ -5,6 +5,7 @@
 #ifndef MOE_DATA_SHARD_H
 #define MOE_DATA_SHARD_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -51,5 +52,32 @@ void shard_writer_abort(struct shard_writer *w);
 /* Whole-array convenience. */
 int shard_write(const char *path, const uint32_t *tokens, size_t n, int token_bytes, char *err,
 		size_t errlen);
+
+/*
+ * Token shards of a training and a validation split, written the way `moe data shards` writes them:
+ * TRAIN_DIR/train_00000.bin, ... and VAL_DIR/val_00000.bin, ... (SPEC 3; 2-byte tokens when the
+ * vocabulary fits, 4 otherwise; at most shard_tokens tokens a shard), the documents of a split
+ * separated by the end-of-text id eot.  Each shard is written to PATH.tmp and renamed when complete.
+ * The functions returning int give 0, or -1 with err.  shard_set_free() of a set that was not
+ * finished removes every shard it wrote.
+ */
+#define SHARD_SET_DEFAULT_TOKENS 100000000ULL
+
+struct tokenizer;
+struct shard_set;
+struct shard_set *shard_set_new(struct tokenizer *t, const char *train_dir, const char *val_dir,
+				uint64_t shard_tokens, uint32_t eot, char *err, size_t errlen);
+/* One whole document (text of n bytes) into the validation split (val) or the training split. */
+int shard_set_add(struct shard_set *s, bool val, const void *text, size_t n, char *err,
+		  size_t errlen);
+/* The same streamed: begin a document in a split, feed its text in pieces, end it. */
+int shard_set_begin(struct shard_set *s, bool val, char *err, size_t errlen);
+int shard_set_feed(struct shard_set *s, const void *text, size_t n, char *err, size_t errlen);
+int shard_set_end(struct shard_set *s, char *err, size_t errlen);
+int shard_set_finish(struct shard_set *s, char *err, size_t errlen);
+/* Shards written (the open one included), tokens and documents of a split so far. */
+void shard_set_stats(const struct shard_set *s, bool val, int *shards, uint64_t *tokens,
+		     uint64_t *docs);
+void shard_set_free(struct shard_set *s);
 
 #endif

@@ -10,7 +10,7 @@
  * not depend on --train or --prompts, and the same options give the same files, byte for byte.
  *
  * DIR gets tokenizer.json, train/train_*.bin, val/val_*.bin (the SFT text "37+58=95", documents
- * separated by <|endoftext|>, written by the shard set of data/data_cli.c), prompts.jsonl, eval.jsonl
+ * separated by <|endoftext|>, written by the shard set of data/shard.c), prompts.jsonl, eval.jsonl
  * and README.txt.  A DIR that already holds any of these is refused unless --force (which first
  * deletes them, and only them); a failed run deletes what it wrote.
  */
@@ -28,7 +28,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "data/data_cli.h"
+#include "data/shard.h"
 #include "data/tokenizer.h"
 #include "launch/rng.h"
 
@@ -588,7 +588,8 @@ static int write_shards(const struct arith_opts *o, const struct arith_paths *pa
 		snprintf(err, errlen, "%s: no end-of-text token", pa->tokenizer);
 		return -1;
 	}
-	set = shard_set_new(t, pa->train, pa->val, (uint32_t)eot, err, errlen);
+	set = shard_set_new(t, pa->train, pa->val, SHARD_SET_DEFAULT_TOKENS, (uint32_t)eot, err,
+			     errlen);
 	if (!set)
 		return -1;
 	rng_seed(&r, o->seed, STREAM_TRAIN);

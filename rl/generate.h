@@ -89,14 +89,4 @@ int generate_cached(struct moe_model *m, struct latent_cache *cache, const int *
 		    const int *lens, int G, const struct sample_params *p, const uint64_t *seeds,
 		    int *out_tokens, int *out_lens, float *out_logprobs);
 
-/*
- * moe generate --checkpoint CKPT.h5 (--prompt TEXT [--tokenizer tokenizer.json] | --prompt-ids 1,2,3)
- *              [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
- *              [--num-samples G] [--eos ID] [--set section.key=value ...]
- * Prints each completion (text with a tokenizer, else the ids) and a summary on stderr.  The tokenizer
- * defaults to grpo.tokenizer of the checkpoint's config; the stop id to the tokenizer's end of text
- * (none without a tokenizer; --eos -1 disables it).  Returns the process exit status.
- */
-int generate_cli_main(int argc, char **argv);
-
 #endif

@@ -54,7 +54,4 @@ struct convert_to_hf_opts {
 int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_to_hf_opts *opts,
 		  FILE *notes, char *err, size_t errlen);
 
-/* `moe convert ...`: argv holds the arguments after "convert".  Returns the exit code. */
-int convert_cli_main(int argc, char **argv);
-
 #endif

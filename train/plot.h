@@ -33,8 +33,4 @@ int plot_metrics(const char *metrics_path, const char *const *keys, int nkeys, c
 /* The RGB colour of the i-th key's line (the palette repeats after 8 keys). */
 void plot_key_color(int i, unsigned char rgb[3]);
 
-/* moe plot --metrics FILE --key K [--key K2 ...] --out FILE.png [--title T] [--size WxH]; --help.
- * Returns the exit status: 0, 1 on error, 2 on bad usage. */
-int plot_cli_main(int argc, char **argv);
-
 #endif

@@ -16,6 +16,7 @@
 #include "model/layers.h"
 #include "model/model.h"
 #include "rl/generate.h"
+#include "rl/rl_cli.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
 

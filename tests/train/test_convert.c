@@ -31,6 +31,7 @@
 #include "train/config.h"
 #include "train/convert.h"
 #include "train/safetensors.h"
+#include "train/train_cli.h"
 
 static char err[2048];
 

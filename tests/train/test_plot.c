@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "train/plot.h"
+#include "train/train_cli.h"
 
 static char err[1024];
 
