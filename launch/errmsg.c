@@ -15,3 +15,16 @@ int set_err(char *err, size_t errlen, const char *fmt, ...)
 	}
 	return -1;
 }
+
+void print_note(FILE *notes, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!notes)
+		return;
+	fprintf(notes, "note: ");
+	va_start(ap, fmt);
+	vfprintf(notes, fmt, ap);
+	va_end(ap);
+	fprintf(notes, "\n");
+}

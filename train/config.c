@@ -3,10 +3,12 @@
  *
  * One table, cfg_keys[], lists every key with its section, type and place in struct run_config.  JSON
  * loading, `--set`, config_to_json, config_model_diff and the generic range checks all walk that table;
- * only the checks that tie keys together are written out by hand (config_validate).
+ * only the checks that tie keys together are written out by hand (config_validate).  The Hugging Face
+ * keys the model section takes without a field of its own are train/config_hf.c's.
  */
 #include "train/config.h"
 #include "launch/errmsg.h"
+#include "train/config_hf.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -248,151 +250,6 @@ static bool known_section(const char *section)
 		if (!strcmp(cfg_keys[i].section, section))
 			return true;
 	return false;
-}
-
-/* ---- Hugging Face keys accepted in the model section that do not change the math ---- */
-
-static const char *hf_string_in(const cJSON *v, const char *const *allowed, const char *what)
-{
-	if (!cJSON_IsString(v))
-		return "expected a string";
-	for (int i = 0; allowed[i]; i++)
-		if (!strcmp(v->valuestring, allowed[i]))
-			return NULL;
-	return what;
-}
-
-static const char *hf_any_string(const cJSON *v)
-{
-	return cJSON_IsString(v) ? NULL : "expected a string";
-}
-
-static const char *hf_any_bool(const cJSON *v)
-{
-	return cJSON_IsBool(v) ? NULL : "expected true or false";
-}
-
-static const char *hf_object(const cJSON *v)
-{
-	return cJSON_IsObject(v) ? NULL : "expected an object";
-}
-
-static const char *hf_string_list(const cJSON *v)
-{
-	const cJSON *e;
-
-	if (!cJSON_IsArray(v))
-		return "expected an array of strings";
-	cJSON_ArrayForEach(e, v)
-		if (!cJSON_IsString(e))
-			return "expected an array of strings";
-	return NULL;
-}
-
-static bool is_int_at_least(const cJSON *v, int lo)
-{
-	return cJSON_IsNumber(v) && v->valuedouble == floor(v->valuedouble) &&
-	       v->valuedouble >= lo && v->valuedouble <= INT_MAX;
-}
-
-static const char *hf_positive_int(const cJSON *v)
-{
-	return is_int_at_least(v, 1) ? NULL : "expected an integer >= 1";
-}
-
-static const char *hf_nonneg_int(const cJSON *v)
-{
-	return is_int_at_least(v, 0) ? NULL : "expected an integer >= 0";
-}
-
-static const char *hf_int_or_null(const cJSON *v)
-{
-	return cJSON_IsNull(v) || is_int_at_least(v, 0) ? NULL : "expected an integer >= 0 or null";
-}
-
-static const char *hf_model_type(const cJSON *v)
-{
-	static const char *const ok[] = { "deepseek_v3", "deepseek_v2", NULL };
-
-	return hf_string_in(v, ok, "must be \"deepseek_v3\" or \"deepseek_v2\"");
-}
-
-static const char *hf_hidden_act(const cJSON *v)
-{
-	static const char *const ok[] = { "silu", NULL };
-
-	return hf_string_in(v, ok, "must be \"silu\" (SwiGLU is the only activation)");
-}
-
-static const char *hf_topk_method(const cJSON *v)
-{
-	static const char *const ok[] = { "greedy", "group_limited_greedy", "noaux_tc", NULL };
-
-	return hf_string_in(v, ok, "must be \"greedy\", \"group_limited_greedy\" or \"noaux_tc\"");
-}
-
-static const char *hf_attention_dropout(const cJSON *v)
-{
-	if (!cJSON_IsNumber(v))
-		return "expected a number";
-	return v->valuedouble == 0 ? NULL : "must be 0 (attention dropout is not supported)";
-}
-
-static const char *hf_quantization(const cJSON *v)
-{
-	return cJSON_IsNull(v) ? NULL : "quantized models are not supported";
-}
-
-static const char *hf_rope_interleave(const cJSON *v)
-{
-	if (!cJSON_IsBool(v))
-		return "expected true or false";
-	return cJSON_IsTrue(v) ? NULL : "must be true (RoPE rotates adjacent pairs)";
-}
-
-struct hf_key {
-	const char *name;
-	const char *(*check)(const cJSON *v);  /* NULL when acceptable, else why not */
-};
-
-static const struct hf_key hf_keys[] = {
-	{ "architectures", hf_string_list },
-	{ "model_type", hf_model_type },
-	{ "auto_map", hf_object },
-	{ "torch_dtype", hf_any_string },
-	{ "dtype", hf_any_string },
-	{ "transformers_version", hf_any_string },
-	{ "use_cache", hf_any_bool },
-	{ "pretraining_tp", hf_positive_int },
-	{ "attention_dropout", hf_attention_dropout },
-	{ "hidden_act", hf_hidden_act },
-	{ "topk_method", hf_topk_method },
-	{ "ep_size", hf_positive_int },
-	{ "num_nextn_predict_layers", hf_nonneg_int },
-	{ "rope_interleave", hf_rope_interleave },
-	{ "head_dim", hf_positive_int },
-	{ "pad_token_id", hf_int_or_null },
-	{ "quantization_config", hf_quantization },
-};
-
-static const struct hf_key *find_hf_key(const char *section, const char *name)
-{
-	if (strcmp(section, "model"))
-		return NULL;
-	for (size_t i = 0; i < sizeof(hf_keys) / sizeof(hf_keys[0]); i++)
-		if (!strcmp(hf_keys[i].name, name))
-			return &hf_keys[i];
-	return NULL;
-}
-
-static int check_hf_key(const struct hf_key *h, const cJSON *v, const char *origin, char *err,
-			size_t errlen)
-{
-	const char *why = h->check(v);
-
-	if (!why)
-		return 0;
-	return set_err(err, errlen, "%s: model.%s: %s", origin, h->name, why);
 }
 
 /* ---- "did you mean" ---- */
@@ -825,10 +682,10 @@ static int apply_section(struct run_config *c, const cJSON *sec, const char *ori
 				return -1;
 			continue;
 		}
-		h = find_hf_key(sec->string, item->string);
+		h = config_hf_key(sec->string, item->string);
 		if (!h)
 			return unknown_key(origin, sec->string, item->string, err, errlen);
-		if (check_hf_key(h, item, origin, err, errlen))
+		if (config_hf_check(h, item, origin, err, errlen))
 			return -1;
 	}
 	return 0;
@@ -941,7 +798,7 @@ static int set_hf_key(const struct hf_key *h, const char *text, char *err, size_
 		v = cJSON_CreateString(text);
 	if (!v)
 		return set_err(err, errlen, "--set: out of memory");
-	rc = check_hf_key(h, v, "--set", err, errlen);
+	rc = config_hf_check(h, v, "--set", err, errlen);
 	cJSON_Delete(v);
 	return rc;
 }
@@ -986,7 +843,7 @@ int config_set(struct run_config *c, const char *assignment, char *err, size_t e
 		return set_rope_key(c, name + 13, eq + 1, err, errlen);
 	k = find_key(section, name);
 	if (!k) {
-		h = find_hf_key(section, name);
+		h = config_hf_key(section, name);
 		if (h)
 			return set_hf_key(h, eq + 1, err, errlen);
 		return unknown_key("--set", section, name, err, errlen);
