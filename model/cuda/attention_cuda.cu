@@ -22,7 +22,8 @@
  *            dQ:    grid (query tiles, B*H); recomputes the same P and dS and accumulates dQ += dS K.
  *            Finally each thread adds its registers into dq/dk/dv (the op accumulates).
  * Per-thread accumulators are register arrays indexed by unrolled compile-time loops; two instantiations
- * cover dq, dv <= 64 and dq <= 192, dv <= 128.  Rows past T are zero-filled in shared memory and masked,
+ * cover dq, dv <= 64 and dq <= 192, dv <= 128.  The tile code the three kernels share (loading a tile, a
+ * row against a tile's rows, a row update, the accumulation into the gradients) is written once, below.  Rows past T are zero-filled in shared memory and masked,
  * so they contribute nothing and produce no NaN.
  */
 #include "launch/cuda/cuda_common.cuh"
@@ -48,6 +49,69 @@ __device__ __forceinline__ void load_tile(float *dst, const T *src, size_t strid
 	for (int i = threadIdx.x; i < rows * dim; i += blockDim.x) {
 		const int r = i / dim, d = i % dim, t = t0 + r;
 		dst[r * ld + d] = t < T_ ? to_f(src[(size_t)t * stride + d]) : 0.0f;
+	}
+}
+
+/*
+ * The next key tile (K and V rows [k0, k0+BC)) of a kernel that walks the key tiles of its query tile:
+ * wait until no thread reads the previous tile, load, wait until every thread's part is in.
+ */
+template <typename T>
+__device__ __forceinline__ void next_kv_tile(float *Ks, float *Vs, const T *kh, const T *vh, size_t sk, size_t sv,
+					     int k0, int dk, int dv, int T_)
+{
+	__syncthreads();
+	load_tile(Ks, kh, sk, k0, BC, dk, T_);
+	load_tile(Vs, vh, sv, k0, BC, dv, T_);
+	__syncthreads();
+}
+
+/* Key tiles a query tile starting at q0 attends to (causal: none past its last valid query). */
+__device__ __forceinline__ int causal_key_tiles(int q0, int T_)
+{
+	return (min(q0 + BR, T_) - 1) / BC + 1;
+}
+
+/*
+ * acc[i] = sum_{d < dim} x[d] * rows[(j + TPR*i)*ld + d]: one tile row x against this thread's N rows of
+ * another tile (the scores q.k, and dO.v, of the thread's (query, key) pairs).
+ */
+template <int N>
+__device__ __forceinline__ void row_dots(float (&acc)[N], const float *x, const float *rows, int ld, int j,
+					 int dim)
+{
+#pragma unroll
+	for (int i = 0; i < N; i++)
+		acc[i] = 0.0f;
+	for (int d = 0; d < dim; d++) {
+		const float xd = x[d];
+#pragma unroll
+		for (int i = 0; i < N; i++)
+			acc[i] += xd * rows[(j + TPR * i) * ld + d];
+	}
+}
+
+/* acc[i] += w * row[d] for this thread's columns d = j + TPR*i < dim (a P V, P^T dO, dS K, dS^T Q term). */
+template <int N>
+__device__ __forceinline__ void row_axpy(float (&acc)[N], float w, const float *row, int j, int dim)
+{
+#pragma unroll
+	for (int i = 0; i < N; i++) {
+		const int d = j + TPR * i;
+		if (d < dim)
+			acc[i] += w * row[d];
+	}
+}
+
+/* row[d] += acc[i] for this thread's columns d = j + TPR*i < dim (the op accumulates into dq, dk, dv). */
+template <typename T, int N>
+__device__ __forceinline__ void row_add(T *row, const float (&acc)[N], int j, int dim)
+{
+#pragma unroll
+	for (int i = 0; i < N; i++) {
+		const int d = j + TPR * i;
+		if (d < dim)
+			row[d] = from_f<T>(to_f(row[d]) + acc[i]);
 	}
 }
 
@@ -100,26 +164,14 @@ attn_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restric
 	for (int i = 0; i < NO; i++)
 		o[i] = 0.0f;
 
-	const int last_key = min(q0 + BR, T_) - 1; /* causal: no key beyond the tile's last valid query */
-	const int nkt = last_key / BC + 1;
+	const int nkt = causal_key_tiles(q0, T_);
 	for (int kt = 0; kt < nkt; kt++) {
 		const int k0 = kt * BC;
-		__syncthreads(); /* the previous tile's Ks/Vs are no longer read */
-		load_tile(Ks, kh, sq, k0, BC, dq, T_);
-		load_tile(Vs, vh, sv, k0, BC, dv, T_);
-		__syncthreads();
+		next_kv_tile(Ks, Vs, kh, vh, sq, sv, k0, dq, dv, T_);
 
 		/* S[r][c] for c = j + TPR*i */
 		float s[NS];
-#pragma unroll
-		for (int i = 0; i < NS; i++)
-			s[i] = 0.0f;
-		for (int d = 0; d < dq; d++) {
-			const float qd = Qs[r * ldq + d];
-#pragma unroll
-			for (int i = 0; i < NS; i++)
-				s[i] += qd * Ks[(j + TPR * i) * ldq + d];
-		}
+		row_dots(s, Qs + r * ldq, Ks, ldq, j, dq);
 		/* causal mask (key <= query; rows past T keep key 0, so m stays finite), tile max */
 		float mt = -INFINITY;
 #pragma unroll
@@ -151,15 +203,8 @@ attn_fwd_kernel(T *__restrict__ out, float *__restrict__ lse, const T *__restric
 #pragma unroll
 		for (int i = 0; i < NO; i++)
 			o[i] *= corr;
-		for (int c = 0; c < BC; c++) {
-			const float p = Ps[r * ldp + c];
-#pragma unroll
-			for (int i = 0; i < NO; i++) {
-				const int d = j + TPR * i;
-				if (d < dv)
-					o[i] += p * Vs[c * ldv + d];
-			}
-		}
+		for (int c = 0; c < BC; c++)
+			row_axpy(o, Ps[r * ldp + c], Vs + c * ldv, j, dv);
 	}
 
 	if (qpos < T_) {
@@ -252,21 +297,8 @@ attn_bwd_dkv_kernel(T *__restrict__ dk, T *__restrict__ dv, const T *__restrict_
 
 		/* for key c and query rows rq = j + TPR*i: s = q.k, dp = dO.v */
 		float s[NS], dp[NS];
-#pragma unroll
-		for (int i = 0; i < NS; i++)
-			s[i] = dp[i] = 0.0f;
-		for (int d = 0; d < dq_dim; d++) {
-			const float kd = Ks[c * ldq + d];
-#pragma unroll
-			for (int i = 0; i < NS; i++)
-				s[i] += Qs[(j + TPR * i) * ldq + d] * kd;
-		}
-		for (int d = 0; d < dv_dim; d++) {
-			const float vd = Vs[c * ldv + d];
-#pragma unroll
-			for (int i = 0; i < NS; i++)
-				dp[i] += dOs[(j + TPR * i) * ldv + d] * vd;
-		}
+		row_dots(s, Ks + c * ldq, Qs, ldq, j, dq_dim);
+		row_dots(dp, Vs + c * ldv, dOs, ldv, j, dv_dim);
 #pragma unroll
 		for (int i = 0; i < NS; i++) {
 			const int rq = j + TPR * i, qpos = q0 + rq;
@@ -280,40 +312,16 @@ attn_bwd_dkv_kernel(T *__restrict__ dk, T *__restrict__ dv, const T *__restrict_
 		/* dV[c][d] += sum_rq P[rq][c] dO[rq][d];  dK[c][d] += sum_rq dS[rq][c] Q[rq][d];  d = j + TPR*i */
 		for (int rq = 0; rq < BR; rq++) {
 			const float p = Ps[rq * ldp + c], ds = dSs[rq * ldp + c];
-#pragma unroll
-			for (int i = 0; i < NV; i++) {
-				const int d = j + TPR * i;
-				if (d < dv_dim)
-					dv_acc[i] += p * dOs[rq * ldv + d];
-			}
-#pragma unroll
-			for (int i = 0; i < NK; i++) {
-				const int d = j + TPR * i;
-				if (d < dq_dim)
-					dk_acc[i] += ds * Qs[rq * ldq + d];
-			}
+			row_axpy(dv_acc, p, dOs + rq * ldv, j, dv_dim);
+			row_axpy(dk_acc, ds, Qs + rq * ldq, j, dq_dim);
 		}
 	}
 
 	if (kpos < T_) {
-		if (dk) {
-			T *row = dk + qbase + (size_t)kpos * sq;
-#pragma unroll
-			for (int i = 0; i < NK; i++) {
-				const int d = j + TPR * i;
-				if (d < dq_dim)
-					row[d] = from_f<T>(to_f(row[d]) + dk_acc[i]);
-			}
-		}
-		if (dv) {
-			T *row = dv + vbase + (size_t)kpos * sv;
-#pragma unroll
-			for (int i = 0; i < NV; i++) {
-				const int d = j + TPR * i;
-				if (d < dv_dim)
-					row[d] = from_f<T>(to_f(row[d]) + dv_acc[i]);
-			}
-		}
+		if (dk)
+			row_add(dk + qbase + (size_t)kpos * sq, dk_acc, j, dq_dim);
+		if (dv)
+			row_add(dv + vbase + (size_t)kpos * sv, dv_acc, j, dv_dim);
 	}
 }
 
@@ -352,32 +360,15 @@ attn_bwd_dq_kernel(T *__restrict__ dq, const T *__restrict__ dout, const float *
 	for (int i = 0; i < NQ; i++)
 		dq_acc[i] = 0.0f;
 
-	const int last_key = min(q0 + BR, T_) - 1;
-	const int nkt = last_key / BC + 1;
+	const int nkt = causal_key_tiles(q0, T_);
 	for (int kt = 0; kt < nkt; kt++) {
 		const int k0 = kt * BC;
-		__syncthreads();
-		load_tile(Ks, k + qbase, sq, k0, BC, dq_dim, T_);
-		load_tile(Vs, v + vbase, sv, k0, BC, dv_dim, T_);
-		__syncthreads();
+		next_kv_tile(Ks, Vs, k + qbase, v + vbase, sq, sv, k0, dq_dim, dv_dim, T_);
 
 		/* for query r and keys kc = j + TPR*i */
 		float s[NS], dp[NS];
-#pragma unroll
-		for (int i = 0; i < NS; i++)
-			s[i] = dp[i] = 0.0f;
-		for (int d = 0; d < dq_dim; d++) {
-			const float qd = Qs[r * ldq + d];
-#pragma unroll
-			for (int i = 0; i < NS; i++)
-				s[i] += qd * Ks[(j + TPR * i) * ldq + d];
-		}
-		for (int d = 0; d < dv_dim; d++) {
-			const float od = dOs[r * ldv + d];
-#pragma unroll
-			for (int i = 0; i < NS; i++)
-				dp[i] += od * Vs[(j + TPR * i) * ldv + d];
-		}
+		row_dots(s, Qs + r * ldq, Ks, ldq, j, dq_dim);
+		row_dots(dp, dOs + r * ldv, Vs, ldv, j, dv_dim);
 #pragma unroll
 		for (int i = 0; i < NS; i++) {
 			const int kc = j + TPR * i, kpos = k0 + kc;
@@ -388,26 +379,12 @@ attn_bwd_dq_kernel(T *__restrict__ dq, const T *__restrict__ dout, const float *
 		__syncwarp(); /* row r of dSs: written and read by this row's threads only */
 
 		/* dQ[r][d] += sum_kc dS[r][kc] K[kc][d], d = j + TPR*i */
-		for (int kc = 0; kc < BC; kc++) {
-			const float ds = dSs[r * ldp + kc];
-#pragma unroll
-			for (int i = 0; i < NQ; i++) {
-				const int d = j + TPR * i;
-				if (d < dq_dim)
-					dq_acc[i] += ds * Ks[kc * ldq + d];
-			}
-		}
+		for (int kc = 0; kc < BC; kc++)
+			row_axpy(dq_acc, dSs[r * ldp + kc], Ks + kc * ldq, j, dq_dim);
 	}
 
-	if (qpos < T_) {
-		T *row = dq + qbase + (size_t)qpos * sq;
-#pragma unroll
-		for (int i = 0; i < NQ; i++) {
-			const int d = j + TPR * i;
-			if (d < dq_dim)
-				row[d] = from_f<T>(to_f(row[d]) + dq_acc[i]);
-		}
-	}
+	if (qpos < T_)
+		row_add(dq + qbase + (size_t)qpos * sq, dq_acc, j, dq_dim);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
