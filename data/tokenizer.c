@@ -1,7 +1,7 @@
 /*
- * data/tokenizer.c - byte-level BPE (see tokenizer.h): the tokenizer's memory, its hash maps and
- * building blocks, and the queries.  The other pieces (data/tokenizer_int.h lists them): Unicode tables,
- * encoding, training, tokenizer.json.
+ * data/tokenizer.c - byte-level BPE (see tokenizer.h): the tokenizer's memory, its hash maps, GPT-2's
+ * byte <-> printable character table, the building blocks of a tokenizer, and the queries.  The other
+ * pieces (data/tokenizer_int.h lists them): the Unicode tables, encoding, training, tokenizer.json.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -196,6 +196,89 @@ uint32_t pmap_put(struct pmap *m, uint32_t a, uint32_t b, uint32_t v)
 	m->val[i] = v;
 	m->n++;
 	return v;
+}
+
+/* ---- the GPT-2 byte <-> character table ------------------------------------------------------ */
+
+/* Printable bytes stand for themselves; the others (0..32, 127..160, 173) for 256, 257, ... in order. */
+uint32_t tok_byte_to_cp(uint8_t b)
+{
+	uint32_t k = 0;
+
+	if ((b >= '!' && b <= '~') || (b >= 0xa1 && b <= 0xac) || b >= 0xae)
+		return b;
+	/* count the non-printable bytes below b */
+	if (b <= 32)
+		k = b;
+	else if (b <= 160)
+		k = 33 + (b - 127);
+	else
+		k = 33 + 34;	/* 173 */
+	return 256 + k;
+}
+
+/* The byte a character stands for, or -1. */
+static int cp_to_byte(uint32_t cp)
+{
+	if ((cp >= '!' && cp <= '~') || (cp >= 0xa1 && cp <= 0xac) || (cp >= 0xae && cp <= 0xff))
+		return (int)cp;
+	if (cp < 256 || cp > 256 + 67)
+		return -1;
+	cp -= 256;
+	if (cp <= 32)
+		return (int)cp;
+	if (cp <= 33 + 33)
+		return (int)(127 + cp - 33);
+	return 173;
+}
+
+char *bytes_to_visible(const uint8_t *p, size_t n)
+{
+	char *s = tok_xrealloc(NULL, 2 * n + 1);
+	size_t k = 0;
+
+	for (size_t i = 0; i < n; i++)
+		k += utf8_encode(tok_byte_to_cp(p[i]), (uint8_t *)s + k);
+	s[k] = 0;
+	return s;
+}
+
+long visible_to_bytes(const char *s, uint8_t *out)
+{
+	const uint8_t *p = (const uint8_t *)s;
+	size_t n = strlen(s), i = 0;
+	long k = 0;
+
+	while (i < n) {
+		uint32_t cp;
+		int len = utf8_decode(p + i, n - i, &cp);
+		int b;
+
+		if (len <= 0 || (b = cp_to_byte(cp)) < 0)
+			return -1;
+		out[k++] = (uint8_t)b;
+		i += (size_t)len;
+	}
+	return k;
+}
+
+/* ---- added tokens ---------------------------------------------------------------------------- */
+
+static int sp_cmp(const void *a, const void *b)
+{
+	const struct sp_tok *x = a, *y = b;
+
+	if (x->len != y->len)
+		return x->len > y->len ? -1 : 1;
+	return x->id < y->id ? -1 : x->id > y->id;
+}
+
+void specials_build(struct specials *sp)
+{
+	qsort(sp->tok, (size_t)sp->n, sizeof(*sp->tok), sp_cmp);
+	memset(sp->first, 0, sizeof(sp->first));
+	for (int k = 0; k < sp->n; k++)
+		sp->first[sp->tok[k].s[0]] = true;
 }
 
 /* ---- the tokenizer --------------------------------------------------------------------------- */

@@ -201,27 +201,10 @@ size_t tok_pretokenize(enum tok_pretok mode, const void *text, size_t n, size_t 
 	return k;
 }
 
-/* ---- special (added) tokens and the scanner -------------------------------------------------- */
-
-static int sp_cmp(const void *a, const void *b)
-{
-	const struct sp_tok *x = a, *y = b;
-
-	if (x->len != y->len)
-		return x->len > y->len ? -1 : 1;
-	return x->id < y->id ? -1 : x->id > y->id;
-}
-
-void specials_build(struct specials *sp)
-{
-	qsort(sp->tok, (size_t)sp->n, sizeof(*sp->tok), sp_cmp);
-	memset(sp->first, 0, sizeof(sp->first));
-	for (int k = 0; k < sp->n; k++)
-		sp->first[sp->tok[k].s[0]] = true;
-}
+/* ---- the added-token scanner ----------------------------------------------------------------- */
 
 size_t tok_scan(const struct specials *sp, enum tok_pretok mode, const uint8_t *s, size_t n,
-		   bool final, const struct scan_cb *cb)
+		bool final, const struct scan_cb *cb)
 {
 	size_t pos = 0;
 

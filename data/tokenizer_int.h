@@ -3,11 +3,13 @@
  * the memory and hash-map helpers, the Unicode classes and UTF-8, the GPT-2 byte table, the added-token
  * scanner, and struct tokenizer itself.
  *
- *   tokenizer.c          the tokenizer's memory, hash maps and building blocks; the queries
- *   tokenizer_unicode.c  Unicode letter/number/space classes (the table), UTF-8, the GPT-2 byte table
+ *   tokenizer_unicode.c  Unicode letter/number/space classes (the table), UTF-8
+ *   tokenizer.c          memory, hash maps, the GPT-2 byte table, a tokenizer's building blocks, queries
  *   tokenizer_encode.c   the pre-tokenizer, the added-token scanner, BPE encoding, decoding, streaming
  *   tokenizer_train.c    BPE training (incremental pair counts)
  *   tokenizer_json.c     Hugging Face tokenizer.json reading and writing
+ * in that order: each uses only the ones above it (tests/test_layering.sh checks that no two files use
+ * each other).
  */
 #ifndef MOE_DATA_TOKENIZER_INT_H
 #define MOE_DATA_TOKENIZER_INT_H
@@ -98,7 +100,7 @@ uint32_t pmap_get(const struct pmap *m, uint32_t a, uint32_t b);
 /* Set (a, b) -> v unless present; returns the value now stored. */
 uint32_t pmap_put(struct pmap *m, uint32_t a, uint32_t b, uint32_t v);
 
-/* ---- Unicode classes, UTF-8 and the GPT-2 byte table (tokenizer_unicode.c) -------------------- */
+/* ---- Unicode classes and UTF-8 (tokenizer_unicode.c), the GPT-2 byte table (tokenizer.c) ------- */
 
 enum { U_OTHER, U_L, U_N, U_WS, U_END };
 
@@ -169,7 +171,7 @@ char *bytes_to_visible(const uint8_t *p, size_t n);
 /* A printable string -> bytes (into out, which holds strlen(s) bytes); -1 if a character has no byte. */
 long visible_to_bytes(const char *s, uint8_t *out);
 
-/* ---- added tokens and the scanner (tokenizer_encode.c) -------------------------------------- */
+/* ---- added tokens (tokenizer.c) and the scanner (tokenizer_encode.c) ------------------------ */
 
 struct sp_tok {
 	const uint8_t *s;

@@ -1,13 +1,10 @@
 /*
  * data/tokenizer_unicode.c - the Unicode classes the pre-tokenizer asks for (\p{L}, \p{N}, \s: one table
- * of code point ranges), UTF-8 decoding and encoding, and GPT-2's byte <-> printable character table
- * (how tokenizer.json spells byte-level tokens).
+ * of code point ranges) and UTF-8 encoding (decoding is inline in tokenizer_int.h).
  */
 #define _POSIX_C_SOURCE 200809L
 
 #include "data/tokenizer_int.h"
-
-#include <stdlib.h>
 
 /* ---- Unicode classes and UTF-8 --------------------------------------------------------------- */
 
@@ -288,68 +285,4 @@ size_t utf8_encode(uint32_t cp, uint8_t *out)
 	out[2] = (uint8_t)(0x80 | (cp >> 6 & 0x3f));
 	out[3] = (uint8_t)(0x80 | (cp & 0x3f));
 	return 4;
-}
-
-/* ---- the GPT-2 byte <-> character table ------------------------------------------------------ */
-
-/* Printable bytes stand for themselves; the others (0..32, 127..160, 173) for 256, 257, ... in order. */
-uint32_t tok_byte_to_cp(uint8_t b)
-{
-	uint32_t k = 0;
-
-	if ((b >= '!' && b <= '~') || (b >= 0xa1 && b <= 0xac) || b >= 0xae)
-		return b;
-	/* count the non-printable bytes below b */
-	if (b <= 32)
-		k = b;
-	else if (b <= 160)
-		k = 33 + (b - 127);
-	else
-		k = 33 + 34;	/* 173 */
-	return 256 + k;
-}
-
-/* The byte a character stands for, or -1. */
-static int cp_to_byte(uint32_t cp)
-{
-	if ((cp >= '!' && cp <= '~') || (cp >= 0xa1 && cp <= 0xac) || (cp >= 0xae && cp <= 0xff))
-		return (int)cp;
-	if (cp < 256 || cp > 256 + 67)
-		return -1;
-	cp -= 256;
-	if (cp <= 32)
-		return (int)cp;
-	if (cp <= 33 + 33)
-		return (int)(127 + cp - 33);
-	return 173;
-}
-
-char *bytes_to_visible(const uint8_t *p, size_t n)
-{
-	char *s = tok_xrealloc(NULL, 2 * n + 1);
-	size_t k = 0;
-
-	for (size_t i = 0; i < n; i++)
-		k += utf8_encode(tok_byte_to_cp(p[i]), (uint8_t *)s + k);
-	s[k] = 0;
-	return s;
-}
-
-long visible_to_bytes(const char *s, uint8_t *out)
-{
-	const uint8_t *p = (const uint8_t *)s;
-	size_t n = strlen(s), i = 0;
-	long k = 0;
-
-	while (i < n) {
-		uint32_t cp;
-		int len = utf8_decode(p + i, n - i, &cp);
-		int b;
-
-		if (len <= 0 || (b = cp_to_byte(cp)) < 0)
-			return -1;
-		out[k++] = (uint8_t)b;
-		i += (size_t)len;
-	}
-	return k;
 }

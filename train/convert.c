@@ -34,7 +34,7 @@
  * (for DeepSeek-V3, the 3.7 GB embedding) plus HDF5's small caches.  The parameter table comes from
  * ckpt_model_params, which holds no weights.
  *
- * config.json: translated to and from the run configuration by train/config_hf.c.
+ * config.json: translated to and from the run configuration by train/convert_config.c.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -54,7 +54,6 @@
 
 #include "model/model.h"
 #include "train/checkpoint.h"
-#include "train/config_hf.h"
 
 #define PATH_LEN 4096
 #define HF_NAME_LEN 160
@@ -862,7 +861,7 @@ static int write_index(const char *dir, const struct out_tensor *t, int n, int n
 		cJSON_AddItemToObject(wm, t[i].name, cJSON_CreateString(name));
 	}
 	if (wm)
-		hf_json_sort(wm);
+		convert_json_sort(wm);
 	text = cJSON_Print(root);
 	cJSON_Delete(root);
 	if (!text)

@@ -25,6 +25,25 @@
 /* HF's default: shards of at most 5 GB. */
 #define CONVERT_DEFAULT_SHARD_BYTES 5000000000ULL
 
+/*
+ * A Hugging Face config.json's text (model_type deepseek_v3 or deepseek_v2) into rc's model section:
+ * the keys the file lacks take transformers' defaults for that model_type (not ours), HF bookkeeping
+ * keys are dropped, transformers 5's rope_parameters {rope_type, rope_theta, factor, ...} becomes
+ * rope_theta and (rope_type yarn) rope_scaling, the old spelling that DeepSeek's files use and the
+ * config loader reads.  Every other section of rc is left as it was.  Validated.  Notes (keys dropped,
+ * defaults filled) go to notes (may be NULL).  Returns 0 or -1 with a message naming origin and the key.
+ */
+int convert_hf_config(struct run_config *rc, const char *json_text, const char *origin,
+		      FILE *notes, char *err, size_t errlen);
+
+/* config.json text (malloc'd) for a model: HF DeepseekV3 keys, architectures, model_type, torch_dtype;
+ * YaRN as rope_scaling {"type": "yarn", "factor", "original_max_position_embeddings", ...}. */
+char *convert_hf_config_json(const struct model_config *mc, enum st_dtype dtype);
+
+/* Reorder an object's members by key, as transformers writes them (config.json, the shards' index). */
+struct cJSON;
+void convert_json_sort(struct cJSON *obj);
+
 /* HF directory -> HDF5 checkpoint (step 0, the other config sections at their defaults).  Every header
  * is checked before any data is read; out_path is written atomically (untouched on failure). */
 int convert_from_hf(const char *dir, const char *out_path, FILE *notes, char *err, size_t errlen);

@@ -29,7 +29,6 @@
 #include "model/model.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
-#include "train/config_hf.h"
 #include "train/convert.h"
 #include "train/safetensors.h"
 #include "train/train_cli.h"
