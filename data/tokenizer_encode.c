@@ -254,6 +254,18 @@ size_t tok_scan(const struct specials *sp, enum tok_pretok mode, const uint8_t *
 
 /* ---- encoding -------------------------------------------------------------------------------- */
 
+/* A piece's symbols while merging, a doubly linked list over the piece's bytes. */
+struct sym {
+	uint32_t id;
+	int prev, next;
+};
+
+/* A mergeable pair on the heap: its rank, its left symbol. */
+struct hent {
+	uint32_t rank;
+	uint32_t pos;
+};
+
 static bool hent_less(const struct hent *x, const struct hent *y)
 {
 	return x->rank < y->rank || (x->rank == y->rank && x->pos < y->pos);

@@ -218,15 +218,8 @@ struct added {
 	bool special, single_word, lstrip, rstrip, normalized;
 };
 
-struct sym {
-	uint32_t id;
-	int prev, next;
-};
-
-struct hent {
-	uint32_t rank;
-	uint32_t pos;
-};
+struct sym;			/* the encoder's scratch (tokenizer_encode.c) */
+struct hent;
 
 struct tokenizer {
 	int vocab_size;
