@@ -29,12 +29,15 @@
 
 enum grpo_scale { GRPO_SCALE_GROUP, GRPO_SCALE_BATCH, GRPO_SCALE_NONE };
 enum grpo_loss_type { GRPO_LOSS_GRPO, GRPO_LOSS_BNPO, GRPO_LOSS_DR_GRPO, GRPO_LOSS_DAPO };
+/* grpo.reward_norm: how several rewards make one advantage */
+enum grpo_reward_norm { GRPO_NORM_TOTAL, GRPO_NORM_EACH };
 
 /* The std in the advantages' denominator gets this added (TRL's value). */
 #define GRPO_ADV_EPS 1e-4
 
 /* Parse grpo.scale_rewards / grpo.loss_type names; -1 when unknown. */
 int grpo_scale_from_name(const char *name);
+int grpo_reward_norm_from_name(const char *name);
 int grpo_loss_type_from_name(const char *name);
 
 /*
@@ -43,6 +46,18 @@ int grpo_loss_type_from_name(const char *name);
  * number of groups whose rewards are all equal (their advantages are 0: they teach nothing).
  */
 int grpo_advantages(const double *rewards, int P, int G, enum grpo_scale scale, float *adv);
+
+/*
+ * Advantages of R weighted rewards of P groups of G completions: rewards[k * P*G + j] is program k's
+ * reward of completion j, weights[k] its weight; total[j] receives sum_k weights[k] rewards[k][j].
+ * TOTAL: grpo_advantages of the totals (TRL's way).  EACH: each program's rewards normalised on their
+ * own first (grpo_advantages with the same scale), then adv = sum_k weights[k] adv_k, so a program's
+ * say in the advantage does not depend on its rewards' spread.  Returns the number of groups whose
+ * advantages are all 0 (TOTAL: equal totals; EACH: every program equal within the group).  -1 when out
+ * of memory (EACH needs P*G floats of scratch).
+ */
+int grpo_combined_advantages(const double *rewards, const double *weights, int R, int P, int G,
+			     enum grpo_scale scale, enum grpo_reward_norm norm, double *total, float *adv);
 
 /*
  * The weight each completion's token losses carry in one minibatch of n completions (in their global
