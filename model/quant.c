@@ -1,0 +1,385 @@
+/*
+ * model/quant.c - int8 weights with one fp32 scale per output row (quant.h).
+ *
+ * A decode step multiplies a few rows of activations by every weight once: it is bound by the bytes of
+ * weight read, a quarter in int8.  The skinny kernel reads each int8 weight row once for all the rows of
+ * x, 4 weight rows against up to 4 x rows at a time (16 running sums, the int8 -> fp32 conversion of a
+ * weight shared by the 4 x rows, each x value by the 4 weight rows), written as plain loops that the
+ * compiler vectorises for the target (-march=native: AVX-512 or AVX2 with FMA; any other target gets
+ * its own vector code or scalar code from the same source).  The scale is applied once per output.
+ */
+#include "model/quant.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/layers.h"
+
+#include <cblas.h>  /* after the headers above: it may bring complex.h's I */
+
+#define QTILE 16	/* output rows per task of the skinny kernel */
+#define QBIG_TILE 64	/* weight rows dequantised at a time for many rows of x */
+
+struct qtensor {
+	size_t off, numel;	/* in floats, into the model's weights */
+	int cols;		/* row length (the weight's in) */
+	size_t qoff, soff;	/* into q and scale */
+};
+
+struct model_quant {
+	int n;
+	struct qtensor *t;	/* sorted by off */
+	int8_t *q;
+	float *scale;
+	size_t nq, ns;
+};
+
+/* ---------------------------------------------------------------- quantisation */
+
+void quantize_rows(int8_t *q, float *scale, const float *w, size_t rows, int cols)
+{
+#pragma omp parallel for schedule(static) if (rows * cols > 65536)
+	for (size_t r = 0; r < rows; r++) {
+		const float *wr = w + r * cols;
+		int8_t *qr = q + r * cols;
+		float mx = 0.0f;
+
+		for (int k = 0; k < cols; k++)
+			mx = fmaxf(mx, fabsf(wr[k]));
+		scale[r] = mx / 127.0f;
+		float inv = mx > 0 ? 127.0f / mx : 0.0f;
+		for (int k = 0; k < cols; k++) {
+			long v = lrintf(wr[k] * inv);
+			qr[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+		}
+	}
+}
+
+/* ---------------------------------------------------------------- the skinny kernel */
+
+/* s[c] = x . w_c for the 4 weight rows w at stride in */
+static void dot_r1_o4(const float *restrict x, const int8_t *restrict w, int in, float s[4])
+{
+	const int8_t *w0 = w, *w1 = w + in, *w2 = w + 2 * (size_t)in, *w3 = w + 3 * (size_t)in;
+	float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+	for (int k = 0; k < in; k++) {
+		float xk = x[k];
+		a0 += xk * (float)w0[k];
+		a1 += xk * (float)w1[k];
+		a2 += xk * (float)w2[k];
+		a3 += xk * (float)w3[k];
+	}
+	s[0] = a0;
+	s[1] = a1;
+	s[2] = a2;
+	s[3] = a3;
+}
+
+/* s[r][c] = x_r . w_c for 4 rows of x (stride ldx) and 4 weight rows */
+static void dot_r4_o4(const float *restrict x, int ldx, const int8_t *restrict w, int in, float s[4][4])
+{
+	const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * (size_t)ldx, *x3 = x + 3 * (size_t)ldx;
+	const int8_t *w0 = w, *w1 = w + in, *w2 = w + 2 * (size_t)in, *w3 = w + 3 * (size_t)in;
+	float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
+	float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
+
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
+	for (int k = 0; k < in; k++) {
+		float v0 = (float)w0[k], v1 = (float)w1[k], v2 = (float)w2[k], v3 = (float)w3[k];
+		a00 += x0[k] * v0;
+		a01 += x0[k] * v1;
+		a02 += x0[k] * v2;
+		a03 += x0[k] * v3;
+		a10 += x1[k] * v0;
+		a11 += x1[k] * v1;
+		a12 += x1[k] * v2;
+		a13 += x1[k] * v3;
+		a20 += x2[k] * v0;
+		a21 += x2[k] * v1;
+		a22 += x2[k] * v2;
+		a23 += x2[k] * v3;
+		a30 += x3[k] * v0;
+		a31 += x3[k] * v1;
+		a32 += x3[k] * v2;
+		a33 += x3[k] * v3;
+	}
+	float a[4][4] = { { a00, a01, a02, a03 }, { a10, a11, a12, a13 }, { a20, a21, a22, a23 },
+			  { a30, a31, a32, a33 } };
+	memcpy(s, a, sizeof(a));
+}
+
+static float dot_r1_o1(const float *restrict x, const int8_t *restrict w, int in)
+{
+	float a = 0;
+
+#pragma omp simd reduction(+ : a)
+	for (int k = 0; k < in; k++)
+		a += x[k] * (float)w[k];
+	return a;
+}
+
+/* output rows [o0, o1) of the product, straight from int8 */
+static void skinny_tile(float *y, int ldy, const float *x, int ldx, struct qmat w, int N, int in, int o0, int o1)
+{
+	int o = o0;
+
+	for (; o + 4 <= o1; o += 4) {
+		const int8_t *wq = w.q + (size_t)o * in;
+		const float *sc = w.scale + o;
+		int i = 0;
+
+		for (; i + 4 <= N; i += 4) {
+			float s[4][4];
+
+			dot_r4_o4(x + (size_t)i * ldx, ldx, wq, in, s);
+			for (int r = 0; r < 4; r++)
+				for (int c = 0; c < 4; c++)
+					y[(size_t)(i + r) * ldy + o + c] = s[r][c] * sc[c];
+		}
+		for (; i < N; i++) {
+			float s[4];
+
+			dot_r1_o4(x + (size_t)i * ldx, wq, in, s);
+			for (int c = 0; c < 4; c++)
+				y[(size_t)i * ldy + o + c] = s[c] * sc[c];
+		}
+	}
+	for (; o < o1; o++)
+		for (int i = 0; i < N; i++)
+			y[(size_t)i * ldy + o] = dot_r1_o1(x + (size_t)i * ldx, w.q + (size_t)o * in, in) * w.scale[o];
+}
+
+/* ---------------------------------------------------------------- many rows: dequantised tiles + BLAS */
+
+static void big_tile(float *y, int ldy, const float *x, int ldx, struct qmat w, int N, int in, int o0, int o1,
+		     float *buf)
+{
+	int len = o1 - o0;
+
+	for (int r = 0; r < len; r++) {
+		const int8_t *qr = w.q + (size_t)(o0 + r) * in;
+		float s = w.scale[o0 + r], *br = buf + (size_t)r * in;
+#pragma omp simd
+		for (int k = 0; k < in; k++)
+			br[k] = s * (float)qr[k];
+	}
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, len, in, 1.0f, x, ldx, buf, in, 0.0f, y + o0, ldy);
+}
+
+static int tile_rows(int N)
+{
+	return N <= QLINEAR_SKINNY ? QTILE : QBIG_TILE;
+}
+
+static void run_tile(float *y, int ldy, const float *x, int ldx, struct qmat w, int N, int in, int out, int t,
+		     float *buf)
+{
+	int rows = tile_rows(N), o0 = t * rows, o1 = o0 + rows < out ? o0 + rows : out;
+
+	if (N <= QLINEAR_SKINNY)
+		skinny_tile(y, ldy, x, ldx, w, N, in, o0, o1);
+	else
+		big_tile(y, ldy, x, ldx, w, N, in, o0, o1, buf);
+}
+
+void qlinear_forward_serial(float *y, int ldy, const float *x, int ldx, struct qmat w, int N, int in, int out)
+{
+	int rows = tile_rows(N), nt = (out + rows - 1) / rows;
+	float *buf = N > QLINEAR_SKINNY ? malloc(sizeof(float) * QBIG_TILE * (size_t)in) : NULL;
+
+	if (N <= 0 || (N > QLINEAR_SKINNY && !buf)) {
+		free(buf);
+		if (N > 0)
+			comm_abort(1, "out of memory for an int8 product");
+		return;
+	}
+	for (int t = 0; t < nt; t++)
+		run_tile(y, ldy, x, ldx, w, N, in, out, t, buf);
+	free(buf);
+}
+
+void qlinear_forward(float *y, int ldy, const float *x, int ldx, struct qmat w, int N, int in, int out)
+{
+	int rows = tile_rows(N), nt = (out + rows - 1) / rows, oom = 0;
+
+	if (N <= 0)
+		return;
+#pragma omp parallel reduction(| : oom)
+	{
+		float *buf = N > QLINEAR_SKINNY ? malloc(sizeof(float) * QBIG_TILE * (size_t)in) : NULL;
+
+		oom = N > QLINEAR_SKINNY && !buf;
+#pragma omp for schedule(static)
+		for (int t = 0; t < nt; t++)
+			if (!oom)
+				run_tile(y, ldy, x, ldx, w, N, in, out, t, buf);
+		free(buf);
+	}
+	if (oom)
+		comm_abort(1, "out of memory for an int8 product");
+}
+
+void qlinear_t_serial(float *y, int ldy, const float *x, int ldx, struct qmat w, int N, int k, int cols,
+		      float alpha)
+{
+	for (int i = 0; i < N; i++) {
+		float *yr = y + (size_t)i * ldy;
+
+		memset(yr, 0, sizeof(float) * cols);
+		for (int d = 0; d < k; d++) {
+			const int8_t *qr = w.q + (size_t)d * cols;
+			float a = alpha * x[(size_t)i * ldx + d] * w.scale[d];
+#pragma omp simd
+			for (int j = 0; j < cols; j++)
+				yr[j] += a * (float)qr[j];
+		}
+	}
+}
+
+/* ---------------------------------------------------------------- the model's copy */
+
+/* The tensors read as linear layers: not the router, the embeddings, the lm_head. */
+static int is_quantised(const struct moe_model *m, const struct param *p)
+{
+	const float *w = m->weights + p->offset;
+
+	if (p->kind != PARAM_LINEAR || p->ndim < 2 || p->numel == 0 || w == m->w.lm_head)
+		return 0;
+	for (int l = 0; l < m->cfg.num_hidden_layers; l++)
+		if (w == m->w.layers[l].gate)
+			return 0;
+	return 1;
+}
+
+static int by_offset(const void *a, const void *b)
+{
+	const struct qtensor *x = a, *y = b;
+
+	return x->off < y->off ? -1 : x->off > y->off;
+}
+
+struct model_quant *quant_create(const struct moe_model *m)
+{
+	struct model_quant *q = calloc(1, sizeof(*q));
+
+	if (!q || !(q->t = calloc((size_t)m->n_params, sizeof(*q->t))))
+		goto oom;
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+		struct qtensor *t = &q->t[q->n];
+
+		if (!is_quantised(m, p))
+			continue;
+		t->off = p->offset;
+		t->numel = p->numel;
+		t->cols = (int)p->shape[p->ndim - 1];
+		t->qoff = q->nq;
+		t->soff = q->ns;
+		q->nq += p->numel;
+		q->ns += p->numel / (size_t)t->cols;
+		q->n++;
+	}
+	qsort(q->t, (size_t)q->n, sizeof(*q->t), by_offset);
+	q->q = malloc(q->nq + 1);
+	q->scale = malloc(sizeof(float) * (q->ns + 1));
+	if (!q->q || !q->scale)
+		goto oom;
+	quant_update(q, m);
+	return q;
+oom:
+	quant_free(q);
+	return NULL;
+}
+
+void quant_update(struct model_quant *q, const struct moe_model *m)
+{
+	for (int i = 0; i < q->n; i++) {
+		const struct qtensor *t = &q->t[i];
+
+		quantize_rows(q->q + t->qoff, q->scale + t->soff, m->weights + t->off, t->numel / (size_t)t->cols,
+			      t->cols);
+	}
+}
+
+void quant_free(struct model_quant *q)
+{
+	if (!q)
+		return;
+	free(q->t);
+	free(q->q);
+	free(q->scale);
+	free(q);
+}
+
+int model_quantize(struct moe_model *m)
+{
+	struct model_quant *q = quant_create(m);
+
+	if (!q)
+		return -1;
+	quant_free(m->quant);
+	m->quant = q;
+	return 0;
+}
+
+struct qmat quant_find(const struct moe_model *m, const float *w, int in)
+{
+	const struct model_quant *q = m->quant;
+	struct qmat none = { NULL, NULL };
+	size_t off;
+	int lo = 0, hi;
+
+	if (!q || w < m->weights || w >= m->weights + m->n_weights)
+		return none;
+	off = (size_t)(w - m->weights);
+	hi = q->n - 1;
+	while (lo <= hi) {	/* the last tensor starting at or before off */
+		int mid = (lo + hi) / 2;
+
+		if (q->t[mid].off <= off)
+			lo = mid + 1;
+		else
+			hi = mid - 1;
+	}
+	if (hi < 0)
+		return none;
+	const struct qtensor *t = &q->t[hi];
+	size_t at = off - t->off;
+	if (at >= t->numel || t->cols != in || at % (size_t)in)
+		return none;
+	return (struct qmat){ q->q + t->qoff + at, q->scale + t->soff + at / (size_t)in };
+}
+
+struct quant_bytes quant_weight_bytes(const struct moe_model *m)
+{
+	struct quant_bytes b = { 0 };
+	struct model_quant *own = m->quant ? NULL : quant_create(m);
+	const struct model_quant *q = m->quant ? m->quant : own;
+
+	b.full = sizeof(float) * m->n_weights;
+	if (!q)
+		return b;
+	b.linear_full = sizeof(float) * q->nq;
+	b.linear_int8 = q->nq + sizeof(float) * q->ns;
+	b.int8 = b.full - b.linear_full + b.linear_int8;
+	quant_free(own);
+	return b;
+}
+
+void model_linear(const struct moe_model *m, float *y, const float *x, const float *w, int N, int in, int out,
+		  int flags)
+{
+	struct qmat q = quant_find(m, w, in);
+
+	if (!q.q) {
+		linear_fwd(y, x, w, N, in, out, flags);
+		return;
+	}
+	if (flags & LIN_SERIAL)
+		qlinear_forward_serial(y, out, x, in, q, N, in, out);
+	else
+		qlinear_forward(y, out, x, in, q, N, in, out);
+}
