@@ -2,11 +2,14 @@
  * model/quant.c - int8 weights with one fp32 scale per output row (quant.h).
  *
  * A decode step multiplies a few rows of activations by every weight once: it is bound by the bytes of
- * weight read, a quarter in int8.  The skinny kernel reads each int8 weight row once for all the rows of
- * x, 4 weight rows against up to 4 x rows at a time (16 running sums, the int8 -> fp32 conversion of a
- * weight shared by the 4 x rows, each x value by the 4 weight rows), written as plain loops that the
- * compiler vectorises for the target (-march=native: AVX-512 or AVX2 with FMA; any other target gets
- * its own vector code or scalar code from the same source).  The scale is applied once per output.
+ * weight read, a quarter in int8.  Up to QDIRECT_ROWS rows of x go through the direct kernel: 4 weight
+ * rows at a time against one x row (4 running sums, each x value loaded once for the 4), plain loops the
+ * compiler vectorises for the target (-march=native: AVX-512 or AVX2 with FMA, int8 -> fp32 conversion
+ * in registers; any other target gets its own vector or scalar code from the same source); the scale is
+ * applied once per output.  From 4 rows of x on, the products have enough reuse of each weight that
+ * BLAS on a small dequantised tile (64 KiB, in L1/L2, re-filled tile by tile) beats the direct kernel:
+ * measured on configs/small.json, 8 sequences: 1.34x fp32's tokens/s against 1.02x for a 4 x 4 blocked
+ * direct kernel (bench/RESULTS.md).  Memory still only ever holds the int8 weights and one tile.
  */
 #include "model/quant.h"
 
@@ -18,8 +21,10 @@
 
 #include <cblas.h>  /* after the headers above: it may bring complex.h's I */
 
-#define QTILE 16	/* output rows per task of the skinny kernel */
-#define QBIG_TILE 64	/* weight rows dequantised at a time for many rows of x */
+#define QTILE 16	/* output rows per task of the direct kernel */
+#define QDIRECT_ROWS 3	/* rows of x the direct kernel takes; more: dequantised tiles and BLAS */
+#define QBUF 16384	/* floats of a dequantised tile (on the stack: 64 KiB) */
+#define QBUF_MAX_TILE 64
 
 struct qtensor {
 	size_t off, numel;	/* in floats, into the model's weights */
@@ -78,39 +83,6 @@ static void dot_r1_o4(const float *restrict x, const int8_t *restrict w, int in,
 	s[3] = a3;
 }
 
-/* s[r][c] = x_r . w_c for 4 rows of x (stride ldx) and 4 weight rows */
-static void dot_r4_o4(const float *restrict x, int ldx, const int8_t *restrict w, int in, float s[4][4])
-{
-	const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * (size_t)ldx, *x3 = x + 3 * (size_t)ldx;
-	const int8_t *w0 = w, *w1 = w + in, *w2 = w + 2 * (size_t)in, *w3 = w + 3 * (size_t)in;
-	float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
-	float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
-
-#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
-	for (int k = 0; k < in; k++) {
-		float v0 = (float)w0[k], v1 = (float)w1[k], v2 = (float)w2[k], v3 = (float)w3[k];
-		a00 += x0[k] * v0;
-		a01 += x0[k] * v1;
-		a02 += x0[k] * v2;
-		a03 += x0[k] * v3;
-		a10 += x1[k] * v0;
-		a11 += x1[k] * v1;
-		a12 += x1[k] * v2;
-		a13 += x1[k] * v3;
-		a20 += x2[k] * v0;
-		a21 += x2[k] * v1;
-		a22 += x2[k] * v2;
-		a23 += x2[k] * v3;
-		a30 += x3[k] * v0;
-		a31 += x3[k] * v1;
-		a32 += x3[k] * v2;
-		a33 += x3[k] * v3;
-	}
-	float a[4][4] = { { a00, a01, a02, a03 }, { a10, a11, a12, a13 }, { a20, a21, a22, a23 },
-			  { a30, a31, a32, a33 } };
-	memcpy(s, a, sizeof(a));
-}
-
 static float dot_r1_o1(const float *restrict x, const int8_t *restrict w, int in)
 {
 	float a = 0;
@@ -129,17 +101,8 @@ static void skinny_tile(float *y, int ldy, const float *x, int ldx, struct qmat 
 	for (; o + 4 <= o1; o += 4) {
 		const int8_t *wq = w.q + (size_t)o * in;
 		const float *sc = w.scale + o;
-		int i = 0;
 
-		for (; i + 4 <= N; i += 4) {
-			float s[4][4];
-
-			dot_r4_o4(x + (size_t)i * ldx, ldx, wq, in, s);
-			for (int r = 0; r < 4; r++)
-				for (int c = 0; c < 4; c++)
-					y[(size_t)(i + r) * ldy + o + c] = s[r][c] * sc[c];
-		}
-		for (; i < N; i++) {
+		for (int i = 0; i < N; i++) {
 			float s[4];
 
 			dot_r1_o4(x + (size_t)i * ldx, wq, in, s);
@@ -169,57 +132,61 @@ static void big_tile(float *y, int ldy, const float *x, int ldx, struct qmat w, 
 	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, len, in, 1.0f, x, ldx, buf, in, 0.0f, y + o0, ldy);
 }
 
-static int tile_rows(int N)
+/*
+ * Weight rows per task: the direct kernel takes QTILE; a dequantised tile as many rows of in floats as
+ * QBUF holds (4 to 64, a multiple of 4; at least 4 for very long rows, then on the heap).  Shapes only.
+ */
+static int tile_rows(int N, int in)
 {
-	return N <= QLINEAR_SKINNY ? QTILE : QBIG_TILE;
+	int rows = QBUF / (in > 0 ? in : 1);
+
+	if (N <= QDIRECT_ROWS)
+		return QTILE;
+	rows = rows > QBUF_MAX_TILE ? QBUF_MAX_TILE : rows;
+	return rows < 4 ? 4 : rows / 4 * 4;
 }
 
+/* tile t; stack: QBUF floats of scratch */
 static void run_tile(float *y, int ldy, const float *x, int ldx, struct qmat w, int N, int in, int out, int t,
-		     float *buf)
+		     float *stack)
 {
-	int rows = tile_rows(N), o0 = t * rows, o1 = o0 + rows < out ? o0 + rows : out;
+	int rows = tile_rows(N, in), o0 = t * rows, o1 = o0 + rows < out ? o0 + rows : out;
+	float *buf = stack;
 
-	if (N <= QLINEAR_SKINNY)
+	if (N <= QDIRECT_ROWS) {
 		skinny_tile(y, ldy, x, ldx, w, N, in, o0, o1);
-	else
-		big_tile(y, ldy, x, ldx, w, N, in, o0, o1, buf);
+		return;
+	}
+	if ((size_t)rows * in > QBUF && !(buf = malloc(sizeof(float) * (size_t)rows * in)))
+		comm_abort(1, "out of memory for an int8 product");
+	big_tile(y, ldy, x, ldx, w, N, in, o0, o1, buf);
+	if (buf != stack)
+		free(buf);
 }
 
 void qlinear_forward_serial(float *y, int ldy, const float *x, int ldx, struct qmat w, int N, int in, int out)
 {
-	int rows = tile_rows(N), nt = (out + rows - 1) / rows;
-	float *buf = N > QLINEAR_SKINNY ? malloc(sizeof(float) * QBIG_TILE * (size_t)in) : NULL;
+	int rows = tile_rows(N, in), nt = (out + rows - 1) / rows;
+	float stack[QBUF];
 
-	if (N <= 0 || (N > QLINEAR_SKINNY && !buf)) {
-		free(buf);
-		if (N > 0)
-			comm_abort(1, "out of memory for an int8 product");
-		return;
-	}
-	for (int t = 0; t < nt; t++)
-		run_tile(y, ldy, x, ldx, w, N, in, out, t, buf);
-	free(buf);
+	for (int t = 0; N > 0 && t < nt; t++)
+		run_tile(y, ldy, x, ldx, w, N, in, out, t, stack);
 }
 
 void qlinear_forward(float *y, int ldy, const float *x, int ldx, struct qmat w, int N, int in, int out)
 {
-	int rows = tile_rows(N), nt = (out + rows - 1) / rows, oom = 0;
+	int rows = tile_rows(N, in), nt = (out + rows - 1) / rows;
 
 	if (N <= 0)
 		return;
-#pragma omp parallel reduction(| : oom)
+#pragma omp parallel
 	{
-		float *buf = N > QLINEAR_SKINNY ? malloc(sizeof(float) * QBIG_TILE * (size_t)in) : NULL;
+		float stack[QBUF];
 
-		oom = N > QLINEAR_SKINNY && !buf;
 #pragma omp for schedule(static)
 		for (int t = 0; t < nt; t++)
-			if (!oom)
-				run_tile(y, ldy, x, ldx, w, N, in, out, t, buf);
-		free(buf);
+			run_tile(y, ldy, x, ldx, w, N, in, out, t, stack);
 	}
-	if (oom)
-		comm_abort(1, "out of memory for an int8 product");
 }
 
 void qlinear_t_serial(float *y, int ldy, const float *x, int ldx, struct qmat w, int N, int k, int cols,

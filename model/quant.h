@@ -6,8 +6,8 @@
  * scale) in [-127, 127], so w ~ scale * q.  The router (mlp.gate), the norms, the embeddings and the
  * lm_head stay fp32.  Quantised once (model_quantize) from the fp32 weights; while m->quant is set, every
  * CPU forward (model_forward and decode_step) reads the int8 weights of those layers: the products
- * consume int8 directly (qlinear_forward), no dequantised copy of a weight is kept (a product of many
- * rows dequantises one tile of TILE rows at a time into per-thread scratch and hands it to BLAS).
+ * consume int8 directly (qlinear_forward), no dequantised copy of a weight is kept (a product of several
+ * rows dequantises one small tile of rows at a time into per-thread scratch and hands it to BLAS).
  * Training never reads them: the backward needs the fp32 weights, and GRPO attaches its int8 copy only
  * while it samples.
  */
@@ -31,12 +31,12 @@ void quantize_rows(int8_t *q, float *scale, const float *w, size_t rows, int col
 
 /*
  * y [N, out] (row stride ldy) = x [N, in] (row stride ldx) W^T with W = the int8 rows w (out of them).
- * N <= QLINEAR_SKINNY: straight from int8 (the decode case: bound by the weight bytes read); more rows:
- * tiles of weight rows dequantised into scratch and multiplied with BLAS.  Parallel over tiles of output
- * rows, each tile computed by one thread in a fixed order: the result does not depend on the thread
- * count.  The _serial variant runs on the calling thread (a task of a parallel region).
+ * Up to 3 rows: straight from int8 (the decode case: bound by the weight bytes read); more rows: tiles of
+ * weight rows dequantised into 64 KiB of scratch on the stack and multiplied with BLAS.  Parallel over
+ * tiles of output rows whose size depends on the shapes only, each computed by one thread: the result
+ * does not depend on the thread count.  The _serial variant runs on the calling thread (a task of a
+ * parallel region).
  */
-#define QLINEAR_SKINNY 32
 void qlinear_forward(float *y, int ldy, const float *x, int ldx, struct qmat w, int N, int in, int out);
 void qlinear_forward_serial(float *y, int ldy, const float *x, int ldx, struct qmat w, int N, int in, int out);
 

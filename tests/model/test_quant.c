@@ -1,7 +1,7 @@
 /*
  * tests/model/test_quant.c - int8 weights (model/quant.h): the quantisation's error bound, the int8
- * products against the fp32 ones on the same (dequantised) weights for every path (few rows straight
- * from int8, many rows through dequantised tiles, strided, transposed, serial), which tensors are
+ * products against the fp32 ones on the same (dequantised) weights for every path (up to 3 rows straight
+ * from int8, more through dequantised tiles on the stack or the heap, strided, transposed, serial), which tensors are
  * quantised and their bytes, and on a small model trained here for a few hundred steps: the eval loss
  * with int8 weights within 1% of fp32's, the decode path's int8 logits equal to the forward's, and greedy
  * int8 generation reproducible.
@@ -118,6 +118,7 @@ static void test_products(void)
 		check_product(rows[i], 130, 70, 130, 70, 1);
 	}
 	check_product(7, 1000, 300, 1000, 300, 0);
+	check_product(5, 5000, 9, 5000, 9, 1);  /* rows too long for the stack tile: on the heap */
 	check_product(200, 96, 200, 96, 200, 0);
 }
 
