@@ -24,6 +24,7 @@
 #include "launch/rng.h"
 #include "model/decode.h"
 #include "model/model.h"
+#include "model/quant.h"
 #include "rl/generate.h"
 #include "rl/prompts.h"
 #include "rl/reward.h"
@@ -46,6 +47,7 @@ struct grpo {
 	struct grpo_loss_params lp;
 	enum grpo_scale scale;
 	enum grpo_reward_norm norm;
+	struct model_quant *rollout_q;/* grpo.rollout_weights=int8: what sampling reads, refreshed each step */
 	enum grpo_loss_type loss_type;
 	int P, G, W, mb, ga, nmb, M;  /* prompts, group, ranks, micro-batch, accumulation, minibatches, M */
 	int n_local;                  /* completions of this rank per step: nmb * mb * ga */
@@ -365,6 +367,8 @@ static int setup(struct grpo *g, const struct run_config *cfg, const char *resum
 		return -1;
 	if (g->ref)
 		g->ref->logit_temperature = t->m->logit_temperature;
+	if (!strcmp(cfg->grpo.rollout_weights, "int8") && !(g->rollout_q = quant_create(t->m)))
+		FAIL("out of memory for the int8 rollout weights (grpo.rollout_weights)");
 	return start_reward(g);
 }
 
@@ -372,6 +376,7 @@ static void teardown(struct grpo *g)
 {
 	for (int k = 0; k < g->R; k++)
 		reward_stop(g->rproc[k]);
+	quant_free(g->rollout_q);
 	for (int i = 0; g->prompt_ids && i < g->ps.n; i++)
 		free(g->prompt_ids[i]);
 	free(g->prompt_ids);
@@ -405,6 +410,7 @@ struct step_stats {
 	double sample_s, reward_s, train_s;
 	long gen_tokens, train_tokens;    /* global */
 	double reward_mean, reward_std;
+	double logp_mismatch, logp_mismatch_max;  /* |sampling - training logp| per token (int8 rollouts) */
 	double prog_mean[CFG_MAX_REWARDS], prog_std[CFG_MAX_REWARDS];  /* each program's */
 	int zero_std_groups, len_min, len_max, truncated;
 	double len_mean;
@@ -443,6 +449,25 @@ static void copy_routes(struct grpo *g, const struct latent_cache *c, const int 
 	}
 }
 
+/*
+ * generate_cached with the rollout weights: the policy's fp32 weights, or (grpo.rollout_weights=int8)
+ * their int8 copy, re-quantised from the weights as they are now and attached only while sampling.
+ */
+static int rollout_generate(struct grpo *g, struct latent_cache *cache, const int **prompts, const int *lens,
+			    int n, const struct sample_params *sp, const uint64_t *seeds)
+{
+	struct moe_model *m = g->t.m;
+	int rc;
+
+	if (g->rollout_q) {
+		quant_update(g->rollout_q, m);
+		m->quant = g->rollout_q;
+	}
+	rc = generate_cached(m, cache, prompts, lens, n, sp, seeds, g->tokens, g->len, g->old_logp);
+	m->quant = NULL;
+	return rc;
+}
+
 /* Sample this rank's completions with the policy as it is now; routes recorded for replay. */
 static int sample_completions(struct grpo *g, int64_t step, struct step_stats *ss)
 {
@@ -470,7 +495,7 @@ static int sample_completions(struct grpo *g, int64_t step, struct step_stats *s
 	sp.top_k = gc->top_k;
 	sp.max_new_tokens = g->max_new;
 	sp.eos_id = g->eos;
-	if (generate_cached(g->t.m, cache, prompts, lens, n, &sp, seeds, g->tokens, g->len, g->old_logp))
+	if (rollout_generate(g, cache, prompts, lens, n, &sp, seeds))
 		goto out;
 	if (g->routes)
 		copy_routes(g, cache, lens);
@@ -687,6 +712,43 @@ static void reference_logps(struct grpo *g, int64_t step)
 	}
 }
 
+/*
+ * int8 rollouts: the sampling-time log-probabilities came from the int8 weights.  The ratio's old
+ * policy is the fp32 policy at sampling time, so they are recomputed here by the training forward
+ * (same routes as training: replayed when asked) before any update, and the step logs how far the
+ * sampler's were: mean and max of |logp_int8 - logp_fp32| over every completion token (all ranks).
+ */
+static void policy_logps(struct grpo *g, int64_t step, struct step_stats *ss)
+{
+	struct moe_model *m = g->t.m;
+	int plen[g->mb];
+	double v[2] = { 0, 0 }, mx = 0;
+
+	for (int k0 = 0; k0 < g->n_local; k0 += g->mb) {
+		int T = build_micro(g, step, k0, plen);
+		m->route_replay = g->replay;
+		trainer_forward(&g->t, g->inputs, g->targets, g->mb, T);
+		m->route_replay = NULL;
+		const float *ce = trainer_token_losses(&g->t);
+		for (int s = 0; s < g->mb; s++) {
+			float *old = g->old_logp + (size_t)(k0 + s) * g->max_new;
+			for (int i = 0; i < g->len[k0 + s]; i++) {
+				float lp = -ce[(size_t)s * T + plen[s] - 1 + i];
+				double d = fabs((double)old[i] - lp);
+				v[0] += d;
+				v[1] += 1;
+				mx = d > mx ? d : mx;
+				old[i] = lp;
+			}
+		}
+	}
+	if (g->W > 1 && (comm_allreduce(g->t.d->world_g, v, 2, COMM_F64, COMM_SUM) ||
+			 comm_allreduce(g->t.d->world_g, &mx, 1, COMM_F64, COMM_MAX)))
+		comm_abort(1, "all-reduce of the log-probability mismatch failed");
+	ss->logp_mismatch = v[1] > 0 ? v[0] / v[1] : 0.0;
+	ss->logp_mismatch_max = mx;
+}
+
 /* Forward and backward of one micro-batch; adds its statistics to st. */
 static void train_micro(struct grpo *g, int64_t step, int k0, struct grpo_stats *st, long *tokens)
 {
@@ -743,6 +805,8 @@ static void train_updates(struct grpo *g, int64_t step, struct step_stats *ss)
 	double t0 = trainer_now_s();
 	if (g->ref)
 		reference_logps(g, step);
+	if (g->rollout_q)
+		policy_logps(g, step, ss);
 	for (int it = 0; it < t->cfg.grpo.num_iterations; it++) {
 		for (int b = 0; b < g->nmb; b++, u++) {
 			struct grpo_stats st = { 0 };
@@ -842,6 +906,9 @@ static void log_metrics(struct grpo *g, const struct step_stats *ss)
 			ss->len_max, (double)ss->truncated / PG, sample_tps, train_tps, ss->sample_s, ss->reward_s,
 			ss->train_s, t->st.elapsed_s, ss->skipped ? ", \"skipped\": true" : "");
 		write_program_rewards(g, t->metrics, ss->prog_mean, ss->prog_std);
+		if (g->rollout_q)
+			fprintf(t->metrics, "\"rollout_weights\": \"int8\", \"logp_mismatch\": %.6g, "
+				"\"logp_mismatch_max\": %.6g, ", ss->logp_mismatch, ss->logp_mismatch_max);
 		trainer_write_imbalance(t, t->metrics);
 		fprintf(t->metrics, "}\n");
 		fflush(t->metrics);
@@ -982,7 +1049,7 @@ static int eval_prompts(struct grpo *g, const char *path, const char *samples_pa
 		sp.temperature = 0.0f;
 		sp.max_new_tokens = g->max_new;
 		sp.eos_id = g->eos;
-		ok = !generate_cached(t->m, cache, prompts, lens, n, &sp, seeds, g->tokens, g->len, g->old_logp);
+		ok = !rollout_generate(g, cache, prompts, lens, n, &sp, seeds);
 		if (!ok)
 			snprintf(err, sizeof(err), "generation failed (out of memory?)");
 	}
