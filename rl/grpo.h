@@ -2,8 +2,9 @@
  * rl/grpo.h - Group Relative Policy Optimization (DeepSeekMath, section 4.1): `moe grpo`.
  *
  * One GRPO step: P prompts (grpo.prompts_per_step), G completions each (grpo.group_size) sampled from
- * the policy as it is at sampling time, scored by the reward program (rl/reward.h), turned into
- * group-relative advantages, then num_iterations passes over the batch in minibatches, one AdamW update
+ * the policy as it is at sampling time (grpo.rollout_weights=int8: its int8 copy, model/quant.h, the
+ * old log-probabilities then recomputed in fp32), scored by every reward program at once (rl/reward.h;
+ * grpo.rewards, weighted), turned into group-relative advantages (grpo_combined_advantages), then num_iterations passes over the batch in minibatches, one AdamW update
  * each, on the clipped surrogate
  *
  *   loss_t = -min(r_t A, clip(r_t, 1 - epsilon, 1 + epsilon_high) A) + beta k3_t
@@ -53,8 +54,8 @@ int grpo_advantages(const double *rewards, int P, int G, enum grpo_scale scale, 
  * TOTAL: grpo_advantages of the totals (TRL's way).  EACH: each program's rewards normalised on their
  * own first (grpo_advantages with the same scale), then adv = sum_k weights[k] adv_k, so a program's
  * say in the advantage does not depend on its rewards' spread.  Returns the number of groups whose
- * advantages are all 0 (TOTAL: equal totals; EACH: every program equal within the group).  -1 when out
- * of memory (EACH needs P*G floats of scratch).
+ * advantages are all 0 (TOTAL: equal totals; EACH: as when every program's rewards are equal within the
+ * group).  -1 when out of memory (EACH needs P*G floats of scratch).
  */
 int grpo_combined_advantages(const double *rewards, const double *weights, int R, int P, int G,
 			     enum grpo_scale scale, enum grpo_reward_norm norm, double *total, float *adv);
@@ -101,9 +102,10 @@ int grpo_run(const struct run_config *cfg, const char *resume, const struct dist
 
 /*
  * `moe grpo --eval PROMPTS.jsonl`: greedy completions (up to grpo.max_new_tokens) of every prompt of the
- * set by the policy (--resume or train.init_checkpoint), scored by the reward program; prints the mean
- * reward and the accuracy (the fraction of completions earning a reward >= 1).  samples_path (may be
- * NULL; one process only) receives each completion and its reward as JSON Lines.
+ * set by the policy (--resume or train.init_checkpoint; with the rollout weights), scored by every reward
+ * program; prints the mean weighted reward, the accuracy (the fraction of completions whose weighted
+ * reward is >= 1) and each program's mean and std.  samples_path (may be NULL; one process only) receives
+ * each completion and its reward(s) as JSON Lines.
  */
 int grpo_eval(const struct run_config *cfg, const char *resume, const struct dist *d, const char *path,
 	      const char *samples_path);

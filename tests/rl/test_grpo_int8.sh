@@ -5,6 +5,10 @@
 #      small) and logp_mismatch_max, and the update's ratio to the old policy is 1 with one iteration of one
 #      minibatch (the old log-probabilities are the fp32 policy's, recomputed by the training forward);
 #      fp32 rollouts log no mismatch;
+#      under mpirun -np 2 (ep 2: each rank quantises its own experts) the first 3 steps are the single
+#      process's: rewards equal, loss to 1e-4, logp_mismatch to 1e-4 at step 1 (the same weights) and to
+#      2% later (the layouts' weights differ in the last bits, and a weight at a rounding edge of its
+#      int8 grid moves a whole step);
 #   2. moe grpo --eval --weights int8 scores the trained policy as the fp32 one does (greedy, 10 prompts);
 #   3. moe train a tiny model briefly, then moe eval --weights int8: the loss within 1% of fp32's;
 #      moe generate --weights int8 greedy: the same tokens twice;
@@ -54,6 +58,24 @@ if [ "$?" = 0 ] && ! grep -q logp_mismatch f.jsonl; then
 else
 	tail -n 5 f.log
 	fail "fp32 rollouts: want a run without logp_mismatch"
+fi
+
+mpi -np 2 "$MOE" grpo --config cfg.json --set grpo.rollout_weights=int8 --set parallel.ep=2 --set train.grad_accum=2 \
+	--set train.steps=3 --set checkpoint.dir=d.ck --set log.metrics=d.jsonl >d.log 2>&1
+rc=$?
+if [ "$rc" = 0 ] && py '
+a, b = load(sys.argv[1])[:3], load(sys.argv[2])
+def rel(x, y):
+    return abs(x - y) / max(abs(x), abs(y), 1e-2)
+bad = [s["step"] for s, t in zip(a, b) if s["reward_mean"] != t["reward_mean"] or rel(s["loss"], t["loss"]) > 1e-4
+       or abs(s["logp_mismatch"] - t["logp_mismatch"]) > (1e-4 if s["step"] == 1 else 0.02) * s["logp_mismatch"]]
+print("  logp_mismatch 1 process:", [s["logp_mismatch"] for s in a], "2 ranks:", [t["logp_mismatch"] for t in b],
+      "; steps differing:", bad)
+sys.exit(0 if len(b) == 3 and not bad else 1)' q.jsonl d.jsonl; then
+	pass "rollout_weights=int8 under mpirun -np 2, ep 2: the single-process steps"
+else
+	tail -n 20 d.log
+	fail "rollout_weights=int8 under mpirun -np 2, ep 2: differs from one process (rc $rc)"
 fi
 
 # ---------------------------------------------------------------- 2. grpo --eval --weights int8
