@@ -244,8 +244,11 @@ static int cmd_eval(int argc, char **argv)
 	struct moe_model *m = new_model(&rc.model);
 	if (checkpoint_load_model(c.checkpoint, m, err, sizeof(err)))
 		die("%s", err);
-	if (c.weights && !strcmp(c.weights, "int8") && model_quantize(m))
-		die("out of memory quantising %s", c.checkpoint);
+	if (c.weights && !strcmp(c.weights, "int8")) {
+		if (model_quantize(m))
+			die("out of memory quantising %s", c.checkpoint);
+		quant_drop_fp32(m);  /* the fp32 linear weights are not read again */
+	}
 	struct shard s;
 	if (shard_open(&s, c.data, rc.model.vocab_size, err, sizeof(err)))
 		die("%s", err);

@@ -63,6 +63,14 @@ void quant_free(struct model_quant *q);
 int model_quantize(struct moe_model *m);
 
 /*
+ * Inference only (moe generate, moe eval): gives the memory of the fp32 copies of the attached int8
+ * tensors back to the system (madvise: the whole pages inside each tensor; they then read as 0), so the
+ * model holds about the int8 bytes.  m must not be trained, saved or re-quantised afterwards.  Returns
+ * the bytes given back.
+ */
+size_t quant_drop_fp32(struct moe_model *m);
+
+/*
  * The int8 rows of the weight at w, a pointer into m->weights at a row start of a tensor of rows of in
  * floats (the start of a linear weight, or of one expert's slice, or of a slice of rows); .q NULL when m
  * has no int8 copy attached or that tensor is not quantised (the router, norms, embeddings, lm_head).

@@ -656,6 +656,8 @@ int generate_cli_main(int argc, char **argv)
 		fprintf(stderr, "moe generate: out of memory quantising the weights\n");
 		goto done;
 	}
+	if (int8)
+		quant_drop_fp32(m);  /* the fp32 linear weights are not read again */
 	out = malloc(sizeof(int) * ((size_t)G * sp.max_new_tokens + 1));
 	/* zeroed: with the sanitizers GCC cannot tell that the loop below fills them */
 	lens = calloc((size_t)G * 2, sizeof(int));

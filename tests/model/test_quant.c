@@ -4,7 +4,8 @@
  * from int8, more through dequantised tiles on the stack or the heap, strided, transposed, serial), which tensors are
  * quantised and their bytes, and on a small model trained here for a few hundred steps: the eval loss
  * with int8 weights within 1% of fp32's, the decode path's int8 logits equal to the forward's, and greedy
- * int8 generation reproducible.
+ * int8 generation reproducible; every int8 path run with the fp32 copies of the quantised weights set to
+ * NaN (what proves they read int8 only), and quant_drop_fp32.
  */
 #include <math.h>
 #include <stdio.h>
@@ -224,6 +225,34 @@ static float eval_loss(struct moe_model *m)
 	return (float)(sum / 4);
 }
 
+/* NaN in the fp32 copy of every tensor m->quant holds; returns the fp32 weights to restore */
+static float *poison_fp32(struct moe_model *m)
+{
+	float *saved = malloc(sizeof(float) * m->n_weights);
+	int poisoned = 0;
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(saved);
+	memcpy(saved, m->weights, sizeof(float) * m->n_weights);
+	for (int i = 0; i < m->n_params; i++) {
+		const struct param *p = &m->params[i];
+		float *w = m->weights + p->offset;
+
+		if (p->ndim < 2 || !quant_find(m, w, (int)p->shape[p->ndim - 1]).q)
+			continue;
+		for (size_t k = 0; k < p->numel; k++)
+			w[k] = NAN;
+		poisoned++;
+	}
+	CU_ASSERT(poisoned >= 10);
+	return saved;
+}
+
+static void unpoison(struct moe_model *m, float *saved)
+{
+	memcpy(m->weights, saved, sizeof(float) * m->n_weights);
+	free(saved);
+}
+
 static void test_which_tensors(void)
 {
 	struct moe_model *m = trained_model();
@@ -267,6 +296,10 @@ static void test_eval_loss(void)
 	CU_ASSERT(full < 2.0f);  /* trained: log(48) = 3.87 untrained */
 	CU_ASSERT(fabsf(q - full) / full < 0.01f);
 	CU_ASSERT(q != full);    /* the int8 weights were read */
+	/* and only they: with every quantised tensor's fp32 copy NaN, the same loss */
+	float *saved = poison_fp32(m);
+	CU_ASSERT_EQUAL(eval_loss(m), q);
+	unpoison(m, saved);
 	quant_free(m->quant);
 	m->quant = NULL;
 	CU_ASSERT_EQUAL(eval_loss(m), full);
@@ -282,6 +315,7 @@ static void test_decode_matches_forward(void)
 	float *lg = malloc(sizeof(float) * T * V);
 
 	CU_ASSERT_EQUAL_FATAL(model_quantize(m), 0);
+	float *saved = poison_fp32(m);  /* the int8 paths read no fp32 copy of a quantised weight */
 	make_batch(in, tg, 1, T, V, &s);
 	model_forward(m, in, NULL, 1, T);
 	for (int naive = 0; naive < 2; naive++) {
@@ -301,6 +335,7 @@ static void test_decode_matches_forward(void)
 		CU_ASSERT(d < 1e-4);
 		latent_cache_free(c);
 	}
+	unpoison(m, saved);
 	quant_free(m->quant);
 	m->quant = NULL;
 	free(lg);
@@ -331,7 +366,9 @@ static void test_greedy_reproducible(void)
 	greedy(m, f, lf);
 	CU_ASSERT_EQUAL_FATAL(model_quantize(m), 0);
 	greedy(m, a, la);
+	float *saved = poison_fp32(m);
 	greedy(m, b, lb);
+	unpoison(m, saved);
 	CU_ASSERT_EQUAL(memcmp(a, b, sizeof(a)), 0);
 	CU_ASSERT_EQUAL(memcmp(la, lb, sizeof(la)), 0);
 	for (int i = 0; i < 32; i++)
@@ -340,6 +377,25 @@ static void test_greedy_reproducible(void)
 	CU_ASSERT(same >= 24);  /* a trained mapping: the argmax rarely moves */
 	quant_free(m->quant);
 	m->quant = NULL;
+}
+
+/* quant_drop_fp32 (the last use of the trained model: its fp32 linear weights are gone after it) */
+static void test_drop_fp32(void)
+{
+	struct moe_model *m = trained_model();
+	const struct layer_weights *l1 = &m->w.layers[1];
+	size_t mid = (size_t)4 * m->cfg.moe_intermediate_size * m->cfg.hidden_size;  /* expert 4's start */
+	float q;
+
+	CU_ASSERT_EQUAL_FATAL(model_quantize(m), 0);
+	q = eval_loss(m);
+	CU_ASSERT(l1->experts_up_proj[mid] != 0.0f);
+	size_t dropped = quant_drop_fp32(m);
+	struct quant_bytes b = quant_weight_bytes(m);
+	fprintf(stderr, "[%zu of %zu fp32 bytes given back] ", dropped, b.linear_full);
+	CU_ASSERT(dropped > b.linear_full / 2);
+	CU_ASSERT_EQUAL(l1->experts_up_proj[mid], 0.0f);
+	CU_ASSERT_EQUAL(eval_loss(m), q);
 }
 
 static void test_cleanup(void)
@@ -358,6 +414,7 @@ void register_tests(void)
 		{ "eval loss of a trained model within 1% of fp32", test_eval_loss },
 		{ "int8 decode = int8 forward", test_decode_matches_forward },
 		{ "greedy int8 generation reproducible", test_greedy_reproducible },
+		{ "quant_drop_fp32: fp32 copies given back, same loss", test_drop_fp32 },
 		{ "free", test_cleanup },
 		{ NULL, NULL },
 	};
