@@ -115,9 +115,12 @@ static void skinny_tile(float *y, int ldy, const float *x, int ldx, struct qmat 
 				y[(size_t)i * ldy + o + c] = s[c] * sc[c];
 		}
 	}
-	for (; o < o1; o++)
+	for (; o < o1; o++) {
+		const int8_t *wq = w.q + (size_t)o * in;
+
 		for (int i = 0; i < N; i++)
-			y[(size_t)i * ldy + o] = dot_r1_o1(x + (size_t)i * ldx, w.q + (size_t)o * in, in) * w.scale[o];
+			y[(size_t)i * ldy + o] = dot_r1_o1(x + (size_t)i * ldx, wq, in) * w.scale[o];
+	}
 }
 
 /* ---------------------------------------------------------------- many rows: dequantised tiles + BLAS */

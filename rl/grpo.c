@@ -335,8 +335,8 @@ static int alloc_buffers(struct grpo *g)
 			FAIL("out of memory for the routing replay (%zu MiB)",
 			     sizeof(int) * (n + g->mb) * L * T * K >> 20);
 	}
-	if (!g->tokens || !g->len || !g->old_logp || !g->ref_logp || !g->reward || !g->rewards || !g->glen || !g->gtrunc ||
-	    !g->adv || !g->coef || !g->inputs || !g->targets || !g->weights || !g->dlogp)
+	if (!g->tokens || !g->len || !g->old_logp || !g->ref_logp || !g->reward || !g->rewards || !g->glen ||
+	    !g->gtrunc || !g->adv || !g->coef || !g->inputs || !g->targets || !g->weights || !g->dlogp)
 		FAIL("out of memory for the step's buffers");
 	return 0;
 }
@@ -919,10 +919,13 @@ static void log_metrics(struct grpo *g, const struct step_stats *ss)
 		return;
 	char eta[32];
 	trainer_format_duration(eta, sizeof(eta), g->step_time_avg * (t->cfg.train.steps - t->st.step));
+	char q8[48] = "";
+	if (g->rollout_q)
+		snprintf(q8, sizeof(q8), " | int8 logp mismatch %.4f", ss->logp_mismatch);
 	printf("step %lld/%d | reward %.3f +- %.3f | kl %.4f | clip %.3f | len %.1f [%d, %d] | loss %.4f | "
-	       "sample %.0f tok/s | train %.0f tok/s | ETA %s%s\n", (long long)t->st.step, t->cfg.train.steps,
+	       "sample %.0f tok/s%s | train %.0f tok/s | ETA %s%s\n", (long long)t->st.step, t->cfg.train.steps,
 	       ss->reward_mean, ss->reward_std, kl, clip_low + clip_high, ss->len_mean, ss->len_min, ss->len_max,
-	       ss->loss, sample_tps, train_tps, eta, ss->skipped ? " | SKIPPED (non-finite)" : "");
+	       ss->loss, sample_tps, q8, train_tps, eta, ss->skipped ? " | SKIPPED (non-finite)" : "");
 	fflush(stdout);
 }
 
@@ -1024,7 +1027,8 @@ static int eval_prompts(struct grpo *g, const char *path, const char *samples_pa
 	uint64_t *seeds = calloc((size_t)n + 1, sizeof(uint64_t));
 	int R = g->R;
 	/* rewards[r * (n + 1) + k]: program r's; total[k] the weighted sum */
-	double *rewards = calloc(((size_t)n + 1) * R, sizeof(double)), *total = calloc((size_t)n + 1, sizeof(double));
+	double *rewards = calloc(((size_t)n + 1) * R, sizeof(double));
+	double *total = calloc((size_t)n + 1, sizeof(double));
 	double *each[CFG_MAX_REWARDS];
 	struct reward_request *req = calloc((size_t)n + 1, sizeof(*req));
 	char **texts = calloc((size_t)n + 1, sizeof(char *));

@@ -202,8 +202,8 @@ cJSON *config_rewards_json(const struct grpo_config *g)
 
 static bool entry_equal(const struct reward_config *a, const struct reward_config *b)
 {
-	if (strcmp(a->name, b->name) || a->cmd_argc != b->cmd_argc || memcmp(&a->weight, &b->weight, sizeof(double)) ||
-	    memcmp(&a->timeout_s, &b->timeout_s, sizeof(double)))
+	if (strcmp(a->name, b->name) || a->cmd_argc != b->cmd_argc ||
+	    memcmp(&a->weight, &b->weight, sizeof(double)) || memcmp(&a->timeout_s, &b->timeout_s, sizeof(double)))
 		return false;
 	for (int i = 0; i < a->cmd_argc; i++)
 		if (strcmp(a->cmd[i], b->cmd[i]))
