@@ -24,6 +24,8 @@
 #include "data/shard.h"
 #include "launch/comm.h"
 #include "launch/startup.h"
+#include "model/quant.h"
+#include "rl/generate.h"
 #include "rl/grpo.h"
 #include "rl/rl_cli.h"
 #include "model/model.h"
@@ -36,7 +38,7 @@
 #define MAX_SETS 64
 
 struct cli {
-	const char *config, *out, *checkpoint, *data, *resume, *positional, *eval, *samples;
+	const char *config, *out, *checkpoint, *data, *resume, *positional, *eval, *samples, *weights;
 	char *sets[MAX_SETS];
 	int nsets;
 	int help;
@@ -75,6 +77,8 @@ static void parse_cli(struct cli *c, int argc, char **argv, const char *cmd)
 			slot = &c->eval;
 		else if (!strcmp(a, "--samples") && !strcmp(cmd, "grpo"))
 			slot = &c->samples;
+		else if (!strcmp(a, "--weights") && (!strcmp(cmd, "grpo") || !strcmp(cmd, "eval")))
+			slot = &c->weights;
 		if (slot || !strcmp(a, "--set")) {
 			if (i + 1 >= argc)
 				die("%s needs a value", a);
@@ -92,6 +96,8 @@ static void parse_cli(struct cli *c, int argc, char **argv, const char *cmd)
 			exit(2);
 		}
 	}
+	if (c->weights && strcmp(c->weights, "full") && strcmp(c->weights, "int8"))
+		die("--weights %s: expected full or int8", c->weights);
 }
 
 static void load_config(struct run_config *rc, const struct cli *c)
@@ -118,6 +124,10 @@ static int run_job(struct cli *c, int argc, char **argv, int grpo)
 	load_config(&rc, c);
 	char err[1024];
 	struct dist d;
+	if (c->weights && !c->eval)
+		die("--weights goes with moe grpo --eval (training's sampler: grpo.rollout_weights)%s", "");
+	if (c->weights)  /* the evaluation samples with the rollout weights */
+		snprintf(rc.grpo.rollout_weights, sizeof(rc.grpo.rollout_weights), "%s", c->weights);
 	if (comm_init(&argc, &argv))
 		die("cannot start MPI%s", "");
 	if (config_validate(&rc, comm_world_size(), err, sizeof(err)) ||
@@ -156,16 +166,19 @@ static int cmd_grpo(int argc, char **argv)
 	if (c.help || !c.config) {
 		printf("usage: moe grpo --config FILE [--set section.key=value ...] [--resume PATH|latest]\n"
 		       "       moe grpo --config FILE --eval PROMPTS.jsonl [--samples OUT.jsonl] [--resume PATH]\n"
+		       "                [--weights full|int8]\n"
 		       "GRPO on grpo.prompts (JSON Lines with \"prompt\") scored by grpo.reward_cmd (SPEC 4),\n"
 		       "starting from train.init_checkpoint (also the KL reference when grpo.beta > 0).\n"
 		       "  --resume latest|PATH   continue a stopped run exactly (policy, AdamW, prompt position)\n"
 		       "  --eval PROMPTS         greedy completions of every prompt, scored: mean reward and\n"
 		       "                         accuracy (reward >= 1) of the policy (--resume, else\n"
-		       "                         train.init_checkpoint); --samples writes them (one process)\n"
+		       "                         train.init_checkpoint); --samples writes them (one process);\n"
+		       "                         --weights int8: with int8 linear weights (grpo.rollout_weights)\n"
 		       "Keys: grpo.group_size, prompts_per_step, max_new_tokens, temperature, top_p, top_k, beta,\n"
 		       "epsilon, epsilon_high, num_iterations, loss_type (grpo|bnpo|dr_grpo|dapo), scale_rewards\n"
 		       "(group|batch|none), mask_truncated, routing_replay, sequence_ratio (GSPO), tokenizer,\n"
-		       "reward_cmd, reward_timeout_s; train.steps counts GRPO steps; train.micro_batch x\n"
+		       "reward_cmd, reward_timeout_s, rewards (a list of {name, cmd, weight, timeout_s}),\n"
+		       "reward_norm (total|each), rollout_weights (full|int8); train.steps counts GRPO steps; train.micro_batch x\n"
 		       "train.grad_accum x ranks completions make one optimizer update.\n"
 		       "SIGINT/SIGTERM: finish the step, checkpoint, exit.\n");
 		return c.help ? 0 : 2;
@@ -223,9 +236,10 @@ static int cmd_eval(int argc, char **argv)
 	struct cli c;
 	parse_cli(&c, argc, argv, "eval");
 	if (c.help || !c.checkpoint || !c.data) {
-		printf("usage: moe eval --checkpoint CKPT.h5 --data SHARD [--set train.seq_len=T ...]\n"
+		printf("usage: moe eval --checkpoint CKPT.h5 --data SHARD [--weights full|int8] [--set ...]\n"
 		       "Prints {\"loss\": L, \"tokens\": N}: the mean cross-entropy over the shard read in order\n"
-		       "as sequences of train.seq_len tokens (targets shifted by one), train.micro_batch at a time.\n");
+		       "as sequences of train.seq_len tokens (targets shifted by one), train.micro_batch at a time.\n"
+		       "--weights int8: every linear layer's weight int8 with a scale per row (model/quant.h).\n");
 		return c.help ? 0 : 2;
 	}
 	struct run_config rc;
@@ -234,6 +248,11 @@ static int cmd_eval(int argc, char **argv)
 	struct moe_model *m = new_model(&rc.model);
 	if (checkpoint_load_model(c.checkpoint, m, err, sizeof(err)))
 		die("%s", err);
+	if (c.weights && !strcmp(c.weights, "int8")) {
+		if (model_quantize(m))
+			die("out of memory quantising %s", c.checkpoint);
+		quant_drop_fp32(m);  /* the fp32 linear weights are not read again */
+	}
 	struct shard s;
 	if (shard_open(&s, c.data, rc.model.vocab_size, err, sizeof(err)))
 		die("%s", err);

@@ -20,6 +20,11 @@
  * (e) a GRPO step's sampling as `moe grpo` does it: grpo.prompts_per_step prompts x grpo.group_size
  *     completions (configs/small.json: 8 x 8), all in one batch with each group's prompt prefilled once,
  *     against generating the same sequences one at a time.  Target (the issue's): batched >= 4x.
+ * (f) int8 weights (model/quant.h) against fp32 in the same run: the weights' bytes, a decode step at a
+ *     context of 64 for one sequence and for a batch of 8 (fp32 and int8 timed in alternating rounds, so
+ *     the machine's load hits both alike), and whole generate() runs of 1 and 8 sequences.  Target: int8
+ *     decodes faster than fp32 (a decode step is bound by the weight bytes it reads).  `--only int8`
+ *     runs (f) alone.
  *
  * Not a test: run it by hand (see bench/RESULTS.md).
  */
@@ -32,6 +37,7 @@
 
 #include "launch/startup.h"
 #include "model/decode.h"
+#include "model/quant.h"
 #include "model/model.h"
 #include "rl/generate.h"
 #include "train/config.h"
@@ -69,6 +75,7 @@ struct opts {
 	const char *config;
 	int reps, prompt, new_tokens, threads;
 	uint64_t seed;
+	const char *only;
 };
 
 /* ---------------------------------------------------------------- (a) throughput */
@@ -292,12 +299,91 @@ static int check_cache_bytes(const struct model_config *c)
 static void usage(const char *prog)
 {
 	fprintf(stderr, "usage: %s [--config FILE (configs/small.json)] [--reps N (5)] [--prompt T (16)]\n"
-			"          [--new N (32)] [--threads N] [--seed S]\n", prog);
+			"          [--new N (32)] [--threads N] [--seed S] [--only int8]\n", prog);
+}
+
+/* ---------------------------------------------------------------- (f) int8 weights */
+
+/* median seconds of a whole generate() of G sequences of o->new_tokens after o->prompt tokens */
+static double time_whole_generate(struct moe_model *m, const struct opts *o, int G)
+{
+	int V = m->cfg.vocab_size, *tok = malloc(sizeof(int) * (size_t)G * o->prompt), lens[64], olens[64];
+	int *out = malloc(sizeof(int) * (size_t)G * o->new_tokens);
+	const int *prompts[64];
+	uint64_t seeds[64];
+	double t[MAX_REPS];
+	struct sample_params p = sample_params_default();
+
+	p.max_new_tokens = o->new_tokens;
+	p.eos_id = -1;
+	for (int g = 0; g < G; g++) {
+		for (int i = 0; i < o->prompt; i++)
+			tok[g * o->prompt + i] = (int)(rng_u32() % (uint32_t)V);
+		prompts[g] = tok + (size_t)g * o->prompt;
+		lens[g] = o->prompt;
+		seeds[g] = o->seed + g;
+	}
+	for (int r = 0; r < o->reps; r++) {
+		double t0 = now_s();
+		generate_cached(m, NULL, prompts, lens, G, &p, seeds, out, olens, NULL);
+		t[r] = now_s() - t0;
+	}
+	free(tok);
+	free(out);
+	return median(t, o->reps);
+}
+
+static void bench_int8(struct moe_model *m, const struct opts *o)
+{
+	enum { CTX = 64, ROUNDS = 5 };
+	struct quant_bytes b = quant_weight_bytes(m);
+	struct model_quant *q = quant_create(m);
+	struct latent_cache *lc = latent_cache_create(&m->cfg, 8, CTX + 1);
+	double step[2][2][ROUNDS], gen[2][2], speedup = 0;
+	static const int ns[2] = { 1, 8 };
+
+	if (!q || !lc)
+		return;
+	printf("(f) weights: fp32 %.2f MB, int8 %.2f MB (%.3f); the quantised linear layers %.2f -> %.2f MB "
+	       "(%.3f)\n", b.full / 1e6, b.int8 / 1e6, (double)b.int8 / b.full, b.linear_full / 1e6,
+	       b.linear_int8 / 1e6, (double)b.linear_int8 / b.linear_full);
+	fill_cache(lc, CTX);
+	for (int r = 0; r < ROUNDS; r++)
+		for (int w = 0; w < 2; w++) {
+			m->quant = w ? q : NULL;
+			for (int k = 0; k < 2; k++)
+				step[w][k][r] = time_step(m, lc, ns[k], CTX, 4 * o->reps);
+		}
+	for (int w = 0; w < 2; w++) {
+		m->quant = w ? q : NULL;
+		for (int k = 0; k < 2; k++)
+			gen[w][k] = time_whole_generate(m, o, ns[k]);
+	}
+	m->quant = NULL;
+	printf("    decode step at context %d | fp32                | int8                | int8 / fp32\n", CTX);
+	for (int k = 0; k < 2; k++) {
+		double f = median(step[0][k], ROUNDS), i8 = median(step[1][k], ROUNDS);
+
+		if (k == 0)
+			speedup = f / i8;
+		printf("    %2d sequence%s              | %7.3f ms %6.0f tok/s | %7.3f ms %6.0f tok/s | %.2fx\n",
+		       ns[k], ns[k] > 1 ? "s" : " ", 1e3 * f, ns[k] / f, 1e3 * i8, ns[k] / i8, f / i8);
+	}
+	printf("    generate(), %d + %d tokens | fp32 tokens/s | int8 tokens/s | int8 / fp32\n", o->prompt,
+	       o->new_tokens);
+	for (int k = 0; k < 2; k++)
+		printf("    %2d sequence%s              | %9.0f     | %9.0f     | %.2fx\n", ns[k],
+		       ns[k] > 1 ? "s" : " ", ns[k] * o->new_tokens / gen[0][k], ns[k] * o->new_tokens / gen[1][k],
+		       gen[0][k] / gen[1][k]);
+	printf("    %s: int8 decodes faster than fp32 (1 sequence: %.2fx)\n", speedup > 1 ? "PASS" : "FAIL",
+	       speedup);
+	latent_cache_free(lc);
+	quant_free(q);
 }
 
 static int parse_args(int argc, char **argv, struct opts *o)
 {
-	*o = (struct opts){ "configs/small.json", 5, 16, 32, 0, 1234 };
+	*o = (struct opts){ "configs/small.json", 5, 16, 32, 0, 1234, NULL };
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 		if (!v)
@@ -314,6 +400,8 @@ static int parse_args(int argc, char **argv, struct opts *o)
 			o->threads = atoi(v);
 		else if (!strcmp(a, "--seed"))
 			o->seed = strtoull(v, NULL, 10);
+		else if (!strcmp(a, "--only") && !strcmp(v, "int8"))
+			o->only = v;
 		else
 			return -1;
 		i++;
@@ -365,6 +453,11 @@ int main(int argc, char **argv)
 	const char *core = getenv("OPENBLAS_CORETYPE");
 	printf("median of %d repetitions; prompts of %d tokens; OPENBLAS_CORETYPE=%s\n", o.reps, o.prompt,
 	       core ? core : "(unset)");
+	if (o.only) {
+		bench_int8(m, &o);
+		model_free(m);
+		return 0;
+	}
 	/* 8 and 16: common GRPO group sizes (DeepSeek-R1 samples 16); 64: DeepSeekMath's */
 	static const int groups[] = { 8, 16, 32, 64 };
 	double ratio[4];
@@ -384,6 +477,7 @@ int main(int argc, char **argv)
 	double step = bench_throughput(m, &o, n, G);
 	printf("    %s: a GRPO step's sampling batched >= 4x one at a time (%.2fx)\n",
 	       step >= 4.0 ? "PASS" : "FAIL", step);
+	bench_int8(m, &o);
 	model_free(m);
 	return ok ? 0 : 1;
 }

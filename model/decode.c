@@ -25,6 +25,7 @@
 
 #include "model/decode.h"
 #include "model/layers.h"
+#include "model/quant.h"
 #include "model/rope.h"
 
 #include <cblas.h>  /* after the headers above: it may bring complex.h's I */
@@ -413,8 +414,15 @@ static void skinny_tile(float *y, const float *x, const float *w, int n, int in,
 			    w + (size_t)o0 * in, in, 0.0f, y + o0, out);
 }
 
-static void skinny_linear(float *y, const float *x, const float *w, int n, int in, int out)
+static void skinny_linear(const struct moe_model *m, float *y, const float *x, const float *w, int n, int in,
+			  int out)
 {
+	struct qmat q = quant_find(m, w, in);
+
+	if (q.q) {
+		qlinear_forward(y, out, x, in, q, n, in, out);
+		return;
+	}
 	if (n > SKINNY_ROWS) {
 		linear_forward(y, x, w, n, in, out);
 		return;
@@ -426,8 +434,15 @@ static void skinny_linear(float *y, const float *x, const float *w, int n, int i
 }
 
 /* the same on the calling thread only (a task of a parallel region) */
-static void skinny_linear_serial(float *y, const float *x, const float *w, int n, int in, int out)
+static void skinny_linear_serial(const struct moe_model *m, float *y, const float *x, const float *w, int n,
+				 int in, int out)
 {
+	struct qmat q = quant_find(m, w, in);
+
+	if (q.q) {
+		qlinear_forward_serial(y, out, x, in, q, n, in, out);
+		return;
+	}
 	if (n > SKINNY_ROWS) {
 		linear_fwd(y, x, w, n, in, out, LIN_SERIAL);
 		return;
@@ -438,18 +453,18 @@ static void skinny_linear_serial(float *y, const float *x, const float *w, int n
 }
 
 /* the dense SwiGLU MLP of a decode step */
-static void skinny_mlp(struct decode_scratch *s, float *y, const float *x, const float *wg, const float *wu,
-		       const float *wd, int n, int C, int inter)
+static void skinny_mlp(const struct moe_model *m, struct decode_scratch *s, float *y, const float *x,
+		       const float *wg, const float *wu, const float *wd, int n, int C, int inter)
 {
 	if (n > SKINNY_ROWS) {
 		struct mlp_acts ma = { s->g, s->u, s->a };
-		mlp_forward(&ma, y, x, wg, wu, wd, n, C, inter);
+		mlp_forward(m, &ma, y, x, wg, wu, wd, n, C, inter);
 		return;
 	}
-	skinny_linear(s->g, x, wg, n, C, inter);
-	skinny_linear(s->u, x, wu, n, C, inter);
+	skinny_linear(m, s->g, x, wg, n, C, inter);
+	skinny_linear(m, s->u, x, wu, n, C, inter);
 	swiglu_forward(s->a, s->g, s->u, (size_t)n * inter);
-	skinny_linear(y, s->a, wd, n, inter, C);
+	skinny_linear(m, y, s->a, wd, n, inter, C);
 }
 
 /* ---------------------------------------------------------------- attention */
@@ -458,8 +473,9 @@ static void skinny_mlp(struct decode_scratch *s, float *y, const float *x, const
  * Latent queries of the n tokens, one product per head over all tokens:
  * ql[i, h] = (W_UK_h^T q_nope[i, h] | q_pe[i, h]) * mc_softmax_scale, the softmax scale folded in.
  */
-static void latent_queries(const struct model_config *c, const float *wkv_b, const float *q, float *ql, int n)
+static void latent_queries(const struct moe_model *m, const float *wkv_b, const float *q, float *ql, int n)
 {
+	const struct model_config *c = &m->cfg;
 	int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
 	int dv = c->v_head_dim, Rkv = c->kv_lora_rank, dq = dn + dr, Dl = Rkv + dr;
 	float scale = mc_softmax_scale(c);
@@ -468,7 +484,10 @@ static void latent_queries(const struct model_config *c, const float *wkv_b, con
 	for (int h = 0; h < H; h++) {
 		float *qh = ql + (size_t)h * Dl;
 		const float *wuk = wkv_b + (size_t)h * (dn + dv) * Rkv;
-		if (n > 0)
+		struct qmat quk = quant_find(m, wuk, Rkv);
+		if (quk.q)
+			qlinear_t_serial(qh, H * Dl, q + (size_t)h * dq, H * dq, quk, n, dn, Rkv, scale);
+		else if (n > 0)
 			cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, Rkv, dn, scale,
 				    q + (size_t)h * dq, H * dq, wuk, Rkv, 0.0f, qh, H * Dl);
 		for (int i = 0; i < n; i++) {
@@ -534,15 +553,19 @@ static int attn_plan(struct attn_task *t, const int *slots, const int *positions
 }
 
 /* att[i, h] = W_UV_h ol[i, h], one product per head over all tokens */
-static void latent_outputs(const struct model_config *c, const float *wkv_b, const float *ol, float *att,
-			   int n)
+static void latent_outputs(const struct moe_model *m, const float *wkv_b, const float *ol, float *att, int n)
 {
+	const struct model_config *c = &m->cfg;
 	int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dv = c->v_head_dim, Rkv = c->kv_lora_rank;
 
 #pragma omp parallel for schedule(static)
 	for (int h = 0; h < H; h++) {
 		const float *wuv = wkv_b + ((size_t)h * (dn + dv) + dn) * Rkv;
-		if (n > 0)
+		struct qmat quv = quant_find(m, wuv, Rkv);
+		if (quv.q)
+			qlinear_forward_serial(att + (size_t)h * dv, H * dv, ol + (size_t)h * Rkv, H * Rkv, quv, n, Rkv,
+					       dv);
+		else if (n > 0)
 			cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, dv, Rkv, 1.0f,
 				    ol + (size_t)h * Rkv, H * Rkv, wuv, Rkv, 0.0f, att + (size_t)h * dv,
 				    H * dv);
@@ -550,16 +573,17 @@ static void latent_outputs(const struct model_config *c, const float *wkv_b, con
 }
 
 /* Absorbed attention of the n tokens of one layer over the cache; att [n, H*dv]. */
-static void absorbed_attention(const struct model_config *c, const struct layer_weights *w,
+static void absorbed_attention(const struct moe_model *m, const struct layer_weights *w,
 			       const struct latent_cache *lc, int layer, struct decode_scratch *s,
 			       const int *slots, const int *positions, int n)
 {
+	const struct model_config *c = &m->cfg;
 	int H = c->num_attention_heads, Rkv = c->kv_lora_rank, dr = c->qk_rope_head_dim, Dl = Rkv + dr;
 	const float *kv_l = lc->kv + (size_t)layer * lc->n_slots * lc->max_len * Dl;
 	size_t buf_len = s->attn_len;
 	int nt = attn_plan(s->attn_tasks, slots, positions, n, H);
 
-	latent_queries(c, w->kv_b_proj, s->q, s->ql, n);
+	latent_queries(m, w->kv_b_proj, s->q, s->ql, n);
 #pragma omp parallel for schedule(dynamic, 1)
 	for (int t = 0; t < nt; t++) {
 		const struct attn_task *a = &s->attn_tasks[t];
@@ -568,7 +592,7 @@ static void absorbed_attention(const struct model_config *c, const struct layer_
 			    s->attn_buf + buf_len * omp_get_thread_num(), positions + a->i0, H, a->r0, a->rows,
 			    Rkv, dr);
 	}
-	latent_outputs(c, w->kv_b_proj, s->ol, s->att, n);
+	latent_outputs(m, w->kv_b_proj, s->ol, s->att, n);
 }
 
 /*
@@ -576,10 +600,12 @@ static void absorbed_attention(const struct model_config *c, const struct layer_
  * kv_b_proj into kv [P, H * (qk_nope + v)] (head h: k_nope then v), then per head
  * softmax(scale * (q_nope . k_nope + q_pe . k_pe)) over the positions, times v.  One token per task.
  */
-static void naive_attention(const struct model_config *c, const struct layer_weights *w,
+static void naive_attention(const struct moe_model *m, const struct layer_weights *w,
 			    const struct latent_cache *lc, int layer, struct decode_scratch *s,
 			    const int *slots, const int *positions, int n)
 {
+	const struct model_config *c = &m->cfg;
+	struct qmat qkv = quant_find(m, w->kv_b_proj, c->kv_lora_rank);
 	int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
 	int dv = c->v_head_dim, Rkv = c->kv_lora_rank, Dl = Rkv + dr, dq = dn + dr, hw = dn + dv;
 	const float *kv_l = lc->kv + (size_t)layer * lc->n_slots * lc->max_len * Dl;
@@ -590,8 +616,11 @@ static void naive_attention(const struct model_config *c, const struct layer_wei
 		const float *lat = kv_l + (size_t)slots[i] * lc->max_len * Dl;
 		float *p = s->attn_buf + s->attn_len * omp_get_thread_num(), *kv = p + lc->max_len;
 		int P = positions[i] + 1;
-		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, P, H * hw, Rkv, 1.0f, lat, Dl,
-			    w->kv_b_proj, Rkv, 0.0f, kv, H * hw);
+		if (qkv.q)
+			qlinear_forward_serial(kv, H * hw, lat, Dl, qkv, P, Rkv, H * hw);
+		else
+			cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, P, H * hw, Rkv, 1.0f, lat, Dl,
+				    w->kv_b_proj, Rkv, 0.0f, kv, H * hw);
 		for (int h = 0; h < H; h++) {
 			const float *q = s->q + ((size_t)i * H + h) * dq;
 			float *o = s->att + ((size_t)i * H + h) * dv, mx = -INFINITY;
@@ -639,14 +668,14 @@ static void attention_block(const struct moe_model *m, struct latent_cache *lc, 
 	mc_rope_freqs(c, &rf);
 	rmsnorm_forward(s->ln, s->rstd, s->x, w->input_layernorm, n, C, eps);
 	if (Rq > 0) {
-		skinny_linear(s->qa, s->ln, w->q_a_proj, n, C, Rq);
+		skinny_linear(m, s->qa, s->ln, w->q_a_proj, n, C, Rq);
 		rmsnorm_forward(s->qa_n, s->rstd, s->qa, w->q_a_layernorm, n, Rq, eps);
-		skinny_linear(s->q, s->qa_n, w->q_b_proj, n, Rq, H * dq);
+		skinny_linear(m, s->q, s->qa_n, w->q_b_proj, n, Rq, H * dq);
 	} else {
-		skinny_linear(s->q, s->ln, w->q_proj, n, C, H * dq);
+		skinny_linear(m, s->q, s->ln, w->q_proj, n, C, H * dq);
 	}
 	rope_forward(s->q + dn, positions, n, H, H * dq, dq, dr, rf.inv_freq, rf.attention_factor);
-	skinny_linear(s->kva, s->ln, w->kv_a_proj_with_mqa, n, C, Dkva);
+	skinny_linear(m, s->kva, s->ln, w->kv_a_proj_with_mqa, n, C, Dkva);
 	for (int i = 0; i < n; i++)
 		memcpy(s->ckv + (size_t)i * Rkv, s->kva + (size_t)i * Dkva, sizeof(float) * Rkv);
 	rope_forward(s->kva + Rkv, positions, n, 1, Dkva, 0, dr, rf.inv_freq, rf.attention_factor);
@@ -658,10 +687,10 @@ static void attention_block(const struct moe_model *m, struct latent_cache *lc, 
 		memcpy(row + Rkv, s->kva + (size_t)i * Dkva + Rkv, sizeof(float) * dr);
 	}
 	if (lc->naive_attention)
-		naive_attention(c, w, lc, l, s, slots, positions, n);
+		naive_attention(m, w, lc, l, s, slots, positions, n);
 	else
-		absorbed_attention(c, w, lc, l, s, slots, positions, n);
-	skinny_linear(s->mid, s->att, w->o_proj, n, H * dv, C);
+		absorbed_attention(m, w, lc, l, s, slots, positions, n);
+	skinny_linear(m, s->mid, s->att, w->o_proj, n, H * dv, C);
 	vec_add(s->mid, s->x, (size_t)n * C);
 }
 
@@ -679,13 +708,13 @@ static int moe_fail(const struct moe_model *m, const char *what)
 }
 
 /* SwiGLU MLP of `rows` rows, single-threaded (a task of the expert region) */
-static void mlp_serial(float *y, const float *x, float *g, float *u, float *a, const float *wg,
-		       const float *wu, const float *wd, int rows, int C, int inter)
+static void mlp_serial(const struct moe_model *m, float *y, const float *x, float *g, float *u, float *a,
+		       const float *wg, const float *wu, const float *wd, int rows, int C, int inter)
 {
-	skinny_linear_serial(g, x, wg, rows, C, inter);
-	skinny_linear_serial(u, x, wu, rows, C, inter);
+	skinny_linear_serial(m, g, x, wg, rows, C, inter);
+	skinny_linear_serial(m, u, x, wu, rows, C, inter);
 	swiglu_forward(a, g, u, (size_t)rows * inter);
-	skinny_linear_serial(y, a, wd, rows, inter, C);
+	skinny_linear_serial(m, y, a, wd, rows, inter, C);
 }
 
 /* the shared experts over the n tokens (out = shared(x)) and each local expert over its rows */
@@ -706,12 +735,12 @@ static void run_experts(const struct moe_model *m, const struct layer_weights *w
 	for (int t = 0; t < nt; t++) {
 		int e = s->tasks[t];
 		if (e < 0) {
-			mlp_serial(out, x, s->g, s->u, s->a, w->shared_gate_proj, w->shared_up_proj,
+			mlp_serial(m, out, x, s->g, s->u, s->a, w->shared_gate_proj, w->shared_up_proj,
 				   w->shared_down_proj, n, C, Is);
 			continue;
 		}
 		size_t wo = (size_t)e * Im * C, r0 = (size_t)off[e];
-		mlp_serial(s->yr + r0 * C, s->xr + r0 * C, s->eg + r0 * Im, s->eu + r0 * Im, s->ea + r0 * Im,
+		mlp_serial(m, s->yr + r0 * C, s->xr + r0 * C, s->eg + r0 * Im, s->eu + r0 * Im, s->ea + r0 * Im,
 			   w->experts_gate_proj + wo, w->experts_up_proj + wo, w->experts_down_proj + wo,
 			   off[e + 1] - off[e], C, Im);
 	}
@@ -755,7 +784,7 @@ static int moe_decode(const struct moe_model *m, struct latent_cache *lc, int l,
 	int C = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok;
 	struct router_params rp = moe_router_params(c);
 
-	skinny_linear(s->rlogits, x, w->gate, n, C, E);
+	skinny_linear(m, s->rlogits, x, w->gate, n, C, E);
 	router_forward(s->rscores, s->topk_idx, s->topk_w, s->rlogits, w->e_score_correction_bias, &rp, n);
 	record_routes(lc, l, s->topk_idx, slots, positions, n, K);
 
@@ -800,7 +829,7 @@ int decode_step(struct moe_model *m, struct latent_cache *lc, const int *tokens,
 			if (moe_decode(m, lc, l, slots, positions, s->out, s->ln, n))
 				return -1;  /* not reached: the buffers were sized before the step */
 		} else {
-			skinny_mlp(s, s->out, s->ln, w->mlp_gate_proj, w->mlp_up_proj, w->mlp_down_proj, n, C,
+			skinny_mlp(m, s, s->out, s->ln, w->mlp_gate_proj, w->mlp_up_proj, w->mlp_down_proj, n, C,
 				   c->intermediate_size);
 		}
 		for (size_t k = 0; k < NC; k++)
@@ -809,7 +838,7 @@ int decode_step(struct moe_model *m, struct latent_cache *lc, const int *tokens,
 	memcpy(lc->len, s->new_len, sizeof(int) * (size_t)lc->n_slots);
 	if (logits && n > 0) {
 		rmsnorm_forward(s->ln, s->rstd, s->x, m->w.norm, n, C, eps);
-		skinny_linear(logits, s->ln, m->w.lm_head, n, C, c->vocab_size);
+		skinny_linear(m, logits, s->ln, m->w.lm_head, n, C, c->vocab_size);
 	}
 	return 0;
 }

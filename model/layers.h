@@ -101,14 +101,15 @@ void model_acts_free(struct moe_model *m);   /* m->acts, then NULL */
  * The layer backwards (mla_backward, mlp_backward, moe_backward) WRITE dx: they do not accumulate into it.
  * Weight gradients accumulate.
  */
-void mla_forward(const struct model_config *c, const struct layer_weights *w, struct mla_acts *a,
+/* The forwards read m's int8 weights when it has them (m->quant, model/quant.h). */
+void mla_forward(const struct moe_model *m, const struct layer_weights *w, struct mla_acts *a,
 		 float *out, const float *x, const int *pos, int B, int T);
 void mla_backward(const struct model_config *c, const struct layer_weights *w,
 		  const struct layer_weights *g, const struct mla_acts *a, struct grad_scratch *s,
 		  float *dx, const float *dout, const float *x, const int *pos, int B, int T);
 
-void mlp_forward(struct mlp_acts *a, float *y, const float *x, const float *wg, const float *wu,
-		 const float *wd, int rows, int C, int I);
+void mlp_forward(const struct moe_model *m, struct mlp_acts *a, float *y, const float *x, const float *wg,
+		 const float *wu, const float *wd, int rows, int C, int I);
 void mlp_backward(float *dx, float *dwg, float *dwu, float *dwd, float *dg, float *du,
 		  const float *dy, const float *x, const struct mlp_acts *a, const float *wg,
 		  const float *wu, const float *wd, int rows, int C, int I);

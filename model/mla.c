@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "model/layers.h"
+#include "model/quant.h"
 #include "model/rope.h"
 
 struct mla_dims {
@@ -43,9 +44,10 @@ static void assemble_kv(const struct mla_dims *d, float *k, float *v, const floa
 	}
 }
 
-void mla_forward(const struct model_config *c, const struct layer_weights *w, struct mla_acts *a,
+void mla_forward(const struct moe_model *m, const struct layer_weights *w, struct mla_acts *a,
 		 float *out, const float *x, const int *pos, int B, int T)
 {
+	const struct model_config *c = &m->cfg;
 	struct mla_dims d = mla_dims(c, B * T);
 	float eps = (float)c->rms_norm_eps;
 	int N = d.N, Dkva = d.Rkv + d.dr;
@@ -53,24 +55,24 @@ void mla_forward(const struct model_config *c, const struct layer_weights *w, st
 
 	mc_rope_freqs(c, &rf);
 	if (d.Rq > 0) {
-		linear_forward(a->qa, x, w->q_a_proj, N, d.C, d.Rq);
+		model_linear(m, a->qa, x, w->q_a_proj, N, d.C, d.Rq, 0);
 		rmsnorm_forward(a->qa_n, a->qa_rstd, a->qa, w->q_a_layernorm, N, d.Rq, eps);
-		linear_forward(a->q, a->qa_n, w->q_b_proj, N, d.Rq, d.H * d.dq);
+		model_linear(m, a->q, a->qa_n, w->q_b_proj, N, d.Rq, d.H * d.dq, 0);
 	} else {
-		linear_forward(a->q, x, w->q_proj, N, d.C, d.H * d.dq);
+		model_linear(m, a->q, x, w->q_proj, N, d.C, d.H * d.dq, 0);
 	}
 	rope_forward(a->q + d.dn, pos, N, d.H, d.H * d.dq, d.dq, d.dr, rf.inv_freq, rf.attention_factor);
 
-	linear_forward(a->kva, x, w->kv_a_proj_with_mqa, N, d.C, Dkva);
+	model_linear(m, a->kva, x, w->kv_a_proj_with_mqa, N, d.C, Dkva, 0);
 	for (int n = 0; n < N; n++)
 		memcpy(a->ckv + (size_t)n * d.Rkv, a->kva + (size_t)n * Dkva, sizeof(float) * d.Rkv);
 	rope_forward(a->kva + d.Rkv, pos, N, 1, Dkva, 0, d.dr, rf.inv_freq, rf.attention_factor);  /* k_pe */
 	rmsnorm_forward(a->ckv_n, a->ckv_rstd, a->ckv, w->kv_a_layernorm, N, d.Rkv, eps);
-	linear_forward(a->kv, a->ckv_n, w->kv_b_proj, N, d.Rkv, d.H * (d.dn + d.dv));
+	model_linear(m, a->kv, a->ckv_n, w->kv_b_proj, N, d.Rkv, d.H * (d.dn + d.dv), 0);
 	assemble_kv(&d, a->k, a->v, a->kv, a->kva);
 
 	attention_forward(a->att, a->lse, a->q, a->k, a->v, B, T, d.H, d.dq, d.dv, mc_softmax_scale(c));
-	linear_forward(out, a->att, w->o_proj, N, d.H * d.dv, d.C);
+	model_linear(m, out, a->att, w->o_proj, N, d.H * d.dv, d.C, 0);
 }
 
 /* the transpose of assemble_kv: dkv from dk (nope part) and dv; dk_pe, summed over the heads, written to

@@ -14,6 +14,7 @@
 #include "launch/rng.h"
 #include "model/layers.h"
 #include "model/ops.h"
+#include "model/quant.h"
 
 /* ---------------------------------------------------------------- parameter table */
 
@@ -265,6 +266,7 @@ void model_free(struct moe_model *m)
 	if (!m)
 		return;
 	model_acts_free(m);
+	quant_free(m->quant);
 	free(m->params);
 	free(m->weights);
 	free(m->grads);
@@ -572,7 +574,7 @@ float model_forward(struct moe_model *m, const int *inputs, const int *targets, 
 		float *next = a->resid + (size_t)(l + 1) * N * C;
 
 		rmsnorm_forward(la->ln1, la->ln1_rstd, x, w->input_layernorm, N, C, eps);
-		mla_forward(c, w, &la->mla, mid, la->ln1, a->pos, B, T);
+		mla_forward(m, w, &la->mla, mid, la->ln1, a->pos, B, T);
 		vec_add(mid, x, (size_t)N * C);
 		rmsnorm_forward(la->ln2, la->ln2_rstd, mid, w->post_attention_layernorm, N, C, eps);
 		la->moe.replay = m->route_replay ?
@@ -581,7 +583,7 @@ float model_forward(struct moe_model *m, const int *inputs, const int *targets, 
 			aux += moe_forward(m, w, &la->moe, next, la->ln2, B, T,
 					   m->expert_load + (size_t)l * c->n_routed_experts);
 		else
-			mlp_forward(&la->mlp, next, la->ln2, w->mlp_gate_proj, w->mlp_up_proj, w->mlp_down_proj,
+			mlp_forward(m, &la->mlp, next, la->ln2, w->mlp_gate_proj, w->mlp_up_proj, w->mlp_down_proj,
 				    N, C, c->intermediate_size);
 		vec_add(next, mid, (size_t)N * C);
 	}

@@ -74,6 +74,7 @@ struct model_weights {
 };
 
 struct model_acts;                 /* activation buffers, private to model.c */
+struct model_quant;                /* int8 copies of the linear weights (model/quant.h) */
 
 struct moe_model {
 	struct model_config cfg;
@@ -87,6 +88,11 @@ struct moe_model {
 	struct model_weights w;        /* views into weights */
 	struct model_weights g;        /* views into grads (same layout) */
 	struct model_acts *acts;       /* sized for the last (B, T) seen */
+	/*
+	 * NULL, or the int8 copy of the linear weights (model/quant.h) that every CPU forward then reads in
+	 * their place (the backward still uses the fp32 weights: attach it for inference only).
+	 */
+	struct model_quant *quant;
 	/*
 	 * Options of the loss (GRPO sets them; all off after model_create).  token_weights [B*T]: the loss
 	 * is sum_n w[n] * CE_n over the targets instead of their mean; model_forward's value uses the

@@ -10,21 +10,22 @@
 #include <string.h>
 
 #include "model/layers.h"
+#include "model/quant.h"
 
 /* flags: LIN_SERIAL inside the tasks of the MoE regions */
-static void mlp_fwd(struct mlp_acts *a, float *y, const float *x, const float *wg, const float *wu,
-		    const float *wd, int rows, int C, int I, int flags)
+static void mlp_fwd(const struct moe_model *m, struct mlp_acts *a, float *y, const float *x, const float *wg,
+		    const float *wu, const float *wd, int rows, int C, int I, int flags)
 {
-	linear_fwd(a->g, x, wg, rows, C, I, flags);
-	linear_fwd(a->u, x, wu, rows, C, I, flags);
+	model_linear(m, a->g, x, wg, rows, C, I, flags);
+	model_linear(m, a->u, x, wu, rows, C, I, flags);
 	swiglu_forward(a->a, a->g, a->u, (size_t)rows * I);
-	linear_fwd(y, a->a, wd, rows, I, C, flags);
+	model_linear(m, y, a->a, wd, rows, I, C, flags);
 }
 
-void mlp_forward(struct mlp_acts *a, float *y, const float *x, const float *wg, const float *wu,
-		 const float *wd, int rows, int C, int I)
+void mlp_forward(const struct moe_model *m, struct mlp_acts *a, float *y, const float *x, const float *wg,
+		 const float *wu, const float *wd, int rows, int C, int I)
 {
-	mlp_fwd(a, y, x, wg, wu, wd, rows, C, I, 0);
+	mlp_fwd(m, a, y, x, wg, wu, wd, rows, C, I, 0);
 }
 
 /* dx is written (LIN_SET_DX in flags) or accumulated into; dg, du: [rows, I] scratch */
@@ -139,10 +140,10 @@ static void combine_rows(float *out, const float *rows, const int *row, const fl
 }
 
 /* the shared experts over all N tokens, as one task of the expert region */
-static void shared_fwd(const struct layer_weights *w, struct moe_acts *a, float *out, const float *x, int N,
-		       int C, int Is)
+static void shared_fwd(const struct moe_model *m, const struct layer_weights *w, struct moe_acts *a,
+		       float *out, const float *x, int N, int C, int Is)
 {
-	mlp_fwd(&a->shared, out, x, w->shared_gate_proj, w->shared_up_proj, w->shared_down_proj, N, C, Is,
+	mlp_fwd(m, &a->shared, out, x, w->shared_gate_proj, w->shared_up_proj, w->shared_down_proj, N, C, Is,
 		LIN_SERIAL);
 }
 
@@ -155,12 +156,12 @@ static void shared_bwd(const struct layer_weights *w, const struct layer_weights
 }
 
 /* local expert e over its n rows starting at r0: forward, and backward writing dx_rows */
-static void expert_fwd(const struct layer_weights *w, int e, int r0, int n, const float *x_rows, float *y_rows,
-		       const struct mlp_acts *acts, int C, int Im)
+static void expert_fwd(const struct moe_model *m, const struct layer_weights *w, int e, int r0, int n,
+		       const float *x_rows, float *y_rows, const struct mlp_acts *acts, int C, int Im)
 {
 	size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
 	struct mlp_acts ea = { acts->g + ro, acts->u + ro, acts->a + ro };
-	mlp_fwd(&ea, y_rows + (size_t)r0 * C, x_rows + (size_t)r0 * C, w->experts_gate_proj + wo,
+	mlp_fwd(m, &ea, y_rows + (size_t)r0 * C, x_rows + (size_t)r0 * C, w->experts_gate_proj + wo,
 		w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im, LIN_SERIAL);
 }
 
@@ -260,11 +261,11 @@ static void moe_forward_ep(const struct moe_model *m, const struct layer_weights
 	for (int t = 0; t < a->n_tasks; t++) {
 		int e = a->tasks[t];
 		if (e < 0) {  /* the shared expert writes out */
-			shared_fwd(w, a, out, x, N, C, Is);
+			shared_fwd(m, w, a, out, x, N, C, Is);
 			continue;
 		}
 		int r0 = a->offsets[e];
-		expert_fwd(w, e, r0, a->offsets[e + 1] - r0, a->xr, a->yr, &a->er, C, Im);
+		expert_fwd(m, w, e, r0, a->offsets[e + 1] - r0, a->xr, a->yr, &a->er, C, Im);
 	}
 	if (dispatch_from_experts(d, a->yr, a->ye, C))
 		moe_fail("expert combine: the all-to-all failed");
@@ -338,13 +339,13 @@ float moe_forward(const struct moe_model *m, const struct layer_weights *w, stru
 	for (int t = 0; t < a->n_tasks; t++) {
 		int e = a->tasks[t];
 		if (e < 0) {  /* the shared expert writes out */
-			shared_fwd(w, a, out, x, N, C, Is);
+			shared_fwd(m, w, a, out, x, N, C, Is);
 			continue;
 		}
 		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
 		for (int r = r0; r < r0 + n; r++)
 			memcpy(a->xe + (size_t)r * C, x + (size_t)(a->row_pair[r] / K) * C, sizeof(float) * C);
-		expert_fwd(w, e, r0, n, a->xe, a->ye, &a->e, C, Im);
+		expert_fwd(m, w, e, r0, n, a->xe, a->ye, &a->e, C, Im);
 	}
 
 	/* out = shared(x) + sum_k w_k expert_k(x), slots added in order */

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "launch/rng.h"
+#include "model/quant.h"
 #include "model/vmath.h"
 #include "rl/generate.h"
 

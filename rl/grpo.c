@@ -24,6 +24,7 @@
 #include "launch/rng.h"
 #include "model/decode.h"
 #include "model/model.h"
+#include "model/quant.h"
 #include "rl/generate.h"
 #include "rl/prompts.h"
 #include "rl/reward.h"
@@ -39,9 +40,14 @@ struct grpo {
 	int **prompt_ids, *prompt_len;/* [ps.n] the prompts' tokens */
 	struct tokenizer *tok;
 	int eos;
-	struct reward_proc *rproc;
+	int R;                        /* reward programs: grpo.rewards, or the one grpo.reward_cmd */
+	struct reward_proc *rproc[CFG_MAX_REWARDS];
+	const char *rname[CFG_MAX_REWARDS];
+	double rweight[CFG_MAX_REWARDS];
 	struct grpo_loss_params lp;
 	enum grpo_scale scale;
+	enum grpo_reward_norm norm;
+	struct model_quant *rollout_q;/* grpo.rollout_weights=int8: what sampling reads, refreshed each step */
 	enum grpo_loss_type loss_type;
 	int P, G, W, mb, ga, nmb, M;  /* prompts, group, ranks, micro-batch, accumulation, minibatches, M */
 	int n_local;                  /* completions of this rank per step: nmb * mb * ga */
@@ -53,7 +59,8 @@ struct grpo {
 	int *tokens, *len;            /* [n_local][max_new], [n_local] */
 	float *old_logp, *ref_logp;   /* [n_local][max_new] */
 	int *routes;                  /* [n_local][L][max_prompt + max_new][K] (routing replay) */
-	double *reward;               /* [P*G] every rank's, global order */
+	double *reward;               /* [P*G] the weighted total, every rank's, global order */
+	double *rewards;              /* [R][P*G] each program's, every rank's, global order */
 	int *glen, *gtrunc;           /* [P*G] */
 	float *adv;                   /* [P*G] */
 	double *coef;                 /* [P*G] */
@@ -135,6 +142,7 @@ static int check_layout(struct grpo *g, int eval)
 	g->lp.beta = (float)c->grpo.beta;
 	g->lp.sequence_ratio = c->grpo.sequence_ratio;
 	g->scale = grpo_scale_from_name(c->grpo.scale_rewards);
+	g->norm = grpo_reward_norm_from_name(c->grpo.reward_norm);
 	g->loss_type = grpo_loss_type_from_name(c->grpo.loss_type);
 	return 0;
 }
@@ -252,18 +260,50 @@ static int check_reference(struct grpo *g)
 	return 0;
 }
 
+/* Starts one program: argv of argc strings; key names it in messages (the config key). */
+static int start_program(struct grpo *g, const char *key, const char *name, const char (*cmd)[CFG_STR],
+			 int argc, double timeout_s)
+{
+	char err[1024], *argv[CFG_MAX_ARGV + 1];
+	struct reward_proc *p;
+
+	for (int i = 0; i < argc; i++)
+		argv[i] = (char *)cmd[i];
+	argv[argc] = NULL;
+	p = reward_start(argv, argc, timeout_s, err, sizeof(err));
+	if (!p)
+		FAIL("%s: %s", key, err);
+	if (name)
+		reward_set_name(p, name);
+	g->rproc[g->R++] = p;
+	return 0;
+}
+
+/* grpo.rewards, every program started once and kept running; or grpo.reward_cmd, one of weight 1. */
 static int start_reward(struct grpo *g)
 {
 	const struct grpo_config *gc = &g->t.cfg.grpo;
-	char err[1024], *argv[CFG_MAX_ARGV + 1];
-	if (gc->reward_cmd_argc <= 0)
-		FAIL("grpo.reward_cmd: no reward program given (an argv list, e.g. [\"python3\", \"reward.py\"])");
-	for (int i = 0; i < gc->reward_cmd_argc; i++)
-		argv[i] = (char *)gc->reward_cmd[i];
-	argv[gc->reward_cmd_argc] = NULL;
-	g->rproc = reward_start(argv, gc->reward_cmd_argc, gc->reward_timeout_s, err, sizeof(err));
-	if (!g->rproc)
-		FAIL("grpo.reward_cmd: %s", err);
+	char key[64];
+
+	if (gc->n_rewards == 0) {
+		if (gc->reward_cmd_argc <= 0)
+			FAIL("grpo.reward_cmd: no reward program given (an argv list, e.g. [\"python3\", "
+			     "\"reward.py\"]; or grpo.rewards, a list of {\"name\", \"cmd\", \"weight\"})");
+		g->rname[0] = "reward_cmd";
+		g->rweight[0] = 1.0;
+		return start_program(g, "grpo.reward_cmd", NULL, gc->reward_cmd, gc->reward_cmd_argc,
+				     gc->reward_timeout_s);
+	}
+	for (int k = 0; k < gc->n_rewards; k++) {
+		const struct reward_config *r = &gc->rewards[k];
+
+		snprintf(key, sizeof(key), "grpo.rewards[%d]", k);
+		g->rname[k] = r->name;
+		g->rweight[k] = r->weight;
+		if (start_program(g, key, r->name, r->cmd, r->cmd_argc,
+				  r->timeout_s > 0 ? r->timeout_s : gc->reward_timeout_s))
+			return -1;
+	}
 	return 0;
 }
 
@@ -279,6 +319,7 @@ static int alloc_buffers(struct grpo *g)
 	g->old_logp = malloc(sizeof(float) * n * g->max_new);
 	g->ref_logp = malloc(sizeof(float) * n * g->max_new);
 	g->reward = malloc(sizeof(double) * PG);
+	g->rewards = malloc(sizeof(double) * PG * CFG_MAX_REWARDS);
 	g->glen = malloc(sizeof(int) * PG);
 	g->gtrunc = malloc(sizeof(int) * PG);
 	g->adv = malloc(sizeof(float) * PG);
@@ -294,8 +335,8 @@ static int alloc_buffers(struct grpo *g)
 			FAIL("out of memory for the routing replay (%zu MiB)",
 			     sizeof(int) * (n + g->mb) * L * T * K >> 20);
 	}
-	if (!g->tokens || !g->len || !g->old_logp || !g->ref_logp || !g->reward || !g->glen || !g->gtrunc ||
-	    !g->adv || !g->coef || !g->inputs || !g->targets || !g->weights || !g->dlogp)
+	if (!g->tokens || !g->len || !g->old_logp || !g->ref_logp || !g->reward || !g->rewards || !g->glen ||
+	    !g->gtrunc || !g->adv || !g->coef || !g->inputs || !g->targets || !g->weights || !g->dlogp)
 		FAIL("out of memory for the step's buffers");
 	return 0;
 }
@@ -326,12 +367,16 @@ static int setup(struct grpo *g, const struct run_config *cfg, const char *resum
 		return -1;
 	if (g->ref)
 		g->ref->logit_temperature = t->m->logit_temperature;
+	if (!strcmp(cfg->grpo.rollout_weights, "int8") && !(g->rollout_q = quant_create(t->m)))
+		FAIL("out of memory for the int8 rollout weights (grpo.rollout_weights)");
 	return start_reward(g);
 }
 
 static void teardown(struct grpo *g)
 {
-	reward_stop(g->rproc);
+	for (int k = 0; k < g->R; k++)
+		reward_stop(g->rproc[k]);
+	quant_free(g->rollout_q);
 	for (int i = 0; g->prompt_ids && i < g->ps.n; i++)
 		free(g->prompt_ids[i]);
 	free(g->prompt_ids);
@@ -346,6 +391,7 @@ static void teardown(struct grpo *g)
 	free(g->ref_logp);
 	free(g->routes);
 	free(g->reward);
+	free(g->rewards);
 	free(g->glen);
 	free(g->gtrunc);
 	free(g->adv);
@@ -364,6 +410,8 @@ struct step_stats {
 	double sample_s, reward_s, train_s;
 	long gen_tokens, train_tokens;    /* global */
 	double reward_mean, reward_std;
+	double logp_mismatch, logp_mismatch_max;  /* |sampling - training logp| per token (int8 rollouts) */
+	double prog_mean[CFG_MAX_REWARDS], prog_std[CFG_MAX_REWARDS];  /* each program's */
 	int zero_std_groups, len_min, len_max, truncated;
 	double len_mean;
 	struct grpo_stats ls;             /* global, summed over the updates */
@@ -401,6 +449,25 @@ static void copy_routes(struct grpo *g, const struct latent_cache *c, const int 
 	}
 }
 
+/*
+ * generate_cached with the rollout weights: the policy's fp32 weights, or (grpo.rollout_weights=int8)
+ * their int8 copy, re-quantised from the weights as they are now and attached only while sampling.
+ */
+static int rollout_generate(struct grpo *g, struct latent_cache *cache, const int **prompts, const int *lens,
+			    int n, const struct sample_params *sp, const uint64_t *seeds)
+{
+	struct moe_model *m = g->t.m;
+	int rc;
+
+	if (g->rollout_q) {
+		quant_update(g->rollout_q, m);
+		m->quant = g->rollout_q;
+	}
+	rc = generate_cached(m, cache, prompts, lens, n, sp, seeds, g->tokens, g->len, g->old_logp);
+	m->quant = NULL;
+	return rc;
+}
+
 /* Sample this rank's completions with the policy as it is now; routes recorded for replay. */
 static int sample_completions(struct grpo *g, int64_t step, struct step_stats *ss)
 {
@@ -428,7 +495,7 @@ static int sample_completions(struct grpo *g, int64_t step, struct step_stats *s
 	sp.top_k = gc->top_k;
 	sp.max_new_tokens = g->max_new;
 	sp.eos_id = g->eos;
-	if (generate_cached(g->t.m, cache, prompts, lens, n, &sp, seeds, g->tokens, g->len, g->old_logp))
+	if (rollout_generate(g, cache, prompts, lens, n, &sp, seeds))
 		goto out;
 	if (g->routes)
 		copy_routes(g, cache, lens);
@@ -479,7 +546,8 @@ static char *completion_text(const struct grpo *g, int k)
 	return s;
 }
 
-/* Score this rank's completions; rewards[k].  On failure err names the record. */
+/* Score this rank's completions with every program at once: rewards[r * n_local + k].  On failure err
+ * names the program and the record. */
 static int score_completions(struct grpo *g, int64_t step, double *rewards, char *err, size_t errlen)
 {
 	int n = g->n_local, rc = -1;
@@ -500,7 +568,10 @@ static int score_completions(struct grpo *g, int64_t step, double *rewards, char
 		req[k].record = g->ps.record[p];
 		req[k].completion = texts[k];
 	}
-	rc = reward_score(g->rproc, req, n, rewards, err, errlen);
+	double *each[CFG_MAX_REWARDS];
+	for (int r = 0; r < g->R; r++)
+		each[r] = rewards + (size_t)r * n;
+	rc = reward_score_all(g->rproc, g->R, req, n, each, err, errlen);
 out:
 	for (int k = 0; texts && k < n; k++)
 		free(texts[k]);
@@ -509,12 +580,12 @@ out:
 	return rc;
 }
 
-/* Every rank's rewards, lengths and truncation flags in global order. */
+/* Every rank's rewards (local [R][n_local] each), lengths and truncation flags in global order. */
 static void gather_completions(struct grpo *g, const double *local_reward)
 {
-	int n = g->n_local, W = g->W;
-	size_t all = (size_t)W * n;
-	double *r = malloc(sizeof(double) * all);
+	int n = g->n_local, W = g->W, R = g->R;
+	size_t all = (size_t)W * n, PG = (size_t)g->P * g->G, per = (size_t)R * n;
+	double *r = malloc(sizeof(double) * all * R);
 	int *li = malloc(sizeof(int) * 2 * all), *mine = malloc(sizeof(int) * 2 * (size_t)n);
 	if (!r || !li || !mine)
 		comm_abort(1, "out of memory gathering the rewards");
@@ -524,18 +595,19 @@ static void gather_completions(struct grpo *g, const double *local_reward)
 		mine[2 * k + 1] = g->len[k] == g->max_new && o[g->len[k] - 1] != g->eos;
 	}
 	if (W > 1) {
-		if (comm_allgather(g->t.d->world_g, local_reward, r, (size_t)n, COMM_F64) ||
+		if (comm_allgather(g->t.d->world_g, local_reward, r, per, COMM_F64) ||
 		    comm_allgather(g->t.d->world_g, mine, li, 2 * (size_t)n, COMM_I32))
 			comm_abort(1, "all-gather of the rewards failed");
 	} else {
-		memcpy(r, local_reward, sizeof(double) * (size_t)n);
+		memcpy(r, local_reward, sizeof(double) * per);
 		memcpy(li, mine, sizeof(int) * 2 * (size_t)n);
 	}
 	for (int rank = 0; rank < W; rank++) {
 		for (int k = 0; k < n; k++) {
 			size_t at = (size_t)rank * n + k;
 			int j = local_to_global(g, rank, k);
-			g->reward[j] = r[at];
+			for (int p = 0; p < R; p++)
+				g->rewards[p * PG + j] = r[rank * per + (size_t)p * n + k];
 			g->glen[j] = li[2 * at];
 			g->gtrunc[j] = li[2 * at + 1];
 		}
@@ -545,6 +617,18 @@ static void gather_completions(struct grpo *g, const double *local_reward)
 	free(mine);
 }
 
+/* mean and unbiased std of n values */
+static void mean_std(const double *x, int n, double *mean, double *std)
+{
+	double s = 0, ss = 0;
+	for (int i = 0; i < n; i++)
+		s += x[i];
+	*mean = s / n;
+	for (int i = 0; i < n; i++)
+		ss += (x[i] - *mean) * (x[i] - *mean);
+	*std = n > 1 ? sqrt(ss / (n - 1)) : 0.0;
+}
+
 /* Advantages, loss weights and the step's reward and length statistics. */
 static void prepare_objective(struct grpo *g, struct step_stats *ss)
 {
@@ -552,24 +636,24 @@ static void prepare_objective(struct grpo *g, struct step_stats *ss)
 	int *mlen = malloc(sizeof(int) * (size_t)PG);
 	if (!mlen)
 		comm_abort(1, "out of memory");
-	ss->zero_std_groups = grpo_advantages(g->reward, g->P, g->G, g->scale, g->adv);
-	double s = 0, ss2 = 0;
+	ss->zero_std_groups = grpo_combined_advantages(g->rewards, g->rweight, g->R, g->P, g->G, g->scale,
+							g->norm, g->reward, g->adv);
+	if (ss->zero_std_groups < 0)
+		comm_abort(1, "out of memory for the advantages");
+	for (int r = 0; r < g->R; r++)
+		mean_std(g->rewards + (size_t)r * PG, PG, &ss->prog_mean[r], &ss->prog_std[r]);
 	ss->len_min = g->max_new;
 	ss->len_max = 0;
 	ss->truncated = 0;
 	ss->gen_tokens = 0;
 	for (int j = 0; j < PG; j++) {
-		s += g->reward[j];
 		ss->gen_tokens += g->glen[j];
 		ss->len_min = g->glen[j] < ss->len_min ? g->glen[j] : ss->len_min;
 		ss->len_max = g->glen[j] > ss->len_max ? g->glen[j] : ss->len_max;
 		ss->truncated += g->gtrunc[j];
 		mlen[j] = g->t.cfg.grpo.mask_truncated && g->gtrunc[j] ? 0 : g->glen[j];
 	}
-	ss->reward_mean = s / PG;
-	for (int j = 0; j < PG; j++)
-		ss2 += (g->reward[j] - ss->reward_mean) * (g->reward[j] - ss->reward_mean);
-	ss->reward_std = PG > 1 ? sqrt(ss2 / (PG - 1)) : 0.0;
+	mean_std(g->reward, PG, &ss->reward_mean, &ss->reward_std);
 	ss->len_mean = (double)ss->gen_tokens / PG;
 	for (int b = 0; b < g->nmb; b++)
 		grpo_sequence_coefs(g->loss_type, g->M, mlen + (size_t)b * g->M, g->mb, g->max_new,
@@ -628,6 +712,43 @@ static void reference_logps(struct grpo *g, int64_t step)
 	}
 }
 
+/*
+ * int8 rollouts: the sampling-time log-probabilities came from the int8 weights.  The ratio's old
+ * policy is the fp32 policy at sampling time, so they are recomputed here by the training forward
+ * (same routes as training: replayed when asked) before any update, and the step logs how far the
+ * sampler's were: mean and max of |logp_int8 - logp_fp32| over every completion token (all ranks).
+ */
+static void policy_logps(struct grpo *g, int64_t step, struct step_stats *ss)
+{
+	struct moe_model *m = g->t.m;
+	int plen[g->mb];
+	double v[2] = { 0, 0 }, mx = 0;
+
+	for (int k0 = 0; k0 < g->n_local; k0 += g->mb) {
+		int T = build_micro(g, step, k0, plen);
+		m->route_replay = g->replay;
+		trainer_forward(&g->t, g->inputs, g->targets, g->mb, T);
+		m->route_replay = NULL;
+		const float *ce = trainer_token_losses(&g->t);
+		for (int s = 0; s < g->mb; s++) {
+			float *old = g->old_logp + (size_t)(k0 + s) * g->max_new;
+			for (int i = 0; i < g->len[k0 + s]; i++) {
+				float lp = -ce[(size_t)s * T + plen[s] - 1 + i];
+				double d = fabs((double)old[i] - lp);
+				v[0] += d;
+				v[1] += 1;
+				mx = d > mx ? d : mx;
+				old[i] = lp;
+			}
+		}
+	}
+	if (g->W > 1 && (comm_allreduce(g->t.d->world_g, v, 2, COMM_F64, COMM_SUM) ||
+			 comm_allreduce(g->t.d->world_g, &mx, 1, COMM_F64, COMM_MAX)))
+		comm_abort(1, "all-reduce of the log-probability mismatch failed");
+	ss->logp_mismatch = v[1] > 0 ? v[0] / v[1] : 0.0;
+	ss->logp_mismatch_max = mx;
+}
+
 /* Forward and backward of one micro-batch; adds its statistics to st. */
 static void train_micro(struct grpo *g, int64_t step, int k0, struct grpo_stats *st, long *tokens)
 {
@@ -684,6 +805,8 @@ static void train_updates(struct grpo *g, int64_t step, struct step_stats *ss)
 	double t0 = trainer_now_s();
 	if (g->ref)
 		reference_logps(g, step);
+	if (g->rollout_q)
+		policy_logps(g, step, ss);
 	for (int it = 0; it < t->cfg.grpo.num_iterations; it++) {
 		for (int b = 0; b < g->nmb; b++, u++) {
 			struct grpo_stats st = { 0 };
@@ -722,7 +845,7 @@ static int grpo_step(struct grpo *g, struct step_stats *ss)
 	struct trainer *t = &g->t;
 	int64_t step = t->st.step;
 	char err[2048] = "";
-	double *local = malloc(sizeof(double) * (size_t)g->n_local);
+	double *local = malloc(sizeof(double) * (size_t)g->n_local * g->R);
 	memset(ss, 0, sizeof(*ss));
 	comm_reset_seconds();
 
@@ -752,6 +875,14 @@ static int grpo_step(struct grpo *g, struct step_stats *ss)
 	return 0;
 }
 
+/* "reward/<name>": mean, "reward_std/<name>": std, of each program (the names need no escaping). */
+static void write_program_rewards(const struct grpo *g, FILE *f, const double *mean, const double *std)
+{
+	for (int r = 0; r < g->R; r++)
+		fprintf(f, "\"reward/%s\": %.6g, \"reward_std/%s\": %.6g, ", g->rname[r], mean[r], g->rname[r],
+			std[r]);
+}
+
 static void log_metrics(struct grpo *g, const struct step_stats *ss)
 {
 	struct trainer *t = &g->t;
@@ -774,6 +905,10 @@ static void log_metrics(struct grpo *g, const struct step_stats *ss)
 			clip_low + clip_high, clip_low, clip_high, ls->tokens > 0 ? ls->ratio / ntok : 1.0, ss->len_mean, ss->len_min,
 			ss->len_max, (double)ss->truncated / PG, sample_tps, train_tps, ss->sample_s, ss->reward_s,
 			ss->train_s, t->st.elapsed_s, ss->skipped ? ", \"skipped\": true" : "");
+		write_program_rewards(g, t->metrics, ss->prog_mean, ss->prog_std);
+		if (g->rollout_q)
+			fprintf(t->metrics, "\"rollout_weights\": \"int8\", \"logp_mismatch\": %.6g, "
+				"\"logp_mismatch_max\": %.6g, ", ss->logp_mismatch, ss->logp_mismatch_max);
 		trainer_write_imbalance(t, t->metrics);
 		fprintf(t->metrics, "}\n");
 		fflush(t->metrics);
@@ -784,10 +919,13 @@ static void log_metrics(struct grpo *g, const struct step_stats *ss)
 		return;
 	char eta[32];
 	trainer_format_duration(eta, sizeof(eta), g->step_time_avg * (t->cfg.train.steps - t->st.step));
+	char q8[48] = "";
+	if (g->rollout_q)
+		snprintf(q8, sizeof(q8), " | int8 logp mismatch %.4f", ss->logp_mismatch);
 	printf("step %lld/%d | reward %.3f +- %.3f | kl %.4f | clip %.3f | len %.1f [%d, %d] | loss %.4f | "
-	       "sample %.0f tok/s | train %.0f tok/s | ETA %s%s\n", (long long)t->st.step, t->cfg.train.steps,
+	       "sample %.0f tok/s%s | train %.0f tok/s | ETA %s%s\n", (long long)t->st.step, t->cfg.train.steps,
 	       ss->reward_mean, ss->reward_std, kl, clip_low + clip_high, ss->len_mean, ss->len_min, ss->len_max,
-	       ss->loss, sample_tps, train_tps, eta, ss->skipped ? " | SKIPPED (non-finite)" : "");
+	       ss->loss, sample_tps, q8, train_tps, eta, ss->skipped ? " | SKIPPED (non-finite)" : "");
 	fflush(stdout);
 }
 
@@ -843,6 +981,36 @@ int grpo_run(const struct run_config *cfg, const char *resume, const struct dist
 /* ---------------------------------------------------------------- evaluation */
 
 /*
+ * The evaluation's summary from its sums (eval_prompts): a line for people, then one JSON object with
+ * reward/<name> and reward_std/<name> of every program.
+ */
+static void report_eval(const struct grpo *g, const char *path, const double *sums, double gen_s)
+{
+	const struct trainer *t = &g->t;
+	double n = sums[3] > 0 ? sums[3] : 1, mean[CFG_MAX_REWARDS], std[CFG_MAX_REWARDS];
+	char progs[1024] = "";
+	size_t at = 0;
+
+	for (int r = 0; r < g->R; r++) {
+		mean[r] = sums[4 + 2 * r] / n;
+		std[r] = sums[3] > 1 ? sqrt(fmax(0.0, (sums[5 + 2 * r] - n * mean[r] * mean[r]) / (n - 1))) : 0.0;
+		if (g->R > 1 && at < sizeof(progs))
+			at += (size_t)snprintf(progs + at, sizeof(progs) - at, " | %s %.4f +- %.4f", g->rname[r],
+					       mean[r], std[r]);
+	}
+	TRAINER_LOG(t, "eval %s: %d prompts | mean reward %.4f | accuracy %.4f (reward >= 1)%s | completion "
+		    "length %.1f | %.1f s\n", path, (int)sums[3], sums[0] / n, sums[1] / n, progs, sums[2] / n,
+		    gen_s);
+	if (t->rank != 0)
+		return;
+	printf("{\"eval\": \"%s\", \"prompts\": %d, \"reward_mean\": %.6f, \"accuracy\": %.6f, ", path,
+	       (int)sums[3], sums[0] / n, sums[1] / n);
+	write_program_rewards(g, stdout, mean, std);
+	printf("\"completion_len\": %.3f}\n", sums[2] / n);
+	fflush(stdout);
+}
+
+/*
  * Greedy completions of every prompt of a prompt set, scored by the reward program: the mean reward and
  * the accuracy (completions earning a reward of at least 1).  Rank r takes prompts r, r + W, ...
  */
@@ -857,10 +1025,14 @@ static int eval_prompts(struct grpo *g, const char *path, const char *samples_pa
 	const int **prompts = malloc(sizeof(int *) * (size_t)(n + 1));
 	int *lens = malloc(sizeof(int) * (size_t)(n + 1));
 	uint64_t *seeds = calloc((size_t)n + 1, sizeof(uint64_t));
-	double *rewards = calloc((size_t)n + 1, sizeof(double));
+	int R = g->R;
+	/* rewards[r * (n + 1) + k]: program r's; total[k] the weighted sum */
+	double *rewards = calloc(((size_t)n + 1) * R, sizeof(double));
+	double *total = calloc((size_t)n + 1, sizeof(double));
+	double *each[CFG_MAX_REWARDS];
 	struct reward_request *req = calloc((size_t)n + 1, sizeof(*req));
 	char **texts = calloc((size_t)n + 1, sizeof(char *));
-	int ok = prompts && lens && seeds && rewards && req && texts;
+	int ok = prompts && lens && seeds && rewards && total && req && texts;
 	free(g->tokens);
 	free(g->len);
 	free(g->old_logp);
@@ -881,7 +1053,7 @@ static int eval_prompts(struct grpo *g, const char *path, const char *samples_pa
 		sp.temperature = 0.0f;
 		sp.max_new_tokens = g->max_new;
 		sp.eos_id = g->eos;
-		ok = !generate_cached(t->m, cache, prompts, lens, n, &sp, seeds, g->tokens, g->len, g->old_logp);
+		ok = !rollout_generate(g, cache, prompts, lens, n, &sp, seeds);
 		if (!ok)
 			snprintf(err, sizeof(err), "generation failed (out of memory?)");
 	}
@@ -893,22 +1065,32 @@ static int eval_prompts(struct grpo *g, const char *path, const char *samples_pa
 		req[k].record = ok ? g->ps.record[t->rank + k * W] : NULL;
 		req[k].completion = texts[k];
 	}
-	if (ok && n > 0 && reward_score(g->rproc, req, n, rewards, err, sizeof(err)))
+	for (int r = 0; ok && r < R; r++)
+		each[r] = rewards + (size_t)r * (n + 1);
+	if (ok && n > 0 && reward_score_all(g->rproc, R, req, n, each, err, sizeof(err)))
 		ok = 0;
 	if (!ok)
 		fprintf(stderr, "moe grpo: rank %d: evaluating %s: %s\n", t->rank, path, err);
-	double sums[4] = { 0, 0, 0, 0 };  /* reward, correct, tokens, count */
+	/* reward, correct, tokens, count, then each program's sum and sum of squares */
+	double sums[4 + 2 * CFG_MAX_REWARDS] = { 0 };
 	for (int k = 0; ok && k < n; k++) {
-		sums[0] += rewards[k];
-		sums[1] += rewards[k] >= 1.0;
+		for (int r = 0; r < R; r++) {
+			total[k] += g->rweight[r] * each[r][k];
+			sums[4 + 2 * r] += each[r][k];
+			sums[5 + 2 * r] += each[r][k] * each[r][k];
+		}
+		sums[0] += total[k];
+		sums[1] += total[k] >= 1.0;
 		sums[2] += g->len[k];
 		sums[3] += 1;
 	}
 	FILE *out = ok && samples_path && t->rank == 0 && W == 1 ? fopen(samples_path, "w") : NULL;
 	for (int k = 0; out && k < n; k++) {
 		char *lit = reward_json_string(texts[k]);
-		fprintf(out, "{\"id\": %d, \"reward\": %.6g, \"completion\": %s}\n", k, rewards[k],
-			lit ? lit : "null");
+		fprintf(out, "{\"id\": %d, \"reward\": %.6g, ", k, total[k]);
+		for (int r = 0; R > 1 && r < R; r++)
+			fprintf(out, "\"reward/%s\": %.6g, ", g->rname[r], each[r][k]);
+		fprintf(out, "\"completion\": %s}\n", lit ? lit : "null");
 		free(lit);
 	}
 	if (out)
@@ -919,19 +1101,15 @@ static int eval_prompts(struct grpo *g, const char *path, const char *samples_pa
 	free(texts);
 	free(req);
 	free(rewards);
+	free(total);
 	free(seeds);
 	free(lens);
 	free(prompts);
 	if (!trainer_all_ok(t, ok))
 		return 1;
-	if (W > 1 && comm_allreduce(t->d->world_g, sums, 4, COMM_F64, COMM_SUM))
+	if (W > 1 && comm_allreduce(t->d->world_g, sums, 4 + 2 * R, COMM_F64, COMM_SUM))
 		comm_abort(1, "all-reduce of the evaluation failed");
-	TRAINER_LOG(t, "eval %s: %d prompts | mean reward %.4f | accuracy %.4f (reward >= 1) | completion length "
-		    "%.1f | %.1f s\n", path, (int)sums[3], sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[3],
-		    gen_s);
-	TRAINER_LOG(t, "{\"eval\": \"%s\", \"prompts\": %d, \"reward_mean\": %.6f, \"accuracy\": %.6f, "
-		    "\"completion_len\": %.3f}\n", path, (int)sums[3], sums[0] / sums[3], sums[1] / sums[3],
-		    sums[2] / sums[3]);
+	report_eval(g, path, sums, gen_s);
 	return 0;
 }
 

@@ -2,8 +2,9 @@
  * rl/grpo.h - Group Relative Policy Optimization (DeepSeekMath, section 4.1): `moe grpo`.
  *
  * One GRPO step: P prompts (grpo.prompts_per_step), G completions each (grpo.group_size) sampled from
- * the policy as it is at sampling time, scored by the reward program (rl/reward.h), turned into
- * group-relative advantages, then num_iterations passes over the batch in minibatches, one AdamW update
+ * the policy as it is at sampling time (grpo.rollout_weights=int8: its int8 copy, model/quant.h, the
+ * old log-probabilities then recomputed in fp32), scored by every reward program at once (rl/reward.h;
+ * grpo.rewards, weighted), turned into group-relative advantages (grpo_combined_advantages), then num_iterations passes over the batch in minibatches, one AdamW update
  * each, on the clipped surrogate
  *
  *   loss_t = -min(r_t A, clip(r_t, 1 - epsilon, 1 + epsilon_high) A) + beta k3_t
@@ -29,12 +30,15 @@
 
 enum grpo_scale { GRPO_SCALE_GROUP, GRPO_SCALE_BATCH, GRPO_SCALE_NONE };
 enum grpo_loss_type { GRPO_LOSS_GRPO, GRPO_LOSS_BNPO, GRPO_LOSS_DR_GRPO, GRPO_LOSS_DAPO };
+/* grpo.reward_norm: how several rewards make one advantage */
+enum grpo_reward_norm { GRPO_NORM_TOTAL, GRPO_NORM_EACH };
 
 /* The std in the advantages' denominator gets this added (TRL's value). */
 #define GRPO_ADV_EPS 1e-4
 
 /* Parse grpo.scale_rewards / grpo.loss_type names; -1 when unknown. */
 int grpo_scale_from_name(const char *name);
+int grpo_reward_norm_from_name(const char *name);
 int grpo_loss_type_from_name(const char *name);
 
 /*
@@ -43,6 +47,18 @@ int grpo_loss_type_from_name(const char *name);
  * number of groups whose rewards are all equal (their advantages are 0: they teach nothing).
  */
 int grpo_advantages(const double *rewards, int P, int G, enum grpo_scale scale, float *adv);
+
+/*
+ * Advantages of R weighted rewards of P groups of G completions: rewards[k * P*G + j] is program k's
+ * reward of completion j, weights[k] its weight; total[j] receives sum_k weights[k] rewards[k][j].
+ * TOTAL: grpo_advantages of the totals (TRL's way).  EACH: each program's rewards normalised on their
+ * own first (grpo_advantages with the same scale), then adv = sum_k weights[k] adv_k, so a program's
+ * say in the advantage does not depend on its rewards' spread.  Returns the number of groups whose
+ * advantages are all 0 (TOTAL: equal totals; EACH: as when every program's rewards are equal within the
+ * group).  -1 when out of memory (EACH needs P*G floats of scratch).
+ */
+int grpo_combined_advantages(const double *rewards, const double *weights, int R, int P, int G,
+			     enum grpo_scale scale, enum grpo_reward_norm norm, double *total, float *adv);
 
 /*
  * The weight each completion's token losses carry in one minibatch of n completions (in their global
@@ -86,9 +102,10 @@ int grpo_run(const struct run_config *cfg, const char *resume, const struct dist
 
 /*
  * `moe grpo --eval PROMPTS.jsonl`: greedy completions (up to grpo.max_new_tokens) of every prompt of the
- * set by the policy (--resume or train.init_checkpoint), scored by the reward program; prints the mean
- * reward and the accuracy (the fraction of completions earning a reward >= 1).  samples_path (may be
- * NULL; one process only) receives each completion and its reward as JSON Lines.
+ * set by the policy (--resume or train.init_checkpoint; with the rollout weights), scored by every reward
+ * program; prints the mean weighted reward, the accuracy (the fraction of completions whose weighted
+ * reward is >= 1) and each program's mean and std.  samples_path (may be NULL; one process only) receives
+ * each completion and its reward(s) as JSON Lines.
  */
 int grpo_eval(const struct run_config *cfg, const char *resume, const struct dist *d, const char *path,
 	      const char *samples_path);

@@ -6,6 +6,7 @@
  * sum_t w_t * (-logp_t), so w_t = -dL/dlogp_t gives exactly dL/dtheta.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "rl/grpo.h"
@@ -18,6 +19,15 @@ int grpo_scale_from_name(const char *name)
 		return GRPO_SCALE_BATCH;
 	if (!strcmp(name, "none"))
 		return GRPO_SCALE_NONE;
+	return -1;
+}
+
+int grpo_reward_norm_from_name(const char *name)
+{
+	if (!strcmp(name, "total"))
+		return GRPO_NORM_TOTAL;
+	if (!strcmp(name, "each"))
+		return GRPO_NORM_EACH;
 	return -1;
 }
 
@@ -60,6 +70,40 @@ int grpo_advantages(const double *rewards, int P, int G, enum grpo_scale scale, 
 			       scale == GRPO_SCALE_BATCH ? batch_std + GRPO_ADV_EPS : 1.0;
 		for (int g = 0; g < G; g++)
 			adv[(size_t)p * G + g] = all_equal ? 0.0f : (float)((r[g] - mean) / denom);
+	}
+	return zero_std;
+}
+
+int grpo_combined_advantages(const double *rewards, const double *weights, int R, int P, int G,
+			     enum grpo_scale scale, enum grpo_reward_norm norm, double *total, float *adv)
+{
+	size_t PG = (size_t)P * G;
+	float *one;
+	int zero_std = 0;
+
+	for (size_t j = 0; j < PG; j++) {
+		total[j] = 0.0;
+		for (int k = 0; k < R; k++)
+			total[j] += weights[k] * rewards[k * PG + j];
+	}
+	if (norm == GRPO_NORM_TOTAL || R == 1)
+		return grpo_advantages(total, P, G, scale, adv);
+	one = malloc(sizeof(float) * PG);
+	if (!one)
+		return -1;
+	memset(adv, 0, sizeof(float) * PG);
+	for (int k = 0; k < R; k++) {
+		grpo_advantages(rewards + k * PG, P, G, scale, one);
+		for (size_t j = 0; j < PG; j++)
+			adv[j] += (float)(weights[k] * one[j]);
+	}
+	free(one);
+	for (int p = 0; p < P; p++) {
+		int all_zero = 1;
+
+		for (int g = 0; g < G; g++)
+			all_zero &= adv[(size_t)p * G + g] == 0.0f;
+		zero_std += all_zero;
 	}
 	return zero_std;
 }

@@ -52,6 +52,7 @@ struct reward_proc {
 	int out_fd;		/* our end of its stdout, -1 when closed */
 	double timeout_s;
 	char cmd[256];		/* the command line, for messages */
+	char label[256];	/* how messages name it: reward program 'CMD', or reward 'NAME' ('CMD') */
 	char *rbuf;		/* bytes read from its stdout and not consumed yet */
 	size_t rlen, rcap;
 	char *wbuf;		/* the request line being written */
@@ -607,39 +608,106 @@ static int poll_ms(const struct reward_proc *p, const struct batch *b)
 	return left > 3600 ? 3600000 : (int)ceil(left * 1e3);
 }
 
-/* One wait for the program's pipes, then what they allow. */
-static int wait_io(struct reward_proc *p, struct batch *b)
-{
-	struct pollfd f[2] = {
-		{ .fd = p->woff < p->wlen ? p->in_fd : -1, .events = POLLOUT },
-		{ .fd = p->out_fd, .events = POLLIN },
-	};
-	int ms = poll_ms(p, b), r;
+/*
+ * One program's batch within reward_score_all: the program, its batch and, once it is over, how it
+ * ended (rc 0: every answer in; -1: failed, b.bad and b.what say why).
+ */
+struct job {
+	struct reward_proc *p;
+	struct batch b;
+	int done, rc;
+	int ms;			/* this wait's poll timeout for the job (poll_ms) */
+	struct pollfd *f;	/* its two entries of the poll set */
+};
 
-	r = poll(f, 2, ms);	/* ms == 0: a last look before giving up */
-	if (r < 0)
-		return errno == EINTR ? 0 : say(b, awaited(b), "poll: %s", strerror(errno));
-	if (r == 0 && ms == 0)
-		return say(b, awaited(b), "%s %g s; the program was killed", b->n_answered < b->n ?
-			   "no answer within" : "the program stopped reading its stdin for", p->timeout_s);
-	if (f[0].revents && write_some(p, b))
-		return -1;
-	if (f[1].revents && read_some(p, b))
-		return -1;
+/* Consumes the answers in and formats the next request when the last is out; 1 when the job is over. */
+static int job_advance(struct job *j)
+{
+	struct reward_proc *p = j->p;
+	struct batch *b = &j->b;
+
+	if (take_answers(p, b))
+		goto failed;
+	if (b->n_answered == b->n && p->woff == p->wlen) {
+		j->done = 1;	/* (an answer may come before its request is all out) */
+		return 1;
+	}
+	if (p->woff == p->wlen && b->n_built < b->n && build_request(p, b))
+		goto failed;
 	return 0;
+failed:
+	j->done = 1;
+	j->rc = -1;
+	return 1;
 }
 
-static int run_batch(struct reward_proc *p, struct batch *b)
+/* What the wait found for the job: writes, reads, or its timeout (ms was 0: that was the last look). */
+static void job_after_wait(struct job *j)
+{
+	struct reward_proc *p = j->p;
+	struct batch *b = &j->b;
+	int rc = 0;
+
+	if (!j->f[0].revents && !j->f[1].revents) {
+		if (j->ms == 0)
+			rc = say(b, awaited(b), "%s %g s; the program was killed", b->n_answered < b->n ?
+				 "no answer within" : "the program stopped reading its stdin for", p->timeout_s);
+	} else {
+		if (j->f[0].revents)
+			rc = write_some(p, b);
+		if (!rc && j->f[1].revents)
+			rc = read_some(p, b);
+	}
+	if (rc) {
+		j->done = 1;
+		j->rc = -1;
+	}
+}
+
+/*
+ * The batches of all the jobs in one poll() loop over every program's pipes: each wait lasts until some
+ * pipe is ready or the nearest of the jobs' deadlines, so the programs work at the same time and the
+ * batch takes as long as the slowest of them.
+ */
+static void run_jobs(struct job *jobs, int nj, struct pollfd *f)
 {
 	for (;;) {
-		if (take_answers(p, b))
-			return -1;
-		if (b->n_answered == b->n && p->woff == p->wlen)
-			return 0;	/* (an answer may come before its request is all out) */
-		if (p->woff == p->wlen && b->n_built < b->n && build_request(p, b))
-			return -1;
-		if (wait_io(p, b))
-			return -1;
+		int active = 0, ms = -1, r;
+
+		for (int i = 0; i < nj; i++) {
+			struct job *j = &jobs[i];
+
+			j->f = f + 2 * i;
+			j->f[0] = (struct pollfd){ .fd = -1 };
+			j->f[1] = (struct pollfd){ .fd = -1 };
+			if (j->done || job_advance(j))
+				continue;
+			j->f[0] = (struct pollfd){ .fd = j->p->woff < j->p->wlen ? j->p->in_fd : -1,
+						   .events = POLLOUT };
+			j->f[1] = (struct pollfd){ .fd = j->p->out_fd, .events = POLLIN };
+			j->ms = poll_ms(j->p, &j->b);
+			if (j->ms >= 0 && (ms < 0 || j->ms < ms))
+				ms = j->ms;
+			active++;
+		}
+		if (!active)
+			return;
+		r = poll(f, (nfds_t)(2 * nj), ms);	/* ms == 0: a last look before giving up */
+		if (r < 0 && errno == EINTR)
+			continue;
+		for (int i = 0; i < nj; i++) {
+			struct job *j = &jobs[i];
+
+			if (j->done)
+				continue;
+			if (r < 0) {
+				say(&j->b, awaited(&j->b), "poll: %s", strerror(errno));
+				j->done = 1;
+				j->rc = -1;
+				continue;
+			}
+			job_after_wait(j);
+		}
 	}
 }
 
@@ -676,37 +744,92 @@ static void sigpipe_restore(const struct sigpipe_guard *g)
 
 /* ---- the API ------------------------------------------------------------------------------------- */
 
+/* The job's failure as p->dead (the program named, the record and what went wrong); kills the program. */
+static void job_failed(struct job *j, const struct reward_request *req)
+{
+	struct reward_proc *p = j->p;
+	const struct batch *b = &j->b;
+	char prompt[SNIPPET + 8] = "(none)";
+	struct member pr = { 0 };
+
+	if (req[b->bad].record && !scan_record(req[b->bad].record, &pr))
+		snippet(pr.val, pr.val_len, prompt, sizeof(prompt));
+	snprintf(p->dead, sizeof(p->dead), "%s: record id %" PRId64 " (prompt %s): %s", p->label,
+		 req[b->bad].id, prompt, b->what);
+	proc_kill(p);
+}
+
+/* Checks the programs before a batch; -1 with err when one is missing or dead. */
+static int check_procs(struct reward_proc *const *p, int np, char *err, size_t errlen)
+{
+	for (int k = 0; k < np; k++) {
+		if (!p[k])
+			return set_err(err, errlen, "reward program: not started");
+		if (p[k]->dead[0])
+			return set_err(err, errlen, "reward program stopped after an earlier failure: %s",
+				       p[k]->dead);
+	}
+	return 0;
+}
+
+int reward_score_all(struct reward_proc *const *p, int np, const struct reward_request *req, int n,
+		     double *const *rewards, char *err, size_t errlen)
+{
+	struct job *jobs;
+	struct pollfd *f;
+	double *written;
+	struct sigpipe_guard g;
+	int rc = 0, failed = 0;
+
+	if (check_procs(p, np, err, errlen))
+		return -1;
+	if (n <= 0 || np <= 0)
+		return 0;
+	jobs = calloc((size_t)np, sizeof(*jobs));
+	f = calloc((size_t)np * 2, sizeof(*f));
+	written = calloc((size_t)np * n, sizeof(*written));
+	if (!jobs || !f || !written) {
+		rc = set_err(err, errlen, "%s: out of memory for %d requests", p[0]->label, n);
+		goto out;
+	}
+	for (int k = 0; k < np; k++) {
+		jobs[k].p = p[k];
+		jobs[k].b = (struct batch){ .req = req, .n = n, .rewards = rewards[k],
+					    .written_at = written + (size_t)k * n };
+		jobs[k].b.last_answer = jobs[k].b.last_write = now_s();
+	}
+	sigpipe_block(&g);
+	run_jobs(jobs, np, f);
+	sigpipe_restore(&g);
+	for (int k = 0; k < np; k++) {
+		if (!jobs[k].rc)
+			continue;
+		job_failed(&jobs[k], req);
+		if (!failed++)
+			rc = set_err(err, errlen, "%s", p[k]->dead);
+	}
+	if (failed > 1 && strlen(err) + 64 < errlen)
+		snprintf(err + strlen(err), errlen - strlen(err), " (and %d more reward program%s failed)",
+			 failed - 1, failed > 2 ? "s" : "");
+out:
+	free(written);
+	free(f);
+	free(jobs);
+	return rc;
+}
+
 int reward_score(struct reward_proc *p, const struct reward_request *req, int n, double *rewards, char *err,
 		 size_t errlen)
 {
-	struct batch b = { .req = req, .n = n, .rewards = rewards };
-	struct sigpipe_guard g;
-	char prompt[SNIPPET + 8] = "(none)";
-	struct member pr = { 0 };
-	int rc;
+	return reward_score_all(&p, 1, req, n, &rewards, err, errlen);
+}
 
-	if (!p)
-		return set_err(err, errlen, "reward program: not started");
-	if (p->dead[0])
-		return set_err(err, errlen, "reward program stopped after an earlier failure: %s", p->dead);
-	if (n <= 0)
-		return 0;
-	b.written_at = calloc((size_t)n, sizeof(*b.written_at));
-	if (!b.written_at)
-		return set_err(err, errlen, "reward program '%s': out of memory for %d requests", p->cmd, n);
-	b.last_answer = b.last_write = now_s();
-	sigpipe_block(&g);
-	rc = run_batch(p, &b);
-	sigpipe_restore(&g);
-	free(b.written_at);
-	if (!rc)
-		return 0;
-	if (req[b.bad].record && !scan_record(req[b.bad].record, &pr))
-		snippet(pr.val, pr.val_len, prompt, sizeof(prompt));
-	snprintf(p->dead, sizeof(p->dead), "reward program '%s': record id %" PRId64 " (prompt %s): %s", p->cmd,
-		 req[b.bad].id, prompt, b.what);
-	proc_kill(p);
-	return set_err(err, errlen, "%s", p->dead);
+int reward_set_name(struct reward_proc *p, const char *name)
+{
+	if (!p || !name || !name[0])
+		return -1;
+	snprintf(p->label, sizeof(p->label), "reward '%.64s' ('%.160s')", name, p->cmd);
+	return 0;
 }
 
 /* The command line, for messages. */
@@ -861,6 +984,7 @@ struct reward_proc *reward_start(char *const *argv, int argc, double timeout_s, 
 	p->in_fd = p->out_fd = -1;
 	p->timeout_s = timeout_s;
 	describe(p->cmd, sizeof(p->cmd), argv, argc);
+	snprintf(p->label, sizeof(p->label), "reward program '%.200s'", p->cmd);
 	p->rcap = READ_CHUNK;
 	p->rbuf = malloc(p->rcap);
 	if (!p->rbuf)

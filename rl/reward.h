@@ -53,6 +53,23 @@ struct reward_proc *reward_start(char *const *argv, int argc, double timeout_s, 
 int reward_score(struct reward_proc *p, const struct reward_request *req, int n, double *rewards, char *err,
 		 size_t errlen);
 
+/*
+ * reward_score for np programs at once: every program scores the same n requests, rewards[k][i]
+ * receiving program k's reward of req[i].  All the batches run in one poll() loop over every program's
+ * pipes (each program's requests are written as it takes them, its answers read as they come, each
+ * answer timed against that program's own timeout_s), so the whole takes about as long as the slowest
+ * program, not the sum.  A failing program does not stop the others' batches.  Returns 0, or -1 with err
+ * naming the first failing program (its name, see reward_set_name), the record and what went wrong, as
+ * reward_score does, with the count of any more that failed; each failed program is dead (reward_score),
+ * the others are left ready for the next batch.
+ */
+int reward_score_all(struct reward_proc *const *p, int np, const struct reward_request *req, int n,
+		     double *const *rewards, char *err, size_t errlen);
+
+/* Names the program in its messages: reward 'NAME' ('CMD') instead of reward program 'CMD'.  0, or -1
+ * for a NULL program or an empty name. */
+int reward_set_name(struct reward_proc *p, const char *name);
+
 /* Closes the program's stdin, waits up to 2 s for it to exit, then kills its group; reaps it; frees p.
  * Safe on NULL and after a failure. */
 void reward_stop(struct reward_proc *p);

@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "data/tokenizer.h"
+#include "model/quant.h"
 #include "rl/generate.h"
 #include "rl/rl_cli.h"
 #include "train/checkpoint.h"
@@ -23,10 +24,11 @@ static void gen_usage(FILE *f)
 		"usage: moe generate --checkpoint CKPT.h5 (--prompt TEXT | --prompt-ids ID,ID,...)\n"
 		"                    [--tokenizer tokenizer.json] [--max-new-tokens N (64)] [--temperature T (1)]\n"
 		"                    [--top-p P (1)] [--top-k K (0: off)] [--seed S (0)] [--num-samples G (1)]\n"
-		"                    [--eos ID] [--set section.key=value ...]\n"
+		"                    [--eos ID] [--weights full|int8] [--set section.key=value ...]\n"
 		"Samples G completions of the prompt with the MLA latent cache (temperature 0: greedy) and prints\n"
 		"each (as text with a tokenizer, else as ids).  The tokenizer defaults to grpo.tokenizer; the stop\n"
-		"id to the tokenizer's end of text (--eos -1: never stop early).\n");
+		"id to the tokenizer's end of text (--eos -1: never stop early).  --weights int8: every linear\n"
+		"layer's weight int8 with a scale per row (model/quant.h), quantised once at load.\n");
 }
 
 static int parse_int(const char *s, long lo, long hi, long *out)
@@ -55,7 +57,7 @@ int generate_cli_main(int argc, char **argv)
 {
 	const char *ckpt = NULL, *prompt = NULL, *prompt_ids = NULL, *tok_path = NULL;
 	const char *sets[64];
-	int nsets = 0, G = 1, eos_set = 0;
+	int nsets = 0, G = 1, eos_set = 0, int8 = 0;
 	long eos = -1;
 	struct sample_params sp = sample_params_default();
 	sp.max_new_tokens = 64;
@@ -96,6 +98,8 @@ int generate_cli_main(int argc, char **argv)
 			bad = parse_int(v, 1, 4096, &iv) || ((G = (int)iv), 0);
 		else if (!strcmp(a, "--eos"))
 			bad = parse_int(v, -1, 1L << 30, &eos) || ((eos_set = 1), 0);
+		else if (!strcmp(a, "--weights"))
+			bad = strcmp(v, "full") && strcmp(v, "int8") ? 1 : ((int8 = !strcmp(v, "int8")), 0);
 		else if (!strcmp(a, "--set")) {
 			if (nsets == 64) {
 				fprintf(stderr, "moe generate: too many --set options (at most 64)\n");
@@ -198,6 +202,12 @@ int generate_cli_main(int argc, char **argv)
 		fprintf(stderr, "moe generate: %s\n", err);
 		goto done;
 	}
+	if (int8 && model_quantize(m)) {
+		fprintf(stderr, "moe generate: out of memory quantising the weights\n");
+		goto done;
+	}
+	if (int8)
+		quant_drop_fp32(m);  /* the fp32 linear weights are not read again */
 	out = malloc(sizeof(int) * ((size_t)G * sp.max_new_tokens + 1));
 	/* zeroed: with the sanitizers GCC cannot tell that the loop below fills them */
 	lens = calloc((size_t)G * 2, sizeof(int));

@@ -9,6 +9,7 @@
 #include "train/config.h"
 #include "launch/errmsg.h"
 #include "train/config_hf.h"
+#include "train/config_rewards.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -30,6 +31,7 @@ enum cfg_type {
 	CT_ARGV,        /* char[CFG_MAX_ARGV][CFG_STR] with an int count at aux */
 	CT_SCORING,     /* enum moe_scoring as "softmax" | "sigmoid" */
 	CT_ROPE,        /* struct rope_scaling as HF's rope_scaling object, or null */
+	CT_REWARDS,     /* grpo.rewards: the list of reward programs (config_rewards.c) */
 };
 
 enum {
@@ -70,6 +72,9 @@ struct cfg_key {
 	  .size = FSZ(sec, f) + CHK(IS_CHARS(sec, f)), .choices = ch }
 #define K_SCORING(sec, f) KEY(sec, f, CT_SCORING, 0, FSZ(sec, f) == sizeof(enum moe_scoring))
 #define K_ROPE(sec, f) KEY(sec, f, CT_ROPE, 0, FSZ(sec, f) == sizeof(struct rope_scaling))
+/* grpo.rewards only: its handlers take the whole grpo section (the list and its count) */
+#define K_REWARDS(sec, f) \
+	KEY(sec, f, CT_REWARDS, 0, FSZ(sec, f) == sizeof(struct reward_config) * CFG_MAX_REWARDS)
 #define K_ARGV(sec, f, count) \
 	{ .section = #sec, .name = #f, .type = CT_ARGV, .off = OFF(sec, f), \
 	  .size = FSZ(sec, f) + CHK(FSZ(sec, f) == CFG_MAX_ARGV * CFG_STR), \
@@ -80,6 +85,8 @@ static const char *const devices[] = { "auto", "cpu", "cuda", NULL };
 static const char *const nonfinite[] = { "skip", "stop", NULL };
 static const char *const loss_types[] = { "grpo", "bnpo", "dr_grpo", "dapo", NULL };
 static const char *const reward_scalings[] = { "group", "batch", "none", NULL };
+static const char *const reward_norms[] = { "total", "each", NULL };
+static const char *const weight_formats[] = { "full", "int8", NULL };
 
 static const struct cfg_key cfg_keys[] = {
 	/* model: Hugging Face DeepseekV3 names */
@@ -174,6 +181,9 @@ static const struct cfg_key cfg_keys[] = {
 	K_BOOL(grpo, mask_truncated),
 	K_BOOL(grpo, routing_replay),
 	K_BOOL(grpo, sequence_ratio),
+	K_REWARDS(grpo, rewards),
+	K_ENUM(grpo, reward_norm, reward_norms),
+	K_ENUM(grpo, rollout_weights, weight_formats),
 };
 
 #define N_KEYS (sizeof(cfg_keys) / sizeof(cfg_keys[0]))
@@ -656,6 +666,13 @@ static int apply_value(struct run_config *c, const struct cfg_key *k, const cJSO
 		return set_scoring(k, p, v, origin, err, errlen);
 	case CT_ROPE:
 		return set_rope_scaling(k, p, v, false, origin, err, errlen);
+	case CT_REWARDS: {
+		char msg[400];
+
+		if (config_rewards_set(&c->grpo, v, msg, sizeof(msg)))
+			return key_fail(err, errlen, origin, k, "%s", msg);
+		return 0;
+	}
 	}
 	return key_fail(err, errlen, origin, k, "internal error: bad key type");
 }
@@ -783,6 +800,8 @@ static const char *type_phrase(enum cfg_type type)
 		return "a JSON array of strings such as [\"python3\",\"reward.py\"]";
 	case CT_ROPE:
 		return "a JSON object such as {\"type\":\"yarn\",\"factor\":40} or null";
+	case CT_REWARDS:
+		return "a JSON array such as [{\"name\":\"ok\",\"cmd\":[\"sh\",\"r.sh\"],\"weight\":1}]";
 	default:
 		return "a string";
 	}
@@ -883,6 +902,8 @@ static cJSON *value_json(const void *base, const struct cfg_key *k)
 					  "sigmoid" : "softmax");
 	case CT_ROPE:
 		return rope_json(p);
+	case CT_REWARDS:
+		return config_rewards_json(&((const struct run_config *)base)->grpo);
 	case CT_ARGV: {
 		int argc = *(const int *)((const char *)base + k->aux);
 		cJSON *a = cJSON_CreateArray();
@@ -930,6 +951,9 @@ static bool field_equal(const void *a, const void *b, const struct cfg_key *k)
 		return !strcmp(pa, pb);
 	if (k->type == CT_ROPE)
 		return rope_equal(pa, pb);
+	if (k->type == CT_REWARDS)
+		return config_rewards_equal(&((const struct run_config *)a)->grpo,
+					    &((const struct run_config *)b)->grpo);
 	if (k->type == CT_ARGV) {
 		int na = *(const int *)((const char *)a + k->aux);
 		int nb = *(const int *)((const char *)b + k->aux);
@@ -1054,6 +1078,9 @@ static const struct run_config defaults = {
 		.mask_truncated = false,
 		.routing_replay = false,
 		.sequence_ratio = false,
+		.n_rewards = 0,
+		.reward_norm = "total",
+		.rollout_weights = "full",
 	},
 };
 
@@ -1237,7 +1264,7 @@ static int validate_grpo(const struct grpo_config *g, char *err, size_t errlen)
 	REQUIRE(g->top_p <= 1, "grpo.top_p=%s must be in (0, 1]", a);
 	REQUIRE(g->reward_cmd_argc >= 0 && g->reward_cmd_argc <= CFG_MAX_ARGV,
 		"grpo.reward_cmd has %d arguments (at most %d)", g->reward_cmd_argc, CFG_MAX_ARGV);
-	return 0;
+	return config_rewards_validate(g, err, errlen);
 }
 
 int config_validate(const struct run_config *c, int world_size, char *err, size_t errlen)

@@ -13,6 +13,8 @@
 
 #define CFG_STR 512
 #define CFG_MAX_ARGV 16
+#define CFG_MAX_REWARDS 8
+#define CFG_REWARD_NAME 64
 
 struct train_config {
 	int steps;
@@ -59,6 +61,15 @@ struct log_config {
 	int every;
 };
 
+/* One of grpo.rewards: a reward program and its weight in the total. */
+struct reward_config {
+	char name[CFG_REWARD_NAME];  /* [A-Za-z0-9_.-]+, unique: metrics reward/<name> */
+	int cmd_argc;
+	char cmd[CFG_MAX_ARGV][CFG_STR];  /* argv list, run without a shell */
+	double weight;              /* finite; 0 scores and logs it without training on it */
+	double timeout_s;           /* > 0; 0 (absent): grpo.reward_timeout_s */
+};
+
 struct grpo_config {
 	char prompts[CFG_STR];
 	int reward_cmd_argc;
@@ -78,6 +89,10 @@ struct grpo_config {
 	bool mask_truncated;
 	bool routing_replay;
 	bool sequence_ratio;        /* GSPO */
+	int n_rewards;              /* grpo.rewards (or 0: the one grpo.reward_cmd) */
+	struct reward_config rewards[CFG_MAX_REWARDS];
+	char reward_norm[8];        /* total | each */
+	char rollout_weights[8];    /* full | int8: the weights sampling reads */
 };
 
 struct run_config {

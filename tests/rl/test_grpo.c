@@ -44,6 +44,77 @@ static void test_advantages_batch_none(void)
 	CU_ASSERT_DOUBLE_EQUAL(adv[1], -1.0, 1e-7);
 }
 
+/*
+ * Two programs, two groups of 4.  Group 0: A (weight 1) = 1 0 0 0, B (weight 0.5) = 10 20 30 40;
+ * group 1: both constant (teaches nothing either way).
+ */
+static const double two_rewards[16] = { 1, 0, 0, 0, 2, 2, 2, 2, 10, 20, 30, 40, 7, 7, 7, 7 };
+static const double two_weights[2] = { 1.0, 0.5 };
+
+static void test_advantages_total(void)
+{
+	double total[8];
+	float adv[8];
+	int zero = grpo_combined_advantages(two_rewards, two_weights, 2, 2, 4, GRPO_SCALE_GROUP,
+					    GRPO_NORM_TOTAL, total, adv);
+	/* totals 6 10 15 20: mean 12.75, unbiased std sqrt(110.75 / 3) */
+	double t[4] = { 6, 10, 15, 20 }, sd = sqrt(110.75 / 3) + 1e-4;
+	CU_ASSERT_EQUAL(zero, 1);
+	for (int i = 0; i < 4; i++) {
+		CU_ASSERT_DOUBLE_EQUAL(total[i], t[i], 1e-12);
+		CU_ASSERT_DOUBLE_EQUAL(adv[i], (t[i] - 12.75) / sd, 1e-5);
+	}
+	CU_ASSERT_DOUBLE_EQUAL(total[4], 2 + 3.5, 1e-12);
+	for (int i = 4; i < 8; i++)
+		CU_ASSERT_EQUAL(adv[i], 0.0f);
+}
+
+static void test_advantages_each(void)
+{
+	double total[8], big[16];
+	float adv[8], adv_big[8], adv_total_big[8];
+	int zero = grpo_combined_advantages(two_rewards, two_weights, 2, 2, 4, GRPO_SCALE_GROUP,
+					    GRPO_NORM_EACH, total, adv);
+	/* A: mean 0.25, std 0.5; B: mean 25, std sqrt(500 / 3) */
+	double sa = 0.5 + 1e-4, sb = sqrt(500.0 / 3) + 1e-4;
+	CU_ASSERT_EQUAL(zero, 1);
+	for (int i = 0; i < 4; i++)
+		CU_ASSERT_DOUBLE_EQUAL(adv[i], (two_rewards[i] - 0.25) / sa + 0.5 * (two_rewards[8 + i] - 25) / sb,
+				       1e-5);
+	CU_ASSERT_DOUBLE_EQUAL(total[0], 6, 1e-12);  /* the total is the weighted sum either way */
+	for (int i = 4; i < 8; i++)
+		CU_ASSERT_EQUAL(adv[i], 0.0f);
+	/* each: B's rewards x 100 change nothing (its say is its weight); total: B takes over */
+	memcpy(big, two_rewards, sizeof(big));
+	for (int i = 8; i < 16; i++)
+		big[i] *= 100;
+	grpo_combined_advantages(big, two_weights, 2, 2, 4, GRPO_SCALE_GROUP, GRPO_NORM_EACH, total, adv_big);
+	grpo_combined_advantages(big, two_weights, 2, 2, 4, GRPO_SCALE_GROUP, GRPO_NORM_TOTAL, total,
+				 adv_total_big);
+	for (int i = 0; i < 4; i++)
+		CU_ASSERT_DOUBLE_EQUAL(adv_big[i], adv[i], 1e-4);
+	/* under total, success on A (completion 0) is drowned by B: the lowest advantage */
+	CU_ASSERT(adv_total_big[0] < adv_total_big[1]);
+	CU_ASSERT(adv[0] > adv[1]);  /* under each it still counts: 1.5 - 0.58 against -0.5 - 0.19 */
+}
+
+/* One program: both ways are grpo_advantages; batch scaling applies per program under each. */
+static void test_advantages_one_and_batch(void)
+{
+	double w1 = 1.0, total[8];
+	float a[8], b[8], c[8];
+	grpo_advantages(two_rewards + 8, 2, 4, GRPO_SCALE_GROUP, a);
+	grpo_combined_advantages(two_rewards + 8, &w1, 1, 2, 4, GRPO_SCALE_GROUP, GRPO_NORM_EACH, total, b);
+	grpo_combined_advantages(two_rewards + 8, &w1, 1, 2, 4, GRPO_SCALE_GROUP, GRPO_NORM_TOTAL, total, c);
+	CU_ASSERT_EQUAL(memcmp(a, b, sizeof(a)), 0);
+	CU_ASSERT_EQUAL(memcmp(a, c, sizeof(a)), 0);
+	grpo_combined_advantages(two_rewards, two_weights, 2, 2, 4, GRPO_SCALE_BATCH, GRPO_NORM_EACH, total, b);
+	grpo_advantages(two_rewards, 2, 4, GRPO_SCALE_BATCH, a);
+	grpo_advantages(two_rewards + 8, 2, 4, GRPO_SCALE_BATCH, c);
+	for (int i = 0; i < 8; i++)
+		CU_ASSERT_DOUBLE_EQUAL(b[i], a[i] + 0.5 * c[i], 1e-6);
+}
+
 static void test_loss_type_weights(void)
 {
 	int mlen[4] = { 2, 4, 0, 2 };
@@ -325,6 +396,9 @@ void register_tests(void)
 	static const struct test_case cases[] = {
 		{ "advantages: groups, zero std", test_advantages_group },
 		{ "advantages: batch and no scaling", test_advantages_batch_none },
+		{ "advantages of weighted rewards: total", test_advantages_total },
+		{ "advantages of weighted rewards: each", test_advantages_each },
+		{ "advantages of weighted rewards: one program, batch scale", test_advantages_one_and_batch },
 		{ "loss types' weights", test_loss_type_weights },
 		{ "k3 >= 0, zero at pi = pi_ref", test_k3 },
 		{ "clipped surrogate + k3 gradient vs finite differences", test_surrogate_fd },

@@ -718,6 +718,142 @@ static void test_example_py(void)
 	check_example("python3", "ends_with.py");
 }
 
+/* ---- several programs at once ------------------------------------------------------------------ */
+
+/*
+ * A program answering reward = id * mult (awk: one line at a time), sleeping sleep_s seconds at the
+ * first request of each batch (ids 100 and 200 start one) and exiting with status 7 on the request of
+ * id fail_id (0: never).
+ */
+static struct reward_proc *start_many(const char *name, double mult, double sleep_s, int fail_id,
+				      double timeout_s)
+{
+	char body[512], file[64];
+
+	snprintf(file, sizeof(file), "%s.sh", name);
+	snprintf(body, sizeof(body),
+		 "while IFS= read -r line; do\n%s"
+		 "case $id in 100|200) sleep %g ;; esac\n"
+		 "[ \"$id\" = %d ] && exit 7\n"
+		 "printf '{\"id\":%%s,\"reward\":%%s}\\n' \"$id\" \"$(awk \"BEGIN { print $id * %g }\")\"\n"
+		 "done\n", SH_ID, sleep_s, fail_id, mult);
+	struct reward_proc *p = start_script(script(file, body), timeout_s);
+	CU_ASSERT_EQUAL(reward_set_name(p, name), 0);
+	return p;
+}
+
+/* Batches of n requests with ids base.. (records in recs). */
+static void make_batch(struct reward_request *req, char (*recs)[64], int n, int base)
+{
+	for (int i = 0; i < n; i++) {
+		snprintf(recs[i], sizeof(recs[i]), "{\"prompt\":\"Q%d\",\"answer\":%d}", base + i, i);
+		req[i] = (struct reward_request){ .id = base + i, .record = recs[i], .completion = "c" };
+	}
+}
+
+/*
+ * Three programs, one slow (1.2 s a batch), two of 0.8 s: every reward lands in its own program's row,
+ * and a batch takes about the slowest program's time, not the sum (2.8 s), twice in a row (the programs
+ * are kept running).
+ */
+static void test_many_concurrent(void)
+{
+	enum { N = 6 };
+	struct reward_proc *p[3] = { start_many("slow", 1, 1.2, 0, 10), start_many("twice", 2, 0.8, 0, 10),
+				     start_many("neg", -0.5, 0.8, 0, 10) };
+	double r[3][N], *rows[3] = { r[0], r[1], r[2] }, mult[3] = { 1, 2, -0.5 };
+	char recs[N][64], err[1024] = "";
+	struct reward_request req[N];
+
+	for (int b = 1; b <= 2; b++) {
+		double t0 = now_s(), el;
+
+		make_batch(req, recs, N, 100 * b);
+		CU_ASSERT_EQUAL(reward_score_all(p, 3, req, N, rows, err, sizeof(err)), 0);
+		el = now_s() - t0;
+		if (err[0])
+			fprintf(stderr, "\n  %s\n", err);
+		for (int k = 0; k < 3; k++)
+			for (int i = 0; i < N; i++)
+				CU_ASSERT_DOUBLE_EQUAL(r[k][i], mult[k] * (100 * b + i), 1e-9);
+		fprintf(stderr, "[batch %d: 3 programs (1.2 + 0.8 + 0.8 s) in %.2f s] ", b, el);
+		CU_ASSERT(el >= 1.2);
+		CU_ASSERT(el < 2.2);	/* one after another: >= 2.8 s */
+	}
+	for (int k = 0; k < 3; k++)
+		reward_stop(p[k]);
+	assert_no_children();
+}
+
+/*
+ * One of three programs fails on record 203: the message names it and the record; the others finish
+ * their batch and score the next one; the failed one refuses at once.
+ */
+static void test_many_one_fails(void)
+{
+	enum { N = 5 };
+	struct reward_proc *p[3] = { start_many("ok1", 1, 0, 0, 10), start_many("bad", 1, 0.3, 203, 10),
+				     start_many("ok2", 3, 0, 0, 10) };
+	double r[3][N], *rows[3] = { r[0], r[1], r[2] };
+	char recs[N][64], err[1024] = "";
+	struct reward_request req[N];
+
+	make_batch(req, recs, N, 200);
+	CU_ASSERT_EQUAL(reward_score_all(p, 3, req, N, rows, err, sizeof(err)), -1);
+	assert_contains(err, "reward 'bad' (");
+	assert_contains(err, "record id 203 (prompt \"Q203\"): the program exited with status 7");
+	CU_ASSERT_PTR_NULL(strstr(err, "more"));
+	CU_ASSERT_DOUBLE_EQUAL(r[2][4], 3 * 204, 1e-9);	/* the others finished the batch */
+	make_batch(req, recs, N, 300);
+	struct reward_proc *ok[2] = { p[0], p[2] };
+	double *ok_rows[2] = { r[0], r[2] };
+	CU_ASSERT_EQUAL(reward_score_all(ok, 2, req, N, ok_rows, err, sizeof(err)), 0);
+	CU_ASSERT_DOUBLE_EQUAL(r[0][1], 301, 1e-9);
+	CU_ASSERT_EQUAL(reward_score_all(p, 3, req, N, rows, err, sizeof(err)), -1);
+	assert_contains(err, "earlier failure: reward 'bad'");
+	for (int k = 0; k < 3; k++)
+		reward_stop(p[k]);
+	assert_no_children();
+}
+
+/* Each program's own timeout: the hanging one (0.4 s) fails, the patient one (5 s, 1 s late) passes. */
+static void test_many_timeouts(void)
+{
+	enum { N = 3 };
+	struct reward_proc *p[2] = { start_many("patient", 1, 1.0, 0, 5), start_many("hasty", 1, 1.0, 0, 0.4) };
+	double r[2][N], *rows[2] = { r[0], r[1] };
+	char recs[N][64], err[1024] = "";
+	struct reward_request req[N];
+
+	make_batch(req, recs, N, 100);
+	CU_ASSERT_EQUAL(reward_score_all(p, 2, req, N, rows, err, sizeof(err)), -1);
+	assert_contains(err, "reward 'hasty' (");
+	assert_contains(err, "record id 100 (prompt \"Q100\"): no answer within 0.4 s");
+	CU_ASSERT_DOUBLE_EQUAL(r[0][2], 102, 1e-9);
+	reward_stop(p[0]);
+	reward_stop(p[1]);
+	assert_no_children();
+}
+
+/* Two programs failing in one batch: the first is named, the count of the others given. */
+static void test_many_two_fail(void)
+{
+	enum { N = 4 };
+	struct reward_proc *p[2] = { start_many("a", 1, 0, 101, 5), start_many("b", 1, 0.2, 102, 5) };
+	double r[2][N], *rows[2] = { r[0], r[1] };
+	char recs[N][64], err[1024] = "";
+	struct reward_request req[N];
+
+	make_batch(req, recs, N, 100);
+	CU_ASSERT_EQUAL(reward_score_all(p, 2, req, N, rows, err, sizeof(err)), -1);
+	assert_contains(err, "reward 'a' (");
+	assert_contains(err, "record id 101");
+	assert_contains(err, "(and 1 more reward program failed)");
+	reward_stop(p[0]);
+	reward_stop(p[1]);
+	assert_no_children();
+}
+
 void register_tests(void)
 {
 	static const struct test_case prompts[] = {
@@ -753,5 +889,14 @@ void register_tests(void)
 
 	add_suite("prompts", prompts);
 	add_suite("reward", reward);
+	static const struct test_case many[] = {
+		{ "three programs score at once (timed)", test_many_concurrent },
+		{ "one fails on a record, the others go on", test_many_one_fails },
+		{ "each program's own timeout", test_many_timeouts },
+		{ "two fail: the first named, the rest counted", test_many_two_fail },
+		{ NULL, NULL },
+	};
+
 	add_suite("reward examples", examples);
+	add_suite("several reward programs", many);
 }

@@ -564,6 +564,54 @@ static void test_round_trip_exact(void)
 	free(text);
 }
 
+/* grpo.rewards: the list read, defaults filled, written back exactly; its errors name the entry */
+static void test_grpo_rewards(void)
+{
+	struct run_config c;
+
+	config_defaults(&c);
+	CU_ASSERT_STRING_EQUAL(c.grpo.reward_norm, "total");
+	CU_ASSERT_STRING_EQUAL(c.grpo.rollout_weights, "full");
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "grpo.rewards=[{\"name\": \"correct\", \"cmd\": [\"python3\", "
+				   "\"r.py\"]}, {\"name\": \"len.v2\", \"cmd\": [\"sh\", \"l.sh\", \"x\"], "
+				   "\"weight\": -0.1, \"timeout_s\": 2.5}]", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.grpo.n_rewards, 2);
+	CU_ASSERT_STRING_EQUAL(c.grpo.rewards[0].name, "correct");
+	CU_ASSERT_EQUAL(c.grpo.rewards[0].cmd_argc, 2);
+	CU_ASSERT_EQUAL(c.grpo.rewards[0].weight, 1.0);
+	CU_ASSERT_EQUAL(c.grpo.rewards[0].timeout_s, 0.0);  /* grpo.reward_timeout_s */
+	CU_ASSERT_STRING_EQUAL(c.grpo.rewards[1].cmd[2], "x");
+	CU_ASSERT_EQUAL(c.grpo.rewards[1].weight, -0.1);
+	CU_ASSERT_EQUAL(c.grpo.rewards[1].timeout_s, 2.5);
+	CU_ASSERT_EQUAL(config_set(&c, "grpo.reward_norm=each", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(config_set(&c, "grpo.rollout_weights=int8", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(config_validate(&c, 1, err, sizeof(err)), 0);
+	check_round_trip(&c);
+
+	expect_set_error("grpo.rewards={\"name\": \"a\"}", "grpo.rewards", "expected an array");
+	expect_set_error("grpo.rewards=[{\"cmd\": [\"sh\"]}]", "grpo.rewards: [0]", "no \"name\"");
+	expect_set_error("grpo.rewards=[{\"name\": \"a\", \"cmd\": [\"sh\"]}, {\"name\": \"b\"}]",
+			 "grpo.rewards: [1] (b)", "no \"cmd\"");
+	expect_set_error("grpo.rewards=[{\"name\": \"a\", \"cmd\": []}]", "[0].cmd", "non-empty array");
+	expect_set_error("grpo.rewards=[{\"name\": \"a\", \"cmd\": [\"sh\"], \"weight\": \"1\"}]",
+			 "[0].weight", "expected a number, got string");
+	expect_set_error("grpo.rewards=[{\"name\": \"a\", \"cmd\": [\"sh\"], \"timeout_s\": 0}]",
+			 "[0].timeout_s", "must be > 0");
+	expect_set_error("grpo.rewards=[{\"name\": \"a b\", \"cmd\": [\"sh\"]}]", "[0].name", "letters");
+	expect_set_error("grpo.rewards=[{\"name\": \"a\", \"cmd\": [\"sh\"], \"wieght\": 2}]",
+			 "[0]: unknown key wieght", NULL);
+	expect_invalid("grpo.reward_norm=sum", 1, "grpo.reward_norm=\"sum\" must be one of: total, each");
+	expect_invalid("grpo.rewards=[{\"name\": \"a\", \"cmd\": [\"sh\"]}, {\"name\": \"a\", \"cmd\": [\"sh\"]}]",
+		       1, "grpo.rewards[1].name: \"a\" is also the name of grpo.rewards[0]");
+	config_defaults(&c);
+	CU_ASSERT_EQUAL(config_set(&c, "grpo.reward_cmd=[\"sh\"]", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(config_set(&c, "grpo.rewards=[{\"name\": \"a\", \"cmd\": [\"sh\"]}]", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(config_validate(&c, 1, err, sizeof(err)), -1);
+	CU_ASSERT(contains(err, "grpo.rewards and grpo.reward_cmd are both given"));
+	expect_load_error("{\"grpo\": {\"rewards\": [{\"name\": \"a\", \"cmd\": [\"sh\"], \"weight\": null}]}}",
+			  "grpo.rewards: [0].weight", "got null");
+}
+
 static void test_model_diff(void)
 {
 	struct run_config a, b;
@@ -628,6 +676,7 @@ void register_tests(void)
 	};
 	static const struct test_case out[] = {
 		{ "round trip exact", test_round_trip_exact },
+		{ "grpo.rewards, reward_norm, rollout_weights", test_grpo_rewards },
 		{ "model diff", test_model_diff },
 		{ NULL, NULL },
 	};
