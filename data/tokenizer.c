@@ -302,6 +302,7 @@ void tokenizer_free(struct tokenizer *t)
 	pmap_free(&t->rank_of);
 	free(t->added);
 	free(t->sp.tok);
+	tok_splits_free(t->splits);
 	free(t->warning);
 	bmap_free(&t->cache);
 	free(t->cache_ids);

@@ -33,6 +33,7 @@ enum tok_pretok {
 	TOK_PRETOK_GPT2,	/* the GPT-2 regex above (ByteLevel use_regex=true) */
 	TOK_PRETOK_LLAMA3,	/* (?i:'s|..)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|... (cl100k) */
 	TOK_PRETOK_QWEN2,	/* the same with \p{N} (one digit a piece) */
+	TOK_PRETOK_SPLITS,	/* a Sequence of Split regexes (DeepSeek-V3's three), by PCRE2 */
 };
 
 /* Growable arrays (zero-initialise; the functions below append). */
@@ -64,8 +65,9 @@ struct tokenizer *tok_trainer_finish(struct tok_trainer *tr, int vocab_size, cha
 void tok_trainer_free(struct tok_trainer *tr);
 
 /* Hugging Face tokenizer.json (byte-level BPE).  Reading accepts merges as "a b" strings or [a, b]
- * pairs and the pre_tokenizer as ByteLevel or Sequence[Split(known pattern), ByteLevel]; anything else
- * is refused with a message naming the file and the key.  Writing is atomic (PATH.tmp, renamed). */
+ * pairs and the pre_tokenizer as ByteLevel or Sequence[Split(Regex, Isolated)..., ByteLevel] (the known
+ * GPT-2 / Llama 3 / Qwen2 patterns by hand, any others, such as DeepSeek-V3's three, by PCRE2); anything
+ * else is refused with a message naming the file and the key.  Writing is atomic (PATH.tmp, renamed). */
 struct tokenizer *tokenizer_load(const char *path, char *err, size_t errlen);
 struct tokenizer *tokenizer_parse(const char *json, size_t len, const char *name, char *err,
 				  size_t errlen);

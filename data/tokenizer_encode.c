@@ -203,8 +203,28 @@ size_t tok_pretokenize(enum tok_pretok mode, const void *text, size_t n, size_t 
 
 /* ---- the added-token scanner ----------------------------------------------------------------- */
 
-size_t tok_scan(const struct specials *sp, enum tok_pretok mode, const uint8_t *s, size_t n,
-		bool final, const struct scan_cb *cb)
+/*
+ * The pieces of the stretch s[pos, end) by the Split regexes.  Not final: the last two pieces are kept
+ * back (the last may grow with more text, and a match ending just before it may depend on what
+ * follows); a restart at a piece's start gives the same pieces, every Split level's matches starting
+ * afresh there.  Returns where the pieces handed over end.
+ */
+static size_t scan_splits(struct tok_splits *splits, const uint8_t *s, size_t pos, size_t end,
+			  bool final, const struct scan_cb *cb)
+{
+	const size_t *ends;
+	size_t k = tok_splits_run(splits, s + pos, end - pos, &ends), p = pos;
+	size_t keep = final ? k : (k > 2 ? k - 2 : 0);
+
+	for (size_t j = 0; j < keep; j++) {
+		cb->piece(cb->ctx, s + p, pos + ends[j] - p);
+		p = pos + ends[j];
+	}
+	return final ? end : p;
+}
+
+size_t tok_scan(const struct specials *sp, enum tok_pretok mode, struct tok_splits *splits,
+		const uint8_t *s, size_t n, bool final, const struct scan_cb *cb)
 {
 	size_t pos = 0;
 
@@ -236,7 +256,12 @@ size_t tok_scan(const struct specials *sp, enum tok_pretok mode, const uint8_t *
 				break;
 		}
 		c = (struct cur){ .s = s, .n = i, .final = final || hit };
-		for (p = pos; p < i;) {
+		if (mode == TOK_PRETOK_SPLITS) {
+			p = scan_splits(splits, s, pos, i, c.final, cb);
+			if (p < i)
+				return p;
+		}
+		for (p = mode == TOK_PRETOK_SPLITS ? i : pos; p < i;) {
 			size_t e = match_piece(mode, &c, p);
 
 			if (c.hit)
@@ -413,7 +438,7 @@ static size_t encode_some(struct tokenizer *t, const uint8_t *s, size_t n, bool 
 	void *ctx[2] = { t, out };
 	struct scan_cb cb = { encode_piece, encode_special, ctx };
 
-	return tok_scan(&t->sp, t->pretok, s, n, final, &cb);
+	return tok_scan(&t->sp, t->pretok, t->splits, s, n, final, &cb);
 }
 
 void tokenizer_encode(struct tokenizer *t, const void *text, size_t n, struct tok_ids *out)

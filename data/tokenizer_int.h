@@ -3,6 +3,7 @@
  * the memory and hash-map helpers, the Unicode classes and UTF-8, the GPT-2 byte table, the added-token
  * scanner, and struct tokenizer itself.
  *
+ *   tokenizer_regex.c    a Sequence of Split regexes (PCRE2); uses none of the others
  *   tokenizer_unicode.c  Unicode letter/number/space classes (the table), UTF-8
  *   tokenizer.c          memory, hash maps, the GPT-2 byte table, a tokenizer's building blocks, queries
  *   tokenizer_encode.c   the pre-tokenizer, the added-token scanner, BPE encoding, decoding, streaming
@@ -171,6 +172,19 @@ char *bytes_to_visible(const uint8_t *p, size_t n);
 /* A printable string -> bytes (into out, which holds strlen(s) bytes); -1 if a character has no byte. */
 long visible_to_bytes(const char *s, uint8_t *out);
 
+/* ---- a Sequence of Split pre-tokenizers (tokenizer_regex.c) ---------------------------------- */
+
+#define TOK_MAX_SPLITS 8
+
+struct tok_splits;
+/* Compile the patterns (copied); NULL with err when one does not compile. */
+struct tok_splits *tok_splits_new(const char *const *patterns, int n, char *err, size_t errlen);
+void tok_splits_free(struct tok_splits *sp);
+int tok_splits_count(const struct tok_splits *sp);
+const char *tok_splits_pattern(const struct tok_splits *sp, int i);
+/* The pieces of s[0..n): their end offsets in *ends (valid until the next call); returns their count. */
+size_t tok_splits_run(struct tok_splits *sp, const uint8_t *s, size_t n, const size_t **ends);
+
 /* ---- added tokens (tokenizer.c) and the scanner (tokenizer_encode.c) ------------------------ */
 
 struct sp_tok {
@@ -197,10 +211,11 @@ struct scan_cb {
 /*
  * Cut s[0..n) at the added tokens and pre-tokenize the stretches between them, calling back for each
  * piece and added token in order.  final: n is the end of the text.  Otherwise stops before the first
- * piece whose extent depends on what follows n; returns the number of bytes consumed.
+ * piece whose extent depends on what follows n; returns the number of bytes consumed.  splits: the
+ * regexes of mode TOK_PRETOK_SPLITS (NULL for the others).
  */
-size_t tok_scan(const struct specials *sp, enum tok_pretok mode, const uint8_t *s, size_t n,
-		bool final, const struct scan_cb *cb);
+size_t tok_scan(const struct specials *sp, enum tok_pretok mode, struct tok_splits *splits,
+		const uint8_t *s, size_t n, bool final, const struct scan_cb *cb);
 
 /* ---- the tokenizer ---------------------------------------------------------------------------- */
 
@@ -241,6 +256,7 @@ struct tokenizer {
 	struct specials sp;
 
 	enum tok_pretok pretok;
+	struct tok_splits *splits;	/* TOK_PRETOK_SPLITS: the regexes */
 	bool ignore_merges;
 	char *warning;
 

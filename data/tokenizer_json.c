@@ -303,14 +303,67 @@ static int load_bytelevel(const cJSON *p, const char *key, int *use_regex, struc
 	return 0;
 }
 
+static int is_type(const cJSON *o, const char *type)
+{
+	const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
+
+	return cJSON_IsObject(o) && cJSON_IsString(t) && !strcmp(t->valuestring, type);
+}
+
+/* pretokenizers[i], a Split: its Regex (malloc'd into *rx), behavior Isolated, no invert. */
+static int load_split(const cJSON *split, int i, char **rx, struct load_ctx *L)
+{
+	const cJSON *b = cJSON_GetObjectItemCaseSensitive(split, "behavior");
+	const cJSON *r = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(split,
+								"pattern"), "Regex");
+
+	if (!is_type(split, "Split"))
+		return LOAD_ERR(L, "%s: pre_tokenizer.pretokenizers[%d] is not a Split (only Splits, "
+				"then a ByteLevel, are supported)", L->name, i);
+	if (!cJSON_IsString(b) || strcmp(b->valuestring, "Isolated") ||
+	    json_bool(split, "invert", 0) != 0)
+		return LOAD_ERR(L, "%s: pre_tokenizer.pretokenizers[%d]: only behavior \"Isolated\" "
+				"without invert is supported", L->name, i);
+	if (!cJSON_IsString(r))
+		return LOAD_ERR(L, "%s: pre_tokenizer.pretokenizers[%d].pattern.Regex is missing (a "
+				"String pattern is not supported)", L->name, i);
+	*rx = tok_xrealloc(NULL, strlen(r->valuestring) + 1);
+	strcpy(*rx, r->valuestring);
+	return 0;
+}
+
+/* One Split of a pattern written by hand (GPT-2, Llama 3, Qwen2), else the regexes by PCRE2. */
+static int pick_pretok(struct tokenizer *t, char *const *rx, int n, struct load_ctx *L)
+{
+	char *e = n == 1 ? escape_crlf(rx[0]) : NULL;
+	char why[256];
+	int known = 1;
+
+	if (e && !strcmp(e, PAT_GPT2))
+		t->pretok = TOK_PRETOK_GPT2;
+	else if (e && !strcmp(e, PAT_LLAMA3))
+		t->pretok = TOK_PRETOK_LLAMA3;
+	else if (e && !strcmp(e, PAT_QWEN2))
+		t->pretok = TOK_PRETOK_QWEN2;
+	else
+		known = 0;
+	free(e);
+	if (known)
+		return 0;
+	t->splits = tok_splits_new((const char *const *)rx, n, why, sizeof(why));
+	if (!t->splits)
+		return LOAD_ERR(L, "%s: pre_tokenizer.%s", L->name, why);
+	t->pretok = TOK_PRETOK_SPLITS;
+	return 0;
+}
+
 static int load_pretok(struct tokenizer *t, const cJSON *root, struct load_ctx *L)
 {
 	const cJSON *p = cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer");
 	const cJSON *type = cJSON_GetObjectItemCaseSensitive(p, "type");
-	const cJSON *list, *split, *bl, *pat, *rx;
-	const char *s;
-	char *e;
-	int use_regex;
+	const cJSON *list, *bl;
+	char *rx[TOK_MAX_SPLITS];
+	int use_regex, n, ret;
 
 	if (!cJSON_IsObject(p) || !cJSON_IsString(type))
 		return LOAD_ERR(L, "%s: pre_tokenizer is %s: a byte-level BPE needs a ByteLevel "
@@ -328,52 +381,34 @@ static int load_pretok(struct tokenizer *t, const cJSON *root, struct load_ctx *
 		return LOAD_ERR(L, "%s: pre_tokenizer.type is \"%s\": only ByteLevel, or a Sequence of a "
 				"Split and a ByteLevel, is supported", L->name, type->valuestring);
 	list = cJSON_GetObjectItemCaseSensitive(p, "pretokenizers");
-	split = cJSON_GetArrayItem(list, 0);
-	bl = cJSON_GetArrayItem(list, 1);
-	if (!cJSON_IsArray(list) || cJSON_GetArraySize(list) != 2 || !cJSON_IsObject(split) ||
-	    !cJSON_IsObject(bl) ||
-	    !cJSON_IsString(cJSON_GetObjectItemCaseSensitive(split, "type")) ||
-	    strcmp(cJSON_GetObjectItemCaseSensitive(split, "type")->valuestring, "Split") ||
-	    !cJSON_IsString(cJSON_GetObjectItemCaseSensitive(bl, "type")) ||
-	    strcmp(cJSON_GetObjectItemCaseSensitive(bl, "type")->valuestring, "ByteLevel"))
-		return LOAD_ERR(L, "%s: pre_tokenizer.pretokenizers: only [Split, ByteLevel] is supported",
-				L->name);
-	if (load_bytelevel(bl, "pre_tokenizer.pretokenizers[1]", &use_regex, L))
+	n = cJSON_GetArraySize(list);
+	bl = cJSON_GetArrayItem(list, n - 1);
+	if (!cJSON_IsArray(list) || n < 2 || n - 1 > TOK_MAX_SPLITS || !is_type(bl, "ByteLevel"))
+		return LOAD_ERR(L, "%s: pre_tokenizer.pretokenizers: only [Split, ..., ByteLevel] (1 to %d "
+				"Splits) is supported", L->name, TOK_MAX_SPLITS);
+	if (load_bytelevel(bl, "pre_tokenizer.pretokenizers[last]", &use_regex, L))
 		return -1;
 	if (use_regex)
-		return LOAD_ERR(L, "%s: pre_tokenizer.pretokenizers[1].use_regex is true after a Split: "
-				"not supported", L->name);
-	s = cJSON_IsString(cJSON_GetObjectItemCaseSensitive(split, "behavior")) ?
-		    cJSON_GetObjectItemCaseSensitive(split, "behavior")->valuestring : "";
-	if (strcmp(s, "Isolated") || json_bool(split, "invert", 0) != 0)
-		return LOAD_ERR(L, "%s: pre_tokenizer.pretokenizers[0]: only behavior \"Isolated\" "
-				"without invert is supported", L->name);
-	pat = cJSON_GetObjectItemCaseSensitive(split, "pattern");
-	rx = cJSON_GetObjectItemCaseSensitive(pat, "Regex");
-	if (!cJSON_IsString(rx))
-		return LOAD_ERR(L, "%s: pre_tokenizer.pretokenizers[0].pattern.Regex is missing (a "
-				"String pattern is not supported)", L->name);
-	e = escape_crlf(rx->valuestring);
-	if (!strcmp(e, PAT_GPT2))
-		t->pretok = TOK_PRETOK_GPT2;
-	else if (!strcmp(e, PAT_LLAMA3))
-		t->pretok = TOK_PRETOK_LLAMA3;
-	else if (!strcmp(e, PAT_QWEN2))
-		t->pretok = TOK_PRETOK_QWEN2;
-	else {
-		snprintf(L->err, L->errlen, "%s: pre_tokenizer.pretokenizers[0].pattern.Regex \"%s\" is "
-			 "not one of the supported patterns (GPT-2, Llama 3, Qwen2)", L->name, e);
-		free(e);
-		return -1;
+		return LOAD_ERR(L, "%s: pre_tokenizer.pretokenizers[%d].use_regex is true after a Split: "
+				"not supported", L->name, n - 1);
+	for (int i = 0; i < n - 1; i++) {
+		if (load_split(cJSON_GetArrayItem(list, i), i, &rx[i], L)) {
+			for (int j = 0; j < i; j++)
+				free(rx[j]);
+			return -1;
+		}
 	}
-	free(e);
-	return 0;
+	ret = pick_pretok(t, rx, n - 1, L);
+	for (int i = 0; i < n - 1; i++)
+		free(rx[i]);
+	return ret;
 }
 
 static int load_rest(struct tokenizer *t, const cJSON *root, struct load_ctx *L)
 {
 	const cJSON *norm = cJSON_GetObjectItemCaseSensitive(root, "normalizer");
 	const cJSON *dec = cJSON_GetObjectItemCaseSensitive(root, "decoder");
+	const cJSON *post = cJSON_GetObjectItemCaseSensitive(root, "post_processor");
 	const cJSON *type;
 
 	if (norm && !cJSON_IsNull(norm)) {
@@ -391,6 +426,15 @@ static int load_rest(struct tokenizer *t, const cJSON *root, struct load_ctx *L)
 					cJSON_IsString(type) ? type->valuestring : json_type_name(type),
 					cJSON_IsString(type) ? "\"" : "");
 		}
+	}
+	type = cJSON_GetObjectItemCaseSensitive(post, "type");
+	if (cJSON_IsString(type) && !strcmp(type->valuestring, "TemplateProcessing") && !t->warning) {
+		/* DeepSeek's: a BOS before each text; moe separates documents by end-of-text ids */
+		const char *w = "post_processor TemplateProcessing is not applied (encoding is that of "
+				"add_special_tokens=False)";
+
+		t->warning = tok_xrealloc(NULL, strlen(w) + 1);
+		strcpy(t->warning, w);
 	}
 	if (dec && !cJSON_IsNull(dec)) {
 		type = cJSON_GetObjectItemCaseSensitive(dec, "type");
@@ -488,6 +532,18 @@ static cJSON *bytelevel_json(bool add_prefix_space, bool trim_offsets, bool use_
 	return o;
 }
 
+static cJSON *split_json(const char *rx)
+{
+	cJSON *split = cJSON_CreateObject(), *pat = cJSON_CreateObject();
+
+	cJSON_AddStringToObject(split, "type", "Split");
+	cJSON_AddStringToObject(pat, "Regex", rx);
+	cJSON_AddItemToObject(split, "pattern", pat);
+	cJSON_AddStringToObject(split, "behavior", "Isolated");
+	cJSON_AddBoolToObject(split, "invert", false);
+	return split;
+}
+
 static cJSON *tokenizer_to_json(const struct tokenizer *t)
 {
 	cJSON *root = cJSON_CreateObject(), *added, *model, *vocab, *merges, *pre;
@@ -515,18 +571,18 @@ static cJSON *tokenizer_to_json(const struct tokenizer *t)
 	if (t->pretok == TOK_PRETOK_GPT2) {
 		pre = bytelevel_json(false, true, true);
 	} else {
-		cJSON *list, *split = cJSON_CreateObject(), *pat = cJSON_CreateObject();
-		const char *rx = t->pretok == TOK_PRETOK_LLAMA3 ? PAT_LLAMA3 : PAT_QWEN2;
+		cJSON *list;
+		int n = t->pretok == TOK_PRETOK_SPLITS ? tok_splits_count(t->splits) : 1;
 
 		pre = cJSON_CreateObject();
 		cJSON_AddStringToObject(pre, "type", "Sequence");
 		list = cJSON_AddArrayToObject(pre, "pretokenizers");
-		cJSON_AddStringToObject(split, "type", "Split");
-		cJSON_AddStringToObject(pat, "Regex", rx);
-		cJSON_AddItemToObject(split, "pattern", pat);
-		cJSON_AddStringToObject(split, "behavior", "Isolated");
-		cJSON_AddBoolToObject(split, "invert", false);
-		cJSON_AddItemToArray(list, split);
+		for (int i = 0; i < n; i++) {
+			const char *rx = t->pretok == TOK_PRETOK_SPLITS ? tok_splits_pattern(t->splits, i) :
+					 t->pretok == TOK_PRETOK_LLAMA3 ? PAT_LLAMA3 : PAT_QWEN2;
+
+			cJSON_AddItemToArray(list, split_json(rx));
+		}
 		cJSON_AddItemToArray(list, bytelevel_json(false, true, false));
 	}
 	cJSON_AddItemToObject(root, "pre_tokenizer", pre);

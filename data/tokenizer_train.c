@@ -89,7 +89,7 @@ static void skip_special(void *ctx, uint32_t id)
 static void trainer_scan(struct tok_trainer *tr, bool final)
 {
 	struct scan_cb cb = { count_piece, skip_special, &tr->words };
-	size_t used = tok_scan(&tr->sp, TOK_PRETOK_GPT2, tr->buf, tr->len, final, &cb);
+	size_t used = tok_scan(&tr->sp, TOK_PRETOK_GPT2, NULL, tr->buf, tr->len, final, &cb);
 
 	memmove(tr->buf, tr->buf + used, tr->len - used);
 	tr->len -= used;

@@ -7,7 +7,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD_DIR="${BUILD_DIR:-$ROOT/build}"
 PACKAGES=(build-essential cmake pkg-config openmpi-bin libopenmpi-dev libhdf5-dev hdf5-tools
-	  libcunit1-dev libopenblas-openmp-dev libcjson-dev python3)
+	  libcunit1-dev libopenblas-openmp-dev libcjson-dev libpcre2-dev python3)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -99,9 +99,52 @@ static const char *hf_attention_dropout(const cJSON *v)
 	return v->valuedouble == 0 ? NULL : "must be 0 (attention dropout is not supported)";
 }
 
+/*
+ * DeepSeek-V3's {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+ * "weight_block_size": [128, 128]}: how its files store the weights (convert.c dequantises them), not
+ * a change to the model, which trains in float32 / bf16.
+ */
+const char *config_hf_fp8(const cJSON *v, int *block_rows, int *block_cols)
+{
+	static const char *const method[] = { "fp8", NULL }, *const fmt[] = { "e4m3", NULL };
+	static const char *const act[] = { "dynamic", NULL };
+	const cJSON *e, *b;
+
+	if (!cJSON_IsObject(v))
+		return "expected an object (DeepSeek's fp8 quantization_config) or null";
+	cJSON_ArrayForEach(e, v) {
+		const char *why = NULL;
+
+		if (!strcmp(e->string, "quant_method"))
+			why = hf_string_in(e, method, "quant_method must be \"fp8\"");
+		else if (!strcmp(e->string, "fmt"))
+			why = hf_string_in(e, fmt, "fmt must be \"e4m3\" (the only fp8 format read)");
+		else if (!strcmp(e->string, "activation_scheme"))
+			why = hf_string_in(e, act, "activation_scheme must be \"dynamic\"");
+		else if (strcmp(e->string, "weight_block_size"))
+			why = "unknown key in quantization_config (quant_method, fmt, activation_scheme, "
+			      "weight_block_size)";
+		if (why)
+			return why;
+	}
+	if (!cJSON_GetObjectItemCaseSensitive(v, "quant_method"))
+		return "quant_method missing (\"fp8\")";
+	if (!cJSON_GetObjectItemCaseSensitive(v, "fmt"))
+		return "fmt missing (\"e4m3\")";
+	b = cJSON_GetObjectItemCaseSensitive(v, "weight_block_size");
+	if (!cJSON_IsArray(b) || cJSON_GetArraySize(b) != 2 || !is_int_at_least(b->child, 1) ||
+	    !is_int_at_least(b->child->next, 1))
+		return "weight_block_size must be two integers >= 1 ([rows, cols] of a scale's block)";
+	if (block_rows)
+		*block_rows = (int)b->child->valuedouble;
+	if (block_cols)
+		*block_cols = (int)b->child->next->valuedouble;
+	return NULL;
+}
+
 static const char *hf_quantization(const cJSON *v)
 {
-	return cJSON_IsNull(v) ? NULL : "quantized models are not supported";
+	return cJSON_IsNull(v) ? NULL : config_hf_fp8(v, NULL, NULL);
 }
 
 static const char *hf_rope_interleave(const cJSON *v)

@@ -19,4 +19,11 @@ const struct hf_key *config_hf_key(const char *section, const char *name);
 int config_hf_check(const struct hf_key *h, const struct cJSON *v, const char *origin, char *err,
 		    size_t errlen);
 
+/*
+ * A quantization_config object: DeepSeek's fp8 (quant_method "fp8", fmt "e4m3", activation_scheme
+ * "dynamic", weight_block_size [rows, cols]).  NULL and the block's shape (either pointer may be NULL),
+ * or why not.
+ */
+const char *config_hf_fp8(const struct cJSON *v, int *block_rows, int *block_cols);
+
 #endif

@@ -34,6 +34,12 @@
  * (for DeepSeek-V3, the 3.7 GB embedding) plus HDF5's small caches.  The parameter table comes from
  * ckpt_model_params, which holds no weights.
  *
+ * fp8 (DeepSeek-V3/R1's files, train/convert_fp8.h): an F8_E4M3 weight is read as its raw values and
+ * multiplied by its NAME_scale_inv blocks (quantization_config.weight_block_size from config.json, never
+ * assumed) on the way; scales are matched to their weights, and their shapes checked, with the rest of
+ * the plan, before any data is read.  --to-hf --dtype fp8 writes the linear weights so (blocks of 128)
+ * and the rest in bf16, as DeepSeek does.
+ *
  * config.json: translated to and from the run configuration by train/convert_config.c.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -54,6 +60,8 @@
 
 #include "model/model.h"
 #include "train/checkpoint.h"
+#include "train/config_hf.h"
+#include "train/convert_fp8.h"
 
 #define PATH_LEN 4096
 #define HF_NAME_LEN 160
@@ -204,6 +212,15 @@ struct assignment {
 	const struct st_tensor *t;
 	const struct param *p;
 	int expert;                 /* -1: the whole parameter */
+	int scale_file;             /* F8_E4M3: where its NAME_scale_inv is */
+	const struct st_tensor *scale;
+};
+
+/* A NAME_scale_inv tensor of the files, and whether an fp8 weight claimed it. */
+struct scale_ref {
+	int file;
+	const struct st_tensor *t;
+	int used;
 };
 
 struct from_hf {
@@ -222,7 +239,10 @@ struct from_hf {
 	size_t *param_base;
 	int n_assign, cap_assign;
 	struct assignment *assign;
-	int64_t skipped_mtp, skipped_rotary;
+	int n_scales, cap_scales;
+	struct scale_ref *scales;   /* sorted by name once all are in */
+	int fp8, fp8_br, fp8_bc;    /* config.json's quantization_config: block of a scale */
+	int64_t skipped_mtp, skipped_rotary, n_fp8;
 };
 
 static int cmp_str(const void *a, const void *b)
@@ -399,6 +419,80 @@ static const struct param *find_param(const struct from_hf *c, const char *name)
 	return hit ? *hit : NULL;
 }
 
+static int add_scale(struct from_hf *c, int k, const struct st_tensor *t)
+{
+	if (c->n_scales == c->cap_scales) {
+		int cap = c->cap_scales ? 2 * c->cap_scales : 256;
+		struct scale_ref *s = realloc(c->scales, sizeof(*s) * cap);
+
+		if (!s)
+			return set_err(c->err, c->errlen, "out of memory");
+		c->scales = s;
+		c->cap_scales = cap;
+	}
+	c->scales[c->n_scales++] = (struct scale_ref){ k, t, 0 };
+	return 0;
+}
+
+static int cmp_scale(const void *a, const void *b)
+{
+	return strcmp(((const struct scale_ref *)a)->t->name, ((const struct scale_ref *)b)->t->name);
+}
+
+static int cmp_name_scale(const void *key, const void *elem)
+{
+	return strcmp(key, ((const struct scale_ref *)elem)->t->name);
+}
+
+/* F8_E4M3 weight a's scale: present, readable, [ceil(rows / br), ceil(cols / bc)]. */
+static int match_scale(struct from_hf *c, struct assignment *a)
+{
+	char name[HF_NAME_LEN + 16], got[128], want[128];
+	const char *path = c->files[a->file].path;
+	int64_t shape[2];
+	struct scale_ref *s;
+
+	fp8_scale_name(name, sizeof(name), a->t->name);
+	s = bsearch(name, c->scales, (size_t)c->n_scales, sizeof(*c->scales), cmp_name_scale);
+	if (!s)
+		return set_err(c->err, c->errlen, "%s: tensor %s is F8_E4M3 but no file holds its "
+			       "scales, %s", path, a->t->name, name);
+	path = c->files[s->file].path;
+	shape[0] = fp8_blocks(a->t->shape[0], c->fp8_br);
+	shape[1] = fp8_blocks(a->t->shape[1], c->fp8_bc);
+	if (!same_shape(s->t, 2, shape)) {
+		fmt_shape(got, sizeof(got), s->t->ndim, s->t->shape);
+		fmt_shape(want, sizeof(want), 2, shape);
+		return set_err(c->err, c->errlen, "%s: tensor %s has shape %s, but %s of shape [%lld, "
+			       "%lld] in blocks of [%d, %d] (quantization_config.weight_block_size) "
+			       "needs %s", path, name, got, a->t->name, (long long)a->t->shape[0],
+			       (long long)a->t->shape[1], c->fp8_br, c->fp8_bc, want);
+	}
+	if (s->t->dtype != ST_F32 && s->t->dtype != ST_BF16 && s->t->dtype != ST_F16)
+		return set_err(c->err, c->errlen, "%s: tensor %s: dtype %s (scales are F32, BF16 or "
+			       "F16)", path, name, st_dtype_name(s->t->dtype));
+	s->used = 1;
+	a->scale_file = s->file;
+	a->scale = s->t;
+	c->n_fp8++;
+	return 0;
+}
+
+/* Every fp8 weight has its scales, and every scale belongs to an fp8 weight. */
+static int match_scales(struct from_hf *c)
+{
+	qsort(c->scales, (size_t)c->n_scales, sizeof(*c->scales), cmp_scale);
+	for (int i = 0; i < c->n_assign; i++)
+		if (c->assign[i].t->dtype == ST_F8_E4M3 && match_scale(c, &c->assign[i]))
+			return -1;
+	for (int i = 0; i < c->n_scales; i++)
+		if (!c->scales[i].used)
+			return set_err(c->err, c->errlen, "%s: unexpected tensor %s: not the scales of "
+				       "an F8_E4M3 weight of the model", c->files[c->scales[i].file].path,
+				       c->scales[i].t->name);
+	return 0;
+}
+
 /* One tensor of file k: skip it, or check it and record where it goes. */
 static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
 {
@@ -418,6 +512,8 @@ static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
 		c->skipped_mtp++;
 		return 0;
 	}
+	if (ends_with(t->name, "_scale_inv"))
+		return add_scale(c, k, t);
 	e = expert_of(t->name, ours, sizeof(ours));
 	p = find_param(c, e >= 0 ? ours : t->name);
 	if (!p || (e >= 0 && !p->expert_stacked))
@@ -434,9 +530,16 @@ static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
 		return set_err(c->err, c->errlen, "%s: tensor %s has shape %s, but config.json gives %s",
 			       path, t->name, got, want);
 	}
-	if (t->dtype != ST_F32 && t->dtype != ST_BF16 && t->dtype != ST_F16)
-		return set_err(c->err, c->errlen, "%s: tensor %s: dtype %s (only F32, BF16 and F16 "
-			       "convert)", path, t->name, st_dtype_name(t->dtype));
+	if (t->dtype == ST_F8_E4M3 && !c->fp8)
+		return set_err(c->err, c->errlen, "%s: tensor %s is F8_E4M3, but config.json has no "
+			       "quantization_config (the block size of its scales)", path, t->name);
+	if (t->dtype == ST_F8_E4M3 && t->ndim != 2)
+		return set_err(c->err, c->errlen, "%s: tensor %s: F8_E4M3 with %d dimensions (block "
+			       "scales are for 2-D weights)", path, t->name, t->ndim);
+	if (t->dtype != ST_F32 && t->dtype != ST_BF16 && t->dtype != ST_F16 &&
+	    t->dtype != ST_F8_E4M3)
+		return set_err(c->err, c->errlen, "%s: tensor %s: dtype %s (only F32, BF16, F16 and "
+			       "block-scaled F8_E4M3 convert)", path, t->name, st_dtype_name(t->dtype));
 	for (int x = e >= 0 ? e : 0; x < (e >= 0 ? e + 1 : (p->expert_stacked ? E : 1)); x++) {
 		unsigned char *f = &c->filled[c->param_base[p - c->params] + x];
 
@@ -459,6 +562,7 @@ static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
 	a->t = t;
 	a->p = p;
 	a->expert = e;
+	a->scale = NULL;
 	return 0;
 }
 
@@ -502,15 +606,26 @@ static int cmp_assignment(const void *a, const void *b)
 	return (x->t->begin > y->t->begin) - (x->t->begin < y->t->begin);
 }
 
-/* One tensor: widened to float32 in buf, its mapped pages dropped, handed to the writer. */
+/*
+ * One tensor: widened to float32 in buf (an fp8 one multiplied by its blocks' scales, read into
+ * sbuf), its mapped pages dropped, handed to the writer.
+ */
 static int stream_tensor(struct from_hf *c, struct ckpt_writer *w, const struct assignment *a,
-			 float *buf)
+			 float *buf, float *sbuf)
 {
 	const struct st_file *f = &c->files[a->file].f;
 
 	if (st_read_f32(f, a->t, buf, c->err, c->errlen))
 		return -1;
 	st_release(f, a->t);
+	if (a->scale) {
+		const struct st_file *sf = &c->files[a->scale_file].f;
+
+		if (st_read_f32(sf, a->scale, sbuf, c->err, c->errlen))
+			return -1;
+		st_release(sf, a->scale);
+		fp8_dequantize(buf, a->t->shape[0], a->t->shape[1], sbuf, c->fp8_br, c->fp8_bc);
+	}
 	if (ckpt_writer_put(w, a->p->name, a->t->shape, a->t->ndim, a->expert, buf, c->err,
 			    c->errlen)) {
 		/* the writer names the checkpoint and our tensor: add where it came from */
@@ -550,27 +665,38 @@ static int write_absent(struct from_hf *c, struct ckpt_writer *w)
  */
 static int stream_assigned(struct from_hf *c, struct ckpt_writer *w)
 {
-	uint64_t most = 1;
-	float *buf;
+	uint64_t most = 1, most_scale = 1;
+	float *buf = NULL, *sbuf = NULL;
 	int ret = -1, i = 0;
 
 	qsort(c->assign, (size_t)c->n_assign, sizeof(*c->assign), cmp_assignment);
-	for (int j = 0; j < c->n_assign; j++)
+	for (int j = 0; j < c->n_assign; j++) {
 		if (c->assign[j].t->numel > most)
 			most = c->assign[j].t->numel;
-	if (most > SIZE_MAX / sizeof(float) || !(buf = malloc((size_t)most * sizeof(float))))
+		if (c->assign[j].scale && c->assign[j].scale->numel > most_scale)
+			most_scale = c->assign[j].scale->numel;
+	}
+	if (most > SIZE_MAX / sizeof(float) || !(buf = malloc((size_t)most * sizeof(float))) ||
+	    !(sbuf = malloc((size_t)most_scale * sizeof(float)))) {
+		free(buf);
 		return set_err(c->err, c->errlen, "out of memory for a tensor of %llu elements",
 			       (unsigned long long)most);
+	}
 	for (int k = 0; k < c->n_files; k++) {
+		/* with fp8 weights a scale may live in another file: all stay mapped to the end (the
+		 * pages of what was read are dropped all the same) */
 		for (; i < c->n_assign && c->assign[i].file == k; i++)
-			if (stream_tensor(c, w, &c->assign[i], buf))
+			if (stream_tensor(c, w, &c->assign[i], buf, sbuf))
 				goto out;
-		st_close(&c->files[k].f);  /* done with this file: unmap it */
-		c->files[k].open = 0;
+		if (!c->n_fp8) {
+			st_close(&c->files[k].f);  /* done with this file: unmap it */
+			c->files[k].open = 0;
+		}
 	}
 	ret = write_absent(c, w);
 out:
 	free(buf);
+	free(sbuf);
 	return ret;
 }
 
@@ -585,6 +711,7 @@ static int load_hf_config(struct from_hf *c, struct run_config *rc)
 {
 	char path[PATH_LEN + 16], *text;
 	const char *type;
+	const cJSON *qc;
 	cJSON *obj;
 	int ret;
 
@@ -597,6 +724,15 @@ static int load_hf_config(struct from_hf *c, struct run_config *rc)
 	obj = ret ? NULL : cJSON_Parse(text);
 	type = json_string(obj, "model_type");
 	c->v2 = type && !strcmp(type, "deepseek_v2");
+	qc = cJSON_GetObjectItemCaseSensitive(obj, "quantization_config");
+	if (!ret && qc && !cJSON_IsNull(qc)) {
+		/* checked by convert_hf_config already: this only takes the block's shape */
+		const char *why = config_hf_fp8(qc, &c->fp8_br, &c->fp8_bc);
+
+		if (why)
+			ret = set_err(c->err, c->errlen, "%s: model.quantization_config: %s", path, why);
+		c->fp8 = !why;
+	}
 	cJSON_Delete(obj);
 	free(text);
 	return ret;
@@ -636,8 +772,11 @@ static int plan_sources(struct from_hf *c)
 		for (int j = 0; j < c->files[k].f.n_tensors; j++)
 			if (plan_tensor(c, k, &c->files[k].f.tensors[j]))
 				return -1;
-	if (check_complete(c))
+	if (match_scales(c) || check_complete(c))
 		return -1;
+	if (c->n_fp8)
+		print_note(c->notes, "%lld F8_E4M3 weights dequantised (blocks of [%d, %d])",
+			   (long long)c->n_fp8, c->fp8_br, c->fp8_bc);
 	if (c->skipped_mtp)
 		print_note(c->notes, "skipped %lld tensors of layers >= num_hidden_layers=%d (multi-token "
 		     "prediction layers are not part of the model)", (long long)c->skipped_mtp,
@@ -672,6 +811,7 @@ out:
 			st_close(&c->files[k].f);
 	free(c->files);
 	free(c->assign);
+	free(c->scales);
 	free(c->filled);
 	free(c->param_base);
 	free(c->by_name);
@@ -682,9 +822,11 @@ out:
 /* ---------------------------------------------------------------- --to-hf */
 
 struct out_tensor {
-	char name[HF_NAME_LEN];
+	char name[HF_NAME_LEN + 16];
 	const struct param *p;      /* where it comes from: a piece of p */
 	int expert;                 /* -1: the whole of p */
+	int scales;                 /* 1: the block scales (NAME_scale_inv) of the F8_E4M3 weight
+				     * before it in the list, not the weight itself */
 	struct st_spec spec;
 	uint64_t numel, bytes;
 	int shard;
@@ -697,6 +839,7 @@ struct to_hf {
 	struct out_tensor *t;
 	int n, n_shards;
 	float *buf;                 /* one tensor (an expert's slice of a stacked one) */
+	float *sbuf;                /* its block scales, when it goes out as F8_E4M3 */
 	char *err;
 	size_t errlen;
 };
@@ -746,7 +889,33 @@ static int check_out_dir(const char *dir, char *err, size_t errlen)
 	return 0;
 }
 
-/* The HF tensors of a model, experts unstacked, in our parameter order. */
+/* One HF tensor's dtype: fp8 goes as DeepSeek's files (fp8 linear weights, bf16 else); the routing
+ * bias stays float32, as in DeepSeek's own checkpoints. */
+static enum st_dtype out_dtype(const struct out_tensor *o, enum st_dtype dtype)
+{
+	if (o->p->kind == PARAM_BUFFER)
+		return ST_F32;
+	if (dtype != ST_F8_E4M3)
+		return dtype;
+	return fp8_is_quantised(o->name, o->spec.ndim) ? ST_F8_E4M3 : ST_BF16;
+}
+
+/* The scales tensor of the F8_E4M3 weight w: [ceil(rows / 128), ceil(cols / 128)], float32. */
+static void scales_of(struct out_tensor *s, const struct out_tensor *w)
+{
+	*s = *w;
+	fp8_scale_name(s->name, sizeof(s->name), w->name);
+	s->spec.name = s->name;
+	s->spec.dtype = ST_F32;
+	s->spec.shape[0] = fp8_blocks(w->spec.shape[0], FP8_BLOCK);
+	s->spec.shape[1] = fp8_blocks(w->spec.shape[1], FP8_BLOCK);
+	s->numel = (uint64_t)(s->spec.shape[0] * s->spec.shape[1]);
+	s->bytes = 4 * s->numel;
+	s->scales = 1;
+}
+
+/* The HF tensors of a model, experts unstacked, in our parameter order (an fp8 weight followed by
+ * its scales). */
 static struct out_tensor *list_out_tensors(const struct param *params, int n_params,
 					   enum st_dtype dtype, int *n)
 {
@@ -755,6 +924,8 @@ static struct out_tensor *list_out_tensors(const struct param *params, int n_par
 
 	for (int i = 0; i < n_params; i++)
 		total += params[i].expert_stacked ? (int)params[i].shape[0] : 1;
+	if (dtype == ST_F8_E4M3)
+		total *= 2;  /* at most: every tensor with its scales */
 	t = calloc(total ? total : 1, sizeof(*t));
 	if (!t)
 		return NULL;
@@ -772,13 +943,16 @@ static struct out_tensor *list_out_tensors(const struct param *params, int n_par
 			o->spec.ndim = stacked ? p->ndim - 1 : p->ndim;
 			memcpy(o->spec.shape, stacked ? p->shape + 1 : p->shape,
 			       sizeof(int64_t) * o->spec.ndim);
-			/* the routing bias stays float32, as in DeepSeek's own checkpoints */
-			o->spec.dtype = p->kind == PARAM_BUFFER ? ST_F32 : dtype;
+			o->spec.dtype = out_dtype(o, dtype);
 			o->numel = stacked ? p->numel / (size_t)ne : p->numel;
 			o->bytes = o->numel * st_dtype_size(o->spec.dtype);
+			if (o->spec.dtype == ST_F8_E4M3) {
+				scales_of(&t[k + 1], o);
+				k++;
+			}
 		}
 	}
-	*n = total;
+	*n = k;
 	return t;
 }
 
@@ -801,6 +975,29 @@ static int shard_order(const struct to_hf *h, int s, int *order)
 			if (h->t[i].shard == s && (h->t[i].spec.dtype == ST_F32) == (pass == 0))
 				order[k++] = i;
 	return k;
+}
+
+/*
+ * An F8_E4M3 weight (in h->buf, as read): its block scales into h->sbuf and, for the weight itself,
+ * h->buf divided by them.  The scales come first in a shard (float32 first, for alignment), so a
+ * quantised weight is read twice, once for its scales and once for its bytes.
+ */
+static int quantise_out(struct to_hf *h, const struct out_tensor *o)
+{
+	int64_t rows = o->spec.shape[0], cols = o->spec.shape[1];
+
+	if (!o->scales && o->spec.dtype != ST_F8_E4M3)
+		return 0;
+	if (o->scales) {
+		rows = o->p->expert_stacked ? o->p->shape[o->p->ndim - 2] : o->p->shape[0];
+		cols = o->p->shape[o->p->ndim - 1];
+	}
+	if (fp8_block_scales(h->buf, rows, cols, FP8_BLOCK, FP8_BLOCK, h->sbuf))
+		return set_err(h->err, h->errlen, "%s: a NaN or infinity: cannot be quantised to fp8",
+			       o->p->name);
+	if (!o->scales)
+		fp8_quantize(h->buf, rows, cols, h->sbuf, FP8_BLOCK, FP8_BLOCK);
+	return 0;
 }
 
 /* Shard s, streamed: each tensor read from the checkpoint into h->buf, then written out. */
@@ -827,7 +1024,9 @@ static int write_shard(struct to_hf *h, int s)
 		const struct out_tensor *o = &h->t[order[i]];
 
 		if (ckpt_reader_get(h->r, o->p->name, o->expert, h->buf, h->err, h->errlen) ||
-		    st_writer_write(w, o->name, h->buf, o->numel, h->err, h->errlen)) {
+		    quantise_out(h, o) ||
+		    st_writer_write(w, o->name, o->scales ? h->sbuf : h->buf, o->numel, h->err,
+				    h->errlen)) {
 			st_writer_abort(w);
 			w = NULL;
 		}
@@ -879,8 +1078,10 @@ static void assign_shards(struct to_hf *h, uint64_t shard_bytes)
 
 	h->n_shards = 0;
 	for (int i = 0; i < h->n; i++) {
-		/* a new shard when this tensor would overflow a non-empty one */
-		if (!h->n_shards || (in_shard && in_shard + h->t[i].bytes > shard_bytes)) {
+		/* a new shard when this tensor would overflow a non-empty one; scales stay with their
+		 * weight, as in DeepSeek's files */
+		if (!h->n_shards || (in_shard && in_shard + h->t[i].bytes > shard_bytes &&
+				     !h->t[i].scales)) {
 			h->n_shards++;
 			in_shard = 0;
 		}
@@ -910,13 +1111,17 @@ static void remove_outputs(const struct to_hf *h, int made_dir)
 static int write_hf_dir(struct to_hf *h, const struct run_config *rc, enum st_dtype dtype)
 {
 	char path[PATH_LEN + 16], *json;
-	uint64_t most = 1;
+	uint64_t most = 1, most_scales = 1;
 	int ret;
 
-	for (int i = 0; i < h->n; i++)
-		if (h->t[i].numel > most)
+	for (int i = 0; i < h->n; i++) {
+		if (!h->t[i].scales && h->t[i].numel > most)
 			most = h->t[i].numel;
-	if (most > SIZE_MAX / sizeof(float) || !(h->buf = malloc((size_t)most * sizeof(float))))
+		if (h->t[i].scales && h->t[i].numel > most_scales)
+			most_scales = h->t[i].numel;
+	}
+	if (most > SIZE_MAX / sizeof(float) || !(h->buf = malloc((size_t)most * sizeof(float))) ||
+	    !(h->sbuf = malloc((size_t)most_scales * sizeof(float))))
 		return set_err(h->err, h->errlen, "out of memory for a tensor of %llu elements",
 			       (unsigned long long)most);
 	for (int s = 0; s < h->n_shards; s++)
@@ -949,8 +1154,8 @@ int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_t
 
 	if (opts)
 		o = *opts;
-	if (o.dtype != ST_F32 && o.dtype != ST_BF16)
-		return set_err(err, errlen, "--dtype %s: only f32 and bf16 are written",
+	if (o.dtype != ST_F32 && o.dtype != ST_BF16 && o.dtype != ST_F8_E4M3)
+		return set_err(err, errlen, "--dtype %s: only f32, bf16 and fp8 are written",
 			       st_dtype_name(o.dtype));
 	if (!o.shard_bytes)
 		return set_err(err, errlen, "--shard-size must be > 0");
@@ -979,10 +1184,12 @@ int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_t
 		goto out;
 	}
 	print_note(notes, "%s: %d tensors in %d file%s (%s)", dir, h.n, h.n_shards,
-	     h.n_shards > 1 ? "s" : "", o.dtype == ST_BF16 ? "bf16" : "f32");
+	     h.n_shards > 1 ? "s" : "", o.dtype == ST_BF16 ? "bf16" : o.dtype == ST_F8_E4M3 ?
+	     "fp8 e4m3 linear weights in blocks of 128 x 128, the rest bf16" : "f32");
 	ret = 0;
 out:
 	free(h.buf);
+	free(h.sbuf);
 	free(h.t);
 	ckpt_reader_close(h.r);
 	return ret;

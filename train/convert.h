@@ -49,7 +49,9 @@ void convert_json_sort(struct cJSON *obj);
 int convert_from_hf(const char *dir, const char *out_path, FILE *notes, char *err, size_t errlen);
 
 struct convert_to_hf_opts {
-	enum st_dtype dtype;        /* ST_F32 or ST_BF16 (e_score_correction_bias stays F32) */
+	enum st_dtype dtype;        /* ST_F32, ST_BF16 or ST_F8_E4M3 (DeepSeek-V3's layout: fp8 linear
+				     * weights with block scales, the rest BF16); e_score_correction_bias
+				     * stays F32 */
 	uint64_t shard_bytes;       /* at most this many bytes of tensor data per file */
 };
 

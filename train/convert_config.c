@@ -12,6 +12,7 @@
 #include <cjson/cJSON.h>
 
 #include "model/rope.h"
+#include "train/convert_fp8.h"
 
 /* ---------------------------------------------------------------- config.json -> run_config */
 
@@ -337,6 +338,25 @@ static int hf_rope_scaling(cJSON *m, const struct model_config *mc)
 	return 0;
 }
 
+/* DeepSeek-V3's quantization_config, for the weights --to-hf --dtype fp8 writes. */
+static int hf_fp8_config(cJSON *m)
+{
+	cJSON *q = cJSON_CreateObject(), *b;
+
+	if (!q)
+		return -1;
+	set_item(m, "quantization_config", q);
+	b = cJSON_AddArrayToObject(q, "weight_block_size");
+	if (!cJSON_AddStringToObject(q, "activation_scheme", "dynamic") ||
+	    !cJSON_AddStringToObject(q, "fmt", "e4m3") || !cJSON_AddStringToObject(q, "quant_method", "fp8") ||
+	    !b)
+		return -1;
+	cJSON_AddItemToArray(b, cJSON_CreateNumber(FP8_BLOCK));
+	cJSON_AddItemToArray(b, cJSON_CreateNumber(FP8_BLOCK));
+	convert_json_sort(q);
+	return 0;
+}
+
 char *convert_hf_config_json(const struct model_config *mc, enum st_dtype dtype)
 {
 	struct run_config rc;
@@ -359,7 +379,9 @@ char *convert_hf_config_json(const struct model_config *mc, enum st_dtype dtype)
 	cJSON_AddItemToArray(arch, cJSON_CreateString("DeepseekV3ForCausalLM"));
 	set_item(m, "architectures", arch);
 	set_item(m, "model_type", cJSON_CreateString("deepseek_v3"));
-	set_item(m, "torch_dtype", cJSON_CreateString(dtype == ST_BF16 ? "bfloat16" : "float32"));
+	set_item(m, "torch_dtype", cJSON_CreateString(dtype == ST_F32 ? "float32" : "bfloat16"));
+	if (dtype == ST_F8_E4M3 && hf_fp8_config(m))
+		goto oom;
 	set_item(m, "hidden_act", cJSON_CreateString("silu"));
 	set_item(m, "attention_dropout", cJSON_CreateRaw("0.0"));
 	set_item(m, "rope_interleave", cJSON_CreateTrue());

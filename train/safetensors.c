@@ -124,6 +124,50 @@ float st_f16_to_f32(uint16_t h)
 	return f32_of_bits(sign | ((exp + 112) << 23) | (man << 13));
 }
 
+/*
+ * float8_e4m3fn (OCP's E4M3): 1 sign, 4 exponent bits (bias 7), 3 mantissa bits, subnormals below
+ * 2^-6, no infinities, S.1111.111 is NaN, 448 the largest finite value.
+ */
+float st_f8e4m3_to_f32(uint8_t b)
+{
+	int e = (b >> 3) & 0xf, m = b & 7;
+	float v;
+
+	if (e == 0xf && m == 7)
+		return (b & 0x80) ? -NAN : NAN;
+	v = e ? ldexpf((float)(8 + m), e - 10) : ldexpf((float)m, -9);
+	return (b & 0x80) ? -v : v;
+}
+
+/*
+ * Nearest E4M3 value, ties to even (the mantissa's last bit is the code's), as torch's cast: a
+ * magnitude beyond 448 saturates to 448 (the callers scale into range first), NaN and infinities
+ * become NaN.  Exact: the scaled mantissa below is a float with at most 24 significant bits.
+ */
+uint8_t st_f32_to_f8e4m3(float f)
+{
+	uint8_t sign = signbit(f) ? 0x80 : 0;
+	float a = fabsf(f), q;
+	int e;
+
+	if (!isfinite(a))
+		return sign | 0x7f;
+	if (a >= 448.0f)
+		return sign | 0x7e;
+	if (a < 0x1p-6f)                      /* subnormal: steps of 2^-9; 8 steps is 2^-6, code 8 */
+		return sign | (uint8_t)rintf(a * 512.0f);
+	frexpf(a, &e);                        /* a = [0.5, 1) x 2^e */
+	e -= 1;                               /* a = [1, 2) x 2^e, e in [-6, 8] */
+	q = rintf((ldexpf(a, -e) - 1.0f) * 8.0f);
+	if (q == 8.0f) {
+		q = 0;
+		e++;
+	}
+	if (e + 7 > 15 || (e + 7 == 15 && q > 6))
+		return sign | 0x7e;
+	return sign | (uint8_t)((e + 7) << 3 | (int)q);
+}
+
 static uint64_t load_le64(const uint8_t *p)
 {
 	uint64_t v = 0;
@@ -476,9 +520,14 @@ int st_read_f32(const struct st_file *f, const struct st_tensor *t, float *out, 
 		for (int64_t i = 0; i < n; i++)
 			out[i] = st_f16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
 		return 0;
+	case ST_F8_E4M3:
+#pragma omp parallel for schedule(static) if (n > (1 << 20))
+		for (int64_t i = 0; i < n; i++)
+			out[i] = st_f8e4m3_to_f32(p[i]);
+		return 0;
 	default:
-		return set_err(err, errlen, "%s: tensor %s: dtype %s cannot be read as float32 (F32, F16 "
-			       "and BF16 can)", f->path, t->name, st_dtype_name(t->dtype));
+		return set_err(err, errlen, "%s: tensor %s: dtype %s cannot be read as float32 (F32, F16, "
+			       "BF16 and F8_E4M3 can)", f->path, t->name, st_dtype_name(t->dtype));
 	}
 }
 
@@ -581,8 +630,9 @@ static int check_specs(const char *path, const struct st_spec *specs, int n, cha
 
 		if (!s->name || !s->name[0] || !strcmp(s->name, "__metadata__"))
 			return set_err(err, errlen, "%s: tensor %d: empty or reserved name", path, i);
-		if (s->dtype != ST_F32 && s->dtype != ST_BF16)
-			return set_err(err, errlen, "%s: tensor %s: cannot write dtype %s (F32 or BF16)",
+		if (s->dtype != ST_F32 && s->dtype != ST_BF16 && s->dtype != ST_F8_E4M3)
+			return set_err(err, errlen, "%s: tensor %s: cannot write dtype %s (F32, BF16 or "
+				       "F8_E4M3)",
 				       path, s->name, st_dtype_name(s->dtype));
 		if (s->ndim < 0 || s->ndim > ST_MAX_DIMS)
 			return set_err(err, errlen, "%s: tensor %s: %d dimensions", path, s->name,
@@ -666,6 +716,10 @@ static int emit(struct st_writer *w, const float *x, uint64_t n, enum st_dtype d
 				w->buf[2 * i + 1] = (uint8_t)(h >> 8);
 			}
 			bytes = 2 * k;
+		} else if (dtype == ST_F8_E4M3) {
+			for (size_t i = 0; i < k; i++)
+				w->buf[i] = st_f32_to_f8e4m3(x[i]);
+			bytes = k;
 		} else {
 			for (size_t i = 0; i < k; i++) {
 				uint32_t u = bits_of_f32(x[i]);

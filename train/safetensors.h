@@ -13,11 +13,12 @@
  * a sane header length, JSON that parses, known dtypes, shapes whose byte size equals end - begin,
  * offsets inside the data section and no two tensors overlapping.  Every refusal names the file and,
  * where there is one, the tensor.  Tensors of any standard dtype are listed; reading one as float32
- * supports F32, F16 and BF16 (exactly: both widen without rounding) and refuses the others by name.
+ * supports F32, F16, BF16 and F8_E4M3 (exactly: they widen without rounding) and refuses the others
+ * by name.
  *
  * The writer streams: the header is computed first from the list of names, dtypes and shapes, then the
- * tensors' data follow one after another (converted from float32 to F32 or BF16 on the way, a slice at a
- * time), so no tensor is ever held twice.  Written to PATH.tmp, flushed, fsync'd and renamed.
+ * tensors' data follow one after another (converted from float32 to F32, BF16 or F8_E4M3 on the way,
+ * a slice at a time), so no tensor is ever held twice.  Written to PATH.tmp, flushed, fsync'd and renamed.
  */
 #ifndef MOE_TRAIN_SAFETENSORS_H
 #define MOE_TRAIN_SAFETENSORS_H
@@ -59,6 +60,10 @@ int st_dtype_parse(const char *name, enum st_dtype *t);
 float st_bf16_to_f32(uint16_t h);
 uint16_t st_f32_to_bf16(float f);
 float st_f16_to_f32(uint16_t h);
+/* float8_e4m3fn (safetensors F8_E4M3): exact decode (0x7F, 0xFF are NaN); encode rounds to nearest
+ * even, saturating finite magnitudes beyond 448 to 448, NaN and infinities to NaN. */
+float st_f8e4m3_to_f32(uint8_t b);
+uint8_t st_f32_to_f8e4m3(float f);
 
 /* ---- reading ---- */
 
@@ -92,8 +97,9 @@ const struct st_tensor *st_find(const struct st_file *f, const char *name);
 /* The value of a __metadata__ key, or NULL. */
 const char *st_metadata(const struct st_file *f, const char *key);
 
-/* Read a whole tensor into out[t->numel] as float32.  F32, F16 and BF16 only; another dtype is refused
- * naming the file, tensor and dtype. */
+/* Read a whole tensor into out[t->numel] as float32.  F32, F16, BF16 and F8_E4M3 (its raw values:
+ * block scales are the caller's, see train/convert_fp8.h); another dtype is refused naming the file,
+ * tensor and dtype. */
 int st_read_f32(const struct st_file *f, const struct st_tensor *t, float *out, char *err,
 		size_t errlen);
 
@@ -108,7 +114,7 @@ void st_release(const struct st_file *f, const struct st_tensor *t);
 
 struct st_spec {
 	const char *name;           /* copied by st_writer_open */
-	enum st_dtype dtype;        /* ST_F32 or ST_BF16 */
+	enum st_dtype dtype;        /* ST_F32, ST_BF16 or ST_F8_E4M3 */
 	int ndim;
 	int64_t shape[ST_MAX_DIMS];
 };
@@ -122,7 +128,8 @@ struct st_writer;
  */
 struct st_writer *st_writer_open(const char *path, const struct st_spec *specs, int n,
 				 const char *const *meta, char *err, size_t errlen);
-/* Append the next n elements (float32, converted to the current tensor's dtype); may span tensors. */
+/* Append the next n elements (float32, converted to the current tensor's dtype: F8_E4M3 takes values
+ * already divided by their block's scale); may span tensors. */
 int st_writer_append(struct st_writer *w, const float *x, uint64_t n, char *err, size_t errlen);
 /* The next tensor whole: name must be the next in order and numel its element count. */
 int st_writer_write(struct st_writer *w, const char *name, const float *x, uint64_t numel, char *err,

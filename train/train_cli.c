@@ -108,17 +108,21 @@ static int convert_usage(int code)
 	FILE *f = code ? stderr : stdout;
 
 	fprintf(f, "usage: moe convert --from-hf DIR --out CKPT.h5\n"
-		"       moe convert --to-hf CKPT.h5 --out DIR [--dtype f32|bf16] [--shard-size BYTES]\n"
+		"       moe convert --to-hf CKPT.h5 --out DIR [--dtype f32|bf16|fp8] [--shard-size BYTES]\n"
 		"--from-hf: a Hugging Face DeepseekV3/V2 directory (config.json, *.safetensors, with\n"
-		"  model.safetensors.index.json when sharded) to an HDF5 checkpoint (step 0); F32, BF16\n"
-		"  and F16 weights, per-expert tensors stacked.  Missing, unexpected or misshapen\n"
+		"  model.safetensors.index.json when sharded) to an HDF5 checkpoint (step 0); F32, BF16,\n"
+		"  F16 and DeepSeek's block-scaled F8_E4M3 weights (NAME_scale_inv, blocks of\n"
+		"  quantization_config.weight_block_size) dequantised, per-expert tensors stacked.\n"
+		"  Missing, unexpected or misshapen\n"
 		"  tensors are refused by name; rotary inv_freq buffers and multi-token-prediction\n"
 		"  layers (model.layers.N, N >= num_hidden_layers) are skipped.\n"
 		"--to-hf: a checkpoint's weights to DIR (created; it must not hold weights already):\n"
 		"  config.json (DeepseekV3ForCausalLM), model.safetensors or shards of at most\n"
 		"  --shard-size bytes of data (default 5GB; units B, KB, MB, GB, KiB, MiB, GiB) with\n"
-		"  model.safetensors.index.json.  --dtype f32 (default, lossless) or bf16 (rounded to\n"
-		"  nearest even; the routing bias stays f32).\n");
+		"  model.safetensors.index.json.  --dtype f32 (default, lossless), bf16 (rounded to\n"
+		"  nearest even; the routing bias stays f32) or fp8 (DeepSeek-V3's layout: linear\n"
+		"  weights F8_E4M3 with one f32 scale per 128 x 128 block, embeddings, norms, router\n"
+		"  and lm_head bf16, the routing bias f32; quantization_config in config.json).\n");
 	return code;
 }
 
@@ -171,8 +175,10 @@ int convert_cli_main(int argc, char **argv)
 	}
 	if (!strcmp(dtype, "bf16")) {
 		o.dtype = ST_BF16;
+	} else if (!strcmp(dtype, "fp8")) {
+		o.dtype = ST_F8_E4M3;
 	} else if (strcmp(dtype, "f32")) {
-		fprintf(stderr, "moe convert: --dtype %s: expected f32 or bf16\n", dtype);
+		fprintf(stderr, "moe convert: --dtype %s: expected f32, bf16 or fp8\n", dtype);
 		return 2;
 	}
 	if (shard && parse_size(shard, &o.shard_bytes)) {

@@ -629,10 +629,10 @@ static void test_refused(void)
 		       "\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []}}",
 		       "pre_tokenizer.add_prefix_space");
 	expect_refused("{\"pre_tokenizer\": {\"type\": \"Sequence\", \"pretokenizers\": [{\"type\": "
-		       "\"Split\", \"pattern\": {\"Regex\": \"\\\\w+\"}, \"behavior\": \"Isolated\", "
+		       "\"Split\", \"pattern\": {\"Regex\": \"(\\\\w+\"}, \"behavior\": \"Isolated\", "
 		       "\"invert\": false}, {\"type\": \"ByteLevel\", \"use_regex\": false}]}, "
 		       "\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []}}",
-		       "pre_tokenizer.pretokenizers[0].pattern.Regex");
+		       "pre_tokenizer.pretokenizers[0]: regex does not compile");
 	expect_refused("{\"added_tokens\": [{\"id\": 0}], \"model\": {\"type\": \"BPE\"}}",
 		       "added_tokens[0].content");
 	/* training refuses a vocabulary too small for the bytes and the specials */

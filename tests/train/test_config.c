@@ -224,6 +224,8 @@ static void test_hf_nulls_and_ignored_keys(void)
 		" \"torch_dtype\": \"bfloat16\", \"use_cache\": true, \"pretraining_tp\": 1,\n"
 		" \"attention_dropout\": 0.0, \"hidden_act\": \"silu\", \"topk_method\": \"greedy\",\n"
 		" \"ep_size\": 1, \"num_nextn_predict_layers\": 0, \"rope_scaling\": null,\n"
+		" \"quantization_config\": {\"activation_scheme\": \"dynamic\", \"fmt\": \"e4m3\",\n"
+		" \"quant_method\": \"fp8\", \"weight_block_size\": [128, 128]},\n"
 		" \"auto_map\": {\"AutoConfig\": \"x\"}, \"transformers_version\": \"4.33.1\"}}\n");
 
 	CU_ASSERT_EQUAL_FATAL(config_load(&c, path, NULL, 0, err, sizeof(err)), 0);
@@ -246,8 +248,16 @@ static void test_hf_rejections(void)
 {
 	expect_load_error("{\"model\": {\"rope_scaling\": {\"type\": \"linear\", \"factor\": 4}}}",
 			  "model.rope_scaling.type", "\"linear\" is not supported (only \"yarn\"");
+	/* DeepSeek's fp8 quantization_config describes its files and is accepted (test_hf_keys);
+	 * anything else is refused naming what is wrong */
 	expect_load_error("{\"model\": {\"quantization_config\": {\"quant_method\": \"fp8\"}}}",
-			  "model.quantization_config", "not supported");
+			  "model.quantization_config", "fmt missing");
+	expect_load_error("{\"model\": {\"quantization_config\": {\"quant_method\": \"awq\", "
+			  "\"fmt\": \"e4m3\", \"weight_block_size\": [128, 128]}}}",
+			  "model.quantization_config", "quant_method must be \"fp8\"");
+	expect_load_error("{\"model\": {\"quantization_config\": {\"quant_method\": \"fp8\", "
+			  "\"fmt\": \"e4m3\", \"weight_block_size\": [128, 0]}}}",
+			  "model.quantization_config", "weight_block_size");
 	expect_load_error("{\"model\": {\"hidden_act\": \"gelu\"}}", "model.hidden_act", NULL);
 	expect_load_error("{\"model\": {\"attention_dropout\": 0.1}}", "model.attention_dropout", NULL);
 	expect_load_error("{\"model\": {\"topk_method\": \"random\"}}", "model.topk_method", NULL);

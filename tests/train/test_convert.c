@@ -1072,6 +1072,84 @@ static void test_cli_usage(void)
 				    NULL), 1);
 }
 
+/* ---- DeepSeek's published config.json files ---- */
+
+static char *read_fixture(const char *name)
+{
+	char path[1024];
+	const char *src = getenv("MOE_SRC"), *f = __FILE__, *slash = strrchr(f, '/');
+	FILE *fp;
+	char *buf;
+	long n;
+
+	if (src)
+		snprintf(path, sizeof(path), "%s/tests/train/fixtures/hf_configs/%s", src, name);
+	else
+		snprintf(path, sizeof(path), "%.*s/fixtures/hf_configs/%s",
+			 slash ? (int)(slash - f) : 1, slash ? f : ".", name);
+	fp = fopen(path, "r");
+	CU_ASSERT_PTR_NOT_NULL_FATAL(fp);
+	fseek(fp, 0, SEEK_END);
+	n = ftell(fp);
+	fseek(fp, 0, SEEK_SET);
+	buf = test_xmalloc((size_t)n + 1);
+	CU_ASSERT_EQUAL(fread(buf, 1, (size_t)n, fp), (size_t)n);
+	buf[n] = '\0';
+	fclose(fp);
+	return buf;
+}
+
+/*
+ * tests/train/fixtures/hf_configs: DeepSeek-V2-Lite's, V3's and R1's config.json as published (YaRN
+ * rope_scaling, V3/R1's fp8 quantization_config, num_nextn_predict_layers, seq_aux, aux_loss_alpha,
+ * auto_map, ...) load as they are, both through --from-hf's translation and as a run config's model
+ * section, with the published parameter counts (FACTS: 15.7B / 2.4B, 671B / 37B; the MTP layer is not
+ * part of the model).
+ */
+static void test_published_configs(void)
+{
+	static const struct {
+		const char *file;
+		double total, active;   /* billions */
+		int layers, experts, yarn;
+	} want[] = {
+		{ "deepseek-v2-lite.config.json", 15.71, 2.45, 27, 64, 1 },
+		{ "deepseek-v3.config.json", 671.0, 36.5, 61, 256, 1 },
+		{ "deepseek-r1.config.json", 671.0, 36.5, 61, 256, 1 },
+	};
+
+	for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+		char *text = read_fixture(want[i].file), *wrapped;
+		struct run_config rc, direct;
+		int64_t total = 0, active = 0;
+
+		config_defaults(&rc);
+		if (convert_hf_config(&rc, text, want[i].file, NULL, err, sizeof(err)))
+			fprintf(stderr, "\n  %s\n", err);
+		CU_ASSERT_EQUAL_FATAL(convert_hf_config(&rc, text, want[i].file, NULL, err, sizeof(err)),
+				      0);
+		CU_ASSERT_EQUAL(rc.model.num_hidden_layers, want[i].layers);
+		CU_ASSERT_EQUAL(rc.model.n_routed_experts, want[i].experts);
+		CU_ASSERT_EQUAL(rc.model.rope_scaling.type == ROPE_YARN, want[i].yarn);
+		model_count_params(&rc.model, &total, &active);
+		CU_ASSERT(fabs(total / 1e9 - want[i].total) < 0.01 * want[i].total);
+		CU_ASSERT(fabs(active / 1e9 - want[i].active) < 0.01 * want[i].active);
+		if (fabs(total / 1e9 - want[i].total) >= 0.01 * want[i].total ||
+		    fabs(active / 1e9 - want[i].active) >= 0.01 * want[i].active)
+			fprintf(stderr, "\n  %s: %.2fB / %.2fB\n", want[i].file, total / 1e9,
+				active / 1e9);
+		/* the same keys as a run configuration's model section */
+		wrapped = test_xmalloc(strlen(text) + 16);
+		sprintf(wrapped, "{\"model\": %s}", text);
+		config_defaults(&direct);
+		if (config_apply_json(&direct, wrapped, want[i].file, err, sizeof(err)))
+			fprintf(stderr, "\n  %s\n", err);
+		CU_ASSERT_EQUAL(direct.model.hidden_size, rc.model.hidden_size);
+		free(wrapped);
+		free(text);
+	}
+}
+
 void register_tests(void)
 {
 	static const struct test_case cases[] = {
@@ -1084,6 +1162,7 @@ void register_tests(void)
 		  test_yarn_from_hf },
 		{ "YaRN: --to-hf writes rope_scaling", test_yarn_to_hf },
 		{ "missing keys take transformers' defaults", test_config_defaults },
+		{ "DeepSeek-V2-Lite's, V3's, R1's published config.json load", test_published_configs },
 		{ "missing tensor refused naming it", test_missing_tensor },
 		{ "unexpected tensor refused naming it", test_unexpected_tensor },
 		{ "shape mismatch refused naming it", test_shape_mismatch },

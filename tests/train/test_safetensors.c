@@ -3,7 +3,10 @@
  * rounding to nearest even, exactly), F16 and BF16 widening, st_release, and every malformed file
  * (header length past the file, bad JSON, offsets out of bounds, overlapping tensors, sizes that
  * disagree with the shape, unknown dtypes, duplicate names, truncation) refused with a message naming
- * the file and the tensor.  Fixtures are written by the tests, by our writer or byte by byte.
+ * the file and the tensor.  float8_e4m3fn: all 256 codes decode exactly (against the format's
+ * definition, computed in double here), encoding rounds to nearest even and saturates, and an
+ * F8_E4M3 tensor written and read back gives its codes' values.  Fixtures are written by the tests,
+ * by our writer or byte by byte.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -462,9 +465,115 @@ static void test_missing_file(void)
 	expect_refused(tmp_path("absent.safetensors"), "No such file", NULL, NULL);
 }
 
+/* ---- float8_e4m3fn ---- */
+
+/* The format's definition: (-1)^s x 2^(e-7) x (1 + m/8), or 2^-6 x m/8 when e = 0; S.1111.111 NaN. */
+static double e4m3_value(int code)
+{
+	int s = code >> 7, e = (code >> 3) & 15, m = code & 7;
+	double v = e ? ldexp(1.0 + m / 8.0, e - 7) : ldexp(m / 8.0, -6);
+
+	return s ? -v : v;
+}
+
+static void test_e4m3_decode_all(void)
+{
+	int bad = 0, nans = 0;
+
+	for (int c = 0; c < 256; c++) {
+		float f = st_f8e4m3_to_f32((uint8_t)c);
+
+		if ((c & 0x7f) == 0x7f) {
+			nans++;
+			CU_ASSERT(isnan(f));
+			continue;
+		}
+		if (isnan(f) || (double)f != e4m3_value(c) || !!signbit(f) != !!(c & 0x80)) {
+			if (!bad++)
+				fprintf(stderr, "\n  code 0x%02x: %g, want %g\n", c, f, e4m3_value(c));
+		}
+	}
+	CU_ASSERT_EQUAL(bad, 0);
+	CU_ASSERT_EQUAL(nans, 2);
+	CU_ASSERT_EQUAL(st_f8e4m3_to_f32(0x7e), 448.0f);
+	CU_ASSERT_EQUAL(st_f8e4m3_to_f32(0x01), 0x1p-9f);    /* smallest subnormal */
+	CU_ASSERT_EQUAL(st_f8e4m3_to_f32(0x08), 0x1p-6f);    /* smallest normal */
+	CU_ASSERT_EQUAL(st_f8e4m3_to_f32(0x38), 1.0f);
+	CU_ASSERT_EQUAL(st_f8e4m3_to_f32(0xc0), -2.0f);
+}
+
+/* Every code encodes back to itself; halfway points go to the even code; beyond 448 saturates. */
+static void test_e4m3_encode(void)
+{
+	int bad = 0;
+
+	for (int c = 0; c < 256; c++) {
+		if ((c & 0x7f) == 0x7f)
+			continue;
+		if (st_f32_to_f8e4m3(st_f8e4m3_to_f32((uint8_t)c)) != c && !bad++)
+			fprintf(stderr, "\n  code 0x%02x does not round trip\n", c);
+	}
+	CU_ASSERT_EQUAL(bad, 0);
+	/* between neighbours a < b of the same sign: below the midpoint a, above b, at it the even one */
+	for (int c = 0; c < 0x7e; c++) {
+		double a = e4m3_value(c), b = e4m3_value(c + 1), mid = (a + b) / 2;
+		int even = (c & 1) ? c + 1 : c;
+
+		CU_ASSERT_EQUAL(st_f32_to_f8e4m3((float)mid), even);
+		CU_ASSERT_EQUAL(st_f32_to_f8e4m3(nextafterf((float)mid, 0)), c);
+		CU_ASSERT_EQUAL(st_f32_to_f8e4m3(nextafterf((float)mid, 1000)), c + 1);
+		CU_ASSERT_EQUAL(st_f32_to_f8e4m3((float)-mid), 0x80 | even);
+	}
+	CU_ASSERT_EQUAL(st_f32_to_f8e4m3(449.0f), 0x7e);
+	CU_ASSERT_EQUAL(st_f32_to_f8e4m3(1e30f), 0x7e);
+	CU_ASSERT_EQUAL(st_f32_to_f8e4m3(-500.0f), 0xfe);
+	CU_ASSERT_EQUAL(st_f32_to_f8e4m3(NAN) & 0x7f, 0x7f);
+	CU_ASSERT_EQUAL(st_f32_to_f8e4m3(INFINITY) & 0x7f, 0x7f);
+	CU_ASSERT_EQUAL(st_f32_to_f8e4m3(1e-20f), 0x00);
+	CU_ASSERT_EQUAL(st_f32_to_f8e4m3(-0.0f), 0x80);
+}
+
+/* An F8_E4M3 tensor through the writer and the reader: its bytes are the codes, read as their values. */
+static void test_e4m3_file(void)
+{
+	struct st_spec spec = { "w", ST_F8_E4M3, 2, { 16, 16 } };
+	float x[256], y[256];
+	struct st_writer *w;
+	struct st_file f;
+	const struct st_tensor *t;
+	int bad = 0;
+
+	for (int c = 0; c < 256; c++)
+		x[c] = st_f8e4m3_to_f32((uint8_t)c);
+	w = st_writer_open(tmp_path("e4m3.safetensors"), &spec, 1, NULL, err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(w);
+	CU_ASSERT_EQUAL(st_writer_write(w, "w", x, 256, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL_FATAL(st_writer_close(w, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL_FATAL(st_open(&f, tmp_path("e4m3.safetensors"), err, sizeof(err)), 0);
+	t = st_find(&f, "w");
+	CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+	CU_ASSERT_EQUAL(t->dtype, ST_F8_E4M3);
+	CU_ASSERT_EQUAL(t->end - t->begin, 256);
+	for (int c = 0; c < 256; c++) {
+		uint8_t b = f.data[t->begin + c];
+
+		/* NaN codes stay NaN (their sign kept); every other byte is its code */
+		if ((c & 0x7f) == 0x7f ? (b & 0x7f) != 0x7f : b != c)
+			bad++;
+	}
+	CU_ASSERT_EQUAL(bad, 0);
+	CU_ASSERT_EQUAL(st_read_f32(&f, t, y, err, sizeof(err)), 0);
+	for (int c = 0; c < 256; c++)
+		CU_ASSERT((c & 0x7f) == 0x7f ? isnan(y[c]) : bits(y[c]) == bits(x[c]));
+	st_close(&f);
+}
+
 void register_tests(void)
 {
 	static const struct test_case cases[] = {
+		{ "E4M3: all 256 codes decode exactly, 0x7F/0xFF NaN", test_e4m3_decode_all },
+		{ "E4M3: encoding rounds to nearest even, saturates", test_e4m3_encode },
+		{ "E4M3: an F8_E4M3 tensor written and read back", test_e4m3_file },
 		{ "f32 write/read round trip is bit-exact", test_round_trip_f32 },
 		{ "bf16 round trip rounds to nearest even", test_round_trip_bf16 },
 		{ "released tensors read back the same", test_release },
