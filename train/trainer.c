@@ -675,6 +675,10 @@ int trainer_save(struct trainer *t)
 fail:
 	if (err[0])
 		fprintf(stderr, "%s: %s\n", t->who, err);
+	/* the writer removed its temporary file; what was committed before is untouched */
+	if (t->rank == 0)
+		fprintf(stderr, "%s: stopping: the checkpoint of step %lld was not written; the earlier "
+			"ones in %s are kept\n", t->who, (long long)t->st.step, dir);
 	return -1;
 }
 

@@ -336,7 +336,7 @@ static void test_save_to_missing_dir(void)
 	small_config(&rc, 512, 32, 2);
 	m = make_model(&rc, 1);
 	CU_ASSERT_EQUAL(checkpoint_save_model(path, m, &rc, NULL, err, sizeof(err)), -1);
-	CU_ASSERT_PTR_NOT_NULL(strstr(err, "HDF5 call H5Fcreate(...) failed at checkpoint.c:"));
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "HDF5 call H5Fcreate(...) failed at checkpoint_h5.c:"));
 	model_free(m);
 }
 
