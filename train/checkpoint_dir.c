@@ -126,7 +126,8 @@ fail:
 	return ret;
 }
 
-int checkpoint_latest(const char *dir, char *out, size_t len, char *err, size_t errlen)
+int checkpoint_before(const char *dir, int64_t before, char *out, size_t len, int64_t *step,
+		      char *err, size_t errlen)
 {
 	struct ckctx ctx = { dir, NULL, err, errlen }, *c = &ctx;
 	int64_t *steps, best = -1;
@@ -137,7 +138,7 @@ int checkpoint_latest(const char *dir, char *out, size_t len, char *err, size_t 
 	if (r)
 		return r;
 	for (size_t i = 0; i < n; i++)
-		if (steps[i] > best)
+		if (steps[i] > best && steps[i] < before)
 			best = steps[i];
 	free(steps);
 	if (best < 0)
@@ -146,7 +147,14 @@ int checkpoint_latest(const char *dir, char *out, size_t len, char *err, size_t 
 		CKERR("%s: path too long", dir);
 		return -1;
 	}
+	if (step)
+		*step = best;
 	return 0;
+}
+
+int checkpoint_latest(const char *dir, char *out, size_t len, char *err, size_t errlen)
+{
+	return checkpoint_before(dir, INT64_MAX, out, len, NULL, err, errlen);
 }
 
 static int cmp_desc(const void *a, const void *b)
