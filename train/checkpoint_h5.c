@@ -26,6 +26,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#define H5_STR_ATTR_MAX (1 << 20)	/* a string attribute read (the config: a few KiB) */
+
 struct walk_buf {
 	char *buf;
 	size_t len;
@@ -206,6 +208,7 @@ hid_t h5_file_create(struct ckctx *c, const char *path)
 
 	h5s_begin(&s, c, NULL);
 	fapl = strong_fapl(&s);
+	H5DO(&s, H5Pset_libver_bounds(fapl, H5F_LIBVER_V110, H5F_LIBVER_V110));
 	fid = H5OWN(&s, H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl), h5_file_discard);
 	if (!s.failed)
 		h5s_release(&s, fid);
@@ -306,6 +309,11 @@ int h5_write_attr(struct ckctx *c, hid_t loc, const char *name, hid_t file_type,
 	return h5s_end(&s);
 }
 
+/*
+ * Fixed-length (the string and its NUL), so that the text lives in the attribute's own message: HDF5 1.10
+ * reads a variable-length string from the global heap trusting the length stored there, and a damaged
+ * one made it copy gigabytes (found by fuzz_checkpoint).  Both kinds are read.
+ */
 int h5_write_str_attr(struct ckctx *c, hid_t loc, const char *name, const char *value)
 {
 	struct h5scope s;
@@ -313,9 +321,10 @@ int h5_write_str_attr(struct ckctx *c, hid_t loc, const char *name, const char *
 
 	h5s_begin(&s, c, name);
 	type = H5OWN(&s, H5Tcopy(H5T_C_S1), H5Tclose);
-	H5DO(&s, H5Tset_size(type, H5T_VARIABLE));
+	H5DO(&s, H5Tset_size(type, strlen(value) + 1));
+	H5DO(&s, H5Tset_strpad(type, H5T_STR_NULLTERM));
 	H5DO(&s, H5Tset_cset(type, H5T_CSET_UTF8));
-	H5SUB(&s, h5_write_attr(c, loc, name, type, type, 1, &value));
+	H5SUB(&s, h5_write_attr(c, loc, name, type, type, 1, value));
 	return h5s_end(&s);
 }
 
@@ -396,6 +405,11 @@ int h5_read_str_attr(struct ckctx *c, hid_t fid, const char *name, char **out)
 	} else {
 		size_t size = H5Tget_size(ftype);
 
+		if (size > H5_STR_ATTR_MAX) {
+			CKERR("%s: root attribute '%s' is a string of %zu bytes (more than %d: damaged?)",
+			      c->path, name, size, H5_STR_ATTR_MAX);
+			h5s_fail(&s);
+		}
 		H5DO(&s, H5Tset_size(mtype, size + 1));
 		*out = s.failed ? NULL : calloc(1, size + 1);
 		if (*out)

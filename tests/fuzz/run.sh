@@ -36,6 +36,7 @@ run)
 	[ -x "$bin" ] || skip "$bin not built (no clang?)"
 	mkdir -p "$dir/corpus/$name" "$dir/artifacts"
 	export OMP_NUM_THREADS=1
+	export LSAN_OPTIONS="suppressions=$ROOT/tests/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 	# -timeout: one input taking that long is a finding; -rss_limit_mb: so is an allocation past it
 	exec "$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
 		-error_exitcode=1 -timeout_exitcode=1 \

@@ -455,6 +455,106 @@ static void test_corrupt_data(void)
 	model_free(b);
 }
 
+/*
+ * HDF5 checksums its metadata (the file format of HDF5 1.10, which checkpoints use): a test that patches
+ * an object header (an attribute's name or value) must then restore the header's checksum, which is Bob
+ * Jenkins' lookup3 hashlittle (initval 0) over the header chunk up to the checksum itself.
+ */
+#define ROT32(x, k) (((x) << (k)) | ((x) >> (32 - (k))))
+
+static uint32_t lookup3(const uint8_t *k, size_t len)
+{
+	uint32_t a, b, c;
+
+	a = b = c = 0xdeadbeefu + (uint32_t)len;
+	while (len > 12) {
+		a += k[0] | (uint32_t)k[1] << 8 | (uint32_t)k[2] << 16 | (uint32_t)k[3] << 24;
+		b += k[4] | (uint32_t)k[5] << 8 | (uint32_t)k[6] << 16 | (uint32_t)k[7] << 24;
+		c += k[8] | (uint32_t)k[9] << 8 | (uint32_t)k[10] << 16 | (uint32_t)k[11] << 24;
+		a -= c; a ^= ROT32(c, 4); c += b;
+		b -= a; b ^= ROT32(a, 6); a += c;
+		c -= b; c ^= ROT32(b, 8); b += a;
+		a -= c; a ^= ROT32(c, 16); c += b;
+		b -= a; b ^= ROT32(a, 19); a += c;
+		c -= b; c ^= ROT32(b, 4); b += a;
+		len -= 12;
+		k += 12;
+	}
+	if (len == 0)
+		return c;
+	for (size_t i = len; i-- > 0;) {	/* the tail bytes, little-endian into a, b, c */
+		uint32_t v = (uint32_t)k[i] << (8 * (i % 4));
+
+		if (i < 4)
+			a += v;
+		else if (i < 8)
+			b += v;
+		else
+			c += v;
+	}
+	c ^= b; c -= ROT32(b, 14);
+	a ^= c; a -= ROT32(c, 11);
+	b ^= a; b -= ROT32(a, 25);
+	c ^= b; c -= ROT32(b, 16);
+	a ^= c; a -= ROT32(c, 4);
+	b ^= a; b -= ROT32(a, 14);
+	c ^= b; c -= ROT32(b, 24);
+	return c;
+}
+
+/*
+ * The version-2 object header holding bytes[at] ("OHDR", version, flags, [times], [attribute phase
+ * change], size of chunk 0, the messages, then the checksum): the offset of its checksum, or 0 when at is
+ * not inside the first chunk of such a header.
+ */
+static size_t ohdr_checksum_at(const unsigned char *bytes, size_t n, size_t at)
+{
+	for (size_t o = at; o-- > 0;) {
+		size_t p = o + 6, size = 0, width;
+		unsigned flags;
+
+		if (o + 6 > n || memcmp(bytes + o, "OHDR", 4) || bytes[o + 4] != 2)
+			continue;
+		flags = bytes[o + 5];
+		p += (flags & 0x20) ? 16 : 0;
+		p += (flags & 0x10) ? 4 : 0;
+		width = (size_t)1 << (flags & 3);
+		for (size_t i = 0; i < width && p + i < n; i++)
+			size |= (size_t)bytes[p + i] << (8 * i);
+		p += width + size;
+		return at < p && p + 4 <= n ? p : 0;
+	}
+	return 0;
+}
+
+/* bytes[at] has been changed: give its object header the checksum of its new contents. */
+static void fix_ohdr_checksum(unsigned char *bytes, size_t n, size_t at)
+{
+	size_t end = ohdr_checksum_at(bytes, n, at), start;
+	uint32_t sum;
+
+	CU_ASSERT_FATAL(end != 0);
+	for (start = at; memcmp(bytes + start, "OHDR", 4); start--)
+		;
+	sum = lookup3(bytes + start, end - start);
+	for (int i = 0; i < 4; i++)
+		bytes[end + i] = (unsigned char)(sum >> (8 * i));
+}
+
+/* The checksum HDF5 wrote for the header holding bytes[at] is the one fix_ohdr_checksum computes. */
+static void check_ohdr_checksum(const unsigned char *bytes, size_t n, size_t at)
+{
+	size_t end = ohdr_checksum_at(bytes, n, at), start;
+	uint32_t stored = 0;
+
+	CU_ASSERT_FATAL(end != 0);
+	for (start = at; memcmp(bytes + start, "OHDR", 4); start--)
+		;
+	for (int i = 0; i < 4; i++)
+		stored |= (uint32_t)bytes[end + i] << (8 * i);
+	CU_ASSERT_EQUAL_FATAL(lookup3(bytes + start, end - start), stored);
+}
+
 static void test_wrong_format(void)
 {
 	const char *path = tmp_path("fmt-src.h5"), *bad = tmp_path("fmt.h5");
@@ -472,7 +572,11 @@ static void test_wrong_format(void)
 		if (!memcmp(bytes + i, "moe-checkpoint", 14))
 			hit = bytes + i;
 	CU_ASSERT_PTR_NOT_NULL_FATAL(hit);
+	check_ohdr_checksum(bytes, n, (size_t)(hit - bytes));
 	hit[13] = 'X';
+	spit(bad, bytes, n);
+	expect_load_refused(bad, a, "incorrect metadata checksum");	/* HDF5 sees the damage */
+	fix_ohdr_checksum(bytes, n, (size_t)(hit - bytes));
 	spit(bad, bytes, n);
 	expect_load_refused(bad, a, "not a moe checkpoint");
 	free(bytes);
@@ -794,7 +898,9 @@ static void test_state_attr_missing(void)
 		}
 	}
 	CU_ASSERT_PTR_NOT_NULL_FATAL(hit);
+	check_ohdr_checksum(bytes, n, (size_t)(hit - bytes));
 	hit[6] = 'X';	/* data_pXsition */
+	fix_ohdr_checksum(bytes, n, (size_t)(hit - bytes));
 	spit(bad, bytes, n);
 	expect_refused(bad, b, &ob, &sb, "/state attribute 'data_position' is missing");
 	/* without st the state is not needed */
