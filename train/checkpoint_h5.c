@@ -12,14 +12,16 @@
  *    releases everything, and the real file's descriptor is closed, so that its blocks are freed once
  *    the caller unlinks it;
  *  - when a close fails all the same, the id is lost: the file's descriptor, if still open, is pointed
- *    at memory as above (the disk space is freed), and the library's exit handler is never installed
- *    (H5dont_atexit, before its first use), so that the process ends with its own status.
+ *    at memory as above (the disk space is freed), and the library's termination is skipped at exit:
+ *    HDF5's own exit handler is never installed (H5dont_atexit, before its first use); ours calls
+ *    H5close only when no id was lost, so that the process ends with its own status.
  */
 #define _GNU_SOURCE	/* memfd_create */
 
 #include "train/checkpoint_h5.h"
 
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -72,12 +74,32 @@ void h5_detail(char *buf, size_t len)
 	H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, innermost_cb, &w);
 }
 
+static int lost_id;	/* an H5Fclose failed: HDF5 holds an id it can no longer close */
+
+/* Instead of HDF5's exit handler: its termination, unless it would crash on a lost id. */
+static void h5_at_exit(void)
+{
+	if (!lost_id)
+		H5close();
+}
+
+/*
+ * After a lost id the library's memory is never given back (above): tell LeakSanitizer, in sanitizer
+ * builds, that what libhdf5 allocated is not ours to free.  Unused otherwise.
+ */
+const char *__lsan_default_suppressions(void);
+const char *__lsan_default_suppressions(void)
+{
+	return "leak:libhdf5\n";
+}
+
 void h5_quiet(void)
 {
 	static int once;
 
-	if (!once) {	/* effective before the library's first use (see above); fails quietly after */
+	if (!once) {	/* effective before the library's first use (see above) */
 		H5dont_atexit();
+		atexit(h5_at_exit);
 		once = 1;
 	}
 	H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
@@ -270,7 +292,11 @@ herr_t h5_file_discard(hid_t fid)
 		return 0;
 	if (writable(fid))
 		redirect_to_memory(file_descriptor(fid, &sb), &sb);
-	return H5Fclose(fid);
+	if (H5Fclose(fid) < 0) {
+		lost_id = 1;
+		return -1;
+	}
+	return 0;
 }
 
 int h5_file_close(struct ckctx *c, hid_t *fid)
@@ -285,6 +311,7 @@ int h5_file_close(struct ckctx *c, hid_t *fid)
 	fd = writable(f) ? file_descriptor(f, &sb) : -1;
 	if (H5Fclose(f) < 0) {
 		h5_fail(c, "H5Fclose", __FILE__, __LINE__);
+		lost_id = 1;
 		redirect_to_memory(fd, &sb);	/* the id is lost; at least free the disk */
 		return -1;
 	}
