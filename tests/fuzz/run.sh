@@ -5,7 +5,8 @@
 #   run.sh run DIR NAME SECONDS   run fuzzer NAME for SECONDS over its seeds, tests/fuzz/corpus/NAME (which
 #                                 also keeps the input of every past finding, as a regression test);
 #                                 the inputs it finds go to DIR/corpus/NAME, a failing input to
-#                                 DIR/artifacts/NAME-crash-...  Reproduce one: DIR/tests/fuzz/NAME FILE
+#                                 DIR/artifacts/NAME-crash-..., its log to DIR/NAME.log.  Reproduce one:
+#                                 DIR/tests/fuzz/NAME FILE
 # Without clang or its libFuzzer runtime (launch/setup.sh installs both) each test is skipped: exit 77.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -37,10 +38,15 @@ run)
 	mkdir -p "$dir/corpus/$name" "$dir/artifacts"
 	export OMP_NUM_THREADS=1
 	export LSAN_OPTIONS="suppressions=$ROOT/tests/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
-	# -timeout: one input taking that long is a finding; -rss_limit_mb: so is an allocation past it
-	exec "$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	# -timeout: one input taking that long is a finding; -rss_limit_mb: so is an allocation past it.
+	# The whole log is kept in DIR/NAME.log; the end of it (a finding's report, the final stats) shown.
+	rc=0
+	"$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
 		-error_exitcode=1 -timeout_exitcode=1 \
-		-artifact_prefix="$dir/artifacts/$name-" "$dir/corpus/$name" "$ROOT/tests/fuzz/corpus/$name"
+		-artifact_prefix="$dir/artifacts/$name-" "$dir/corpus/$name" "$ROOT/tests/fuzz/corpus/$name" \
+		>"$dir/$name.log" 2>&1 || rc=$?
+	tail -n 80 "$dir/$name.log"
+	exit "$rc"
 	;;
 *)
 	echo "usage: $0 build DIR | run DIR NAME SECONDS" >&2
