@@ -229,12 +229,12 @@ size_t tok_scan(const struct specials *sp, enum tok_pretok mode, struct tok_spli
 	size_t pos = 0;
 
 	while (pos < n) {
-		size_t i = pos, p;
+		size_t i = sp->n ? pos : n, p;	/* without special tokens the text is one stretch */
 		const struct sp_tok *hit = NULL;
 		bool partial = false;
 		struct cur c;
 
-		for (; sp->n && i < n; i++) {
+		for (; i < n; i++) {
 			if (!sp->first[s[i]])
 				continue;
 			for (int k = 0; k < sp->n; k++) {

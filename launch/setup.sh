@@ -6,8 +6,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD_DIR="${BUILD_DIR:-$ROOT/build}"
+# clang, libclang-rt-dev (its libFuzzer and sanitizer runtimes) and libomp-dev: the fuzz build (tests/fuzz)
 PACKAGES=(build-essential cmake pkg-config openmpi-bin libopenmpi-dev libhdf5-dev hdf5-tools
-	  libcunit1-dev libopenblas-openmp-dev libcjson-dev libpcre2-dev python3)
+	  libcunit1-dev libopenblas-openmp-dev libcjson-dev libpcre2-dev python3 clang libclang-rt-dev libomp-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

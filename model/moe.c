@@ -364,6 +364,7 @@ void moe_backward(const struct moe_model *m, const struct layer_weights *w,
 	struct router_params rp = moe_router_params(c);
 	int N = B * T, C = c->hidden_size, K = rp.K, E = rp.E, Im = c->moe_intermediate_size;
 	int Is = c->n_shared_experts * Im;
+	float *dscores = NULL;	/* declared before the label: C11 has no declaration after one */
 
 	if (m->ep_group) {
 		moe_backward_ep(m, w, g, a, s, dx, dout, x, N);
@@ -399,7 +400,6 @@ void moe_backward(const struct moe_model *m, const struct layer_weights *w,
 
 router:
 	/* router: through the weights (and the balance loss), never through the selection */
-	float *dscores = NULL;
 	if (c->aux_loss_alpha > 0) {
 		dscores = s->dscores;
 		memset(dscores, 0, sizeof(float) * N * E);

@@ -1,5 +1,5 @@
 /*
- * train/checkpoint.c - HDF5 checkpoints (SPEC 2).  The only file that includes hdf5.h.
+ * train/checkpoint.c - HDF5 checkpoints (SPEC 2): the file layout, its writers and readers.
  *
  * Layout: /model/NAME holds the weights, /optim/NAME/exp_avg and /optim/NAME/exp_avg_sq the AdamW
  * moments of every trained parameter (a PARAM_BUFFER has none), /optim's attribute "step" the update
@@ -8,12 +8,14 @@
  * belong to it) names where one arena's tensors live, and every dataset goes through the same code.
  *
  * Writing: everything goes to PATH.tmp.<pid>, which is flushed, closed, fsync'd and renamed over PATH
- * (then the directory is fsync'd), so a crash at any point leaves the previous PATH as it was.
+ * (then the directory is fsync'd), so a crash at any point leaves the previous PATH as it was; a write
+ * that fails (a full disk) gives the temporary file up, closing every id, and removes it.
  * Distributed (checkpoint_save_dist): the file is the same whatever the layout.  World rank 0 creates
  * it with every dataset at its full shape (same chunks, never straddling two experts) and its own
  * experts; the other ranks of expert-parallel group 0 then open it in turn and write their experts'
  * hyperslabs (the same per-tensor code, in WRITE_EXPERTS mode); rank 0 commits.  After each phase every
- * rank learns whether any rank failed, and with what message, so all of them return -1 together.
+ * rank learns whether any rank failed, and with what message, so all of them return -1 together
+ * (the layout checks and that agreement: checkpoint_layout.c).
  * Streaming (ckpt_writer / ckpt_reader, for `moe convert`): the same /model datasets (create_dataset:
  * same shapes, chunks and checksums) written or read one tensor or one expert's block at a time, with
  * the parameter table of the config (ckpt_model_params) and no model in memory; the writer tracks every
@@ -23,14 +25,14 @@
  * each chunk) and is copied into the model, the optimizer and the train state only once everything has
  * been read without error.
  *
- * Every HDF5 status code goes through H5TRY, which names the call and the line; HDF5's own printing
- * of its error stack is switched off and its innermost message is appended to ours instead.
+ * Every HDF5 call goes through the helper of checkpoint_h5.h: a scope owns the ids a function opens,
+ * names a failing call and its line, and closes everything on every path.  The run's directory (names,
+ * latest, prune) is checkpoint_dir.c.
  */
 #define _POSIX_C_SOURCE 200809L
 
 #include "train/checkpoint.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -41,99 +43,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <hdf5.h>
-
 #include "launch/comm.h"
+#include "train/checkpoint_h5.h"
 
 #define CKPT_CHUNK_ELEMS ((hsize_t)1 << 20)	/* at most ~1M floats (4 MiB) per chunk */
-#define CKPT_NAME_FMT "step_%08lld.h5"	/* a run's checkpoints, in checkpoint.dir */
-#define CKPT_TMP_SUFFIX ".tmp."		/* PATH.tmp.<pid> while being written */
 #define CKPT_DSET_MAX (MOE_MAX_NAME + 64)	/* "/optim/" NAME "/exp_avg_sq" */
-#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
-
-/* What an operation is working on, for its messages. */
-struct ckctx {
-	const char *path;
-	const char *what;	/* dataset or attribute being handled, or NULL */
-	char *err;
-	size_t errlen;
-};
-
-struct walk_buf {
-	char *buf;
-	size_t len;
-};
-
-static herr_t innermost_cb(unsigned n, const H5E_error2_t *e, void *data)
-{
-	struct walk_buf *w = data;
-
-	if (n == 0 && e->desc)
-		snprintf(w->buf, w->len, "%s", e->desc);
-	return 0;
-}
-
-/* The most specific message on HDF5's error stack (where the error was first detected). */
-static void h5_detail(char *buf, size_t len)
-{
-	struct walk_buf w = { buf, len };
-
-	buf[0] = 0;
-	H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, innermost_cb, &w);
-}
-
-static const char *base_name(const char *file)
-{
-	const char *s = strrchr(file, '/');
-
-	return s ? s + 1 : file;
-}
-
-static void h5_fail(struct ckctx *c, const char *call, const char *file, int line)
-{
-	char detail[256], fn[64];
-	size_t n;
-
-	/* "fid = H5Fcreate(tmp, ...)" -> "H5Fcreate" */
-	const char *s = strstr(call, "H5");
-	if (!s)
-		s = call;
-	n = strcspn(s, "(");
-	if (n >= sizeof(fn))
-		n = sizeof(fn) - 1;
-	memcpy(fn, s, n);
-	fn[n] = 0;
-	h5_detail(detail, sizeof(detail));
-	snprintf(c->err, c->errlen, "%s: HDF5 call %s(...) failed at %s:%d%s%s%s%s", c->path, fn,
-		 base_name(file), line, c->what ? " on " : "", c->what ? c->what : "",
-		 detail[0] ? ": " : "", detail);
-}
-
-/*
- * Check an HDF5 return value (herr_t, htri_t or hid_t): negative is failure.  Needs `c` and `fail:`.
- * (Not named H5CHECK: hdf5.h defines that one itself.)
- */
-#define H5TRY(call)							\
-	do {								\
-		if ((call) < 0) {					\
-			h5_fail(c, #call, __FILE__, __LINE__);		\
-			goto fail;					\
-		}							\
-	} while (0)
-
-#define CKERR(...) snprintf(c->err, c->errlen, __VA_ARGS__)
-
-static void h5_quiet(void)
-{
-	H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-}
-
-static void close_id(hid_t *id, herr_t (*fn)(hid_t))
-{
-	if (*id >= 0)
-		fn(*id);
-	*id = -1;
-}
+#define CKPT_TMP_MAX 1100			/* PATH.tmp.<pid> */
 
 /* "[a, b, c]" */
 static void fmt_dims(char *buf, size_t len, int ndim, const hsize_t *dims)
@@ -147,180 +62,14 @@ static void fmt_dims(char *buf, size_t len, int ndim, const hsize_t *dims)
 		snprintf(buf + o, len - o, "]");
 }
 
-/* ---- attributes ---- */
-
-/* A scalar (n == 1) or a one-dimensional array of n values. */
-static int write_attr(struct ckctx *c, hid_t loc, const char *name, hid_t file_type, hid_t mem_type,
-		      hsize_t n, const void *value)
-{
-	hid_t space = -1, attr = -1;
-	int ret = -1;
-
-	c->what = name;
-	if (n == 1)
-		H5TRY(space = H5Screate(H5S_SCALAR));
-	else
-		H5TRY(space = H5Screate_simple(1, &n, NULL));
-	H5TRY(attr = H5Acreate2(loc, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT));
-	H5TRY(H5Awrite(attr, mem_type, value));
-	ret = 0;
-fail:
-	close_id(&attr, H5Aclose);
-	close_id(&space, H5Sclose);
-	c->what = NULL;
-	return ret;
-}
-
-static int write_str_attr(struct ckctx *c, hid_t loc, const char *name, const char *value)
-{
-	hid_t type = -1;
-	int ret = -1;
-
-	c->what = name;
-	H5TRY(type = H5Tcopy(H5T_C_S1));
-	H5TRY(H5Tset_size(type, H5T_VARIABLE));
-	H5TRY(H5Tset_cset(type, H5T_CSET_UTF8));
-	ret = write_attr(c, loc, name, type, type, 1, &value);
-fail:
-	close_id(&type, H5Tclose);
-	c->what = NULL;
-	return ret;
-}
-
-/* file_type: H5T_STD_I32LE or H5T_STD_I64LE */
-static int write_int_attr(struct ckctx *c, hid_t loc, const char *name, hid_t file_type,
-			  int64_t value)
-{
-	return write_attr(c, loc, name, file_type, H5T_NATIVE_INT64, 1, &value);
-}
-
-static const char *class_name(H5T_class_t cls)
-{
-	return cls == H5T_STRING ? "string" : cls == H5T_FLOAT ? "float" : "integer";
-}
-
-/*
- * Open the attribute `name` of loc (where: "root", "/optim", "/state"; for messages), checking its
- * class and that it holds n values; -1 with a message when absent or of another kind.
- */
-static int open_attr(struct ckctx *c, hid_t loc, const char *where, const char *name, H5T_class_t cls,
-		     hssize_t n, hid_t *attr, hid_t *ftype)
-{
-	hid_t space = -1;
-	htri_t exists;
-	hssize_t npoints;
-	int ret = -1;
-
-	*attr = *ftype = -1;
-	c->what = name;
-	H5TRY(exists = H5Aexists(loc, name));
-	if (!exists && !strcmp(where, "root")) {
-		CKERR("%s: not a moe checkpoint: root attribute '%s' is missing", c->path, name);
-		goto fail;
-	}
-	if (!exists) {
-		CKERR("%s: %s attribute '%s' is missing", c->path, where, name);
-		goto fail;
-	}
-	H5TRY(*attr = H5Aopen(loc, name, H5P_DEFAULT));
-	H5TRY(*ftype = H5Aget_type(*attr));
-	H5TRY(space = H5Aget_space(*attr));
-	H5TRY(npoints = H5Sget_simple_extent_npoints(space));
-	if (H5Tget_class(*ftype) != cls || npoints != n) {
-		if (n == 1)
-			CKERR("%s: %s attribute '%s' is not a single %s", c->path, where, name,
-			      class_name(cls));
-		else
-			CKERR("%s: %s attribute '%s' is not %lld %s values", c->path, where, name,
-			      (long long)n, class_name(cls));
-		goto fail;
-	}
-	ret = 0;
-fail:
-	close_id(&space, H5Sclose);
-	if (ret) {
-		close_id(ftype, H5Tclose);
-		close_id(attr, H5Aclose);
-	}
-	return ret;
-}
-
-/* Read a root string attribute (variable- or fixed-length) into a malloc'd C string. */
-static int read_str_attr(struct ckctx *c, hid_t fid, const char *name, char **out)
-{
-	hid_t attr = -1, ftype = -1, mtype = -1;
-	htri_t vlen;
-	char *s = NULL;
-	int ret = -1;
-
-	*out = NULL;
-	if (open_attr(c, fid, "root", name, H5T_STRING, 1, &attr, &ftype))
-		goto fail;
-	H5TRY(vlen = H5Tis_variable_str(ftype));
-	H5TRY(mtype = H5Tcopy(H5T_C_S1));
-	H5TRY(H5Tset_cset(mtype, H5Tget_cset(ftype)));
-	if (vlen) {
-		H5TRY(H5Tset_size(mtype, H5T_VARIABLE));
-		H5TRY(H5Aread(attr, mtype, &s));
-		*out = strdup(s ? s : "");
-		H5free_memory(s);
-	} else {
-		size_t size = H5Tget_size(ftype);
-
-		H5TRY(H5Tset_size(mtype, size + 1));
-		*out = calloc(1, size + 1);
-		if (*out)
-			H5TRY(H5Aread(attr, mtype, *out));
-	}
-	if (!*out) {
-		CKERR("%s: out of memory reading attribute '%s'", c->path, name);
-		goto fail;
-	}
-	ret = 0;
-fail:
-	if (ret) {
-		free(*out);
-		*out = NULL;
-	}
-	close_id(&mtype, H5Tclose);
-	close_id(&ftype, H5Tclose);
-	close_id(&attr, H5Aclose);
-	c->what = NULL;
-	return ret;
-}
-
-/* n numbers of class cls, converted to mem_type, into out. */
-static int read_attr(struct ckctx *c, hid_t loc, const char *where, const char *name, H5T_class_t cls,
-		     hid_t mem_type, hssize_t n, void *out)
-{
-	hid_t attr = -1, ftype = -1;
-	int ret = -1;
-
-	if (open_attr(c, loc, where, name, cls, n, &attr, &ftype))
-		goto fail;
-	H5TRY(H5Aread(attr, mem_type, out));
-	ret = 0;
-fail:
-	close_id(&ftype, H5Tclose);
-	close_id(&attr, H5Aclose);
-	c->what = NULL;
-	return ret;
-}
-
-static int read_int_attr(struct ckctx *c, hid_t loc, const char *where, const char *name,
-			 int64_t *out)
-{
-	return read_attr(c, loc, where, name, H5T_INTEGER, H5T_NATIVE_INT64, 1, out);
-}
-
 static int write_root_attrs(struct ckctx *c, hid_t fid, const char *json,
 			    const struct ckpt_meta *meta)
 {
-	if (write_str_attr(c, fid, "format", CKPT_FORMAT) ||
-	    write_int_attr(c, fid, "format_version", H5T_STD_I32LE, CKPT_FORMAT_VERSION) ||
-	    write_int_attr(c, fid, "step", H5T_STD_I64LE, meta ? meta->step : 0) ||
-	    write_int_attr(c, fid, "tokens_seen", H5T_STD_I64LE, meta ? meta->tokens_seen : 0) ||
-	    write_str_attr(c, fid, "config", json))
+	if (h5_write_str_attr(c, fid, "format", CKPT_FORMAT) ||
+	    h5_write_int_attr(c, fid, "format_version", H5T_STD_I32LE, CKPT_FORMAT_VERSION) ||
+	    h5_write_int_attr(c, fid, "step", H5T_STD_I64LE, meta ? meta->step : 0) ||
+	    h5_write_int_attr(c, fid, "tokens_seen", H5T_STD_I64LE, meta ? meta->tokens_seen : 0) ||
+	    h5_write_str_attr(c, fid, "config", json))
 		return -1;
 	return 0;
 }
@@ -339,7 +88,7 @@ static const struct state_field {
 	{ "tokens_seen", FIELD_I64, 1, offsetof(struct train_state, tokens_seen) },
 	{ "data_position", FIELD_U64, 1, offsetof(struct train_state, data_position) },
 	{ "data_seed", FIELD_U64, 1, offsetof(struct train_state, data_seed) },
-	{ "rng", FIELD_U64, ARRAY_SIZE(((struct train_state *)0)->rng),
+	{ "rng", FIELD_U64, CKPT_ARRAY_SIZE(((struct train_state *)0)->rng),
 	  offsetof(struct train_state, rng) },
 	{ "elapsed_s", FIELD_F64, 1, offsetof(struct train_state, elapsed_s) },
 	{ "ref_checksum", FIELD_U64, 1, offsetof(struct train_state, ref_checksum) },
@@ -369,25 +118,41 @@ static void field_types(enum field_type t, hid_t *file_type, hid_t *mem_type, H5
 
 static int write_state(struct ckctx *c, hid_t fid, const struct train_state *st)
 {
-	hid_t gid = -1, ftype, mtype;
+	struct h5scope s;
+	hid_t gid, ftype, mtype;
 	H5T_class_t cls;
-	int ret = -1;
 
-	c->what = "/state";
-	H5TRY(gid = H5Gcreate2(fid, "/state", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-	for (size_t i = 0; i < ARRAY_SIZE(state_fields); i++) {
+	h5s_begin(&s, c, "/state");
+	gid = H5OWN(&s, H5Gcreate2(fid, "/state", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
+	for (size_t i = 0; i < CKPT_ARRAY_SIZE(state_fields) && !s.failed; i++) {
 		const struct state_field *f = &state_fields[i];
 
 		field_types(f->type, &ftype, &mtype, &cls);
-		if (write_attr(c, gid, f->name, ftype, mtype, (hsize_t)f->n,
-			       (const char *)st + f->offset))
-			goto fail;
+		H5SUB(&s, h5_write_attr(c, gid, f->name, ftype, mtype, (hsize_t)f->n,
+					(const char *)st + f->offset));
 	}
-	ret = 0;
-fail:
-	close_id(&gid, H5Gclose);
-	c->what = NULL;
-	return ret;
+	return h5s_end(&s);
+}
+
+/* /state into *st (every field present and of the right kind). */
+static int read_state(struct ckctx *c, hid_t fid, struct train_state *st)
+{
+	struct h5scope s;
+	hid_t gid, ftype, mtype;
+	H5T_class_t cls;
+
+	if (h5_open_group(c, fid, "/state", "missing group /state (the training state)", &gid))
+		return -1;
+	h5s_begin(&s, c, c->what);
+	h5s_own(&s, gid, H5Gclose, "H5Gopen2", __FILE__, __LINE__);
+	for (size_t i = 0; i < CKPT_ARRAY_SIZE(state_fields) && !s.failed; i++) {
+		const struct state_field *f = &state_fields[i];
+
+		field_types(f->type, &ftype, &mtype, &cls);
+		H5SUB(&s, h5_read_attr(c, gid, "/state", f->name, cls, mtype, f->n,
+				       (char *)st + f->offset));
+	}
+	return h5s_end(&s);
 }
 
 /* ---- opening ---- */
@@ -395,71 +160,44 @@ fail:
 /* Open read-only and check the format and version. */
 static int open_checkpoint(struct ckctx *c, hid_t *fid_out)
 {
-	hid_t fapl = -1, fid = -1;
+	struct h5scope s;
 	char detail[256], *format = NULL;
 	struct stat st;
 	int64_t version;
-	int ret = -1;
+	hid_t fid = -1;
 
 	*fid_out = -1;
 	if (stat(c->path, &st) != 0) {
 		CKERR("%s: cannot open: %s", c->path, strerror(errno));
 		return -1;
 	}
-	H5TRY(fapl = H5Pcreate(H5P_FILE_ACCESS));
-	H5TRY(H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG));
-	if (!S_ISREG(st.st_mode) || H5Fis_hdf5(c->path) <= 0 ||
-	    (fid = H5Fopen(c->path, H5F_ACC_RDONLY, fapl)) < 0) {
+	h5s_begin(&s, c, NULL);
+	if (S_ISREG(st.st_mode) && H5Fis_hdf5(c->path) > 0)
+		fid = h5_file_open(c, c->path, H5F_ACC_RDONLY);
+	if (fid < 0) {
 		h5_detail(detail, sizeof(detail));
 		CKERR("%s: not a readable HDF5 file (truncated or corrupt?)%s%s", c->path,
 		      detail[0] ? ": " : "", detail);
-		goto fail;
+		h5s_fail(&s);
 	}
-	if (read_str_attr(c, fid, "format", &format))
-		goto fail;
-	if (strcmp(format, CKPT_FORMAT) != 0) {
+	if (!s.failed)
+		h5s_own(&s, fid, h5_file_discard, "H5Fopen", __FILE__, __LINE__);
+	H5SUB(&s, h5_read_str_attr(c, fid, "format", &format));
+	if (!s.failed && strcmp(format, CKPT_FORMAT) != 0) {
 		CKERR("%s: not a moe checkpoint (format is \"%.64s\", expected \"%s\")", c->path,
 		      format, CKPT_FORMAT);
-		goto fail;
+		h5s_fail(&s);
 	}
-	if (read_int_attr(c, fid, "root", "format_version", &version))
-		goto fail;
-	if (version != CKPT_FORMAT_VERSION) {
+	H5SUB(&s, h5_read_int_attr(c, fid, "root", "format_version", &version));
+	if (!s.failed && version != CKPT_FORMAT_VERSION) {
 		CKERR("%s: checkpoint format_version %" PRId64 " is not supported (this build reads "
 		      "version %d)", c->path, version, CKPT_FORMAT_VERSION);
-		goto fail;
+		h5s_fail(&s);
 	}
-	*fid_out = fid;
-	fid = -1;
-	ret = 0;
-fail:
+	if (!s.failed)
+		*fid_out = h5s_release(&s, fid);
 	free(format);
-	close_id(&fid, H5Fclose);
-	close_id(&fapl, H5Pclose);
-	return ret;
-}
-
-/* Open a group; when absent, fail with `missing` (or "missing group NAME" when that is NULL). */
-static int open_group(struct ckctx *c, hid_t fid, const char *name, const char *missing, hid_t *gid)
-{
-	htri_t exists;
-
-	*gid = -1;
-	c->what = name;
-	H5TRY(exists = H5Lexists(fid, name, H5P_DEFAULT));
-	if (!exists) {
-		if (missing)
-			CKERR("%s: %s", c->path, missing);
-		else
-			CKERR("%s: missing group %s", c->path, name);
-		goto fail;
-	}
-	H5TRY(*gid = H5Gopen2(fid, name, H5P_DEFAULT));
-	c->what = NULL;
-	return 0;
-fail:
-	c->what = NULL;
-	return -1;
+	return h5s_end(&s);
 }
 
 /* ---- tensors ---- */
@@ -515,32 +253,6 @@ static void local_slab(const struct moe_model *m, const struct param *p, hsize_t
 	}
 }
 
-static int check_local_numel(struct ckctx *c, const struct moe_model *m, const struct param *p)
-{
-	hsize_t start[MOE_MAX_DIMS], count[MOE_MAX_DIMS], n = 1;
-
-	local_slab(m, p, start, count);
-	for (int d = 0; d < p->ndim; d++)
-		n *= count[d];
-	if (p->ndim < 1 || p->ndim > MOE_MAX_DIMS || n != p->numel ||
-	    p->offset + p->numel > m->n_weights) {
-		CKERR("%s: internal error: parameter %s has an inconsistent layout", c->path, p->name);
-		return -1;
-	}
-	return 0;
-}
-
-/* The optimizer's arrays must be laid out like the weights. */
-static int check_optim_layout(struct ckctx *c, const struct moe_model *m, const struct adamw *opt)
-{
-	if (opt->n != m->n_weights || (opt->n && (!opt->exp_avg || !opt->exp_avg_sq))) {
-		CKERR("%s: internal error: the optimizer state holds %zu floats, the model %zu weights",
-		      c->path, opt->n, m->n_weights);
-		return -1;
-	}
-	return 0;
-}
-
 /*
  * Chunk shape: at most CKPT_CHUNK_ELEMS elements, whole trailing rows where they fit; a stacked tensor
  * never mixes two experts in one chunk (one expert per chunk unless an expert alone exceeds the limit).
@@ -581,111 +293,118 @@ enum write_mode { WRITE_CREATE, WRITE_EXPERTS };
 /*
  * Create the dataset dpath of parameter p with its full shape, chunked (chunk_dims) and checksummed:
  * the one definition of a checkpoint's datasets, shared by every writer.  lcpl creates the intermediate
- * group GROUP/NAME of a leaf.
+ * group GROUP/NAME of a leaf.  The dataset belongs to scope `owner`.
  */
-static int create_dataset(struct ckctx *c, hid_t fid, hid_t lcpl, const char *dpath,
-			  const struct param *p, hid_t *dset)
+static hid_t create_dataset(struct h5scope *owner, hid_t fid, hid_t lcpl, const char *dpath,
+			    const struct param *p)
 {
 	hsize_t dims[MOE_MAX_DIMS], chunk[MOE_MAX_DIMS];
-	hid_t space = -1, dcpl = -1;
-	int empty = 0, ret = -1;
+	struct h5scope s;
+	hid_t space, dcpl, dset;
+	int empty = 0;
 
-	*dset = -1;
-	c->what = dpath;
+	if (owner->failed)
+		return -1;
+	h5s_begin(&s, owner->c, dpath);
 	for (int d = 0; d < p->ndim; d++) {
 		dims[d] = (hsize_t)p->shape[d];
 		empty |= dims[d] == 0;
 	}
 	chunk_dims(p, chunk);
-	H5TRY(space = H5Screate_simple(p->ndim, dims, NULL));
-	H5TRY(dcpl = H5Pcreate(H5P_DATASET_CREATE));
+	space = H5OWN(&s, H5Screate_simple(p->ndim, dims, NULL), H5Sclose);
+	dcpl = H5OWN(&s, H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
 	if (!empty) {	/* chunks (and so the checksum) need every dimension > 0 */
-		H5TRY(H5Pset_chunk(dcpl, p->ndim, chunk));
-		H5TRY(H5Pset_fletcher32(dcpl));
+		H5DO(&s, H5Pset_chunk(dcpl, p->ndim, chunk));
+		H5DO(&s, H5Pset_fletcher32(dcpl));
 	}
-	H5TRY(*dset = H5Dcreate2(fid, dpath, H5T_IEEE_F32LE, space, lcpl, dcpl, H5P_DEFAULT));
-	ret = 0;
-fail:
-	close_id(&dcpl, H5Pclose);
-	close_id(&space, H5Sclose);
-	c->what = NULL;
-	return ret;
+	dset = H5OWN(&s, H5Dcreate2(fid, dpath, H5T_IEEE_F32LE, space, lcpl, dcpl, H5P_DEFAULT),
+		     H5Dclose);
+	if (!s.failed)
+		h5s_own(owner, h5s_release(&s, dset), H5Dclose, "H5Dcreate2", __FILE__, __LINE__);
+	if (h5s_end(&s))
+		return h5s_fail(owner);
+	return dset;
 }
 
 /* Write the block [start, start + count) of an open dataset from data (count's elements, dense). */
 static int write_slab(struct ckctx *c, hid_t dset, const char *dpath, int ndim, const hsize_t *start,
 		      const hsize_t *count, const float *data)
 {
-	hid_t space = -1, mspace = -1;
-	int ret = -1;
+	struct h5scope s;
+	hid_t space, mspace;
 
-	c->what = dpath;
-	H5TRY(space = H5Dget_space(dset));
-	H5TRY(H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL));
-	H5TRY(mspace = H5Screate_simple(ndim, count, NULL));
-	H5TRY(H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, space, H5P_DEFAULT, data));
-	ret = 0;
-fail:
-	close_id(&mspace, H5Sclose);
-	close_id(&space, H5Sclose);
-	c->what = NULL;
-	return ret;
+	h5s_begin(&s, c, dpath);
+	space = H5OWN(&s, H5Dget_space(dset), H5Sclose);
+	H5DO(&s, H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL));
+	mspace = H5OWN(&s, H5Screate_simple(ndim, count, NULL), H5Sclose);
+	H5DO(&s, H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, space, H5P_DEFAULT, data));
+	return h5s_end(&s);
 }
 
-static int write_tensor(struct ckctx *c, hid_t fid, hid_t lcpl, const struct tensor_set *s,
+static int write_tensor(struct ckctx *c, hid_t fid, hid_t lcpl, const struct tensor_set *set,
 			const struct moe_model *m, const struct param *p, const float *arena,
 			enum write_mode mode)
 {
 	hsize_t start[MOE_MAX_DIMS], count[MOE_MAX_DIMS];
-	hid_t dset = -1;
 	char dpath[CKPT_DSET_MAX];
-	int ret = -1;
+	struct h5scope s;
+	hid_t dset;
 
 	if (mode == WRITE_EXPERTS && !p->expert_stacked)
 		return 0;
-	if (check_local_numel(c, m, p))
+	if (ckpt_check_local_numel(c, m, p))
 		return -1;
-	tensor_path(dpath, s, p);
+	tensor_path(dpath, set, p);
+	h5s_begin(&s, c, dpath);
 	if (mode == WRITE_CREATE) {
-		if (create_dataset(c, fid, lcpl, dpath, p, &dset))
-			goto fail;
+		dset = create_dataset(&s, fid, lcpl, dpath, p);
 	} else {
-		if (check_tensor(c, fid, s, p))	/* present, float32, the model's shape */
-			goto fail;
-		c->what = dpath;
-		H5TRY(dset = H5Dopen2(fid, dpath, H5P_DEFAULT));
+		H5SUB(&s, check_tensor(c, fid, set, p));	/* present, float32, the model's shape */
+		dset = H5OWN(&s, H5Dopen2(fid, dpath, H5P_DEFAULT), H5Dclose);
 	}
 	/* nothing to write of an empty tensor or an empty expert slice */
 	local_slab(m, p, start, count);
-	if (p->numel > 0 && write_slab(c, dset, dpath, p->ndim, start, count, arena + p->offset))
-		goto fail;
-	ret = 0;
-fail:
-	close_id(&dset, H5Dclose);
-	c->what = NULL;
-	return ret;
+	if (p->numel > 0)
+		H5SUB(&s, write_slab(c, dset, dpath, p->ndim, start, count, arena + p->offset));
+	return h5s_end(&s);
+}
+
+/* A link creation list that creates the intermediate groups (GROUP/NAME of a leaf). */
+static hid_t intermediate_lcpl(struct h5scope *s)
+{
+	hid_t lcpl = H5OWN(s, H5Pcreate(H5P_LINK_CREATE), H5Pclose);
+
+	H5DO(s, H5Pset_create_intermediate_group(lcpl, 1));
+	return lcpl;
 }
 
 /* Every tensor of the set from arena; in WRITE_CREATE mode the set's group exists already. */
-static int write_set(struct ckctx *c, hid_t fid, const struct tensor_set *s, const struct moe_model *m,
-		     const float *arena, enum write_mode mode)
+static int write_set(struct ckctx *c, hid_t fid, const struct tensor_set *set,
+		     const struct moe_model *m, const float *arena, enum write_mode mode)
 {
-	hid_t lcpl = -1;
-	int ret = -1;
+	struct h5scope s;
+	hid_t lcpl;
 
-	c->what = s->group;
-	H5TRY(lcpl = H5Pcreate(H5P_LINK_CREATE));
-	H5TRY(H5Pset_create_intermediate_group(lcpl, 1));
+	h5s_begin(&s, c, set->group);
+	lcpl = intermediate_lcpl(&s);
 	c->what = NULL;
-	for (int i = 0; i < m->n_params; i++)
-		if (in_set(s, &m->params[i]) &&
-		    write_tensor(c, fid, lcpl, s, m, &m->params[i], arena, mode))
-			goto fail;
-	ret = 0;
-fail:
-	close_id(&lcpl, H5Pclose);
-	c->what = NULL;
-	return ret;
+	for (int i = 0; i < m->n_params && !s.failed; i++)
+		if (in_set(set, &m->params[i]))
+			H5SUB(&s, write_tensor(c, fid, lcpl, set, m, &m->params[i], arena, mode));
+	return h5s_end(&s);
+}
+
+/* A new group, with the attribute "step" when step is not NULL. */
+static int create_group(struct ckctx *c, hid_t fid, const char *name, const int64_t *step)
+{
+	struct h5scope s;
+	hid_t gid;
+
+	h5s_begin(&s, c, name);
+	gid = H5OWN(&s, H5Gcreate2(fid, name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
+	if (step)
+		H5SUB(&s, h5_write_int_attr(c, gid, "step", H5T_STD_I64LE, *step));
+	return h5s_end(&s);
 }
 
 /*
@@ -696,90 +415,59 @@ static int write_tensors(struct ckctx *c, hid_t fid, const struct moe_model *m,
 			 const struct adamw *opt, enum write_mode mode)
 {
 	const int nsets = opt ? N_SETS : 1;
-	hid_t gid = -1;
-	int ret = -1;
 
 	for (int k = 0; k < nsets; k++) {
 		const struct tensor_set *s = ckpt_sets[k];
 
 		/* the two moments share /optim */
-		if (mode == WRITE_CREATE && (k == 0 || strcmp(s->group, ckpt_sets[k - 1]->group))) {
-			c->what = s->group;
-			H5TRY(gid = H5Gcreate2(fid, s->group, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-			if (s == &set_optim[0] && write_int_attr(c, gid, "step", H5T_STD_I64LE, opt->step))
-				goto fail;
-			close_id(&gid, H5Gclose);
-		}
+		if (mode == WRITE_CREATE && (k == 0 || strcmp(s->group, ckpt_sets[k - 1]->group)) &&
+		    create_group(c, fid, s->group, s == &set_optim[0] ? &opt->step : NULL))
+			return -1;
 		if (write_set(c, fid, s, m, set_arena(k, m, opt), mode))
-			goto fail;
+			return -1;
 	}
-	ret = 0;
-fail:
-	close_id(&gid, H5Gclose);
-	c->what = NULL;
-	return ret;
-}
-
-/* Whether the link at an absolute path exists, each parent checked first (HDF5 1.10 fails otherwise). */
-static int link_exists(struct ckctx *c, hid_t fid, const char *path, htri_t *exists)
-{
-	char buf[CKPT_DSET_MAX], *slash = NULL;
-
-	snprintf(buf, sizeof(buf), "%s", path);
-	do {
-		slash = strchr(slash ? slash + 1 : buf + 1, '/');
-		if (slash)
-			*slash = 0;
-		H5TRY(*exists = H5Lexists(fid, buf, H5P_DEFAULT));
-		if (slash)
-			*slash = '/';
-	} while (*exists && slash);
 	return 0;
-fail:
-	return -1;
 }
 
 /* Dataset present, float32, with the model's full shape. */
-static int check_tensor(struct ckctx *c, hid_t fid, const struct tensor_set *s, const struct param *p)
+static int check_tensor(struct ckctx *c, hid_t fid, const struct tensor_set *set, const struct param *p)
 {
 	hsize_t fdims[H5S_MAX_RANK], mdims[MOE_MAX_DIMS];
-	hid_t dset = -1, type = -1, space = -1;
 	char dpath[CKPT_DSET_MAX], fbuf[160], mbuf[160];
-	int ndim, ret = -1;
+	struct h5scope s;
+	hid_t dset, type, space;
+	int ndim;
 	htri_t exists;
 
-	tensor_path(dpath, s, p);
-	c->what = dpath;
-	if (link_exists(c, fid, dpath, &exists))
-		goto fail;
-	if (!exists) {
+	tensor_path(dpath, set, p);
+	h5s_begin(&s, c, dpath);
+	H5SUB(&s, h5_link_exists(c, fid, dpath, &exists));
+	if (!s.failed && !exists) {
 		CKERR("%s: missing dataset %s", c->path, dpath);
-		goto fail;
+		h5s_fail(&s);
+		return h5s_end(&s);
 	}
-	H5TRY(dset = H5Dopen2(fid, dpath, H5P_DEFAULT));
-	H5TRY(type = H5Dget_type(dset));
-	if (H5Tget_class(type) != H5T_FLOAT || H5Tget_size(type) != 4) {
+	dset = H5OWN(&s, H5Dopen2(fid, dpath, H5P_DEFAULT), H5Dclose);
+	type = H5OWN(&s, H5Dget_type(dset), H5Tclose);
+	if (!s.failed && (H5Tget_class(type) != H5T_FLOAT || H5Tget_size(type) != 4)) {
 		CKERR("%s: %s is not float32", c->path, dpath);
-		goto fail;
+		h5s_fail(&s);
+		return h5s_end(&s);
 	}
-	H5TRY(space = H5Dget_space(dset));
-	H5TRY(ndim = H5Sget_simple_extent_ndims(space));
-	H5TRY(H5Sget_simple_extent_dims(space, fdims, NULL));
+	space = H5OWN(&s, H5Dget_space(dset), H5Sclose);
+	ndim = (int)H5DO(&s, H5Sget_simple_extent_ndims(space));
+	H5DO(&s, H5Sget_simple_extent_dims(space, fdims, NULL));
+	if (s.failed)
+		return h5s_end(&s);
 	for (int d = 0; d < p->ndim; d++)
 		mdims[d] = (hsize_t)p->shape[d];
 	if (ndim != p->ndim || memcmp(fdims, mdims, (size_t)ndim * sizeof(hsize_t)) != 0) {
 		fmt_dims(fbuf, sizeof(fbuf), ndim, fdims);
 		fmt_dims(mbuf, sizeof(mbuf), p->ndim, mdims);
 		CKERR("%s: %s has shape %s, the model expects %s", c->path, dpath, fbuf, mbuf);
-		goto fail;
+		h5s_fail(&s);
 	}
-	ret = 0;
-fail:
-	close_id(&space, H5Sclose);
-	close_id(&type, H5Tclose);
-	close_id(&dset, H5Dclose);
-	c->what = NULL;
-	return ret;
+	return h5s_end(&s);
 }
 
 /* A parameter of a table by name (linear, like model_find_param: used on failure paths only). */
@@ -814,64 +502,57 @@ static herr_t extra_cb(hid_t gid, const char *name, const H5L_info_t *info, void
 }
 
 /* Every tensor of the set is present (checked before); refuse anything else in its group. */
-static int check_no_extra(struct ckctx *c, hid_t fid, const struct tensor_set *s,
+static int check_no_extra(struct ckctx *c, hid_t fid, const struct tensor_set *set,
 			  const struct param *params, int n)
 {
-	struct extra_search x = { .params = params, .n = n, .s = s };
-	hid_t gid = -1;
+	struct extra_search x = { .params = params, .n = n, .s = set };
+	struct h5scope s;
 	H5G_info_t info;
 	hsize_t want = 0;
+	hid_t gid;
 	herr_t r;
-	int ret = -1;
 
 	for (int i = 0; i < n; i++)
-		want += (hsize_t)in_set(s, &params[i]);
-	if (open_group(c, fid, s->group, NULL, &gid))
+		want += (hsize_t)in_set(set, &params[i]);
+	if (h5_open_group(c, fid, set->group, NULL, &gid))
 		return -1;
-	c->what = s->group;
-	H5TRY(H5Gget_info(gid, &info));
-	if (info.nlinks == want) {
-		ret = 0;
-		goto fail;
-	}
-	H5TRY(r = H5Literate(gid, H5_INDEX_NAME, H5_ITER_INC, NULL, extra_cb, &x));
+	h5s_begin(&s, c, set->group);
+	h5s_own(&s, gid, H5Gclose, "H5Gopen2", __FILE__, __LINE__);
+	H5DO(&s, H5Gget_info(gid, &info));
+	if (s.failed || info.nlinks == want)
+		return h5s_end(&s);
+	r = (herr_t)H5DO(&s, H5Literate(gid, H5_INDEX_NAME, H5_ITER_INC, NULL, extra_cb, &x));
+	if (s.failed)
+		return h5s_end(&s);
 	if (r > 0 && x.is_param)
-		CKERR("%s: %s/%s: this parameter has no optimizer state", c->path, s->group, x.name);
+		CKERR("%s: %s/%s: this parameter has no optimizer state", c->path, set->group, x.name);
 	else
 		CKERR("%s: %s/%s is not a parameter of this model (a checkpoint of another model?)",
-		      c->path, s->group, r > 0 ? x.name : "?");
-fail:
-	close_id(&gid, H5Gclose);
-	c->what = NULL;
-	return ret;
+		      c->path, set->group, r > 0 ? x.name : "?");
+	h5s_fail(&s);
+	return h5s_end(&s);
 }
 
 /* The block [start, start + count) of dataset dpath into buf (dense), its chunks' checksums verified. */
 static int read_slab(struct ckctx *c, hid_t fid, const char *dpath, int ndim, const hsize_t *start,
 		     const hsize_t *count, float *buf)
 {
-	hid_t dset = -1, fspace = -1, mspace = -1;
+	struct h5scope s;
+	hid_t dset, fspace, mspace;
 	char detail[256];
-	int ret = -1;
 
-	c->what = dpath;
-	H5TRY(dset = H5Dopen2(fid, dpath, H5P_DEFAULT));
-	H5TRY(fspace = H5Dget_space(dset));
-	H5TRY(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, NULL, count, NULL));
-	H5TRY(mspace = H5Screate_simple(ndim, count, NULL));
-	if (H5Dread(dset, H5T_NATIVE_FLOAT, mspace, fspace, H5P_DEFAULT, buf) < 0) {
+	h5s_begin(&s, c, dpath);
+	dset = H5OWN(&s, H5Dopen2(fid, dpath, H5P_DEFAULT), H5Dclose);
+	fspace = H5OWN(&s, H5Dget_space(dset), H5Sclose);
+	H5DO(&s, H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, NULL, count, NULL));
+	mspace = H5OWN(&s, H5Screate_simple(ndim, count, NULL), H5Sclose);
+	if (!s.failed && H5Dread(dset, H5T_NATIVE_FLOAT, mspace, fspace, H5P_DEFAULT, buf) < 0) {
 		h5_detail(detail, sizeof(detail));
 		CKERR("%s: reading %s failed (checksum mismatch or read error)%s%s", c->path, dpath,
 		      detail[0] ? ": " : "", detail);
-		goto fail;
+		h5s_fail(&s);
 	}
-	ret = 0;
-fail:
-	close_id(&mspace, H5Sclose);
-	close_id(&fspace, H5Sclose);
-	close_id(&dset, H5Dclose);
-	c->what = NULL;
-	return ret;
+	return h5s_end(&s);
 }
 
 /* This rank's slice of one tensor into buf at the parameter's offset. */
@@ -886,28 +567,6 @@ static int read_tensor(struct ckctx *c, hid_t fid, const struct tensor_set *s, c
 	tensor_path(dpath, s, p);
 	local_slab(m, p, start, count);
 	return read_slab(c, fid, dpath, p->ndim, start, count, buf + p->offset);
-}
-
-/* /state into *st (every field present and of the right kind). */
-static int read_state(struct ckctx *c, hid_t fid, struct train_state *st)
-{
-	hid_t gid = -1, ftype, mtype;
-	H5T_class_t cls;
-	int ret = -1;
-
-	if (open_group(c, fid, "/state", "missing group /state (the training state)", &gid))
-		return -1;
-	for (size_t i = 0; i < ARRAY_SIZE(state_fields); i++) {
-		const struct state_field *f = &state_fields[i];
-
-		field_types(f->type, &ftype, &mtype, &cls);
-		if (read_attr(c, gid, "/state", f->name, cls, mtype, f->n, (char *)st + f->offset))
-			goto fail;
-	}
-	ret = 0;
-fail:
-	close_id(&gid, H5Gclose);
-	return ret;
 }
 
 /* ---- atomic commit ---- */
@@ -953,33 +612,6 @@ static int commit_file(struct ckctx *c, const char *tmp)
 
 /* ---- the single-process writer ---- */
 
-#define CKPT_TMP_MAX 1100	/* PATH.tmp.<pid> */
-
-static int check_writer_holds_all(struct ckctx *c, const struct moe_model *m)
-{
-	for (int i = 0; i < m->n_params; i++) {
-		const struct param *p = &m->params[i];
-
-		if (p->expert_stacked &&
-		    (m->expert_begin != 0 || m->expert_end != p->shape[0])) {
-			CKERR("%s: this process holds experts [%d, %d) of %" PRId64 "; a single-process "
-			      "checkpoint needs all of them", c->path, m->expert_begin, m->expert_end,
-			      p->shape[0]);
-			return -1;
-		}
-	}
-	return 0;
-}
-
-/* What a writer writes from must be consistent: every parameter's slice, the optimizer's layout. */
-static int check_writer_arrays(struct ckctx *c, const struct moe_model *m, const struct adamw *opt)
-{
-	for (int i = 0; i < m->n_params; i++)
-		if (check_local_numel(c, m, &m->params[i]))
-			return -1;
-	return opt ? check_optim_layout(c, m, opt) : 0;
-}
-
 /* PATH.tmp.<pid of this process> */
 static int tmp_name(struct ckctx *c, char *tmp, size_t len)
 {
@@ -1003,31 +635,25 @@ static struct ckpt_meta meta_of(const struct train_state *st)
 
 /*
  * tmp created (truncated) with the root attributes: the config as JSON and meta.  Its file id, or -1
- * (closed again; the caller removes tmp).
+ * (given up again; the caller removes tmp).
  */
 static hid_t create_with_root(struct ckctx *c, const char *tmp, const struct run_config *cfg,
 			      const struct ckpt_meta *meta)
 {
-	hid_t fapl = -1, fid = -1;
 	char *json = cfg ? config_to_json(cfg) : NULL;
+	hid_t fid;
 
 	if (!json) {
 		CKERR("%s: cannot serialise the config", c->path);
 		return -1;
 	}
-	H5TRY(fapl = H5Pcreate(H5P_FILE_ACCESS));
-	H5TRY(H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG));
-	H5TRY(fid = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl));
-	if (write_root_attrs(c, fid, json, meta))
-		goto fail;
-	close_id(&fapl, H5Pclose);
+	fid = h5_file_create(c, tmp);
+	if (fid >= 0 && write_root_attrs(c, fid, json, meta)) {
+		h5_file_discard(fid);
+		fid = -1;
+	}
 	free(json);
 	return fid;
-fail:
-	close_id(&fid, H5Fclose);
-	close_id(&fapl, H5Pclose);
-	free(json);
-	return -1;
 }
 
 /*
@@ -1041,23 +667,14 @@ static int create_file(struct ckctx *c, const char *tmp, const struct moe_model 
 		       const struct ckpt_meta *meta, const struct train_state *st)
 {
 	hid_t fid = create_with_root(c, tmp, cfg, meta);
-	int ret = -1;
 
 	if (fid < 0)
 		return -1;
-	if (write_tensors(c, fid, m, opt, WRITE_CREATE) || (st && write_state(c, fid, st)))
-		goto fail;
-	H5TRY(H5Fflush(fid, H5F_SCOPE_GLOBAL));
-	{
-		hid_t f = fid;
-
-		fid = -1;
-		H5TRY(H5Fclose(f));
+	if (write_tensors(c, fid, m, opt, WRITE_CREATE) || (st && write_state(c, fid, st))) {
+		h5_file_discard(fid);
+		return -1;
 	}
-	ret = 0;
-fail:
-	close_id(&fid, H5Fclose);
-	return ret;
+	return h5_file_close(c, &fid);
 }
 
 /*
@@ -1068,26 +685,17 @@ fail:
 static int fill_experts(struct ckctx *c, const char *tmp, const struct moe_model *m,
 			const struct adamw *opt)
 {
-	hid_t fapl = -1, fid = -1;
-	int ret = -1;
+	hid_t fid = h5_file_open(c, tmp, H5F_ACC_RDWR);
 
-	H5TRY(fapl = H5Pcreate(H5P_FILE_ACCESS));
-	H5TRY(H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG));
-	H5TRY(fid = H5Fopen(tmp, H5F_ACC_RDWR, fapl));
-	if (write_tensors(c, fid, m, opt, WRITE_EXPERTS))
-		goto fail;
-	H5TRY(H5Fflush(fid, H5F_SCOPE_GLOBAL));
-	{
-		hid_t f = fid;
-
-		fid = -1;
-		H5TRY(H5Fclose(f));
+	if (fid < 0)
+		return -1;
+	if (write_tensors(c, fid, m, opt, WRITE_EXPERTS)) {
+		h5_file_discard(fid);
+		return -1;
 	}
-	ret = fsync_path(c, tmp, O_RDONLY);
-fail:
-	close_id(&fid, H5Fclose);
-	close_id(&fapl, H5Pclose);
-	return ret;
+	if (h5_file_close(c, &fid))
+		return -1;
+	return fsync_path(c, tmp, O_RDONLY);
 }
 
 /* Root attributes, /model, and /optim and /state when opt and st are given, all from this process. */
@@ -1099,8 +707,8 @@ static int write_checkpoint(const char *path, const struct moe_model *m, const s
 	char tmp[CKPT_TMP_MAX];
 
 	h5_quiet();
-	if (tmp_name(c, tmp, sizeof(tmp)) || check_writer_holds_all(c, m) ||
-	    check_writer_arrays(c, m, opt))
+	if (tmp_name(c, tmp, sizeof(tmp)) || ckpt_check_writer_holds_all(c, m) ||
+	    ckpt_check_writer_arrays(c, m, opt))
 		return -1;
 	if (create_file(c, tmp, m, opt, cfg, meta, st) || commit_file(c, tmp)) {
 		unlink(tmp);
@@ -1125,117 +733,10 @@ int checkpoint_save(const char *path, const struct moe_model *m, const struct ad
 
 /* ---- the distributed writer ---- */
 
-#define CKPT_MSG_MAX 1024	/* an error message sent to every rank */
-
-/*
- * Collective over the world, after every phase of a distributed save: 0 when no rank failed, else -1 on
- * every rank, each with the message of the lowest failing rank, as "rank R: MESSAGE".
- */
-static int sync_failure(struct ckctx *c, const struct dist *d, int failed)
-{
-	int32_t who = failed ? d->rank : d->world;
-	char msg[CKPT_MSG_MAX] = "";
-
-	if (comm_allreduce(d->world_g, &who, 1, COMM_I32, COMM_MIN)) {
-		CKERR("%s: checkpoint: comm_allreduce failed", c->path);
-		return -1;
-	}
-	if (who >= d->world)
-		return 0;
-	if (who == d->rank)
-		snprintf(msg, sizeof(msg), "rank %d: %s", (int)who, c->err);
-	if (comm_broadcast(d->world_g, msg, sizeof(msg), COMM_BYTE, who)) {
-		CKERR("%s: checkpoint: rank %d failed; comm_broadcast of its message failed", c->path,
-		      (int)who);
-		return -1;
-	}
-	msg[sizeof(msg) - 1] = 0;
-	snprintf(c->err, c->errlen, "%s", msg);
-	return -1;
-}
-
-/* What every rank tells the others about its arrays (check_dist_layout). */
-enum { LAY_BEGIN, LAY_END, LAY_EXPERTS, LAY_OPTIM, LAY_FLOATS, LAY_EP, LAY_N };
-
-/*
- * Collective over the world, with the same verdict (and message) on every rank: all ranks agree on the
- * grid, the number of experts and whether there is optimizer state; the ranks of expert-parallel group
- * 0 (world ranks 0 .. ep-1, the writers) hold consecutive expert slices covering all the experts; every
- * other rank holds the same slice (and arena size) as its counterpart there, whose copy is written.
- */
-static int check_dist_layout(struct ckctx *c, const struct moe_model *m, const struct adamw *opt,
-			     const struct dist *d)
-{
-	const int64_t mine[LAY_N] = {
-		[LAY_BEGIN] = m->expert_begin, [LAY_END] = m->expert_end,
-		[LAY_EXPERTS] = m->cfg.n_routed_experts, [LAY_OPTIM] = opt != NULL,
-		[LAY_FLOATS] = (int64_t)m->n_weights, [LAY_EP] = d->ep,
-	};
-	int64_t *all = malloc((size_t)d->world * LAY_N * sizeof(*all));
-	int32_t ok = all && d->ep >= 1 && d->world == d->dp * d->ep &&
-		     d->rank == d->dp_rank * d->ep + d->ep_rank;
-	const int ep = d->ep;
-	int ret = -1;
-
-	if (comm_allreduce(d->world_g, &ok, 1, COMM_I32, COMM_MIN) || !ok) {
-		CKERR("%s: cannot check the parallel layout: out of memory, or a (dp, ep) grid that does "
-		      "not match the world on some rank", c->path);
-		goto fail;
-	}
-	if (comm_allgather(d->world_g, mine, all, LAY_N, COMM_I64)) {
-		CKERR("%s: checkpoint: comm_allgather failed", c->path);
-		goto fail;
-	}
-	for (int q = 0; q < d->world; q++) {
-		const int64_t *a = all + (size_t)q * LAY_N, *ref = all + (size_t)(q % ep) * LAY_N;
-
-		if (a[LAY_EP] != all[LAY_EP] || a[LAY_EXPERTS] != all[LAY_EXPERTS] ||
-		    a[LAY_OPTIM] != all[LAY_OPTIM]) {
-			CKERR("%s: ranks 0 and %d disagree on the parallel layout or the model: ep %" PRId64
-			      " vs %" PRId64 ", %" PRId64 " vs %" PRId64 " routed experts, optimizer "
-			      "state %s vs %s", c->path, q, all[LAY_EP], a[LAY_EP], all[LAY_EXPERTS],
-			      a[LAY_EXPERTS], all[LAY_OPTIM] ? "given" : "absent",
-			      a[LAY_OPTIM] ? "given" : "absent");
-			goto fail;
-		}
-		if (q >= ep && (a[LAY_BEGIN] != ref[LAY_BEGIN] || a[LAY_END] != ref[LAY_END] ||
-				a[LAY_FLOATS] != ref[LAY_FLOATS])) {
-			CKERR("%s: rank %d holds experts [%" PRId64 ", %" PRId64 ") in %" PRId64
-			      " floats, but rank %d, which it replicates, [%" PRId64 ", %" PRId64
-			      ") in %" PRId64, c->path, q, a[LAY_BEGIN], a[LAY_END], a[LAY_FLOATS],
-			      q % ep, ref[LAY_BEGIN], ref[LAY_END], ref[LAY_FLOATS]);
-			goto fail;
-		}
-		const int64_t *prev = q > 0 && q < ep ? a - LAY_N : NULL;	/* the writer before */
-
-		if (q < ep && a[LAY_BEGIN] != (prev ? prev[LAY_END] : 0)) {
-			if (prev)
-				CKERR("%s: the experts are not split over the expert-parallel group: "
-				      "rank %d holds [%" PRId64 ", %" PRId64 "), rank %d [%" PRId64 ", %"
-				      PRId64 ")", c->path, q - 1, prev[LAY_BEGIN], prev[LAY_END], q,
-				      a[LAY_BEGIN], a[LAY_END]);
-			else
-				CKERR("%s: the experts are not split over the expert-parallel group: "
-				      "rank 0 holds [%" PRId64 ", %" PRId64 "), not from expert 0",
-				      c->path, a[LAY_BEGIN], a[LAY_END]);
-			goto fail;
-		}
-		if (q == ep - 1 && a[LAY_END] != a[LAY_EXPERTS]) {
-			CKERR("%s: the expert-parallel group holds experts [0, %" PRId64 ") of %" PRId64,
-			      c->path, a[LAY_END], a[LAY_EXPERTS]);
-			goto fail;
-		}
-	}
-	ret = 0;
-fail:
-	free(all);
-	return ret;
-}
-
 /*
  * Only the writers, expert-parallel group 0, write: world rank 0 creates PATH.tmp.<its pid> with every
  * dataset and attribute and its own experts, then ranks 1 .. ep-1 in turn add theirs, then rank 0
- * commits.  Every phase ends with sync_failure, so a failure anywhere stops every rank there.
+ * commits.  Every phase ends with ckpt_sync_failure, so a failure anywhere stops every rank there.
  */
 int checkpoint_save_dist(const char *path, const struct moe_model *m, const struct adamw *opt,
 			 const struct run_config *cfg, const struct train_state *st, const struct dist *d,
@@ -1252,11 +753,12 @@ int checkpoint_save_dist(const char *path, const struct moe_model *m, const stru
 	memset(tmp, 0, sizeof(tmp));
 	if (errlen)
 		err[0] = 0;
-	if (check_dist_layout(c, m, opt, d))
+	if (ckpt_check_dist_layout(c, m, opt, d))
 		return -1;
 	/* every rank checks its arrays; rank 0 names the file, for all */
-	failed = check_writer_arrays(c, m, opt) || (d->rank == 0 && tmp_name(c, tmp, sizeof(tmp)));
-	if (sync_failure(c, d, failed))
+	failed = ckpt_check_writer_arrays(c, m, opt) ||
+		 (d->rank == 0 && tmp_name(c, tmp, sizeof(tmp)));
+	if (ckpt_sync_failure(c, d, failed))
 		return -1;
 	if (comm_broadcast(d->world_g, tmp, sizeof(tmp), COMM_BYTE, 0)) {
 		CKERR("%s: checkpoint: comm_broadcast failed", path);
@@ -1265,16 +767,16 @@ int checkpoint_save_dist(const char *path, const struct moe_model *m, const stru
 	tmp[sizeof(tmp) - 1] = 0;
 	/* rank 0: every dataset at its full shape, the attributes, /state, and experts [0, E/ep) */
 	failed = d->rank == 0 && create_file(c, tmp, m, opt, cfg, &meta, st);
-	if (sync_failure(c, d, failed))
+	if (ckpt_sync_failure(c, d, failed))
 		goto fail;
 	/* the other writers' experts, one at a time (serial HDF5: one process has the file open) */
 	for (int r = 1; r < d->ep; r++) {
 		failed = d->dp_rank == 0 && d->ep_rank == r && fill_experts(c, tmp, m, opt);
-		if (sync_failure(c, d, failed))
+		if (ckpt_sync_failure(c, d, failed))
 			goto fail;
 	}
 	failed = d->rank == 0 && commit_file(c, tmp);
-	if (sync_failure(c, d, failed))
+	if (ckpt_sync_failure(c, d, failed))
 		goto fail;
 	return 0;
 fail:
@@ -1293,9 +795,9 @@ static int read_header(struct ckctx *c, hid_t fid, struct run_config *cfg, struc
 	char *json = NULL, origin[1100];
 	int ret = -1;
 
-	if (read_int_attr(c, fid, "root", "step", &mt.step) ||
-	    read_int_attr(c, fid, "root", "tokens_seen", &mt.tokens_seen) ||
-	    read_str_attr(c, fid, "config", &json))
+	if (h5_read_int_attr(c, fid, "root", "step", &mt.step) ||
+	    h5_read_int_attr(c, fid, "root", "tokens_seen", &mt.tokens_seen) ||
+	    h5_read_str_attr(c, fid, "config", &json))
 		goto fail;
 	if (cfg) {
 		tmp = malloc(sizeof(*tmp));
@@ -1329,8 +831,58 @@ int checkpoint_read_header(const char *path, struct run_config *cfg, struct ckpt
 	if (open_checkpoint(c, &fid))
 		return -1;
 	ret = read_header(c, fid, cfg, meta);
-	close_id(&fid, H5Fclose);
+	h5_file_discard(fid);
 	return ret;
+}
+
+/* The groups of the sets and /optim's step: present before any dataset is looked at. */
+static int check_groups(struct ckctx *c, hid_t fid, const struct adamw *opt, int64_t *opt_step)
+{
+	struct h5scope s;
+	hid_t gid;
+
+	if (h5_open_group(c, fid, set_model.group, NULL, &gid))
+		return -1;
+	H5Gclose(gid);
+	if (!opt)
+		return 0;
+	if (h5_open_group(c, fid, set_optim[0].group, "no optimizer state (/optim): a weights-only "
+			  "checkpoint cannot be resumed; use train.init_checkpoint", &gid))
+		return -1;
+	h5s_begin(&s, c, c->what);
+	h5s_own(&s, gid, H5Gclose, "H5Gopen2", __FILE__, __LINE__);
+	H5SUB(&s, h5_read_int_attr(c, gid, "/optim", "step", opt_step));
+	return h5s_end(&s);
+}
+
+/* Every dataset of the sets present and of the model's shape, and nothing else in their groups. */
+static int check_sets(struct ckctx *c, hid_t fid, const struct moe_model *m, int nsets)
+{
+	const struct tensor_set *const *sets = ckpt_sets;
+
+	for (int k = 0; k < nsets; k++) {
+		for (int i = 0; i < m->n_params; i++)
+			if (in_set(sets[k], &m->params[i]) &&
+			    check_tensor(c, fid, sets[k], &m->params[i]))
+				return -1;
+		/* the two moments share /optim */
+		if ((k == 0 || strcmp(sets[k]->group, sets[k - 1]->group) != 0) &&
+		    check_no_extra(c, fid, sets[k], m->params, m->n_params))
+			return -1;
+	}
+	return 0;
+}
+
+/* This rank's slices of every set's tensors into buf (nsets arenas of m->n_weights floats). */
+static int read_sets(struct ckctx *c, hid_t fid, const struct moe_model *m, int nsets, float *buf)
+{
+	for (int k = 0; k < nsets; k++)
+		for (int i = 0; i < m->n_params; i++)
+			if (in_set(ckpt_sets[k], &m->params[i]) &&
+			    read_tensor(c, fid, ckpt_sets[k], m, &m->params[i],
+					buf + (size_t)k * m->n_weights))
+				return -1;
+	return 0;
 }
 
 int checkpoint_load(const char *path, struct moe_model *m, struct adamw *opt, struct train_state *st,
@@ -1343,51 +895,29 @@ int checkpoint_load(const char *path, struct moe_model *m, struct adamw *opt, st
 	const size_t n = m->n_weights;
 	struct train_state st_new;
 	int64_t opt_step = 0;
-	hid_t fid = -1, gid = -1;
+	hid_t fid = -1;
 	float *buf = NULL;
 	int ret = -1;
 
 	h5_quiet();
 	for (int i = 0; i < m->n_params; i++)
-		if (check_local_numel(c, m, &m->params[i]))
+		if (ckpt_check_local_numel(c, m, &m->params[i]))
 			return -1;
-	if (opt && check_optim_layout(c, m, opt))
+	if (opt && ckpt_check_optim_layout(c, m, opt))
 		return -1;
 	if (open_checkpoint(c, &fid))
 		return -1;
 	/* the whole file must match, and every attribute be read, before any tensor data is read */
-	if (open_group(c, fid, set_model.group, NULL, &gid))
-		goto fail;
-	close_id(&gid, H5Gclose);
-	if (opt) {
-		if (open_group(c, fid, set_optim[0].group, "no optimizer state (/optim): a weights-only "
-			       "checkpoint cannot be resumed; use train.init_checkpoint", &gid) ||
-		    read_int_attr(c, gid, "/optim", "step", &opt_step))
-			goto fail;
-		close_id(&gid, H5Gclose);
-	}
-	for (int k = 0; k < nsets; k++) {
-		for (int i = 0; i < m->n_params; i++)
-			if (in_set(sets[k], &m->params[i]) &&
-			    check_tensor(c, fid, sets[k], &m->params[i]))
-				goto fail;
-		/* the two moments share /optim */
-		if ((k == 0 || strcmp(sets[k]->group, sets[k - 1]->group) != 0) &&
-		    check_no_extra(c, fid, sets[k], m->params, m->n_params))
-			goto fail;
-	}
-	if (st && read_state(c, fid, &st_new))
+	if (check_groups(c, fid, opt, &opt_step) || check_sets(c, fid, m, nsets) ||
+	    (st && read_state(c, fid, &st_new)))
 		goto fail;
 	if (n > SIZE_MAX / sizeof(float) / (size_t)nsets ||
 	    !(buf = malloc((n ? n : 1) * (size_t)nsets * sizeof(float)))) {
 		CKERR("%s: out of memory for %d scratch buffers of %zu floats", path, nsets, n);
 		goto fail;
 	}
-	for (int k = 0; k < nsets; k++)
-		for (int i = 0; i < m->n_params; i++)
-			if (in_set(sets[k], &m->params[i]) &&
-			    read_tensor(c, fid, sets[k], m, &m->params[i], buf + (size_t)k * n))
-				goto fail;
+	if (read_sets(c, fid, m, nsets, buf))
+		goto fail;
 	/* everything read and verified: only now touch the model, the optimizer and the state */
 	for (int k = 0; k < nsets; k++) {
 		for (int i = 0; i < m->n_params; i++) {
@@ -1407,8 +937,7 @@ int checkpoint_load(const char *path, struct moe_model *m, struct adamw *opt, st
 	ret = 0;
 fail:
 	free(buf);
-	close_id(&gid, H5Gclose);
-	close_id(&fid, H5Fclose);
+	h5_file_discard(fid);
 	return ret;
 }
 
@@ -1587,21 +1116,17 @@ oom:
 static int writer_create(struct ckctx *c, struct ckpt_writer *w, const struct run_config *cfg,
 			 const struct ckpt_meta *meta)
 {
-	hid_t gid = -1;
-	int ret = -1;
+	struct h5scope s;
 
 	w->fid = create_with_root(c, w->tmp, cfg, meta);
 	if (w->fid < 0)
 		return -1;
-	c->what = set_model.group;
-	H5TRY(gid = H5Gcreate2(w->fid, set_model.group, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-	H5TRY(w->lcpl = H5Pcreate(H5P_LINK_CREATE));
-	H5TRY(H5Pset_create_intermediate_group(w->lcpl, 1));
-	ret = 0;
-fail:
-	close_id(&gid, H5Gclose);
-	c->what = NULL;
-	return ret;
+	h5s_begin(&s, c, set_model.group);
+	H5SUB(&s, create_group(c, w->fid, set_model.group, NULL));
+	w->lcpl = intermediate_lcpl(&s);
+	if (!s.failed)
+		h5s_release(&s, w->lcpl);
+	return h5s_end(&s);
 }
 
 struct ckpt_writer *ckpt_writer_open(const char *path, const struct run_config *cfg,
@@ -1619,11 +1144,9 @@ struct ckpt_writer *ckpt_writer_open(const char *path, const struct run_config *
 	w->fid = w->lcpl = -1;
 	if (tmp_name(c, w->tmp, sizeof(w->tmp)) || table_build(c, &w->t, &cfg->model) ||
 	    writer_alloc(c, w) || writer_create(c, w, cfg, meta)) {
-		close_id(&w->lcpl, H5Pclose);
-		if (w->fid >= 0) {
-			close_id(&w->fid, H5Fclose);
+		h5_file_discard(w->fid);
+		if (w->tmp[0])	/* created, perhaps, before a later step failed */
 			unlink(w->tmp);
-		}
 		writer_free(w);
 		return NULL;
 	}
@@ -1636,28 +1159,23 @@ static int writer_write(struct ckctx *c, struct ckpt_writer *w, const struct par
 {
 	const int i = (int)(p - w->t.params);
 	char dpath[CKPT_DSET_MAX];
-	hid_t dset = -1;
+	struct h5scope s;
 	hsize_t numel = 1;
-	int ret = -1;
+	hid_t dset;
 
 	tensor_path(dpath, &set_model, p);
+	h5s_begin(&s, c, dpath);
 	if (!w->created[i]) {
-		if (create_dataset(c, w->fid, w->lcpl, dpath, p, &dset))
-			goto fail;
-		w->created[i] = 1;
+		dset = create_dataset(&s, w->fid, w->lcpl, dpath, p);
+		w->created[i] = !s.failed;
 	} else {
-		c->what = dpath;
-		H5TRY(dset = H5Dopen2(w->fid, dpath, H5P_DEFAULT));
+		dset = H5OWN(&s, H5Dopen2(w->fid, dpath, H5P_DEFAULT), H5Dclose);
 	}
 	for (int d = 0; d < p->ndim; d++)
 		numel *= count[d];
-	if (numel > 0 && write_slab(c, dset, dpath, p->ndim, start, count, data))
-		goto fail;
-	ret = 0;
-fail:
-	close_id(&dset, H5Dclose);
-	c->what = NULL;
-	return ret;
+	if (numel > 0)
+		H5SUB(&s, write_slab(c, dset, dpath, p->ndim, start, count, data));
+	return h5s_end(&s);
 }
 
 int ckpt_writer_put(struct ckpt_writer *w, const char *name, const int64_t *shape, int ndim,
@@ -1728,22 +1246,17 @@ static int writer_complete(struct ckctx *c, const struct ckpt_writer *w)
 	return -1;
 }
 
-/* Flush and close the file; -1 when HDF5 could not. */
-static int writer_close_file(struct ckctx *c, struct ckpt_writer *w)
+/* Flush and close the file to keep it, or give it up; -1 when HDF5 could not write everything. */
+static int writer_close_file(struct ckctx *c, struct ckpt_writer *w, int keep)
 {
-	hid_t f = w->fid;
-	int ret = -1;
-
-	close_id(&w->lcpl, H5Pclose);
+	if (w->lcpl >= 0)
+		H5Pclose(w->lcpl);
+	w->lcpl = -1;
+	if (keep)
+		return h5_file_close(c, &w->fid);
+	h5_file_discard(w->fid);
 	w->fid = -1;
-	H5TRY(H5Fflush(f, H5F_SCOPE_GLOBAL));
-	ret = 0;
-fail:
-	if (H5Fclose(f) < 0 && !ret) {
-		h5_fail(c, "H5Fclose", __FILE__, __LINE__);
-		ret = -1;
-	}
-	return ret;
+	return 0;
 }
 
 int ckpt_writer_close(struct ckpt_writer *w, int commit, char *err, size_t errlen)
@@ -1759,7 +1272,7 @@ int ckpt_writer_close(struct ckpt_writer *w, int commit, char *err, size_t errle
 	} else if (commit) {
 		ret = writer_complete(c, w);
 	}
-	if (writer_close_file(c, w) && commit && !ret)
+	if (writer_close_file(c, w, commit && !ret) && commit && !ret)
 		ret = -1;
 	if (commit && !ret)
 		ret = commit_file(c, w->tmp);
@@ -1779,7 +1292,7 @@ void ckpt_reader_close(struct ckpt_reader *r)
 {
 	if (!r)
 		return;
-	close_id(&r->fid, H5Fclose);
+	h5_file_discard(r->fid);
 	table_free(&r->t);
 	free(r->path);
 	free(r);
@@ -1793,9 +1306,9 @@ static int reader_check(struct ckctx *c, struct ckpt_reader *r, struct run_confi
 
 	if (open_checkpoint(c, &r->fid) || read_header(c, r->fid, rc, meta) ||
 	    table_build(c, &r->t, &rc->model) ||
-	    open_group(c, r->fid, set_model.group, NULL, &gid))
+	    h5_open_group(c, r->fid, set_model.group, NULL, &gid))
 		return -1;
-	close_id(&gid, H5Gclose);
+	H5Gclose(gid);
 	for (int i = 0; i < r->t.n; i++)
 		if (check_tensor(c, r->fid, &set_model, &r->t.params[i]))
 			return -1;
@@ -1857,179 +1370,4 @@ int ckpt_reader_get(struct ckpt_reader *r, const char *name, int expert, float *
 		return 0;
 	tensor_path(dpath, &set_model, p);
 	return read_slab(c, r->fid, dpath, p->ndim, start, count, out);
-}
-
-/* ---- a run's checkpoint directory ---- */
-
-/* DIR/step_NNNNNNNN.h5; -1 when it does not fit in len. */
-static int format_path(char *out, size_t len, const char *dir, int64_t step)
-{
-	return (size_t)snprintf(out, len, "%s/" CKPT_NAME_FMT, dir, (long long)step) < len ? 0 : -1;
-}
-
-void checkpoint_path(char *out, size_t len, const char *dir, int64_t step)
-{
-	format_path(out, len, dir, step);
-}
-
-enum { NAME_OTHER, NAME_CHECKPOINT, NAME_TMP };
-
-/* step_NNNNNNNN.h5 exactly as checkpoint_path writes it, or that name plus .tmp.<pid>. */
-static int classify_name(const char *name, int64_t *step)
-{
-	static const char digits[] = "0123456789";
-	const char *rest;
-	char canon[64];
-	size_t nd, len;
-	long long v;
-
-	if (strncmp(name, "step_", 5) != 0)
-		return NAME_OTHER;
-	nd = strspn(name + 5, digits);
-	if (nd < 8 || nd > 18)	/* %08lld, and no overflow */
-		return NAME_OTHER;
-	v = strtoll(name + 5, NULL, 10);
-	len = (size_t)snprintf(canon, sizeof(canon), CKPT_NAME_FMT, v);
-	if (strncmp(name, canon, len) != 0)
-		return NAME_OTHER;
-	*step = v;
-	rest = name + len;
-	if (!*rest)
-		return NAME_CHECKPOINT;
-	if (!strncmp(rest, CKPT_TMP_SUFFIX, strlen(CKPT_TMP_SUFFIX))) {
-		rest += strlen(CKPT_TMP_SUFFIX);
-		if (*rest && strspn(rest, digits) == strlen(rest))
-			return NAME_TMP;
-	}
-	return NAME_OTHER;
-}
-
-/*
- * The steps of the checkpoints in dir (malloc'd, unsorted) and, with remove_tmp, delete the temporaries
- * of interrupted writes.  0, 1 when dir does not exist, -1 on error.
- */
-static int list_checkpoints(struct ckctx *c, const char *dir, int remove_tmp, int64_t **steps,
-			    size_t *count)
-{
-	size_t cap = 0;
-	struct dirent *e;
-	int64_t step, *grown;
-	DIR *d;
-	int ret = -1;
-
-	*steps = NULL;
-	*count = 0;
-	d = opendir(dir);
-	if (!d) {
-		if (errno == ENOENT)
-			return 1;
-		CKERR("%s: cannot open the checkpoint directory: %s", dir, strerror(errno));
-		return -1;
-	}
-	for (;;) {
-		errno = 0;
-		e = readdir(d);
-		if (!e) {
-			if (errno) {
-				CKERR("%s: cannot read the checkpoint directory: %s", dir,
-				      strerror(errno));
-				goto fail;
-			}
-			break;
-		}
-		switch (classify_name(e->d_name, &step)) {
-		case NAME_CHECKPOINT:
-			if (*count == cap) {
-				cap = cap ? 2 * cap : 16;
-				grown = realloc(*steps, cap * sizeof(**steps));
-				if (!grown) {
-					CKERR("%s: out of memory listing checkpoints", dir);
-					goto fail;
-				}
-				*steps = grown;
-			}
-			(*steps)[(*count)++] = step;
-			break;
-		case NAME_TMP:
-			if (remove_tmp && unlinkat(dirfd(d), e->d_name, 0) != 0 && errno != ENOENT) {
-				CKERR("%s: cannot remove %s: %s", dir, e->d_name, strerror(errno));
-				goto fail;
-			}
-			break;
-		default:
-			break;
-		}
-	}
-	ret = 0;
-fail:
-	closedir(d);
-	if (ret) {
-		free(*steps);
-		*steps = NULL;
-		*count = 0;
-	}
-	return ret;
-}
-
-int checkpoint_latest(const char *dir, char *out, size_t len, char *err, size_t errlen)
-{
-	struct ckctx ctx = { dir, NULL, err, errlen }, *c = &ctx;
-	int64_t *steps, best = -1;
-	size_t n;
-	int r;
-
-	r = list_checkpoints(c, dir, 0, &steps, &n);
-	if (r)
-		return r;
-	for (size_t i = 0; i < n; i++)
-		if (steps[i] > best)
-			best = steps[i];
-	free(steps);
-	if (best < 0)
-		return 1;
-	if (format_path(out, len, dir, best)) {
-		CKERR("%s: path too long", dir);
-		return -1;
-	}
-	return 0;
-}
-
-static int cmp_desc(const void *a, const void *b)
-{
-	int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-
-	return (x < y) - (x > y);
-}
-
-/* Call it when no save into dir is in progress: every temporary file there is taken for stale. */
-int checkpoint_prune(const char *dir, int keep, char *err, size_t errlen)
-{
-	struct ckctx ctx = { dir, NULL, err, errlen }, *c = &ctx;
-	char path[1100];
-	int64_t *steps;
-	size_t n;
-	int r, ret = -1;
-
-	if (keep < 1) {
-		CKERR("%s: checkpoint.keep must be at least 1 (got %d)", dir, keep);
-		return -1;
-	}
-	r = list_checkpoints(c, dir, 1, &steps, &n);
-	if (r)
-		return r > 0 ? 0 : -1;	/* no directory: nothing to prune */
-	qsort(steps, n, sizeof(*steps), cmp_desc);
-	for (size_t i = (size_t)keep; i < n; i++) {
-		if (format_path(path, sizeof(path), dir, steps[i])) {
-			CKERR("%s: path too long", dir);
-			goto fail;
-		}
-		if (unlink(path) != 0 && errno != ENOENT) {
-			CKERR("%s: cannot remove %s: %s", dir, path, strerror(errno));
-			goto fail;
-		}
-	}
-	ret = 0;
-fail:
-	free(steps);
-	return ret;
 }

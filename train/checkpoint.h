@@ -134,6 +134,10 @@ void checkpoint_path(char *out, size_t len, const char *dir, int64_t step);
 /* The newest complete checkpoint in dir: 0 and its path, 1 when there is none, -1 on error. Temporary
  * files of an interrupted write are ignored. */
 int checkpoint_latest(const char *dir, char *out, size_t len, char *err, size_t errlen);
+/* The newest complete checkpoint in dir of a step below `before` (the next one to try when a newer one
+ * is damaged): 0 with its path and step (step may be NULL), 1 when there is none, -1 on error. */
+int checkpoint_before(const char *dir, int64_t before, char *out, size_t len, int64_t *step,
+		      char *err, size_t errlen);
 /* Delete all but the newest `keep` checkpoints (and stale temporary files) in dir. */
 int checkpoint_prune(const char *dir, int keep, char *err, size_t errlen);
 

@@ -453,7 +453,8 @@ static int match_scale(struct from_hf *c, struct assignment *a)
 	struct scale_ref *s;
 
 	fp8_scale_name(name, sizeof(name), a->t->name);
-	s = bsearch(name, c->scales, (size_t)c->n_scales, sizeof(*c->scales), cmp_name_scale);
+	s = c->n_scales ? bsearch(name, c->scales, (size_t)c->n_scales, sizeof(*c->scales), cmp_name_scale)
+			: NULL;
 	if (!s)
 		return set_err(c->err, c->errlen, "%s: tensor %s is F8_E4M3 but no file holds its "
 			       "scales, %s", path, a->t->name, name);
@@ -481,7 +482,8 @@ static int match_scale(struct from_hf *c, struct assignment *a)
 /* Every fp8 weight has its scales, and every scale belongs to an fp8 weight. */
 static int match_scales(struct from_hf *c)
 {
-	qsort(c->scales, (size_t)c->n_scales, sizeof(*c->scales), cmp_scale);
+	if (c->n_scales)	/* qsort's base may not be NULL, even for no elements */
+		qsort(c->scales, (size_t)c->n_scales, sizeof(*c->scales), cmp_scale);
 	for (int i = 0; i < c->n_assign; i++)
 		if (c->assign[i].t->dtype == ST_F8_E4M3 && match_scale(c, &c->assign[i]))
 			return -1;

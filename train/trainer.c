@@ -166,23 +166,86 @@ static int compare_with_checkpoint(const struct run_config *saved, const struct 
 }
 
 
-static int resolve_resume(const struct trainer *t, const char *resume, char *path, size_t len)
+/* What loading one checkpoint came to. */
+enum load_result { LOAD_OK, LOAD_DEFECT, LOAD_REFUSED };
+
+/*
+ * Weights and, when full, the optimizer and train state from path.  LOAD_DEFECT: the file cannot be
+ * read or verified (err says why); LOAD_REFUSED: it holds another model than the config's (printed).
+ * Loading is all or nothing, so a failed attempt leaves the model, optimizer and state as they were.
+ */
+static enum load_result load_from(struct trainer *t, const char *path, int full, char *err, size_t errlen)
 {
+	struct run_config saved;
+	config_defaults(&saved);
+	if (checkpoint_read_header(path, &saved, NULL, err, errlen))
+		return LOAD_DEFECT;
+	if (compare_with_checkpoint(&saved, &t->cfg, path, full && t->rank == 0 ? "resume" : NULL, t->who))
+		return LOAD_REFUSED;
+	if (full ? checkpoint_load(path, t->m, &t->opt, &t->st, err, errlen) :
+		   checkpoint_load_model(path, t->m, err, errlen))
+		return LOAD_DEFECT;
+	return LOAD_OK;
+}
+
+
+/*
+ * --resume latest: the newest checkpoint of checkpoint.dir that loads on every rank (each rank reads and
+ * verifies its own slice, so all of them vote on each file).  Each one skipped is named with its defect
+ * by the rank that found it and left as it is.  path[0] == 0: the directory holds none yet.  None of
+ * several loading is an error: starting afresh would write over a run that exists.
+ */
+static int resume_latest(struct trainer *t, char *path, size_t len)
+{
+	const char *dir = t->cfg.checkpoint.dir;
+	int64_t before = INT64_MAX, step = 0;
 	char err[1024];
-	if (strcmp(resume, "latest")) {
-		snprintf(path, len, "%s", resume);
-		return 0;
+	int skipped = 0;
+	for (;;) {
+		int r = checkpoint_before(dir, before, path, len, &step, err, sizeof(err));
+		if (!trainer_all_ok(t, r >= 0)) {
+			if (r < 0)
+				fprintf(stderr, "%s: %s\n", t->who, err);
+			return -1;
+		}
+		if (!trainer_all_ok(t, r == 0)) {
+			if (!trainer_all_ok(t, r == 1)) {
+				fprintf(stderr, "%s: rank %d: the ranks see different checkpoints in %s\n", t->who,
+					t->rank, dir);
+				return -1;
+			}
+			if (!skipped) {
+				path[0] = 0;
+				return 0;
+			}
+			if (t->rank == 0)
+				fprintf(stderr, "%s: resume: none of the %d checkpoints in %s loads (each named "
+					"above with its defect); not starting afresh over them: repair or move them "
+					"away, or name one with --resume PATH\n", t->who, skipped, dir);
+			return -1;
+		}
+		enum load_result res = load_from(t, path, 1, err, sizeof(err));
+		if (!trainer_all_ok(t, res != LOAD_REFUSED))
+			return -1;
+		if (trainer_all_ok(t, res == LOAD_OK)) {
+			if (skipped)
+				TRAINER_LOG(t, "resume: skipped %d damaged checkpoint%s newer than %s\n", skipped,
+					    skipped > 1 ? "s" : "", path);
+			return 0;
+		}
+		if (res == LOAD_DEFECT) {
+			/* the message begins with the path as a rule: name it once */
+			size_t n = strlen(path);
+			const char *why = !strncmp(err, path, n) && err[n] == ':' ? err + n + 1 : err;
+			char who[32] = "";
+			if (t->world > 1)
+				snprintf(who, sizeof(who), "rank %d: ", t->rank);
+			fprintf(stderr, "%s: %sresume: skipping %s:%s%s\n", t->who, who, path,
+				why == err ? " " : "", why);
+		}
+		skipped++;
+		before = step;
 	}
-	int r = checkpoint_latest(t->cfg.checkpoint.dir, path, len, err, sizeof(err));
-	if (r < 0) {
-		fprintf(stderr, "%s: %s\n", t->who, err);
-		return -1;
-	}
-	if (r == 1) {
-		TRAINER_LOG(t, "resume: no checkpoint in %s yet, starting fresh\n", t->cfg.checkpoint.dir);
-		path[0] = 0;
-	}
-	return 0;
 }
 
 
@@ -191,43 +254,39 @@ static int resolve_resume(const struct trainer *t, const char *resume, char *pat
 static int restore(struct trainer *t, const char *resume)
 {
 	char path[1100] = "", err[1024];
-	int full = 0;
-	if (resume) {
-		if (resolve_resume(t, resume, path, sizeof(path)))
+	if (resume && !strcmp(resume, "latest")) {
+		if (resume_latest(t, path, sizeof(path)))
 			return -1;
-		full = path[0] != 0;
+		if (!path[0])
+			TRAINER_LOG(t, "resume: no checkpoint in %s yet, starting fresh\n", t->cfg.checkpoint.dir);
+	} else if (resume) {
+		snprintf(path, sizeof(path), "%s", resume);
+		enum load_result res = load_from(t, path, 1, err, sizeof(err));
+		if (res == LOAD_DEFECT)
+			fprintf(stderr, "%s: %s\n", t->who, err);
+		if (res != LOAD_OK)
+			return -1;
 	}
-	if (!path[0] && t->cfg.train.init_checkpoint[0])
+	if (path[0]) {
+		t->resumed = 1;
+		TRAINER_LOG(t, "resumed from %s at step %lld (%lld tokens seen)\n", path, (long long)t->st.step,
+		    (long long)t->st.tokens_seen);
+	} else if (t->cfg.train.init_checkpoint[0]) {
 		snprintf(path, sizeof(path), "%s", t->cfg.train.init_checkpoint);
-	if (!path[0]) {
+		enum load_result res = load_from(t, path, 0, err, sizeof(err));
+		if (res == LOAD_DEFECT)
+			fprintf(stderr, "%s: %s\n", t->who, err);
+		if (res != LOAD_OK)
+			return -1;
+		t->st.data_seed = (uint64_t)t->cfg.train.seed;
+		TRAINER_LOG(t, "initialised from %s (weights only, fresh optimizer)\n", path);
+	} else {
 		model_init_weights(t->m, (uint64_t)t->cfg.train.seed);
 		t->st.data_seed = (uint64_t)t->cfg.train.seed;
 		return 0;
 	}
-	struct run_config saved;
-	config_defaults(&saved);
-	if (checkpoint_read_header(path, &saved, NULL, err, sizeof(err)))
-		goto fail;
-	if (compare_with_checkpoint(&saved, &t->cfg, path, full && t->rank == 0 ? "resume" : NULL,
-				    t->who))
-		return -1;
-	if (full) {
-		if (checkpoint_load(path, t->m, &t->opt, &t->st, err, sizeof(err)))
-			goto fail;
-		t->resumed = 1;
-		TRAINER_LOG(t, "resumed from %s at step %lld (%lld tokens seen)\n", path, (long long)t->st.step,
-		    (long long)t->st.tokens_seen);
-	} else {
-		if (checkpoint_load_model(path, t->m, err, sizeof(err)))
-			goto fail;
-		t->st.data_seed = (uint64_t)t->cfg.train.seed;
-		TRAINER_LOG(t, "initialised from %s (weights only, fresh optimizer)\n", path);
-	}
 	snprintf(t->restored_from, sizeof(t->restored_from), "%s", path);
 	return 0;
-fail:
-	fprintf(stderr, "%s: %s\n", t->who, err);
-	return -1;
 }
 
 
@@ -675,6 +734,10 @@ int trainer_save(struct trainer *t)
 fail:
 	if (err[0])
 		fprintf(stderr, "%s: %s\n", t->who, err);
+	/* the writer removed its temporary file; what was committed before is untouched */
+	if (t->rank == 0)
+		fprintf(stderr, "%s: stopping: the checkpoint of step %lld was not written; the earlier "
+			"ones in %s are kept\n", t->who, (long long)t->st.step, dir);
 	return -1;
 }
 

@@ -448,6 +448,28 @@ static void test_fixture(void)
 	tokenizer_free(b);
 }
 
+/*
+ * tiny_tokenizer_nospecials.json: the fixture without added tokens (267 is then an ordinary vocabulary
+ * entry, never produced).  Encoding used to give no ids at all for any text (found by fuzz_tokenizer).
+ */
+static void test_no_specials(void)
+{
+	struct tokenizer *t = tokenizer_load(fixture("tiny_tokenizer_nospecials.json"), err, sizeof(err));
+	struct tok_ids ids;
+
+	if (!t)
+		fprintf(stderr, "\n  %s\n", err);
+	CU_ASSERT_FATAL(t != NULL);
+	EXPECT_IDS(t, "hello world", 259, 264);
+	EXPECT_IDS(t, "help", 256, 75, 79);
+	ids = round_trip(t, "hello<|endoftext|>\n", 19);
+	CU_ASSERT(ids.n > 3);
+	for (size_t i = 0; i < ids.n; i++)
+		CU_ASSERT(ids.v[i] < 267);
+	tok_ids_free(&ids);
+	tokenizer_free(t);
+}
+
 /* ---- save -> load ---------------------------------------------------------------------------- */
 
 static void same_encodings(struct tokenizer *a, struct tokenizer *b, const char *text, size_t n)
@@ -654,6 +676,7 @@ void register_tests(void)
 		{ "training_determinism", test_training_determinism },
 		{ "training_speed", test_training_speed },
 		{ "fixture", test_fixture },
+		{ "no special tokens", test_no_specials },
 		{ "save_load", test_save_load },
 		{ "special_tokens", test_special_tokens },
 		{ "streaming", test_streaming },

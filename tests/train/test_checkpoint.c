@@ -4,8 +4,8 @@
  * with a message that says what is wrong and without touching the model; training checkpoints (optimizer
  * moments and train state) round trip bit-exactly and load all or nothing; the checkpoint directory's
  * latest/prune; the streaming writer (pieces in any order, bad and missing pieces refused, nothing left
- * behind) and reader.  No hdf5.h here: the data of a tensor is found in the file by searching for its
- * bytes.
+ * behind) and reader; a full disk (a file-size limit) at every point of a write.  No hdf5.h here: the
+ * data of a tensor is found in the file by searching for its bytes.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -336,7 +337,7 @@ static void test_save_to_missing_dir(void)
 	small_config(&rc, 512, 32, 2);
 	m = make_model(&rc, 1);
 	CU_ASSERT_EQUAL(checkpoint_save_model(path, m, &rc, NULL, err, sizeof(err)), -1);
-	CU_ASSERT_PTR_NOT_NULL(strstr(err, "HDF5 call H5Fcreate(...) failed at checkpoint.c:"));
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "HDF5 call H5Fcreate(...) failed at checkpoint_h5.c:"));
 	model_free(m);
 }
 
@@ -454,6 +455,106 @@ static void test_corrupt_data(void)
 	model_free(b);
 }
 
+/*
+ * HDF5 checksums its metadata (the file format of HDF5 1.10, which checkpoints use): a test that patches
+ * an object header (an attribute's name or value) must then restore the header's checksum, which is Bob
+ * Jenkins' lookup3 hashlittle (initval 0) over the header chunk up to the checksum itself.
+ */
+#define ROT32(x, k) (((x) << (k)) | ((x) >> (32 - (k))))
+
+static uint32_t lookup3(const uint8_t *k, size_t len)
+{
+	uint32_t a, b, c;
+
+	a = b = c = 0xdeadbeefu + (uint32_t)len;
+	while (len > 12) {
+		a += k[0] | (uint32_t)k[1] << 8 | (uint32_t)k[2] << 16 | (uint32_t)k[3] << 24;
+		b += k[4] | (uint32_t)k[5] << 8 | (uint32_t)k[6] << 16 | (uint32_t)k[7] << 24;
+		c += k[8] | (uint32_t)k[9] << 8 | (uint32_t)k[10] << 16 | (uint32_t)k[11] << 24;
+		a -= c; a ^= ROT32(c, 4); c += b;
+		b -= a; b ^= ROT32(a, 6); a += c;
+		c -= b; c ^= ROT32(b, 8); b += a;
+		a -= c; a ^= ROT32(c, 16); c += b;
+		b -= a; b ^= ROT32(a, 19); a += c;
+		c -= b; c ^= ROT32(b, 4); b += a;
+		len -= 12;
+		k += 12;
+	}
+	if (len == 0)
+		return c;
+	for (size_t i = len; i-- > 0;) {	/* the tail bytes, little-endian into a, b, c */
+		uint32_t v = (uint32_t)k[i] << (8 * (i % 4));
+
+		if (i < 4)
+			a += v;
+		else if (i < 8)
+			b += v;
+		else
+			c += v;
+	}
+	c ^= b; c -= ROT32(b, 14);
+	a ^= c; a -= ROT32(c, 11);
+	b ^= a; b -= ROT32(a, 25);
+	c ^= b; c -= ROT32(b, 16);
+	a ^= c; a -= ROT32(c, 4);
+	b ^= a; b -= ROT32(a, 14);
+	c ^= b; c -= ROT32(b, 24);
+	return c;
+}
+
+/*
+ * The version-2 object header holding bytes[at] ("OHDR", version, flags, [times], [attribute phase
+ * change], size of chunk 0, the messages, then the checksum): the offset of its checksum, or 0 when at is
+ * not inside the first chunk of such a header.
+ */
+static size_t ohdr_checksum_at(const unsigned char *bytes, size_t n, size_t at)
+{
+	for (size_t o = at; o-- > 0;) {
+		size_t p = o + 6, size = 0, width;
+		unsigned flags;
+
+		if (o + 6 > n || memcmp(bytes + o, "OHDR", 4) || bytes[o + 4] != 2)
+			continue;
+		flags = bytes[o + 5];
+		p += (flags & 0x20) ? 16 : 0;
+		p += (flags & 0x10) ? 4 : 0;
+		width = (size_t)1 << (flags & 3);
+		for (size_t i = 0; i < width && p + i < n; i++)
+			size |= (size_t)bytes[p + i] << (8 * i);
+		p += width + size;
+		return at < p && p + 4 <= n ? p : 0;
+	}
+	return 0;
+}
+
+/* bytes[at] has been changed: give its object header the checksum of its new contents. */
+static void fix_ohdr_checksum(unsigned char *bytes, size_t n, size_t at)
+{
+	size_t end = ohdr_checksum_at(bytes, n, at), start;
+	uint32_t sum;
+
+	CU_ASSERT_FATAL(end != 0);
+	for (start = at; memcmp(bytes + start, "OHDR", 4); start--)
+		;
+	sum = lookup3(bytes + start, end - start);
+	for (int i = 0; i < 4; i++)
+		bytes[end + i] = (unsigned char)(sum >> (8 * i));
+}
+
+/* The checksum HDF5 wrote for the header holding bytes[at] is the one fix_ohdr_checksum computes. */
+static void check_ohdr_checksum(const unsigned char *bytes, size_t n, size_t at)
+{
+	size_t end = ohdr_checksum_at(bytes, n, at), start;
+	uint32_t stored = 0;
+
+	CU_ASSERT_FATAL(end != 0);
+	for (start = at; memcmp(bytes + start, "OHDR", 4); start--)
+		;
+	for (int i = 0; i < 4; i++)
+		stored |= (uint32_t)bytes[end + i] << (8 * i);
+	CU_ASSERT_EQUAL_FATAL(lookup3(bytes + start, end - start), stored);
+}
+
 static void test_wrong_format(void)
 {
 	const char *path = tmp_path("fmt-src.h5"), *bad = tmp_path("fmt.h5");
@@ -471,7 +572,11 @@ static void test_wrong_format(void)
 		if (!memcmp(bytes + i, "moe-checkpoint", 14))
 			hit = bytes + i;
 	CU_ASSERT_PTR_NOT_NULL_FATAL(hit);
+	check_ohdr_checksum(bytes, n, (size_t)(hit - bytes));
 	hit[13] = 'X';
+	spit(bad, bytes, n);
+	expect_load_refused(bad, a, "incorrect metadata checksum");	/* HDF5 sees the damage */
+	fix_ohdr_checksum(bytes, n, (size_t)(hit - bytes));
 	spit(bad, bytes, n);
 	expect_load_refused(bad, a, "not a moe checkpoint");
 	free(bytes);
@@ -793,7 +898,9 @@ static void test_state_attr_missing(void)
 		}
 	}
 	CU_ASSERT_PTR_NOT_NULL_FATAL(hit);
+	check_ohdr_checksum(bytes, n, (size_t)(hit - bytes));
 	hit[6] = 'X';	/* data_pXsition */
+	fix_ohdr_checksum(bytes, n, (size_t)(hit - bytes));
 	spit(bad, bytes, n);
 	expect_refused(bad, b, &ob, &sb, "/state attribute 'data_position' is missing");
 	/* without st the state is not needed */
@@ -1154,6 +1261,167 @@ static void test_stream_reader(void)
 	model_free(a);
 }
 
+/* ---- a full disk: writes that fail with EFBIG under a file-size limit (RLIMIT_FSIZE) ---- */
+
+static int count_fds(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	int n = 0;
+
+	if (!d)
+		return -1;
+	while ((e = readdir(d)))
+		n += e->d_name[0] != '.';
+	closedir(d);
+	return n;
+}
+
+/* Every piece of m, whole tensors in order, through the streaming writer; its result. */
+static int stream_all(const char *path, const struct moe_model *m, const struct run_config *rc)
+{
+	struct ckpt_writer *w = ckpt_writer_open(path, rc, NULL, err, sizeof(err));
+	int n, r = 0;
+	struct param *params = ckpt_model_params(&rc->model, &n, err, sizeof(err));
+
+	if (!w || !params) {
+		free(params);
+		ckpt_writer_close(w, 0, err, sizeof(err));
+		return -1;
+	}
+	for (int i = 0; i < n && !r; i++) {
+		int64_t shape[MOE_MAX_DIMS];
+		int ndim;
+		const float *x = piece_of(m, &params[i], -1, shape, &ndim);
+
+		r = ckpt_writer_put(w, params[i].name, shape, ndim, -1, x, err, sizeof(err));
+	}
+	free(params);
+	if (r) {
+		char keep[sizeof(err)];
+
+		snprintf(keep, sizeof(keep), "%s", err);	/* the put's message, not the close's */
+		ckpt_writer_close(w, 1, err, sizeof(err));
+		snprintf(err, sizeof(err), "%s", keep);
+		return -1;
+	}
+	return ckpt_writer_close(w, 1, err, sizeof(err));
+}
+
+enum { LIMIT_SAVE, LIMIT_STREAM };
+
+/*
+ * In a child process, with files limited to `limit` bytes: saving over path (which holds old[n_old])
+ * fails with "File too large" naming path, leaves no temporary file and no descriptor open, and path as
+ * it was; with the limit lifted the library still saves.  Exit status: 0, or the first check failed.
+ */
+static int limited_save(const char *path, const char *prefix, rlim_t limit, int how,
+			const struct moe_model *m, const struct adamw *opt, const struct run_config *rc,
+			const unsigned char *old, size_t n_old)
+{
+	struct train_state st = sample_state(7);
+	struct rlimit rl, lifted;
+	unsigned char *now;
+	size_t n_now;
+	FILE *fp;
+	int fds = count_fds(), r;
+
+	signal(SIGXFSZ, SIG_IGN);	/* the write fails with EFBIG instead of the process dying */
+	getrlimit(RLIMIT_FSIZE, &lifted);
+	rl = lifted;
+	rl.rlim_cur = limit;
+	if (setrlimit(RLIMIT_FSIZE, &rl))
+		return 10;
+	r = how == LIMIT_SAVE ? checkpoint_save(path, m, opt, rc, &st, err, sizeof(err)) :
+				stream_all(path, m, rc);
+	if (r != -1)
+		return 11;
+	if (!strstr(err, "File too large") || !strstr(err, path)) {
+		fprintf(stderr, "\n  limit %llu: message \"%s\"\n", (unsigned long long)limit, err);
+		return 12;
+	}
+	if (count_files(prefix) != 1)	/* path alone: no PATH.tmp.<pid> left */
+		return 13;
+	if (count_fds() != fds)
+		return 14;
+	if (setrlimit(RLIMIT_FSIZE, &lifted))
+		return 15;
+	fp = fopen(path, "rb");
+	if (!fp)
+		return 16;
+	now = malloc(n_old + 1);
+	n_now = now ? fread(now, 1, n_old + 1, fp) : 0;
+	fclose(fp);
+	if (n_now != n_old || memcmp(now, old, n_old))
+		return 17;
+	free(now);
+	if (checkpoint_save(tmp_path("limit-after.h5"), m, opt, rc, &st, err, sizeof(err)) ||
+	    unlink(tmp_path("limit-after.h5")))
+		return 18;
+	return 0;
+}
+
+/*
+ * A full disk at every point of a write (the limit swept from a few bytes to just under the file's size:
+ * the file's creation, a dataset's close, the file's close that flushes), for the training writer and
+ * the streaming one.  A file id left open used to crash the process in HDF5's exit handler (SIGSEGV):
+ * each save runs in a child whose exit status is checked.
+ */
+static void test_file_size_limit(void)
+{
+	const char *path = tmp_path("limit.h5");
+	struct train_state st = sample_state(3);
+	struct run_config rc;
+	struct moe_model *m;
+	struct adamw opt;
+	unsigned char *old;
+	size_t n_old, n_stream;
+	int cases = 0;
+
+	small_config(&rc, 512, 32, 2);
+	m = make_model(&rc, 5);
+	make_optim(&opt, m, 6, 0.0f);
+	CU_ASSERT_EQUAL_FATAL(save_train(path, m, &opt, &rc, &st), 0);
+	CU_ASSERT_EQUAL_FATAL(stream_all(tmp_path("limit-stream.h5"), m, &rc), 0);
+	old = slurp(tmp_path("limit-stream.h5"), &n_stream);
+	free(old);
+	unlink(tmp_path("limit-stream.h5"));
+	old = slurp(path, &n_old);
+	for (int how = LIMIT_SAVE; how <= LIMIT_STREAM; how++) {
+		const size_t size = how == LIMIT_SAVE ? n_old : n_stream;	/* what it writes */
+		const rlim_t limits[] = { 1, 600, 4096, size / 8, size / 3, size / 2, size - size / 8,
+					  size - 20000, size - 8192, size - 4096, size - 2048,
+					  size - 1024, size - 512 };
+
+		for (size_t k = 0; k < sizeof(limits) / sizeof(limits[0]); k++) {
+			int status;
+			pid_t pid;
+
+			fflush(NULL);
+			pid = fork();
+			CU_ASSERT_FATAL(pid >= 0);
+			if (pid == 0)	/* exit, not _exit: the exit handlers (HDF5's) run */
+				exit(limited_save(path, "limit.h5", limits[k], how, m, &opt, &rc, old,
+						  n_old));
+			CU_ASSERT_EQUAL(waitpid(pid, &status, 0), pid);
+			if (!WIFEXITED(status) || WEXITSTATUS(status)) {
+				fprintf(stderr, "\n  %s, limit %llu bytes: %s %d\n",
+					how == LIMIT_SAVE ? "checkpoint_save" : "streaming writer",
+					(unsigned long long)limits[k],
+					WIFEXITED(status) ? "check failed:" : "killed by signal",
+					WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+				CU_FAIL("a write under a file-size limit");
+			}
+			cases++;
+		}
+	}
+	CU_ASSERT_EQUAL(cases, 26);
+	CU_ASSERT_EQUAL(count_files("limit.h5"), 1);
+	free(old);
+	free_optim(&opt);
+	model_free(m);
+}
+
 void register_tests(void)
 {
 	static const struct test_case cases[] = {
@@ -1180,6 +1448,7 @@ void register_tests(void)
 		{ "streaming writer: pieces in any order load bit-exactly", test_stream_writer },
 		{ "streaming writer: bad or missing pieces refused", test_stream_writer_refuses },
 		{ "streaming reader: every piece bit-exact", test_stream_reader },
+		{ "full disk (a file-size limit) at every point of a write", test_file_size_limit },
 		{ NULL, NULL },
 	};
 
