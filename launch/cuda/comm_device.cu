@@ -170,6 +170,16 @@ int count_sharing(const struct dist *d, char *first, size_t flen)
 	return shared;
 }
 
+/* a failed CUDA check on this rank: its NCCL peers would wait in their kernels, its MPI peers in MPI */
+void dcomm_fatal(void)
+{
+#ifdef MOE_HAVE_NCCL
+	if (g_kind == DCOMM_NCCL)
+		nccl_comm_abort_all();
+#endif
+	comm_abort(2, "a CUDA call failed (above): ending the job");
+}
+
 } /* namespace */
 
 extern "C" {
@@ -225,6 +235,8 @@ int dcomm_init(const struct dist *d, const char *mode, char *err, size_t errlen)
 		return -1;
 	}
 #endif
+	if (d && world > 1)
+		moe_cuda_set_fatal_hook(dcomm_fatal);
 	if (!d || d->rank == 0) {
 		printf("moe: device collectives: %s (%s)\n", g_kind == DCOMM_NCCL ? "nccl" : "mpi, host-staged",
 		       reason);
@@ -248,6 +260,7 @@ void dcomm_free(const struct dist *d)
 	g_send = pinned{ nullptr, 0 };
 	g_recv = pinned{ nullptr, 0 };
 	g_kind = DCOMM_NONE;
+	moe_cuda_set_fatal_hook(nullptr);
 }
 
 enum dcomm_kind dcomm_kind(void) { return g_kind; }

@@ -13,6 +13,7 @@
 
 namespace {
 int g_device = -1;
+void (*g_fatal_hook)(void) = nullptr;
 cudaStream_t g_stream = nullptr;
 cublasHandle_t g_cublas = nullptr;
 } /* namespace */
@@ -48,12 +49,23 @@ void scratch_free(void *p)
 void fail(const char *op, const char *what)
 {
 	fprintf(stderr, "moe: %s: %s\n", op, what);
-	abort();
+	moe_cuda_die();
 }
 
 } /* namespace moe_cuda */
 
 extern "C" {
+
+void moe_cuda_set_fatal_hook(void (*hook)(void)) { g_fatal_hook = hook; }
+
+void moe_cuda_die(void)
+{
+	fflush(stdout);
+	fflush(stderr);
+	if (g_fatal_hook)
+		g_fatal_hook();
+	abort();
+}
 
 int moe_cuda_device_count(void)
 {

@@ -39,6 +39,9 @@ void *moe_cuda_stream(void);
 /* Wait until every op queued so far has finished (aborts if one of them faulted). */
 void moe_cuda_synchronize(void);
 
+/* What a failed CUDA / cuBLAS check calls after its message (NULL: abort()); the hook must not return. */
+void moe_cuda_set_fatal_hook(void (*hook)(void));
+
 /* ---- device memory (for tests and setup; all synchronous with respect to the backend's stream) ---- */
 
 void *moe_cuda_malloc(size_t bytes);                                /* aborts on failure; NULL for 0 */

@@ -48,15 +48,19 @@ build_cuda_objs() {
 		for f in "$work"/src/$d/*.cu; do
 			grep -q '<nccl.h>' "$f" && continue  # NCCL is not emulated: the emulated runs use the MPI path
 			$CXX -x c++ -c "$f" -o "$work/obj/$(echo "$d" | tr / _)_$(basename "$f" .cu).o" &
+			pids+=($!)
 		done
 	done
 	$CXX -c "$here/emu.cpp" -o "$work/obj/emu.o" &
+	pids+=($!)
 	wait_all
 }
 
-wait_all() {  # every background job, failing if one did
+pids=()
+wait_all() {  # every job started with `... & pids+=($!)`, failing if one did
 	local rc=0 j
-	for j in $(jobs -p); do wait "$j" || rc=1; done
+	for j in "${pids[@]}"; do wait "$j" || rc=1; done
+	pids=()
 	return $rc
 }
 
@@ -82,6 +86,7 @@ build_cuda_c() {
 	for f in train/trainer.c train/grad_sync.c train/zero.c; do
 		$CC -DMOE_HAVE_CUDA=1 $blas $(pkg-config --cflags libcjson ompi-c 2>/dev/null) \
 			-I/usr/include/hdf5/serial -c "$src/$f" -o "$work/tobj/cuda_$(basename "$f" .c).o" &
+		pids+=($!)
 	done
 	wait_all
 }
@@ -108,7 +113,10 @@ if [ -n "$moe_out" ]; then
 fi
 if [ $keep = 1 ] && [ ${#tests[@]} -eq 0 ]; then
 	build_moe
-	for t in "$src"/tests/gpu/test_*.c; do build_test "tests/gpu/$(basename "$t")" & done
+	for t in "$src"/tests/gpu/test_*.c; do
+		build_test "tests/gpu/$(basename "$t")" &
+		pids+=($!)
+	done
 	wait_all
 	exit 0
 fi
