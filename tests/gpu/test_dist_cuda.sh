@@ -10,7 +10,8 @@
 #   3. checkpoints: a GPU (1,2) run (its steps rel <= 1e-3 of the one-process GPU run) stopped at step 2
 #      resumes as one CPU process, a CPU run stopped at step 2 resumes on two GPU ranks at (1,2), and the
 #      losses continue (those of the uninterrupted runs, bf16 tolerance);
-#   4. a GPU rank killed by SIGKILL ends the job within 30 s.
+#   4. a GPU rank killed by SIGKILL ends the job within 30 s; on the emulator, a CUDA call failing on one
+#      rank ends the job (the fatal hook: NCCL communicators aborted, then the MPI job).
 # On the CPU emulator (tests/gpu/emu, ctest label emu) MOE_BIN is the emulated moe and MOE_TEST_DIST_BIN the
 # emulated test_dist_cuda; the runs are tiny (the emulator runs kernels thread by thread).  Prints SKIP and
 # passes where there is no CUDA device.
@@ -128,5 +129,20 @@ if fits 2; then
 	el=$(( $(date +%s) - start ))
 	[ -n "$victim" ] && [ "$el" -lt 30 ] && pass "a GPU rank killed by SIGKILL ends the job in ${el}s" ||
 		{ tail "$W/k.log"; fail "killed GPU rank (${el}s, victim '$victim')"; }
+fi
+# 5. a failing CUDA call on one rank (the emulator fails its allocations from the 300th on, on rank 1)
+#    ends the job through the fatal hook (MPI abort with the call named), without a hang
+if [ "${MOE_EMU:-0}" = 1 ]; then
+	start=$(date +%s)
+	MPI_TIMEOUT=60 mpi -np 2 -x EMU_FAIL_ALLOC=300 -x EMU_FAIL_RANK=1 "$MOE" train "${common[@]}" \
+		--set train.steps=100000 --set train.device=cuda --set parallel.ep=2 --set "checkpoint.dir=$W/x" \
+		--set log.metrics= >"$W/x.log" 2>&1
+	rc=$? el=$(( $(date +%s) - start ))
+	if [ $rc != 0 ] && [ $rc != 124 ] && [ $rc != 137 ] && grep -q "CUDA error" "$W/x.log" &&
+		grep -q "a CUDA call failed" "$W/x.log"; then
+		pass "a CUDA call failing on rank 1 ends the job (exit $rc, ${el}s): $(grep -m1 -A1 'CUDA error' "$W/x.log" | tr '\n' ' ' | cut -c1-120)"
+	else
+		tail "$W/x.log"; fail "failing CUDA call (exit $rc, ${el}s)"
+	fi
 fi
 finish

@@ -126,7 +126,21 @@ cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t *p, int) { *p = nullptr; r
 cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr, void *) { return cudaSuccess; }
 cudaError_t cudaMalloc(void **p, size_t n) { *p = malloc(n); memset(*p, 0xFF, n); return cudaSuccess; }
 cudaError_t cudaFree(void *p) { free(p); return cudaSuccess; }
-cudaError_t cudaMallocAsync(void **p, size_t n, cudaStream_t) { return cudaMalloc(p, n); }
+/* EMU_FAIL_ALLOC=N: the N-th stream-ordered allocation and every later one fail (on the MPI rank
+ * EMU_FAIL_RANK when that is set): a failing CUDA call in the middle of a step, for the failure tests */
+static bool emu_alloc_fails()
+{
+	static long n = 0, limit = getenv("EMU_FAIL_ALLOC") ? atol(getenv("EMU_FAIL_ALLOC")) : 0;
+	static const char *want = getenv("EMU_FAIL_RANK"), *rank = getenv("OMPI_COMM_WORLD_RANK");
+	if (limit <= 0 || (want && (!rank || strcmp(want, rank))))
+		return false;
+	return ++n >= limit;
+}
+cudaError_t cudaMallocAsync(void **p, size_t n, cudaStream_t)
+{
+	if (emu_alloc_fails()) { *p = nullptr; return cudaErrorInvalidValue; }
+	return cudaMalloc(p, n);
+}
 cudaError_t cudaFreeAsync(void *p, cudaStream_t) { free(p); return cudaSuccess; }
 cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind, cudaStream_t) { memmove(d, s, n); return cudaSuccess; }
 cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t) { memset(d, v, n); return cudaSuccess; }
