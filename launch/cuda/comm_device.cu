@@ -237,7 +237,10 @@ int dcomm_init(const struct dist *d, const char *mode, char *err, size_t errlen)
 #endif
 	if (d && world > 1)
 		moe_cuda_set_fatal_hook(dcomm_fatal);
-	if (!d || d->rank == 0) {
+	if ((!d || d->rank == 0) && world == 1 && !strcmp(mode, "auto")) {
+		printf("moe: device collectives: none needed (one process)\n");
+		fflush(stdout);
+	} else if (!d || d->rank == 0) {
 		printf("moe: device collectives: %s (%s)\n", g_kind == DCOMM_NCCL ? "nccl" : "mpi, host-staged",
 		       reason);
 		fflush(stdout);

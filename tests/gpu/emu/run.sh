@@ -3,8 +3,8 @@
 # optim/cuda) are compiled as C++ against a small emulator (include/emu.h, emu.cpp), under AddressSanitizer/UBSan
 # by default, with the threads of each block scheduled in forward and then in reverse order.  It checks index
 # arithmetic, masking, barriers and shared-memory bounds, and the wiring of the GPU path end to end, not speed;
-# the real check remains ctest -L gpu on a GPU machine.  ctest runs it too (label emu, tests/gpu/emu/CMakeLists
-# part of the top-level CMakeLists.txt: one build per ctest run, then the tests).
+# the real check remains ctest -L gpu on a GPU machine.  ctest runs it too (label emu: CMakeLists.txt's
+# emu_build fixture builds into build/emu once per ctest run, then the emu_* tests use what it built).
 #
 #   tests/gpu/emu/run.sh [TEST.c | TEST.sh ...]   build and run (default tests/gpu/test_ops_cuda.c; needs g++,
 #                            python3, cmake, CUnit, OpenBLAS, HDF5, cJSON, Open MPI: the CPU build's packages)
