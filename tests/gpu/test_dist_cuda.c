@@ -230,8 +230,9 @@ static double worst_grad_err(const struct moe_model *m, const float *grads, cons
 /*
  * bf16 0: fp32 matmuls, so the CPU routes exactly alike and every gradient matches it to fp32 summation
  * order (1e-4, test_model_cuda.c's fp32 bound); bf16 1: the trainer's bf16 matmuls, against the one-process
- * GPU run as tightly, against the CPU on the loss (bf16 rounding flips a few routes of this small random
- * model, which moves single expert gradients by far more than any bound that would still catch a bug).
+ * GPU run as tightly, against the CPU on the loss, and on the gradients (0.1) where the routes agree (a
+ * route flipped by bf16 rounding moves a whole expert's gradient by more than a bound that would still
+ * catch a bug).
  */
 static void check_layout(int bf16)
 {
@@ -295,7 +296,11 @@ static void check_layout(int bf16)
 	CU_ASSERT(el <= 1e-3 && en <= 1e-3 && gerr <= 1e-3);
 	CU_ASSERT(gl);
 	if (bf16) {
+		/* bf16 tolerance; a gradient bound only where no route flipped (then one flip moves a whole
+		 * expert's gradient) */
 		CU_ASSERT(cl <= 5e-3);
+		if (cload)
+			CU_ASSERT(cn <= 1e-2 && cerr <= 0.1);
 	} else {
 		CU_ASSERT(cl <= 1e-5 && cn <= 1e-4 && cerr <= ctol);
 		CU_ASSERT(cload);
