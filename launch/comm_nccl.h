@@ -30,6 +30,8 @@ extern "C" {
 
 int nccl_comm_init(struct dist *d);
 void nccl_comm_free(struct dist *d);
+/* ncclCommAbort every communicator nccl_comm_init made (on a fatal error, before ending the job). */
+void nccl_comm_abort_all(void);
 
 int nccl_allreduce(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, enum comm_op op,
 		   void *stream);

@@ -351,7 +351,9 @@ static int setup(struct grpo *g, const struct run_config *cfg, const char *resum
 	t->cfg = *cfg;
 	if (check_layout(g, eval))
 		return -1;
-	if (trainer_init(t, "moe grpo", cfg, resume, d, upd * g->nmb))
+	t->d = d;
+	/* every rank gets to trainer_setup_device, whose collectives must not meet another rank's failure */
+	if (!trainer_all_ok(t, trainer_init(t, "moe grpo", cfg, resume, d, upd * g->nmb) == 0))
 		return -1;
 	/* the balance loss is a pretraining regulariser; here the bias update alone keeps the balance */
 	t->m->cfg.aux_loss_alpha = 0;

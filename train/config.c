@@ -82,6 +82,7 @@ struct cfg_key {
 
 static const char *const schedules[] = { "cosine", "wsd", "constant", NULL };
 static const char *const devices[] = { "auto", "cpu", "cuda", NULL };
+static const char *const comms[] = { "auto", "nccl", "mpi", NULL };
 static const char *const nonfinite[] = { "skip", "stop", NULL };
 static const char *const loss_types[] = { "grpo", "bnpo", "dr_grpo", "dapo", NULL };
 static const char *const reward_scalings[] = { "group", "batch", "none", NULL };
@@ -154,6 +155,7 @@ static const struct cfg_key cfg_keys[] = {
 	/* parallel */
 	K_INT(parallel, ep, CF_POS),
 	K_INT(parallel, zero, CF_NNEG),
+	K_ENUM(parallel, comm, comms),
 	/* checkpoint */
 	K_STR(checkpoint, dir, 0),
 	K_INT(checkpoint, every, CF_NNEG),
@@ -1055,7 +1057,7 @@ static const struct run_config defaults = {
 		.on_nonfinite = "stop",
 	},
 	.data = { .train = "", .val = "", .shuffle = false },
-	.parallel = { .ep = 1, .zero = 0 },
+	.parallel = { .ep = 1, .zero = 0, .comm = "auto" },
 	.checkpoint = { .dir = "checkpoints", .every = 0, .keep = 3 },
 	.log = { .metrics = "", .every = 1 },
 	.grpo = {

@@ -48,6 +48,7 @@ struct data_config {
 struct parallel_config {
 	int ep;                     /* expert-parallel size */
 	int zero;                   /* 0 | 1 */
+	char comm[8];               /* auto | nccl | mpi: the GPU path's device collectives */
 };
 
 struct checkpoint_config {

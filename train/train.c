@@ -30,7 +30,9 @@ static int setup(struct sft *s, const struct run_config *cfg, const char *resume
 	char err[1024];
 	struct trainer *t = &s->t;
 	const struct train_config *tc = &cfg->train;
-	if (trainer_init(t, "moe train", cfg, resume, d, tc->steps) || trainer_setup_device(t, 1))
+	/* every rank gets to trainer_setup_device, whose collectives must not meet another rank's failure */
+	if (!trainer_all_ok(t, trainer_init(t, "moe train", cfg, resume, d, tc->steps) == 0) ||
+	    trainer_setup_device(t, 1))
 		return -1;
 	if (!cfg->data.train[0]) {
 		fprintf(stderr, "moe train: data.train: no training shards given\n");

@@ -16,8 +16,11 @@
 #include <time.h>
 
 #ifdef MOE_HAVE_CUDA
-#include "model/cuda/model_cuda.h"
+#include <unistd.h>
+
+#include "launch/cuda/comm_device.h"
 #include "launch/cuda/device.h"
+#include "model/cuda/model_cuda.h"
 #include "optim/cuda/adamw_cuda.h"
 #endif
 
@@ -475,10 +478,32 @@ static void upload_routing_bias(struct trainer *t)
 	}
 }
 
+/* the step's expert loads summed over the world: the bias update sees the global loads (as on the CPU) */
+static void reduce_step_loads(struct trainer *t)
+{
+	if (!t->d || t->world == 1)
+		return;
+	int64_t n = (int64_t)t->m->cfg.num_hidden_layers * t->m->cfg.n_routed_experts;
+	if (comm_allreduce(t->d->world_g, t->step_load, n, COMM_I64, COMM_SUM))
+		comm_abort(1, "all-reduce of the step's expert loads failed");
+}
+
+/* The gradients reduced over the ranks on the device (ZeRO: reduce-scattered), the global norm. */
+static double gpu_reduce(struct trainer *t)
+{
+	float *dg = gpu_model_grads(t->gpu);
+	if (t->zero)
+		return zero_device_reduce(&t->z, t->m, dg);
+	if (t->d && t->world > 1)
+		return grad_sync_reduce_device(&t->sync, t->m, dg, t->d);
+	return grad_global_norm_cuda(dg, t->m->n_weights);
+}
+
 static void gpu_update(struct trainer *t, double lr, double loss, struct update_result *u)
 {
 	const struct train_config *tc = &t->cfg.train;
-	u->grad_norm = grad_global_norm_cuda(gpu_model_grads(t->gpu), t->m->n_weights);
+	u->grad_norm = gpu_reduce(t);
+	reduce_step_loads(t);
 	if (!isfinite(loss) || !isfinite(u->grad_norm)) {
 		u->skipped = 1;
 		gpu_model_download_grads(t->gpu);
@@ -487,38 +512,72 @@ static void gpu_update(struct trainer *t, double lr, double loss, struct update_
 	}
 	struct adamw_hparams h = { (float)lr, (float)tc->beta1, (float)tc->beta2, (float)tc->eps };
 	float f = tc->grad_clip > 0 && u->grad_norm > tc->grad_clip ? (float)(tc->grad_clip / u->grad_norm) : 1.0f;
-	adamw_cuda_update(t->gopt, gpu_model_weights(t->gpu), gpu_model_grads(t->gpu), &h, f,
-			  gpu_model_weights_bf16(t->gpu));
+	if (t->zero) {
+		zero_device_update(&t->z, t->m, gpu_model_weights(t->gpu), f, &h);
+		gpu_model_refresh_bf16(t->gpu);
+	} else {
+		adamw_cuda_update(t->gopt, gpu_model_weights(t->gpu), gpu_model_grads(t->gpu), &h, f,
+				  gpu_model_weights_bf16(t->gpu));
+	}
 	update_routing_bias(t);
 	upload_routing_bias(t);
 }
 
-/* the device's weights and AdamW state into m->weights and opt (for a checkpoint) */
+/* the device's weights and AdamW state into m->weights and opt (ZeRO: the shard, z.opt) for a checkpoint */
 static void gpu_download(struct trainer *t)
 {
 	gpu_model_download_weights(t->gpu);
-	adamw_cuda_download_state(t->gopt, &t->opt);
+	if (t->zero)
+		zero_device_download_state(&t->z);
+	else
+		adamw_cuda_download_state(t->gopt, &t->opt);
+}
+
+/* host, rank, (dp, ep) and the GPU: one line per rank, so a wrong placement shows at start */
+static void log_placement(const struct trainer *t, int dev)
+{
+	char host[64] = "", name[96], pci[32];
+	gethostname(host, sizeof(host) - 1);
+	moe_cuda_describe(name, sizeof(name), pci, sizeof(pci));
+	printf("%s: rank %d/%d on %s: (dp %d, ep %d), GPU %d: %s (PCI %s)\n", t->who, t->rank, t->world, host,
+	       t->d ? t->d->dp_rank : 0, t->d ? t->d->ep_rank : 0, dev, name, pci);
+	fflush(stdout);
 }
 
 static int gpu_start(struct trainer *t)
 {
-	char err[256];
-	if (moe_cuda_init(0)) {
-		fprintf(stderr, "%s: train.device: the CUDA device could not be initialised\n", t->who);
+	char err[512];
+	int dev = moe_cuda_device_for_rank(t->d ? t->d->local_rank : 0);
+	if (!trainer_all_ok(t, dev >= 0 && moe_cuda_init(dev) == 0)) {
+		fprintf(stderr, "%s: train.device: the CUDA device could not be initialised on every rank\n",
+			t->who);
+		return -1;
+	}
+	log_placement(t, dev);
+	if (dcomm_init(t->d, t->cfg.parallel.comm, err, sizeof(err))) {
+		fprintf(stderr, "%s: %s\n", t->who, err);
 		return -1;
 	}
 	/* bf16 matmuls with fp32 master weights, gradients and AdamW state */
 	t->gpu = gpu_model_create(t->m, 1, err, sizeof(err));
-	if (!t->gpu) {
-		fprintf(stderr, "%s: train.device=cuda: %s\n", t->who, err);
+	if (!trainer_all_ok(t, t->gpu != NULL)) {
+		if (!t->gpu)
+			fprintf(stderr, "%s: train.device=cuda: %s\n", t->who, err);
 		return -1;
 	}
-	t->gopt = calloc(1, sizeof(*t->gopt));
-	if (!t->gopt || adamw_cuda_init(t->gopt, t->m->n_weights, t->segs, t->nsegs)) {
+	int ok;
+	if (t->zero) {
+		ok = zero_device_init(&t->z) == 0;
+	} else {
+		t->gopt = calloc(1, sizeof(*t->gopt));
+		ok = t->gopt && adamw_cuda_init(t->gopt, t->m->n_weights, t->segs, t->nsegs) == 0;
+		if (ok)
+			adamw_cuda_upload_state(t->gopt, &t->opt);
+	}
+	if (!trainer_all_ok(t, ok)) {
 		fprintf(stderr, "%s: out of memory for the GPU optimizer state\n", t->who);
 		return -1;
 	}
-	adamw_cuda_upload_state(t->gopt, &t->opt);
 	t->cuda = 1;
 	return 0;
 }
@@ -528,7 +587,11 @@ static void gpu_stop(struct trainer *t)
 	if (t->gopt)
 		adamw_cuda_free(t->gopt);
 	free(t->gopt);
+	if (t->zero)
+		zero_device_free(&t->z);
 	gpu_model_free(t->gpu);
+	if (t->cuda)
+		dcomm_free(t->d);
 	t->gopt = NULL;
 	t->gpu = NULL;
 	t->cuda = 0;
@@ -579,10 +642,11 @@ int trainer_setup_device(struct trainer *t, int gpu_capable)
 		why = "this command runs on the CPU for now";
 	else if (gpu_capable == TRAINER_GPU_WHEN_ASKED && !forced)
 		why = "this command uses the GPU only with train.device=cuda for now";
-	else if (t->world > 1)
-		why = "the GPU path runs one process for now (no NCCL data/expert parallelism of the GPU model yet)";
-	else if (t->zero)
-		why = "parallel.zero shards the optimizer over ranks; the GPU path runs one process";
+	else if (t->world > 1 && gpu_capable == TRAINER_GPU_WHEN_ASKED)
+		why = "this command's GPU path runs one process for now";
+	/* every rank takes the same path, or the collectives of the two would never meet */
+	if (!trainer_all_ok(t, why == NULL) && !why)
+		why = "another rank cannot use its GPU";
 	if (why && forced) {
 		fprintf(stderr, "%s: train.device=cuda: %s\n", t->who, why);
 		return -1;
@@ -594,7 +658,8 @@ int trainer_setup_device(struct trainer *t, int gpu_capable)
 	}
 	if (gpu_start(t))
 		return -1;
-	TRAINER_LOG(t, "%s: running on the GPU (bf16 matmuls, fp32 master weights and AdamW state)\n", t->who);
+	TRAINER_LOG(t, "%s: running on the GPU (bf16 matmuls, fp32 master weights and AdamW state%s)\n", t->who,
+		    t->zero ? ", sharded (ZeRO-1)" : "");
 	return 0;
 }
 

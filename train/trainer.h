@@ -78,11 +78,12 @@ void trainer_free(struct trainer *t);
  * Where the step runs, from train.device: cuda (the GPU; an error where there is none), cpu, or auto
  * (the GPU when cudaGetDeviceCount finds one and the run can use it, else the CPU).  gpu_capable: the
  * caller's loop runs on the GPU model: 0 no, 1 yes (moe train), TRAINER_GPU_WHEN_ASKED only with
- * train.device=cuda, not under auto (moe grpo's updates: not yet run on real hardware).  The GPU path
- * runs one process (data and expert parallelism over NCCL on the GPU are not wired yet).  0, or -1 after
- * printing why.  Call after trainer_init (the weights and AdamW state restored there are uploaded).
+ * train.device=cuda, not under auto (moe grpo's updates: not yet run on real hardware; one process).
+ * On the GPU each rank takes local_rank modulo the visible devices, logs its placement, and the device
+ * collectives are set up from parallel.comm (launch/cuda/comm_device.h).  0, or -1 after printing why.  Call after trainer_init (the weights and AdamW state restored there are uploaded).
  */
 #define TRAINER_GPU_WHEN_ASKED 2
+/* Collective: every rank calls it (after agreeing that trainer_init succeeded everywhere). */
 int trainer_setup_device(struct trainer *t, int gpu_capable);
 
 /* model_forward / model_backward / model_zero_grad / model_token_losses on the trainer's device (the

@@ -2,6 +2,12 @@
 
 #include "train/grad_sync.h"
 
+#ifdef MOE_HAVE_CUDA
+#include "launch/cuda/comm_device.h"
+#include "launch/cuda/device.h"
+#include "optim/cuda/adamw_cuda.h"
+#endif
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,6 +69,7 @@ int zero_init(struct zero *z, const struct moe_model *m, const struct dist *d, f
 
 void zero_free(struct zero *z)
 {
+	zero_device_free(z);
 	free(z->rep.grad);
 	free(z->rep.weight);
 	free(z->exp.grad);
@@ -171,3 +178,122 @@ void zero_scatter_state(struct zero *z, const struct moe_model *m, const struct 
 	scatter_moment(z, m, full->exp_avg_sq, z->opt.exp_avg_sq);
 	z->opt.step = full->step;
 }
+
+/* ---------------------------------------------------------------- the GPU path */
+
+#ifdef MOE_HAVE_CUDA
+struct zero_device {
+	float *rep_grad, *exp_grad;  /* [n_pad] packed gradients (the padding stays zero) */
+	float *rep_w, *exp_w;        /* [n_pad] packed weights */
+	float *shard_w, *shard_g;    /* [rep shard | exp shard] */
+	struct adamw_cuda opt;
+};
+
+static float *dzeros(size_t n)
+{
+	float *p = moe_cuda_malloc(sizeof(float) * (n + 1));
+	moe_cuda_memset(p, 0, sizeof(float) * (n + 1));
+	return p;
+}
+
+int zero_device_init(struct zero *z)
+{
+	struct zero_device *zd = calloc(1, sizeof(*zd));
+	size_t n = z->rep.shard + z->exp.shard;
+	if (!zd)
+		return -1;
+	zd->rep_grad = dzeros(z->rep.n_pad);
+	zd->exp_grad = dzeros(z->exp.n_pad);
+	zd->rep_w = dzeros(z->rep.n_pad);
+	zd->exp_w = dzeros(z->exp.n_pad);
+	zd->shard_w = dzeros(n);
+	zd->shard_g = dzeros(n);
+	z->dev = zd;
+	if (adamw_cuda_init(&zd->opt, n, z->segs, z->nsegs))
+		return -1;
+	adamw_cuda_upload_state(&zd->opt, &z->opt);
+	return 0;
+}
+
+void zero_device_free(struct zero *z)
+{
+	struct zero_device *zd = z->dev;
+	if (!zd)
+		return;
+	adamw_cuda_free(&zd->opt);
+	moe_cuda_free(zd->rep_grad);
+	moe_cuda_free(zd->exp_grad);
+	moe_cuda_free(zd->rep_w);
+	moe_cuda_free(zd->exp_w);
+	moe_cuda_free(zd->shard_w);
+	moe_cuda_free(zd->shard_g);
+	free(zd);
+	z->dev = NULL;
+}
+
+static void reduce_space_device(struct zero_space *s, const struct moe_model *m, int expert, float *dgrads,
+				float *packed, float *shard)
+{
+	grad_pack_device(m, expert, packed, dgrads, 1);
+	if (!s->g || s->size == 1) {
+		moe_cuda_memcpy_d2d_async(shard, packed, sizeof(float) * s->shard);
+		return;
+	}
+	if (dcomm_reduce_scatter(s->g, packed, shard, s->shard, COMM_F32, COMM_SUM))
+		comm_abort(1, "gradient reduce-scatter (device) failed");
+}
+
+double zero_device_reduce(struct zero *z, const struct moe_model *m, float *dgrads)
+{
+	struct zero_device *zd = z->dev;
+	reduce_space_device(&z->rep, m, 0, dgrads, zd->rep_grad, zd->shard_g);
+	reduce_space_device(&z->exp, m, 1, dgrads, zd->exp_grad, zd->shard_g + z->rep.shard);
+	/* as zero_reduce: each space's squares over its sharing, the experts' also over the ep group */
+	double rep = grad_global_norm_cuda(zd->shard_g, z->rep.shard);
+	double exp = grad_global_norm_cuda(zd->shard_g + z->rep.shard, z->exp.shard);
+	double sq[2] = { rep * rep, exp * exp };
+	if (z->rep.g && comm_allreduce(z->rep.g, &sq[0], 1, COMM_F64, COMM_SUM))
+		comm_abort(1, "norm all-reduce failed");
+	if (z->exp.g && comm_allreduce(z->exp.g, &sq[1], 1, COMM_F64, COMM_SUM))
+		comm_abort(1, "norm all-reduce failed");
+	if (z->ep_g && comm_allreduce(z->ep_g, &sq[1], 1, COMM_F64, COMM_SUM))
+		comm_abort(1, "norm all-reduce failed");
+	return sqrt(sq[0] + sq[1]);
+}
+
+static void gather_space_device(struct zero_space *s, float *packed, const float *shard)
+{
+	float *mine = packed + (size_t)s->rank * s->shard;
+	moe_cuda_memcpy_d2d_async(mine, shard, sizeof(float) * s->shard);
+	if (s->g && s->size > 1 && dcomm_allgather(s->g, mine, packed, s->shard, COMM_F32))
+		comm_abort(1, "weight all-gather (device) failed");
+}
+
+void zero_device_update(struct zero *z, const struct moe_model *m, float *dweights, float clip_factor,
+			const struct adamw_hparams *h)
+{
+	struct zero_device *zd = z->dev;
+	grad_pack_device(m, 0, zd->rep_w, dweights, 1);
+	grad_pack_device(m, 1, zd->exp_w, dweights, 1);
+	moe_cuda_memcpy_d2d_async(zd->shard_w, zd->rep_w + (size_t)z->rep.rank * z->rep.shard,
+				  sizeof(float) * z->rep.shard);
+	moe_cuda_memcpy_d2d_async(zd->shard_w + z->rep.shard, zd->exp_w + (size_t)z->exp.rank * z->exp.shard,
+				  sizeof(float) * z->exp.shard);
+	adamw_cuda_update(&zd->opt, zd->shard_w, zd->shard_g, h, clip_factor, NULL);
+	gather_space_device(&z->rep, zd->rep_w, zd->shard_w);
+	gather_space_device(&z->exp, zd->exp_w, zd->shard_w + z->rep.shard);
+	grad_pack_device(m, 0, zd->rep_w, dweights, 0);
+	grad_pack_device(m, 1, zd->exp_w, dweights, 0);
+}
+
+void zero_device_download_state(struct zero *z)
+{
+	if (z->dev)
+		adamw_cuda_download_state(&z->dev->opt, &z->opt);
+}
+#else
+void zero_device_free(struct zero *z)
+{
+	(void)z;
+}
+#endif

@@ -24,6 +24,8 @@ struct zero_space {                 /* the replicated or the expert tensors, pac
 	float *grad, *weight;       /* [n_pad] */
 };
 
+struct zero_device;
+
 struct zero {
 	struct zero_space rep, exp;
 	struct comm_group *ep_g;    /* the expert space differs across it (NULL: ep = 1) */
@@ -31,6 +33,7 @@ struct zero {
 	struct optim_segment *segs;
 	int nsegs;
 	float *shard_w, *shard_g;   /* [rep shard | exp shard] */
+	struct zero_device *dev;    /* the GPU path's device copies (zero_device_init), or NULL */
 };
 
 int zero_init(struct zero *z, const struct moe_model *m, const struct dist *d, float weight_decay,
@@ -44,5 +47,19 @@ void zero_update(struct zero *z, struct moe_model *m, float clip_factor, const s
 int zero_gather_state(struct zero *z, const struct moe_model *m, struct adamw *full);
 /* ... and back: take this rank's shard of a full state (after loading a checkpoint). */
 void zero_scatter_state(struct zero *z, const struct moe_model *m, const struct adamw *full);
+
+/*
+ * The GPU path (built with MOE_HAVE_CUDA): the same ZeRO-1 over the DEVICE arenas of the GPU model, with
+ * the device collectives (launch/cuda/comm_device.h).  The shards' AdamW moments live on the device
+ * (AdamW over the shard by optim/cuda, with the host's shard segments); z->opt stays the host copy that
+ * checkpoints go through (zero_device_download_state before zero_gather_state; zero_device_init uploads
+ * it, after zero_scatter_state).
+ */
+int zero_device_init(struct zero *z);
+void zero_device_free(struct zero *z);
+double zero_device_reduce(struct zero *z, const struct moe_model *m, float *dgrads);
+void zero_device_update(struct zero *z, const struct moe_model *m, float *dweights, float clip_factor,
+			const struct adamw_hparams *h);
+void zero_device_download_state(struct zero *z);
 
 #endif

@@ -197,6 +197,15 @@ void nccl_comm_free(struct dist *d)
 	}
 }
 
+void nccl_comm_abort_all(void)
+{
+	for (int i = 0; i < 3; i++) {
+		if (slots[i].comm)
+			ncclCommAbort(slots[i].comm);
+		slots[i] = (struct nccl_slot){ NULL, NULL };
+	}
+}
+
 int nccl_allreduce(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, enum comm_op op,
 		   void *stream)
 {

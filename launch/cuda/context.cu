@@ -13,6 +13,7 @@
 
 namespace {
 int g_device = -1;
+void (*g_fatal_hook)(void) = nullptr;
 cudaStream_t g_stream = nullptr;
 cublasHandle_t g_cublas = nullptr;
 } /* namespace */
@@ -48,12 +49,23 @@ void scratch_free(void *p)
 void fail(const char *op, const char *what)
 {
 	fprintf(stderr, "moe: %s: %s\n", op, what);
-	abort();
+	moe_cuda_die();
 }
 
 } /* namespace moe_cuda */
 
 extern "C" {
+
+void moe_cuda_set_fatal_hook(void (*hook)(void)) { g_fatal_hook = hook; }
+
+void moe_cuda_die(void)
+{
+	fflush(stdout);
+	fflush(stderr);
+	if (g_fatal_hook)
+		g_fatal_hook();
+	abort();
+}
 
 int moe_cuda_device_count(void)
 {
@@ -122,6 +134,24 @@ void moe_cuda_shutdown(void)
 
 int moe_cuda_current_device(void) { return g_device; }
 
+int moe_cuda_device_for_rank(int local_rank)
+{
+	int n = moe_cuda_device_count();
+	return n > 0 ? (local_rank < 0 ? 0 : local_rank) % n : -1;
+}
+
+void moe_cuda_describe(char *name, size_t name_len, char *pci, size_t pci_len)
+{
+	cudaDeviceProp p;
+	snprintf(name, name_len, "?");
+	snprintf(pci, pci_len, "?");
+	if (g_device < 0)
+		return;
+	CUDA_CHECK(cudaGetDeviceProperties(&p, g_device));
+	snprintf(name, name_len, "%s", p.name);
+	CUDA_CHECK(cudaDeviceGetPCIBusId(pci, (int)pci_len, g_device));
+}
+
 void *moe_cuda_stream(void) { return (void *)g_stream; }
 
 void moe_cuda_synchronize(void) { CUDA_CHECK(cudaStreamSynchronize(g_stream)); }
@@ -154,6 +184,12 @@ static void copy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind)
 void moe_cuda_memcpy_h2d(void *dst, const void *src, size_t bytes) { copy(dst, src, bytes, cudaMemcpyHostToDevice); }
 void moe_cuda_memcpy_d2h(void *dst, const void *src, size_t bytes) { copy(dst, src, bytes, cudaMemcpyDeviceToHost); }
 void moe_cuda_memcpy_d2d(void *dst, const void *src, size_t bytes) { copy(dst, src, bytes, cudaMemcpyDeviceToDevice); }
+
+void moe_cuda_memcpy_d2d_async(void *dst, const void *src, size_t bytes)
+{
+	if (bytes)
+		CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, g_stream));
+}
 
 void moe_cuda_memset(void *dst, int byte, size_t bytes)
 {

@@ -1,6 +1,7 @@
 /*
  * launch/cuda/cuda_check.h - one check macro per CUDA library.  Each names the failing call, the file and the
- * line, and aborts: a failed CUDA call leaves the device in an unknown state, so there is nothing to recover.
+ * line, and ends the process (moe_cuda_die): a failed CUDA call leaves the device in an unknown state, so
+ * there is nothing to recover.
  *
  *   CUDA_CHECK(cudaMalloc(&p, n));        the CUDA runtime
  *   CUBLAS_CHECK(cublasCreate(&h));       cuBLAS / cuBLASLt (both return cublasStatus_t)
@@ -21,6 +22,13 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+/* After a failed check's message: the hook set with moe_cuda_set_fatal_hook (under mpirun: abort the NCCL
+ * communicators and the MPI job, so no peer waits on this rank), else abort().  launch/cuda/context.cu. */
+#ifdef __cplusplus
+extern "C"
+#endif
+void moe_cuda_die(void) __attribute__((noreturn));
+
 #define CUDA_CHECK(call)                                                                              \
 	do {                                                                                          \
 		cudaError_t moe_cuda_err_ = (call);                                                   \
@@ -28,7 +36,7 @@
 			fprintf(stderr, "moe: CUDA error %s (%d): %s\n  in %s\n  at %s:%d\n",        \
 				cudaGetErrorName(moe_cuda_err_), (int)moe_cuda_err_,                  \
 				cudaGetErrorString(moe_cuda_err_), #call, __FILE__, __LINE__);        \
-			abort();                                                                      \
+			moe_cuda_die();                                                               \
 		}                                                                                     \
 	} while (0)
 
@@ -39,7 +47,7 @@
 			fprintf(stderr, "moe: cuBLAS error %s (%d): %s\n  in %s\n  at %s:%d\n",      \
 				cublasGetStatusName(moe_cublas_st_), (int)moe_cublas_st_,             \
 				cublasGetStatusString(moe_cublas_st_), #call, __FILE__, __LINE__);   \
-			abort();                                                                      \
+			moe_cuda_die();                                                               \
 		}                                                                                     \
 	} while (0)
 
@@ -58,7 +66,7 @@
 			fprintf(stderr, "moe: CUDA error %s (%d): %s\n  launching kernel %s\n  at %s:%d\n", \
 				cudaGetErrorName(moe_cuda_err_), (int)moe_cuda_err_,                  \
 				cudaGetErrorString(moe_cuda_err_), kernel_name, __FILE__, __LINE__);  \
-			abort();                                                                      \
+			moe_cuda_die();                                                               \
 		}                                                                                     \
 	} while (0)
 

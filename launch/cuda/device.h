@@ -27,12 +27,20 @@ int moe_cuda_device_count(void);
 int moe_cuda_init(int device);
 /* Wait for the device, destroy the handle and stream.  Safe to call when not initialised. */
 void moe_cuda_shutdown(void);
+/* This rank's device: local_rank modulo the visible devices (under srun --gpus-per-task=1 every rank sees
+ * its own GPU as device 0); -1 when there is none. */
+int moe_cuda_device_for_rank(int local_rank);
+/* The selected device's name and PCI bus id ("0000:1b:00.0"), after moe_cuda_init. */
+void moe_cuda_describe(char *name, size_t name_len, char *pci, size_t pci_len);
 /* The device moe_cuda_init selected, -1 before. */
 int moe_cuda_current_device(void);
 /* The stream every op is queued on (a cudaStream_t). */
 void *moe_cuda_stream(void);
 /* Wait until every op queued so far has finished (aborts if one of them faulted). */
 void moe_cuda_synchronize(void);
+
+/* What a failed CUDA / cuBLAS check calls after its message (NULL: abort()); the hook must not return. */
+void moe_cuda_set_fatal_hook(void (*hook)(void));
 
 /* ---- device memory (for tests and setup; all synchronous with respect to the backend's stream) ---- */
 
@@ -42,6 +50,8 @@ void moe_cuda_memcpy_h2d(void *dst, const void *src, size_t bytes); /* host -> d
 void moe_cuda_memcpy_d2h(void *dst, const void *src, size_t bytes); /* device -> host */
 void moe_cuda_memcpy_d2d(void *dst, const void *src, size_t bytes); /* device -> device */
 void moe_cuda_memset(void *dst, int byte, size_t bytes);            /* 0xFF fills floats with NaN */
+/* device -> device queued on the stream, not waited for (packing gradients into buckets) */
+void moe_cuda_memcpy_d2d_async(void *dst, const void *src, size_t bytes);
 
 #ifdef __cplusplus
 }

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "launch/cuda/comm_device.h"
 #include "launch/cuda/cuda_common.cuh"
 #include "model/cuda/model_cuda.h"
 #include "model/cuda/ops_cuda.h"
@@ -45,6 +46,17 @@ struct gpu_model {
 	std::vector<float> scores, topk_w;  /* host scratch of routing replay */
 	float *token_w;                  /* [token_w_cap] device copy of m->token_weights */
 	size_t token_w_cap;
+	/* expert parallelism (m->ep_group): per MoE layer, what the backward needs of the forward's exchange */
+	struct ep_layer {
+		int *send_row;           /* [NK] device: send-order row of pair i (moe_dispatch.send_row) */
+		int *send_pair;          /* [NK] device: the pair of send-order row r (its inverse) */
+		int *recv_to_expert;     /* [cap_R] device: expert-major row of each received row */
+		float *xr;               /* [cap_R, C] the rows the local experts compute, expert-major */
+		struct mlp_acts er;      /* [cap_R, Im] their activations */
+		size_t cap_NK, cap_R;
+	};
+	std::vector<ep_layer> ep;
+	std::vector<int64_t> elem_send, elem_recv;  /* [ep] floats to / from each peer */
 };
 
 /* ------------------------------------------------------------------------------------------------------
@@ -391,34 +403,36 @@ void mlp_bwd(const gpu_model *g, float *dx, float *dwg, float *dwu, float *dwd, 
 	lin_bwd(g, dx, dwu, du, x, wu, rows, C, I, false);
 }
 
-/* the local experts' blocks: expert e's rows [off[e], off[e+1]) */
-void experts_fwd(const gpu_model *g, const struct layer_weights *w, const struct moe_acts *a, const int *off,
-		 int El, int C, int Im)
-{
-	for (int e = 0; e < El; e++) {
-		int r0 = off[e], n = off[e + 1] - r0;
-		size_t wo = (size_t)e * Im * C;
-		if (n == 0)
-			continue;
-		struct mlp_acts ea = { a->e.g + (size_t)r0 * Im, a->e.u + (size_t)r0 * Im, a->e.a + (size_t)r0 * Im };
-		mlp_fwd(g, &ea, a->ye + (size_t)r0 * C, a->xe + (size_t)r0 * C, w->experts_gate_proj + wo,
-			w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im);
-	}
-}
-
-void experts_bwd(const gpu_model *g, const struct layer_weights *w, const struct layer_weights *gw,
-		 const struct moe_acts *a, struct grad_scratch *s, const int *off, int El, int C, int Im)
+/* the local experts' blocks: expert e's rows [off[e], off[e+1]) of xr -> yr, activations in ea */
+void experts_fwd(const gpu_model *g, const struct layer_weights *w, const struct mlp_acts *acts, float *yr,
+		 const float *xr, const int *off, int El, int C, int Im)
 {
 	for (int e = 0; e < El; e++) {
 		int r0 = off[e], n = off[e + 1] - r0;
 		size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
 		if (n == 0)
 			continue;
-		struct mlp_acts ea = { a->e.g + ro, a->e.u + ro, a->e.a + ro };
-		mlp_bwd(g, s->dxe + (size_t)r0 * C, gw->experts_gate_proj + wo, gw->experts_up_proj + wo,
-			gw->experts_down_proj + wo, s->dg + ro, s->du + ro, s->dye + (size_t)r0 * C,
-			a->xe + (size_t)r0 * C, &ea, w->experts_gate_proj + wo, w->experts_up_proj + wo,
-			w->experts_down_proj + wo, n, C, Im, true);
+		struct mlp_acts ea = { acts->g + ro, acts->u + ro, acts->a + ro };
+		mlp_fwd(g, &ea, yr + (size_t)r0 * C, xr + (size_t)r0 * C, w->experts_gate_proj + wo,
+			w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im);
+	}
+}
+
+/* dxr (written) and the experts' weight gradients from dyr; dg, du: [rows, Im] scratch */
+void experts_bwd(const gpu_model *g, const struct layer_weights *w, const struct layer_weights *gw,
+		 const struct mlp_acts *acts, float *dxr, float *dg, float *du, const float *dyr, const float *xr,
+		 const int *off, int El, int C, int Im)
+{
+	for (int e = 0; e < El; e++) {
+		int r0 = off[e], n = off[e + 1] - r0;
+		size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
+		if (n == 0)
+			continue;
+		struct mlp_acts ea = { acts->g + ro, acts->u + ro, acts->a + ro };
+		mlp_bwd(g, dxr + (size_t)r0 * C, gw->experts_gate_proj + wo, gw->experts_up_proj + wo,
+			gw->experts_down_proj + wo, dg + ro, du + ro, dyr + (size_t)r0 * C, xr + (size_t)r0 * C, &ea,
+			w->experts_gate_proj + wo, w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im,
+			true);
 	}
 }
 
@@ -457,6 +471,178 @@ void replay_routes(gpu_model *g, struct moe_acts *a, const struct router_params 
 	moe_cuda_memcpy_h2d(a->topk_w, g->topk_w.data(), sizeof(float) * NK);
 }
 
+/* ------------------------------------------------------------------------------------------------------
+ * Expert parallelism (moe.c's moe_forward_ep / moe_backward_ep): the host plans with the CPU model's
+ * moe_dispatch (the counting sort and the counts exchange: the one host wait of the layer), the device
+ * permutes, exchanges (launch/cuda/comm_device.h) and computes.
+ * ---------------------------------------------------------------------------------------------------- */
+
+/* dst[idx[r]] = src[r] */
+__global__ void scatter_rows_kernel(float *dst, const float *src, const int *idx, int R, int C)
+{
+	size_t total = (size_t)R * C;
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
+		dst[(size_t)idx[i / C] * C + i % C] = src[i];
+}
+
+/* dst[r] = src[idx[r]] */
+__global__ void gather_idx_rows_kernel(float *dst, const float *src, const int *idx, int R, int C)
+{
+	size_t total = (size_t)R * C;
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
+		dst[i] = src[(size_t)idx[i / C] * C + i % C];
+}
+
+void scatter_rows(float *dst, const float *src, const int *idx, int R, int C)
+{
+	if (R > 0)
+		scatter_rows_kernel<<<grid_for((size_t)R * C), kThreads, 0, stream()>>>(dst, src, idx, R, C);
+}
+
+void gather_idx_rows(float *dst, const float *src, const int *idx, int R, int C)
+{
+	if (R > 0)
+		gather_idx_rows_kernel<<<grid_for((size_t)R * C), kThreads, 0, stream()>>>(dst, src, idx, R, C);
+}
+
+template <typename U> void grow_device(U **p, size_t n)
+{
+	moe_cuda_free(*p);
+	*p = (U *)moe_cuda_malloc(sizeof(U) * (n ? n : 1));
+}
+
+/* grow-only: the loads drift from step to step, so R gets headroom */
+void ensure_ep_layer(gpu_model::ep_layer *e, size_t NK, size_t R, int C, int Im)
+{
+	if (NK > e->cap_NK) {
+		grow_device(&e->send_row, NK);
+		grow_device(&e->send_pair, NK);
+		e->cap_NK = NK;
+	}
+	if (R > e->cap_R || !e->xr) {
+		R += R / 4 + 16;
+		grow_device(&e->recv_to_expert, R);
+		grow_device(&e->xr, R * C);
+		grow_device(&e->er.g, R * Im);
+		grow_device(&e->er.u, R * Im);
+		grow_device(&e->er.a, R * Im);
+		e->cap_R = R;
+	}
+}
+
+void free_ep_layer(gpu_model::ep_layer *e)
+{
+	moe_cuda_free(e->send_row);
+	moe_cuda_free(e->send_pair);
+	moe_cuda_free(e->recv_to_expert);
+	moe_cuda_free(e->xr);
+	moe_cuda_free(e->er.g);
+	moe_cuda_free(e->er.u);
+	moe_cuda_free(e->er.a);
+	*e = gpu_model::ep_layer{};
+}
+
+void ep_fail(const char *what)
+{
+	comm_abort(1, what);  /* a rank that cannot exchange must not leave its peers waiting */
+}
+
+/* rows [n, C] in this rank's send order -> every peer's rows for my experts, source-major (and back) */
+void ep_exchange(gpu_model *g, const struct moe_dispatch *d, const float *send, float *recv, int C, bool back)
+{
+	g->elem_send.resize(d->ep);
+	g->elem_recv.resize(d->ep);
+	for (int p = 0; p < d->ep; p++) {
+		g->elem_send[p] = (back ? d->peer_recv[p] : d->peer_send[p]) * C;
+		g->elem_recv[p] = (back ? d->peer_send[p] : d->peer_recv[p]) * C;
+	}
+	if (dcomm_alltoallv(g->m->ep_group, send, g->elem_send.data(), recv, g->elem_recv.data(), COMM_F32))
+		ep_fail(back ? "expert combine: the all-to-all back failed" : "expert dispatch: the all-to-all failed");
+}
+
+/* plan on the host (topk comes back: the wait the counts exchange needs anyway), upload the maps */
+void ep_plan(gpu_model *g, struct moe_acts *a, gpu_model::ep_layer *e, int N, int64_t *load)
+{
+	const struct moe_model *m = g->m;
+	const struct model_config *c = &m->cfg;
+	int K = c->num_experts_per_tok, NK = N * K, C = c->hidden_size, Im = c->moe_intermediate_size;
+	struct moe_dispatch *d = &a->disp;
+
+	if ((d->N != N || !d->send_row) &&
+	    dispatch_init(d, m->ep_group, N, K, c->n_routed_experts, m->expert_begin, m->expert_end))
+		ep_fail("out of memory for the expert dispatch");
+	g->topk.resize(NK);
+	g->row_pair.resize(NK);
+	moe_cuda_memcpy_d2h(g->topk.data(), a->topk_idx, sizeof(int) * NK);
+	if (dispatch_plan(d, g->topk.data()))
+		ep_fail("expert dispatch: exchanging the counts failed");
+	memcpy(load, d->load, sizeof(int64_t) * c->n_routed_experts);
+	for (int i = 0; i < NK; i++)
+		g->row_pair[d->send_row[i]] = i;
+	ensure_ep_layer(e, NK, d->R, C, Im);
+	moe_cuda_memcpy_h2d(e->send_row, d->send_row, sizeof(int) * NK);
+	moe_cuda_memcpy_h2d(e->send_pair, g->row_pair.data(), sizeof(int) * NK);
+	moe_cuda_memcpy_h2d(e->recv_to_expert, d->recv_to_expert, sizeof(int) * d->R);
+}
+
+/* the routed part of the layer under expert parallelism; out already holds the shared experts (or not:
+ * set) */
+void moe_fwd_ep(gpu_model *g, int l, const struct layer_weights *w, struct moe_acts *a, float *out,
+		const float *x, int N, int64_t *load, bool set)
+{
+	const struct model_config *c = &g->m->cfg;
+	int K = c->num_experts_per_tok, NK = N * K, C = c->hidden_size, Im = c->moe_intermediate_size;
+	gpu_model::ep_layer *e = &g->ep[l];
+	struct moe_dispatch *d = &a->disp;
+
+	ep_plan(g, a, e, N, load);
+	int R = d->R;
+	/* this rank's rows in send order (a->xe), to the ranks of their experts, into expert-major order */
+	gather_rows_kernel<<<grid_for((size_t)NK * C), kThreads, 0, stream()>>>(a->xe, x, e->send_pair, K, NK, C);
+	float *buf = scratch<float>((size_t)(R > NK ? R : NK) * C + 1);
+	ep_exchange(g, d, a->xe, buf, C, false);
+	scatter_rows(e->xr, buf, e->recv_to_expert, R, C);
+	float *yr = scratch<float>((size_t)R * C + 1);
+	experts_fwd(g, w, &e->er, yr, e->xr, d->offsets, d->El, C, Im);
+	/* the outputs back to the ranks the rows came from, in their send order (a->ye) */
+	gather_idx_rows(buf, yr, e->recv_to_expert, R, C);
+	ep_exchange(g, d, buf, a->ye, C, true);
+	scratch_free(yr);
+	scratch_free(buf);
+	combine_rows_kernel<<<grid_for((size_t)N * C), kThreads, 0, stream()>>>(out, a->ye, e->send_row, a->topk_w,
+										N, K, C, set);
+}
+
+/* the routed part's backward: dx written (set) or added to; s->dtopk_w of every pair */
+void moe_bwd_ep(gpu_model *g, int l, const struct layer_weights *w, const struct layer_weights *gw,
+		const struct moe_acts *a, struct grad_scratch *s, float *dx, const float *dout, int N, bool set)
+{
+	const struct model_config *c = &g->m->cfg;
+	int K = c->num_experts_per_tok, NK = N * K, C = c->hidden_size, Im = c->moe_intermediate_size;
+	const gpu_model::ep_layer *e = &g->ep[l];
+	const struct moe_dispatch *d = &a->disp;
+	int R = d->R, warps = kThreads / 32;
+
+	/* the combine in send order: dye[r] = w_i dout[token], dtopk_w[i] = <dout[token], ye[r]> */
+	combine_backward_kernel<<<(NK + warps - 1) / warps, kThreads, 0, stream()>>>(
+		s->dye, s->dtopk_w, dout, a->ye, a->topk_w, e->send_pair, K, NK, C);
+	float *buf = scratch<float>((size_t)(R > NK ? R : NK) * C + 1);
+	float *dyr = scratch<float>((size_t)R * C + 1), *dxr = scratch<float>((size_t)R * C + 1);
+	float *dgr = scratch<float>((size_t)R * Im + 1), *dur = scratch<float>((size_t)R * Im + 1);
+	ep_exchange(g, d, s->dye, buf, C, false);
+	scatter_rows(dyr, buf, e->recv_to_expert, R, C);
+	experts_bwd(g, w, gw, &e->er, dxr, dgr, dur, dyr, e->xr, d->offsets, d->El, C, Im);
+	gather_idx_rows(buf, dxr, e->recv_to_expert, R, C);
+	ep_exchange(g, d, buf, s->dxe, C, true);
+	scratch_free(dur);
+	scratch_free(dgr);
+	scratch_free(dxr);
+	scratch_free(dyr);
+	scratch_free(buf);
+	combine_rows_kernel<<<grid_for((size_t)N * C), kThreads, 0, stream()>>>(dx, s->dxe, e->send_row, NULL, N, K,
+										C, set);
+}
+
 void moe_fwd(gpu_model *g, int l, const struct layer_weights *w, struct moe_acts *a, float *out,
 	     const float *x, int B, int T, int64_t *load)
 {
@@ -469,15 +655,25 @@ void moe_fwd(gpu_model *g, int l, const struct layer_weights *w, struct moe_acts
 	router_forward_cuda(a->scores, a->topk_idx, a->topk_w, a->logits, w->e_score_correction_bias, &rp, N);
 	if (a->replay)
 		replay_routes(g, a, &rp, N);
+	if (g->m->ep_group) {
+		if (Is)
+			mlp_fwd(g, &a->shared, out, x, w->shared_gate_proj, w->shared_up_proj, w->shared_down_proj,
+				N, C, Is);
+		moe_fwd_ep(g, l, w, a, out, x, N, load, Is == 0);
+		goto balance;
+	}
+	{
 	int R = route_rows(g, a, l, N, load);
 	if (R > 0)
 		gather_rows_kernel<<<grid_for((size_t)R * C), kThreads, 0, stream()>>>(a->xe, x, a->row_pair, K, R, C);
-	experts_fwd(g, w, a, g->offsets.data() + (size_t)l * (rp.E + 1), rp.E, C, Im);
+	experts_fwd(g, w, &a->e, a->ye, a->xe, g->offsets.data() + (size_t)l * (rp.E + 1), rp.E, C, Im);
 	if (Is)
 		mlp_fwd(g, &a->shared, out, x, w->shared_gate_proj, w->shared_up_proj, w->shared_down_proj, N, C,
 			Is);
 	combine_rows_kernel<<<grid_for((size_t)N * C), kThreads, 0, stream()>>>(out, a->ye, a->row_of, a->topk_w,
 										N, K, C, Is == 0);
+	}
+balance:
 	if (c->aux_loss_alpha > 0)
 		balance_loss_forward_cuda_async(g->aux + l, a->scores, a->topk_idx, B, T, rp.E, K,
 						(float)c->aux_loss_alpha);
@@ -491,22 +687,25 @@ void moe_bwd(gpu_model *g, int l, const struct layer_weights *w, const struct la
 	struct router_params rp = moe_router_params(c);
 	int N = B * T, C = c->hidden_size, K = rp.K, E = rp.E, Im = c->moe_intermediate_size;
 	int Is = c->n_shared_experts * Im;
-	const int *off = g->offsets.data() + (size_t)l * (E + 1);
-	int R = off[E];
-
-	if (R > 0) {
-		int warps = kThreads / 32;
-		combine_backward_kernel<<<(R + warps - 1) / warps, kThreads, 0, stream()>>>(
-			s->dye, s->dtopk_w, dout, a->ye, a->topk_w, a->row_pair, K, R, C);
-	}
-	experts_bwd(g, w, gw, a, s, off, E, C, Im);
 	if (Is)
 		mlp_bwd(g, dx, gw->shared_gate_proj, gw->shared_up_proj, gw->shared_down_proj, s->dg_shared,
 			s->du_shared, dout, x, &a->shared, w->shared_gate_proj, w->shared_up_proj,
 			w->shared_down_proj, N, C, Is, true);
-	/* the expert input gradients back to their tokens, slots in order */
-	combine_rows_kernel<<<grid_for((size_t)N * C), kThreads, 0, stream()>>>(dx, s->dxe, a->row_of, NULL, N, K,
-										C, Is == 0);
+	if (g->m->ep_group) {
+		moe_bwd_ep(g, l, w, gw, a, s, dx, dout, N, Is == 0);
+	} else {
+		const int *off = g->offsets.data() + (size_t)l * (E + 1);
+		int R = off[E];
+		if (R > 0) {
+			int warps = kThreads / 32;
+			combine_backward_kernel<<<(R + warps - 1) / warps, kThreads, 0, stream()>>>(
+				s->dye, s->dtopk_w, dout, a->ye, a->topk_w, a->row_pair, K, R, C);
+		}
+		experts_bwd(g, w, gw, &a->e, s->dxe, s->dg, s->du, s->dye, a->xe, off, E, C, Im);
+		/* the expert input gradients back to their tokens, slots in order */
+		combine_rows_kernel<<<grid_for((size_t)N * C), kThreads, 0, stream()>>>(dx, s->dxe, a->row_of, NULL,
+											N, K, C, Is == 0);
+	}
 
 	/* router: through the weights (and the balance loss), never through the selection */
 	float *dscores = NULL;
@@ -581,8 +780,13 @@ void ensure_acts(gpu_model *g, int B, int T)
 extern "C" struct gpu_model *gpu_model_create(struct moe_model *m, int bf16, char *err, size_t errlen)
 {
 	const struct model_config *c = &m->cfg;
-	if (m->ep_group || m->expert_begin != 0 || m->expert_end != c->n_routed_experts) {
-		snprintf(err, errlen, "the GPU model holds every expert (no expert parallelism on the GPU yet)");
+	if (!m->ep_group && (m->expert_begin != 0 || m->expert_end != c->n_routed_experts)) {
+		snprintf(err, errlen, "an expert slice [%d, %d) without an expert-parallel group", m->expert_begin,
+			 m->expert_end);
+		return NULL;
+	}
+	if (m->ep_group && dcomm_kind() == DCOMM_NONE) {
+		snprintf(err, errlen, "expert parallelism needs the device collectives (dcomm_init) first");
 		return NULL;
 	}
 	if (c->qk_rope_head_dim + c->qk_nope_head_dim > MOE_CUDA_ATTN_MAX_DQ || c->v_head_dim > MOE_CUDA_ATTN_MAX_DV) {
@@ -603,6 +807,7 @@ extern "C" struct gpu_model *gpu_model_create(struct moe_model *m, int bf16, cha
 	translate_weights(&g->W, &m->w, m->weights, g->w, c->num_hidden_layers);
 	translate_weights(&g->G, &m->g, m->grads, g->g, c->num_hidden_layers);
 	g->offsets.assign((size_t)c->num_hidden_layers * (c->n_routed_experts + 1), 0);
+	g->ep.assign(c->num_hidden_layers, gpu_model::ep_layer{});
 	gpu_model_upload_weights(g);
 	gpu_model_zero_grad(g);
 	return g;
@@ -614,6 +819,8 @@ extern "C" void gpu_model_free(struct gpu_model *g)
 		return;
 	moe_cuda_synchronize();
 	model_acts_destroy(&g->m->cfg, g->a);
+	for (auto &e : g->ep)
+		free_ep_layer(&e);
 	moe_cuda_free(g->w);
 	moe_cuda_free(g->g);
 	moe_cuda_free(g->wbf);

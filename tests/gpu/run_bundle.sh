@@ -13,11 +13,18 @@
 #   MOE_BUNDLE_DIR  where to unpack (default /tmp/moe-bundle; emptied first)
 #   ONLY / SKIP     extended regexes on item names: run only the matching / leave out the matching
 #                   (items: nvidia-smi env gpu_test_ops_cuda <name>_test_<x> mpirun_np2 <dir>_test_<x>_sh
-#                    bench_train bench_attention bench_scaling)
+#                    nccl_world1 bench_ep_gpu bench_train bench_attention bench_scaling)
 #   BUDGET_S        seconds for the whole run (default 0: none); an item gets at most what is left and none
 #                   starts with less than 15 s left (SKIP), so the script ends within about BUDGET_S + 15
 #   ITEM_TIMEOUT    seconds per item (default 900)
 # Exit status: 0 when no item failed.
+#
+# The multi-rank GPU checks of one device call (at most 8 minutes; issue 16): the GPU programs, the script
+# test of expert / data parallelism with two and four ranks sharing the GPU over host-staged MPI
+# (gpu_test_dist_cuda_sh: (2,1) (1,2) (2,2), checkpoints across CPU and GPU, a killed rank), NCCL at world
+# size 1 (nccl_world1) and the 1-rank vs 2-rank tokens/s (bench_ep_gpu):
+#   ONLY='^(nvidia-smi|gpu_test_.*|gpu_test_dist_cuda_sh|nccl_world1|bench_ep_gpu)$' BUDGET_S=420 \
+#       tests/gpu/run_bundle.sh LOGDIR
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 [ $# -ge 1 ] || { echo "usage: $0 LOGDIR [BUNDLE]" >&2; exit 2; }
@@ -265,7 +272,19 @@ for s in "$ROOT"/tests/*/test_*.sh; do
 	item "${sub}_$(basename "$s" .sh)_sh" plain env OMP_NUM_THREADS=2 MOE_BIN="$B/bin/moe" MOE_SRC="$ROOT" bash "$s"
 done
 
+# 6b. NCCL at world size 1 (no mpirun: a singleton MPI process): init, the split ep / dp communicators,
+#     all-reduce, broadcast, all-gather, reduce-scatter and all-to-all-v to itself against the host
+#     collectives, and the GPU model's step with its gradients reduced over NCCL
+if [ -x "$B/bin/gpu_test_dist_cuda" ]; then
+	item nccl_world1 cunit env OMP_NUM_THREADS=2 MOE_TEST_NCCL=1 MOE_SRC="$ROOT" "$B/bin/gpu_test_dist_cuda"
+fi
+
 # 7. benchmarks
+# GPU tokens/s of 1 rank against 2 ranks sharing the GPU (ep=2, dp=2; host-staged collectives) with the
+# communication share: the table for bench/RESULTS.md
+if [ -f "$ROOT/bench/bench_ep_gpu.sh" ]; then
+	item bench_ep_gpu plain bash "$ROOT/bench/bench_ep_gpu.sh" "$B/bin"
+fi
 [ -x "$B/bin/bench_train" ] && item bench_train bench "$B/bin/bench_train"
 [ -x "$B/bin/bench_attention" ] && item bench_attention bench "$B/bin/bench_attention"
 if [ -f "$ROOT/bench/bench_scaling.sh" ]; then
@@ -275,6 +294,7 @@ fi
 {
 	echo
 	echo "total: $npass passed, $nfail failed, $nskip skipped in $(($(date +%s) - T0))s"
+	if [ -f "$LOGDIR/bench_ep_gpu.log" ]; then echo; echo "bench_ep_gpu:"; cat "$LOGDIR/bench_ep_gpu.log"; fi
 	if [ -f "$LOGDIR/bench_scaling.log" ]; then echo; echo "bench_scaling:"; cat "$LOGDIR/bench_scaling.log"; fi
 	if [ -f "$LOGDIR/bench_train.log" ]; then echo; echo "bench_train:"; cat "$LOGDIR/bench_train.log"; fi
 	if [ -f "$LOGDIR/bench_attention.log" ]; then echo; echo "bench_attention:"; cat "$LOGDIR/bench_attention.log"; fi

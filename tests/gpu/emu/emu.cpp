@@ -126,10 +126,38 @@ cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t *p, int) { *p = nullptr; r
 cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr, void *) { return cudaSuccess; }
 cudaError_t cudaMalloc(void **p, size_t n) { *p = malloc(n); memset(*p, 0xFF, n); return cudaSuccess; }
 cudaError_t cudaFree(void *p) { free(p); return cudaSuccess; }
-cudaError_t cudaMallocAsync(void **p, size_t n, cudaStream_t) { return cudaMalloc(p, n); }
+/* EMU_FAIL_ALLOC=N: the N-th stream-ordered allocation and every later one fail (on the MPI rank
+ * EMU_FAIL_RANK when that is set): a failing CUDA call in the middle of a step, for the failure tests */
+static bool emu_alloc_fails()
+{
+	static long n = 0, limit = getenv("EMU_FAIL_ALLOC") ? atol(getenv("EMU_FAIL_ALLOC")) : 0;
+	static const char *want = getenv("EMU_FAIL_RANK"), *rank = getenv("OMPI_COMM_WORLD_RANK");
+	if (limit <= 0 || (want && (!rank || strcmp(want, rank))))
+		return false;
+	return ++n >= limit;
+}
+cudaError_t cudaMallocAsync(void **p, size_t n, cudaStream_t)
+{
+	if (emu_alloc_fails()) { *p = nullptr; return cudaErrorInvalidValue; }
+	return cudaMalloc(p, n);
+}
 cudaError_t cudaFreeAsync(void *p, cudaStream_t) { free(p); return cudaSuccess; }
 cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind, cudaStream_t) { memmove(d, s, n); return cudaSuccess; }
 cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t) { memset(d, v, n); return cudaSuccess; }
+cudaError_t cudaMallocHost(void **p, size_t n) { *p = malloc(n ? n : 1); return *p ? cudaSuccess : cudaErrorInvalidValue; }
+cudaError_t cudaHostAlloc(void **p, size_t n, unsigned) { return cudaMallocHost(p, n); }
+cudaError_t cudaFreeHost(void *p) { free(p); return cudaSuccess; }
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int)
+{
+	memset(p, 0, sizeof(*p));
+	snprintf(p->name, sizeof(p->name), "CPU emulator");
+	p->major = 9;
+	p->multiProcessorCount = 1;
+	p->totalGlobalMem = (size_t)1 << 30;
+	return cudaSuccess;
+}
+/* one emulated device per machine: every rank on it shares it, as ranks sharing a real GPU do */
+cudaError_t cudaDeviceGetPCIBusId(char *s, int len, int dev) { snprintf(s, (size_t)len, "0000:%02x:00.0", dev); return cudaSuccess; }
 
 const char *cublasGetStatusName(cublasStatus_t s) { return s ? "CUBLAS_STATUS_INVALID_VALUE" : "CUBLAS_STATUS_SUCCESS"; }
 const char *cublasGetStatusString(cublasStatus_t s) { return s ? "invalid value" : "success"; }

@@ -92,6 +92,14 @@ cudaError_t cudaMallocAsync(void **, size_t, cudaStream_t);
 cudaError_t cudaFreeAsync(void *, cudaStream_t);
 cudaError_t cudaMemcpyAsync(void *, const void *, size_t, cudaMemcpyKind, cudaStream_t);
 cudaError_t cudaMemsetAsync(void *, int, size_t, cudaStream_t);
+/* pinned host memory is plain host memory here */
+cudaError_t cudaMallocHost(void **, size_t);
+cudaError_t cudaHostAlloc(void **, size_t, unsigned);
+cudaError_t cudaFreeHost(void *);
+#define cudaHostAllocDefault 0u
+struct cudaDeviceProp { char name[256]; int major, minor, multiProcessorCount; size_t totalGlobalMem; };
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *, int);
+cudaError_t cudaDeviceGetPCIBusId(char *, int, int);
 void emu_set_smem_attr(const void *fn, int bytes);
 template <class F> cudaError_t cudaFuncSetAttribute(F fn, cudaFuncAttribute, int v) { emu_set_smem_attr((const void *)fn, v); return cudaSuccess; }
 
