@@ -100,7 +100,7 @@ struct distill_config {
 	char teacher[CFG_STR];      /* checkpoint of the teacher ("": no distillation) */
 	double alpha;               /* loss = (1 - alpha) * CE + alpha * T^2 * KL, alpha in [0, 1] */
 	double temperature;         /* T > 0: both distributions are softmax(logits / T) */
-	char kl[8];                 /* forward: KL(teacher || student) | reverse: KL(student || teacher) */
+	char kl[16];                /* forward: KL(teacher || student) | reverse: KL(student || teacher) */
 };
 
 struct run_config {
