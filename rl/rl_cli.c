@@ -130,6 +130,11 @@ static int prompts_to_shard(struct moe_model *m, struct tokenizer *tok, const ch
 		fprintf(stderr, "moe generate: out of memory\n");
 		goto done;
 	}
+	if (tokenizer_eot_id(tok) < 0) {
+		fprintf(stderr, "moe generate: --out-shard: the tokenizer has no end-of-text token to separate "
+			"the samples\n");
+		goto done;
+	}
 	if (prompt_set_load(&ps, prompts_path, err, sizeof(err))) {
 		fprintf(stderr, "moe generate: --prompts: %s\n", err);
 		goto done;

@@ -2,8 +2,8 @@
 # tests/train/test_distill.sh - `moe train` with a distill section, end to end: a tiny teacher trained
 # briefly is distilled into a smaller student (other sizes, fewer experts) whose KL to the teacher falls
 # (forward and reverse KL); alpha = 0 trains the weights of a run without a teacher bit for bit; under
-# mpirun (ep 2 and dp 2) the losses of one process; a teacher of another vocabulary, train.device=cuda
-# and bad distill keys refused naming the key.
+# mpirun (ep 2 and dp 2) the losses of one process; a stopped run resumes exactly; a teacher of another
+# vocabulary, train.device=cuda and bad distill keys refused naming the key.
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 SRC="${MOE_SRC:?}"
@@ -91,6 +91,18 @@ for ep in 2 1; do
 		echo "$out"; fail "mpirun -np 2, ep $ep differs from one process"
 	fi
 done
+
+# 3b. stopped at step 3 and resumed (the teacher reloaded): the uninterrupted run's losses, bit for bit
+"$MOE" train "${dist[@]}" --set train.grad_accum=2 --set "checkpoint.dir=$W/rs" --set "log.metrics=$W/rs.jsonl" \
+	--set train.stop_at=3 >"$W/rs1.log" 2>&1 || { tail "$W/rs1.log"; fail "distill, stopped"; }
+"$MOE" train "${dist[@]}" --set train.grad_accum=2 --set "checkpoint.dir=$W/rs" --set "log.metrics=$W/rs.jsonl" \
+	--resume latest >"$W/rs2.log" 2>&1 || { tail "$W/rs2.log"; fail "distill, resumed"; }
+strip() { sed -E 's/"(tokens_per_s|elapsed_s|step_s|comm_s)": [0-9.e+-]*, //g' "$1"; }
+if [ "$(strip "$W/ref.jsonl")" = "$(strip "$W/rs.jsonl")" ]; then
+	pass "stopped at step 3 and resumed: the uninterrupted run's metrics exactly"
+else
+	diff <(strip "$W/ref.jsonl") <(strip "$W/rs.jsonl") | head; fail "resumed distillation differs"
+fi
 
 # 4. refused: another vocabulary (both sizes named), the GPU path, bad keys
 expect_fail() {  # expect_fail NAME PATTERN ARGS...
