@@ -82,7 +82,7 @@ struct model_quant;                /* int8 copies of the linear weights (model/q
  * forward's logits (as stored: divided by logit_temperature) before the cross-entropy's gradient
  * overwrites them; it writes d(term)/d(those logits) into grad [nrows, V], and the model adds loss_scale
  * times it to the cross-entropy's gradient.  Chunks of at most MODEL_LOGIT_TERM_ROWS rows, so no second
- * [B*T, V] buffer is needed.
+ * [B*T, V] buffer is needed.  Read by the CPU model only (model/cuda's gpu_model_backward does not yet).
  */
 #define MODEL_LOGIT_TERM_ROWS 16
 struct logit_term {
