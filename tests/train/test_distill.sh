@@ -2,8 +2,8 @@
 # tests/train/test_distill.sh - `moe train` with a distill section, end to end: a tiny teacher trained
 # briefly is distilled into a smaller student (other sizes, fewer experts) whose KL to the teacher falls
 # (forward and reverse KL); alpha = 0 trains the weights of a run without a teacher bit for bit; under
-# mpirun (ep 2 and dp 2) the losses of one process; a stopped run resumes exactly; a teacher of another
-# vocabulary, train.device=cuda and bad distill keys refused naming the key.
+# mpirun (ep 2, dp 2, dp 2 x ep 2) the losses of one process; a stopped run resumes exactly; a teacher
+# of another vocabulary, train.device=cuda and bad distill keys refused naming the key.
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 SRC="${MOE_SRC:?}"
@@ -91,6 +91,17 @@ for ep in 2 1; do
 		echo "$out"; fail "mpirun -np 2, ep $ep differs from one process"
 	fi
 done
+
+# ... and four ranks, dp 2 x ep 2, against one process accumulating the same 4 micro-batches
+"$MOE" train "${dist[@]}" --set train.grad_accum=4 --set "checkpoint.dir=$W/ref4" --set "log.metrics=$W/ref4.jsonl" \
+	>"$W/ref4.log" 2>&1 || { tail "$W/ref4.log"; fail "reference (4)"; }
+mpi -np 4 "$MOE" train "${dist[@]}" --set parallel.ep=2 --set "checkpoint.dir=$W/m22" \
+	--set "log.metrics=$W/m22.jsonl" >"$W/m22.log" 2>&1 || { tail "$W/m22.log"; fail "mpirun -np 4"; }
+if out=$(python3 "$W/cmp.py" "$W/ref4.jsonl" "$W/m22.jsonl") && grep -q "of 4 ranks (dp 2 x ep 2)" "$W/m22.log"; then
+	pass "mpirun -np 4, dp 2 x ep 2: $out"
+else
+	echo "$out"; fail "mpirun -np 4 (dp 2 x ep 2) differs from one process"
+fi
 
 # 3b. stopped at step 3 and resumed (the teacher reloaded): the uninterrupted run's losses, bit for bit
 "$MOE" train "${dist[@]}" --set train.grad_accum=2 --set "checkpoint.dir=$W/rs" --set "log.metrics=$W/rs.jsonl" \
