@@ -8,6 +8,7 @@
  *   moe grpo     --config FILE [--set k=v ...] [--resume PATH|latest] [--eval PROMPTS [--samples F]]
  *   moe plot     --metrics FILE --key K [--key K ...] --out PNG [--title T] [--size WxH]
  *   moe generate --checkpoint CKPT --prompt TEXT|--prompt-ids IDS [sampling options]
+ *                (or --prompts P.jsonl --out-shard SHARD: the samples into a token shard)
  *   moe convert  --from-hf DIR --out CKPT | --to-hf CKPT --out DIR    Hugging Face interop
  *   moe data     tokenizer | shards | decode | encode | task | synth
  *

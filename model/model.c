@@ -293,6 +293,14 @@ void model_zero_grad(struct moe_model *m)
 		memset(m->grads + i * chunk, 0, sizeof(float) * (i * chunk + chunk < n ? chunk : n - i * chunk));
 }
 
+void model_drop_grads(struct moe_model *m)
+{
+	free(m->grads);
+	m->grads = NULL;
+	memset(m->g.layers, 0, sizeof(*m->g.layers) * m->cfg.num_hidden_layers);
+	m->g.embed_tokens = m->g.norm = m->g.lm_head = NULL;
+}
+
 /* ---------------------------------------------------------------- counting */
 
 void model_count_params(const struct model_config *cfg, int64_t *total, int64_t *activated)
@@ -650,6 +658,32 @@ int model_count_targets(const struct moe_model *m)
 }
 
 /*
+ * The cross-entropy's gradient plus loss_scale times the logit term's, in chunks of rows: the term reads
+ * a chunk's logits before the cross-entropy's gradient overwrites them (row for row the same values as
+ * the unchunked call).
+ */
+static void logit_term_backward(struct moe_model *m, float dloss, float loss_scale)
+{
+	struct model_acts *a = m->acts;
+	int N = a->B * a->T, V = m->cfg.vocab_size, R = MODEL_LOGIT_TERM_ROWS;
+	float *g = malloc(sizeof(float) * R * V);
+	if (!g) {
+		fprintf(stderr, "moe: out of memory\n");
+		exit(1);
+	}
+	for (int n0 = 0; n0 < N; n0 += R) {
+		int nr = N - n0 < R ? N - n0 : R;
+		float *rows = a->logits + (size_t)n0 * V;
+		m->logit_term->grad(m->logit_term->ctx, n0, nr, rows, g);
+		cross_entropy_backward_rows(rows, rows, a->targets + n0, dloss,
+					    m->token_weights ? m->token_weights + n0 : NULL, nr, V);
+		for (size_t k = 0; k < (size_t)nr * V; k++)
+			rows[k] += loss_scale * g[k];
+	}
+	free(g);
+}
+
+/*
  * Walks the layers in reverse.  The cross-entropy gradient overwrites the logits buffer (as in llm.c);
  * the balance loss enters inside moe_backward with the same loss_scale.
  */
@@ -662,7 +696,10 @@ void model_backward(struct moe_model *m, float loss_scale)
 	struct grad_scratch *s = &a->gs;
 
 	float dloss = ce_row_scale(a->targets, m->token_weights, N, loss_scale, a->temperature);
-	cross_entropy_backward_rows(a->logits, a->logits, a->targets, dloss, m->token_weights, N, V);
+	if (m->logit_term)
+		logit_term_backward(m, dloss, loss_scale);
+	else
+		cross_entropy_backward_rows(a->logits, a->logits, a->targets, dloss, m->token_weights, N, V);
 	linear_bwd(s->dln, m->g.lm_head, a->logits, a->lnf, m->w.lm_head, N, C, V, LIN_SET_DX);
 	rmsnorm_backward_set(s->dres, C, m->g.norm, s->dln, a->resid + (size_t)L * N * C, m->w.norm,
 			     a->lnf_rstd, N, C);

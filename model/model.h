@@ -76,6 +76,20 @@ struct model_weights {
 struct model_acts;                 /* activation buffers, private to model.c */
 struct model_quant;                /* int8 copies of the linear weights (model/quant.h) */
 
+/*
+ * A loss term of the logits besides the cross-entropy (distillation: train/distill.h), whose value the
+ * caller adds to the loss.  model_backward calls grad on chunks of rows [row0, row0 + nrows) of the last
+ * forward's logits (as stored: divided by logit_temperature) before the cross-entropy's gradient
+ * overwrites them; it writes d(term)/d(those logits) into grad [nrows, V], and the model adds loss_scale
+ * times it to the cross-entropy's gradient.  Chunks of at most MODEL_LOGIT_TERM_ROWS rows, so no second
+ * [B*T, V] buffer is needed.  Read by the CPU model only (model/cuda's gpu_model_backward does not yet).
+ */
+#define MODEL_LOGIT_TERM_ROWS 16
+struct logit_term {
+	void (*grad)(void *ctx, int row0, int nrows, const float *logits, float *grad);
+	void *ctx;
+};
+
 struct moe_model {
 	struct model_config cfg;
 	int expert_begin, expert_end;  /* routed experts held by this rank: [begin, end) */
@@ -105,6 +119,7 @@ struct moe_model {
 	const float *token_weights;
 	float logit_temperature;
 	const int *route_replay;
+	const struct logit_term *logit_term;  /* NULL, or read by model_backward (above) */
 	/* statistics of the last forward */
 	float last_ce_loss;            /* mean cross-entropy over target tokens */
 	float last_aux_loss;           /* sequence-wise balance loss, summed over MoE layers */
@@ -150,5 +165,8 @@ const float *model_token_losses(const struct moe_model *m);
 /* Number of targets >= 0 in the last forward. */
 int model_count_targets(const struct moe_model *m);
 void model_zero_grad(struct moe_model *m);
+/* A model that only runs forwards (a distillation teacher): frees the gradient arena; model_backward and
+ * model_zero_grad must not be called on it afterwards. */
+void model_drop_grads(struct moe_model *m);
 
 #endif

@@ -11,9 +11,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "data/shard.h"
 #include "data/tokenizer.h"
 #include "model/quant.h"
 #include "rl/generate.h"
+#include "rl/prompts.h"
 #include "rl/rl_cli.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
@@ -21,14 +23,19 @@
 static void gen_usage(FILE *f)
 {
 	fprintf(f,
-		"usage: moe generate --checkpoint CKPT.h5 (--prompt TEXT | --prompt-ids ID,ID,...)\n"
+		"usage: moe generate --checkpoint CKPT.h5 (--prompt TEXT | --prompt-ids ID,ID,... |\n"
+		"                    --prompts FILE.jsonl --out-shard SHARD.bin)\n"
 		"                    [--tokenizer tokenizer.json] [--max-new-tokens N (64)] [--temperature T (1)]\n"
 		"                    [--top-p P (1)] [--top-k K (0: off)] [--seed S (0)] [--num-samples G (1)]\n"
 		"                    [--eos ID] [--weights full|int8] [--set section.key=value ...]\n"
 		"Samples G completions of the prompt with the MLA latent cache (temperature 0: greedy) and prints\n"
 		"each (as text with a tokenizer, else as ids).  The tokenizer defaults to grpo.tokenizer; the stop\n"
 		"id to the tokenizer's end of text (--eos -1: never stop early).  --weights int8: every linear\n"
-		"layer's weight int8 with a scale per row (model/quant.h), quantised once at load.\n");
+		"layer's weight int8 with a scale per row (model/quant.h), quantised once at load.\n"
+		"--prompts (JSON Lines with a \"prompt\" string per line, as grpo.prompts) and --out-shard: for\n"
+		"every prompt, G completions written to a token shard that moe train reads, each sample as its\n"
+		"prompt's tokens, the completion's, then the end-of-text id (sequence-level distillation from a\n"
+		"teacher).  Prompt i's samples are seeded by (seed, i).\n");
 }
 
 static int parse_int(const char *s, long lo, long hi, long *out)
@@ -53,9 +60,149 @@ static int parse_double(const char *s, double *out)
 	return 0;
 }
 
+static struct moe_model *load_model(const char *ckpt, const struct run_config *rc, int int8)
+{
+	char err[1024];
+	struct moe_model *m = model_create(&rc->model, 0, rc->model.n_routed_experts, err, sizeof(err));
+	if (!m || checkpoint_load_model(ckpt, m, err, sizeof(err))) {
+		fprintf(stderr, "moe generate: %s\n", err);
+		model_free(m);
+		return NULL;
+	}
+	if (int8 && model_quantize(m)) {
+		fprintf(stderr, "moe generate: out of memory quantising the weights\n");
+		model_free(m);
+		return NULL;
+	}
+	if (int8)
+		quant_drop_fp32(m);  /* the fp32 linear weights are not read again */
+	return m;
+}
+
+/* One prompt's G samples into the shard: prompt, completion (without its eos), the end-of-text id. */
+static int write_samples(struct shard_writer *w, const int *prompt, int n_prompt, const int *out,
+			 const int *lens, int G, int max_new, int eos, uint32_t eot, uint64_t *new_tokens)
+{
+	char err[1024];
+	uint32_t *buf = malloc(sizeof(uint32_t) * ((size_t)n_prompt + max_new + 1));
+	if (!buf) {
+		fprintf(stderr, "moe generate: out of memory\n");
+		return -1;
+	}
+	for (int g = 0; g < G; g++) {
+		const int *o = out + (size_t)g * max_new;
+		int n = 0, len = lens[g];
+		if (len > 0 && o[len - 1] == eos)
+			len--;
+		for (int i = 0; i < n_prompt; i++)
+			buf[n++] = (uint32_t)prompt[i];
+		for (int i = 0; i < len; i++)
+			buf[n++] = (uint32_t)o[i];
+		buf[n++] = eot;
+		*new_tokens += (uint64_t)len;
+		if (shard_writer_append(w, buf, (size_t)n, err, sizeof(err))) {
+			fprintf(stderr, "moe generate: --out-shard: %s\n", err);
+			free(buf);
+			return -1;
+		}
+	}
+	free(buf);
+	return 0;
+}
+
+/*
+ * --prompts FILE --out-shard PATH: G samples of every prompt into one shard (written to PATH.tmp,
+ * renamed when complete).  0 or -1 after printing why.
+ */
+static int prompts_to_shard(struct moe_model *m, struct tokenizer *tok, const char *prompts_path,
+			    const char *out_path, int G, const struct sample_params *sp0)
+{
+	char err[1024];
+	struct prompt_set ps = { 0 };
+	struct shard_writer w;
+	struct tok_ids ids = { 0 };
+	int V = m->cfg.vocab_size, rc = -1, opened = 0;
+	int *out = malloc(sizeof(int) * ((size_t)G * sp0->max_new_tokens + 1));
+	int *lens = calloc((size_t)G * 2, sizeof(int)), *ptok = NULL;
+	const int **prompts = calloc((size_t)G, sizeof(*prompts));
+	uint64_t new_tokens = 0;
+	if (!out || !lens || !prompts) {
+		fprintf(stderr, "moe generate: out of memory\n");
+		goto done;
+	}
+	if (tokenizer_eot_id(tok) < 0) {
+		fprintf(stderr, "moe generate: --out-shard: the tokenizer has no end-of-text token to separate "
+			"the samples\n");
+		goto done;
+	}
+	if (prompt_set_load(&ps, prompts_path, err, sizeof(err))) {
+		fprintf(stderr, "moe generate: --prompts: %s\n", err);
+		goto done;
+	}
+	if (shard_writer_open(&w, out_path, V <= 65536 ? 2 : 4, err, sizeof(err))) {
+		fprintf(stderr, "moe generate: --out-shard: %s\n", err);
+		goto done;
+	}
+	opened = 1;
+	for (int i = 0; i < ps.n; i++) {
+		ids.n = 0;  /* tokenizer_encode appends */
+		tokenizer_encode(tok, ps.text[i], strlen(ps.text[i]), &ids);
+		free(ptok);
+		ptok = malloc(sizeof(int) * (ids.n + 1));
+		if (!ptok) {
+			fprintf(stderr, "moe generate: out of memory\n");
+			goto done;
+		}
+		for (size_t k = 0; k < ids.n; k++) {
+			if (ids.v[k] >= (uint32_t)V) {
+				fprintf(stderr, "moe generate: %s:%d: token %u is outside the model's vocab %d\n",
+					ps.path, ps.line[i], (unsigned)ids.v[k], V);
+				goto done;
+			}
+			ptok[k] = (int)ids.v[k];
+		}
+		int *plens = lens + G;
+		for (int g = 0; g < G; g++) {
+			prompts[g] = ptok;
+			plens[g] = (int)ids.n;
+		}
+		struct sample_params sp = *sp0;
+		sp.seed = gen_sequence_seed(sp0->seed, i);
+		if (generate(m, prompts, plens, G, &sp, out, lens, NULL)) {
+			fprintf(stderr, "moe generate: %s:%d: generation failed (a prompt of %zu tokens plus "
+				"%d new ones longer than model.max_position_embeddings, or out of memory)\n",
+				ps.path, ps.line[i], ids.n, sp.max_new_tokens);
+			goto done;
+		}
+		if (write_samples(&w, ptok, (int)ids.n, out, lens, G, sp.max_new_tokens, sp.eos_id,
+				  (uint32_t)tokenizer_eot_id(tok), &new_tokens))
+			goto done;
+	}
+	uint64_t total = w.n_tokens;
+	opened = 0;
+	if (shard_writer_close(&w, err, sizeof(err))) {
+		fprintf(stderr, "moe generate: --out-shard: %s\n", err);
+		goto done;
+	}
+	fprintf(stderr, "moe generate: %d prompts x %d samples: %llu tokens (%llu generated) into %s\n", ps.n,
+		G, (unsigned long long)total, (unsigned long long)new_tokens, out_path);
+	rc = 0;
+done:
+	if (opened)
+		shard_writer_abort(&w);
+	tok_ids_free(&ids);
+	prompt_set_free(&ps);
+	free(ptok);
+	free(out);
+	free(lens);
+	free(prompts);
+	return rc;
+}
+
 int generate_cli_main(int argc, char **argv)
 {
 	const char *ckpt = NULL, *prompt = NULL, *prompt_ids = NULL, *tok_path = NULL;
+	const char *prompts_path = NULL, *out_shard = NULL;
 	const char *sets[64];
 	int nsets = 0, G = 1, eos_set = 0, int8 = 0;
 	long eos = -1;
@@ -82,6 +229,10 @@ int generate_cli_main(int argc, char **argv)
 			prompt = v;
 		else if (!strcmp(a, "--prompt-ids"))
 			prompt_ids = v;
+		else if (!strcmp(a, "--prompts"))
+			prompts_path = v;
+		else if (!strcmp(a, "--out-shard"))
+			out_shard = v;
 		else if (!strcmp(a, "--tokenizer"))
 			tok_path = v;
 		else if (!strcmp(a, "--max-new-tokens"))
@@ -115,8 +266,12 @@ int generate_cli_main(int argc, char **argv)
 			return 2;
 		}
 	}
-	if (!ckpt || (!prompt == !prompt_ids)) {
+	if (!ckpt || (!!prompt + !!prompt_ids + !!prompts_path) != 1) {
 		gen_usage(stderr);
+		return 2;
+	}
+	if (!prompts_path != !out_shard) {
+		fprintf(stderr, "moe generate: --prompts and --out-shard go together\n");
 		return 2;
 	}
 
@@ -154,6 +309,17 @@ int generate_cli_main(int argc, char **argv)
 		}
 		if (!tok)  /* ids in, ids out */
 			fprintf(stderr, "moe generate: warning: %s; printing ids\n", err);
+	}
+	if (prompts_path) {
+		if (!tok) {
+			fprintf(stderr, "moe generate: --prompts needs --tokenizer (or grpo.tokenizer)\n");
+			goto done;
+		}
+		sp.eos_id = eos_set ? (int)eos : tokenizer_eot_id(tok);
+		m = load_model(ckpt, &rc, int8);
+		if (m && !prompts_to_shard(m, tok, prompts_path, out_shard, G, &sp))
+			status = 0;
+		goto done;
 	}
 	if (prompt) {
 		if (!tok) {
@@ -197,17 +363,9 @@ int generate_cli_main(int argc, char **argv)
 		}
 	sp.eos_id = eos_set ? (int)eos : (tok ? tokenizer_eot_id(tok) : -1);
 
-	m = model_create(&rc.model, 0, rc.model.n_routed_experts, err, sizeof(err));
-	if (!m || checkpoint_load_model(ckpt, m, err, sizeof(err))) {
-		fprintf(stderr, "moe generate: %s\n", err);
+	m = load_model(ckpt, &rc, int8);
+	if (!m)
 		goto done;
-	}
-	if (int8 && model_quantize(m)) {
-		fprintf(stderr, "moe generate: out of memory quantising the weights\n");
-		goto done;
-	}
-	if (int8)
-		quant_drop_fp32(m);  /* the fp32 linear weights are not read again */
 	out = malloc(sizeof(int) * ((size_t)G * sp.max_new_tokens + 1));
 	/* zeroed: with the sanitizers GCC cannot tell that the loop below fills them */
 	lens = calloc((size_t)G * 2, sizeof(int));

@@ -88,6 +88,7 @@ static const char *const loss_types[] = { "grpo", "bnpo", "dr_grpo", "dapo", NUL
 static const char *const reward_scalings[] = { "group", "batch", "none", NULL };
 static const char *const reward_norms[] = { "total", "each", NULL };
 static const char *const weight_formats[] = { "full", "int8", NULL };
+static const char *const kl_directions[] = { "forward", "reverse", NULL };
 
 static const struct cfg_key cfg_keys[] = {
 	/* model: Hugging Face DeepseekV3 names */
@@ -186,6 +187,11 @@ static const struct cfg_key cfg_keys[] = {
 	K_REWARDS(grpo, rewards),
 	K_ENUM(grpo, reward_norm, reward_norms),
 	K_ENUM(grpo, rollout_weights, weight_formats),
+	/* distill */
+	K_STR(distill, teacher, CF_NULL),
+	K_DBL(distill, alpha, CF_NNEG),
+	K_DBL(distill, temperature, CF_POS),
+	K_ENUM(distill, kl, kl_directions),
 };
 
 #define N_KEYS (sizeof(cfg_keys) / sizeof(cfg_keys[0]))
@@ -325,7 +331,7 @@ static int unknown_key(const char *origin, const char *section, const char *name
 			return set_err(err, errlen, "%s: unknown section %s (did you mean %s?)", origin,
 				       section, s);
 		return set_err(err, errlen, "%s: unknown section %s (sections: model, train, data, "
-			       "parallel, checkpoint, log, grpo)", origin, section);
+			       "parallel, checkpoint, log, grpo, distill)", origin, section);
 	}
 	s = suggest(section, name);
 	if (s)
@@ -1084,6 +1090,7 @@ static const struct run_config defaults = {
 		.reward_norm = "total",
 		.rollout_weights = "full",
 	},
+	.distill = { .teacher = "", .alpha = 0.5, .temperature = 1.0, .kl = "forward" },
 };
 
 void config_defaults(struct run_config *c)
@@ -1269,6 +1276,15 @@ static int validate_grpo(const struct grpo_config *g, char *err, size_t errlen)
 	return config_rewards_validate(g, err, errlen);
 }
 
+static int validate_distill(const struct distill_config *d, char *err, size_t errlen)
+{
+	char a[48];
+
+	fmt_double(a, sizeof(a), d->alpha);
+	REQUIRE(d->alpha <= 1, "distill.alpha=%s must be in [0, 1]", a);
+	return 0;
+}
+
 int config_validate(const struct run_config *c, int world_size, char *err, size_t errlen)
 {
 	for (size_t i = 0; i < N_KEYS; i++) {
@@ -1279,7 +1295,8 @@ int config_validate(const struct run_config *c, int world_size, char *err, size_
 	if (validate_attention(&c->model, err, errlen) || validate_rope(&c->model, err, errlen) ||
 	    validate_layers(&c->model, err, errlen) ||
 	    validate_routing(&c->model, err, errlen) || validate_train(&c->train, err, errlen) ||
-	    validate_parallel(c, world_size, err, errlen) || validate_grpo(&c->grpo, err, errlen))
+	    validate_parallel(c, world_size, err, errlen) || validate_grpo(&c->grpo, err, errlen) ||
+	    validate_distill(&c->distill, err, errlen))
 		return -1;
 	return 0;
 }

@@ -1,6 +1,6 @@
 /*
  * train/config.h - the run configuration (SPEC 3): one JSON file with sections model, train, data,
- * parallel, checkpoint, log, grpo; `--set section.key=value` overrides.  Unknown keys, wrong types and
+ * parallel, checkpoint, log, grpo, distill; `--set section.key=value` overrides.  Unknown keys, wrong types and
  * impossible combinations are errors naming the key.
  */
 #ifndef MOE_TRAIN_CONFIG_H
@@ -96,6 +96,14 @@ struct grpo_config {
 	char rollout_weights[8];    /* full | int8: the weights sampling reads */
 };
 
+/* Knowledge distillation (train/distill.h): on when teacher is set. */
+struct distill_config {
+	char teacher[CFG_STR];      /* checkpoint of the teacher ("": no distillation) */
+	double alpha;               /* loss = (1 - alpha) * CE + alpha * T^2 * KL, alpha in [0, 1] */
+	double temperature;         /* T > 0: both distributions are softmax(logits / T) */
+	char kl[16];                /* forward: KL(teacher || student) | reverse: KL(student || teacher) */
+};
+
 struct run_config {
 	struct model_config model;
 	struct train_config train;
@@ -104,6 +112,7 @@ struct run_config {
 	struct checkpoint_config checkpoint;
 	struct log_config log;
 	struct grpo_config grpo;
+	struct distill_config distill;
 };
 
 /* Defaults for every key (a tiny model). */

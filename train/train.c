@@ -15,12 +15,15 @@
 #include "data/loader.h"
 #include "launch/comm.h"
 #include "model/model.h"
+#include "train/distill.h"
 #include "train/trainer.h"
 
 struct sft {
 	struct trainer t;
 	struct loader train, val;
 	int have_val;
+	int distilling;              /* distill.teacher set: the teacher in ds */
+	struct distill ds;
 	int *inputs, *targets;       /* [micro_batch * seq_len] */
 	double step_time_avg;
 };
@@ -30,10 +33,21 @@ static int setup(struct sft *s, const struct run_config *cfg, const char *resume
 	char err[1024];
 	struct trainer *t = &s->t;
 	const struct train_config *tc = &cfg->train;
+	int distill = cfg->distill.teacher[0] != 0;
+	if (distill && !strcmp(tc->device, "cuda")) {
+		fprintf(stderr, "moe train: train.device=cuda: distillation runs on the CPU path for now "
+			"(distill.teacher is set)\n");
+		return -1;
+	}
 	/* every rank gets to trainer_setup_device, whose collectives must not meet another rank's failure */
 	if (!trainer_all_ok(t, trainer_init(t, "moe train", cfg, resume, d, tc->steps) == 0) ||
-	    trainer_setup_device(t, 1))
+	    trainer_setup_device(t, !distill))
 		return -1;
+	if (distill) {
+		s->distilling = 1;  /* teardown closes what distill_open leaves, also after a failure */
+		if (distill_open(&s->ds, cfg, d, tc->micro_batch, tc->seq_len, "moe train"))
+			return -1;
+	}
 	if (!cfg->data.train[0]) {
 		fprintf(stderr, "moe train: data.train: no training shards given\n");
 		return -1;
@@ -67,13 +81,15 @@ static void teardown(struct sft *s)
 		loader_close(&s->train);
 	if (s->have_val)
 		loader_close(&s->val);
+	if (s->distilling)
+		distill_close(&s->ds);
 	trainer_free(&s->t);
 }
 
 /* ---------------------------------------------------------------- one step */
 
 struct step_result {
-	double loss, ce, aux, lr, seconds, comm_seconds;
+	double loss, ce, aux, kl, lr, seconds, comm_seconds;
 	struct update_result u;
 };
 
@@ -96,22 +112,33 @@ static void train_step(struct sft *s, struct step_result *r)
 		uint64_t first = t->st.data_position + ((uint64_t)a * W + r0) * B;
 		for (int b = 0; b < B; b++)
 			loader_get(&s->train, first + b, s->inputs + (size_t)b * T, s->targets + (size_t)b * T);
-		r->loss += trainer_forward(t, s->inputs, s->targets, B, T) * scale;
-		r->ce += t->m->last_ce_loss * scale;
+		if (s->distilling) {
+			/* the CPU path (setup keeps distillation off the GPU) */
+			r->loss += distill_forward(&s->ds, t->m, s->inputs, s->targets, B, T) * scale;
+			r->ce += s->ds.last_ce * scale;
+			r->kl += s->ds.last_kl * scale;
+		} else {
+			r->loss += trainer_forward(t, s->inputs, s->targets, B, T) * scale;
+			r->ce += t->m->last_ce_loss * scale;
+		}
 		r->aux += t->m->last_aux_loss * scale;
 		trainer_add_loads(t);
-		trainer_backward(t, scale);
+		if (s->distilling)
+			distill_backward(&s->ds, t->m, scale);
+		else
+			trainer_backward(t, scale);
 	}
 	t->st.data_position += (uint64_t)A * B * W;
 	t->st.tokens_seen += (int64_t)A * B * T * W;
 
-	double sums[3] = { r->loss, r->ce, r->aux };
+	double sums[4] = { r->loss, r->ce, r->aux, r->kl };
 	if (t->d && W > 1) {
-		if (comm_allreduce(t->d->world_g, sums, 3, COMM_F64, COMM_SUM))
+		if (comm_allreduce(t->d->world_g, sums, 4, COMM_F64, COMM_SUM))
 			comm_abort(1, "all-reduce of the step's losses failed");
 		r->loss = sums[0];
 		r->ce = sums[1];
 		r->aux = sums[2];
+		r->kl = sums[3];
 	}
 	r->lr = lr_at(&t->sched, t->st.step);
 	trainer_update(t, r->lr, r->loss, &r->u);
@@ -138,6 +165,8 @@ static void log_step(struct sft *s, const struct step_result *r, double val_loss
 			(long long)t->st.tokens_seen, r->seconds, r->comm_seconds);
 		if (val_loss >= 0)
 			fprintf(f, "\"val_loss\": %.6f, ", val_loss);
+		if (s->distilling)
+			fprintf(f, "\"ce\": %.6f, \"distill_kl\": %.6f, ", r->ce, r->kl);
 		if (r->u.skipped)
 			fprintf(f, "\"skipped\": true, ");
 		trainer_write_imbalance(t, f);
@@ -151,6 +180,8 @@ static void log_step(struct sft *s, const struct step_result *r, double val_loss
 	trainer_format_duration(eta, sizeof(eta), s->step_time_avg * (tc->steps - t->st.step));
 	printf("step %lld/%d | loss %.4f | lr %.3e | grad norm %.3f | %.0f tok/s | ETA %s",
 	       (long long)t->st.step, tc->steps, r->loss, r->lr, r->u.grad_norm, tps, eta);
+	if (s->distilling)
+		printf(" | ce %.4f | kl %.4f", r->ce, r->kl);
 	if (val_loss >= 0)
 		printf(" | val loss %.4f", val_loss);
 	if (r->u.skipped)

@@ -141,6 +141,10 @@ static void test_defaults(void)
 	CU_ASSERT_STRING_EQUAL(c.grpo.scale_rewards, "group");
 	CU_ASSERT_EQUAL(c.grpo.reward_cmd_argc, 0);
 	CU_ASSERT_EQUAL(c.parallel.ep, 1);
+	CU_ASSERT_STRING_EQUAL(c.distill.teacher, "");  /* no distillation */
+	CU_ASSERT_DOUBLE_EQUAL(c.distill.alpha, 0.5, 0);
+	CU_ASSERT_DOUBLE_EQUAL(c.distill.temperature, 1.0, 0);
+	CU_ASSERT_STRING_EQUAL(c.distill.kl, "forward");
 	CU_ASSERT(mc_layer_is_moe(&c.model, 1));
 	CU_ASSERT(!mc_layer_is_moe(&c.model, 0));
 }
@@ -541,6 +545,10 @@ static void test_validate_train(void)
 	expect_invalid("grpo.loss_type=ppo", 1, "grpo.loss_type");
 	expect_invalid("grpo.scale_rewards=global", 1, "grpo.scale_rewards");
 	expect_invalid("grpo.top_p=1.5", 1, "grpo.top_p");
+	expect_invalid("distill.alpha=1.01", 1, "distill.alpha");
+	expect_invalid("distill.alpha=-0.1", 1, "distill.alpha");
+	expect_invalid("distill.temperature=0", 1, "distill.temperature");
+	expect_invalid("distill.kl=jsd", 1, "distill.kl");
 }
 
 /* ---- output ---- */
@@ -561,6 +569,10 @@ static void test_round_trip_exact(void)
 	CU_ASSERT_EQUAL(config_set(&c, "grpo.reward_cmd=[\"python3\", \"a \\\"b\\\"\", \"\\u00e9\"]",
 				   err, sizeof(err)), 0);
 	CU_ASSERT_EQUAL(config_set(&c, "grpo.tokenizer=tok\\en.json", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(config_set(&c, "distill.teacher=runs/big/step_00000100.h5", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(config_set(&c, "distill.kl=reverse", err, sizeof(err)), 0);
+	c.distill.alpha = 0.1 + 0.2;
+	c.distill.temperature = 2.5;
 	check_round_trip(&c);
 
 	text = config_to_json(&c);
