@@ -77,7 +77,7 @@ build_cuda_objs
 build_cpu
 # what every emulated program links: the CPU library and its packages
 LIBS=("$work/cpu/libmoecore.a" $(cat "$work/cpu/moecore_libs.txt" 2>/dev/null) -lcunit
-	-L/usr/lib/x86_64-linux-gnu/openblas-openmp -lopenblas -lgomp -lhdf5_serial -lcjson
+	-L/usr/lib/x86_64-linux-gnu/openblas-openmp -lopenblas -lgomp -lhdf5_serial -lcjson $(pkg-config --libs libpcre2-8)
 	$(pkg-config --libs ompi-c 2>/dev/null || echo -lmpi) -lm)
 
 # the C files that take the GPU path with MOE_HAVE_CUDA (ahead of libmoecore's CPU-only copies in every link)
