@@ -481,7 +481,8 @@ static int match_scale(struct from_hf *c, struct assignment *a)
 /* Every fp8 weight has its scales, and every scale belongs to an fp8 weight. */
 static int match_scales(struct from_hf *c)
 {
-	qsort(c->scales, (size_t)c->n_scales, sizeof(*c->scales), cmp_scale);
+	if (c->n_scales > 1) /* no scales: c->scales is NULL, which qsort must not be given */
+		qsort(c->scales, (size_t)c->n_scales, sizeof(*c->scales), cmp_scale);
 	for (int i = 0; i < c->n_assign; i++)
 		if (c->assign[i].t->dtype == ST_F8_E4M3 && match_scale(c, &c->assign[i]))
 			return -1;
