@@ -38,7 +38,8 @@ static inline float exp_fast(float x)
 	memcpy(&ti, &t, sizeof(ti));
 	int32_t ni = ti - 0x4B400000;      /* n, in [-126, 128] */
 	int32_t nh = ni >> 1, nl = ni - nh; /* 2^n = 2^nh 2^nl, each a normal float */
-	int32_t bh = (nh + 127) << 23, bl = (nl + 127) << 23;
+	/* unsigned shifts: a NaN's n is garbage (its y is dropped below) and must not shift into the sign */
+	uint32_t bh = (uint32_t)(nh + 127) << 23, bl = (uint32_t)(nl + 127) << 23;
 	float sh, sl;
 	memcpy(&sh, &bh, sizeof(sh));
 	memcpy(&sl, &bl, sizeof(sl));
