@@ -92,15 +92,13 @@ static void reduce_space(struct zero_space *s, const struct moe_model *m, int ex
 		comm_abort(1, "gradient reduce-scatter failed");
 }
 
-double zero_reduce(struct zero *z, const struct moe_model *m)
+/*
+ * The global norm from this rank's shard norms of the two spaces: the replicated space is sharded over
+ * the world, the expert space over the dp group (and each ep rank holds other experts): sum the squares
+ * over each space's sharing, the experts' also over the ep group.
+ */
+static double shards_norm(const struct zero *z, double rep, double exp)
 {
-	reduce_space(&z->rep, m, 0, z->shard_g);
-	reduce_space(&z->exp, m, 1, z->shard_g + z->rep.shard);
-	/* the replicated space is sharded over the world, the expert space over the dp group (and each
-	 * ep rank holds other experts): sum the squares over each space's sharing, the experts' also over
-	 * the ep group */
-	double rep = grad_global_norm(z->shard_g, z->rep.shard);
-	double exp = grad_global_norm(z->shard_g + z->rep.shard, z->exp.shard);
 	double sq[2] = { rep * rep, exp * exp };
 	if (z->rep.g && comm_allreduce(z->rep.g, &sq[0], 1, COMM_F64, COMM_SUM))
 		comm_abort(1, "norm all-reduce failed");
@@ -109,6 +107,15 @@ double zero_reduce(struct zero *z, const struct moe_model *m)
 	if (z->ep_g && comm_allreduce(z->ep_g, &sq[1], 1, COMM_F64, COMM_SUM))
 		comm_abort(1, "norm all-reduce failed");
 	return sqrt(sq[0] + sq[1]);
+}
+
+double zero_reduce(struct zero *z, const struct moe_model *m)
+{
+	reduce_space(&z->rep, m, 0, z->shard_g);
+	reduce_space(&z->exp, m, 1, z->shard_g + z->rep.shard);
+	double rep = grad_global_norm(z->shard_g, z->rep.shard);
+	double exp = grad_global_norm(z->shard_g + z->rep.shard, z->exp.shard);
+	return shards_norm(z, rep, exp);
 }
 
 static void gather_space(struct zero_space *s, const float *shard)
@@ -248,17 +255,9 @@ double zero_device_reduce(struct zero *z, const struct moe_model *m, float *dgra
 	struct zero_device *zd = z->dev;
 	reduce_space_device(&z->rep, m, 0, dgrads, zd->rep_grad, zd->shard_g);
 	reduce_space_device(&z->exp, m, 1, dgrads, zd->exp_grad, zd->shard_g + z->rep.shard);
-	/* as zero_reduce: each space's squares over its sharing, the experts' also over the ep group */
 	double rep = grad_global_norm_cuda(zd->shard_g, z->rep.shard);
 	double exp = grad_global_norm_cuda(zd->shard_g + z->rep.shard, z->exp.shard);
-	double sq[2] = { rep * rep, exp * exp };
-	if (z->rep.g && comm_allreduce(z->rep.g, &sq[0], 1, COMM_F64, COMM_SUM))
-		comm_abort(1, "norm all-reduce failed");
-	if (z->exp.g && comm_allreduce(z->exp.g, &sq[1], 1, COMM_F64, COMM_SUM))
-		comm_abort(1, "norm all-reduce failed");
-	if (z->ep_g && comm_allreduce(z->ep_g, &sq[1], 1, COMM_F64, COMM_SUM))
-		comm_abort(1, "norm all-reduce failed");
-	return sqrt(sq[0] + sq[1]);
+	return shards_norm(z, rep, exp);
 }
 
 static void gather_space_device(struct zero_space *s, float *packed, const float *shard)
