@@ -128,6 +128,9 @@ static int add_line(struct prompt_set *ps, int *cap, char *s, size_t len, int li
 	snprintf(where, sizeof(where), "%s:%d", ps->path, lineno);
 	if (strlen(s) != len)
 		return set_err(err, errlen, "%s: the line contains a NUL byte", where);
+	/* cJSON would skip a byte order mark at the start of any line; only the file's first is one */
+	if (len >= 3 && !memcmp(s, "\xEF\xBB\xBF", 3))
+		return set_err(err, errlen, "%s: a byte order mark inside the file", where);
 	obj = cJSON_ParseWithOpts(s, &end, 1);
 	if (!obj)
 		return set_err(err, errlen, "%s: not valid JSON (at column %td)", where,

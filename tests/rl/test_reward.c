@@ -204,6 +204,7 @@ static void test_prompts_errors(void)
 		{ "{\"prompt\": \"\"}", "\"prompt\" is empty" },
 		{ "{\"prompt\": \"a\"", "not valid JSON" },
 		{ "{\"prompt\": \"a\"} x", "not valid JSON" },
+		{ "\xEF\xBB\xBF{\"prompt\": \"a\"}", "byte order mark inside the file" },
 	};
 	const char *path = tmp_path("bad.jsonl");
 	char text[256], err[512], where[700];
