@@ -6,7 +6,8 @@
 #                                 also keeps the input of every past finding, as a regression test);
 #                                 the inputs it finds go to DIR/corpus/NAME, a failing input to
 #                                 DIR/artifacts/NAME-crash-..., its log to DIR/NAME.log.  Reproduce one:
-#                                 DIR/tests/fuzz/NAME FILE
+#                                 DIR/tests/fuzz/NAME FILE.  MOE_FUZZ_SEED: the mutation seed (default 1,
+#                                 0: a random one)
 # Without clang or its libFuzzer runtime (launch/setup.sh installs both) each test is skipped: exit 77.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -41,7 +42,9 @@ run)
 	# -timeout: one input taking that long is a finding; -rss_limit_mb: so is an allocation past it.
 	# The whole log is kept in DIR/NAME.log; the end of it (a finding's report, the final stats) shown.
 	rc=0
-	"$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	# A fixed seed by default: the suite mutates the same way on every run (a finding reproduces, CI does
+	# not turn red by chance); MOE_FUZZ_SEED=0 draws a new seed (libFuzzer's own choice) to explore.
+	"$bin" -seed="${MOE_FUZZ_SEED:-1}" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
 		-error_exitcode=1 -timeout_exitcode=1 \
 		-artifact_prefix="$dir/artifacts/$name-" "$dir/corpus/$name" "$ROOT/tests/fuzz/corpus/$name" \
 		>"$dir/$name.log" 2>&1 || rc=$?
