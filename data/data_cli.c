@@ -407,10 +407,13 @@ static int shards_end(void *ctx)
 static int usage_shards(void)
 {
 	printf("usage: moe data shards --tokenizer T --in FILES... --out DIR [--val-frac F]\n"
-	       "                       [--shard-tokens N] [--eot TOKEN]\n"
+	       "                       [--shard-tokens N] [--eot TOKEN] [--no-template]\n"
 	       "Encodes the files (text: one document a file; *.jsonl: each record's \"text\") into token\n"
 	       "shards DIR/train_00000.bin, ... and DIR/val_00000.bin, ... (SPEC 3), the documents of a\n"
-	       "split joined by the end-of-text token (<|endoftext|>, <|end_of_text|> or </s>, or --eot).\n"
+	       "split joined by the end-of-text token (<|endoftext|>, <|end_of_text|>, </s> or DeepSeek's\n"
+	       "<\uff5cend\u2581of\u2581sentence\uff5c>, or --eot).  Each document gets the special tokens of the\n"
+	       "tokenizer.json's post_processor template (DeepSeek's: a BOS before it), as Hugging Face\n"
+	       "encodes with add_special_tokens=True; --no-template leaves them out.\n"
 	       "A document goes to the validation split with probability F (default 0), by a hash of\n"
 	       "its index.  N tokens a shard at most (default %lld).  Inputs are streamed.\n",
 	       (long long)SHARD_SET_DEFAULT_TOKENS);
@@ -482,7 +485,7 @@ static int cmd_shards(int argc, char **argv)
 {
 	const char *tok_path = NULL, *dir = NULL, *eot_name = NULL;
 	char **files = NULL, err[1024];
-	int n_files = 0, help = 0, rc = 1, eot;
+	int n_files = 0, help = 0, rc = 1, eot, no_template = 0;
 	long long shard_tokens = (long long)SHARD_SET_DEFAULT_TOKENS;
 	double val_frac = 0;
 	uint64_t total;
@@ -502,6 +505,8 @@ static int cmd_shards(int argc, char **argv)
 			dir = argv[++i];
 		else if (!strcmp(a, "--eot") && i + 1 < argc)
 			eot_name = argv[++i];
+		else if (!strcmp(a, "--no-template"))
+			no_template = 1;
 		else if (!strcmp(a, "--val-frac") && i + 1 < argc && parse_double(argv[i + 1], &val_frac))
 			i++;
 		else if (!strcmp(a, "--shard-tokens") && i + 1 < argc &&
@@ -530,7 +535,8 @@ static int cmd_shards(int argc, char **argv)
 				eot_name);
 		else
 			fprintf(stderr, "moe data shards: %s: no end-of-text token (<|endoftext|>, "
-				"<|end_of_text|>, </s>): name one with --eot\n", tok_path);
+				"<|end_of_text|>, </s>, <\uff5cend\u2581of\u2581sentence\uff5c>): name one "
+				"with --eot\n", tok_path);
 		goto out;
 	}
 	if (prepare_dir(dir, err, sizeof(err))) {
@@ -542,6 +548,8 @@ static int cmd_shards(int argc, char **argv)
 		fprintf(stderr, "moe data shards: %s\n", err);
 		goto out;
 	}
+	if (no_template)
+		shard_set_no_template(c.set);
 	c.err = err;
 	c.errlen = sizeof(err);
 	c.val_frac = val_frac;

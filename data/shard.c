@@ -329,6 +329,7 @@ struct shard_set {
 	int token_bytes;
 	uint64_t shard_tokens;
 	uint32_t eot;
+	bool no_template;		/* documents without the tokenizer's template ids */
 	bool finished;
 	struct split split[2];		/* train, val */
 	struct split *cur;
@@ -409,11 +410,15 @@ static int emit(struct shard_set *c, const uint32_t *ids, size_t n)
 /* A document starts in a split: after the split's first, the end-of-text token separates it. */
 static int set_begin(struct shard_set *c, bool val)
 {
+	const uint32_t *pre, *post;
+	size_t n_pre, n_post;
+
 	c->cur = &c->split[val];
 	if (c->cur->docs && emit(c, &c->eot, 1))
 		return -1;
 	c->cur->docs++;
-	return 0;
+	tokenizer_template(c->t, &pre, &n_pre, &post, &n_post);
+	return c->no_template ? 0 : emit(c, pre, n_pre);
 }
 
 static int flush_ids(struct shard_set *c)
@@ -432,8 +437,14 @@ static int set_data(struct shard_set *c, const uint8_t *p, size_t n)
 
 static int set_end(struct shard_set *c)
 {
+	const uint32_t *pre, *post;
+	size_t n_pre, n_post;
+
 	tok_stream_finish(&c->stream, &c->ids);
-	return flush_ids(c);
+	if (flush_ids(c))
+		return -1;
+	tokenizer_template(c->t, &pre, &n_pre, &post, &n_post);
+	return c->no_template ? 0 : emit(c, post, n_post);
 }
 
 /* Close the open shards; the set is finished (its shards kept) only if every one closes. */
@@ -482,6 +493,11 @@ struct shard_set *shard_set_new(struct tokenizer *t, const char *train_dir, cons
 	}
 	set_init(s, t, train_dir, val_dir, shard_tokens, eot);
 	return s;
+}
+
+void shard_set_no_template(struct shard_set *s)
+{
+	s->no_template = true;
 }
 
 int shard_set_begin(struct shard_set *s, bool val, char *err, size_t errlen)

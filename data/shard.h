@@ -57,7 +57,9 @@ int shard_write(const char *path, const uint32_t *tokens, size_t n, int token_by
  * Token shards of a training and a validation split, written the way `moe data shards` writes them:
  * TRAIN_DIR/train_00000.bin, ... and VAL_DIR/val_00000.bin, ... (SPEC 3; 2-byte tokens when the
  * vocabulary fits, 4 otherwise; at most shard_tokens tokens a shard), the documents of a split
- * separated by the end-of-text id eot.  Each shard is written to PATH.tmp and renamed when complete.
+ * separated by the end-of-text id eot, each document inside the ids of the tokenizer's template
+ * (tokenizer_template: DeepSeek's BOS before it, as Hugging Face's add_special_tokens=True) unless
+ * shard_set_no_template() was called.  Each shard is written to PATH.tmp and renamed when complete.
  * The functions returning int give 0, or -1 with err.  shard_set_free() of a set that was not
  * finished removes every shard it wrote.
  */
@@ -67,6 +69,8 @@ struct tokenizer;
 struct shard_set;
 struct shard_set *shard_set_new(struct tokenizer *t, const char *train_dir, const char *val_dir,
 				uint64_t shard_tokens, uint32_t eot, char *err, size_t errlen);
+/* Documents without the tokenizer's template ids (before the first document). */
+void shard_set_no_template(struct shard_set *s);
 /* One whole document (text of n bytes) into the validation split (val) or the training split. */
 int shard_set_add(struct shard_set *s, bool val, const void *text, size_t n, char *err,
 		  size_t errlen);

@@ -304,6 +304,9 @@ void tokenizer_free(struct tokenizer *t)
 	free(t->sp.tok);
 	tok_splits_free(t->splits);
 	free(t->warning);
+	tok_ids_free(&t->tmpl_pre);
+	tok_ids_free(&t->tmpl_post);
+	free(t->tmpl_json);
 	bmap_free(&t->cache);
 	free(t->cache_ids);
 	free(t->sym);
@@ -434,6 +437,15 @@ int tokenizer_is_special(const struct tokenizer *t, uint32_t id)
 	return id < (uint32_t)t->vocab_size && t->tok[id].kind == TK_ADDED;
 }
 
+void tokenizer_template(const struct tokenizer *t, const uint32_t **pre, size_t *n_pre,
+			const uint32_t **post, size_t *n_post)
+{
+	*pre = t->tmpl_pre.v;
+	*n_pre = t->tmpl_pre.n;
+	*post = t->tmpl_post.v;
+	*n_post = t->tmpl_post.n;
+}
+
 int tokenizer_special_id(const struct tokenizer *t, const char *content)
 {
 	size_t n = strlen(content);
@@ -464,7 +476,10 @@ int tokenizer_token_id(const struct tokenizer *t, const void *bytes, size_t n)
 
 int tokenizer_eot_id(const struct tokenizer *t)
 {
-	static const char *const names[] = { "<|endoftext|>", "<|end_of_text|>", "</s>" };
+	static const char *const names[] = {
+		"<|endoftext|>", "<|end_of_text|>", "</s>",
+		"<\xef\xbd\x9c" "end\xe2\x96\x81" "of\xe2\x96\x81" "sentence\xef\xbd\x9c>",  /* DeepSeek's */
+	};
 
 	for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++) {
 		int id = tokenizer_special_id(t, names[k]);

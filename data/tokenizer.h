@@ -86,8 +86,17 @@ int tokenizer_token_bytes(const struct tokenizer *t, uint32_t id, const uint8_t 
 int tokenizer_is_special(const struct tokenizer *t, uint32_t id);
 /* The id of an added token by content, or of the ordinary token with these bytes; -1 if none. */
 int tokenizer_special_id(const struct tokenizer *t, const char *content);
+/*
+ * The ids a tokenizer.json's post_processor (TemplateProcessing, its "single" template) puts around an
+ * encoded text when Hugging Face encodes with add_special_tokens=True: pre[0..n_pre) before the text,
+ * post[0..n_post) after it (DeepSeek's: the BOS before).  None (n 0) without such a post_processor.
+ * tokenizer_encode() never adds them: it encodes as add_special_tokens=False does.
+ */
+void tokenizer_template(const struct tokenizer *t, const uint32_t **pre, size_t *n_pre,
+			const uint32_t **post, size_t *n_post);
 int tokenizer_token_id(const struct tokenizer *t, const void *bytes, size_t n);
-/* End of text: "<|endoftext|>", else "<|end_of_text|>", else "</s>"; -1 if none. */
+/* End of text: "<|endoftext|>", else "<|end_of_text|>", else "</s>", else DeepSeek's
+ * "<｜end▁of▁sentence｜>"; -1 if none. */
 int tokenizer_eot_id(const struct tokenizer *t);
 enum tok_pretok tokenizer_pretok(const struct tokenizer *t);
 

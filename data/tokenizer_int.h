@@ -260,6 +260,11 @@ struct tokenizer {
 	bool ignore_merges;
 	char *warning;
 
+	/* post_processor TemplateProcessing: the ids its "single" template puts before and after a
+	 * text ($A), and the post_processor object as read (written back by tokenizer_save) */
+	struct tok_ids tmpl_pre, tmpl_post;
+	char *tmpl_json;
+
 	/* encoding scratch and the word cache */
 	struct bmap cache;		/* piece -> (offset into cache_ids) << 8 | count */
 	uint32_t *cache_ids;

@@ -404,6 +404,70 @@ static int load_pretok(struct tokenizer *t, const cJSON *root, struct load_ctx *
 	return ret;
 }
 
+/* The ids special_tokens[name].ids of a TemplateProcessing, appended to out. */
+static int template_ids(struct tokenizer *t, const cJSON *post, const char *name, int i,
+			struct tok_ids *out, struct load_ctx *L)
+{
+	const cJSON *sp = cJSON_GetObjectItemCaseSensitive(post, "special_tokens");
+	const cJSON *ids = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(sp, name),
+							    "ids");
+	const cJSON *v;
+
+	if (!cJSON_IsArray(ids) || !cJSON_GetArraySize(ids))
+		return LOAD_ERR(L, "%s: post_processor.single[%d] names \"%s\", which "
+				"post_processor.special_tokens does not give ids", L->name, i, name);
+	cJSON_ArrayForEach(v, ids) {
+		long id = json_id(v);
+
+		if (id < 0 || id >= t->vocab_size)
+			return LOAD_ERR(L, "%s: post_processor.special_tokens[\"%s\"].ids holds %s, "
+					"not an id in [0, %d)", L->name, name,
+					cJSON_IsNumber(v) ? "a number" : json_type_name(v), t->vocab_size);
+		ids_push(out, (uint32_t)id);
+	}
+	return 0;
+}
+
+/*
+ * post_processor TemplateProcessing: its "single" template, special tokens around one sequence $A,
+ * kept as the ids before and after a text (tokenizer_template); the object itself kept for saving.
+ */
+static int load_template(struct tokenizer *t, const cJSON *post, struct load_ctx *L)
+{
+	const cJSON *single = cJSON_GetObjectItemCaseSensitive(post, "single"), *it;
+	int i = 0, n_seq = 0;
+
+	if (!cJSON_IsArray(single))
+		return LOAD_ERR(L, "%s: post_processor.single is %s, not an array", L->name,
+				json_type_name(single));
+	cJSON_ArrayForEach(it, single) {
+		const cJSON *tok = cJSON_GetObjectItemCaseSensitive(it, "SpecialToken");
+		const cJSON *seq = cJSON_GetObjectItemCaseSensitive(it, "Sequence");
+		const cJSON *id = cJSON_GetObjectItemCaseSensitive(tok ? tok : seq, "id");
+
+		if (!cJSON_IsObject(it) || !!tok == !!seq || !cJSON_IsString(id))
+			return LOAD_ERR(L, "%s: post_processor.single[%d] is neither {\"SpecialToken\": "
+					"{\"id\": NAME}} nor {\"Sequence\": {\"id\": \"A\"}}", L->name, i);
+		if (seq) {
+			if (strcmp(id->valuestring, "A") || n_seq++)
+				return LOAD_ERR(L, "%s: post_processor.single[%d]: the single template holds "
+						"one sequence, \"A\" (found \"%s\")", L->name, i,
+						id->valuestring);
+		} else if (template_ids(t, post, id->valuestring, i, n_seq ? &t->tmpl_post : &t->tmpl_pre,
+					L)) {
+			return -1;
+		}
+		i++;
+	}
+	if (!n_seq)
+		return LOAD_ERR(L, "%s: post_processor.single holds no sequence {\"Sequence\": "
+				"{\"id\": \"A\"}}", L->name);
+	t->tmpl_json = cJSON_PrintUnformatted(post);
+	if (!t->tmpl_json)
+		return LOAD_ERR(L, "%s: out of memory", L->name);
+	return 0;
+}
+
 static int load_rest(struct tokenizer *t, const cJSON *root, struct load_ctx *L)
 {
 	const cJSON *norm = cJSON_GetObjectItemCaseSensitive(root, "normalizer");
@@ -427,15 +491,8 @@ static int load_rest(struct tokenizer *t, const cJSON *root, struct load_ctx *L)
 					cJSON_IsString(type) ? "\"" : "");
 		}
 	}
-	type = cJSON_GetObjectItemCaseSensitive(post, "type");
-	if (cJSON_IsString(type) && !strcmp(type->valuestring, "TemplateProcessing") && !t->warning) {
-		/* DeepSeek's: a BOS before each text; moe separates documents by end-of-text ids */
-		const char *w = "post_processor TemplateProcessing is not applied (encoding is that of "
-				"add_special_tokens=False)";
-
-		t->warning = tok_xrealloc(NULL, strlen(w) + 1);
-		strcpy(t->warning, w);
-	}
+	if (is_type(post, "TemplateProcessing") && load_template(t, post, L))
+		return -1;
 	if (dec && !cJSON_IsNull(dec)) {
 		type = cJSON_GetObjectItemCaseSensitive(dec, "type");
 		if (!cJSON_IsString(type) || strcmp(type->valuestring, "ByteLevel"))
@@ -586,7 +643,8 @@ static cJSON *tokenizer_to_json(const struct tokenizer *t)
 		cJSON_AddItemToArray(list, bytelevel_json(false, true, false));
 	}
 	cJSON_AddItemToObject(root, "pre_tokenizer", pre);
-	cJSON_AddItemToObject(root, "post_processor", bytelevel_json(true, false, true));
+	cJSON_AddItemToObject(root, "post_processor", t->tmpl_json ? cJSON_Parse(t->tmpl_json) :
+			      bytelevel_json(true, false, true));
 	cJSON_AddItemToObject(root, "decoder", bytelevel_json(true, true, true));
 	model = cJSON_AddObjectToObject(root, "model");
 	cJSON_AddStringToObject(model, "type", "BPE");

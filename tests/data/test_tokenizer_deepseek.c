@@ -6,7 +6,9 @@
  * CJK, kana, Hangul, emoji with joiners, combining marks, CRLF, NEL/NBSP/ideographic spaces,
  * punctuation runs, added tokens mid-text).  moe must give the same ids, decode them to the same text,
  * give them again when the text is streamed in small chunks, and again after saving and reloading the
- * tokenizer.  Unknown or broken Split patterns are refused naming the key.
+ * tokenizer.  Unknown or broken Split patterns are refused naming the key.  The post_processor's
+ * TemplateProcessing (a BOS before each text, what add_special_tokens=True adds) is read, kept on
+ * saving, applied by the shard writer around each document, and refused when malformed.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -15,12 +17,24 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cjson/cJSON.h>
 
+#include "data/shard.h"
 #include "data/tokenizer.h"
 
 static char err[1024];
+
+static void tok_ids_push_test(struct tok_ids *a, uint32_t id)
+{
+	if (a->n == a->cap) {
+		a->cap = a->cap ? 2 * a->cap : 64;
+		a->v = realloc(a->v, a->cap * sizeof(*a->v));
+		CU_ASSERT_PTR_NOT_NULL_FATAL(a->v);
+	}
+	a->v[a->n++] = id;
+}
 
 static const char *fixture(const char *name)
 {
@@ -150,8 +164,8 @@ static void test_matches_hf(void)
 	CU_ASSERT_EQUAL(tokenizer_special_id(t, "<｜end▁of▁sentence｜>"), 1);
 	CU_ASSERT(tokenizer_is_special(t, 0));
 	CU_ASSERT(tokenizer_special_id(t, "<think>") > 0);  /* added, not special: see save_reload */
-	/* the post_processor's BOS is not applied: said so */
-	CU_ASSERT_PTR_NOT_NULL(tokenizer_warning(t));
+	/* nothing of the file is left unapplied: the post_processor's BOS is the template */
+	CU_ASSERT_PTR_NULL(tokenizer_warning(t));
 	load_samples();
 	CU_ASSERT_EQUAL(check_all(t), 0);
 	free_samples();
@@ -229,12 +243,130 @@ static void test_invalid_utf8(void)
 	tokenizer_free(t);
 }
 
+/* The template's ids: the BOS (id 0) before a text, nothing after. */
+static void check_template(const struct tokenizer *t)
+{
+	const uint32_t *pre, *post;
+	size_t n_pre, n_post;
+
+	tokenizer_template(t, &pre, &n_pre, &post, &n_post);
+	CU_ASSERT_EQUAL_FATAL(n_pre, 1);
+	CU_ASSERT_EQUAL(pre[0], 0);
+	CU_ASSERT_EQUAL(n_post, 0);
+}
+
+static void test_template(void)
+{
+	struct tokenizer *t = tokenizer_load(fixture("deepseek_v3_tokenizer.json"), err, sizeof(err));
+	struct tokenizer *u;
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+	check_template(t);
+	CU_ASSERT_EQUAL(tokenizer_eot_id(t), 1);  /* <｜end▁of▁sentence｜> */
+	CU_ASSERT_EQUAL_FATAL(tokenizer_save(t, tmp_path("ds_tmpl.json"), err, sizeof(err)), 0);
+	u = tokenizer_load(tmp_path("ds_tmpl.json"), err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(u);
+	check_template(u);
+	tokenizer_free(u);
+	tokenizer_free(t);
+}
+
+/* Two documents through the shard writer: BOS doc EOS BOS doc, and without the template doc EOS doc. */
+static void check_shard_docs(struct tokenizer *t, bool templ)
+{
+	static const char *const docs[] = { "Hello world!", "The end.\n" };
+	struct tok_ids want = { 0 }, ids = { 0 };
+	struct shard_set *set = shard_set_new(t, tmp_path(""), tmp_path(""), 1000, 1, err, sizeof(err));
+	struct shard sh;
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(set);
+	if (!templ)
+		shard_set_no_template(set);
+	for (int d = 0; d < 2; d++) {
+		CU_ASSERT_EQUAL(shard_set_add(set, false, docs[d], strlen(docs[d]), err, sizeof(err)), 0);
+		if (d)
+			tok_ids_push_test(&want, 1);
+		if (templ)
+			tok_ids_push_test(&want, 0);
+		tokenizer_encode(t, docs[d], strlen(docs[d]), &ids);
+		for (size_t i = 0; i < ids.n; i++)
+			tok_ids_push_test(&want, ids.v[i]);
+		ids.n = 0;
+	}
+	CU_ASSERT_EQUAL_FATAL(shard_set_finish(set, err, sizeof(err)), 0);
+	shard_set_free(set);
+	CU_ASSERT_EQUAL_FATAL(shard_open(&sh, tmp_path("train_00000.bin"), 0, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(sh.n_tokens, want.n);
+	for (uint64_t i = 0; i < sh.n_tokens && i < want.n; i++)
+		CU_ASSERT_EQUAL(shard_token(&sh, i), want.v[i]);
+	shard_close(&sh);
+	unlink(tmp_path("train_00000.bin"));
+	tok_ids_free(&want);
+	tok_ids_free(&ids);
+}
+
+static void test_template_in_shards(void)
+{
+	struct tokenizer *t = tokenizer_load(fixture("deepseek_v3_tokenizer.json"), err, sizeof(err));
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+	check_shard_docs(t, true);
+	check_shard_docs(t, false);
+	tokenizer_free(t);
+}
+
+/* The fixture with its post_processor.single replaced by single (JSON): refused naming want. */
+static void check_bad_template(const char *single, const char *want)
+{
+	FILE *f = fopen(fixture("deepseek_v3_tokenizer.json"), "r");
+	char *text = test_xmalloc(1 << 20), *out;
+	size_t n;
+	cJSON *root, *post;
+	struct tokenizer *t;
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+	n = fread(text, 1, (1 << 20) - 1, f);
+	text[n] = '\0';
+	fclose(f);
+	root = cJSON_Parse(text);
+	post = cJSON_GetObjectItem(root, "post_processor");
+	cJSON_ReplaceItemInObject(post, "single", cJSON_Parse(single));
+	out = cJSON_PrintUnformatted(root);
+	t = tokenizer_parse(out, strlen(out), "bad.json", err, sizeof(err));
+	CU_ASSERT_PTR_NULL(t);
+	if (!strstr(err, want))
+		fprintf(stderr, "\n  error \"%s\" does not name \"%s\"\n", err, want);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "bad.json"));
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, want));
+	tokenizer_free(t);
+	free(out);
+	cJSON_Delete(root);
+	free(text);
+}
+
+static void test_template_refused(void)
+{
+	check_bad_template("{}", "post_processor.single is an object");
+	check_bad_template("[{\"SpecialToken\": {\"id\": \"<x>\"}}, {\"Sequence\": {\"id\": \"A\"}}]",
+			   "post_processor.single[0] names \"<x>\"");
+	check_bad_template("[{\"Sequence\": {\"id\": \"B\"}}]", "post_processor.single[0]");
+	check_bad_template("[{\"Sequence\": {\"id\": \"A\"}}, {\"Sequence\": {\"id\": \"A\"}}]",
+			   "post_processor.single[1]");
+	check_bad_template("[{\"SpecialToken\": {\"id\": \"<｜begin▁of▁sentence｜>\"}}]",
+			   "post_processor.single holds no sequence");
+	check_bad_template("[{\"Other\": {}}, {\"Sequence\": {\"id\": \"A\"}}]",
+			   "post_processor.single[0] is neither");
+}
+
 void register_tests(void)
 {
 	static const struct test_case cases[] = {
 		{ "DeepSeek-V3's Splits + added tokens: ids and text as HF tokenizers", test_matches_hf },
 		{ "saved and reloaded: the same ids", test_save_reload },
 		{ "invalid UTF-8 still round trips", test_invalid_utf8 },
+		{ "post_processor template: BOS before a text, kept on saving", test_template },
+		{ "the shard writer puts the template around each document", test_template_in_shards },
+		{ "malformed post_processor templates refused naming the key", test_template_refused },
 		{ NULL, NULL },
 	};
 
