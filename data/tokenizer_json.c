@@ -5,6 +5,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include "data/tokenizer_int.h"
+#include "launch/errmsg.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -37,21 +38,6 @@ static char *escape_crlf(const char *s)
 	}
 	o[k] = 0;
 	return o;
-}
-
-static const char *json_type_name(const cJSON *v)
-{
-	if (!v || cJSON_IsNull(v))
-		return "null";
-	if (cJSON_IsBool(v))
-		return "a boolean";
-	if (cJSON_IsNumber(v))
-		return "a number";
-	if (cJSON_IsString(v))
-		return "a string";
-	if (cJSON_IsArray(v))
-		return "an array";
-	return "an object";
 }
 
 /* obj[key] as a boolean (absent or null: def); -1 when it is something else. */
@@ -95,7 +81,7 @@ static int load_added(struct tokenizer *t, const cJSON *root, struct load_ctx *L
 	if (!list || cJSON_IsNull(list))
 		return 0;
 	if (!cJSON_IsArray(list))
-		return LOAD_ERR(L, "%s: added_tokens is %s, not an array", L->name, json_type_name(list));
+		return LOAD_ERR(L, "%s: added_tokens is %s, not an array", L->name, json_type_a(list));
 	cJSON_ArrayForEach(it, list) {
 		const cJSON *content = cJSON_GetObjectItemCaseSensitive(it, "content");
 		long id = json_id(cJSON_GetObjectItemCaseSensitive(it, "id"));
@@ -107,7 +93,7 @@ static int load_added(struct tokenizer *t, const cJSON *root, struct load_ctx *L
 					L->name, k, TOK_MAX_ID);
 		if (!cJSON_IsString(content))
 			return LOAD_ERR(L, "%s: added_tokens[%d].content is %s, not a string", L->name, k,
-					json_type_name(content));
+					json_type_a(content));
 		f[0] = json_bool(it, "special", 0);
 		f[1] = json_bool(it, "single_word", 0);
 		f[2] = json_bool(it, "lstrip", 0);
@@ -136,7 +122,7 @@ static int load_vocab(struct tokenizer *t, const cJSON *model, struct load_ctx *
 	size_t cap = 0;
 
 	if (!cJSON_IsObject(vocab))
-		return LOAD_ERR(L, "%s: model.vocab is %s, not an object", L->name, json_type_name(vocab));
+		return LOAD_ERR(L, "%s: model.vocab is %s, not an object", L->name, json_type_a(vocab));
 	cJSON_ArrayForEach(it, vocab) {
 		long id = json_id(it);
 		size_t n = strlen(it->string);
@@ -195,7 +181,7 @@ static int load_merges(struct tokenizer *t, const cJSON *model, struct load_ctx 
 		return 0;
 	if (!cJSON_IsArray(merges))
 		return LOAD_ERR(L, "%s: model.merges is %s, not an array", L->name,
-				json_type_name(merges));
+				json_type_a(merges));
 	cJSON_ArrayForEach(it, merges) {
 		const char *sa, *sb;
 		size_t na, nb;
@@ -258,12 +244,12 @@ static int load_model(struct tokenizer *t, const cJSON *root, struct load_ctx *L
 	int im;
 
 	if (!cJSON_IsObject(model))
-		return LOAD_ERR(L, "%s: model is %s, not an object", L->name, json_type_name(model));
+		return LOAD_ERR(L, "%s: model is %s, not an object", L->name, json_type_a(model));
 	v = cJSON_GetObjectItemCaseSensitive(model, "type");
 	if (v && !(cJSON_IsString(v) && !strcmp(v->valuestring, "BPE")))
 		return LOAD_ERR(L, "%s: model.type is %s%s%s: only byte-level \"BPE\" is supported",
 				L->name, cJSON_IsString(v) ? "\"" : "",
-				cJSON_IsString(v) ? v->valuestring : json_type_name(v),
+				cJSON_IsString(v) ? v->valuestring : json_type_a(v),
 				cJSON_IsString(v) ? "\"" : "");
 	if (!v && !cJSON_GetObjectItemCaseSensitive(model, "merges"))
 		return LOAD_ERR(L, "%s: model.type is missing (and no model.merges): not a BPE model",
@@ -367,7 +353,7 @@ static int load_pretok(struct tokenizer *t, const cJSON *root, struct load_ctx *
 
 	if (!cJSON_IsObject(p) || !cJSON_IsString(type))
 		return LOAD_ERR(L, "%s: pre_tokenizer is %s: a byte-level BPE needs a ByteLevel "
-				"pre_tokenizer", L->name, cJSON_IsObject(p) ? "untyped" : json_type_name(p));
+				"pre_tokenizer", L->name, cJSON_IsObject(p) ? "untyped" : json_type_a(p));
 	if (!strcmp(type->valuestring, "ByteLevel")) {
 		if (load_bytelevel(p, "pre_tokenizer", &use_regex, L))
 			return -1;
@@ -422,7 +408,7 @@ static int template_ids(struct tokenizer *t, const cJSON *post, const char *name
 		if (id < 0 || id >= t->vocab_size)
 			return LOAD_ERR(L, "%s: post_processor.special_tokens[\"%s\"].ids holds %s, "
 					"not an id in [0, %d)", L->name, name,
-					cJSON_IsNumber(v) ? "a number" : json_type_name(v), t->vocab_size);
+					cJSON_IsNumber(v) ? "a number" : json_type_a(v), t->vocab_size);
 		ids_push(out, (uint32_t)id);
 	}
 	return 0;
@@ -439,7 +425,7 @@ static int load_template(struct tokenizer *t, const cJSON *post, struct load_ctx
 
 	if (!cJSON_IsArray(single))
 		return LOAD_ERR(L, "%s: post_processor.single is %s, not an array", L->name,
-				json_type_name(single));
+				json_type_a(single));
 	cJSON_ArrayForEach(it, single) {
 		const cJSON *tok = cJSON_GetObjectItemCaseSensitive(it, "SpecialToken");
 		const cJSON *seq = cJSON_GetObjectItemCaseSensitive(it, "Sequence");
@@ -487,7 +473,7 @@ static int load_rest(struct tokenizer *t, const cJSON *root, struct load_ctx *L)
 			     !cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(norm, "normalizers")))) {
 			return LOAD_ERR(L, "%s: normalizer.type is %s%s%s: only no normalizer is supported",
 					L->name, cJSON_IsString(type) ? "\"" : "",
-					cJSON_IsString(type) ? type->valuestring : json_type_name(type),
+					cJSON_IsString(type) ? type->valuestring : json_type_a(type),
 					cJSON_IsString(type) ? "\"" : "");
 		}
 	}
@@ -498,7 +484,7 @@ static int load_rest(struct tokenizer *t, const cJSON *root, struct load_ctx *L)
 		if (!cJSON_IsString(type) || strcmp(type->valuestring, "ByteLevel"))
 			return LOAD_ERR(L, "%s: decoder.type is %s%s%s: only ByteLevel is supported",
 					L->name, cJSON_IsString(type) ? "\"" : "",
-					cJSON_IsString(type) ? type->valuestring : json_type_name(type),
+					cJSON_IsString(type) ? type->valuestring : json_type_a(type),
 					cJSON_IsString(type) ? "\"" : "");
 	}
 	return 0;

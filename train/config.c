@@ -211,23 +211,6 @@ static int key_fail(char *err, size_t errlen, const char *origin, const struct c
 	return set_err(err, errlen, "%s: %s.%s: %s", origin, k->section, k->name, msg);
 }
 
-static const char *json_type(const cJSON *v)
-{
-	if (cJSON_IsNull(v))
-		return "null";
-	if (cJSON_IsBool(v))
-		return "boolean";
-	if (cJSON_IsNumber(v))
-		return "number";
-	if (cJSON_IsString(v))
-		return "string";
-	if (cJSON_IsArray(v))
-		return "array";
-	if (cJSON_IsObject(v))
-		return "object";
-	return "invalid";
-}
-
 /* Shortest %g form that reads back as exactly d. */
 static void fmt_double(char *buf, size_t n, double d)
 {

@@ -9,21 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *type_of(const cJSON *v)
-{
-	if (cJSON_IsNull(v))
-		return "null";
-	if (cJSON_IsBool(v))
-		return "boolean";
-	if (cJSON_IsNumber(v))
-		return "number";
-	if (cJSON_IsString(v))
-		return "string";
-	if (cJSON_IsArray(v))
-		return "array";
-	return cJSON_IsObject(v) ? "object" : "invalid";
-}
-
 /* The name goes into metric keys (reward/<name>) as it is: letters, digits, '_', '-', '.'. */
 static bool name_ok(const char *s)
 {
@@ -39,7 +24,7 @@ static bool name_ok(const char *s)
 static int set_name(struct reward_config *r, const cJSON *v, int i, char *msg, size_t msglen)
 {
 	if (!cJSON_IsString(v))
-		return set_err(msg, msglen, "[%d].name: expected a string, got %s", i, type_of(v));
+		return set_err(msg, msglen, "[%d].name: expected a string, got %s", i, json_type(v));
 	if (!name_ok(v->valuestring))
 		return set_err(msg, msglen, "[%d].name: \"%.80s\" must be letters, digits, '_', '-' or '.' "
 			       "(it names the metrics reward/<name>)", i, v->valuestring);
@@ -56,13 +41,13 @@ static int set_cmd(struct reward_config *r, const cJSON *v, int i, char *msg, si
 
 	if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) < 1)
 		return set_err(msg, msglen, "[%d].cmd: expected a non-empty array of strings such as "
-			       "[\"python3\", \"reward.py\"], got %s", i, type_of(v));
+			       "[\"python3\", \"reward.py\"], got %s", i, json_type(v));
 	if (cJSON_GetArraySize(v) > CFG_MAX_ARGV)
 		return set_err(msg, msglen, "[%d].cmd: more than %d arguments", i, CFG_MAX_ARGV);
 	cJSON_ArrayForEach(e, v) {
 		if (!cJSON_IsString(e))
 			return set_err(msg, msglen, "[%d].cmd: argument %d: expected a string, got %s", i, n,
-				       type_of(e));
+				       json_type(e));
 		if (strlen(e->valuestring) >= CFG_STR)
 			return set_err(msg, msglen, "[%d].cmd: argument %d is longer than %d bytes", i, n,
 				       CFG_STR - 1);
@@ -78,7 +63,7 @@ static int set_number(double *dst, const cJSON *v, int i, const char *key, bool 
 		      size_t msglen)
 {
 	if (!cJSON_IsNumber(v))
-		return set_err(msg, msglen, "[%d].%s: expected a number, got %s", i, key, type_of(v));
+		return set_err(msg, msglen, "[%d].%s: expected a number, got %s", i, key, json_type(v));
 	if (!isfinite(v->valuedouble))
 		return set_err(msg, msglen, "[%d].%s: number out of range", i, key);
 	if (positive && !(v->valuedouble > 0))
@@ -94,7 +79,7 @@ static int set_entry(struct reward_config *r, const cJSON *o, int i, char *msg, 
 
 	if (!cJSON_IsObject(o))
 		return set_err(msg, msglen, "[%d]: expected an object {\"name\", \"cmd\", \"weight\", "
-			       "\"timeout_s\"}, got %s", i, type_of(o));
+			       "\"timeout_s\"}, got %s", i, json_type(o));
 	memset(r, 0, sizeof(*r));
 	r->weight = 1.0;
 	cJSON_ArrayForEach(m, o) {
@@ -130,7 +115,7 @@ int config_rewards_set(struct grpo_config *g, const cJSON *v, char *msg, size_t 
 
 	if (!cJSON_IsArray(v))
 		return set_err(msg, msglen, "expected an array of {\"name\", \"cmd\", \"weight\", "
-			       "\"timeout_s\"} objects, got %s", type_of(v));
+			       "\"timeout_s\"} objects, got %s", json_type(v));
 	if (cJSON_GetArraySize(v) > CFG_MAX_REWARDS)
 		return set_err(msg, msglen, "%d programs, at most %d", cJSON_GetArraySize(v),
 			       CFG_MAX_REWARDS);
