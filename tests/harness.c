@@ -132,6 +132,45 @@ const char *tmp_path(const char *name)
 	return p;
 }
 
+const char *src_path(const char *rel)
+{
+	static char path[8][1100];
+	static int next;
+	char *p = path[next++ & 7];
+	const char *src = getenv("MOE_SRC"), *f = __FILE__;
+	size_t n = strlen(f), tail = strlen("tests/harness.c");
+
+	if (src && src[0])
+		snprintf(p, sizeof(path[0]), "%s/%s", src, rel);
+	else if (n > tail && !strcmp(f + n - tail, "tests/harness.c"))
+		snprintf(p, sizeof(path[0]), "%.*s%s", (int)(n - tail), f, rel);
+	else
+		snprintf(p, sizeof(path[0]), "%s", rel);  /* run from the source root */
+	return p;
+}
+
+char *test_read_file(const char *path, size_t *n)
+{
+	FILE *f = fopen(path, "rb");
+	char *buf;
+	long len;
+
+	if (!f || fseek(f, 0, SEEK_END) || (len = ftell(f)) < 0 || fseek(f, 0, SEEK_SET)) {
+		fprintf(stderr, "test_read_file: cannot read %s\n", path);
+		exit(2);
+	}
+	buf = test_xmalloc((size_t)len + 1);
+	if (fread(buf, 1, (size_t)len, f) != (size_t)len) {
+		fprintf(stderr, "test_read_file: short read of %s\n", path);
+		exit(2);
+	}
+	fclose(f);
+	buf[len] = '\0';
+	if (n)
+		*n = (size_t)len;
+	return buf;
+}
+
 void add_suite(const char *name, const struct test_case *cases)
 {
 	CU_pSuite suite = CU_add_suite(name, NULL, NULL);

@@ -56,5 +56,11 @@ double rel_err(const float *a, const float *b, size_t n, double floor);
 const char *test_tmpdir(void);
 /* test_tmpdir()/name; the result stays valid for the next 7 calls (a ring of buffers). */
 const char *tmp_path(const char *name);
+/* The source tree's rel ("tests/data/fixtures/x.json"): under $MOE_SRC when set (ctest sets it), else
+ * under the tree this harness was compiled from; valid for the next 7 calls (a ring of buffers). */
+const char *src_path(const char *rel);
+/* The whole file at path, NUL-terminated (*n its length when n is given); ends the run (exit 2) when it
+ * cannot be read, naming it. */
+char *test_read_file(const char *path, size_t *n);
 
 #endif

@@ -27,22 +27,8 @@ static uint64_t rnd(void)
 	return rng;
 }
 
-static const char *fixture(const char *name)
-{
-	static char path[1024];
-	const char *src = getenv("MOE_SRC");
-
-	if (src) {
-		snprintf(path, sizeof(path), "%s/tests/data/fixtures/%s", src, name);
-	} else {
-		/* __FILE__ is .../tests/data/test_tokenizer.c */
-		const char *f = __FILE__, *slash = strrchr(f, '/');
-		int dir = slash ? (int)(slash - f) : 1;
-
-		snprintf(path, sizeof(path), "%.*s/fixtures/%s", dir, slash ? f : ".", name);
-	}
-	return path;
-}
+/* tests/data/fixtures/NAME in the source tree */
+#define fixture(name) src_path("tests/data/fixtures/" name)
 
 /* Encode, then check that decoding gives the bytes back; returns the ids (caller frees). */
 static struct tok_ids round_trip(struct tokenizer *t, const void *text, size_t n)

@@ -36,22 +36,8 @@ static void tok_ids_push_test(struct tok_ids *a, uint32_t id)
 	a->v[a->n++] = id;
 }
 
-static const char *fixture(const char *name)
-{
-	static char path[1024];
-	const char *src = getenv("MOE_SRC");
-
-	if (src) {
-		snprintf(path, sizeof(path), "%s/tests/data/fixtures/%s", src, name);
-	} else {
-		/* __FILE__ is .../tests/data/test_tokenizer_deepseek.c */
-		const char *f = __FILE__, *slash = strrchr(f, '/');
-		int dir = slash ? (int)(slash - f) : 1;
-
-		snprintf(path, sizeof(path), "%.*s/fixtures/%s", dir, slash ? f : ".", name);
-	}
-	return path;
-}
+/* tests/data/fixtures/NAME in the source tree */
+#define fixture(name) src_path("tests/data/fixtures/" name)
 
 struct sample {
 	char *text;
@@ -175,16 +161,10 @@ static void test_matches_hf(void)
 /* The added tokens keep their flags: <think> is added but not special, the BOS special. */
 static void check_flags(const char *path)
 {
-	FILE *f = fopen(path, "r");
-	char *text = test_xmalloc(1 << 20);
-	size_t n;
+	char *text = test_read_file(path, NULL);
 	cJSON *root, *e;
 	int seen = 0;
 
-	CU_ASSERT_PTR_NOT_NULL_FATAL(f);
-	n = fread(text, 1, (1 << 20) - 1, f);
-	text[n] = '\0';
-	fclose(f);
 	root = cJSON_Parse(text);
 	cJSON_ArrayForEach(e, cJSON_GetObjectItem(root, "added_tokens")) {
 		const char *c = cJSON_GetObjectItem(e, "content")->valuestring;
@@ -318,16 +298,10 @@ static void test_template_in_shards(void)
 /* The fixture with its post_processor.single replaced by single (JSON): refused naming want. */
 static void check_bad_template(const char *single, const char *want)
 {
-	FILE *f = fopen(fixture("deepseek_v3_tokenizer.json"), "r");
-	char *text = test_xmalloc(1 << 20), *out;
-	size_t n;
+	char *text = test_read_file(fixture("deepseek_v3_tokenizer.json"), NULL), *out;
 	cJSON *root, *post;
 	struct tokenizer *t;
 
-	CU_ASSERT_PTR_NOT_NULL_FATAL(f);
-	n = fread(text, 1, (1 << 20) - 1, f);
-	text[n] = '\0';
-	fclose(f);
 	root = cJSON_Parse(text);
 	post = cJSON_GetObjectItem(root, "post_processor");
 	cJSON_ReplaceItemInObject(post, "single", cJSON_Parse(single));

@@ -371,11 +371,11 @@ static void check_table_total(const struct model_config *c, int64_t total)
 static void count_config(const char *file, int64_t *total, int64_t *act)
 {
 	char path[1024], err[512];
-	const char *src = getenv("MOE_SRC");
-	snprintf(path, sizeof(path), "%s/configs/%s", src ? src : ".", file);
+	snprintf(path, sizeof(path), "configs/%s", file);
+	const char *cfg = src_path(path);
 	struct run_config rc;
 	config_defaults(&rc);
-	int rcode = config_load(&rc, path, NULL, 0, err, sizeof(err));
+	int rcode = config_load(&rc, cfg, NULL, 0, err, sizeof(err));
 	if (rcode)
 		printf("\n  %s\n", err);
 	CU_ASSERT_EQUAL_FATAL(rcode, 0);

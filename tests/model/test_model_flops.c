@@ -74,12 +74,11 @@ static void test_linear_in_t(void)
 static int load_config(const char *file, struct model_config *mc)
 {
 	char path[1024], err[512];
-	const char *src = getenv("MOE_SRC");
 	struct run_config rc;
 
-	snprintf(path, sizeof(path), "%s/configs/%s", src ? src : ".", file);
+	snprintf(path, sizeof(path), "configs/%s", file);
 	config_defaults(&rc);
-	if (config_load(&rc, path, NULL, 0, err, sizeof(err))) {
+	if (config_load(&rc, src_path(path), NULL, 0, err, sizeof(err))) {
 		printf("\n  %s\n", err);
 		return -1;
 	}

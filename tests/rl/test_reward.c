@@ -645,18 +645,7 @@ static void test_reward_no_fd_leak(void)
 
 static const char *examples_dir(void)
 {
-	static char dir[1024];
-	const char *src = getenv("MOE_SRC");
-	char here[900];
-
-	if (src) {
-		snprintf(dir, sizeof(dir), "%s/rl/rewards", src);
-		return dir;
-	}
-	snprintf(here, sizeof(here), "%s", __FILE__);
-	*(strrchr(here, '/') ? strrchr(here, '/') : here) = '\0';
-	snprintf(dir, sizeof(dir), "%s/../../rl/rewards", here[0] ? here : ".");
-	return dir;
+	return src_path("rl/rewards");
 }
 
 struct example_case {

@@ -13,31 +13,12 @@
 
 static char err[1024];
 
-/* The source root: $MOE_SRC, else derived from this file's path. */
-static const char *src_root(void)
-{
-	static char root[512];
-	const char *env = getenv("MOE_SRC");
-	const char *tail = "tests/train/test_config.c";
-	size_t n = strlen(__FILE__), t = strlen(tail);
-
-	if (env && env[0])
-		return env;
-	if (n >= t && !strcmp(__FILE__ + n - t, tail)) {
-		snprintf(root, sizeof(root), "%.*s", (int)(n - t), __FILE__);
-		if (!root[0])
-			return ".";
-		return root;
-	}
-	return ".";
-}
-
 static const char *config_path(const char *name)
 {
-	static char path[1024];
+	char rel[1024];
 
-	snprintf(path, sizeof(path), "%s/configs/%s", src_root(), name);
-	return path;
+	snprintf(rel, sizeof(rel), "configs/%s", name);
+	return src_path(rel);
 }
 
 /* Write text to a scratch file; returns its path (static buffer). */
@@ -156,7 +137,7 @@ static void test_load_every_config(void)
 	struct dirent *e;
 	int n = 0;
 
-	snprintf(dir, sizeof(dir), "%s/configs", src_root());
+	snprintf(dir, sizeof(dir), "%s", src_path("configs"));
 	d = opendir(dir);
 	CU_ASSERT_PTR_NOT_NULL_FATAL(d);
 	while ((e = readdir(d))) {

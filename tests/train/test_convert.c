@@ -1076,27 +1076,10 @@ static void test_cli_usage(void)
 
 static char *read_fixture(const char *name)
 {
-	char path[1024];
-	const char *src = getenv("MOE_SRC"), *f = __FILE__, *slash = strrchr(f, '/');
-	FILE *fp;
-	char *buf;
-	long n;
+	char rel[1024];
 
-	if (src)
-		snprintf(path, sizeof(path), "%s/tests/train/fixtures/hf_configs/%s", src, name);
-	else
-		snprintf(path, sizeof(path), "%.*s/fixtures/hf_configs/%s",
-			 slash ? (int)(slash - f) : 1, slash ? f : ".", name);
-	fp = fopen(path, "r");
-	CU_ASSERT_PTR_NOT_NULL_FATAL(fp);
-	fseek(fp, 0, SEEK_END);
-	n = ftell(fp);
-	fseek(fp, 0, SEEK_SET);
-	buf = test_xmalloc((size_t)n + 1);
-	CU_ASSERT_EQUAL(fread(buf, 1, (size_t)n, fp), (size_t)n);
-	buf[n] = '\0';
-	fclose(fp);
-	return buf;
+	snprintf(rel, sizeof(rel), "tests/train/fixtures/hf_configs/%s", name);
+	return test_read_file(src_path(rel), NULL);
 }
 
 /*
