@@ -59,6 +59,23 @@ void test_separate_routers(struct moe_model *m, uint64_t seed)
 const char *const test_variant_name[N_VARIANTS] = { "v3-like", "v2-like", "v2-groups", "dense-only",
 						     "v3-yarn" };
 
+void test_small_moe(struct model_config *m)
+{
+	m->num_attention_heads = 2;
+	m->num_key_value_heads = 2;
+	m->n_shared_experts = 1;
+	m->n_routed_experts = 4;
+	m->n_group = 2;
+	m->topk_group = 1;
+	m->num_experts_per_tok = 2;
+	m->first_k_dense_replace = 1;
+	m->kv_lora_rank = 16;
+	m->q_lora_rank = 16;
+	m->qk_rope_head_dim = 8;
+	m->qk_nope_head_dim = 8;
+	m->v_head_dim = 8;
+}
+
 void test_apply_variant(struct model_config *c, enum test_variant v, int yarn_original)
 {
 	switch (v) {

@@ -48,6 +48,10 @@ extern const char *const test_variant_name[N_VARIANTS];
 /* c: a V3-like config (each test picks its own sizes); turned into variant v */
 struct model_config;
 void test_apply_variant(struct model_config *c, enum test_variant v, int yarn_original);
+/* The small V3-like shape the checkpoint and conversion tests share (sizes are the caller's): 2 heads,
+ * 4 routed experts in 2 groups (1 picked), top-2, 1 shared expert, the first layer dense, q_lora and
+ * kv_lora 16, head dims 8 (rope, nope, v). */
+void test_small_moe(struct model_config *m);
 
 /* max |a-b| / max(|b|, floor) over n elements */
 double rel_err(const float *a, const float *b, size_t n, double floor);

@@ -40,19 +40,7 @@ static void small_config(struct run_config *rc, int vocab, int hidden, int layer
 	m->intermediate_size = 64;
 	m->moe_intermediate_size = 16;
 	m->num_hidden_layers = layers;
-	m->num_attention_heads = 2;
-	m->num_key_value_heads = 2;
-	m->n_shared_experts = 1;
-	m->n_routed_experts = 4;
-	m->n_group = 2;
-	m->topk_group = 1;
-	m->num_experts_per_tok = 2;
-	m->first_k_dense_replace = 1;
-	m->kv_lora_rank = 16;
-	m->q_lora_rank = 16;
-	m->qk_rope_head_dim = 8;
-	m->qk_nope_head_dim = 8;
-	m->v_head_dim = 8;
+	test_small_moe(m);
 }
 
 static struct moe_model *make_model_slice(const struct run_config *rc, uint64_t seed, int begin,

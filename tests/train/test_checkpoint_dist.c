@@ -69,19 +69,8 @@ static void small_config(struct run_config *rc, int E, int moe_inter)
 	m->intermediate_size = 64;
 	m->moe_intermediate_size = moe_inter;
 	m->num_hidden_layers = 3;
-	m->num_attention_heads = 2;
-	m->num_key_value_heads = 2;
-	m->n_shared_experts = 1;
+	test_small_moe(m);
 	m->n_routed_experts = E;
-	m->n_group = 2;
-	m->topk_group = 1;
-	m->num_experts_per_tok = 2;
-	m->first_k_dense_replace = 1;
-	m->kv_lora_rank = 16;
-	m->q_lora_rank = 16;
-	m->qk_rope_head_dim = 8;
-	m->qk_nope_head_dim = 8;
-	m->v_head_dim = 8;
 }
 
 static struct moe_model *new_model(const struct run_config *rc, int begin, int end)

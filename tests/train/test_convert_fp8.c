@@ -49,19 +49,9 @@ static void fp8_config(struct run_config *rc, int hidden)
 	m->intermediate_size = 44;
 	m->moe_intermediate_size = 20;
 	m->num_hidden_layers = 2;
-	m->num_attention_heads = 2;
-	m->num_key_value_heads = 2;
-	m->n_shared_experts = 1;
-	m->n_routed_experts = 4;
-	m->n_group = 2;
-	m->topk_group = 1;
-	m->num_experts_per_tok = 2;
-	m->first_k_dense_replace = 1;
+	test_small_moe(m);
 	m->kv_lora_rank = 12;
 	m->q_lora_rank = 20;
-	m->qk_rope_head_dim = 8;
-	m->qk_nope_head_dim = 8;
-	m->v_head_dim = 8;
 	m->rope_theta = 5000.0;
 	m->routed_scaling_factor = 1.5;
 }
