@@ -432,9 +432,19 @@ int tokenizer_token_bytes(const struct tokenizer *t, uint32_t id, const uint8_t 
 	return 0;
 }
 
-int tokenizer_is_special(const struct tokenizer *t, uint32_t id)
+int tokenizer_is_added(const struct tokenizer *t, uint32_t id)
 {
 	return id < (uint32_t)t->vocab_size && t->tok[id].kind == TK_ADDED;
+}
+
+int tokenizer_is_special(const struct tokenizer *t, uint32_t id)
+{
+	if (!tokenizer_is_added(t, id))
+		return 0;
+	for (int k = 0; k < t->n_added; k++)
+		if (t->added[k].id == id)
+			return t->added[k].special;
+	return 0;
 }
 
 void tokenizer_template(const struct tokenizer *t, const uint32_t **pre, size_t *n_pre,

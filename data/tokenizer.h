@@ -83,6 +83,9 @@ int tokenizer_n_merges(const struct tokenizer *t);
 void tokenizer_merge(const struct tokenizer *t, int i, uint32_t *a, uint32_t *b, uint32_t *result);
 /* A token's bytes (a special token's content); -1 for an id that has no token. */
 int tokenizer_token_bytes(const struct tokenizer *t, uint32_t id, const uint8_t **p, size_t *n);
+/* An added token (tokenizer.json's added_tokens, matched before pre-tokenization); one flagged
+ * "special" there (DeepSeek's BOS and EOS are, R1's <think> is not). */
+int tokenizer_is_added(const struct tokenizer *t, uint32_t id);
 int tokenizer_is_special(const struct tokenizer *t, uint32_t id);
 /* The id of an added token by content, or of the ordinary token with these bytes; -1 if none. */
 int tokenizer_special_id(const struct tokenizer *t, const char *content);

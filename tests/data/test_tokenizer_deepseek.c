@@ -150,6 +150,10 @@ static void test_matches_hf(void)
 	CU_ASSERT_EQUAL(tokenizer_special_id(t, "<｜end▁of▁sentence｜>"), 1);
 	CU_ASSERT(tokenizer_is_special(t, 0));
 	CU_ASSERT(tokenizer_special_id(t, "<think>") > 0);  /* added, not special: see save_reload */
+	CU_ASSERT(tokenizer_is_added(t, (uint32_t)tokenizer_special_id(t, "<think>")));
+	CU_ASSERT(!tokenizer_is_special(t, (uint32_t)tokenizer_special_id(t, "<think>")));
+	CU_ASSERT(tokenizer_is_added(t, 1) && tokenizer_is_special(t, 1));
+	CU_ASSERT(!tokenizer_is_added(t, 42) && !tokenizer_is_special(t, 42));
 	/* nothing of the file is left unapplied: the post_processor's BOS is the template */
 	CU_ASSERT_PTR_NULL(tokenizer_warning(t));
 	load_samples();
