@@ -138,7 +138,12 @@ int checkpoint_latest(const char *dir, char *out, size_t len, char *err, size_t 
  * is damaged): 0 with its path and step (step may be NULL), 1 when there is none, -1 on error. */
 int checkpoint_before(const char *dir, int64_t before, char *out, size_t len, int64_t *step,
 		      char *err, size_t errlen);
-/* Delete all but the newest `keep` checkpoints (and stale temporary files) in dir. */
-int checkpoint_prune(const char *dir, int keep, char *err, size_t errlen);
+/*
+ * Delete all but the newest `keep` checkpoints of steps <= upto (and stale temporary files) in dir.
+ * Those of later steps are neither counted nor deleted: a run resumed past damaged newer checkpoints
+ * (--resume latest) would otherwise keep them and delete the good ones it wrote since.  They are
+ * left as they are until the run reaches their steps and writes over them.
+ */
+int checkpoint_prune(const char *dir, int keep, int64_t upto, char *err, size_t errlen);
 
 #endif

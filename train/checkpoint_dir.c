@@ -165,7 +165,7 @@ static int cmp_desc(const void *a, const void *b)
 }
 
 /* Call it when no save into dir is in progress: every temporary file there is taken for stale. */
-int checkpoint_prune(const char *dir, int keep, char *err, size_t errlen)
+int checkpoint_prune(const char *dir, int keep, int64_t upto, char *err, size_t errlen)
 {
 	struct ckctx ctx = { dir, NULL, err, errlen }, *c = &ctx;
 	char path[1100];
@@ -181,6 +181,10 @@ int checkpoint_prune(const char *dir, int keep, char *err, size_t errlen)
 	if (r)
 		return r > 0 ? 0 : -1;	/* no directory: nothing to prune */
 	qsort(steps, n, sizeof(*steps), cmp_desc);
+	while (n && steps[0] > upto) {	/* ahead of the run: left alone (see checkpoint.h) */
+		memmove(steps, steps + 1, (n - 1) * sizeof(*steps));
+		n--;
+	}
 	for (size_t i = (size_t)keep; i < n; i++) {
 		if (format_path(path, sizeof(path), dir, steps[i])) {
 			CKERR("%s: path too long", dir);

@@ -791,7 +791,9 @@ int trainer_save(struct trainer *t)
 		adamw_free(&t->opt);
 	if (!ok)
 		goto fail;
-	ok = t->rank != 0 || !checkpoint_prune(dir, t->cfg.checkpoint.keep, err, sizeof(err));
+	/* the files of later steps (damaged ones a resume skipped) are not counted */
+	ok = t->rank != 0 ||
+	     !checkpoint_prune(dir, t->cfg.checkpoint.keep, t->st.step, err, sizeof(err));
 	if (!trainer_all_ok(t, ok))
 		goto fail;
 	TRAINER_LOG(t, "saved %s\n", path);

@@ -989,7 +989,7 @@ static void test_latest_prune(void)
 
 	/* none yet: a missing directory, then an empty one */
 	CU_ASSERT_EQUAL(checkpoint_latest(dir, path, sizeof(path), err, sizeof(err)), 1);
-	CU_ASSERT_EQUAL(checkpoint_prune(dir, 2, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(checkpoint_prune(dir, 2, INT64_MAX, err, sizeof(err)), 0);
 	CU_ASSERT_EQUAL_FATAL(mkdir(dir, 0755), 0);
 	CU_ASSERT_EQUAL(checkpoint_latest(dir, path, sizeof(path), err, sizeof(err)), 1);
 
@@ -1014,9 +1014,9 @@ static void test_latest_prune(void)
 	/* too small a buffer is an error, not a truncated path */
 	CU_ASSERT_EQUAL(checkpoint_latest(dir, path, 10, err, sizeof(err)), -1);
 
-	CU_ASSERT_EQUAL(checkpoint_prune(dir, 0, err, sizeof(err)), -1);
+	CU_ASSERT_EQUAL(checkpoint_prune(dir, 0, INT64_MAX, err, sizeof(err)), -1);
 	CU_ASSERT_TRUE(exists_in(dir, "step_00000005.h5"));
-	CU_ASSERT_EQUAL(checkpoint_prune(dir, 2, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(checkpoint_prune(dir, 2, INT64_MAX, err, sizeof(err)), 0);
 	CU_ASSERT_FALSE(exists_in(dir, "step_00000005.h5"));
 	CU_ASSERT_TRUE(exists_in(dir, "step_00000010.h5"));
 	CU_ASSERT_TRUE(exists_in(dir, "step_00000020.h5"));
@@ -1026,8 +1026,12 @@ static void test_latest_prune(void)
 	CU_ASSERT_EQUAL(checkpoint_latest(dir, path, sizeof(path), err, sizeof(err)), 0);
 	CU_ASSERT_STRING_EQUAL(path, want);
 	/* pruning again changes nothing */
-	CU_ASSERT_EQUAL(checkpoint_prune(dir, 2, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(checkpoint_prune(dir, 2, INT64_MAX, err, sizeof(err)), 0);
 	CU_ASSERT_TRUE(exists_in(dir, "step_00000010.h5"));
+	/* a run at step 12 (resumed from 10 past a damaged 20): 20 neither counted nor deleted */
+	CU_ASSERT_EQUAL(checkpoint_prune(dir, 1, 12, err, sizeof(err)), 0);
+	CU_ASSERT_TRUE(exists_in(dir, "step_00000010.h5"));
+	CU_ASSERT_TRUE(exists_in(dir, "step_00000020.h5"));
 
 	/* only temporaries and other files left: none */
 	snprintf(path, sizeof(path), "%s/step_00000010.h5", dir);

@@ -48,6 +48,25 @@ else
 	diff <(losses "$W/ref.jsonl") <(losses "$W/a.jsonl") | head; fail "losses differ"
 fi
 
+# 1b. checkpoint.keep=1 after such a resume: the damaged newer files are not counted, so pruning keeps the
+# good checkpoint the resumed run wrote (it used to keep the damaged step 6 and delete the rest)
+cp -r "$W/ref" "$W/k"
+truncate -s 30000 "$W/k/step_00000006.h5"
+flip "$W/k/step_00000004.h5" $((size / 2))
+head -n 2 "$W/ref.jsonl" >"$W/k.jsonl"
+keep1=(--set checkpoint.keep=1 --set "checkpoint.dir=$W/k" --set "log.metrics=$W/k.jsonl")
+"$MOE" train "${common[@]}" "${keep1[@]}" --set train.stop_at=3 --resume latest >"$W/k.log" 2>&1 \
+	|| { cat "$W/k.log"; fail "keep=1: resume over damaged checkpoints"; }
+[ "$(cd "$W/k" && ls)" = "$(printf 'step_00000003.h5\nstep_00000004.h5\nstep_00000006.h5')" ] \
+	&& pass "keep=1: step 3 kept, step 2 pruned, the damaged 4 and 6 left alone" \
+	|| { ls "$W/k"; fail "keep=1: pruned the wrong checkpoints"; }
+"$MOE" train "${common[@]}" "${keep1[@]}" --resume latest >"$W/k2.log" 2>&1 \
+	|| { cat "$W/k2.log"; fail "keep=1: second resume"; }
+grep -q "resumed from $W/k/step_00000003.h5 at step 3" "$W/k2.log" && [ "$(cd "$W/k" && ls)" = step_00000006.h5 ] \
+	&& diff <(losses "$W/ref.jsonl") <(losses "$W/k.jsonl") >/dev/null \
+	&& pass "keep=1: resumed from step 3, wrote over the damaged ones, the uninterrupted run's losses" \
+	|| { ls "$W/k"; cat "$W/k2.log"; fail "keep=1: second resume"; }
+
 # 2. --resume PATH still refuses a damaged file; nothing changes on disk
 before=$(sums "$W/ref")
 cp "$W/ref/step_00000004.h5" "$W/bad.h5"
