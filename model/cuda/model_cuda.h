@@ -13,8 +13,9 @@
  * Activations are kept in fp32; with bf16 matmuls each GEMM rounds its activation operand to bf16.
  *
  * Plain C: includable from C11 files.  Every call is queued on the backend's stream (moe_cuda_stream());
- * the ones that return a host value or fill host memory wait for it.  One process, every expert local
- * (no expert parallelism on the GPU path yet): gpu_model_create refuses a model with an ep group.
+ * the ones that return a host value or fill host memory wait for it.  Under expert parallelism (m->ep_group)
+ * the device holds only the rank's slice of routed experts and each MoE layer exchanges rows over the
+ * device collectives (launch/cuda/comm_device.h), which gpu_model_create needs initialised first.
  */
 #ifndef MOE_MODEL_CUDA_H
 #define MOE_MODEL_CUDA_H
