@@ -123,6 +123,31 @@ double rel_err(const float *a, const float *b, size_t n, double floor)
 	return worst;
 }
 
+double max_rel_err(const float *a, const float *b, size_t n)
+{
+	double d = 0.0, s = 1e-30;
+	for (size_t i = 0; i < n; i++) {
+		double e = fabs((double)a[i] - b[i]);
+		if (isnan(e))
+			return INFINITY;
+		d = e > d ? e : d;
+		s = fabs(b[i]) > s ? fabs(b[i]) : s;
+	}
+	return d / s;
+}
+
+double norm_rel_err(const float *a, const float *b, size_t n)
+{
+	double d = 0.0, r = 0.0;
+	for (size_t i = 0; i < n; i++) {
+		if (!isfinite(a[i]))
+			return INFINITY;
+		d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+		r += (double)b[i] * b[i];
+	}
+	return r > 0 ? sqrt(d / r) : sqrt(d);
+}
+
 const char *test_tmpdir(void)
 {
 	static char dir[256];

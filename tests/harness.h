@@ -55,6 +55,10 @@ void test_small_moe(struct model_config *m);
 
 /* max |a-b| / max(|b|, floor) over n elements */
 double rel_err(const float *a, const float *b, size_t n, double floor);
+/* max |a-b| / max |b| over n elements (b the reference); +inf if a holds a NaN */
+double max_rel_err(const float *a, const float *b, size_t n);
+/* ||a - b|| / ||b|| over n elements (b the reference); +inf if a holds a NaN or an infinity */
+double norm_rel_err(const float *a, const float *b, size_t n);
 
 /* A scratch directory for the test (created, unique per process); returns its path. */
 const char *test_tmpdir(void);
