@@ -57,6 +57,8 @@ struct gpu_model {
 	};
 	std::vector<ep_layer> ep;
 	std::vector<int64_t> elem_send, elem_recv;  /* [ep] floats to / from each peer */
+	gpu_grads_ready_fn grads_ready;  /* gpu_model_on_grads_ready, or NULL */
+	void *grads_ready_ctx;
 };
 
 /* ------------------------------------------------------------------------------------------------------
@@ -973,6 +975,16 @@ extern "C" void gpu_model_backward(struct gpu_model *g, float loss_scale)
 				      la->ln2_rstd, N, C);
 		mla_bwd(g, w, gw, &la->mla, s, s->dln, s->dres, la->ln1, a->pos, B, T);
 		rmsnorm_backward_cuda(s->dres, gw->input_layernorm, s->dln, x, w->input_layernorm, la->ln1_rstd, N, C);
+		if (g->grads_ready)
+			g->grads_ready(g->grads_ready_ctx, l);
 	}
 	embedding_backward_cuda(g->G.embed_tokens, s->dres, a->inputs, N, C);
+	if (g->grads_ready)
+		g->grads_ready(g->grads_ready_ctx, -1);
+}
+
+extern "C" void gpu_model_on_grads_ready(struct gpu_model *g, gpu_grads_ready_fn fn, void *ctx)
+{
+	g->grads_ready = fn;
+	g->grads_ready_ctx = ctx;
 }

@@ -61,6 +61,14 @@ void gpu_model_zero_grad(struct gpu_model *g);
 float gpu_model_forward(struct gpu_model *g, const int *inputs, const int *targets, int B, int T);
 /* As model_backward: accumulates d(loss_scale * loss)/dweights into the device grads. */
 void gpu_model_backward(struct gpu_model *g, float loss_scale);
+/*
+ * Told by gpu_model_backward as it goes: fn(ctx, l) once the gradients of layer l are queued in full
+ * (l = L-1 down to 0; the output head's and the final norm's come before layer L-1's), and fn(ctx, -1)
+ * after the embedding's, the last.  What data parallelism needs to start reducing a bucket of gradients
+ * while the backward goes on.  fn NULL: off (the default).
+ */
+typedef void (*gpu_grads_ready_fn)(void *ctx, int layer);
+void gpu_model_on_grads_ready(struct gpu_model *g, gpu_grads_ready_fn fn, void *ctx);
 /* The last forward's logits [B*T, V] on the device (overwritten by the backward). */
 const float *gpu_model_logits(const struct gpu_model *g);
 /* As model_token_losses: the last forward's per-token cross-entropy [B*T], a HOST array; NULL before a
