@@ -32,8 +32,9 @@ extern "C" {
 struct gpu_model;
 
 /* Needs moe_cuda_init() first.  Allocates the device arenas and uploads m->weights.  bf16: run the
- * matmuls in bf16 (else fp32 cuBLAS, no TF32).  NULL and err filled on failure (out of device memory, an
- * ep group, an unsupported shape). */
+ * matmuls in bf16 (else fp32 cuBLAS, no TF32).  A host model without gradients (model_drop_grads) gets
+ * none on the device either: forward only (a distillation teacher).  NULL and err filled on failure (out
+ * of device memory, an ep group, an unsupported shape). */
 struct gpu_model *gpu_model_create(struct moe_model *m, int bf16, char *err, size_t errlen);
 void gpu_model_free(struct gpu_model *g);
 
@@ -67,6 +68,12 @@ void gpu_model_backward(struct gpu_model *g, float loss_scale);
  * after the embedding's, the last.  What data parallelism needs to start reducing a bucket of gradients
  * while the backward goes on.  fn NULL: off (the default).
  */
+/*
+ * A further gradient with respect to the raw logits ([B*T, V] on the device, as the last forward's),
+ * added times loss_scale to the cross-entropy's by gpu_model_backward: model.h's logit_term on the GPU
+ * (distillation's KL).  NULL: none (the default).  The buffer must live until the backward has run.
+ */
+void gpu_model_set_logit_grad(struct gpu_model *g, const float *dlogits);
 typedef void (*gpu_grads_ready_fn)(void *ctx, int layer);
 void gpu_model_on_grads_ready(struct gpu_model *g, gpu_grads_ready_fn fn, void *ctx);
 /* The last forward's logits [B*T, V] on the device (overwritten by the backward). */
