@@ -114,6 +114,7 @@ static void train_step(struct sft *s, struct step_result *r)
 			loader_get(&s->train, first + b, s->inputs + (size_t)b * T, s->targets + (size_t)b * T);
 		if (s->distilling) {
 			/* the CPU path (setup keeps distillation off the GPU) */
+			trainer_next_forward(t);
 			r->loss += distill_forward(&s->ds, t->m, s->inputs, s->targets, B, T) * scale;
 			r->ce += s->ds.last_ce * scale;
 			r->kl += s->ds.last_kl * scale;
