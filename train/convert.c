@@ -99,7 +99,7 @@ out:
 }
 
 /* PATH.tmp, fsync'd, renamed to PATH. */
-static int write_text(const char *path, const char *text, char *err, size_t errlen)
+int convert_write_text(const char *path, const char *text, char *err, size_t errlen)
 {
 	char tmp[PATH_LEN + 8];
 	size_t n = strlen(text);
@@ -846,7 +846,7 @@ struct to_hf {
 	size_t errlen;
 };
 
-static int mkdir_p(const char *dir, char *err, size_t errlen)
+int convert_mkdir_p(const char *dir, char *err, size_t errlen)
 {
 	char buf[PATH_LEN];
 	struct stat sb;
@@ -870,7 +870,7 @@ static int mkdir_p(const char *dir, char *err, size_t errlen)
 }
 
 /* An output directory holding weights already would end up with a mixture: refuse it. */
-static int check_out_dir(const char *dir, char *err, size_t errlen)
+int convert_check_out_dir(const char *dir, char *err, size_t errlen)
 {
 	char pattern[PATH_LEN + 32];
 	glob_t g;
@@ -1068,7 +1068,7 @@ static int write_index(const char *dir, const struct out_tensor *t, int n, int n
 	if (!text)
 		return set_err(err, errlen, "out of memory");
 	snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
-	ret = write_text(path, text, err, errlen);
+	ret = convert_write_text(path, text, err, errlen);
 	free(text);
 	return ret;
 }
@@ -1135,7 +1135,7 @@ static int write_hf_dir(struct to_hf *h, const struct run_config *rc, enum st_dt
 	if (!json)
 		return set_err(h->err, h->errlen, "out of memory");
 	snprintf(path, sizeof(path), "%s/config.json", h->dir);
-	ret = write_text(path, json, h->err, h->errlen);
+	ret = convert_write_text(path, json, h->err, h->errlen);
 	free(json);
 	return ret;
 }
@@ -1162,13 +1162,21 @@ int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_t
 	if (!o.shard_bytes)
 		return set_err(err, errlen, "--shard-size must be > 0");
 	config_defaults(&rc);
+	if (checkpoint_read_header(ckpt_path, &rc, NULL, err, errlen))
+		return -1;
+	if (rc.lora.rank > 0) {  /* LoRA adapters: PEFT's layout */
+		if (o.dtype == ST_F8_E4M3)
+			return set_err(err, errlen, "--dtype fp8: LoRA adapters are written f32 or bf16");
+		return convert_lora_to_peft(ckpt_path, dir, o.dtype, notes, err, errlen);
+	}
+	config_defaults(&rc);
 	h.r = ckpt_reader_open(ckpt_path, &rc, NULL, err, errlen);
 	if (!h.r)
 		return -1;
 	if (rc.model.num_key_value_heads == 0)
 		rc.model.num_key_value_heads = rc.model.num_attention_heads;
 	made_dir = stat(dir, &sb) != 0;
-	if (mkdir_p(dir, err, errlen) || check_out_dir(dir, err, errlen))
+	if (convert_mkdir_p(dir, err, errlen) || convert_check_out_dir(dir, err, errlen))
 		goto out;
 	if (rc.model.scoring_func == MOE_SCORING_SOFTMAX && rc.model.n_routed_experts > 0)
 		print_note(notes, "scoring_func is softmax: DeepSeek's own code honours it, transformers' "
