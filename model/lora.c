@@ -393,6 +393,17 @@ void lora_backward(const struct lora *l, const float *w, float *dx, const float 
 	free(dh);
 }
 
+int lora_factors(const struct lora *l, const float *w, const float **A, const float **B)
+{
+	int e;
+	const struct lora_adapter *a = l && l->enabled ? find_adapter(l, w, &e) : NULL;
+	if (!a)
+		return 0;
+	*A = lora_A(l, a, e, l->view.weights);
+	*B = lora_B(l, a, e, l->view.weights);
+	return 1;
+}
+
 void model_linear_bwd(const struct moe_model *m, float *dx, float *dw, const float *dy, const float *x,
 		      const float *w, int N, int in, int out, int flags)
 {

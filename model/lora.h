@@ -102,6 +102,13 @@ void lora_forward(const struct lora *l, const float *w, float *y, const float *x
 void lora_backward(const struct lora *l, const float *w, float *dx, const float *dy, const float *x, int N,
 		   int in, int out, int flags);
 
+/*
+ * The adapter of weight w (one expert's block of a stacked one): its A [rank, in] and B [out, rank], or
+ * 0 when w has none (or the adapters are switched off).  For the decoder's absorbed attention, which
+ * uses kv_b_proj by heads instead of as one product.
+ */
+int lora_factors(const struct lora *l, const float *w, const float **A, const float **B);
+
 /* W += scale * B A for every adapter, into m's weights (m holds the same expert slice as l was made for). */
 void lora_merge(const struct lora *l, struct moe_model *m);
 

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "harness.h"
+#include "model/decode.h"
 #include "model/layers.h"
 #include "model/lora.h"
 #include "model/model.h"
@@ -273,6 +274,61 @@ static void test_expert_slice(void)
 	model_free(half);
 }
 
+/*
+ * The decoder (model/decode.c: the latent cache, kv_b_proj absorbed into the queries and outputs, or
+ * the naive form) with adapters attached gives model_forward's logits with them: what GRPO samples from.
+ */
+static void check_decode(enum test_variant v, const char *const *names)
+{
+	struct moe_model *m = make_model(v, 0, 8, 41 + v);
+	int V = m->cfg.vocab_size, T = 12, tokens[12], slots[12], pos[12], tgt[12];
+	make_batch(tokens, tgt, T, V);
+	struct lora *l = make_lora(m, names, 0.0, 3);
+	test_fill_randn(l->view.weights, l->view.n_weights, 0.3f);
+	m->lora = l;
+	model_forward(m, tokens, NULL, 1, T);
+	float *ref = malloc(sizeof(float) * (size_t)T * V), *lg = malloc(sizeof(float) * V);
+	memcpy(ref, model_logits(m), sizeof(float) * (size_t)T * V);
+	l->enabled = false;
+	model_forward(m, tokens, NULL, 1, T);
+	double moved = rel_err(model_logits(m), ref, (size_t)T * V, 1.0);
+	l->enabled = true;
+	for (int t = 0; t < T; t++) {
+		slots[t] = 0;
+		pos[t] = t;
+	}
+	for (int naive = 0; naive < 2; naive++) {
+		struct latent_cache *c = latent_cache_create(&m->cfg, 1, T);
+		CU_ASSERT_PTR_NOT_NULL_FATAL(c);
+		c->naive_attention = naive;
+		double worst = 0;
+		for (int t = 0; t < T; t++) {
+			CU_ASSERT_EQUAL_FATAL(decode_step(m, c, &tokens[t], &slots[t], &t, 1, lg), 0);
+			double e = rel_err(lg, ref + (size_t)t * V, V, 1.0);
+			worst = e > worst ? e : worst;
+		}
+		latent_cache_reset(c, 0);
+		float *all = malloc(sizeof(float) * (size_t)T * V);
+		CU_ASSERT_EQUAL_FATAL(decode_step(m, c, tokens, slots, pos, T, all), 0);
+		double chunk = rel_err(all, ref, (size_t)T * V, 1.0);
+		printf("\n  %s, %s: decode vs forward with adapters %.2e (by token), %.2e (one call); adapters "
+		       "move the logits by %.2e", test_variant_name[v], naive ? "naive" : "absorbed", worst, chunk,
+		       moved);
+		CU_ASSERT(worst < 1e-4 && chunk < 1e-4);
+		CU_ASSERT(moved > 1e-2);
+		free(all);
+		latent_cache_free(c);
+	}
+	m->lora = NULL;
+	lora_free(l);
+	free(ref);
+	free(lg);
+	model_free(m);
+}
+
+static void test_decode_v3(void) { check_decode(V3_LIKE, all_v3); }
+static void test_decode_v2(void) { check_decode(V2_LIKE, all_v2); }
+
 /* a target the model lacks is refused with its name */
 static void test_missing_target(void)
 {
@@ -298,6 +354,8 @@ void register_tests(void)
 		{ "merge equals the adapted model", test_merge },
 		{ "expert slice of the adapters", test_expert_slice },
 		{ "missing target refused", test_missing_target },
+		{ "decode with adapters equals the forward, v3-like", test_decode_v3 },
+		{ "decode with adapters equals the forward, v2-like", test_decode_v2 },
 		{ NULL, NULL },
 	};
 	add_suite("lora", cases);
