@@ -13,6 +13,7 @@
 
 #include "launch/rng.h"
 #include "model/layers.h"
+#include "model/lora.h"
 #include "model/ops.h"
 #include "model/quant.h"
 
@@ -286,6 +287,10 @@ const struct param *model_find_param(const struct moe_model *m, const char *name
 
 void model_zero_grad(struct moe_model *m)
 {
+	if (m->lora)
+		lora_zero_grad(m->lora);
+	if (!m->grads)  /* frozen (LoRA) */
+		return;
 	const size_t chunk = (size_t)1 << 18;  /* 1 MiB of floats per task */
 	size_t n = m->n_weights, nchunks = (n + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) if (nchunks > 1)
@@ -700,7 +705,7 @@ void model_backward(struct moe_model *m, float loss_scale)
 		logit_term_backward(m, dloss, loss_scale);
 	else
 		cross_entropy_backward_rows(a->logits, a->logits, a->targets, dloss, m->token_weights, N, V);
-	linear_bwd(s->dln, m->g.lm_head, a->logits, a->lnf, m->w.lm_head, N, C, V, LIN_SET_DX);
+	model_linear_bwd(m, s->dln, m->g.lm_head, a->logits, a->lnf, m->w.lm_head, N, C, V, LIN_SET_DX);
 	rmsnorm_backward_set(s->dres, C, m->g.norm, s->dln, a->resid + (size_t)L * N * C, m->w.norm,
 			     a->lnf_rstd, N, C);
 
@@ -714,16 +719,17 @@ void model_backward(struct moe_model *m, float loss_scale)
 		if (mc_layer_is_moe(c, l))
 			moe_backward(m, w, g, &la->moe, s, s->dln, s->dres, la->ln2, B, T, loss_scale);
 		else
-			mlp_backward(s->dln, g->mlp_gate_proj, g->mlp_up_proj, g->mlp_down_proj, s->dg, s->du,
+			mlp_backward(m, s->dln, g->mlp_gate_proj, g->mlp_up_proj, g->mlp_down_proj, s->dg, s->du,
 				     s->dres, la->ln2, &la->mlp, w->mlp_gate_proj, w->mlp_up_proj,
 				     w->mlp_down_proj, N, C, c->intermediate_size);
 		rmsnorm_backward(s->dres, g->post_attention_layernorm, s->dln, mid, w->post_attention_layernorm,
 				 la->ln2_rstd, N, C);
 
-		mla_backward(c, w, g, &la->mla, s, s->dln, s->dres, la->ln1, a->pos, B, T);
+		mla_backward(m, w, g, &la->mla, s, s->dln, s->dres, la->ln1, a->pos, B, T);
 		rmsnorm_backward(s->dres, g->input_layernorm, s->dln, x, w->input_layernorm, la->ln1_rstd, N, C);
 	}
-	embedding_backward(m->g.embed_tokens, s->dres, a->inputs, N, C);
+	if (m->g.embed_tokens)  /* NULL: frozen (LoRA) */
+		embedding_backward(m->g.embed_tokens, s->dres, a->inputs, N, C);
 }
 
 /* ---------------------------------------------------------------- training FLOPs */
