@@ -380,7 +380,7 @@ int trainer_init(struct trainer *t, const char *who, const struct run_config *cf
 		zero_scatter_state(&t->z, t->m, &t->opt);
 		adamw_free(&t->opt);
 	}
-	t->step_load = calloc((size_t)cfg->model.num_hidden_layers * (cfg->model.n_routed_experts + 1),
+	t->step_load = calloc((size_t)mc_n_layers(&cfg->model) * (cfg->model.n_routed_experts + 1),
 			      sizeof(int64_t));
 	if (!t->step_load)
 		return -1;
@@ -413,7 +413,7 @@ void trainer_free(struct trainer *t)
 void trainer_add_loads(struct trainer *t)
 {
 	const struct model_config *c = &t->m->cfg;
-	size_t n = (size_t)c->num_hidden_layers * c->n_routed_experts;
+	size_t n = (size_t)mc_n_layers(c) * c->n_routed_experts;
 	for (size_t i = 0; i < n; i++)
 		t->step_load[i] += t->m->expert_load[i];
 }
@@ -422,7 +422,7 @@ void trainer_add_loads(struct trainer *t)
 void trainer_clear_loads(struct trainer *t)
 {
 	const struct model_config *c = &t->m->cfg;
-	memset(t->step_load, 0, sizeof(int64_t) * c->num_hidden_layers * c->n_routed_experts);
+	memset(t->step_load, 0, sizeof(int64_t) * mc_n_layers(c) * c->n_routed_experts);
 }
 
 /*
@@ -436,7 +436,7 @@ static void update_routing_bias(struct trainer *t)
 	int E = c->n_routed_experts;
 	if (speed == 0.0f)
 		return;
-	for (int l = 0; l < c->num_hidden_layers; l++) {
+	for (int l = 0; l < mc_n_layers(c); l++) {  /* the MTP depths' MoE layers too */
 		if (!mc_layer_is_moe(c, l))
 			continue;
 		const int64_t *load = t->step_load + (size_t)l * E;
@@ -483,7 +483,7 @@ static void reduce_step_loads(struct trainer *t)
 {
 	if (!t->d || t->world == 1)
 		return;
-	int64_t n = (int64_t)t->m->cfg.num_hidden_layers * t->m->cfg.n_routed_experts;
+	int64_t n = (int64_t)mc_n_layers(&t->m->cfg) * t->m->cfg.n_routed_experts;
 	if (comm_allreduce(t->d->world_g, t->step_load, n, COMM_I64, COMM_SUM))
 		comm_abort(1, "all-reduce of the step's expert loads failed");
 }
@@ -644,6 +644,8 @@ int trainer_setup_device(struct trainer *t, int gpu_capable)
 		why = "this command uses the GPU only with train.device=cuda for now";
 	else if (t->world > 1 && gpu_capable == TRAINER_GPU_WHEN_ASKED)
 		why = "this command's GPU path runs one process for now";
+	else if (t->cfg.model.num_nextn_predict_layers > 0)
+		why = "model.num_nextn_predict_layers > 0: multi-token prediction runs on the CPU path for now";
 	/* every rank takes the same path, or the collectives of the two would never meet */
 	if (!trainer_all_ok(t, why == NULL) && !why)
 		why = "another rank cannot use its GPU";
@@ -724,7 +726,7 @@ void trainer_update(struct trainer *t, double lr, double loss, struct update_res
 	}
 	u->grad_norm = t->zero ? zero_reduce(&t->z, t->m) : grad_sync_reduce(&t->sync, t->m, t->d);
 	if (t->d && t->world > 1) {
-		int64_t n = (int64_t)t->m->cfg.num_hidden_layers * t->m->cfg.n_routed_experts;
+		int64_t n = (int64_t)mc_n_layers(&t->m->cfg) * t->m->cfg.n_routed_experts;
 		if (comm_allreduce(t->d->world_g, t->step_load, n, COMM_I64, COMM_SUM))
 			comm_abort(1, "all-reduce of the step's expert loads failed");
 	}
