@@ -690,7 +690,7 @@ static int set_piecewise(const struct cfg_key *k, struct piecewise *dst, const c
 			return key_fail(err, errlen, origin, k, "must be a finite number >= 0");
 		p.n = 1;
 		p.values[0] = v->valuedouble;
-		*dst = p;
+		memcpy(dst, &p, sizeof(p));  /* the padding too: configs compare bit for bit */
 		return 0;
 	}
 	if (!cJSON_IsObject(v))
@@ -717,7 +717,7 @@ static int set_piecewise(const struct cfg_key *k, struct piecewise *dst, const c
 	p.n = ns;
 	for (int i = 0; i < ns; i++)
 		p.steps[i] = (long long)steps[i];
-	*dst = p;
+	memcpy(dst, &p, sizeof(p));
 	return 0;
 }
 
