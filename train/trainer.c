@@ -636,7 +636,9 @@ int trainer_setup_device(struct trainer *t, int gpu_capable)
 	int n = strcmp(dev, "cpu") == 0 ? 0 : cuda_devices();  /* "cpu": not even a probe */
 	const char *why = NULL;
 
-	if (n == 0)
+	if (t->cfg.model.num_nextn_predict_layers > 0)
+		why = "model.num_nextn_predict_layers > 0: multi-token prediction runs on the CPU path for now";
+	else if (n == 0)
 		why = "no CUDA device found (or a build without the CUDA backend)";
 	else if (!gpu_capable)
 		why = "this command runs on the CPU for now";
@@ -644,8 +646,6 @@ int trainer_setup_device(struct trainer *t, int gpu_capable)
 		why = "this command uses the GPU only with train.device=cuda for now";
 	else if (t->world > 1 && gpu_capable == TRAINER_GPU_WHEN_ASKED)
 		why = "this command's GPU path runs one process for now";
-	else if (t->cfg.model.num_nextn_predict_layers > 0)
-		why = "model.num_nextn_predict_layers > 0: multi-token prediction runs on the CPU path for now";
 	/* every rank takes the same path, or the collectives of the two would never meet */
 	if (!trainer_all_ok(t, why == NULL) && !why)
 		why = "another rank cannot use its GPU";
