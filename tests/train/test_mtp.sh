@@ -47,6 +47,8 @@ else
 	echo "$out"; tail -3 "$W/a.log"; fail "mtp_loss does not fall (or the rows disagree with the schedule)"
 fi
 CK="$W/a/step_00000040.h5"
+"$MOE" train "${base[@]}" --set model.num_nextn_predict_layers=0 --set train.steps=1 --set "checkpoint.dir=$W/plain" \
+	>/dev/null 2>&1 && cp "$W/plain/step_00000001.h5" "$W/teacher_plain.h5"
 if h5ls "$CK/model" 2>/dev/null | grep -q "model.layers.2.eh_proj.weight *Dataset {64, 128}" &&
    h5ls "$CK/model" | grep -q "model.layers.2.shared_head.norm.weight" &&
    h5ls "$CK/model" | grep -q "model.layers.2.mlp.experts.gate_proj.weight"; then
@@ -145,7 +147,24 @@ else
 	cat "$W/c4.log"; tail -3 "$W/f8.log"; fail "the fp8 round trip"
 fi
 
-# 5. refused, naming the key
+# 5. moe generate --speculative: the MTP head drafts, the main model verifies: greedy's tokens exactly
+gen=(--checkpoint "$CK" --prompt-ids 5,17,99,3,42 --temperature 0 --max-new-tokens 40 --eos -1)
+if "$MOE" generate "${gen[@]}" >"$W/plain.txt" 2>"$W/plain.err" &&
+   "$MOE" generate "${gen[@]}" --speculative >"$W/spec.txt" 2>"$W/spec.err" &&
+   cmp -s "$W/plain.txt" "$W/spec.txt" && grep -q "drafts accepted" "$W/spec.err"; then
+	pass "moe generate --speculative: greedy's 40 tokens exactly; $(grep -o '[0-9]* of [0-9]* drafts accepted ([0-9.]*%)' "$W/spec.err")"
+else
+	cat "$W/plain.err" "$W/spec.err"; diff "$W/plain.txt" "$W/spec.txt"; fail "moe generate --speculative"
+fi
+if ! "$MOE" generate "${gen[@]}" --speculative --temperature 0.8 >/dev/null 2>"$W/g1.err" && grep -q "temperature 0" "$W/g1.err" &&
+   ! "$MOE" generate --checkpoint "$W/teacher_plain.h5" --prompt-ids 1,2 --temperature 0 --speculative >/dev/null 2>"$W/g2.err" &&
+   grep -q "num_nextn_predict_layers = 0" "$W/g2.err"; then
+	pass "moe generate --speculative refuses sampling and a checkpoint without MTP: $(cat "$W/g2.err")"
+else
+	cat "$W/g1.err" "$W/g2.err"; fail "moe generate --speculative refusals"
+fi
+
+# 6. refused, naming the key
 expect_fail() {  # expect_fail NAME PATTERN ARGS...
 	local name=$1 pat=$2
 	shift 2
