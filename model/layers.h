@@ -74,6 +74,26 @@ struct acts_memory {
 	void (*release)(void *p);
 };
 
+/* One multi-token-prediction depth k of a forward (model/mtp.c): its rows n = b*T + i. */
+struct mtp_depth_acts {
+	int *tok;                     /* [N] token t_{i+k} embedded at row n (0 past the sequence) */
+	int *tgt;                     /* [N] t_{i+k+1}, the depth's target (-1: none) */
+	float *emb, *e_n, *e_rstd;    /* [N, C] embedding, its enorm, [N] */
+	float *h_n, *h_rstd;          /* [N, C] hnorm(h_{k-1}), [N] */
+	float *cat;                   /* [N, 2C] [e_n | h_n] */
+	float *x, *mid, *out;         /* [N, C] eh_proj's output (the layer's input), after attention, h_k */
+	float *lnf, *lnf_rstd;        /* shared_head.norm(h_k) */
+	float *logits, *losses;       /* [N, V], [N] */
+	struct layer_acts la;
+};
+
+struct mtp_acts {
+	int active;                   /* the last forward ran the depths (model_backward then does too) */
+	struct mtp_depth_acts *d;     /* [D] */
+	float *dh;                    /* [N, C] d(loss)/d(h_0) of the last mtp_backward, for model_backward */
+	float *dcarry, *dcat, *de;    /* backward scratch: d(h_k), [N, 2C], [N, C] */
+};
+
 struct model_acts {
 	struct acts_memory mem;
 	int B, T;
@@ -87,6 +107,7 @@ struct model_acts {
 	float *lnf, *lnf_rstd, *logits, *losses;
 	float temperature;            /* the loss's logit temperature (1: plain) */
 	struct grad_scratch gs;
+	struct mtp_acts *mtp;         /* NULL until a forward runs the MTP depths (model/mtp.c) */
 	int n_allocs;
 	void *allocs[1024];
 };
@@ -96,6 +117,21 @@ struct model_acts {
 struct model_acts *model_acts_create(const struct moe_model *m, int B, int T, const struct acts_memory *mem);
 void model_acts_destroy(const struct model_config *c, struct model_acts *a);
 void model_acts_free(struct moe_model *m);   /* m->acts, then NULL */
+/* One zeroed buffer from a's memory, freed with a (exits when out of memory, as model_forward would) */
+void *model_acts_alloc(struct model_acts *a, size_t bytes);
+/* The buffers of layer l's activations over N rows, from a's memory */
+void model_layer_acts_alloc(const struct moe_model *m, struct model_acts *a, struct layer_acts *la,
+			    int l, size_t N);
+
+/*
+ * One decoder layer l (of the main model or an MTP depth): out = mid + FFN(norm(mid)), mid = x +
+ * MLA(norm(x)); returns its balance loss and counts its routing in m->expert_load[l].  The backward
+ * takes d(out) in s->dres and leaves d(x) there, accumulating the weight gradients.
+ */
+float decoder_layer_forward(struct moe_model *m, int l, struct layer_acts *la, float *out, float *mid,
+			    const float *x, const int *pos, int B, int T);
+void decoder_layer_backward(struct moe_model *m, int l, struct layer_acts *la, struct grad_scratch *s,
+			    const float *mid, const float *x, const int *pos, int B, int T, float loss_scale);
 
 /*
  * The layer backwards (mla_backward, mlp_backward, moe_backward) WRITE dx: they do not accumulate into it.

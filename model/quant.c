@@ -224,7 +224,7 @@ static int is_quantised(const struct moe_model *m, const struct param *p)
 
 	if (p->kind != PARAM_LINEAR || p->ndim < 2 || p->numel == 0 || w == m->w.lm_head)
 		return 0;
-	for (int l = 0; l < m->cfg.num_hidden_layers; l++)
+	for (int l = 0; l < mc_n_layers(&m->cfg); l++)
 		if (w == m->w.layers[l].gate)
 			return 0;
 	return 1;

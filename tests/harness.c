@@ -46,7 +46,7 @@ void test_separate_routers(struct moe_model *m, uint64_t seed)
 	const struct model_config *c = &m->cfg;
 
 	test_rng_seed(seed);
-	for (int l = 0; l < c->num_hidden_layers; l++) {
+	for (int l = 0; l < mc_n_layers(c); l++) {
 		struct layer_weights *w = &m->w.layers[l];
 
 		if (!w->gate)

@@ -8,6 +8,7 @@
  */
 #include "train/config.h"
 #include "launch/errmsg.h"
+#include "model/mtp.h"
 #include "train/config_hf.h"
 #include "train/config_rewards.h"
 #include "model/lora.h"
@@ -33,6 +34,7 @@ enum cfg_type {
 	CT_SCORING,     /* enum moe_scoring as "softmax" | "sigmoid" */
 	CT_ROPE,        /* struct rope_scaling as HF's rope_scaling object, or null */
 	CT_REWARDS,     /* grpo.rewards: the list of reward programs (config_rewards.c) */
+	CT_PIECEWISE,   /* struct piecewise: a number or {"steps": [...], "values": [...]} */
 };
 
 enum {
@@ -73,6 +75,7 @@ struct cfg_key {
 	  .size = FSZ(sec, f) + CHK(IS_CHARS(sec, f)), .choices = ch }
 #define K_SCORING(sec, f) KEY(sec, f, CT_SCORING, 0, FSZ(sec, f) == sizeof(enum moe_scoring))
 #define K_ROPE(sec, f) KEY(sec, f, CT_ROPE, 0, FSZ(sec, f) == sizeof(struct rope_scaling))
+#define K_PIECEWISE(sec, f) KEY(sec, f, CT_PIECEWISE, 0, FSZ(sec, f) == sizeof(struct piecewise))
 /* grpo.rewards only: its handlers take the whole grpo section (the list and its count) */
 #define K_REWARDS(sec, f) \
 	KEY(sec, f, CT_REWARDS, 0, FSZ(sec, f) == sizeof(struct reward_config) * CFG_MAX_REWARDS)
@@ -126,6 +129,7 @@ static const struct cfg_key cfg_keys[] = {
 	K_INT(model, eos_token_id, CF_NNEG),
 	K_BOOL(model, tie_word_embeddings),
 	K_BOOL(model, attention_bias),
+	K_INT(model, num_nextn_predict_layers, CF_NULL | CF_NNEG),
 	/* train */
 	K_INT(train, steps, CF_NNEG),
 	K_INT(train, stop_at, CF_NNEG),
@@ -150,6 +154,7 @@ static const struct cfg_key cfg_keys[] = {
 	K_INT(train, eval_batches, CF_NNEG),
 	K_STR(train, init_checkpoint, CF_NULL),
 	K_ENUM(train, on_nonfinite, nonfinite),
+	K_PIECEWISE(train, mtp_lambda),
 	/* data */
 	K_STR(data, train, CF_NULL),
 	K_STR(data, val, CF_NULL),
@@ -636,6 +641,125 @@ static bool rope_equal(const struct rope_scaling *a, const struct rope_scaling *
 	return true;
 }
 
+/* ---- piecewise values (train.mtp_lambda) ---- */
+
+double piecewise_at(const struct piecewise *p, long long step)
+{
+	int i = 0;
+	while (i + 1 < p->n && step >= p->steps[i + 1])
+		i++;
+	return p->n ? p->values[i] : 0.0;
+}
+
+/* one array member of a schedule object: its numbers, checked, into out[] (n of them) */
+static int piecewise_array(const struct cfg_key *k, const cJSON *arr, const char *what, bool steps,
+			   double *out, int *n, const char *origin, char *err, size_t errlen)
+{
+	const cJSON *e;
+	char num[48];
+	int i = 0;
+
+	if (!cJSON_IsArray(arr) || cJSON_GetArraySize(arr) < 1 || cJSON_GetArraySize(arr) > CFG_MAX_PIECES)
+		return key_fail(err, errlen, origin, k, "\"%s\" must be an array of 1 to %d numbers", what,
+				CFG_MAX_PIECES);
+	cJSON_ArrayForEach(e, arr) {
+		if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble))
+			return key_fail(err, errlen, origin, k, "%s[%d]: expected a number, got %s", what, i,
+					json_type(e));
+		double d = e->valuedouble;
+		fmt_double(num, sizeof(num), d);
+		if (d < 0)
+			return key_fail(err, errlen, origin, k, "%s[%d]=%s must be >= 0", what, i, num);
+		if (steps && (d != floor(d) || d > 9007199254740992.0))
+			return key_fail(err, errlen, origin, k, "%s[%d]=%s: expected an integer step", what, i,
+					num);
+		if (steps && i == 0 && d != 0)
+			return key_fail(err, errlen, origin, k, "steps[0]=%s must be 0 (the value from the "
+					"start)", num);
+		if (steps && i > 0 && d <= out[i - 1])
+			return key_fail(err, errlen, origin, k, "steps[%d]=%s must be > steps[%d]", i, num,
+					i - 1);
+		out[i++] = d;
+	}
+	*n = i;
+	return 0;
+}
+
+static int set_piecewise(const struct cfg_key *k, struct piecewise *dst, const cJSON *v, const char *origin,
+			 char *err, size_t errlen)
+{
+	struct piecewise p;
+	double steps[CFG_MAX_PIECES];
+	int ns = 0, nv = 0;
+	const cJSON *e;
+
+	memset(&p, 0, sizeof(p));
+	if (cJSON_IsNumber(v)) {
+		if (!isfinite(v->valuedouble) || v->valuedouble < 0)
+			return key_fail(err, errlen, origin, k, "must be a finite number >= 0");
+		p.n = 1;
+		p.values[0] = v->valuedouble;
+		memcpy(dst, &p, sizeof(p));  /* the padding too: configs compare bit for bit */
+		return 0;
+	}
+	if (!cJSON_IsObject(v))
+		return key_fail(err, errlen, origin, k, "expected a number or an object such as "
+				"{\"steps\": [0, 1000], \"values\": [0.3, 0.1]}, got %s", json_type(v));
+	cJSON_ArrayForEach(e, v) {
+		int rc;
+		if (has_duplicate(v, e))
+			return key_fail(err, errlen, origin, k, "duplicate key \"%s\"", e->string);
+		if (!strcmp(e->string, "steps"))
+			rc = piecewise_array(k, e, "steps", true, steps, &ns, origin, err, errlen);
+		else if (!strcmp(e->string, "values"))
+			rc = piecewise_array(k, e, "values", false, p.values, &nv, origin, err, errlen);
+		else
+			rc = key_fail(err, errlen, origin, k, "unknown key \"%s\" (takes steps and values)",
+				      e->string);
+		if (rc)
+			return -1;
+	}
+	if (!ns || !nv)
+		return key_fail(err, errlen, origin, k, "needs both \"steps\" and \"values\"");
+	if (ns != nv)
+		return key_fail(err, errlen, origin, k, "%d steps but %d values", ns, nv);
+	p.n = ns;
+	for (int i = 0; i < ns; i++)
+		p.steps[i] = (long long)steps[i];
+	memcpy(dst, &p, sizeof(p));
+	return 0;
+}
+
+static cJSON *piecewise_json(const struct piecewise *p)
+{
+	char num[48];
+	cJSON *o, *s, *v;
+
+	if (p->n == 1) {
+		fmt_double(num, sizeof(num), p->values[0]);
+		return cJSON_CreateRaw(num);
+	}
+	o = cJSON_CreateObject();
+	s = cJSON_AddArrayToObject(o, "steps");
+	v = cJSON_AddArrayToObject(o, "values");
+	if (!o || !s || !v)
+		goto oom;
+	for (int i = 0; i < p->n; i++) {
+		snprintf(num, sizeof(num), "%lld", p->steps[i]);
+		cJSON *a = cJSON_CreateRaw(num);
+		if (!a || !cJSON_AddItemToArray(s, a))
+			goto oom;
+		fmt_double(num, sizeof(num), p->values[i]);
+		a = cJSON_CreateRaw(num);
+		if (!a || !cJSON_AddItemToArray(v, a))
+			goto oom;
+	}
+	return o;
+oom:
+	cJSON_Delete(o);
+	return NULL;
+}
+
 static int apply_value(struct run_config *c, const struct cfg_key *k, const cJSON *v,
 		       const char *origin, char *err, size_t errlen)
 {
@@ -666,6 +790,8 @@ static int apply_value(struct run_config *c, const struct cfg_key *k, const cJSO
 		return set_scoring(k, p, v, origin, err, errlen);
 	case CT_ROPE:
 		return set_rope_scaling(k, p, v, false, origin, err, errlen);
+	case CT_PIECEWISE:
+		return set_piecewise(k, p, v, origin, err, errlen);
 	case CT_REWARDS: {
 		char msg[400];
 
@@ -800,6 +926,8 @@ static const char *type_phrase(enum cfg_type type)
 		return "a JSON array of strings such as [\"python3\",\"reward.py\"]";
 	case CT_ROPE:
 		return "a JSON object such as {\"type\":\"yarn\",\"factor\":40} or null";
+	case CT_PIECEWISE:
+		return "a number or a JSON object such as {\"steps\":[0,1000],\"values\":[0.3,0.1]}";
 	case CT_REWARDS:
 		return "a JSON array such as [{\"name\":\"ok\",\"cmd\":[\"sh\",\"r.sh\"],\"weight\":1}]";
 	default:
@@ -902,6 +1030,8 @@ static cJSON *value_json(const void *base, const struct cfg_key *k)
 					  "sigmoid" : "softmax");
 	case CT_ROPE:
 		return rope_json(p);
+	case CT_PIECEWISE:
+		return piecewise_json(p);
 	case CT_REWARDS:
 		return config_rewards_json(&((const struct run_config *)base)->grpo);
 	case CT_ARGV: {
@@ -951,6 +1081,11 @@ static bool field_equal(const void *a, const void *b, const struct cfg_key *k)
 		return !strcmp(pa, pb);
 	if (k->type == CT_ROPE)
 		return rope_equal(pa, pb);
+	if (k->type == CT_PIECEWISE) {
+		const struct piecewise *x = pa, *y = pb;
+		return x->n == y->n && !memcmp(x->steps, y->steps, sizeof(x->steps)) &&
+		       !memcmp(x->values, y->values, sizeof(x->values));
+	}
 	if (k->type == CT_REWARDS)
 		return config_rewards_equal(&((const struct run_config *)a)->grpo,
 					    &((const struct run_config *)b)->grpo);
@@ -1053,6 +1188,7 @@ static const struct run_config defaults = {
 		.eval_batches = 0,
 		.init_checkpoint = "",
 		.on_nonfinite = "stop",
+		.mtp_lambda = { .n = 1, .values = { 0.3 } },  /* DeepSeek-V3's first phase */
 	},
 	.data = { .train = "", .val = "", .shuffle = false },
 	.parallel = { .ep = 1, .zero = 0, .comm = "auto", .bucket_mb = 25 },
@@ -1192,6 +1328,9 @@ static int validate_layers(const struct model_config *m, char *err, size_t errle
 	REQUIRE(m->first_k_dense_replace <= m->num_hidden_layers,
 		"model.first_k_dense_replace=%d exceeds model.num_hidden_layers=%d",
 		m->first_k_dense_replace, m->num_hidden_layers);
+	REQUIRE(m->num_nextn_predict_layers <= MTP_MAX_DEPTH,
+		"model.num_nextn_predict_layers=%d: at most %d multi-token-prediction depths",
+		m->num_nextn_predict_layers, MTP_MAX_DEPTH);
 	REQUIRE(!dense || m->intermediate_size > 0,
 		"model.intermediate_size=%d must be > 0: there are dense layers "
 		"(model.first_k_dense_replace=%d, model.n_routed_experts=%d)",
@@ -1305,6 +1444,10 @@ static int validate_lora(const struct run_config *c, char *err, size_t errlen)
 		"not sharded; set parallel.zero=0");
 	REQUIRE(strcmp(c->train.device, "cuda"), "train.device=cuda with lora: the GPU model has no LoRA "
 		"adapters yet; use train.device=cpu (or auto)");
+	/* the MTP depths' backward reads base gradients that LoRA leaves out */
+	REQUIRE(c->model.num_nextn_predict_layers == 0, "lora with model.num_nextn_predict_layers=%d: "
+		"LoRA does not adapt the multi-token-prediction depths yet; fine-tune a model without them "
+		"(model.num_nextn_predict_layers=0)", c->model.num_nextn_predict_layers);
 	return 0;
 }
 

@@ -16,6 +16,21 @@
 #define CFG_MAX_REWARDS 8
 #define CFG_REWARD_NAME 64
 
+/*
+ * A value that changes with the step (train.mtp_lambda): values[i] from step steps[i] until the next
+ * one; steps[0] = 0, strictly increasing.  In the config a plain number (n = 1) or
+ * {"steps": [0, S, ...], "values": [v0, v1, ...]}.
+ */
+#define CFG_MAX_PIECES 16
+struct piecewise {
+	int n;
+	long long steps[CFG_MAX_PIECES];
+	double values[CFG_MAX_PIECES];
+};
+
+/* The value at (0-based) step `step`. */
+double piecewise_at(const struct piecewise *p, long long step);
+
 struct train_config {
 	int steps;
 	int stop_at;                /* stop (with a checkpoint) after this step, resumable (0: off) */
@@ -37,6 +52,7 @@ struct train_config {
 	int eval_batches;           /* validation sequences batches per eval (0: whole split) */
 	char init_checkpoint[CFG_STR];
 	char on_nonfinite[8];       /* skip | stop */
+	struct piecewise mtp_lambda;/* weight of the multi-token-prediction loss (model.num_nextn_predict_layers) */
 };
 
 struct data_config {

@@ -456,7 +456,7 @@ int trainer_init(struct trainer *t, const char *who, const struct run_config *cf
 		zero_scatter_state(&t->z, t->m, &t->opt);
 		adamw_free(&t->opt);
 	}
-	t->step_load = calloc((size_t)cfg->model.num_hidden_layers * (cfg->model.n_routed_experts + 1),
+	t->step_load = calloc((size_t)mc_n_layers(&cfg->model) * (cfg->model.n_routed_experts + 1),
 			      sizeof(int64_t));
 	if (!t->step_load)
 		return -1;
@@ -490,7 +490,7 @@ void trainer_free(struct trainer *t)
 void trainer_add_loads(struct trainer *t)
 {
 	const struct model_config *c = &t->m->cfg;
-	size_t n = (size_t)c->num_hidden_layers * c->n_routed_experts;
+	size_t n = (size_t)mc_n_layers(c) * c->n_routed_experts;
 	for (size_t i = 0; i < n; i++)
 		t->step_load[i] += t->m->expert_load[i];
 }
@@ -499,7 +499,7 @@ void trainer_add_loads(struct trainer *t)
 void trainer_clear_loads(struct trainer *t)
 {
 	const struct model_config *c = &t->m->cfg;
-	memset(t->step_load, 0, sizeof(int64_t) * c->num_hidden_layers * c->n_routed_experts);
+	memset(t->step_load, 0, sizeof(int64_t) * mc_n_layers(c) * c->n_routed_experts);
 }
 
 /*
@@ -513,7 +513,7 @@ static void update_routing_bias(struct trainer *t)
 	int E = c->n_routed_experts;
 	if (speed == 0.0f)
 		return;
-	for (int l = 0; l < c->num_hidden_layers; l++) {
+	for (int l = 0; l < mc_n_layers(c); l++) {  /* the MTP depths' MoE layers too */
 		if (!mc_layer_is_moe(c, l))
 			continue;
 		const int64_t *load = t->step_load + (size_t)l * E;
@@ -560,7 +560,7 @@ static void reduce_step_loads(struct trainer *t)
 {
 	if (!t->d || t->world == 1)
 		return;
-	int64_t n = (int64_t)t->m->cfg.num_hidden_layers * t->m->cfg.n_routed_experts;
+	int64_t n = (int64_t)mc_n_layers(&t->m->cfg) * t->m->cfg.n_routed_experts;
 	if (comm_allreduce(t->d->world_g, t->step_load, n, COMM_I64, COMM_SUM))
 		comm_abort(1, "all-reduce of the step's expert loads failed");
 }
@@ -733,7 +733,9 @@ int trainer_setup_device(struct trainer *t, int gpu_capable)
 	int n = strcmp(dev, "cpu") == 0 ? 0 : cuda_devices();  /* "cpu": not even a probe */
 	const char *why = NULL;
 
-	if (n == 0)
+	if (t->cfg.model.num_nextn_predict_layers > 0)
+		why = "model.num_nextn_predict_layers > 0: multi-token prediction runs on the CPU path for now";
+	else if (n == 0)
 		why = "no CUDA device found (or a build without the CUDA backend)";
 	else if (!gpu_capable)
 		why = "this command runs on the CPU for now";
@@ -859,7 +861,7 @@ void trainer_update(struct trainer *t, double lr, double loss, struct update_res
 		t->lora->training = false;
 	u->grad_norm = t->zero ? zero_reduce(&t->z, t->m) : grad_sync_reduce(&t->sync, tm, t->d);
 	if (t->d && t->world > 1) {
-		int64_t n = (int64_t)t->m->cfg.num_hidden_layers * t->m->cfg.n_routed_experts;
+		int64_t n = (int64_t)mc_n_layers(&t->m->cfg) * t->m->cfg.n_routed_experts;
 		if (comm_allreduce(t->d->world_g, t->step_load, n, COMM_I64, COMM_SUM))
 			comm_abort(1, "all-reduce of the step's expert loads failed");
 	}

@@ -101,6 +101,54 @@ static void check_round_trip(const struct run_config *c)
 	free(text);
 }
 
+/* ---- multi-token prediction ---- */
+
+static void test_mtp_keys(void)
+{
+	struct run_config c;
+
+	config_defaults(&c);
+	CU_ASSERT_EQUAL(c.model.num_nextn_predict_layers, 0);
+	CU_ASSERT_EQUAL(c.train.mtp_lambda.n, 1);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 12345), 0.3);
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "model.num_nextn_predict_layers=2", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.model.num_nextn_predict_layers, 2);
+	/* V3's schedule: 0.3 for the first 10T tokens, then 0.1 */
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "train.mtp_lambda={\"steps\": [0, 100, 250], "
+					 "\"values\": [0.3, 0.1, 0]}", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.train.mtp_lambda.n, 3);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 0), 0.3);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 99), 0.3);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 100), 0.1);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 249), 0.1);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 250), 0.0);
+	CU_ASSERT_EQUAL(config_validate(&c, 1, err, sizeof(err)), 0);
+	check_round_trip(&c);
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "train.mtp_lambda=0.25", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.train.mtp_lambda.n, 1);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 7), 0.25);
+	check_round_trip(&c);
+
+	expect_set_error("train.mtp_lambda=-1", "train.mtp_lambda", ">= 0");
+	expect_set_error("train.mtp_lambda=big", "train.mtp_lambda", "cannot parse");
+	expect_set_error("train.mtp_lambda=[0.3]", "train.mtp_lambda", "expected a number or an object");
+	expect_set_error("train.mtp_lambda={\"steps\": [0, 5]}", "train.mtp_lambda", "needs both");
+	expect_set_error("train.mtp_lambda={\"steps\": [0, 5], \"values\": [1]}", "train.mtp_lambda",
+			 "2 steps but 1 values");
+	expect_set_error("train.mtp_lambda={\"steps\": [1], \"values\": [1]}", "steps[0]=1 must be 0",
+			 NULL);
+	expect_set_error("train.mtp_lambda={\"steps\": [0, 5, 5], \"values\": [1, 2, 3]}",
+			 "steps[2]=5 must be > steps[1]", NULL);
+	expect_set_error("train.mtp_lambda={\"steps\": [0, 2.5], \"values\": [1, 2]}", "steps[1]=2.5",
+			 "integer");
+	expect_set_error("train.mtp_lambda={\"steps\": [0], \"values\": [-0.1]}", "values[0]=-0.1",
+			 ">= 0");
+	expect_set_error("train.mtp_lambda={\"steps\": [0], \"values\": [1], \"x\": 1}",
+			 "unknown key \"x\"", NULL);
+	expect_invalid("model.num_nextn_predict_layers=-1", 1, "model.num_nextn_predict_layers=-1 must be >= 0");
+	expect_invalid("model.num_nextn_predict_layers=9", 1, "model.num_nextn_predict_layers=9");
+}
+
 /* ---- loading ---- */
 
 static void test_defaults(void)
@@ -681,6 +729,7 @@ void register_tests(void)
 		{ "round trip exact", test_round_trip_exact },
 		{ "grpo.rewards, reward_norm, rollout_weights", test_grpo_rewards },
 		{ "model diff", test_model_diff },
+		{ "num_nextn_predict_layers, train.mtp_lambda", test_mtp_keys },
 		{ NULL, NULL },
 	};
 
