@@ -128,6 +128,7 @@ expect_fail "alpha" "lora.alpha" "${lora[@]}" --set lora.alpha=0
 expect_fail "no base" "needs the base model" "${lora[@]}" --set train.init_checkpoint=
 expect_fail "ZeRO" "parallel.zero=1 with lora" "${lora[@]}" --set parallel.zero=1
 expect_fail "the GPU" "train.device=cuda with lora" "${lora[@]}" --set train.device=cuda
+expect_fail "MTP depths" "lora with model.num_nextn_predict_layers=1" "${lora[@]}" --set model.num_nextn_predict_layers=1
 expect_fail "a full checkpoint resumed as adapters" "is a full checkpoint, not LoRA adapters" "${lora[@]}" \
 	--resume "$BASE"
 expect_fail "adapters resumed by a full run" "holds LoRA adapters and this run has no lora section" "${base[@]}" \
