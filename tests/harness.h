@@ -52,6 +52,8 @@ void test_apply_variant(struct model_config *c, enum test_variant v, int yarn_or
  * 4 routed experts in 2 groups (1 picked), top-2, 1 shared expert, the first layer dense, q_lora and
  * kv_lora 16, head dims 8 (rope, nope, v). */
 void test_small_moe(struct model_config *m);
+/* The gradient tests' small model (3 layers of 16, 8 routed experts top-2, 1 shared) in variant v. */
+struct model_config test_grad_config(enum test_variant v);
 
 /* max |a-b| / max(|b|, floor) over n elements */
 double rel_err(const float *a, const float *b, size_t n, double floor);
