@@ -253,9 +253,12 @@ static int cmd_eval(int argc, char **argv)
 	if (lora_load_for_inference(c.checkpoint, &rc, m, &adapters, err, sizeof(err)))
 		die("%s", err);
 	if (c.weights && !strcmp(c.weights, "int8")) {
-		if (adapters)
-			die("--weights int8: %s holds LoRA adapters; merge them first (moe lora merge)",
-			    c.checkpoint);
+		if (adapters) {  /* the int8 copy is of the adapted weights: merged first */
+			m->lora = NULL;
+			lora_merge(adapters, m);
+			lora_free(adapters);
+			adapters = NULL;
+		}
 		if (model_quantize(m))
 			die("out of memory quantising %s", c.checkpoint);
 		quant_drop_fp32(m);  /* the fp32 linear weights are not read again */

@@ -338,14 +338,11 @@ static void scale_vec(float *x, size_t n, float s)
 		x[i] *= s;
 }
 
-void lora_forward(const struct lora *l, const float *w, float *y, const float *x, int N, int in, int out,
-		  int flags)
+/* y += scale * B A drop(x) for expert e's block of adapter a; products on the calling thread */
+static void adapter_forward(const struct lora *l, const struct lora_adapter *a, int e, float *y, const float *x,
+			    int N, int in, int out, int flags)
 {
-	int e, r = l->spec.rank;
-	const struct lora_adapter *a = l->enabled ? find_adapter(l, w, &e) : NULL;
-	if (!a || N == 0)
-		return;
-	flags &= LIN_SERIAL;
+	int r = l->spec.rank;
 	float *xd = dropping(l) ? scratch((size_t)N * in) : NULL, *h = scratch((size_t)N * r);
 	if (xd)
 		dropout_mask(l, a, e, xd, x, N, in, 0);
@@ -357,17 +354,43 @@ void lora_forward(const struct lora *l, const float *w, float *y, const float *x
 }
 
 /*
- * With u = drop(x), h = scale * A u:  dB += dy^T h,  dh = scale * B^T dy,  dA += dh^T u,
- * dx += drop'(dh A) (the same mask and 1/(1-p)).
+ * The adapter's products have rank columns: below a few tiles of work (ops_cpu.c's tiling) they run on
+ * one thread, in turn, inside one parallel region (whose thread keeps OpenBLAS single-threaded), not a
+ * region per product; larger ones are tiled over the threads as the base's products are.
  */
-void lora_backward(const struct lora *l, const float *w, float *dx, const float *dy, const float *x, int N,
-		   int in, int out, int flags)
+#define LORA_SERIAL_FLOPS 64e6
+
+static int lora_serial(int flags, int N, int in, int out, int r)
 {
-	int e, r = l->spec.rank;
+	return (flags & LIN_SERIAL) || 2.0 * N * (in > out ? in : out) * r < LORA_SERIAL_FLOPS;
+}
+
+void lora_forward(const struct lora *l, const float *w, float *y, const float *x, int N, int in, int out,
+		  int flags)
+{
+	int e;
 	const struct lora_adapter *a = l->enabled ? find_adapter(l, w, &e) : NULL;
 	if (!a || N == 0)
 		return;
-	flags &= LIN_SERIAL;
+	if (!lora_serial(flags, N, in, out, l->spec.rank)) {
+		adapter_forward(l, a, e, y, x, N, in, out, 0);
+	} else if (flags & LIN_SERIAL) {
+		adapter_forward(l, a, e, y, x, N, in, out, LIN_SERIAL);
+	} else {
+#pragma omp parallel
+#pragma omp single
+		adapter_forward(l, a, e, y, x, N, in, out, LIN_SERIAL);
+	}
+}
+
+/*
+ * With u = drop(x), h = scale * A u:  dB += dy^T h,  dh = scale * B^T dy,  dA += dh^T u,
+ * dx += drop'(dh A) (the same mask and 1/(1-p)).
+ */
+static void adapter_backward(const struct lora *l, const struct lora_adapter *a, int e, float *dx,
+			     const float *dy, const float *x, int N, int in, int out, int flags)
+{
+	int r = l->spec.rank;
 	const float *A = lora_A(l, a, e, l->view.weights), *B = lora_B(l, a, e, l->view.weights);
 	float *dA = lora_A(l, a, e, l->view.grads), *dB = lora_B(l, a, e, l->view.grads);
 	int drop = dropping(l);
@@ -391,6 +414,24 @@ void lora_backward(const struct lora *l, const float *w, float *dx, const float 
 	free(u);
 	free(h);
 	free(dh);
+}
+
+void lora_backward(const struct lora *l, const float *w, float *dx, const float *dy, const float *x, int N,
+		   int in, int out, int flags)
+{
+	int e;
+	const struct lora_adapter *a = l->enabled ? find_adapter(l, w, &e) : NULL;
+	if (!a || N == 0)
+		return;
+	if (!lora_serial(flags, N, in, out, l->spec.rank)) {
+		adapter_backward(l, a, e, dx, dy, x, N, in, out, 0);
+	} else if (flags & LIN_SERIAL) {
+		adapter_backward(l, a, e, dx, dy, x, N, in, out, LIN_SERIAL);
+	} else {
+#pragma omp parallel
+#pragma omp single
+		adapter_backward(l, a, e, dx, dy, x, N, in, out, LIN_SERIAL);
+	}
 }
 
 int lora_factors(const struct lora *l, const float *w, const float **A, const float **B)

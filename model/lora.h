@@ -88,8 +88,8 @@ void lora_free(struct lora *l);
 void lora_init_weights(struct lora *l, uint64_t seed);
 void lora_zero_grad(struct lora *l);
 
-/* Floats held for training the adapters (weights, gradients) and those a full fine-tune of m would need
- * for its gradient and AdamW moments, for the memory report. */
+/* The adapters' trainable floats on this rank (each has a gradient and two AdamW moments), for the
+ * memory report against the base's n_weights. */
 size_t lora_trainable_floats(const struct lora *l);
 
 /*

@@ -188,7 +188,8 @@ const float *model_token_losses(const struct moe_model *m);
 int model_count_targets(const struct moe_model *m);
 void model_zero_grad(struct moe_model *m);
 /* A model that only runs forwards (a distillation teacher): frees the gradient arena; model_backward and
- * model_zero_grad must not be called on it afterwards. */
+ * model_zero_grad must not be called on it afterwards, unless it has LoRA adapters (model/lora.h): then
+ * the base is frozen and the backward computes the adapters' gradients only. */
 void model_drop_grads(struct moe_model *m);
 
 #endif

@@ -58,6 +58,8 @@ void test_small_moe(struct model_config *m);
 void test_ep_moe(struct model_config *c, int hidden, int intermediate, int moe_intermediate, int layers);
 /* Sequence i of a test batch, the same on every rank: T inputs and T targets in [0, V) */
 void test_sequence(int i, int T, int *in, int *tgt, int V);
+/* The gradient tests' small model (3 layers of 16, 8 routed experts top-2, 1 shared) in variant v. */
+struct model_config test_grad_config(enum test_variant v);
 
 /* max |a-b| / max(|b|, floor) over n elements */
 double rel_err(const float *a, const float *b, size_t n, double floor);

@@ -90,13 +90,13 @@ int trainer_make_dirs(const char *path)
 
 /* ---------------------------------------------------------------- setup */
 
-/* One optimizer segment per tensor: decay on matrices, none on norms (and on the input embedding
- * unless train.decay_embeddings), the routing bias frozen. */
 struct moe_model *trainer_trained(const struct trainer *t)
 {
 	return t->lora ? &t->lora->view : t->m;
 }
 
+/* One optimizer segment per tensor (LoRA: per adapter tensor): decay on matrices, none on norms (and on
+ * the input embedding unless train.decay_embeddings), the routing bias frozen. */
 static int build_segments(struct trainer *t)
 {
 	const struct moe_model *m = trainer_trained(t);

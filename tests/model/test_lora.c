@@ -16,26 +16,9 @@
 #include "model/lora.h"
 #include "model/model.h"
 
-static struct model_config small_config(enum test_variant v)
-{
-	struct model_config c = {
-		.vocab_size = 29, .hidden_size = 16, .intermediate_size = 24, .moe_intermediate_size = 8,
-		.num_hidden_layers = 3, .num_attention_heads = 2, .num_key_value_heads = 2,
-		.n_shared_experts = 1, .n_routed_experts = 8, .routed_scaling_factor = 2.5,
-		.kv_lora_rank = 8, .q_lora_rank = 8, .qk_rope_head_dim = 4, .qk_nope_head_dim = 4,
-		.v_head_dim = 6, .n_group = 4, .topk_group = 2, .num_experts_per_tok = 2,
-		.moe_layer_freq = 1, .first_k_dense_replace = 1, .norm_topk_prob = true,
-		.scoring_func = MOE_SCORING_SIGMOID, .aux_loss_alpha = 0.05, .seq_aux = true,
-		.max_position_embeddings = 64, .initializer_range = 0.3, .rms_norm_eps = 1e-6,
-		.rope_theta = 10000.0,
-	};
-	test_apply_variant(&c, v, 4);
-	return c;
-}
-
 static struct moe_model *make_model(enum test_variant v, int e0, int e1, uint64_t seed)
 {
-	struct model_config c = small_config(v);
+	struct model_config c = test_grad_config(v);
 	char err[256];
 	struct moe_model *m = model_create(&c, e0, e1, err, sizeof(err));
 	CU_ASSERT_PTR_NOT_NULL_FATAL(m);

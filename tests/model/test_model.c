@@ -13,28 +13,11 @@
 #include "model/model.h"
 #include "train/config.h"
 
-static struct model_config small_config(enum test_variant v)
-{
-	struct model_config c = {
-		.vocab_size = 29, .hidden_size = 16, .intermediate_size = 24, .moe_intermediate_size = 8,
-		.num_hidden_layers = 3, .num_attention_heads = 2, .num_key_value_heads = 2,
-		.n_shared_experts = 1, .n_routed_experts = 8, .routed_scaling_factor = 2.5,
-		.kv_lora_rank = 8, .q_lora_rank = 8, .qk_rope_head_dim = 4, .qk_nope_head_dim = 4,
-		.v_head_dim = 6, .n_group = 4, .topk_group = 2, .num_experts_per_tok = 2,
-		.moe_layer_freq = 1, .first_k_dense_replace = 1, .norm_topk_prob = true,
-		.scoring_func = MOE_SCORING_SIGMOID, .aux_loss_alpha = 0.05, .seq_aux = true,
-		.max_position_embeddings = 64, .initializer_range = 0.3, .rms_norm_eps = 1e-6,
-		.rope_theta = 10000.0,
-	};
-	test_apply_variant(&c, v, 4);  /* an original context of 4 < T */
-	return c;
-}
-
 /* A model with well separated router choices, so small weight steps never change the selection;
  * mtp_depths multi-token-prediction depths (their loss weighted by mtp_lambda). */
 static struct moe_model *make_model_mtp(enum test_variant v, uint64_t seed, int mtp_depths, float mtp_lambda)
 {
-	struct model_config c = small_config(v);
+	struct model_config c = test_grad_config(v);
 	char err[256];
 	c.num_nextn_predict_layers = mtp_depths;
 	struct moe_model *m = model_create(&c, 0, c.n_routed_experts, err, sizeof(err));
@@ -315,7 +298,7 @@ static void test_causality(void)
 /* Same seed, same weights; an expert slice initialises exactly as the full model's slice. */
 static void test_init_deterministic(void)
 {
-	struct model_config c = small_config(V3_LIKE);
+	struct model_config c = test_grad_config(V3_LIKE);
 	char err[256];
 	struct moe_model *a = model_create(&c, 0, 8, err, sizeof(err));
 	struct moe_model *b = model_create(&c, 0, 8, err, sizeof(err));
@@ -355,7 +338,7 @@ static void test_init_deterministic(void)
 static void test_param_table(void)
 {
 	for (int v = 0; v < N_VARIANTS; v++) {
-		struct model_config c = small_config(v);
+		struct model_config c = test_grad_config(v);
 		char err[256];
 		struct moe_model *m = model_create(&c, 0, c.n_routed_experts, err, sizeof(err));
 		CU_ASSERT_PTR_NOT_NULL_FATAL(m);

@@ -5,7 +5,8 @@
 #   1. the reward rises; the first step's KL to the reference is 0 (B = 0: the policy is the base) and
 #      later ones are > 0; the base file is untouched; the checkpoints hold only the adapters;
 #   2. stopped at step 3 and resumed to 6: the uninterrupted run's loss, reward, grad norm and KL;
-#   3. resuming over a changed base is refused.
+#   3. resuming over a changed base is refused;
+#   4. under mpirun -np 2 (ep 2, dp 2): the one-process run.
 # train.device=cpu (LoRA has no GPU path yet).
 set -uo pipefail
 MOE="${MOE_BIN:?}"
@@ -89,4 +90,26 @@ elif grep -q "refusing to resume on another model" x.log; then
 else
 	cat x.log; fail "GRPO over a changed base: no clear message"
 fi
+# 4. under mpirun: ep 2 (the routed experts' adapters split with their experts) and dp 2 give the
+# one-process run (grad_accum 4 = 2 ranks x 2): the rewards of every step equal, the loss and gradient
+# norm to 1e-4, the adapters to 1e-4 (AdamW eps 1e-4, as tests/rl/test_grpo_dist.sh explains)
+"$MOE" init --config cfg.json --set model.initializer_range=0.1 --out base.h5 >/dev/null
+dist=(--set train.steps=3 --set train.eps=1e-4)
+grpo ref "${dist[@]}"
+for ep in 2 1; do
+	OMP_NUM_THREADS=1 mpi -np 2 "$MOE" grpo --config cfg.json "${lora[@]}" "${lora_beta[@]}" "${dist[@]}" \
+		--set parallel.ep=$ep --set train.grad_accum=2 --set checkpoint.dir=m$ep.ck --set log.metrics=m$ep.jsonl \
+		>m$ep.log 2>&1 || { tail m$ep.log; fail "mpirun ep $ep"; continue; }
+	if py '
+a, b = load(sys.argv[1]), load(sys.argv[2])
+bad = [x["step"] for x, y in zip(a, b) if x["reward_mean"] != y["reward_mean"] or
+       any(abs(x[k] - y[k]) > 1e-4 * max(abs(x[k]), abs(y[k]), 1e-2) for k in ("loss", "grad_norm", "kl"))]
+print("steps", len(a), len(b), "differing", bad)
+sys.exit(0 if len(a) == len(b) == 3 and not bad else 1)' ref.jsonl m$ep.jsonl &&
+	   h5diff -d 1e-4 ref.ck/step_00000003.h5 m$ep.ck/step_00000003.h5 /model >m$ep.h5diff 2>&1; then
+		pass "GRPO with LoRA, 2 ranks (dp $((2 / ep)), ep $ep): the one-process rewards, losses, KL and adapters"
+	else
+		head -5 m$ep.h5diff; fail "GRPO with LoRA, 2 ranks (ep $ep) differs from one process"
+	fi
+done
 finish

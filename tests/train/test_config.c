@@ -615,6 +615,57 @@ static void test_round_trip_exact(void)
 	free(text);
 }
 
+/* lora: the section read, validated (each refusal naming the key and the bad name) and written back exactly */
+static void expect_lora_invalid(const char *const *sets, int n, const char *needle)
+{
+	struct run_config c;
+	config_defaults(&c);
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "lora.rank=8", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "train.init_checkpoint=base.h5", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "lora.targets=[\"o_proj\"]", err, sizeof(err)), 0);
+	for (int i = 0; i < n; i++)
+		CU_ASSERT_EQUAL_FATAL(config_set(&c, sets[i], err, sizeof(err)), 0);
+	err[0] = '\0';
+	CU_ASSERT_EQUAL(config_validate(&c, 1, err, sizeof(err)), -1);
+	if (!contains(err, needle))
+		printf("\n  expected '%s' in: %s", needle, err);
+	CU_ASSERT(contains(err, needle));
+}
+
+static void test_lora_section(void)
+{
+	struct run_config c;
+	config_defaults(&c);
+	CU_ASSERT_EQUAL(c.lora.rank, 0);
+	CU_ASSERT_EQUAL(config_validate(&c, 1, err, sizeof(err)), 0);  /* off: nothing else is checked */
+	const char *sets[] = { "lora.rank=16", "lora.alpha=32", "lora.dropout=0.05",
+			       "lora.targets=[\"q_a_proj\", \"kv_b_proj\", \"experts.up_proj\"]",
+			       "lora.base=runs/base/step_00000100.h5", "lora.base_checksum=0123456789abcdef" };
+	for (size_t i = 0; i < sizeof(sets) / sizeof(sets[0]); i++)
+		CU_ASSERT_EQUAL(config_set(&c, sets[i], err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.lora.n_targets, 3);
+	CU_ASSERT_STRING_EQUAL(c.lora.targets[2], "experts.up_proj");
+	CU_ASSERT_EQUAL(config_validate(&c, 1, err, sizeof(err)), 0);
+	check_round_trip(&c);
+
+	const char *unknown[] = { "lora.targets=[\"o_proj\", \"lm_head\"]" };
+	expect_lora_invalid(unknown, 1, "lora.targets: unknown module 'lm_head' (known: q_a_proj");
+	const char *twice[] = { "lora.targets=[\"o_proj\", \"o_proj\"]" };
+	expect_lora_invalid(twice, 1, "'o_proj' is named twice");
+	const char *none[] = { "lora.targets=[]" };
+	expect_lora_invalid(none, 1, "lora.targets is empty");
+	const char *drop[] = { "lora.dropout=1" };
+	expect_lora_invalid(drop, 1, "lora.dropout=1 must be in [0, 1)");
+	const char *nobase[] = { "train.init_checkpoint=" };
+	expect_lora_invalid(nobase, 1, "needs the base model");
+	const char *zero[] = { "parallel.zero=1" };
+	expect_lora_invalid(zero, 1, "parallel.zero=1 with lora");
+	const char *gpu[] = { "train.device=cuda" };
+	expect_lora_invalid(gpu, 1, "train.device=cuda with lora");
+	expect_set_error("lora.alpha=\"x\"", "lora.alpha", NULL);
+	expect_invalid("lora.rank=-1", 1, "lora.rank");
+}
+
 /* grpo.rewards: the list read, defaults filled, written back exactly; its errors name the entry */
 static void test_grpo_rewards(void)
 {
@@ -728,6 +779,7 @@ void register_tests(void)
 	static const struct test_case out[] = {
 		{ "round trip exact", test_round_trip_exact },
 		{ "grpo.rewards, reward_norm, rollout_weights", test_grpo_rewards },
+		{ "lora section", test_lora_section },
 		{ "model diff", test_model_diff },
 		{ "num_nextn_predict_layers, train.mtp_lambda", test_mtp_keys },
 		{ NULL, NULL },

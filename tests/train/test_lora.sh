@@ -83,6 +83,9 @@ else
 	fail "eval: adapters $la, merged $lm, base $lb"
 fi
 if "$MOE" inspect "$W/merged.h5" | grep -q "LoRA"; then fail "the merged checkpoint still names adapters"; fi
+q1=$("$MOE" eval --checkpoint "$AD" --data "$W/val_0.bin" --weights int8) q2=$("$MOE" eval --checkpoint "$W/merged.h5" --data "$W/val_0.bin" --weights int8)
+if [ -n "$q1" ] && [ "$q1" = "$q2" ]; then pass "eval --weights int8: adapters (merged, then quantised) = merged: $q1"; else
+	fail "eval --weights int8: adapters $q1, merged $q2"; fi
 g1=$("$MOE" generate --checkpoint "$AD" --prompt-ids 5,6,7 --max-new-tokens 12 --seed 3 2>/dev/null | tail -1)
 g2=$("$MOE" generate --checkpoint "$W/merged.h5" --prompt-ids 5,6,7 --max-new-tokens 12 --seed 3 2>/dev/null | tail -1)
 if [ -n "$g1" ] && [ "$g1" = "$g2" ]; then pass "generate: the adapter and merged checkpoints sample '$g1'"; else
