@@ -125,6 +125,10 @@ static int check_layout(struct grpo *g, int eval)
 	g->mb = c->train.micro_batch;
 	g->ga = c->train.grad_accum;
 	g->M = g->W * g->mb * g->ga;
+	/* GRPO's loss has no KL-to-teacher term: a distill section would be silently ignored */
+	if (c->distill.teacher[0])
+		FAIL("distill.teacher is set (%s): distillation is an objective of moe train, not of moe grpo; "
+		     "remove the distill section", c->distill.teacher);
 	if (eval) {  /* evaluation does not use the training batch: any rank count */
 		g->P = g->M;
 		g->G = 1;

@@ -76,6 +76,32 @@ void test_small_moe(struct model_config *m)
 	m->v_head_dim = 8;
 }
 
+void test_ep_moe(struct model_config *c, int hidden, int intermediate, int moe_intermediate, int layers)
+{
+	*c = (struct model_config){
+		.vocab_size = 37, .hidden_size = hidden, .intermediate_size = intermediate,
+		.moe_intermediate_size = moe_intermediate, .num_hidden_layers = layers,
+		.num_attention_heads = 2, .num_key_value_heads = 2,
+		.n_shared_experts = 1, .n_routed_experts = 8, .routed_scaling_factor = 2.5,
+		.kv_lora_rank = 8, .q_lora_rank = 12, .qk_rope_head_dim = 4, .qk_nope_head_dim = 6,
+		.v_head_dim = 6, .n_group = 4, .topk_group = 2, .num_experts_per_tok = 3,
+		.moe_layer_freq = 1, .first_k_dense_replace = 1, .norm_topk_prob = true,
+		.scoring_func = MOE_SCORING_SIGMOID, .aux_loss_alpha = 0.01, .seq_aux = true,
+		.max_position_embeddings = 64, .initializer_range = 0.2, .rms_norm_eps = 1e-6,
+		.rope_theta = 10000.0,
+	};
+}
+
+void test_sequence(int i, int T, int *in, int *tgt, int V)
+{
+	uint64_t s = 0x1234567ULL + (uint64_t)i * 7919;
+	for (int t = 0; t < T; t++) {
+		s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+		in[t] = (int)((s >> 33) % V);
+		tgt[t] = (int)((s >> 17) % V);
+	}
+}
+
 void test_apply_variant(struct model_config *c, enum test_variant v, int yarn_original)
 {
 	switch (v) {
@@ -121,6 +147,31 @@ double rel_err(const float *a, const float *b, size_t n, double floor)
 			worst = e;
 	}
 	return worst;
+}
+
+double max_rel_err(const float *a, const float *b, size_t n)
+{
+	double d = 0.0, s = 1e-30;
+	for (size_t i = 0; i < n; i++) {
+		double e = fabs((double)a[i] - b[i]);
+		if (isnan(e))
+			return INFINITY;
+		d = e > d ? e : d;
+		s = fabs(b[i]) > s ? fabs(b[i]) : s;
+	}
+	return d / s;
+}
+
+double norm_rel_err(const float *a, const float *b, size_t n)
+{
+	double d = 0.0, r = 0.0;
+	for (size_t i = 0; i < n; i++) {
+		if (!isfinite(a[i]))
+			return INFINITY;
+		d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+		r += (double)b[i] * b[i];
+	}
+	return r > 0 ? sqrt(d / r) : sqrt(d);
 }
 
 const char *test_tmpdir(void)

@@ -162,6 +162,7 @@ static const struct cfg_key cfg_keys[] = {
 	K_INT(parallel, ep, CF_POS),
 	K_INT(parallel, zero, CF_NNEG),
 	K_ENUM(parallel, comm, comms),
+	K_DBL(parallel, bucket_mb, CF_POS),
 	/* checkpoint */
 	K_STR(checkpoint, dir, 0),
 	K_INT(checkpoint, every, CF_NNEG),
@@ -1182,7 +1183,7 @@ static const struct run_config defaults = {
 		.mtp_lambda = { .n = 1, .values = { 0.3 } },  /* DeepSeek-V3's first phase */
 	},
 	.data = { .train = "", .val = "", .shuffle = false },
-	.parallel = { .ep = 1, .zero = 0, .comm = "auto" },
+	.parallel = { .ep = 1, .zero = 0, .comm = "auto", .bucket_mb = 25 },
 	.checkpoint = { .dir = "checkpoints", .every = 0, .keep = 3 },
 	.log = { .metrics = "", .every = 1 },
 	.grpo = {

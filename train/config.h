@@ -65,6 +65,7 @@ struct parallel_config {
 	int ep;                     /* expert-parallel size */
 	int zero;                   /* 0 | 1 */
 	char comm[8];               /* auto | nccl | mpi: the GPU path's device collectives */
+	double bucket_mb;           /* the GPU path's gradient buckets (MiB), reduced as the backward goes */
 };
 
 struct checkpoint_config {

@@ -34,18 +34,16 @@ static int setup(struct sft *s, const struct run_config *cfg, const char *resume
 	struct trainer *t = &s->t;
 	const struct train_config *tc = &cfg->train;
 	int distill = cfg->distill.teacher[0] != 0;
-	if (distill && !strcmp(tc->device, "cuda")) {
-		fprintf(stderr, "moe train: train.device=cuda: distillation runs on the CPU path for now "
-			"(distill.teacher is set)\n");
-		return -1;
-	}
 	/* every rank gets to trainer_setup_device, whose collectives must not meet another rank's failure */
 	if (!trainer_all_ok(t, trainer_init(t, "moe train", cfg, resume, d, tc->steps) == 0) ||
-	    trainer_setup_device(t, !distill))
+	    trainer_setup_device(t, 1))
 		return -1;
 	if (distill) {
 		s->distilling = 1;  /* teardown closes what distill_open leaves, also after a failure */
-		if (distill_open(&s->ds, cfg, d, tc->micro_batch, tc->seq_len, "moe train"))
+		int ok = distill_open(&s->ds, cfg, d, tc->micro_batch, tc->seq_len, "moe train") == 0;
+		if (ok && t->cuda)  /* the teacher beside the student */
+			ok = distill_to_device(&s->ds, 1, "moe train") == 0;
+		if (!trainer_all_ok(t, ok))
 			return -1;
 	}
 	if (!cfg->data.train[0]) {
@@ -114,8 +112,7 @@ static void train_step(struct sft *s, struct step_result *r)
 		for (int b = 0; b < B; b++)
 			loader_get(&s->train, first + b, s->inputs + (size_t)b * T, s->targets + (size_t)b * T);
 		if (s->distilling) {
-			/* the CPU path (setup keeps distillation off the GPU) */
-			r->loss += distill_forward(&s->ds, t->m, s->inputs, s->targets, B, T) * scale;
+			r->loss += distill_forward_gpu(&s->ds, t->m, t->gpu, s->inputs, s->targets, B, T) * scale;
 			r->ce += s->ds.last_ce * scale;
 			r->kl += s->ds.last_kl * scale;
 		} else {
@@ -126,9 +123,10 @@ static void train_step(struct sft *s, struct step_result *r)
 		r->mtp += t->m->last_mtp_loss * scale;
 		trainer_add_loads(t);
 		if (s->distilling)
-			distill_backward(&s->ds, t->m, scale);
-		else
-			trainer_backward(t, scale);
+			distill_backward_begin(&s->ds, t->m, t->gpu);
+		trainer_backward(t, scale);
+		if (s->distilling)
+			distill_backward_end(&s->ds, t->m, t->gpu);
 	}
 	t->st.data_position += (uint64_t)A * B * W;
 	t->st.tokens_seen += (int64_t)A * B * T * W;

@@ -544,6 +544,23 @@ static void log_placement(const struct trainer *t, int dev)
 	fflush(stdout);
 }
 
+/* how the data-parallel gradients travel (rank 0, multi-rank runs only) */
+static void log_buckets(const struct trainer *t)
+{
+	const struct grad_sync *s = &t->sync;
+	if (t->rank != 0 || !t->d || t->world == 1 || t->zero)
+		return;
+	if (t->d->ep > 1 || !s->n_buckets)
+		printf("%s: gradients: 2 buckets reduced after the backward (%s)\n", t->who,
+		       t->d->ep > 1 ? "expert parallelism: its all-to-alls share the backward's stream"
+				    : "this model's parameter order has no bucket plan");
+	else
+		printf("%s: gradients: %d buckets of about %g MiB (parallel.bucket_mb), %s\n", t->who, s->n_buckets,
+		       t->cfg.parallel.bucket_mb, dcomm_overlaps() ? "reduced beside the backward (NCCL, a second "
+		       "stream)" : "each reduced once its layers are done (host-staged MPI: not overlapped)");
+	fflush(stdout);
+}
+
 static int gpu_start(struct trainer *t)
 {
 	char err[512];
@@ -574,10 +591,13 @@ static int gpu_start(struct trainer *t)
 		if (ok)
 			adamw_cuda_upload_state(t->gopt, &t->opt);
 	}
+	if (!t->zero)
+		ok = ok && grad_bucket_plan(&t->sync, t->m, t->cfg.parallel.bucket_mb) == 0;
 	if (!trainer_all_ok(t, ok)) {
 		fprintf(stderr, "%s: out of memory for the GPU optimizer state\n", t->who);
 		return -1;
 	}
+	log_buckets(t);
 	t->cuda = 1;
 	return 0;
 }
@@ -674,11 +694,32 @@ float trainer_forward(struct trainer *t, const int *inputs, const int *targets, 
 	return model_forward(t->m, inputs, targets, B, T);
 }
 
+#ifdef MOE_HAVE_CUDA
+static void grads_ready(void *ctx, int layer)
+{
+	grad_sync_layer_done(ctx, layer);
+}
+
+/* The last micro-batch's backward (the grad_accum-th since trainer_zero_grad) reduces its buckets as it
+ * goes; the earlier ones only accumulate. */
+static void gpu_backward(struct trainer *t, float loss_scale)
+{
+	int last = ++t->backwards == t->cfg.train.grad_accum;
+	int armed = last && !t->zero &&
+		    grad_sync_overlap_arm(&t->sync, t->m, gpu_model_grads(t->gpu), t->d) == 0;
+	if (armed)
+		gpu_model_on_grads_ready(t->gpu, grads_ready, &t->sync);
+	gpu_model_backward(t->gpu, loss_scale);
+	if (armed)
+		gpu_model_on_grads_ready(t->gpu, NULL, NULL);
+}
+#endif
+
 void trainer_backward(struct trainer *t, float loss_scale)
 {
 #ifdef MOE_HAVE_CUDA
 	if (t->cuda) {
-		gpu_model_backward(t->gpu, loss_scale);
+		gpu_backward(t, loss_scale);
 		return;
 	}
 #endif
@@ -706,6 +747,7 @@ void trainer_weights_to_host(struct trainer *t)
 
 void trainer_zero_grad(struct trainer *t)
 {
+	t->backwards = 0;
 #ifdef MOE_HAVE_CUDA
 	if (t->cuda) {
 		gpu_model_zero_grad(t->gpu);

@@ -46,6 +46,7 @@ struct trainer {
 	int cuda;
 	struct gpu_model *gpu;
 	struct adamw_cuda *gopt;
+	int backwards;               /* trainer_backward calls since trainer_zero_grad */
 };
 
 #define TRAINER_LOG(t, ...) do { if ((t)->rank == 0) printf(__VA_ARGS__); } while (0)

@@ -19,29 +19,9 @@ static int micro_batch = 2, seq_len = 9, grad_accum = 2;
 
 static struct model_config dist_config(void)
 {
-	struct model_config c = {
-		.vocab_size = 37, .hidden_size = 24, .intermediate_size = 40, .moe_intermediate_size = 12,
-		.num_hidden_layers = 3, .num_attention_heads = 2, .num_key_value_heads = 2,
-		.n_shared_experts = 1, .n_routed_experts = 8, .routed_scaling_factor = 2.5,
-		.kv_lora_rank = 8, .q_lora_rank = 12, .qk_rope_head_dim = 4, .qk_nope_head_dim = 6,
-		.v_head_dim = 6, .n_group = 4, .topk_group = 2, .num_experts_per_tok = 3,
-		.moe_layer_freq = 1, .first_k_dense_replace = 1, .norm_topk_prob = true,
-		.scoring_func = MOE_SCORING_SIGMOID, .aux_loss_alpha = 0.01, .seq_aux = true,
-		.max_position_embeddings = 64, .initializer_range = 0.2, .rms_norm_eps = 1e-6,
-		.rope_theta = 10000.0,
-	};
+	struct model_config c;
+	test_ep_moe(&c, 24, 40, 12, 3);
 	return c;
-}
-
-/* the global batch: sequence i of W*A*B, the same on every rank */
-static void sequence(int i, int *in, int *tgt, int V)
-{
-	uint64_t s = 0x1234567ULL + (uint64_t)i * 7919;
-	for (int t = 0; t < seq_len; t++) {
-		s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-		in[t] = (int)((s >> 33) % V);
-		tgt[t] = (int)((s >> 17) % V);
-	}
 }
 
 /* one step's loss and gradients: this rank's micro-batches (a*W + r)*B .., loss scale 1/(A*W) */
@@ -54,7 +34,7 @@ static double step(struct moe_model *m, int rank, int W)
 	model_zero_grad(m);
 	for (int a = 0; a < grad_accum; a++) {
 		for (int b = 0; b < B; b++)
-			sequence((a * W + rank) * B + b, in + b * T, tgt + b * T, m->cfg.vocab_size);
+			test_sequence((a * W + rank) * B + b, T, in + b * T, tgt + b * T, m->cfg.vocab_size);
 		loss += model_forward(m, in, tgt, B, T) * scale;
 		model_backward(m, scale);
 	}
@@ -133,7 +113,7 @@ static void test_global_loads(void)
 	int B = micro_batch, T = seq_len, W = dist.world;
 	int *in = malloc(sizeof(int) * B * T * W), *tgt = malloc(sizeof(int) * B * T * W);
 	for (int b = 0; b < B * W; b++)
-		sequence(b, in + b * T, tgt + b * T, c.vocab_size);
+		test_sequence(b, seq_len, in + b * T, tgt + b * T, c.vocab_size);
 	model_forward(m, in + dist.rank * B * T, tgt + dist.rank * B * T, B, T);
 	int64_t *load = malloc(sizeof(int64_t) * L * E);
 	memcpy(load, m->expert_load, sizeof(int64_t) * L * E);
