@@ -25,6 +25,7 @@
 
 #include "model/decode.h"
 #include "model/layers.h"
+#include "model/lora.h"
 #include "model/quant.h"
 #include "model/rope.h"
 
@@ -432,16 +433,16 @@ static void skinny_linear(const struct moe_model *m, float *y, const float *x, c
 
 	if (q.q) {
 		qlinear_forward(y, out, x, in, q, n, in, out);
-		return;
-	}
-	if (n > SKINNY_ROWS) {
+	} else if (n > SKINNY_ROWS) {
 		linear_forward(y, x, w, n, in, out);
-		return;
-	}
-	int cols = skinny_cols(n), nt = (out + cols - 1) / cols;
+	} else {
+		int cols = skinny_cols(n), nt = (out + cols - 1) / cols;
 #pragma omp parallel for schedule(static)
-	for (int t = 0; t < nt; t++)
-		skinny_tile(y, x, w, n, in, out, cols, t);
+		for (int t = 0; t < nt; t++)
+			skinny_tile(y, x, w, n, in, out, cols, t);
+	}
+	if (m->lora)
+		lora_forward(m->lora, w, y, x, n, in, out, 0);
 }
 
 /* the same on the calling thread only (a task of a parallel region) */
@@ -452,15 +453,15 @@ static void skinny_linear_serial(const struct moe_model *m, float *y, const floa
 
 	if (q.q) {
 		qlinear_forward_serial(y, out, x, in, q, n, in, out);
-		return;
-	}
-	if (n > SKINNY_ROWS) {
+	} else if (n > SKINNY_ROWS) {
 		linear_fwd(y, x, w, n, in, out, LIN_SERIAL);
-		return;
+	} else {
+		int cols = skinny_cols(n);
+		for (int t = 0; t * cols < out; t++)
+			skinny_tile(y, x, w, n, in, out, cols, t);
 	}
-	int cols = skinny_cols(n);
-	for (int t = 0; t * cols < out; t++)
-		skinny_tile(y, x, w, n, in, out, cols, t);
+	if (m->lora)
+		lora_forward(m->lora, w, y, x, n, in, out, LIN_SERIAL);
 }
 
 /* the dense SwiGLU MLP of a decode step */
@@ -479,6 +480,53 @@ static void skinny_mlp(const struct moe_model *m, struct decode_scratch *s, floa
 }
 
 /* ---------------------------------------------------------------- attention */
+
+/*
+ * LoRA on kv_b_proj (model/lora.h), absorbed: with W' = W + s B A, head h's rows of B being B_k,h
+ * (k_nope) and B_v,h (v), the latent query gains scale * s * (q_nope,h B_k,h) A and the output
+ * s * B_v,h (A ol_h).  Small products (rank columns), by head.
+ */
+static void lora_latent_queries(const struct moe_model *m, const float *wkv_b, const float *q, float *ql,
+				int n, float scale)
+{
+	const float *A, *Bm;
+	if (!m->lora || n == 0 || !lora_factors(m->lora, wkv_b, &A, &Bm))
+		return;
+	const struct model_config *c = &m->cfg;
+	int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+	int dv = c->v_head_dim, Rkv = c->kv_lora_rank, dq = dn + dr, Dl = Rkv + dr, r = m->lora->spec.rank;
+	float *t = malloc(sizeof(float) * (size_t)n * r);
+	if (!t)
+		abort();
+	for (int h = 0; h < H; h++) {
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, r, dn, 1.0f, q + (size_t)h * dq, H * dq,
+			    Bm + (size_t)h * (dn + dv) * r, r, 0.0f, t, r);
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, Rkv, r, scale * m->lora->scale, t, r,
+			    A, Rkv, 1.0f, ql + (size_t)h * Dl, H * Dl);
+	}
+	free(t);
+}
+
+static void lora_latent_outputs(const struct moe_model *m, const float *wkv_b, const float *ol, float *att,
+				int n)
+{
+	const float *A, *Bm;
+	if (!m->lora || n == 0 || !lora_factors(m->lora, wkv_b, &A, &Bm))
+		return;
+	const struct model_config *c = &m->cfg;
+	int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dv = c->v_head_dim, Rkv = c->kv_lora_rank;
+	int r = m->lora->spec.rank;
+	float *u = malloc(sizeof(float) * (size_t)n * r);
+	if (!u)
+		abort();
+	for (int h = 0; h < H; h++) {
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r, Rkv, 1.0f, ol + (size_t)h * Rkv, H * Rkv,
+			    A, Rkv, 0.0f, u, r);
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, dv, r, m->lora->scale, u, r,
+			    Bm + ((size_t)h * (dn + dv) + dn) * r, r, 1.0f, att + (size_t)h * dv, H * dv);
+	}
+	free(u);
+}
 
 /*
  * Latent queries of the n tokens, one product per head over all tokens:
@@ -507,6 +555,7 @@ static void latent_queries(const struct moe_model *m, const float *wkv_b, const 
 				qh[(size_t)i * H * Dl + Rkv + d] = scale * qpe[d];
 		}
 	}
+	lora_latent_queries(m, wkv_b, q, ql, n, scale);
 }
 
 /*
@@ -581,6 +630,7 @@ static void latent_outputs(const struct moe_model *m, const float *wkv_b, const 
 				    ol + (size_t)h * Rkv, H * Rkv, wuv, Rkv, 0.0f, att + (size_t)h * dv,
 				    H * dv);
 	}
+	lora_latent_outputs(m, wkv_b, ol, att, n);
 }
 
 /* Absorbed attention of the n tokens of one layer over the cache; att [n, H*dv]. */
@@ -604,6 +654,25 @@ static void absorbed_attention(const struct moe_model *m, const struct layer_wei
 			    Rkv, dr);
 	}
 	latent_outputs(m, w->kv_b_proj, s->ol, s->att, n);
+}
+
+/* kv [P, H * hw] += s B (A lat) for LoRA on kv_b_proj; lat rows of stride ld (the naive form's) */
+static void lora_naive_kv(const struct moe_model *m, const float *wkv_b, const float *lat, int ld, float *kv,
+			  int P)
+{
+	const float *A, *Bm;
+	if (!m->lora || !lora_factors(m->lora, wkv_b, &A, &Bm))
+		return;
+	const struct model_config *c = &m->cfg;
+	int Rkv = c->kv_lora_rank, out = c->num_attention_heads * (c->qk_nope_head_dim + c->v_head_dim);
+	int r = m->lora->spec.rank;
+	float *u = malloc(sizeof(float) * (size_t)P * r);
+	if (!u)
+		abort();
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, P, r, Rkv, m->lora->scale, lat, ld, A, Rkv, 0.0f,
+		    u, r);
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, P, out, r, 1.0f, u, r, Bm, r, 1.0f, kv, out);
+	free(u);
 }
 
 /*
@@ -632,6 +701,7 @@ static void naive_attention(const struct moe_model *m, const struct layer_weight
 		else
 			cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, P, H * hw, Rkv, 1.0f, lat, Dl,
 				    w->kv_b_proj, Rkv, 0.0f, kv, H * hw);
+		lora_naive_kv(m, w->kv_b_proj, lat, Dl, kv, P);
 		for (int h = 0; h < H; h++) {
 			const float *q = s->q + ((size_t)i * H + h) * dq;
 			float *o = s->att + ((size_t)i * H + h) * dv, mx = -INFINITY;

@@ -121,12 +121,12 @@ void decoder_layer_backward(struct moe_model *m, int l, struct layer_acts *la, s
 	if (mc_layer_is_moe(c, l))
 		moe_backward(m, w, g, &la->moe, s, s->dln, s->dres, la->ln2, B, T, loss_scale);
 	else
-		mlp_backward(s->dln, g->mlp_gate_proj, g->mlp_up_proj, g->mlp_down_proj, s->dg, s->du,
+		mlp_backward(m, s->dln, g->mlp_gate_proj, g->mlp_up_proj, g->mlp_down_proj, s->dg, s->du,
 			     s->dres, la->ln2, &la->mlp, w->mlp_gate_proj, w->mlp_up_proj,
 			     w->mlp_down_proj, N, C, c->intermediate_size);
 	rmsnorm_backward(s->dres, g->post_attention_layernorm, s->dln, mid, w->post_attention_layernorm,
 			 la->ln2_rstd, N, C);
-	mla_backward(c, w, g, &la->mla, s, s->dln, s->dres, la->ln1, pos, B, T);
+	mla_backward(m, w, g, &la->mla, s, s->dln, s->dres, la->ln1, pos, B, T);
 	rmsnorm_backward(s->dres, g->input_layernorm, s->dln, x, w->input_layernorm, la->ln1_rstd, N, C);
 }
 

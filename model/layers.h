@@ -140,14 +140,14 @@ void decoder_layer_backward(struct moe_model *m, int l, struct layer_acts *la, s
 /* The forwards read m's int8 weights when it has them (m->quant, model/quant.h). */
 void mla_forward(const struct moe_model *m, const struct layer_weights *w, struct mla_acts *a,
 		 float *out, const float *x, const int *pos, int B, int T);
-void mla_backward(const struct model_config *c, const struct layer_weights *w,
+void mla_backward(const struct moe_model *m, const struct layer_weights *w,
 		  const struct layer_weights *g, const struct mla_acts *a, struct grad_scratch *s,
 		  float *dx, const float *dout, const float *x, const int *pos, int B, int T);
 
 void mlp_forward(const struct moe_model *m, struct mlp_acts *a, float *y, const float *x, const float *wg,
 		 const float *wu, const float *wd, int rows, int C, int I);
-void mlp_backward(float *dx, float *dwg, float *dwu, float *dwd, float *dg, float *du,
-		  const float *dy, const float *x, const struct mlp_acts *a, const float *wg,
+void mlp_backward(const struct moe_model *m, float *dx, float *dwg, float *dwu, float *dwd, float *dg,
+		  float *du, const float *dy, const float *x, const struct mlp_acts *a, const float *wg,
 		  const float *wu, const float *wd, int rows, int C, int I);
 
 /* The router's parameters (ops.h) from the config: what moe.c and the GPU model route with. */
@@ -178,10 +178,16 @@ void moe_backward(const struct moe_model *m, const struct layer_weights *w,
  * accumulating into it (dw always accumulates); LIN_SERIAL issues each product as one single-threaded
  * call, for the tasks of the layers' own parallel regions (the same call whatever the thread count).
  */
-enum { LIN_SET_DX = 1, LIN_SERIAL = 2 };
+enum { LIN_SET_DX = 1, LIN_SERIAL = 2, LIN_ACC = 4 };   /* LIN_ACC: linear_fwd adds into y */
 void linear_fwd(float *y, const float *x, const float *w, int N, int in, int out, int flags);
 void linear_bwd(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out,
 		int flags);
+/*
+ * linear_bwd of a model weight w, its gradient dw (NULL: frozen) plus, when the model has LoRA adapters on
+ * w (model/lora.h), their backward: dx gets their term too, their gradients accumulate.
+ */
+void model_linear_bwd(const struct moe_model *m, float *dx, float *dw, const float *dy, const float *x,
+		      const float *w, int N, int in, int out, int flags);
 /* The _set variants WRITE their outputs instead of accumulating, so the layers skip zeroing passes. */
 /* dx rows have stride ldx; dw still accumulates */
 void rmsnorm_backward_set(float *dx, int ldx, float *dw, const float *dy, const float *x, const float *w,

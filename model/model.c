@@ -13,6 +13,7 @@
 
 #include "launch/rng.h"
 #include "model/layers.h"
+#include "model/lora.h"
 #include "model/mtp.h"
 #include "model/ops.h"
 #include "model/quant.h"
@@ -324,6 +325,10 @@ const struct param *model_find_param(const struct moe_model *m, const char *name
 
 void model_zero_grad(struct moe_model *m)
 {
+	if (m->lora)
+		lora_zero_grad(m->lora);
+	if (!m->grads)  /* frozen (LoRA) */
+		return;
 	const size_t chunk = (size_t)1 << 18;  /* 1 MiB of floats per task */
 	size_t n = m->n_weights, nchunks = (n + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) if (nchunks > 1)
@@ -647,7 +652,7 @@ void model_backward(struct moe_model *m, float loss_scale)
 		logit_term_backward(m, dloss, loss_scale);
 	else
 		cross_entropy_backward_rows(a->logits, a->logits, a->targets, dloss, m->token_weights, N, V);
-	linear_bwd(s->dln, m->g.lm_head, a->logits, a->lnf, m->w.lm_head, N, C, V, LIN_SET_DX);
+	model_linear_bwd(m, s->dln, m->g.lm_head, a->logits, a->lnf, m->w.lm_head, N, C, V, LIN_SET_DX);
 	rmsnorm_backward_set(s->dres, C, m->g.norm, s->dln, a->resid + (size_t)L * N * C, m->w.norm,
 			     a->lnf_rstd, N, C);
 	if (mtp)
@@ -657,7 +662,8 @@ void model_backward(struct moe_model *m, float loss_scale)
 	for (int l = L - 1; l >= 0; l--)
 		decoder_layer_backward(m, l, &a->layers[l], s, a->h_mid + (size_t)l * N * C,
 				       a->resid + (size_t)l * N * C, a->pos, B, T, loss_scale);
-	embedding_backward(m->g.embed_tokens, s->dres, a->inputs, N, C);
+	if (m->g.embed_tokens)  /* NULL: frozen (LoRA) */
+		embedding_backward(m->g.embed_tokens, s->dres, a->inputs, N, C);
 }
 
 /* ---------------------------------------------------------------- training FLOPs */

@@ -83,6 +83,7 @@ struct model_weights {
 
 struct model_acts;                 /* activation buffers, private to model.c */
 struct model_quant;                /* int8 copies of the linear weights (model/quant.h) */
+struct lora;                       /* LoRA adapters (model/lora.h) */
 
 /*
  * A loss term of the logits besides the cross-entropy (distillation: train/distill.h), whose value the
@@ -115,6 +116,11 @@ struct moe_model {
 	 * their place (the backward still uses the fp32 weights: attach it for inference only).
 	 */
 	struct model_quant *quant;
+	/*
+	 * NULL, or LoRA adapters (model/lora.h) that every CPU forward and backward adds to the linear
+	 * layers they adapt.  Owned by the caller (model_free leaves it).
+	 */
+	struct lora *lora;
 	/*
 	 * Options of the loss (GRPO sets them; all off after model_create).  token_weights [B*T]: the loss
 	 * is sum_n w[n] * CE_n over the targets instead of their mean; model_forward's value uses the

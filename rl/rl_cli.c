@@ -18,6 +18,7 @@
 #include "rl/prompts.h"
 #include "rl/rl_cli.h"
 #include "train/checkpoint.h"
+#include "train/lora_run.h"
 #include "train/config.h"
 
 static void gen_usage(FILE *f)
@@ -67,7 +68,8 @@ static struct moe_model *load_model(const char *ckpt, const struct run_config *r
 {
 	char err[1024];
 	struct moe_model *m = model_create(&rc->model, 0, rc->model.n_routed_experts, err, sizeof(err));
-	if (!m || checkpoint_load_model(ckpt, m, err, sizeof(err))) {
+	/* an adapter checkpoint: its base with the adapters merged (decode absorbs kv_b_proj) */
+	if (!m || lora_load_for_inference(ckpt, rc, m, NULL, err, sizeof(err))) {
 		fprintf(stderr, "moe generate: %s\n", err);
 		model_free(m);
 		return NULL;

@@ -11,6 +11,7 @@
 #include "model/mtp.h"
 #include "train/config_hf.h"
 #include "train/config_rewards.h"
+#include "model/lora.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -198,6 +199,13 @@ static const struct cfg_key cfg_keys[] = {
 	K_DBL(distill, alpha, CF_NNEG),
 	K_DBL(distill, temperature, CF_POS),
 	K_ENUM(distill, kl, kl_directions),
+	/* lora */
+	K_INT(lora, rank, CF_NNEG),
+	K_DBL(lora, alpha, CF_POS),
+	K_ARGV(lora, targets, n_targets),
+	K_DBL(lora, dropout, CF_NNEG),
+	K_STR(lora, base, CF_NULL),
+	K_STR(lora, base_checksum, CF_NULL),
 };
 
 #define N_KEYS (sizeof(cfg_keys) / sizeof(cfg_keys[0]))
@@ -320,7 +328,7 @@ static int unknown_key(const char *origin, const char *section, const char *name
 			return set_err(err, errlen, "%s: unknown section %s (did you mean %s?)", origin,
 				       section, s);
 		return set_err(err, errlen, "%s: unknown section %s (sections: model, train, data, "
-			       "parallel, checkpoint, log, grpo, distill)", origin, section);
+			       "parallel, checkpoint, log, grpo, distill, lora)", origin, section);
 	}
 	s = suggest(section, name);
 	if (s)
@@ -1211,6 +1219,7 @@ static const struct run_config defaults = {
 		.rollout_weights = "full",
 	},
 	.distill = { .teacher = "", .alpha = 0.5, .temperature = 1.0, .kl = "forward" },
+	.lora = { .rank = 0, .alpha = 16.0, .n_targets = 0, .dropout = 0.0, .base = "", .base_checksum = "" },
 };
 
 void config_defaults(struct run_config *c)
@@ -1408,6 +1417,36 @@ static int validate_distill(const struct distill_config *d, char *err, size_t er
 	return 0;
 }
 
+/* lora.targets: known names, each once; the base and the paths LoRA does not take yet */
+static int validate_lora(const struct run_config *c, char *err, size_t errlen)
+{
+	const struct lora_config *l = &c->lora;
+	char a[48];
+	unsigned seen = 0;
+
+	if (l->rank == 0)
+		return 0;
+	REQUIRE(l->n_targets > 0, "lora.targets is empty: name the modules to adapt (%s)",
+		lora_target_list());
+	for (int i = 0; i < l->n_targets; i++) {
+		int t = lora_target_parse(l->targets[i]);
+		REQUIRE(t >= 0, "lora.targets: unknown module '%s' (known: %s)", l->targets[i],
+			lora_target_list());
+		REQUIRE(!(seen & (1u << t)), "lora.targets: '%s' is named twice", l->targets[i]);
+		seen |= 1u << t;
+	}
+	fmt_double(a, sizeof(a), l->dropout);
+	REQUIRE(l->dropout < 1, "lora.dropout=%s must be in [0, 1)", a);
+	REQUIRE(l->base[0] || c->train.init_checkpoint[0],
+		"lora.rank=%d needs the base model: set train.init_checkpoint (or lora.base) to its checkpoint",
+		l->rank);
+	REQUIRE(!c->parallel.zero, "parallel.zero=1 with lora: the adapters' AdamW state is small and is "
+		"not sharded; set parallel.zero=0");
+	REQUIRE(strcmp(c->train.device, "cuda"), "train.device=cuda with lora: the GPU model has no LoRA "
+		"adapters yet; use train.device=cpu (or auto)");
+	return 0;
+}
+
 int config_validate(const struct run_config *c, int world_size, char *err, size_t errlen)
 {
 	for (size_t i = 0; i < N_KEYS; i++) {
@@ -1419,7 +1458,7 @@ int config_validate(const struct run_config *c, int world_size, char *err, size_
 	    validate_layers(&c->model, err, errlen) ||
 	    validate_routing(&c->model, err, errlen) || validate_train(&c->train, err, errlen) ||
 	    validate_parallel(c, world_size, err, errlen) || validate_grpo(&c->grpo, err, errlen) ||
-	    validate_distill(&c->distill, err, errlen))
+	    validate_distill(&c->distill, err, errlen) || validate_lora(c, err, errlen))
 		return -1;
 	return 0;
 }

@@ -121,6 +121,17 @@ struct distill_config {
 	char kl[16];                /* forward: KL(teacher || student) | reverse: KL(student || teacher) */
 };
 
+/* LoRA fine-tuning (model/lora.h, train/lora_run.h): on when rank > 0. */
+struct lora_config {
+	int rank;                   /* 0: off */
+	double alpha;               /* the adapters' scale is alpha / rank */
+	int n_targets;
+	char targets[CFG_MAX_ARGV][CFG_STR];  /* HF module names (model/lora.h) */
+	double dropout;             /* on the adapters' input, in [0, 1) */
+	char base[CFG_STR];         /* the base checkpoint ("": train.init_checkpoint) */
+	char base_checksum[24];     /* written by moe train: the base file's checksum, hex ("": unknown) */
+};
+
 struct run_config {
 	struct model_config model;
 	struct train_config train;
@@ -130,6 +141,7 @@ struct run_config {
 	struct log_config log;
 	struct grpo_config grpo;
 	struct distill_config distill;
+	struct lora_config lora;
 };
 
 /* Defaults for every key (a tiny model). */

@@ -101,28 +101,6 @@ out:
 	return buf;
 }
 
-/* PATH.tmp, fsync'd, renamed to PATH. */
-static int write_text(const char *path, const char *text, char *err, size_t errlen)
-{
-	char tmp[PATH_LEN + 8];
-	size_t n = strlen(text);
-	FILE *f;
-	int bad;
-
-	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-	f = fopen(tmp, "wb");
-	if (!f)
-		return set_err(err, errlen, "%s: %s", tmp, strerror(errno));
-	bad = fwrite(text, 1, n, f) != n || fputc('\n', f) == EOF || fflush(f) || fsync(fileno(f));
-	bad |= fclose(f) != 0;
-	if (bad || rename(tmp, path)) {
-		set_err(err, errlen, "%s: write error: %s", path, strerror(errno));
-		unlink(tmp);
-		return -1;
-	}
-	return 0;
-}
-
 /* ---------------------------------------------------------------- names */
 
 /* "model.layers.N." -> N, else -1. */
@@ -876,51 +854,6 @@ struct to_hf {
 	size_t errlen;
 };
 
-static int mkdir_p(const char *dir, char *err, size_t errlen)
-{
-	char buf[PATH_LEN];
-	struct stat sb;
-
-	if (!dir[0] || strlen(dir) >= sizeof(buf))
-		return set_err(err, errlen, "output directory \"%s\": empty or too long", dir);
-	strcpy(buf, dir);
-	for (char *p = buf + 1; *p; p++) {
-		if (*p != '/')
-			continue;
-		*p = '\0';
-		if (mkdir(buf, 0777) && errno != EEXIST)
-			return set_err(err, errlen, "%s: %s", buf, strerror(errno));
-		*p = '/';
-	}
-	if (mkdir(buf, 0777) && errno != EEXIST)
-		return set_err(err, errlen, "%s: %s", buf, strerror(errno));
-	if (stat(buf, &sb) || !S_ISDIR(sb.st_mode))
-		return set_err(err, errlen, "%s: not a directory", buf);
-	return 0;
-}
-
-/* An output directory holding weights already would end up with a mixture: refuse it. */
-static int check_out_dir(const char *dir, char *err, size_t errlen)
-{
-	char pattern[PATH_LEN + 32];
-	glob_t g;
-	int found;
-
-	snprintf(pattern, sizeof(pattern), "%s/*.safetensors", dir);
-	found = !glob(pattern, 0, NULL, &g) && g.gl_pathc > 0;
-	if (found)
-		set_err(err, errlen, "%s already holds weights (%s): convert into an empty directory",
-		        dir, g.gl_pathv[0]);
-	globfree(&g);
-	if (found)
-		return -1;
-	snprintf(pattern, sizeof(pattern), "%s/model.safetensors.index.json", dir);
-	if (!access(pattern, F_OK))
-		return set_err(err, errlen, "%s already holds weights (%s): convert into an empty "
-			       "directory", dir, pattern);
-	return 0;
-}
-
 /* One HF tensor's dtype: fp8 goes as DeepSeek's files (fp8 linear weights, bf16 else); the routing
  * bias stays float32, as in DeepSeek's own checkpoints. */
 static enum st_dtype out_dtype(const struct out_tensor *o, enum st_dtype dtype)
@@ -1137,7 +1070,7 @@ static int write_index(const char *dir, const struct out_tensor *t, int n, int n
 	if (!text)
 		return set_err(err, errlen, "out of memory");
 	snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
-	ret = write_text(path, text, err, errlen);
+	ret = convert_write_text(path, text, err, errlen);
 	free(text);
 	return ret;
 }
@@ -1204,7 +1137,7 @@ static int write_hf_dir(struct to_hf *h, const struct run_config *rc, enum st_dt
 	if (!json)
 		return set_err(h->err, h->errlen, "out of memory");
 	snprintf(path, sizeof(path), "%s/config.json", h->dir);
-	ret = write_text(path, json, h->err, h->errlen);
+	ret = convert_write_text(path, json, h->err, h->errlen);
 	free(json);
 	return ret;
 }
@@ -1231,13 +1164,21 @@ int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_t
 	if (!o.shard_bytes)
 		return set_err(err, errlen, "--shard-size must be > 0");
 	config_defaults(&rc);
+	if (checkpoint_read_header(ckpt_path, &rc, NULL, err, errlen))
+		return -1;
+	if (rc.lora.rank > 0) {  /* LoRA adapters: PEFT's layout */
+		if (o.dtype == ST_F8_E4M3)
+			return set_err(err, errlen, "--dtype fp8: LoRA adapters are written f32 or bf16");
+		return convert_lora_to_peft(ckpt_path, dir, o.dtype, notes, err, errlen);
+	}
+	config_defaults(&rc);
 	h.r = ckpt_reader_open(ckpt_path, &rc, NULL, err, errlen);
 	if (!h.r)
 		return -1;
 	if (rc.model.num_key_value_heads == 0)
 		rc.model.num_key_value_heads = rc.model.num_attention_heads;
 	made_dir = stat(dir, &sb) != 0;
-	if (mkdir_p(dir, err, errlen) || check_out_dir(dir, err, errlen))
+	if (convert_mkdir_p(dir, err, errlen) || convert_check_out_dir(dir, err, errlen))
 		goto out;
 	if (rc.model.scoring_func == MOE_SCORING_SOFTMAX && rc.model.n_routed_experts > 0)
 		print_note(notes, "scoring_func is softmax: DeepSeek's own code honours it, transformers' "

@@ -112,6 +112,7 @@ static void train_step(struct sft *s, struct step_result *r)
 		for (int b = 0; b < B; b++)
 			loader_get(&s->train, first + b, s->inputs + (size_t)b * T, s->targets + (size_t)b * T);
 		if (s->distilling) {
+			trainer_next_forward(t);
 			r->loss += distill_forward_gpu(&s->ds, t->m, t->gpu, s->inputs, s->targets, B, T) * scale;
 			r->ce += s->ds.last_ce * scale;
 			r->kl += s->ds.last_kl * scale;

@@ -4,6 +4,7 @@
 #define _POSIX_C_SOURCE 200809L  /* clock_gettime, mkdir */
 
 #include "train/trainer.h"
+#include "train/lora_run.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -91,9 +92,14 @@ int trainer_make_dirs(const char *path)
 
 /* One optimizer segment per tensor: decay on matrices, none on norms (and on the input embedding
  * unless train.decay_embeddings), the routing bias frozen. */
+struct moe_model *trainer_trained(const struct trainer *t)
+{
+	return t->lora ? &t->lora->view : t->m;
+}
+
 static int build_segments(struct trainer *t)
 {
-	const struct moe_model *m = t->m;
+	const struct moe_model *m = trainer_trained(t);
 	t->segs = calloc(m->n_params, sizeof(*t->segs));
 	if (!t->segs)
 		return -1;
@@ -169,6 +175,34 @@ static int compare_with_checkpoint(const struct run_config *saved, const struct 
 }
 
 
+/*
+ * Resuming: a LoRA run takes only an adapter checkpoint of the same adapters on the same base, a full
+ * run no adapter checkpoint.  1 (printed) when refused.
+ */
+static int lora_refuses(const struct trainer *t, const struct run_config *saved, const char *path)
+{
+	const struct lora_config *a = &saved->lora, *b = &t->cfg.lora;
+	const char *why = NULL;
+	char err[1024];
+	if (!t->lora && a->rank)
+		why = "holds LoRA adapters and this run has no lora section (set it as it was, or fold them in "
+		      "with moe lora merge)";
+	else if (t->lora && !a->rank)
+		why = "is a full checkpoint, not LoRA adapters (start the LoRA run from it with "
+		      "train.init_checkpoint instead)";
+	else if (t->lora && (a->rank != b->rank || a->n_targets != b->n_targets ||
+			     memcmp(a->targets, b->targets, sizeof(a->targets))))
+		why = "holds adapters of another lora.rank or lora.targets";
+	else if (t->lora && strcmp(a->base_checksum, b->base_checksum)) {
+		snprintf(err, sizeof(err), "was trained on a base of checksum %s; the base %s now has %s: "
+			 "refusing to resume on another model", a->base_checksum, b->base, b->base_checksum);
+		why = err;
+	}
+	if (why && t->rank == 0)
+		fprintf(stderr, "%s: %s %s\n", t->who, path, why);
+	return why != NULL;
+}
+
 /* What loading one checkpoint came to. */
 enum load_result { LOAD_OK, LOAD_DEFECT, LOAD_REFUSED };
 
@@ -185,7 +219,9 @@ static enum load_result load_from(struct trainer *t, const char *path, int full,
 		return LOAD_DEFECT;
 	if (compare_with_checkpoint(&saved, &t->cfg, path, full && t->rank == 0 ? "resume" : NULL, t->who))
 		return LOAD_REFUSED;
-	if (full ? checkpoint_load(path, t->m, &t->opt, &t->st, err, errlen) :
+	if (full && lora_refuses(t, &saved, path))
+		return LOAD_REFUSED;
+	if (full ? checkpoint_load(path, trainer_trained(t), &t->opt, &t->st, err, errlen) :
 		   checkpoint_load_model(path, t->m, err, errlen))
 		return LOAD_DEFECT;
 	return LOAD_OK;
@@ -274,6 +310,10 @@ static int restore(struct trainer *t, const char *resume)
 		t->resumed = 1;
 		TRAINER_LOG(t, "resumed from %s at step %lld (%lld tokens seen)\n", path, (long long)t->st.step,
 		    (long long)t->st.tokens_seen);
+	} else if (t->lora) {
+		lora_init_weights(t->lora, (uint64_t)t->cfg.train.seed);  /* the base was loaded before */
+		t->st.data_seed = (uint64_t)t->cfg.train.seed;
+		snprintf(path, sizeof(path), "%s", t->cfg.lora.base);
 	} else if (t->cfg.train.init_checkpoint[0]) {
 		snprintf(path, sizeof(path), "%s", t->cfg.train.init_checkpoint);
 		enum load_result res = load_from(t, path, 0, err, sizeof(err));
@@ -334,6 +374,40 @@ static FILE *open_metrics(const char *who, const char *path, int resumed, int64_
 }
 
 
+/*
+ * LoRA: the base's weights from its checkpoint (its checksum recorded in the config the checkpoints
+ * carry), the adapters attached and the base frozen.  The memory a full fine-tune would spend on
+ * gradients and AdamW moments, against the adapters', is logged.
+ */
+static int lora_setup(struct trainer *t)
+{
+	char err[1024];
+	struct lora_config *lc = &t->cfg.lora;
+	snprintf(lc->base, sizeof(lc->base), "%s", lora_base_path(&t->cfg));
+	if (lora_file_checksum(lc->base, lc->base_checksum, err, sizeof(err))) {
+		fprintf(stderr, "%s: %s\n", t->who, err);
+		return -1;
+	}
+	enum load_result res = load_from(t, lc->base, 0, err, sizeof(err));
+	if (res == LOAD_DEFECT)
+		fprintf(stderr, "%s: lora base: %s\n", t->who, err);
+	if (res != LOAD_OK)
+		return -1;
+	size_t base_floats = t->m->n_weights;
+	t->lora = lora_attach(t->m, lc, (uint64_t)t->cfg.train.seed, 1, err, sizeof(err));
+	if (!t->lora) {
+		fprintf(stderr, "%s: %s\n", t->who, err);
+		return -1;
+	}
+	size_t ad = lora_trainable_floats(t->lora);
+	double full = 3.0 * 4 * base_floats, mine = 3.0 * 4 * ad;  /* gradient + 2 AdamW moments, fp32 */
+	TRAINER_LOG(t, "lora: rank %d, alpha %g, %d adapted matrices, %zu trainable parameters (%.3f%% of "
+		    "%zu, this rank); gradient + AdamW state %.2f MiB instead of %.2f MiB (%.2f MiB saved)\n",
+		    lc->rank, lc->alpha, t->lora->n, ad, 100.0 * ad / base_floats, base_floats,
+		    mine / 1048576.0, full / 1048576.0, (full - mine) / 1048576.0);
+	return 0;
+}
+
 int trainer_init(struct trainer *t, const char *who, const struct run_config *cfg, const char *resume,
 		 const struct dist *d, int total_updates)
 {
@@ -352,11 +426,13 @@ int trainer_init(struct trainer *t, const char *who, const struct run_config *cf
 	}
 	if (d && ep > 1)
 		t->m->ep_group = d->ep_g;
-	if (grad_sync_init(&t->sync, t->m)) {
+	if (cfg->lora.rank > 0 && lora_setup(t))
+		return -1;
+	if (grad_sync_init(&t->sync, trainer_trained(t))) {
 		fprintf(stderr, "%s: out of memory for the gradient buffers\n", who);
 		return -1;
 	}
-	if (adamw_init(&t->opt, t->m->n_weights) || build_segments(t)) {
+	if (adamw_init(&t->opt, trainer_trained(t)->n_weights) || build_segments(t)) {
 		fprintf(stderr, "%s: out of memory for the optimizer state\n", who);
 		return -1;
 	}
@@ -406,6 +482,7 @@ void trainer_free(struct trainer *t)
 	free(t->segs);
 	adamw_free(&t->opt);
 	model_free(t->m);
+	lora_free(t->lora);
 }
 
 /* ---------------------------------------------------------------- one update */
@@ -662,6 +739,8 @@ int trainer_setup_device(struct trainer *t, int gpu_capable)
 		why = "no CUDA device found (or a build without the CUDA backend)";
 	else if (!gpu_capable)
 		why = "this command runs on the CPU for now";
+	else if (t->lora)
+		why = "LoRA runs on the CPU for now (model/cuda has no adapters)";
 	else if (gpu_capable == TRAINER_GPU_WHEN_ASKED && !forced)
 		why = "this command uses the GPU only with train.device=cuda for now";
 	else if (t->world > 1 && gpu_capable == TRAINER_GPU_WHEN_ASKED)
@@ -685,8 +764,16 @@ int trainer_setup_device(struct trainer *t, int gpu_capable)
 	return 0;
 }
 
+void trainer_next_forward(struct trainer *t)
+{
+	if (t->lora) {
+		t->lora->dropout_step = (uint64_t)t->st.step * 4096 + (uint64_t)t->forwards++;
+	}
+}
+
 float trainer_forward(struct trainer *t, const int *inputs, const int *targets, int B, int T)
 {
+	trainer_next_forward(t);
 #ifdef MOE_HAVE_CUDA
 	if (t->cuda)
 		return gpu_model_forward(t->gpu, inputs, targets, B, T);
@@ -748,6 +835,8 @@ void trainer_weights_to_host(struct trainer *t)
 void trainer_zero_grad(struct trainer *t)
 {
 	t->backwards = 0;
+	if (t->lora)  /* a training step begins: dropout on until its update (evaluations run without) */
+		t->lora->training = true;
 #ifdef MOE_HAVE_CUDA
 	if (t->cuda) {
 		gpu_model_zero_grad(t->gpu);
@@ -766,7 +855,11 @@ void trainer_update(struct trainer *t, double lr, double loss, struct update_res
 		gpu_update(t, lr, loss, u);
 		return;
 	}
-	u->grad_norm = t->zero ? zero_reduce(&t->z, t->m) : grad_sync_reduce(&t->sync, t->m, t->d);
+	struct moe_model *tm = trainer_trained(t);
+	t->forwards = 0;
+	if (t->lora)
+		t->lora->training = false;
+	u->grad_norm = t->zero ? zero_reduce(&t->z, t->m) : grad_sync_reduce(&t->sync, tm, t->d);
 	if (t->d && t->world > 1) {
 		int64_t n = (int64_t)mc_n_layers(&t->m->cfg) * t->m->cfg.n_routed_experts;
 		if (comm_allreduce(t->d->world_g, t->step_load, n, COMM_I64, COMM_SUM))
@@ -774,7 +867,7 @@ void trainer_update(struct trainer *t, double lr, double loss, struct update_res
 	}
 	if (!isfinite(loss) || !isfinite(u->grad_norm)) {
 		u->skipped = 1;
-		u->bad = first_nonfinite_grad(t->m);
+		u->bad = first_nonfinite_grad(tm);
 		return;
 	}
 	struct adamw_hparams h = { (float)lr, (float)tc->beta1, (float)tc->beta2, (float)tc->eps };
@@ -783,10 +876,11 @@ void trainer_update(struct trainer *t, double lr, double loss, struct update_res
 			  (float)(tc->grad_clip / u->grad_norm) : 1.0f;
 		zero_update(&t->z, t->m, f, &h);
 	} else {
-		grad_clip(t->m->grads, t->m->n_weights, u->grad_norm, tc->grad_clip);
-		adamw_update(&t->opt, t->m->weights, t->m->grads, t->segs, t->nsegs, &h);
+		grad_clip(tm->grads, tm->n_weights, u->grad_norm, tc->grad_clip);
+		adamw_update(&t->opt, tm->weights, tm->grads, t->segs, t->nsegs, &h);
 	}
-	update_routing_bias(t);
+	if (!t->lora)  /* the base, routing biases included, stays as it was */
+		update_routing_bias(t);
 }
 
 /* ---------------------------------------------------------------- logging, checkpoints */
@@ -830,7 +924,7 @@ int trainer_save(struct trainer *t)
 	/* ZeRO: the file holds the whole AdamW state, gathered for the write */
 	if (t->zero && (adamw_init(&t->opt, t->m->n_weights) || zero_gather_state(&t->z, t->m, &t->opt)))
 		comm_abort(1, "out of memory gathering the optimizer state");
-	ok = !checkpoint_save_dist(path, t->m, &t->opt, &t->cfg, &t->st, t->d, err, sizeof(err));
+	ok = !checkpoint_save_dist(path, trainer_trained(t), &t->opt, &t->cfg, &t->st, t->d, err, sizeof(err));
 	if (t->zero)
 		adamw_free(&t->opt);
 	if (!ok)
