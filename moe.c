@@ -277,6 +277,20 @@ static int cmd_eval(int argc, char **argv)
 	return 0;
 }
 
+/* the MTP depths' own parameters (layers >= num_hidden_layers; the embedding and lm_head are shared) */
+static void print_mtp_count(const struct model_config *mc)
+{
+	char err[256];
+	int n = 0;
+	int64_t sum = 0;
+	struct param *p = model_param_table(mc, &n, err, sizeof(err));
+	for (int i = 0; p && i < n; i++)
+		sum += p[i].layer >= mc->num_hidden_layers ? (int64_t)p[i].numel : 0;
+	free(p);
+	printf("multi-token prediction: %d depth(s), %lld parameters more (%.2fB; embedding and lm_head "
+	       "shared)\n", mc->num_nextn_predict_layers, (long long)sum, sum / 1e9);
+}
+
 static void print_counts(const struct model_config *mc)
 {
 	int64_t total, act;
@@ -288,6 +302,8 @@ static void print_counts(const struct model_config *mc)
 	       mc->first_k_dense_replace : mc->num_hidden_layers,
 	       mc->n_routed_experts > 0 ? mc->num_hidden_layers - mc->first_k_dense_replace : 0,
 	       mc->n_routed_experts, mc->num_experts_per_tok, mc->n_shared_experts);
+	if (mc->num_nextn_predict_layers > 0)
+		print_mtp_count(mc);
 }
 
 static int cmd_inspect(int argc, char **argv)

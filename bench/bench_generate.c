@@ -452,6 +452,50 @@ static double spec_pass(struct moe_model *m, const struct opts *o, const int *to
 	return now_s() - t0;
 }
 
+/* median seconds of a step of n tokens (1 or 2) at positions ctx.. of slot 0, logits included: the main
+ * model's (head 0) or the MTP head's (head 1; hidden holds its input rows) */
+static double spec_step_time(struct moe_model *m, struct latent_cache *lc, int head, int n, int ctx, int reps,
+			     float *logits, float *hidden)
+{
+	int tok[2], slot[2] = { 0, 0 }, pos[2] = { ctx, ctx + 1 };
+	double t[MAX_REPS];
+	for (int r = 0; r <= reps; r++) {  /* round 0 warms up */
+		/* other tokens every time: two tokens route to more experts than one */
+		tok[0] = (int)(rng_u32() % (uint32_t)m->cfg.vocab_size);
+		tok[1] = (int)(rng_u32() % (uint32_t)m->cfg.vocab_size);
+		lc->len[0] = ctx;
+		double t0 = now_s();
+		if (head ? mtp_draft_step(m, lc, hidden, tok, slot, pos, n, logits) :
+			   decode_step_hidden(m, lc, tok, slot, pos, n, logits, hidden))
+			return -1.0;
+		if (r)
+			t[r - 1] = now_s() - t0;
+	}
+	return median(t, reps);
+}
+
+/* what a round costs, in plain decode steps: the main model over 2 tokens, the head over 1 or 2 */
+static void spec_costs(struct moe_model *m, const struct opts *o)
+{
+	int ctx = o->prompt + o->new_tokens / 2, reps = 4 * o->reps;
+	struct latent_cache *lc = latent_cache_create(&m->cfg, 1, ctx + 2), *mc = mtp_cache_create(&m->cfg, 1, ctx + 2);
+	float *logits = malloc(sizeof(float) * 2 * m->cfg.vocab_size), *hidden = calloc(2, sizeof(float) * m->cfg.hidden_size);
+	if (lc && mc && logits && hidden) {
+		fill_cache(lc, ctx);
+		fill_cache(mc, ctx);
+		double one = spec_step_time(m, lc, 0, 1, ctx, reps, logits, hidden);
+		double two = spec_step_time(m, lc, 0, 2, ctx, reps, logits, hidden);
+		double h1 = spec_step_time(m, mc, 1, 1, ctx, reps, logits, hidden);
+		double h2 = spec_step_time(m, mc, 1, 2, ctx, reps, logits, hidden);
+		printf("    at context %d, in plain steps (%.3f ms): the main model over 2 tokens %.2f, the head over 1 "
+		       "%.2f, over 2 %.2f\n", ctx, 1e3 * one, two / one, h1 / one, h2 / one);
+	}
+	latent_cache_free(lc);
+	latent_cache_free(mc);
+	free(logits);
+	free(hidden);
+}
+
 static int bench_speculative(struct moe_model *m, const struct opts *o)
 {
 	int V = m->cfg.vocab_size, N = SPEC_PROMPTS * o->new_tokens;
@@ -482,6 +526,7 @@ static int bench_speculative(struct moe_model *m, const struct opts *o)
 	       (double)N / (SPEC_PROMPTS + st.main_steps));
 	printf("    plain greedy %.0f tokens/s, speculative %.0f tokens/s: %.2fx\n", N / plain, N / spec,
 	       plain / spec);
+	spec_costs(m, o);
 	printf("    %s: the speculative completions equal plain greedy's\n", same ? "PASS" : "FAIL");
 	rc = same ? 0 : 1;
 out:

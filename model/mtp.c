@@ -157,16 +157,17 @@ void mtp_backward(struct moe_model *m, float loss_scale)
 		float dloss = ce_row_scale(d->tgt, NULL, N, loss_scale * m->mtp_lambda / D, 1.0f);
 
 		cross_entropy_backward_rows(d->logits, d->logits, d->tgt, dloss, NULL, N, V);
-		linear_bwd(s->dln, m->g.lm_head, d->logits, d->lnf, m->w.lm_head, N, C, V, LIN_SET_DX);
+		model_linear_bwd(m, s->dln, m->g.lm_head, d->logits, d->lnf, m->w.lm_head, N, C, V, LIN_SET_DX);
 		rmsnorm_backward_set(s->dres, C, g->shared_head_norm, s->dln, d->out, w->shared_head_norm,
 				     d->lnf_rstd, N, C);
 		if (k < D)
 			vec_add(s->dres, t->dcarry, (size_t)N * C);
 		decoder_layer_backward(m, L + k - 1, &d->la, s, d->mid, d->x, a->pos, B, T, loss_scale);
-		linear_bwd(t->dcat, g->eh_proj, s->dres, d->cat, w->eh_proj, N, 2 * C, C, LIN_SET_DX);
+		model_linear_bwd(m, t->dcat, g->eh_proj, s->dres, d->cat, w->eh_proj, N, 2 * C, C, LIN_SET_DX);
 		split_rows(t->de, s->dln, t->dcat, N, C);
 		rmsnorm_backward_set(s->dres, C, g->enorm, t->de, d->emb, w->enorm, d->e_rstd, N, C);
-		embedding_backward(m->g.embed_tokens, s->dres, d->tok, N, C);
+		if (m->g.embed_tokens)  /* NULL: frozen (LoRA) */
+			embedding_backward(m->g.embed_tokens, s->dres, d->tok, N, C);
 		rmsnorm_backward_set(k == 1 ? t->dh : t->dcarry, C, g->hnorm, s->dln, hprev, w->hnorm,
 				     d->h_rstd, N, C);
 	}

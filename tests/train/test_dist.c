@@ -2,7 +2,7 @@
  * tests/train/test_dist.c - data and expert parallelism give the single-process result (SPEC 6).
  * Run by test_dist.sh under mpirun with MOE_TEST_EP set: for a fixed seed and global batch, every rank's
  * loss and every gradient it holds (after the gradient reduction) equal those of one process computing
- * the whole global batch with all experts, to float32 rounding.
+ * the whole global batch with all experts, to float32 rounding; with a multi-token-prediction depth too.
  */
 #include <math.h>
 #include <stdio.h>
@@ -43,16 +43,19 @@ static double step(struct moe_model *m, int rank, int W)
 	return loss;
 }
 
-static void test_layout_matches_single_process(void)
+/* mtp: with a multi-token-prediction depth (its MoE layer's experts split like the others) */
+static void check_layout(int mtp)
 {
 	struct model_config c = dist_config();
 	char err[256];
+	c.num_nextn_predict_layers = mtp;
 	int W = dist.world, El = c.n_routed_experts / dist.ep;
 	struct moe_model *m = model_create(&c, dist.ep_rank * El, (dist.ep_rank + 1) * El, err, sizeof(err));
 	CU_ASSERT_PTR_NOT_NULL_FATAL(m);
 	if (dist.ep > 1)
 		m->ep_group = dist.ep_g;
 	model_init_weights(m, 99);
+	m->mtp_lambda = mtp ? 0.5f : 0.0f;
 	struct grad_sync sync;
 	CU_ASSERT_EQUAL_FATAL(grad_sync_init(&sync, m), 0);
 	double loss = step(m, dist.rank, W);
@@ -63,6 +66,7 @@ static void test_layout_matches_single_process(void)
 	struct moe_model *ref = model_create(&c, 0, c.n_routed_experts, err, sizeof(err));
 	CU_ASSERT_PTR_NOT_NULL_FATAL(ref);
 	model_init_weights(ref, 99);
+	ref->mtp_lambda = m->mtp_lambda;
 	struct grad_sync ref_sync;
 	grad_sync_init(&ref_sync, ref);
 	int saved = grad_accum;
@@ -86,14 +90,25 @@ static void test_layout_matches_single_process(void)
 		worst = e > worst ? e : worst;
 		checked++;
 	}
-	printf("\n  rank %d of %d (dp %d, ep %d): loss %.7f vs %.7f, norm %.6f vs %.6f, %d gradients, worst "
-	       "rel err %.2e", dist.rank, W, dist.dp, dist.ep, loss, ref_loss, norm, ref_norm, checked, worst);
+	printf("\n  rank %d of %d (dp %d, ep %d)%s: loss %.7f vs %.7f, norm %.6f vs %.6f, %d gradients, worst "
+	       "rel err %.2e", dist.rank, W, dist.dp, dist.ep, mtp ? " + MTP" : "", loss, ref_loss, norm, ref_norm, checked, worst);
 	CU_ASSERT(worst < 1e-3);
-	CU_ASSERT(checked == m->n_params - (c.num_hidden_layers - c.first_k_dense_replace));
+	CU_ASSERT(checked == m->n_params - (mc_n_layers(&c) - c.first_k_dense_replace));
+	CU_ASSERT(!mtp || (m->last_mtp_loss > 0 && ref->last_mtp_loss > 0));
 	grad_sync_free(&sync);
 	grad_sync_free(&ref_sync);
 	model_free(m);
 	model_free(ref);
+}
+
+static void test_layout_matches_single_process(void)
+{
+	check_layout(0);
+}
+
+static void test_layout_mtp(void)
+{
+	check_layout(1);
 }
 
 /* the experts' loads seen over the world equal the single-process loads */
@@ -138,6 +153,7 @@ void register_tests(void)
 	atexit(comm_finalize);
 	static const struct test_case cases[] = {
 		{ "layout gives the single-process loss and gradients", test_layout_matches_single_process },
+		{ "... with a multi-token-prediction depth", test_layout_mtp },
 		{ "global expert loads", test_global_loads },
 		{ NULL, NULL },
 	};
