@@ -346,6 +346,67 @@ static void test_sampler_matches_cpu(void)
 	model_free(m);
 }
 
+/*
+ * generate_cuda against generate_cached (fp32, the same seeds): two groups of two completions of a
+ * prompt, sampled and greedy, an end-of-text id: the same tokens, lengths and routes, log-probabilities
+ * within float rounding; a second call on the same decoder repeats the first.
+ */
+static void test_generate_matches_cpu(void)
+{
+	struct model_config c;
+	struct moe_model *m = dec_model(V3_LIKE, &c);
+	char err[256];
+	struct gpu_model *g = gpu_model_create(m, 0, err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(g);
+	struct gpu_decoder *d = NULL;
+	enum { G = 4, TN = 6 };
+	const int *prompts[G] = { prompt_a, prompt_a, prompt_b, prompt_b };
+	const int lens[G] = { 5, 5, 3, 3 };
+	const uint64_t seeds[G] = { 11, 12, 13, 14 };
+	int L = c.num_hidden_layers, K = c.num_experts_per_tok;
+	for (int mode = 0; mode < 2; mode++) {
+		struct sample_params sp = sample_params_default();
+		sp.max_new_tokens = TN;
+		sp.temperature = mode ? 0.0f : 1.0f;
+		sp.top_k = mode ? 0 : 40;
+		sp.eos_id = 17;
+		int ct[G * TN], cl[G], gt[G * TN], gl[G], rt[G * TN], rl[G];
+		float clp[G * TN], glp[G * TN], rlp[G * TN];
+		struct latent_cache *lc = latent_cache_create(&c, G, 5 + TN);
+		CU_ASSERT_FATAL(lc && latent_cache_enable_routes(lc, &c) == 0);
+		CU_ASSERT_FATAL(generate_cached(m, lc, prompts, lens, G, &sp, seeds, ct, cl, clp) == 0);
+		CU_ASSERT_FATAL(generate_cuda(g, m, &d, 1, prompts, lens, G, &sp, seeds, gt, gl, glp) == 0);
+		int tok_diff = 0, route_diff = 0, eos = 0;
+		float lp_worst = 0.0f;
+		for (int k = 0; k < G; k++) {
+			tok_diff += cl[k] != gl[k];
+			for (int t = 0; t < TN; t++) {
+				tok_diff += ct[k * TN + t] != gt[k * TN + t];
+				eos += ct[k * TN + t] == sp.eos_id;
+				float e = fabsf(clp[k * TN + t] - glp[k * TN + t]);
+				lp_worst = e > lp_worst ? e : lp_worst;
+			}
+			for (int l = 1; l < L; l++)  /* the MoE layers, every position that was an input */
+				for (int p = 0; p < lens[k] + cl[k] - 1; p++)
+					for (int e = 0; e < K; e++)
+						route_diff += latent_cache_route(lc, l, k, p)[e] != gpu_decoder_route(d, l, k, p)[e];
+		}
+		CU_ASSERT_FATAL(generate_cuda(g, m, &d, 1, prompts, lens, G, &sp, seeds, rt, rl, rlp) == 0);
+		int again = !memcmp(rt, gt, sizeof(gt)) && !memcmp(rl, gl, sizeof(gl)) && !memcmp(rlp, glp, sizeof(glp));
+		printf("\n    %s: %d token/length differences, logprob worst %.1e, routes differ %d, eos sampled %d, "
+		       "repeat %s", mode ? "greedy" : "T 1 top_k 40", tok_diff, lp_worst, route_diff, eos,
+		       again ? "same" : "DIFFERENT");
+		CU_ASSERT(tok_diff == 0);
+		CU_ASSERT(lp_worst < 1e-4f);
+		CU_ASSERT(route_diff == 0);
+		CU_ASSERT(again);
+		latent_cache_free(lc);
+	}
+	gpu_decoder_free(d);
+	gpu_model_free(g);
+	model_free(m);
+}
+
 /* bad arguments are refused before anything runs */
 static void test_refuses_bad_steps(void)
 {
@@ -378,6 +439,7 @@ void register_tests(void)
 		{"logits_bf16", test_logits_bf16},
 		{"batched_equals_alone", test_batched_equals_alone},
 		{"sampler_matches_cpu", test_sampler_matches_cpu},
+		{"generate_matches_cpu", test_generate_matches_cpu},
 		{"refuses_bad_steps", test_refuses_bad_steps},
 		{NULL, NULL},
 	};
