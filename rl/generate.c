@@ -536,8 +536,10 @@ static int prefill_cuda(struct gpu_decoder *d, const int *const *prompts, const 
 			rows[nr] = last;
 			seq[nr++] = g1;
 		}
-		if (gpu_decode_step(d, tok, slot, pos, k, rows, nr))
+		if (gpu_decode_step(d, tok, slot, pos, k, rows, nr)) {
+			fprintf(stderr, "generate: the GPU prefill of sequences %d..%d was refused\n", g0, g1 - 1);
 			return -1;
+		}
 		for (int g = g0; g < g1; g++)
 			if (leader[g] != g && gpu_decoder_copy_prefix(d, g, leader[g], lens[g]))
 				return -1;
@@ -594,8 +596,10 @@ int generate_cuda(struct gpu_model *g, struct moe_model *m, struct gpu_decoder *
 		n = take_samples(&r, n, t, lens, p, ids, lps, out_tokens, out_lens, out_logprobs);
 		if (n == 0)
 			break;
-		if (gpu_decode_step(d, r.tok, r.slot, r.pos, n, NULL, 0))
+		if (gpu_decode_step(d, r.tok, r.slot, r.pos, n, NULL, 0)) {
+			fprintf(stderr, "generate: the GPU decode step of position %d was refused\n", t);
 			goto out;
+		}
 		gpu_sample(d, r.live, n, p->temperature, p->top_p, p->top_k, ids, lps);
 	}
 	rc = 0;

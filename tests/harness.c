@@ -108,6 +108,18 @@ void test_apply_variant(struct model_config *c, enum test_variant v, int yarn_or
 	}
 }
 
+double test_norm_rel_err(const float *a, const float *b, size_t n)
+{
+	double d = 0.0, r = 0.0;
+	for (size_t i = 0; i < n; i++) {
+		if (!isfinite(a[i]))
+			return INFINITY;
+		d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+		r += (double)b[i] * b[i];
+	}
+	return r > 0 ? sqrt(d / r) : sqrt(d);
+}
+
 double rel_err(const float *a, const float *b, size_t n, double floor)
 {
 	double worst = 0;

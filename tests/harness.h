@@ -55,6 +55,8 @@ void test_small_moe(struct model_config *m);
 
 /* max |a-b| / max(|b|, floor) over n elements */
 double rel_err(const float *a, const float *b, size_t n, double floor);
+/* ||a - b|| / ||b|| over n elements (b the reference; ||a - b|| when b is 0); +inf for a NaN or inf in a */
+double test_norm_rel_err(const float *a, const float *b, size_t n);
 
 /* A scratch directory for the test (created, unique per process); returns its path. */
 const char *test_tmpdir(void);

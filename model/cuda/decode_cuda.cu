@@ -55,7 +55,7 @@ struct gpu_decoder {
 	/* the logits rows */
 	int cap_l, n_logits;
 	int *lrows;
-	float *lx, *lrstd, *logits;
+	float *lx, *lnf, *lrstd, *logits;  /* [cap_l, C] x 2, [cap_l], [cap_l, V] */
 	/* the sampler's outputs */
 	int cap_s;
 	int *s_slot, *s_ids;
@@ -527,8 +527,7 @@ void ensure_tokens(gpu_decoder *d, int n)
 	int Im = c->moe_intermediate_size, Is = c->n_shared_experts * Im, I = c->intermediate_size;
 	size_t N = (size_t)n, w = (size_t)(I > Is ? I : Is);
 	size_t we = N * K * (size_t)Im;
-	moe_cuda_synchronize();  /* the old buffers may still be read by queued kernels */
-	free_tokens(d);
+	moe_cuda_synchronize();  /* the old buffers may still be read by queued kernels; regrow frees them */
 	regrow(&d->tok, N);
 	regrow(&d->slot, N);
 	regrow(&d->pos, N);
@@ -569,6 +568,7 @@ void ensure_logits(gpu_decoder *d, int n)
 	moe_cuda_synchronize();
 	regrow(&d->lrows, n);
 	regrow(&d->lx, (size_t)n * c->hidden_size);
+	regrow(&d->lnf, (size_t)n * c->hidden_size);
 	regrow(&d->lrstd, n);
 	regrow(&d->logits, (size_t)n * c->vocab_size);
 	d->cap_l = n;
@@ -685,7 +685,7 @@ int check_step(gpu_decoder *d, const int *tokens, const int *slots, const int *p
 	       const int *logit_rows, int n_logits, int *max_pos)
 {
 	int V = d->m->cfg.vocab_size;
-	if (n <= 0 || n_logits < 0 || (logit_rows && n_logits > n))
+	if (n <= 0 || n_logits < 0)
 		return -1;
 	d->new_len = d->len;
 	*max_pos = 0;
@@ -750,7 +750,7 @@ extern "C" void gpu_decoder_free(struct gpu_decoder *d)
 		return;
 	moe_cuda_synchronize();
 	free_tokens(d);
-	void *bufs[] = { d->kv, d->rng, d->lrows, d->lx, d->lrstd, d->logits, d->s_slot, d->s_ids, d->s_lp };
+	void *bufs[] = { d->kv, d->rng, d->lrows, d->lx, d->lnf, d->lrstd, d->logits, d->s_slot, d->s_ids, d->s_lp };
 	for (void *p : bufs)
 		moe_cuda_free(p);
 	delete d;
@@ -849,8 +849,8 @@ extern "C" int gpu_decode_step(struct gpu_decoder *d, const int *tokens, const i
 											    n_logits, C);
 		xf = d->lx;
 	}
-	rmsnorm_forward_cuda(d->ln, d->lrstd, xf, dev(d, d->m->w.norm), n_logits, C, eps);
-	lin(d, d->logits, d->ln, d->m->w.lm_head, n_logits, C, c->vocab_size);
+	rmsnorm_forward_cuda(d->lnf, d->lrstd, xf, dev(d, d->m->w.norm), n_logits, C, eps);
+	lin(d, d->logits, d->lnf, d->m->w.lm_head, n_logits, C, c->vocab_size);
 	return 0;
 }
 

@@ -57,8 +57,8 @@ const int *gpu_decoder_route(const struct gpu_decoder *d, int layer, int slot, i
 /*
  * As decode_step: token i (a HOST array) goes to slot slots[i] at position positions[i], its latents into
  * the cache, then it attends to the slot's positions 0..positions[i].  The logits of the tokens listed in
- * logit_rows [n_logits] (host indices into 0..n-1; NULL: all n) are left on the device, row r for token
- * logit_rows[r] (gpu_decoder_logits).  0, or -1 on bad arguments (nothing is run).
+ * logit_rows [n_logits] (host indices into 0..n-1, repeats allowed: the sequences sharing a prefilled
+ * prompt; NULL: all n) are left on the device, row r for token logit_rows[r] (gpu_decoder_logits).  0, or -1 on bad arguments (nothing is run).
  */
 int gpu_decode_step(struct gpu_decoder *d, const int *tokens, const int *slots, const int *positions, int n,
 		    const int *logit_rows, int n_logits);

@@ -59,19 +59,6 @@ static struct moe_model *dec_model(enum test_variant v, struct model_config *c)
 	return m;
 }
 
-/* ||a - b|| / ||b|| (+inf on a NaN) */
-static double norm_rel(const float *a, const float *b, size_t n)
-{
-	double d = 0.0, r = 0.0;
-	for (size_t i = 0; i < n; i++) {
-		if (!isfinite(a[i]))
-			return INFINITY;
-		d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-		r += (double)b[i] * b[i];
-	}
-	return r > 0 ? sqrt(d / r) : sqrt(d);
-}
-
 /*
  * The script of a decode: step 0 prefills prompt A (5 tokens, slot 0) and prompt B (3 tokens, slot 1) in
  * one call, then slot 2 takes slot 0's prefix; steps 1..3 feed one token to each of the three slots.
@@ -217,8 +204,8 @@ static void check_variant(enum test_variant v, int bf16)
 	for (int s = 0; s < N_STEPS; s++) {
 		CU_ASSERT_FATAL(gpu.n[s] == cpu.n[s]);
 		for (int i = 0; i < cpu.n[s]; i++) {  /* every position of every step */
-			double e = norm_rel(gpu.logits[s] + i * V, cpu.logits[s] + i * V, V);
-			double es = bf16 ? norm_rel(sens.logits[s] + i * V, cpu.logits[s] + i * V, V) : 0.0;
+			double e = test_norm_rel_err(gpu.logits[s] + i * V, cpu.logits[s] + i * V, V);
+			double es = bf16 ? test_norm_rel_err(sens.logits[s] + i * V, cpu.logits[s] + i * V, V) : 0.0;
 			worst = e > worst || isnan(e) ? e : worst;
 			worst_sens = es > worst_sens ? es : worst_sens;
 			if (!(e < base + 4.0 * es)) {
@@ -269,7 +256,7 @@ static void test_batched_equals_alone(void)
 		for (int s = 0; s < N_STEPS; s++) {
 			/* the row of `only` in the batch: step 0 holds A's 5 rows then B's 3; later steps a row a slot */
 			int row = s == 0 ? (only == 1 ? 7 : 4) : only, mine = s == 0 ? one.n[0] - 1 : 0;
-			double e = norm_rel(one.logits[s] + mine * V, all.logits[s] + row * V, V);
+			double e = test_norm_rel_err(one.logits[s] + mine * V, all.logits[s] + row * V, V);
 			worst = e > worst || isnan(e) ? e : worst;
 		}
 		printf("\n    slot %d alone vs in the batch: worst logits rel err %.2e", only, worst);
@@ -347,8 +334,8 @@ static void test_sampler_matches_cpu(void)
 }
 
 /*
- * generate_cuda against generate_cached (fp32, the same seeds): two groups of two completions of a
- * prompt, sampled and greedy, an end-of-text id: the same tokens, lengths and routes, log-probabilities
+ * generate_cuda against generate_cached (fp32, the same seeds): a group of three completions of a prompt
+ * and one of two, sampled and greedy, an end-of-text id (greedy: one the CPU run samples early): the same tokens, lengths and routes, log-probabilities
  * within float rounding; a second call on the same decoder repeats the first.
  */
 static void test_generate_matches_cpu(void)
@@ -359,10 +346,12 @@ static void test_generate_matches_cpu(void)
 	struct gpu_model *g = gpu_model_create(m, 0, err, sizeof(err));
 	CU_ASSERT_PTR_NOT_NULL_FATAL(g);
 	struct gpu_decoder *d = NULL;
-	enum { G = 4, TN = 6 };
-	const int *prompts[G] = { prompt_a, prompt_a, prompt_b, prompt_b };
-	const int lens[G] = { 5, 5, 3, 3 };
-	const uint64_t seeds[G] = { 11, 12, 13, 14 };
+	/* a group of three one-token prompts: more sequences than prefill tokens (logits rows repeat) */
+	enum { G = 5, TN = 6 };
+	static const int prompt_c[1] = { 42 };
+	const int *prompts[G] = { prompt_c, prompt_c, prompt_c, prompt_b, prompt_b };
+	const int lens[G] = { 1, 1, 1, 3, 3 };
+	const uint64_t seeds[G] = { 11, 12, 13, 14, 15 };
 	int L = c.num_hidden_layers, K = c.num_experts_per_tok;
 	for (int mode = 0; mode < 2; mode++) {
 		struct sample_params sp = sample_params_default();
@@ -374,6 +363,10 @@ static void test_generate_matches_cpu(void)
 		float clp[G * TN], glp[G * TN], rlp[G * TN];
 		struct latent_cache *lc = latent_cache_create(&c, G, 5 + TN);
 		CU_ASSERT_FATAL(lc && latent_cache_enable_routes(lc, &c) == 0);
+		if (mode) {  /* greedy: stop at the token the CPU's fourth sequence decodes third */
+			CU_ASSERT_FATAL(generate_cached(m, lc, prompts, lens, G, &sp, seeds, ct, cl, clp) == 0);
+			sp.eos_id = ct[3 * TN + 2];
+		}
 		CU_ASSERT_FATAL(generate_cached(m, lc, prompts, lens, G, &sp, seeds, ct, cl, clp) == 0);
 		CU_ASSERT_FATAL(generate_cuda(g, m, &d, 1, prompts, lens, G, &sp, seeds, gt, gl, glp) == 0);
 		int tok_diff = 0, route_diff = 0, eos = 0;

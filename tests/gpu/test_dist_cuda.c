@@ -61,19 +61,6 @@ static void sequence(int i, int *in, int *tgt, int V)
 	}
 }
 
-/* ||a - b|| / ||b|| (b the reference); +inf for a NaN in a */
-static double norm_rel_err(const float *a, const float *b, size_t n)
-{
-	double d = 0.0, r = 0.0;
-	for (size_t i = 0; i < n; i++) {
-		if (!isfinite(a[i]))
-			return INFINITY;
-		d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-		r += (double)b[i] * b[i];
-	}
-	return r > 0 ? sqrt(d / r) : sqrt(d);
-}
-
 /* ---- the collectives ---- */
 
 static float value(int rank, size_t i)
@@ -218,7 +205,7 @@ static double worst_grad_err(const struct moe_model *m, const float *grads, cons
 		if (p->kind == PARAM_BUFFER)
 			continue;
 		size_t skip = p->expert_stacked ? (size_t)m->expert_begin * p->shape[1] * p->shape[2] : 0;
-		double e = norm_rel_err(grads + p->offset, ref_grads + q->offset + skip, p->numel);
+		double e = test_norm_rel_err(grads + p->offset, ref_grads + q->offset + skip, p->numel);
 		if (!(e <= tol))
 			printf("\n  rank %d: %s: rel err %.3e vs %s", dist.rank, p->name, e, vs);
 		if (!(e <= worst))

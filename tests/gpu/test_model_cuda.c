@@ -42,19 +42,6 @@ static struct model_config gpu_config(enum test_variant v)
 	return c;
 }
 
-/* ||a - b|| / ||b|| over n floats (b the reference); +inf if a holds a NaN */
-static double norm_rel_err(const float *a, const float *b, size_t n)
-{
-	double d = 0.0, r = 0.0;
-	for (size_t i = 0; i < n; i++) {
-		if (!isfinite(a[i]))
-			return INFINITY;
-		d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-		r += (double)b[i] * b[i];
-	}
-	return r > 0 ? sqrt(d / r) : sqrt(d);
-}
-
 struct run {
 	float loss, ce, aux;
 	float *logits;     /* [N, V] */
@@ -187,9 +174,9 @@ static void compare(const struct moe_model *m, const struct run *gpu, const stru
 	const struct model_config *c = &m->cfg;
 	size_t LE = (size_t)c->num_hidden_layers * c->n_routed_experts;
 	double el = scalar_rel(gpu->loss, cpu->loss), ea = scalar_rel(gpu->aux, cpu->aux);
-	double elog = norm_rel_err(gpu->logits, cpu->logits, NV);
+	double elog = test_norm_rel_err(gpu->logits, cpu->logits, NV);
 	double sl = sens ? scalar_rel(sens->loss, cpu->loss) : 0, sa = sens ? scalar_rel(sens->aux, cpu->aux) : 0;
-	double slog = sens ? norm_rel_err(sens->logits, cpu->logits, NV) : 0;
+	double slog = sens ? test_norm_rel_err(sens->logits, cpu->logits, NV) : 0;
 	int load_diff = 0;
 	for (size_t i = 0; i < LE; i++)
 		load_diff += gpu->load[i] != cpu->load[i];
@@ -209,8 +196,8 @@ static void compare(const struct moe_model *m, const struct run *gpu, const stru
 		const struct param *p = &m->params[i];
 		if (p->kind == PARAM_BUFFER)
 			continue;
-		double e = norm_rel_err(gpu->grads + p->offset, cpu->grads + p->offset, p->numel);
-		double es = sens ? norm_rel_err(sens->grads + p->offset, cpu->grads + p->offset, p->numel) : 0;
+		double e = test_norm_rel_err(gpu->grads + p->offset, cpu->grads + p->offset, p->numel);
+		double es = sens ? test_norm_rel_err(sens->grads + p->offset, cpu->grads + p->offset, p->numel) : 0;
 		if (!within(e, t->grad, t, sens, es))
 			printf("\n      %s: grad rel err %.3e (bf16 weights alone %.3e)", p->name, e, es);
 		CU_ASSERT(within(e, t->grad, t, sens, es));
@@ -321,7 +308,7 @@ static void test_loss_options(void)
 		char what[64];
 		snprintf(what, sizeof(what), "%s options", test_variant_name[vs[k]]);
 		compare(m, &gpu, &cpu, NULL, (size_t)N * c.vocab_size, what, &fp32);
-		double etok = norm_rel_err(gpu.tok, cpu.tok, N);
+		double etok = test_norm_rel_err(gpu.tok, cpu.tok, N);
 		printf("\n    %-20s token losses rel %.1e", "", etok);
 		CU_ASSERT(etok < 1e-5);
 		m->token_weights = NULL;
