@@ -33,6 +33,13 @@
  *     (its config; without it the --config model, randomly initialised, gets one MTP depth).
  *     `--only speculative` runs (g) alone.
  *
+ * --device cuda (built with the CUDA backend): instead of all that, the GPU decode (rl/generate.h
+ * generate_cuda over a bf16 gpu_model, model/cuda/decode_cuda.h): --prompts P distinct prompts x --group G
+ * completions (default 64 x 8, the GRPO batch of issue 18) of --new tokens (no eos: every sequence runs
+ * them all, temperature 1), each group's prompt prefilled once; new tokens / s of the whole generation,
+ * and the prefill's share (the same call with 1 new token).  Repeated runs must give the same tokens.
+ *   bench_generate --config configs/bench-v2lite-4l.json --device cuda --prompt 128 --new 256 --reps 3
+ *
  * Not a test: run it by hand (see bench/RESULTS.md).
  */
 #include <omp.h>
@@ -50,6 +57,12 @@
 #include "rl/generate.h"
 #include "train/checkpoint.h"
 #include "train/config.h"
+
+#ifdef MOE_HAVE_CUDA
+#include "launch/cuda/device.h"
+#include "model/cuda/decode_cuda.h"
+#include "model/cuda/model_cuda.h"
+#endif
 
 #define MAX_REPS 64
 
@@ -86,6 +99,8 @@ struct opts {
 	uint64_t seed;
 	const char *only;
 	const char *checkpoint, *shard;
+	const char *device;
+	int prompts, group;
 };
 
 /* ---------------------------------------------------------------- (a) throughput */
@@ -310,8 +325,96 @@ static void usage(const char *prog)
 {
 	fprintf(stderr, "usage: %s [--config FILE (configs/small.json)] [--reps N (5)] [--prompt T (16)]\n"
 			"          [--new N (32)] [--threads N] [--seed S] [--only int8|speculative]\n"
-			"          [--checkpoint FILE] [--shard FILE]\n", prog);
+			"          [--checkpoint FILE] [--shard FILE] [--device cuda [--prompts P (64)] [--group G (8)]]\n",
+			prog);
 }
+
+/* ---------------------------------------------------------------- --device cuda */
+
+#ifdef MOE_HAVE_CUDA
+/* seconds of one generate_cuda of the batch; -1 on failure */
+static double time_cuda(struct gpu_model *g, struct moe_model *m, struct gpu_decoder **d, const int *const *prompts,
+			const int *lens, int n, const struct sample_params *p, const uint64_t *seeds, int *out,
+			int *out_lens)
+{
+	double t0 = now_s();
+	if (generate_cuda(g, m, d, 0, prompts, lens, n, p, seeds, out, out_lens, NULL))
+		return -1.0;
+	return now_s() - t0;
+}
+
+static int bench_cuda(struct moe_model *m, const struct opts *o)
+{
+	char err[256], name[256], pci[64];
+	if (moe_cuda_device_count() < 1 || moe_cuda_init(0)) {
+		fprintf(stderr, "bench_generate: --device cuda: no usable CUDA device\n");
+		return 1;
+	}
+	moe_cuda_describe(name, sizeof(name), pci, sizeof(pci));
+	struct gpu_model *g = gpu_model_create(m, 1, err, sizeof(err));
+	if (!g) {
+		fprintf(stderr, "bench_generate: %s\n", err);
+		return 1;
+	}
+	int P = o->prompts, G = o->group, n = P * G, V = m->cfg.vocab_size, Tn = o->new_tokens;
+	int *tok = malloc(sizeof(int) * (size_t)P * o->prompt), *lens = malloc(sizeof(int) * n);
+	const int **prompts = malloc(sizeof(*prompts) * n);
+	uint64_t *seeds = malloc(sizeof(uint64_t) * n);
+	int *out[2] = { malloc(sizeof(int) * (size_t)n * Tn), malloc(sizeof(int) * (size_t)n * Tn) };
+	int *out_lens = malloc(sizeof(int) * n);
+	for (int i = 0; i < P * o->prompt; i++)
+		tok[i] = (int)(rng_u32() % (uint32_t)V);
+	for (int k = 0; k < n; k++) {
+		prompts[k] = tok + (size_t)(k / G) * o->prompt;
+		lens[k] = o->prompt;
+		seeds[k] = o->seed + (uint64_t)k;
+	}
+	struct sample_params p = sample_params_default(), p1;
+	p.max_new_tokens = Tn;
+	p1 = p;
+	p1.max_new_tokens = 1;
+	struct gpu_decoder *d = NULL;
+	double t[MAX_REPS], t1[MAX_REPS];
+	int same = 1, rc = 0;
+	if (time_cuda(g, m, &d, prompts, lens, n, &p, seeds, out[1], out_lens) < 0)  /* warm-up: allocations */
+		rc = 1;
+	for (int r = 0; !rc && r < o->reps; r++) {
+		t1[r] = time_cuda(g, m, &d, prompts, lens, n, &p1, seeds, out[0], out_lens);
+		t[r] = time_cuda(g, m, &d, prompts, lens, n, &p, seeds, out[0], out_lens);
+		rc = t[r] < 0 || t1[r] < 0;
+		same &= !memcmp(out[0], out[1], sizeof(int) * (size_t)n * Tn);
+	}
+	if (!rc) {
+		double whole = median(t, o->reps), pre = median(t1, o->reps);
+		printf("cuda (%s): %d prompts x %d completions, %d + %d tokens each, bf16 matmuls: %.3f s, %.0f new "
+		       "tokens/s (prefill + first token %.3f s; decode alone %.0f tokens/s); latent cache %.1f MiB; "
+		       "tokens %s across runs\n", name, P, G, o->prompt, Tn, whole, (double)n * Tn / whole, pre,
+		       (double)n * (Tn - 1) / (whole - pre),
+		       (double)latent_cache_bytes_per_token(&m->cfg) * n * (o->prompt + Tn) / (1 << 20),
+		       same ? "identical" : "DIFFERENT");
+		rc = !same;
+	} else {
+		fprintf(stderr, "bench_generate: generate_cuda failed\n");
+	}
+	gpu_decoder_free(d);
+	gpu_model_free(g);
+	free(tok);
+	free(lens);
+	free(prompts);
+	free(seeds);
+	free(out[0]);
+	free(out[1]);
+	free(out_lens);
+	return rc;
+}
+#else
+static int bench_cuda(struct moe_model *m, const struct opts *o)
+{
+	(void)m, (void)o;
+	fprintf(stderr, "bench_generate: --device cuda: built without the CUDA backend\n");
+	return 1;
+}
+#endif
 
 /* ---------------------------------------------------------------- (f) int8 weights */
 
@@ -538,7 +641,7 @@ out:
 
 static int parse_args(int argc, char **argv, struct opts *o)
 {
-	*o = (struct opts){ "configs/small.json", 5, 16, 32, 0, 1234, NULL, NULL, NULL };
+	*o = (struct opts){ "configs/small.json", 5, 16, 32, 0, 1234, NULL, NULL, NULL, "cpu", 64, 8 };
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 		if (!v)
@@ -555,6 +658,12 @@ static int parse_args(int argc, char **argv, struct opts *o)
 			o->threads = atoi(v);
 		else if (!strcmp(a, "--seed"))
 			o->seed = strtoull(v, NULL, 10);
+		else if (!strcmp(a, "--device") && (!strcmp(v, "cpu") || !strcmp(v, "cuda")))
+			o->device = v;
+		else if (!strcmp(a, "--prompts"))
+			o->prompts = atoi(v);
+		else if (!strcmp(a, "--group"))
+			o->group = atoi(v);
 		else if (!strcmp(a, "--only") && (!strcmp(v, "int8") || !strcmp(v, "speculative")))
 			o->only = v;
 		else if (!strcmp(a, "--checkpoint"))
@@ -565,7 +674,8 @@ static int parse_args(int argc, char **argv, struct opts *o)
 			return -1;
 		i++;
 	}
-	return o->reps < 1 || o->reps > MAX_REPS / 4 || o->prompt < 1 || o->new_tokens < 1 ? -1 : 0;
+	return o->reps < 1 || o->reps > MAX_REPS / 4 || o->prompt < 1 || o->new_tokens < 1 || o->prompts < 1 ||
+	       o->group < 1 ? -1 : 0;
 }
 
 static struct moe_model *load_model(const struct opts *o, struct grpo_config *grpo)
@@ -623,6 +733,11 @@ int main(int argc, char **argv)
 	const char *core = getenv("OPENBLAS_CORETYPE");
 	printf("median of %d repetitions; prompts of %d tokens; OPENBLAS_CORETYPE=%s\n", o.reps, o.prompt,
 	       core ? core : "(unset)");
+	if (!strcmp(o.device, "cuda")) {
+		int rc = bench_cuda(m, &o);
+		model_free(m);
+		return rc;
+	}
 	if (o.only) {
 		int rc = 0;
 		if (!strcmp(o.only, "int8"))

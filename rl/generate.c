@@ -3,6 +3,7 @@
  * (The `moe generate` command around it is rl/rl_cli.c.)
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -10,6 +11,10 @@
 #include "model/quant.h"
 #include "model/vmath.h"
 #include "rl/generate.h"
+
+#ifdef MOE_HAVE_CUDA
+#include "model/cuda/decode_cuda.h"
+#endif
 
 void gen_rng_seed(struct gen_rng *r, uint64_t seed)
 {
@@ -324,6 +329,8 @@ struct gen_run {
 	struct latent_cache *c, *own;  /* the cache used; own: made here (freed at the end) */
 	float *logits;                 /* [G, V]: row i belongs to live[i] */
 	int *tok, *slot, *pos, *live;  /* [G] each: the next step's batch */
+	int *ids;                      /* [G]: a step's samples */
+	float *lps;                    /* [G]: their log-probabilities */
 	struct gen_rng *rng;           /* [G] */
 };
 
@@ -332,6 +339,7 @@ static void gen_run_free(struct gen_run *r)
 	latent_cache_free(r->own);
 	free(r->logits);
 	free(r->tok);
+	free(r->lps);
 	free(r->rng);
 }
 
@@ -360,13 +368,15 @@ static int gen_run_init(struct gen_run *r, struct moe_model *m, struct latent_ca
 	if (!r->c)
 		r->c = r->own = latent_cache_create(&m->cfg, (int)Gs, max_len);
 	r->logits = malloc(sizeof(float) * Gs * (size_t)m->cfg.vocab_size);
-	r->tok = malloc(sizeof(int) * Gs * 4);
+	r->tok = malloc(sizeof(int) * Gs * 5);
+	r->lps = malloc(sizeof(float) * Gs);
 	r->rng = malloc(sizeof(*r->rng) * Gs);
-	if (!r->c || !r->logits || !r->tok || !r->rng)
+	if (!r->c || !r->logits || !r->tok || !r->lps || !r->rng)
 		return -1;
 	r->slot = r->tok + Gs;
 	r->pos = r->slot + Gs;
 	r->live = r->pos + Gs;
+	r->ids = r->live + Gs;
 	for (int g = 0; g < G; g++) {
 		gen_rng_seed(&r->rng[g], seeds ? seeds[g] : gen_sequence_seed(p->seed, g));
 		r->live[g] = g;
@@ -375,22 +385,18 @@ static int gen_run_init(struct gen_run *r, struct moe_model *m, struct latent_ca
 }
 
 /*
- * Samples step t's token of the n live sequences and gathers those that go on into the next batch.
- * Returns how many go on, -1 when sampling failed (out of memory).
+ * Records step t's tokens ids[i] (log-probabilities lps[i]) of the n live sequences r->live[i] and gathers
+ * those that go on into the next batch (r->tok, slot, pos, live); returns how many go on.
  */
-static int sample_live(struct gen_run *r, int n, int t, int V, const int *lens, const struct sample_params *p,
-		       int *out_tokens, int *out_lens, float *out_logprobs)
+static int take_samples(struct gen_run *r, int n, int t, const int *lens, const struct sample_params *p,
+			const int *ids, const float *lps, int *out_tokens, int *out_lens, float *out_logprobs)
 {
 	int Tn = p->max_new_tokens, nn = 0;
 	for (int i = 0; i < n; i++) {
-		int g = r->live[i];
-		float lp;
-		int id = sample_token(r->logits + (size_t)i * V, V, p, &r->rng[g], &lp);
-		if (id < 0)
-			return -1;
+		int g = r->live[i], id = ids[i];
 		out_tokens[(size_t)g * Tn + t] = id;
 		if (out_logprobs)
-			out_logprobs[(size_t)g * Tn + t] = lp;
+			out_logprobs[(size_t)g * Tn + t] = lps[i];
 		out_lens[g] = t + 1;
 		if (id == p->eos_id || t + 1 == Tn)
 			continue;
@@ -400,6 +406,21 @@ static int sample_live(struct gen_run *r, int n, int t, int V, const int *lens, 
 		r->live[nn++] = g;
 	}
 	return nn;
+}
+
+/*
+ * Samples step t's token of the n live sequences on the CPU and gathers those that go on into the next
+ * batch.  Returns how many go on, -1 when sampling failed (out of memory).
+ */
+static int sample_live(struct gen_run *r, int n, int t, int V, const int *lens, const struct sample_params *p,
+		       int *out_tokens, int *out_lens, float *out_logprobs)
+{
+	for (int i = 0; i < n; i++) {
+		r->ids[i] = sample_token(r->logits + (size_t)i * V, V, p, &r->rng[r->live[i]], &r->lps[i]);
+		if (r->ids[i] < 0)
+			return -1;
+	}
+	return take_samples(r, n, t, lens, p, r->ids, r->lps, out_tokens, out_lens, out_logprobs);
 }
 
 /*
@@ -457,3 +478,136 @@ int generate(struct moe_model *m, const int *const *prompts, const int *lens, in
 {
 	return generate_cached(m, NULL, prompts, lens, G, p, NULL, out_tokens, out_lens, out_logprobs);
 }
+
+#ifdef MOE_HAVE_CUDA
+/* ---------------------------------------------------------------- on the GPU */
+
+/* prompt tokens a prefill step takes at most (whole prompts; a longer prompt goes alone) */
+#define GPU_PREFILL_TOKENS 8192
+
+/* the decoder, made or remade when G sequences of up to max_len positions outgrow it */
+static int gpu_decoder_fit(struct gpu_model *g, struct moe_model *m, struct gpu_decoder **dec, int routes,
+			   int G, int max_len)
+{
+	char err[256];
+	struct gpu_decoder *d = *dec;
+	if (d && gpu_decoder_slots(d) >= G && gpu_decoder_max_len(d) >= max_len)
+		return routes ? gpu_decoder_enable_routes(d) : 0;
+	gpu_decoder_free(d);
+	*dec = d = gpu_decoder_create(g, m, G, max_len, err, sizeof(err));
+	if (!d) {
+		fprintf(stderr, "generate: %s\n", err);
+		return -1;
+	}
+	return routes ? gpu_decoder_enable_routes(d) : 0;
+}
+
+/*
+ * The prompts into slots 0..G-1, a chunk of whole prompts per step (a run of equal prompts is prefilled
+ * once and copied, never split between chunks), and each sequence's first token sampled from its
+ * leader's last logits: ids [G], lps [G].
+ */
+static int prefill_cuda(struct gpu_decoder *d, const int *const *prompts, const int *lens, int G,
+			const struct sample_params *p, int *ids, float *lps, int *scratch)
+{
+	int total = 0;
+	for (int g = 0; g < G; g++)
+		total += lens[g];
+	int *tok = scratch, *slot = tok + total, *pos = slot + total, *rows = pos + total, *seq = rows + G;
+	int *leader = seq + G;
+	for (int g = 0; g < G; g++)
+		gpu_decoder_reset(d, g);
+	for (int g0 = 0, g1; g0 < G; g0 = g1) {
+		int k = 0, nr = 0, last = -1;
+		for (g1 = g0; g1 < G; g1++) {
+			if (g1 == g0 || !same_prompt_as_previous(prompts, lens, g1)) {
+				if (k > 0 && k + lens[g1] > GPU_PREFILL_TOKENS)
+					break;
+				for (int t = 0; t < lens[g1]; t++, k++) {
+					tok[k] = prompts[g1][t];
+					slot[k] = g1;
+					pos[k] = t;
+				}
+				leader[g1] = g1;
+				last = k - 1;
+			} else {
+				leader[g1] = leader[g1 - 1];
+			}
+			rows[nr] = last;
+			seq[nr++] = g1;
+		}
+		if (gpu_decode_step(d, tok, slot, pos, k, rows, nr)) {
+			fprintf(stderr, "generate: the GPU prefill of sequences %d..%d was refused\n", g0, g1 - 1);
+			return -1;
+		}
+		for (int g = g0; g < g1; g++)
+			if (leader[g] != g && gpu_decoder_copy_prefix(d, g, leader[g], lens[g]))
+				return -1;
+		gpu_sample(d, seq, nr, p->temperature, p->top_p, p->top_k, ids + g0, lps + g0);
+	}
+	return 0;
+}
+
+int generate_cuda(struct gpu_model *g, struct moe_model *m, struct gpu_decoder **dec, int routes,
+		  const int *const *prompts, const int *lens, int G, const struct sample_params *p,
+		  const uint64_t *seeds, int *out_tokens, int *out_lens, float *out_logprobs)
+{
+	int maxp, Tn = p->max_new_tokens, rc = -1;
+	if (m->ep_group || !gen_args_ok(m, NULL, lens, G, p, &maxp))
+		return -1;
+	for (int g = 0; g < G; g++) {
+		out_lens[g] = 0;
+		for (int t = 0; t < Tn; t++) {
+			out_tokens[(size_t)g * Tn + t] = -1;
+			if (out_logprobs)
+				out_logprobs[(size_t)g * Tn + t] = 0.0f;
+		}
+	}
+	if (Tn == 0)
+		return 0;
+	if (gpu_decoder_fit(g, m, dec, routes, G, maxp + Tn))
+		return -1;
+	struct gpu_decoder *d = *dec;
+	int total = 0;
+	for (int k = 0; k < G; k++)
+		total += lens[k];
+	size_t ns = (size_t)gpu_decoder_slots(d);
+	uint64_t *st = calloc(ns * 4, sizeof(uint64_t));
+	int *scratch = malloc(sizeof(int) * ((size_t)total * 3 + (size_t)G * 3 + 1));
+	struct gen_run r = { 0 };
+	r.tok = malloc(sizeof(int) * (size_t)G * 5);
+	float *lps = malloc(sizeof(float) * (size_t)G);
+	int *ids = r.tok ? r.tok + (size_t)G * 4 : NULL;
+	if (!st || !scratch || !r.tok || !lps)
+		goto out;
+	r.slot = r.tok + G;
+	r.pos = r.slot + G;
+	r.live = r.pos + G;
+	for (int k = 0; k < G; k++) {
+		struct gen_rng rng;
+		gen_rng_seed(&rng, seeds ? seeds[k] : gen_sequence_seed(p->seed, k));
+		memcpy(st + (size_t)k * 4, rng.s, sizeof(rng.s));
+		r.live[k] = k;
+	}
+	gpu_decoder_set_rng(d, st);
+	if (prefill_cuda(d, prompts, lens, G, p, ids, lps, scratch))
+		goto out;
+	for (int t = 0, n = G;; t++) {
+		n = take_samples(&r, n, t, lens, p, ids, lps, out_tokens, out_lens, out_logprobs);
+		if (n == 0)
+			break;
+		if (gpu_decode_step(d, r.tok, r.slot, r.pos, n, NULL, 0)) {
+			fprintf(stderr, "generate: the GPU decode step of position %d was refused\n", t);
+			goto out;
+		}
+		gpu_sample(d, r.live, n, p->temperature, p->top_p, p->top_k, ids, lps);
+	}
+	rc = 0;
+out:
+	free(st);
+	free(scratch);
+	free(r.tok);
+	free(lps);
+	return rc;
+}
+#endif

@@ -71,6 +71,24 @@ int prefill(struct moe_model *m, struct latent_cache *c, const int *const *promp
  * log-probability of each sampled token (see sample_token).  Returns 0, -1 on bad arguments or out of
  * memory.  G >= 1, or G >= 0 under expert parallelism (see above).  generate_cached(.., NULL, .., NULL, ..).
  */
+/*
+ * generate_cached on the GPU (only with the CUDA backend, MOE_HAVE_CUDA): the same prompts, sampling
+ * parameters, seeds and outputs, decoded by the GPU model g (made from m; its weights read in place: no
+ * copy) over a device latent cache (model/cuda/decode_cuda.h) in *dec, made here or remade when these G
+ * sequences outgrow it (the caller keeps it across calls and frees it with gpu_decoder_free).  Each prompt
+ * is prefilled once for the run of equal prompts that follows it (GRPO's group) and its cache copied; every
+ * step decodes all live sequences at once and samples them on the device, each sequence from its own
+ * xoshiro256** stream, the one generate_cached gives it: the same draws as on the CPU, so the tokens
+ * agree wherever the logits do not straddle a sampling boundary.  routes: record the routes (read with
+ * gpu_decoder_route; slots 0..G-1 hold the sequences, as generate_cached's cache).  One process, no
+ * expert parallelism.  0, or -1 on bad arguments or a decoder that cannot be made (printed).
+ */
+struct gpu_model;
+struct gpu_decoder;
+int generate_cuda(struct gpu_model *g, struct moe_model *m, struct gpu_decoder **dec, int routes,
+		  const int *const *prompts, const int *lens, int G, const struct sample_params *p,
+		  const uint64_t *seeds, int *out_tokens, int *out_lens, float *out_logprobs);
+
 int generate(struct moe_model *m, const int *const *prompts, const int *lens, int G,
 	     const struct sample_params *p, int *out_tokens, int *out_lens, float *out_logprobs);
 

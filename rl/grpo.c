@@ -32,6 +32,10 @@
 #include "train/checkpoint.h"
 #include "train/trainer.h"
 
+#ifdef MOE_HAVE_CUDA
+#include "model/cuda/decode_cuda.h"
+#endif
+
 struct grpo {
 	struct trainer t;
 	struct moe_model *ref;        /* frozen reference (beta > 0) */
@@ -50,6 +54,8 @@ struct grpo {
 	enum grpo_scale scale;
 	enum grpo_reward_norm norm;
 	struct model_quant *rollout_q;/* grpo.rollout_weights=int8: what sampling reads, refreshed each step */
+	int rollout_cuda;             /* sampling on the GPU, from the training weights in place */
+	struct gpu_decoder *dec;      /* its device latent cache (kept across steps) */
 	enum grpo_loss_type loss_type;
 	int P, G, W, mb, ga, nmb, M;  /* prompts, group, ranks, micro-batch, accumulation, minibatches, M */
 	int n_local;                  /* completions of this rank per step: nmb * mb * ga */
@@ -382,6 +388,11 @@ static int setup(struct grpo *g, const struct run_config *cfg, const char *resum
 		g->ref->logit_temperature = t->m->logit_temperature;
 	if (!strcmp(cfg->grpo.rollout_weights, "int8") && !(g->rollout_q = quant_create(t->m)))
 		FAIL("out of memory for the int8 rollout weights (grpo.rollout_weights)");
+	/* the updates on the GPU: the rollouts too (int8 rollout weights are a CPU feature) */
+	g->rollout_cuda = t->cuda && !g->rollout_q;
+	if (g->rollout_cuda)
+		TRAINER_LOG(t, "moe grpo: sampling on the GPU (batched latent-cache decode of the %d completions, "
+			    "the training weights in place)\n", g->n_local);
 	return start_reward(g);
 }
 
@@ -390,6 +401,9 @@ static void teardown(struct grpo *g)
 	for (int k = 0; k < g->R; k++)
 		reward_stop(g->rproc[k]);
 	quant_free(g->rollout_q);
+#ifdef MOE_HAVE_CUDA
+	gpu_decoder_free(g->dec);
+#endif
 	for (int i = 0; g->prompt_ids && i < g->ps.n; i++)
 		free(g->prompt_ids[i]);
 	free(g->prompt_ids);
@@ -421,10 +435,17 @@ static void teardown(struct grpo *g)
 /* ---------------------------------------------------------------- sampling and rewards */
 
 struct step_stats {
-	double sample_s, reward_s, train_s;
+	double sample_s, reward_s, train_s;  /* generate, reward, reference + update seconds */
+	double reference_s, update_s;     /* train_s's parts: reference (and int8 old) logps, the updates */
 	long gen_tokens, train_tokens;    /* global */
 	double reward_mean, reward_std;
-	double logp_mismatch, logp_mismatch_max;  /* |sampling - training logp| per token (int8 rollouts) */
+	/*
+	 * |sampling-time - training-time logp| of the same tokens, mean and max: every token (int8
+	 * rollouts: the old logps are recomputed), else those of the first minibatch, whose first forward
+	 * still sees the sampling-time policy
+	 */
+	double logp_mismatch, logp_mismatch_max;
+	long logp_mismatch_tokens;
 	double prog_mean[CFG_MAX_REWARDS], prog_std[CFG_MAX_REWARDS];  /* each program's */
 	int zero_std_groups, len_min, len_max, truncated;
 	double len_mean;
@@ -446,6 +467,17 @@ static int route_stride(const struct grpo *g)
 	return g->max_prompt + g->max_new;
 }
 
+/* the experts (slot k, position t) went to in layer l while sampling, from the cache that recorded them */
+static const int *sampled_route(const struct grpo *g, const struct latent_cache *c, int l, int k, int t)
+{
+#ifdef MOE_HAVE_CUDA
+	if (g->rollout_cuda)
+		return gpu_decoder_route(g->dec, l, k, t);
+#endif
+	(void)g;
+	return latent_cache_route(c, l, k, t);
+}
+
 /* routes[k][l][t][0..K) = the experts completion k's token t went to in MoE layer l while sampling */
 static void copy_routes(struct grpo *g, const struct latent_cache *c, const int *prompt_lens)
 {
@@ -458,7 +490,7 @@ static void copy_routes(struct grpo *g, const struct latent_cache *c, const int 
 				continue;
 			int *dst = g->routes + (((size_t)k * L + l) * T) * K;
 			for (int t = 0; t < n_in; t++)
-				memcpy(dst + (size_t)t * K, latent_cache_route(c, l, k, t), sizeof(int) * K);
+				memcpy(dst + (size_t)t * K, sampled_route(g, c, l, k, t), sizeof(int) * K);
 		}
 	}
 }
@@ -473,6 +505,11 @@ static int rollout_generate(struct grpo *g, struct latent_cache *cache, const in
 	struct moe_model *m = g->t.m;
 	int rc;
 
+#ifdef MOE_HAVE_CUDA
+	if (g->rollout_cuda)
+		return generate_cuda(g->t.gpu, m, &g->dec, g->routes != NULL, prompts, lens, n, sp, seeds, g->tokens,
+				     g->len, g->old_logp);
+#endif
 	if (g->rollout_q) {
 		quant_update(g->rollout_q, m);
 		m->quant = g->rollout_q;
@@ -490,11 +527,13 @@ static int sample_completions(struct grpo *g, int64_t step, struct step_stats *s
 	const int **prompts = malloc(sizeof(int *) * (size_t)n);
 	int *lens = malloc(sizeof(int) * (size_t)n);
 	uint64_t *seeds = malloc(sizeof(uint64_t) * (size_t)n);
-	struct latent_cache *cache = latent_cache_create(&g->t.m->cfg, n, g->max_prompt + g->max_new);
+	/* on the GPU the decoder holds the cache */
+	struct latent_cache *cache = g->rollout_cuda ? NULL :
+		latent_cache_create(&g->t.m->cfg, n, g->max_prompt + g->max_new);
 	double t0 = trainer_now_s();
 
-	if (!prompts || !lens || !seeds || !cache ||
-	    (g->routes && latent_cache_enable_routes(cache, &g->t.m->cfg)))
+	if (!prompts || !lens || !seeds || (!cache && !g->rollout_cuda) ||
+	    (cache && g->routes && latent_cache_enable_routes(cache, &g->t.m->cfg)))
 		goto out;
 	for (int k = 0; k < n; k++) {
 		int p = prompt_of(g, step, k);
@@ -749,6 +788,28 @@ static void reference_logps(struct grpo *g, int64_t step)
 	}
 }
 
+/* v[0] += |old - new| of a completion's n tokens, v[1] += n, *mx = the largest */
+static void add_mismatch(const float *old, const float *lp, int n, double *v, double *mx)
+{
+	for (int i = 0; i < n; i++) {
+		double d = fabs((double)old[i] - lp[i]);
+		v[0] += d;
+		*mx = d > *mx ? d : *mx;
+	}
+	v[1] += n;
+}
+
+/* the mismatch over every rank's tokens into ss */
+static void reduce_mismatch(struct grpo *g, double *v, double mx, struct step_stats *ss)
+{
+	if (g->W > 1 && (comm_allreduce(g->t.d->world_g, v, 2, COMM_F64, COMM_SUM) ||
+			 comm_allreduce(g->t.d->world_g, &mx, 1, COMM_F64, COMM_MAX)))
+		comm_abort(1, "all-reduce of the log-probability mismatch failed");
+	ss->logp_mismatch = v[1] > 0 ? v[0] / v[1] : 0.0;
+	ss->logp_mismatch_max = mx;
+	ss->logp_mismatch_tokens = (long)v[1];
+}
+
 /*
  * int8 rollouts: the sampling-time log-probabilities came from the int8 weights.  The ratio's old
  * policy is the fp32 policy at sampling time, so they are recomputed here by the training forward
@@ -768,26 +829,21 @@ static void policy_logps(struct grpo *g, int64_t step, struct step_stats *ss)
 		m->route_replay = NULL;
 		const float *ce = trainer_token_losses(&g->t);
 		for (int s = 0; s < g->mb; s++) {
-			float *old = g->old_logp + (size_t)(k0 + s) * g->max_new;
-			for (int i = 0; i < g->len[k0 + s]; i++) {
-				float lp = -ce[(size_t)s * T + plen[s] - 1 + i];
-				double d = fabs((double)old[i] - lp);
-				v[0] += d;
-				v[1] += 1;
-				mx = d > mx ? d : mx;
-				old[i] = lp;
-			}
+			float *old = g->old_logp + (size_t)(k0 + s) * g->max_new, lp[g->len[k0 + s] + 1];
+			for (int i = 0; i < g->len[k0 + s]; i++)
+				lp[i] = -ce[(size_t)s * T + plen[s] - 1 + i];
+			add_mismatch(old, lp, g->len[k0 + s], v, &mx);
+			memcpy(old, lp, sizeof(float) * g->len[k0 + s]);
 		}
 	}
-	if (g->W > 1 && (comm_allreduce(g->t.d->world_g, v, 2, COMM_F64, COMM_SUM) ||
-			 comm_allreduce(g->t.d->world_g, &mx, 1, COMM_F64, COMM_MAX)))
-		comm_abort(1, "all-reduce of the log-probability mismatch failed");
-	ss->logp_mismatch = v[1] > 0 ? v[0] / v[1] : 0.0;
-	ss->logp_mismatch_max = mx;
+	reduce_mismatch(g, v, mx, ss);
 }
 
-/* Forward and backward of one micro-batch; adds its statistics to st. */
-static void train_micro(struct grpo *g, int64_t step, int k0, struct grpo_stats *st, long *tokens)
+/*
+ * Forward and backward of one micro-batch; adds its statistics to st.  mm (NULL: not measured): adds the
+ * micro-batch's |sampling-time - training-time logp| (sum, count, max: mm[0..2]).
+ */
+static void train_micro(struct grpo *g, int64_t step, int k0, struct grpo_stats *st, long *tokens, double *mm)
 {
 	struct moe_model *m = g->t.m;
 	int plen[g->mb];
@@ -802,6 +858,8 @@ static void train_micro(struct grpo *g, int64_t step, int k0, struct grpo_stats 
 		const float *row = ce + (size_t)s * T + plen[s] - 1;
 		for (int i = 0; i < n; i++)
 			logp[i] = -row[i];
+		if (mm)
+			add_mismatch(g->old_logp + (size_t)k * g->max_new, logp, n, mm, &mm[2]);
 		int counted = !(g->t.cfg.grpo.mask_truncated && g->gtrunc[j]);
 		grpo_sequence_grad(&g->lp, n, logp, g->old_logp + (size_t)k * g->max_new,
 				   g->ref ? g->ref_logp + (size_t)k * g->max_new : NULL, counted, g->adv[j],
@@ -839,20 +897,26 @@ static void train_updates(struct grpo *g, int64_t step, struct step_stats *ss)
 {
 	struct trainer *t = &g->t;
 	int per = g->mb * g->ga, u = 0;
-	double t0 = trainer_now_s();
+	double t0 = trainer_now_s(), mm[3] = { 0, 0, 0 };
 	if (g->ref)
 		reference_logps(g, step);
 	if (g->rollout_q)
 		policy_logps(g, step, ss);
+	double t1 = trainer_now_s();
+	ss->reference_s = t1 - t0;
 	for (int it = 0; it < t->cfg.grpo.num_iterations; it++) {
 		for (int b = 0; b < g->nmb; b++, u++) {
 			struct grpo_stats st = { 0 };
 			long tokens = 0;
 			struct update_result ur;
+			/* the first minibatch's forwards still see the sampling-time policy */
+			int measure = it == 0 && b == 0 && !g->rollout_q;
 			trainer_zero_grad(t);
 			trainer_clear_loads(t);
 			for (int a = 0; a < g->ga; a++)
-				train_micro(g, step, b * per + a * g->mb, &st, &tokens);
+				train_micro(g, step, b * per + a * g->mb, &st, &tokens, measure ? mm : NULL);
+			if (measure)
+				reduce_mismatch(g, mm, mm[2], ss);
 			sum_stats(g, &st, &tokens);
 			double lr = lr_at(&t->sched, step * g->updates_per_step + u);
 			trainer_update(t, lr, st.loss, &ur);
@@ -871,6 +935,7 @@ static void train_updates(struct grpo *g, int64_t step, struct step_stats *ss)
 			}
 		}
 	}
+	ss->update_s = trainer_now_s() - t1;
 	ss->train_s = trainer_now_s() - t0;
 }
 
@@ -886,7 +951,8 @@ static int grpo_step(struct grpo *g, struct step_stats *ss)
 	memset(ss, 0, sizeof(*ss));
 	comm_reset_seconds();
 
-	trainer_weights_to_host(t);  /* the sampler reads m->weights: the policy as the updates left it */
+	if (!g->rollout_cuda)  /* the CPU sampler reads m->weights: the policy as the updates left it */
+		trainer_weights_to_host(t);
 	int ok = local && !sample_completions(g, step, ss);
 	if (!ok)
 		snprintf(err, sizeof(err), "sampling failed (out of memory?)");
@@ -936,16 +1002,19 @@ static void log_metrics(struct grpo *g, const struct step_stats *ss)
 			"\"clip_high\": %.6g, \"ratio_mean\": %.6g, \"completion_len\": %.3f, "
 			"\"completion_len_min\": %d, \"completion_len_max\": %d, \"truncated_frac\": %.4f, "
 			"\"sampling_tokens_per_s\": %.1f, \"training_tokens_per_s\": %.1f, \"sample_s\": %.3f, "
-			"\"reward_s\": %.3f, \"train_s\": %.3f, \"elapsed_s\": %.3f%s, ",
+			"\"reward_s\": %.3f, \"train_s\": %.3f, \"elapsed_s\": %.3f%s, \"rollout_device\": \"%s\", "
+			"\"generate_s\": %.3f, \"reference_s\": %.3f, \"update_s\": %.3f, \"logp_mismatch\": %.6g, "
+			"\"logp_mismatch_max\": %.6g, \"logp_mismatch_tokens\": %ld, ",
 			(long long)t->st.step, ss->loss, ss->lr, ss->grad_norm, ss->gen_tokens / secs,
 			ss->reward_mean, ss->reward_std, (double)ss->zero_std_groups / g->P, kl,
 			clip_low + clip_high, clip_low, clip_high, ls->tokens > 0 ? ls->ratio / ntok : 1.0, ss->len_mean, ss->len_min,
 			ss->len_max, (double)ss->truncated / PG, sample_tps, train_tps, ss->sample_s, ss->reward_s,
-			ss->train_s, t->st.elapsed_s, ss->skipped ? ", \"skipped\": true" : "");
+			ss->train_s, t->st.elapsed_s, ss->skipped ? ", \"skipped\": true" : "",
+			g->rollout_cuda ? "cuda" : "cpu", ss->sample_s, ss->reference_s, ss->update_s, ss->logp_mismatch,
+			ss->logp_mismatch_max, ss->logp_mismatch_tokens);
 		write_program_rewards(g, t->metrics, ss->prog_mean, ss->prog_std);
 		if (g->rollout_q)
-			fprintf(t->metrics, "\"rollout_weights\": \"int8\", \"logp_mismatch\": %.6g, "
-				"\"logp_mismatch_max\": %.6g, ", ss->logp_mismatch, ss->logp_mismatch_max);
+			fprintf(t->metrics, "\"rollout_weights\": \"int8\", ");
 		trainer_write_imbalance(t, t->metrics);
 		fprintf(t->metrics, "}\n");
 		fflush(t->metrics);
@@ -956,9 +1025,8 @@ static void log_metrics(struct grpo *g, const struct step_stats *ss)
 		return;
 	char eta[32];
 	trainer_format_duration(eta, sizeof(eta), g->step_time_avg * (t->cfg.train.steps - t->st.step));
-	char q8[48] = "";
-	if (g->rollout_q)
-		snprintf(q8, sizeof(q8), " | int8 logp mismatch %.4f", ss->logp_mismatch);
+	char q8[48];
+	snprintf(q8, sizeof(q8), " | %slogp mismatch %.4f", g->rollout_q ? "int8 " : "", ss->logp_mismatch);
 	printf("step %lld/%d | reward %.3f +- %.3f | kl %.4f | clip %.3f | len %.1f [%d, %d] | loss %.4f | "
 	       "sample %.0f tok/s%s | train %.0f tok/s | ETA %s%s\n", (long long)t->st.step, t->cfg.train.steps,
 	       ss->reward_mean, ss->reward_std, kl, clip_low + clip_high, ss->len_mean, ss->len_min, ss->len_max,

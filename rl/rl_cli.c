@@ -21,6 +21,12 @@
 #include "train/lora_run.h"
 #include "train/config.h"
 
+#ifdef MOE_HAVE_CUDA
+#include "launch/cuda/device.h"
+#include "model/cuda/decode_cuda.h"
+#include "model/cuda/model_cuda.h"
+#endif
+
 static void gen_usage(FILE *f)
 {
 	fprintf(f,
@@ -28,11 +34,14 @@ static void gen_usage(FILE *f)
 		"                    --prompts FILE.jsonl --out-shard SHARD.bin)\n"
 		"                    [--tokenizer tokenizer.json] [--max-new-tokens N (64)] [--temperature T (1)]\n"
 		"                    [--top-p P (1)] [--top-k K (0: off)] [--seed S (0)] [--num-samples G (1)]\n"
-		"                    [--eos ID] [--weights full|int8] [--speculative] [--set section.key=value ...]\n"
+		"                    [--eos ID] [--weights full|int8] [--device cpu|cuda|auto] [--speculative]\n"
+		"                    [--set section.key=value ...]\n"
 		"Samples G completions of the prompt with the MLA latent cache (temperature 0: greedy) and prints\n"
 		"each (as text with a tokenizer, else as ids).  The tokenizer defaults to grpo.tokenizer; the stop\n"
 		"id to the tokenizer's end of text (--eos -1: never stop early).  --weights int8: every linear\n"
-		"layer's weight int8 with a scale per row (model/quant.h), quantised once at load.\n"
+		"layer's weight int8 with a scale per row (model/quant.h), quantised once at load (CPU only).\n"
+		"--device (default: the config's train.device): cuda decodes every sample of a prompt at once on\n"
+		"the GPU (bf16 matmuls, the latent cache on the device), auto where a GPU is present.\n"
 		"--prompts (JSON Lines with a \"prompt\" string per line, as grpo.prompts) and --out-shard: for\n"
 		"every prompt, G completions written to a token shard that moe train reads, each sample as its\n"
 		"prompt's tokens, the completion's, then the end-of-text id (sequence-level distillation from a\n"
@@ -62,6 +71,72 @@ static int parse_double(const char *s, double *out)
 		return -1;
 	*out = v;
 	return 0;
+}
+
+/* where the samples are drawn: the CPU model, or (gpu set) its copy on the GPU */
+struct gen_engine {
+	struct moe_model *m;
+	struct gpu_model *gpu;
+	struct gpu_decoder *dec;
+};
+
+static int engine_generate(struct gen_engine *e, const int *const *prompts, const int *lens, int G,
+			   const struct sample_params *sp, int *out, int *out_lens)
+{
+#ifdef MOE_HAVE_CUDA
+	if (e->gpu)
+		return generate_cuda(e->gpu, e->m, &e->dec, 0, prompts, lens, G, sp, NULL, out, out_lens, NULL);
+#endif
+	return generate(e->m, prompts, lens, G, sp, out, out_lens, NULL);
+}
+
+/* device: cpu, cuda (an error where there is none) or auto (the GPU when one is found); 0 or -1 */
+static int engine_start(struct gen_engine *e, const char *device, int int8)
+{
+	int want = !strcmp(device, "cuda"), count = 0;
+	if (strcmp(device, "cpu") && strcmp(device, "cuda") && strcmp(device, "auto")) {
+		fprintf(stderr, "moe generate: --device / train.device: unknown device \"%s\" (cpu, cuda, auto)\n",
+			device);
+		return -1;
+	}
+#ifdef MOE_HAVE_CUDA
+	count = strcmp(device, "cpu") && !int8 ? moe_cuda_device_count() : 0;
+#endif
+	if (want && int8) {
+		fprintf(stderr, "moe generate: --device cuda: --weights int8 runs on the CPU\n");
+		return -1;
+	}
+	if (want && count == 0) {
+		fprintf(stderr, "moe generate: --device cuda: no CUDA device found (or a build without the CUDA "
+			"backend)\n");
+		return -1;
+	}
+	if (count == 0)
+		return 0;
+#ifdef MOE_HAVE_CUDA
+	char err[256];
+	if (moe_cuda_init(0))
+		return -1;
+	e->gpu = gpu_model_create(e->m, 1, err, sizeof(err));
+	if (!e->gpu) {
+		fprintf(stderr, "moe generate: the GPU model: %s\n", err);
+		return -1;
+	}
+	fprintf(stderr, "moe generate: decoding on the GPU (bf16 matmuls, latent cache on the device)\n");
+#endif
+	return 0;
+}
+
+static void engine_stop(struct gen_engine *e)
+{
+#ifdef MOE_HAVE_CUDA
+	gpu_decoder_free(e->dec);
+	gpu_model_free(e->gpu);
+	if (e->gpu)
+		moe_cuda_shutdown();
+#endif
+	e->dec = NULL;
+	e->gpu = NULL;
 }
 
 static struct moe_model *load_model(const char *ckpt, const struct run_config *rc, int int8)
@@ -119,14 +194,14 @@ static int write_samples(struct shard_writer *w, const int *prompt, int n_prompt
  * --prompts FILE --out-shard PATH: G samples of every prompt into one shard (written to PATH.tmp,
  * renamed when complete).  0 or -1 after printing why.
  */
-static int prompts_to_shard(struct moe_model *m, struct tokenizer *tok, const char *prompts_path,
+static int prompts_to_shard(struct gen_engine *e, struct tokenizer *tok, const char *prompts_path,
 			    const char *out_path, int G, const struct sample_params *sp0)
 {
 	char err[1024];
 	struct prompt_set ps = { 0 };
 	struct shard_writer w;
 	struct tok_ids ids = { 0 };
-	int V = m->cfg.vocab_size, rc = -1, opened = 0;
+	int V = e->m->cfg.vocab_size, rc = -1, opened = 0;
 	int *out = malloc(sizeof(int) * ((size_t)G * sp0->max_new_tokens + 1));
 	int *lens = calloc((size_t)G * 2, sizeof(int)), *ptok = NULL;
 	const int **prompts = calloc((size_t)G, sizeof(*prompts));
@@ -173,7 +248,7 @@ static int prompts_to_shard(struct moe_model *m, struct tokenizer *tok, const ch
 		}
 		struct sample_params sp = *sp0;
 		sp.seed = gen_sequence_seed(sp0->seed, i);
-		if (generate(m, prompts, plens, G, &sp, out, lens, NULL)) {
+		if (engine_generate(e, prompts, plens, G, &sp, out, lens)) {
 			fprintf(stderr, "moe generate: %s:%d: generation failed (a prompt of %zu tokens plus "
 				"%d new ones longer than model.max_position_embeddings, or out of memory)\n",
 				ps.path, ps.line[i], ids.n, sp.max_new_tokens);
@@ -207,7 +282,7 @@ done:
 int generate_cli_main(int argc, char **argv)
 {
 	const char *ckpt = NULL, *prompt = NULL, *prompt_ids = NULL, *tok_path = NULL;
-	const char *prompts_path = NULL, *out_shard = NULL;
+	const char *prompts_path = NULL, *out_shard = NULL, *device = NULL;
 	const char *sets[64];
 	int nsets = 0, G = 1, eos_set = 0, int8 = 0, speculative = 0;
 	long eos = -1;
@@ -258,6 +333,8 @@ int generate_cli_main(int argc, char **argv)
 			bad = parse_int(v, 1, 4096, &iv) || ((G = (int)iv), 0);
 		else if (!strcmp(a, "--eos"))
 			bad = parse_int(v, -1, 1L << 30, &eos) || ((eos_set = 1), 0);
+		else if (!strcmp(a, "--device"))
+			device = v;
 		else if (!strcmp(a, "--weights"))
 			bad = strcmp(v, "full") && strcmp(v, "int8") ? 1 : ((int8 = !strcmp(v, "int8")), 0);
 		else if (!strcmp(a, "--set")) {
@@ -313,6 +390,16 @@ int generate_cli_main(int argc, char **argv)
 	}
 	if (!tok_path && rc.grpo.tokenizer[0])
 		tok_path = rc.grpo.tokenizer;
+	if (!device)
+		device = rc.train.device;
+	if (speculative && !strcmp(device, "cuda")) {
+		fprintf(stderr, "moe generate: --speculative decodes on the CPU (--device cuda: the GPU decoder "
+			"has no multi-token-prediction draft yet)\n");
+		return 1;
+	}
+	if (speculative)
+		device = "cpu";
+	struct gen_engine eng = { 0 };
 
 	int status = 1, V = rc.model.vocab_size;
 	struct tokenizer *tok = NULL;
@@ -335,8 +422,9 @@ int generate_cli_main(int argc, char **argv)
 			goto done;
 		}
 		sp.eos_id = eos_set ? (int)eos : tokenizer_eot_id(tok);
-		m = load_model(ckpt, &rc, int8);
-		if (m && !prompts_to_shard(m, tok, prompts_path, out_shard, G, &sp))
+		m = eng.m = load_model(ckpt, &rc, int8);
+		if (m && !engine_start(&eng, device, int8) &&
+		    !prompts_to_shard(&eng, tok, prompts_path, out_shard, G, &sp))
 			status = 0;
 		goto done;
 	}
@@ -382,8 +470,8 @@ int generate_cli_main(int argc, char **argv)
 		}
 	sp.eos_id = eos_set ? (int)eos : (tok ? tokenizer_eot_id(tok) : -1);
 
-	m = load_model(ckpt, &rc, int8);
-	if (!m)
+	m = eng.m = load_model(ckpt, &rc, int8);
+	if (!m || engine_start(&eng, device, int8))
 		goto done;
 	out = malloc(sizeof(int) * ((size_t)G * sp.max_new_tokens + 1));
 	/* zeroed: with the sanitizers GCC cannot tell that the loop below fills them */
@@ -402,7 +490,7 @@ int generate_cli_main(int argc, char **argv)
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	struct spec_stats st;
 	if (speculative ? generate_speculative(m, prompt_tok, n_prompt, &sp, out, lens, &st) :
-			  generate(m, prompts, plens, G, &sp, out, lens, NULL)) {
+			  engine_generate(&eng, prompts, plens, G, &sp, out, lens)) {
 		fprintf(stderr, "moe generate: generation failed (out of memory?)\n");
 		goto done;
 	}
@@ -448,6 +536,7 @@ done:
 	tok_ids_free(&ids);
 	if (tok)
 		tokenizer_free(tok);
+	engine_stop(&eng);
 	model_free(m);
 	return status;
 }

@@ -3,7 +3,8 @@
 # bundle made by tests/gpu/bundle.sh and run, each with its log in LOGDIR: nvidia-smi -L (read only), the
 # GPU suite (gpu_test_ops_cuda), every other CUnit executable (as ctest runs them: MOE_SRC = this checkout,
 # MOE_BIN = the bundled moe, OMP_NUM_THREADS=2), `mpirun -np 2` of launch_test_comm, the script tests
-# tests/*/test_*.sh, bench_train (default arguments), bench_attention (our attention kernels against cuDNN's
+# tests/*/test_*.sh, bench_train (default arguments), bench_generate --device cuda (the GRPO batch's generation
+# tokens/s), bench_attention (our attention kernels against cuDNN's
 # graph API; it needs the host's cuDNN 9, libcudnn.so.9, which the bundle leaves out) and
 # bench/bench_scaling.sh on the bundled binaries.
 # LOGDIR/summary.txt gets one line per item (PASS / FAIL / SKIP / TIMEOUT, seconds, note), written as each
@@ -13,7 +14,7 @@
 #   MOE_BUNDLE_DIR  where to unpack (default /tmp/moe-bundle; emptied first)
 #   ONLY / SKIP     extended regexes on item names: run only the matching / leave out the matching
 #                   (items: nvidia-smi env gpu_test_ops_cuda <name>_test_<x> mpirun_np2 <dir>_test_<x>_sh
-#                    nccl_world1 bench_ep_gpu bench_train bench_attention bench_scaling)
+#                    nccl_world1 bench_ep_gpu bench_train bench_attention bench_generate_cuda bench_scaling)
 #   BUDGET_S        seconds for the whole run (default 0: none); an item gets at most what is left and none
 #                   starts with less than 15 s left (SKIP), so the script ends within about BUDGET_S + 15
 #   ITEM_TIMEOUT    seconds per item (default 900)
@@ -287,6 +288,10 @@ if [ -f "$ROOT/bench/bench_ep_gpu.sh" ]; then
 fi
 [ -x "$B/bin/bench_train" ] && item bench_train bench "$B/bin/bench_train"
 [ -x "$B/bin/bench_attention" ] && item bench_attention bench "$B/bin/bench_attention"
+# generation on the GPU for the GRPO batch shape of issue 18: 64 prompts x 8 completions, 256 new tokens
+# after 128-token prompts, bench-v2lite-4l (bf16), median of 3 (bench/bench_generate.c --device cuda)
+[ -x "$B/bin/bench_generate" ] && item bench_generate_cuda plain env OMP_NUM_THREADS=2 "$B/bin/bench_generate" \
+	--config "$ROOT/configs/bench-v2lite-4l.json" --device cuda --prompt 128 --new 256 --reps 3
 if [ -f "$ROOT/bench/bench_scaling.sh" ]; then
 	item bench_scaling plain bash "$ROOT/bench/bench_scaling.sh" "$B/bin"
 fi
@@ -298,6 +303,7 @@ fi
 	if [ -f "$LOGDIR/bench_scaling.log" ]; then echo; echo "bench_scaling:"; cat "$LOGDIR/bench_scaling.log"; fi
 	if [ -f "$LOGDIR/bench_train.log" ]; then echo; echo "bench_train:"; cat "$LOGDIR/bench_train.log"; fi
 	if [ -f "$LOGDIR/bench_attention.log" ]; then echo; echo "bench_attention:"; cat "$LOGDIR/bench_attention.log"; fi
+	if [ -f "$LOGDIR/bench_generate_cuda.log" ]; then echo; echo "bench_generate_cuda:"; cat "$LOGDIR/bench_generate_cuda.log"; fi
 } >>"$SUMMARY"
 tail -n +"$(grep -n '^total:' "$SUMMARY" | cut -d: -f1)" "$SUMMARY" | head -1
 [ "$nfail" = 0 ]

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# tests/gpu/test_grpo_cuda.sh - `moe grpo` with its updates on the GPU (train.device=cuda; sampling, the
+# tests/gpu/test_grpo_cuda.sh - `moe grpo` on the GPU (train.device=cuda: the rollouts sample on the device
+# with the batched latent-cache decode over the training weights in place, and the updates run there; the
 # reward and the reference stay on the CPU) against the same run on the CPU, with the fixture of
 # tests/rl/grpo_fixture.sh (the tiny model, a byte-level tokenizer, reward 1 when the completion ends with
-# a digit): step 1 samples the same completions (the same weights and seeds: the same rewards exactly) and
-# its gradient norm agrees within 5% (bf16 matmuls vs the fp32 reference); every step's ratio stays
-# within 0.05 of 1 (one update per batch: only the bf16 / fp32 gap between the updates and the sampler
-# moves it); both learn (mean reward of the last 3 of 12 steps > 0.8); a GPU run stopped at step 6 and
-# resumed continues exactly as the uninterrupted one.  Prints SKIP and passes where there is no CUDA device.
+# a digit): every GPU row says rollout_device "cuda" (the CPU's "cpu"); step 1 samples from the same
+# weights and the same xoshiro streams, its bf16 logits differing from the CPU's fp32 ones by rounding
+# only, so its mean reward is within 0.15 of the CPU's and its gradient norm within 10%; the sampling-time
+# log-probabilities agree with the training forward's (logp_mismatch, both bf16 on the device: mean
+# < 1e-2, printed; the issue's goal is 1e-3); every step's ratio stays within 0.05 of 1; both learn (mean
+# reward of the last 3 of 12 steps > 0.8); a GPU run stopped at step 6 and resumed continues exactly as the
+# uninterrupted one.  Prints SKIP and passes where there is no CUDA device.
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-grpo-cuda-test
@@ -44,10 +47,18 @@ def check(cond, msg):
     print(("ok   " if cond else "FAIL ") + msg)
     ok &= bool(cond)
 check(len(gpu) == 12 and len(cpu) == 12, f"12 steps each (gpu {len(gpu)}, cpu {len(cpu)})")
-check(gpu[0]["reward_mean"] == cpu[0]["reward_mean"],
-      f"step 1 rewards: gpu {gpu[0]['reward_mean']} cpu {cpu[0]['reward_mean']} (same samples)")
+check(all(r["rollout_device"] == "cuda" for r in gpu) and all(r["rollout_device"] == "cpu" for r in cpu),
+      "rollout_device: cuda on every GPU row, cpu on every CPU row")
+check(abs(gpu[0]["reward_mean"] - cpu[0]["reward_mean"]) <= 0.15,
+      f"step 1 rewards: gpu {gpu[0]['reward_mean']} cpu {cpu[0]['reward_mean']} (same weights and streams)")
+mm = [r["logp_mismatch"] for r in gpu]
+check(max(mm) < 1e-2 and all(r["logp_mismatch_tokens"] > 0 for r in gpu),
+      "logp_mismatch (GPU sampler vs GPU training forward) by step: " + " ".join("%.1e" % v for v in mm)
+      + " | max %.1e" % max(r["logp_mismatch_max"] for r in gpu))
+print("  GPU step time split (s): " + " ".join("gen %.2f rew %.2f ref %.2f upd %.2f" % (r["generate_s"],
+      r["reward_s"], r["reference_s"], r["update_s"]) for r in gpu[:2]))
 d = abs(gpu[0]["grad_norm"] - cpu[0]["grad_norm"]) / cpu[0]["grad_norm"]
-check(d < 0.05, f"step 1 grad norm: gpu {gpu[0]['grad_norm']:.5g} cpu {cpu[0]['grad_norm']:.5g} (rel {d:.1e})")
+check(d < 0.10, f"step 1 grad norm: gpu {gpu[0]['grad_norm']:.5g} cpu {cpu[0]['grad_norm']:.5g} (rel {d:.1e})")
 worst = max(abs(r["ratio_mean"] - 1) for r in gpu)
 check(worst < 0.05, f"ratio within 0.05 of 1 at every GPU step (worst {worst:.2e})")
 g3, c3 = (sum(r["reward_mean"] for r in x[-3:]) / 3 for x in (gpu, cpu))

@@ -68,6 +68,21 @@ else
 	fail "learning: the mean reward of the first 2 steps should be < 0.35 and of the last 3 > 0.8"
 fi
 [ -f learn.ck/step_00000015.h5 ] || fail "learning: no final checkpoint learn.ck/step_00000015.h5"
+# every row: where it sampled, the step time split (generate / reward / reference / update seconds, the
+# last two making train_s) and the sampling-vs-training log-probability gap of the first minibatch's
+# tokens (fp32 CPU decode against the fp32 training forward: float rounding only)
+if py '
+m = load(sys.argv[1])
+bad = [x["step"] for x in m if not (x["rollout_device"] == "cpu" and x["generate_s"] == x["sample_s"] > 0
+       and x["reward_s"] >= 0 and x["reference_s"] >= 0 and x["update_s"] > 0
+       and abs(x["reference_s"] + x["update_s"] - x["train_s"]) < 2e-3
+       and x["logp_mismatch_tokens"] > 0 and 0 <= x["logp_mismatch"] <= x["logp_mismatch_max"] < 1e-3)]
+print("logp_mismatch by step:", " ".join("%.1e" % x["logp_mismatch"] for x in m), "| max %.1e" % max(x["logp_mismatch_max"] for x in m))
+sys.exit(1 if bad or len(m) != 15 else 0)' learn.jsonl; then
+	pass "metrics: rollout_device, the generate/reward/reference/update split and logp_mismatch on every row"
+else
+	fail "metrics: want rollout_device cpu, generate_s + reward_s + reference_s + update_s, logp_mismatch < 1e-3 on every row"
+fi
 
 # ---------------------------------------------------------------- 2. exact resume
 same_fields='

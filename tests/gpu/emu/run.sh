@@ -80,10 +80,11 @@ LIBS=("$work/cpu/libmoecore.a" $(cat "$work/cpu/moecore_libs.txt" 2>/dev/null) -
 	-L/usr/lib/x86_64-linux-gnu/openblas-openmp -lopenblas -lgomp -lhdf5_serial -lcjson $(pkg-config --libs libpcre2-8)
 	$(pkg-config --libs ompi-c 2>/dev/null || echo -lmpi) -lm)
 
-# the C files that take the GPU path with MOE_HAVE_CUDA (ahead of libmoecore's CPU-only copies in every link)
+# the C files that take the GPU path with MOE_HAVE_CUDA (the trainer, GPU rollouts) (ahead of libmoecore's CPU-only copies in every link)
 build_cuda_c() {
 	local f
-	for f in train/trainer.c train/grad_sync.c train/zero.c train/train.c train/distill.c; do
+	for f in train/trainer.c train/grad_sync.c train/zero.c train/train.c train/distill.c rl/generate.c rl/grpo.c \
+		rl/rl_cli.c; do
 		$CC -DMOE_HAVE_CUDA=1 $blas $(pkg-config --cflags libcjson ompi-c 2>/dev/null) \
 			-I/usr/include/hdf5/serial -c "$src/$f" -o "$work/tobj/cuda_$(basename "$f" .c).o" &
 		pids+=($!)
