@@ -20,7 +20,8 @@
 /* lora.base, or train.init_checkpoint when it is empty */
 const char *lora_base_path(const struct run_config *c);
 
-/* FNV-1a (64 bits) of a file's bytes as 16 hex digits into hex[17]; 0, or -1 with err naming the file. */
+/* FNV-1a (64 bits, over the file's 64-bit words, then its tail bytes and length) of a file as 16 hex digits
+ * into hex[17]; 0, or -1 with err naming the file. */
 int lora_file_checksum(const char *path, char *hex, char *err, size_t errlen);
 
 /* The model's adapter spec of a validated lora section. */
