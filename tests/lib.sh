@@ -8,6 +8,8 @@
 #   fail MSG      prints "FAIL: MSG" and counts it in $fails
 #   mpi ARGS...   mpirun ARGS on this machine, under a timeout (below)
 #   finish [TXT]  prints "<script>: N failure(s)TXT" and exits 0 when nothing failed, 1 otherwise
+#   expect_fail NAME PATTERN ARGS...   `$MOE train ARGS` (one step, checkpoints in $W/x) must fail with a
+#                 message matching PATTERN (a refused config, checkpoint, ...)
 
 W="$(mktemp -d "${TMPDIR:-/tmp}/${1:?lib.sh: name the scratch directory}.XXXXXX")" || exit 1
 trap 'rm -rf "$W"' EXIT
@@ -34,4 +36,16 @@ mpi() {
 finish() {
 	echo "${0##*/}: $fails failure(s)${1:-}"
 	exit $((fails > 0))
+}
+
+expect_fail() {
+	local name=$1 pat=$2
+	shift 2
+	if "$MOE" train "$@" --set train.steps=1 --set "checkpoint.dir=$W/x" >"$W/x.log" 2>&1; then
+		fail "$name: accepted"
+	elif grep -q -- "$pat" "$W/x.log"; then
+		pass "$name: $(grep -m1 -- "$pat" "$W/x.log")"
+	else
+		cat "$W/x.log"; fail "$name: no message matching '$pat'"
+	fi
 }

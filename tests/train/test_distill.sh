@@ -116,17 +116,6 @@ else
 fi
 
 # 4. refused: another vocabulary (both sizes named), the GPU path, bad keys
-expect_fail() {  # expect_fail NAME PATTERN ARGS...
-	local name=$1 pat=$2
-	shift 2
-	if "$MOE" train "$@" --set train.steps=1 --set "checkpoint.dir=$W/x" >"$W/x.log" 2>&1; then
-		fail "$name: accepted"
-	elif grep -q -- "$pat" "$W/x.log"; then
-		pass "$name: $(grep -m1 -- "$pat" "$W/x.log")"
-	else
-		cat "$W/x.log"; fail "$name: no message matching '$pat'"
-	fi
-}
 expect_fail "another vocabulary" "vocab_size=256.*vocab_size=300" "${student[@]}" --set model.vocab_size=300
 if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then  # with a GPU it runs (tests/gpu/test_distill_cuda.sh)
 	expect_fail "train.device=cuda without a GPU" "train.device=cuda: no CUDA device" "${student[@]}" \

@@ -110,17 +110,6 @@ elif grep -q "refusing to resume on another model" "$W/x.log"; then pass "resume
 else cat "$W/x.log"; fail "resume on a changed base: no clear message"; fi
 
 # 5. refused: bad lora keys, and what LoRA does not take
-expect_fail() {  # expect_fail NAME PATTERN ARGS...
-	local name=$1 pat=$2
-	shift 2
-	if "$MOE" train "$@" --set train.steps=1 --set "checkpoint.dir=$W/x" >"$W/x.log" 2>&1; then
-		fail "$name: accepted"
-	elif grep -q -- "$pat" "$W/x.log"; then
-		pass "$name: $(grep -m1 -- "$pat" "$W/x.log")"
-	else
-		cat "$W/x.log"; fail "$name: no message matching '$pat'"
-	fi
-}
 expect_fail "unknown target" "lora.targets: unknown module 'lm_head'" "${lora[@]}" --set 'lora.targets=["o_proj","lm_head"]'
 expect_fail "no targets" "lora.targets is empty" "${lora[@]}" --set 'lora.targets=[]'
 expect_fail "a target twice" "'o_proj' is named twice" "${lora[@]}" --set 'lora.targets=["o_proj","o_proj"]'

@@ -165,17 +165,6 @@ else
 fi
 
 # 6. refused, naming the key
-expect_fail() {  # expect_fail NAME PATTERN ARGS...
-	local name=$1 pat=$2
-	shift 2
-	if "$MOE" train "$@" --set train.steps=1 --set "checkpoint.dir=$W/x" >"$W/x.log" 2>&1; then
-		fail "$name: accepted"
-	elif grep -q -- "$pat" "$W/x.log"; then
-		pass "$name: $(grep -m1 -- "$pat" "$W/x.log")"
-	else
-		cat "$W/x.log"; fail "$name: no message matching '$pat'"
-	fi
-}
 expect_fail "train.device=cuda" "num_nextn_predict_layers > 0: multi-token prediction runs on the CPU" \
 	"${base[@]}" --set train.device=cuda
 expect_fail "too many depths" "model.num_nextn_predict_layers=9: at most 8" "${base[@]}" --set model.num_nextn_predict_layers=9
