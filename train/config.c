@@ -84,6 +84,7 @@ static const char *const schedules[] = { "cosine", "wsd", "constant", NULL };
 static const char *const devices[] = { "auto", "cpu", "cuda", NULL };
 static const char *const comms[] = { "auto", "nccl", "mpi", NULL };
 static const char *const nonfinite[] = { "skip", "stop", NULL };
+static const char *const attentions[] = { "auto", "cudnn", "own", NULL };
 static const char *const loss_types[] = { "grpo", "bnpo", "dr_grpo", "dapo", NULL };
 static const char *const reward_scalings[] = { "group", "batch", "none", NULL };
 static const char *const reward_norms[] = { "total", "each", NULL };
@@ -149,6 +150,7 @@ static const struct cfg_key cfg_keys[] = {
 	K_INT(train, eval_batches, CF_NNEG),
 	K_STR(train, init_checkpoint, CF_NULL),
 	K_ENUM(train, on_nonfinite, nonfinite),
+	K_ENUM(train, attention, attentions),
 	/* data */
 	K_STR(data, train, CF_NULL),
 	K_STR(data, val, CF_NULL),
@@ -1044,6 +1046,7 @@ static const struct run_config defaults = {
 		.eval_batches = 0,
 		.init_checkpoint = "",
 		.on_nonfinite = "stop",
+		.attention = "auto",
 	},
 	.data = { .train = "", .val = "", .shuffle = false },
 	.parallel = { .ep = 1, .zero = 0, .comm = "auto" },

@@ -37,6 +37,7 @@ struct train_config {
 	int eval_batches;           /* validation sequences batches per eval (0: whole split) */
 	char init_checkpoint[CFG_STR];
 	char on_nonfinite[8];       /* skip | stop */
+	char attention[8];          /* auto | cudnn | own: the GPU path's attention (ops_cuda.h) */
 };
 
 struct data_config {

@@ -16,8 +16,9 @@
 # Left out of the closure (present on the GPU machine): glibc (libc, libm, libpthread, libdl, librt,
 # ld-linux...), libstdc++, libgcc_s, the driver (libcuda, libnvidia-*), everything under
 # /usr/local/cuda* (cudart, cuBLAS, cuBLASLt, NCCL: run_bundle.sh finds them there or in Python's
-# nvidia-* wheels) and cuDNN (libcudnn*, wherever it lives here: only bench_attention links it, cuDNN 9 is
-# installed in /usr/lib/x86_64-linux-gnu on the GPU machine, and with its engine libraries it is about 1 GB).
+# nvidia-* wheels) and cuDNN (libcudnn*: nothing links it, the GPU attention and bench_attention dlopen
+# libcudnn.so.9, cuDNN 9 is installed in /usr/lib/x86_64-linux-gnu on the GPU machine, and with its engine
+# libraries it is about 1 GB).
 # Everything copied is stripped (strip --strip-unneeded).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
