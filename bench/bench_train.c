@@ -49,6 +49,7 @@
 #ifdef MOE_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
+#include "launch/cuda/prof.h"
 #include "model/cuda/model_cuda.h"
 #include "model/cuda/ops_cuda.h"
 #include "optim/cuda/adamw_cuda.h"
@@ -702,14 +703,20 @@ static void gpu_step(struct gpu_bench *b, double *ph)
 
 	gpu_model_zero_grad(b->g);
 	for (int a = 0; a < b->accum; a++) {
+		prof_begin(PROF_FORWARD);
 		b->loss = gpu_model_forward(b->g, b->inputs + a * N, b->targets + a * N, b->B, b->T);
+		prof_end(PROF_FORWARD);
 		phase_mark(b, ph, 0, &t);
+		prof_begin(PROF_BACKWARD);
 		gpu_model_backward(b->g, 1.0f / b->accum);
+		prof_end(PROF_BACKWARD);
 		phase_mark(b, ph, 1, &t);
 	}
+	prof_begin(PROF_OPTIMIZER);
 	b->norm = grad_global_norm_cuda(grads, b->m->n_weights);
 	adamw_cuda_update(&b->opt, w, grads, &b->hp, clip_scale(b->norm, b->clip),
 			  gpu_model_weights_bf16(b->g));
+	prof_end(PROF_OPTIMIZER);
 	moe_cuda_synchronize();
 	phase_mark(b, ph, 2, &t);
 	if (!isfinite(b->loss) || !isfinite(b->norm))
@@ -797,6 +804,7 @@ static int run_gpu(const struct bench_opts *o)
 		gpu_new_batch(&b);
 		gpu_step(&b, NULL);
 	}
+	prof_enable(1); /* the timed steps' regions, from CUDA events (two per region: no synchronisation) */
 	for (int s = 0; s < o->steps; s++) {
 		gpu_new_batch(&b);
 		double t1 = now_s();
@@ -805,11 +813,17 @@ static int run_gpu(const struct bench_opts *o)
 		total_t += t;
 		best = t < best ? t : best;
 	}
+	prof_enable(0);
 	sample_mem(&b);
 	gpu_new_batch(&b);
 	gpu_step(&b, ph);
 	gpu_print_header(&b, o, setup_s);
 	gpu_report(&b, o, total_t / o->steps, best, ph);
+	printf("experts       %s\n", gpu_model_experts_gemm());
+	printf("profile       CUDA events over the %d timed steps (attention, experts, comm inside forward and "
+	       "backward; share of the mean step):", o->steps);
+	prof_print(stdout, o->steps, total_t * 1e3);
+	prof_reset();
 	rc = 0;
 out:
 	gpu_teardown(&b);

@@ -145,6 +145,19 @@ static struct entry *lookup(int B, int T, int H, int dq, int dv)
 	return entry_get(&s);
 }
 
+/* q, k, v into e's bf16 staging, bound in p with the scale */
+static void stage_qkv(struct entry *e, void *p[CG_NSLOTS], const float *q, const float *k, const float *v,
+		      float *scale)
+{
+	attn_to_bf16(e->q, q, nq(&e->s));
+	attn_to_bf16(e->k, k, nq(&e->s));
+	attn_to_bf16(e->v, v, nv(&e->s));
+	p[CG_Q] = e->q;
+	p[CG_K] = e->k;
+	p[CG_V] = e->v;
+	p[CG_SCALE] = scale;
+}
+
 int attention_cudnn_forward(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
 			    int H, int dq, int dv, float scale)
 {
@@ -154,15 +167,9 @@ int attention_cudnn_forward(float *out, float *lse, const float *q, const float 
 
 	if (!g)
 		return -1;
-	attn_to_bf16(e->q, q, nq(&e->s));
-	attn_to_bf16(e->k, k, nq(&e->s));
-	attn_to_bf16(e->v, v, nv(&e->s));
-	p[CG_Q] = e->q;
-	p[CG_K] = e->k;
-	p[CG_V] = e->v;
+	stage_qkv(e, p, q, k, v, &scale);
 	p[CG_O] = e->o;
 	p[CG_STATS] = lse;
-	p[CG_SCALE] = &scale;
 	if (cudnn_graph_exec(g, p))
 		return run_failed(e, 0);
 	attn_from_bf16(out, e->o, nv(&e->s), 0);
@@ -179,14 +186,9 @@ int attention_cudnn_backward(float *dq, float *dk, float *dv, const float *dout,
 
 	if (!g)
 		return -1;
-	attn_to_bf16(e->q, q, nq(&e->s));
-	attn_to_bf16(e->k, k, nq(&e->s));
-	attn_to_bf16(e->v, v, nv(&e->s));
+	stage_qkv(e, p, q, k, v, &scale);
 	attn_to_bf16(e->o, out, nv(&e->s));
 	attn_to_bf16(e->dout, dout, nv(&e->s));
-	p[CG_Q] = e->q;
-	p[CG_K] = e->k;
-	p[CG_V] = e->v;
 	p[CG_O] = e->o;
 	p[CG_DO] = e->dout;
 	p[CG_STATS] = (void *)lse; /* read only: the graph has it as an input */
@@ -195,7 +197,6 @@ int attention_cudnn_backward(float *dq, float *dk, float *dv, const float *dout,
 	p[CG_DV] = e->dv;
 	p[CG_SSUM] = e->ssum;
 	p[CG_DQACC] = e->dqacc;
-	p[CG_SCALE] = &scale;
 	if (cudnn_graph_exec(g, p))
 		return run_failed(e, 1);
 	if (dq)

@@ -166,7 +166,7 @@ item() {
 		case "$kind" in
 		cunit) note="tests: $(awk '$1 == "tests" {print $3 " run, " $5 " failed"}' "$ITEM_LOG" | tail -1)" ;;
 		smi) note="$(grep -m1 '^GPU ' "$ITEM_LOG" | sed 's/ (UUID.*//')" ;;
-		bench) note="$(grep -E '^(tokens/s|ratio) |^attention: |^\| [^c-][^|]* \| [0-9]' "$ITEM_LOG" | tr -s ' ' | cut -c1-160 | paste -sd ';' -)" ;;
+		bench) note="$(grep -E '^(tokens/s|ratio) |^attention: |^experts |^\| [^|]*\.json \|' "$ITEM_LOG" | tr -s ' ' | cut -c1-160 | paste -sd ';' -)" ;;
 		esac
 		if [ "$kind" = cunit ] && grep -q "SKIP: no CUDA device" "$ITEM_LOG"; then  # the GPU suite, no GPU
 			note="$(grep -m1 -o 'SKIP: no CUDA device.*' "$ITEM_LOG")"
