@@ -10,6 +10,7 @@
  *   moe generate --checkpoint CKPT --prompt TEXT|--prompt-ids IDS [sampling options]
  *                (or --prompts P.jsonl --out-shard SHARD: the samples into a token shard)
  *   moe convert  --from-hf DIR --out CKPT | --to-hf CKPT --out DIR    Hugging Face interop
+ *   moe lora     merge --checkpoint ADAPTERS.h5 --out MERGED.h5   fold LoRA adapters into their base
  *   moe data     tokenizer | shards | decode | encode | task | synth
  *
  * The first five share the options parsed here.  The others parse their own, in one commands file per
@@ -33,6 +34,7 @@
 #include "train/checkpoint.h"
 #include "train/config.h"
 #include "train/eval.h"
+#include "train/lora_run.h"
 #include "train/train.h"
 #include "train/train_cli.h"
 
@@ -247,9 +249,16 @@ static int cmd_eval(int argc, char **argv)
 	checkpoint_config(&rc, &c);
 	char err[1024];
 	struct moe_model *m = new_model(&rc.model);
-	if (checkpoint_load_model(c.checkpoint, m, err, sizeof(err)))
+	struct lora *adapters = NULL;  /* an adapter checkpoint: its base with the adapters attached */
+	if (lora_load_for_inference(c.checkpoint, &rc, m, &adapters, err, sizeof(err)))
 		die("%s", err);
 	if (c.weights && !strcmp(c.weights, "int8")) {
+		if (adapters) {  /* the int8 copy is of the adapted weights: merged first */
+			m->lora = NULL;
+			lora_merge(adapters, m);
+			lora_free(adapters);
+			adapters = NULL;
+		}
 		if (model_quantize(m))
 			die("out of memory quantising %s", c.checkpoint);
 		quant_drop_fp32(m);  /* the fp32 linear weights are not read again */
@@ -264,7 +273,22 @@ static int cmd_eval(int argc, char **argv)
 	printf("{\"loss\": %.6f, \"tokens\": %lld}\n", loss, (long long)tokens);
 	shard_close(&s);
 	model_free(m);
+	lora_free(adapters);
 	return 0;
+}
+
+/* the MTP depths' own parameters (layers >= num_hidden_layers; the embedding and lm_head are shared) */
+static void print_mtp_count(const struct model_config *mc)
+{
+	char err[256];
+	int n = 0;
+	int64_t sum = 0;
+	struct param *p = model_param_table(mc, &n, err, sizeof(err));
+	for (int i = 0; p && i < n; i++)
+		sum += p[i].layer >= mc->num_hidden_layers ? (int64_t)p[i].numel : 0;
+	free(p);
+	printf("multi-token prediction: %d depth(s), %lld parameters more (%.2fB; embedding and lm_head "
+	       "shared)\n", mc->num_nextn_predict_layers, (long long)sum, sum / 1e9);
 }
 
 static void print_counts(const struct model_config *mc)
@@ -278,6 +302,8 @@ static void print_counts(const struct model_config *mc)
 	       mc->first_k_dense_replace : mc->num_hidden_layers,
 	       mc->n_routed_experts > 0 ? mc->num_hidden_layers - mc->first_k_dense_replace : 0,
 	       mc->n_routed_experts, mc->num_experts_per_tok, mc->n_shared_experts);
+	if (mc->num_nextn_predict_layers > 0)
+		print_mtp_count(mc);
 }
 
 static int cmd_inspect(int argc, char **argv)
@@ -301,12 +327,23 @@ static int cmd_inspect(int argc, char **argv)
 	config_defaults(&rc);
 	if (checkpoint_read_header(c.positional, &rc, &meta, err, sizeof(err)))
 		die("%s", err);
-	struct moe_model *m = new_model(&rc.model);
+	struct moe_model *base = new_model(&rc.model), *m = base;
+	struct lora *adapters = NULL;
+	if (rc.lora.rank > 0) {  /* adapters: list them (the base is not read) */
+		adapters = lora_attach(base, &rc.lora, 0, 0, err, sizeof(err));
+		if (!adapters)
+			die("%s", err);
+		m = &adapters->view;
+	}
 	if (checkpoint_load_model(c.positional, m, err, sizeof(err)))
 		die("%s", err);
 	printf("checkpoint %s: step %lld, tokens seen %lld\n", c.positional, (long long)meta.step,
 	       (long long)meta.tokens_seen);
 	print_counts(&rc.model);
+	if (adapters)
+		printf("LoRA adapters: rank %d, alpha %g, dropout %g, %zu parameters, on base %s (checksum %s)\n",
+		       rc.lora.rank, rc.lora.alpha, rc.lora.dropout, lora_trainable_floats(adapters),
+		       rc.lora.base, rc.lora.base_checksum[0] ? rc.lora.base_checksum : "unknown");
 	for (int i = 0; i < m->n_params; i++) {
 		const struct param *p = &m->params[i];
 		double ss = 0;
@@ -317,7 +354,8 @@ static int cmd_inspect(int argc, char **argv)
 			printf("%s%lld", d ? ", " : "", (long long)p->shape[d]);
 		printf("]  rms %.4g\n", p->numel ? sqrt(ss / p->numel) : 0.0);
 	}
-	model_free(m);
+	model_free(base);
+	lora_free(adapters);
 	return 0;
 }
 
@@ -333,6 +371,7 @@ static void usage(void)
 	       "  plot      line plots of a metrics file (JSON Lines) to a PNG\n"
 	       "  generate  sample from a checkpoint (MLA latent cache, absorbed decode)\n"
 	       "  convert   Hugging Face safetensors <-> HDF5 checkpoints\n"
+	       "  lora      merge LoRA adapters into their base (moe lora merge)\n"
 	       "  data      tokenizer (BPE) training, text to shards, decode, synthetic shards\n");
 }
 
@@ -360,6 +399,8 @@ int main(int argc, char **argv)
 		return generate_cli_main(argc - 2, argv + 2);
 	if (!strcmp(cmd, "convert"))
 		return convert_cli_main(argc - 2, argv + 2);
+	if (!strcmp(cmd, "lora"))
+		return lora_cli_main(argc - 2, argv + 2);
 	if (!strcmp(cmd, "data"))
 		return data_cli_main(argc - 2, argv + 2);
 	fprintf(stderr, "moe: unknown command '%s'\n", cmd);

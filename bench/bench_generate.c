@@ -25,6 +25,13 @@
  *     the machine's load hits both alike), and whole generate() runs of 1 and 8 sequences.  Target: int8
  *     decodes faster than fp32 (a decode step is bound by the weight bytes it reads).  `--only int8`
  *     runs (f) alone.
+ * (g) self-speculative decoding with the multi-token-prediction head (rl/generate.h,
+ *     generate_speculative) against plain greedy decoding, one sequence at a time: --new tokens after
+ *     each of 8 prompts of --prompt tokens (windows of --shard FILE when given, else random), the
+ *     acceptance rate of the drafts, tokens per main-model step, tokens/s of each and their ratio, and
+ *     whether every completion equals greedy's.  Meaningful with a trained MTP model: --checkpoint FILE
+ *     (its config; without it the --config model, randomly initialised, gets one MTP depth).
+ *     `--only speculative` runs (g) alone.
  *
  * Not a test: run it by hand (see bench/RESULTS.md).
  */
@@ -39,7 +46,9 @@
 #include "model/decode.h"
 #include "model/quant.h"
 #include "model/model.h"
+#include "data/shard.h"
 #include "rl/generate.h"
+#include "train/checkpoint.h"
 #include "train/config.h"
 
 #define MAX_REPS 64
@@ -76,6 +85,7 @@ struct opts {
 	int reps, prompt, new_tokens, threads;
 	uint64_t seed;
 	const char *only;
+	const char *checkpoint, *shard;
 };
 
 /* ---------------------------------------------------------------- (a) throughput */
@@ -299,7 +309,8 @@ static int check_cache_bytes(const struct model_config *c)
 static void usage(const char *prog)
 {
 	fprintf(stderr, "usage: %s [--config FILE (configs/small.json)] [--reps N (5)] [--prompt T (16)]\n"
-			"          [--new N (32)] [--threads N] [--seed S] [--only int8]\n", prog);
+			"          [--new N (32)] [--threads N] [--seed S] [--only int8|speculative]\n"
+			"          [--checkpoint FILE] [--shard FILE]\n", prog);
 }
 
 /* ---------------------------------------------------------------- (f) int8 weights */
@@ -381,9 +392,153 @@ static void bench_int8(struct moe_model *m, const struct opts *o)
 	quant_free(q);
 }
 
+/* ---------------------------------------------------------------- (g) speculative decoding */
+
+enum { SPEC_PROMPTS = 8 };
+
+/* SPEC_PROMPTS prompts of o->prompt tokens: windows of the shard at random offsets, else random ids */
+static int spec_prompts(const struct opts *o, int V, int *tok)
+{
+	struct shard sh;
+	char err[600];
+	if (!o->shard) {
+		for (int i = 0; i < SPEC_PROMPTS * o->prompt; i++)
+			tok[i] = (int)(rng_u32() % (uint32_t)V);
+		return 0;
+	}
+	if (shard_open(&sh, o->shard, V, err, sizeof(err))) {
+		fprintf(stderr, "bench_generate: %s\n", err);
+		return -1;
+	}
+	if (sh.n_tokens <= (uint64_t)o->prompt) {
+		fprintf(stderr, "bench_generate: %s: fewer than %d tokens\n", o->shard, o->prompt + 1);
+		shard_close(&sh);
+		return -1;
+	}
+	for (int g = 0; g < SPEC_PROMPTS; g++) {
+		uint64_t at = ((uint64_t)rng_u32() << 32 | rng_u32()) % (sh.n_tokens - (uint64_t)o->prompt);
+		for (int i = 0; i < o->prompt; i++)
+			tok[g * o->prompt + i] = (int)shard_token(&sh, at + (uint64_t)i);
+	}
+	shard_close(&sh);
+	return 0;
+}
+
+/* seconds of one pass over the prompts, plain greedy (spec 0) or speculative; out [SPEC_PROMPTS, new] */
+static double spec_pass(struct moe_model *m, const struct opts *o, const int *tok, int spec, int *out,
+			struct spec_stats *sum)
+{
+	struct sample_params p = sample_params_default();
+	int len = o->prompt, n;
+	p.temperature = 0.0f;
+	p.max_new_tokens = o->new_tokens;
+	p.eos_id = -1;
+	memset(sum, 0, sizeof(*sum));
+	double t0 = now_s();
+	for (int g = 0; g < SPEC_PROMPTS; g++) {
+		const int *pr = tok + (size_t)g * len;
+		int *row = out + (size_t)g * o->new_tokens;
+		struct spec_stats st;
+		if (spec ? generate_speculative(m, pr, len, &p, row, &n, &st) :
+			   generate(m, &pr, &len, 1, &p, row, &n, NULL))
+			return -1.0;
+		if (spec) {
+			sum->drafted += st.drafted;
+			sum->accepted += st.accepted;
+			sum->main_steps += st.main_steps;
+			sum->mtp_steps += st.mtp_steps;
+		}
+	}
+	return now_s() - t0;
+}
+
+/* median seconds of a step of n tokens (1 or 2) at positions ctx.. of slot 0, logits included: the main
+ * model's (head 0) or the MTP head's (head 1; hidden holds its input rows) */
+static double spec_step_time(struct moe_model *m, struct latent_cache *lc, int head, int n, int ctx, int reps,
+			     float *logits, float *hidden)
+{
+	int tok[2], slot[2] = { 0, 0 }, pos[2] = { ctx, ctx + 1 };
+	double t[MAX_REPS];
+	for (int r = 0; r <= reps; r++) {  /* round 0 warms up */
+		/* other tokens every time: two tokens route to more experts than one */
+		tok[0] = (int)(rng_u32() % (uint32_t)m->cfg.vocab_size);
+		tok[1] = (int)(rng_u32() % (uint32_t)m->cfg.vocab_size);
+		lc->len[0] = ctx;
+		double t0 = now_s();
+		if (head ? mtp_draft_step(m, lc, hidden, tok, slot, pos, n, logits) :
+			   decode_step_hidden(m, lc, tok, slot, pos, n, logits, hidden))
+			return -1.0;
+		if (r)
+			t[r - 1] = now_s() - t0;
+	}
+	return median(t, reps);
+}
+
+/* what a round costs, in plain decode steps: the main model over 2 tokens, the head over 1 or 2 */
+static void spec_costs(struct moe_model *m, const struct opts *o)
+{
+	int ctx = o->prompt + o->new_tokens / 2, reps = 4 * o->reps;
+	struct latent_cache *lc = latent_cache_create(&m->cfg, 1, ctx + 2), *mc = mtp_cache_create(&m->cfg, 1, ctx + 2);
+	float *logits = malloc(sizeof(float) * 2 * m->cfg.vocab_size), *hidden = calloc(2, sizeof(float) * m->cfg.hidden_size);
+	if (lc && mc && logits && hidden) {
+		fill_cache(lc, ctx);
+		fill_cache(mc, ctx);
+		double one = spec_step_time(m, lc, 0, 1, ctx, reps, logits, hidden);
+		double two = spec_step_time(m, lc, 0, 2, ctx, reps, logits, hidden);
+		double h1 = spec_step_time(m, mc, 1, 1, ctx, reps, logits, hidden);
+		double h2 = spec_step_time(m, mc, 1, 2, ctx, reps, logits, hidden);
+		printf("    at context %d, in plain steps (%.3f ms): the main model over 2 tokens %.2f, the head over 1 "
+		       "%.2f, over 2 %.2f\n", ctx, 1e3 * one, two / one, h1 / one, h2 / one);
+	}
+	latent_cache_free(lc);
+	latent_cache_free(mc);
+	free(logits);
+	free(hidden);
+}
+
+static int bench_speculative(struct moe_model *m, const struct opts *o)
+{
+	int V = m->cfg.vocab_size, N = SPEC_PROMPTS * o->new_tokens;
+	int *tok = malloc(sizeof(int) * SPEC_PROMPTS * (size_t)o->prompt);
+	int *ref = malloc(sizeof(int) * (size_t)N), *out = malloc(sizeof(int) * (size_t)N);
+	double tp[MAX_REPS], ts[MAX_REPS];
+	struct spec_stats st = { 0 }, none;
+	int rc = 1;
+
+	if (!tok || !ref || !out || spec_prompts(o, V, tok))
+		goto out;
+	/* alternating rounds, so the machine's load hits both alike */
+	for (int r = 0; r < o->reps; r++) {
+		tp[r] = spec_pass(m, o, tok, 0, ref, &none);
+		ts[r] = spec_pass(m, o, tok, 1, out, &st);
+		if (tp[r] < 0 || ts[r] < 0) {
+			fprintf(stderr, "bench_generate: generation failed (a model without an MTP depth?)\n");
+			goto out;
+		}
+	}
+	double plain = median(tp, o->reps), spec = median(ts, o->reps);
+	int same = !memcmp(ref, out, sizeof(int) * (size_t)N);
+	printf("(g) self-speculative greedy decoding (MTP depth 1 drafts, the main model verifies), %d prompts "
+	       "of %d tokens%s%s, %d new tokens each\n", SPEC_PROMPTS, o->prompt,
+	       o->shard ? " from " : " (random)", o->shard ? o->shard : "", o->new_tokens);
+	printf("    drafts accepted: %lld of %lld (%.1f%%); %.2f tokens per main-model step (plain: 1)\n",
+	       st.accepted, st.drafted, st.drafted ? 100.0 * st.accepted / st.drafted : 0.0,
+	       (double)N / (SPEC_PROMPTS + st.main_steps));
+	printf("    plain greedy %.0f tokens/s, speculative %.0f tokens/s: %.2fx\n", N / plain, N / spec,
+	       plain / spec);
+	spec_costs(m, o);
+	printf("    %s: the speculative completions equal plain greedy's\n", same ? "PASS" : "FAIL");
+	rc = same ? 0 : 1;
+out:
+	free(tok);
+	free(ref);
+	free(out);
+	return rc;
+}
+
 static int parse_args(int argc, char **argv, struct opts *o)
 {
-	*o = (struct opts){ "configs/small.json", 5, 16, 32, 0, 1234, NULL };
+	*o = (struct opts){ "configs/small.json", 5, 16, 32, 0, 1234, NULL, NULL, NULL };
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 		if (!v)
@@ -400,8 +555,12 @@ static int parse_args(int argc, char **argv, struct opts *o)
 			o->threads = atoi(v);
 		else if (!strcmp(a, "--seed"))
 			o->seed = strtoull(v, NULL, 10);
-		else if (!strcmp(a, "--only") && !strcmp(v, "int8"))
+		else if (!strcmp(a, "--only") && (!strcmp(v, "int8") || !strcmp(v, "speculative")))
 			o->only = v;
+		else if (!strcmp(a, "--checkpoint"))
+			o->checkpoint = v;
+		else if (!strcmp(a, "--shard"))
+			o->shard = v;
 		else
 			return -1;
 		i++;
@@ -414,16 +573,24 @@ static struct moe_model *load_model(const struct opts *o, struct grpo_config *gr
 	struct run_config rc;
 	char err[1024];
 	config_defaults(&rc);
-	if (config_load(&rc, o->config, NULL, 0, err, sizeof(err))) {
+	if (o->checkpoint ? checkpoint_read_header(o->checkpoint, &rc, NULL, err, sizeof(err)) :
+			    config_load(&rc, o->config, NULL, 0, err, sizeof(err))) {
 		fprintf(stderr, "bench_generate: %s\n", err);
 		return NULL;
 	}
+	if (!o->checkpoint && o->only && !strcmp(o->only, "speculative") && !rc.model.num_nextn_predict_layers)
+		rc.model.num_nextn_predict_layers = 1;
 	struct moe_model *m = model_create(&rc.model, 0, rc.model.n_routed_experts, err, sizeof(err));
 	if (!m) {
 		fprintf(stderr, "bench_generate: %s\n", err);
 		return NULL;
 	}
 	model_init_weights(m, o->seed);
+	if (o->checkpoint && checkpoint_load_model(o->checkpoint, m, err, sizeof(err))) {
+		fprintf(stderr, "bench_generate: %s\n", err);
+		model_free(m);
+		return NULL;
+	}
 	*grpo = rc.grpo;
 	int64_t total, active;
 	model_count_params(&rc.model, &total, &active);
@@ -433,6 +600,9 @@ static struct moe_model *load_model(const struct opts *o, struct grpo_config *gr
 	       active / 1e6, c->hidden_size, c->num_hidden_layers, c->num_attention_heads, c->kv_lora_rank,
 	       c->q_lora_rank, c->n_routed_experts, c->num_experts_per_tok, c->n_shared_experts,
 	       c->vocab_size, omp_get_max_threads());
+	if (c->num_nextn_predict_layers)
+		printf("    + %d multi-token-prediction depth(s)%s\n", c->num_nextn_predict_layers,
+		       o->checkpoint ? "" : " (random weights)");
 	return m;
 }
 
@@ -454,9 +624,13 @@ int main(int argc, char **argv)
 	printf("median of %d repetitions; prompts of %d tokens; OPENBLAS_CORETYPE=%s\n", o.reps, o.prompt,
 	       core ? core : "(unset)");
 	if (o.only) {
-		bench_int8(m, &o);
+		int rc = 0;
+		if (!strcmp(o.only, "int8"))
+			bench_int8(m, &o);
+		else
+			rc = bench_speculative(m, &o);
 		model_free(m);
-		return 0;
+		return rc;
 	}
 	/* 8 and 16: common GRPO group sizes (DeepSeek-R1 samples 16); 64: DeepSeekMath's */
 	static const int groups[] = { 8, 16, 32, 64 };

@@ -35,6 +35,11 @@ void nccl_comm_abort_all(void);
 
 int nccl_allreduce(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, enum comm_op op,
 		   void *stream);
+/* The all-reduce queued on `stream`, not waited for; nccl_stream_wait waits for the stream (an
+ * asynchronous NCCL error ends the job) and counts the wait as communication time. */
+int nccl_allreduce_start(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, enum comm_op op,
+			 void *stream);
+int nccl_stream_wait(struct comm_group *g, void *stream);
 int nccl_broadcast(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, int root, void *stream);
 int nccl_allgather(struct comm_group *g, const void *send, void *recv, size_t count, enum comm_dtype t,
 		   void *stream);

@@ -67,11 +67,22 @@ struct model_config {
 	int eos_token_id;
 	bool tie_word_embeddings;   /* must be false: lm_head is untied */
 	bool attention_bias;        /* must be false */
+	/*
+	 * D, DeepSeek-V3's multi-token prediction depths (model/mtp.h): D more decoder layers, stored as
+	 * layers num_hidden_layers .. num_hidden_layers + D - 1 (Hugging Face's model.layers.{L+k-1}).
+	 */
+	int num_nextn_predict_layers;
 };
 
 static inline int mc_qk_head_dim(const struct model_config *c)
 {
 	return c->qk_nope_head_dim + c->qk_rope_head_dim;
+}
+
+/* The decoder layers with weights: the main model's, then the D multi-token-prediction layers. */
+static inline int mc_n_layers(const struct model_config *c)
+{
+	return c->num_hidden_layers + c->num_nextn_predict_layers;
 }
 
 static inline bool mc_layer_is_moe(const struct model_config *c, int layer)

@@ -25,6 +25,7 @@
 
 #include "model/decode.h"
 #include "model/layers.h"
+#include "model/lora.h"
 #include "model/quant.h"
 #include "model/rope.h"
 
@@ -353,13 +354,24 @@ static int experts_ok(const struct moe_model *m)
 	return El > 0 && El * comm_size(m->ep_group) == E && m->expert_begin == comm_rank(m->ep_group) * El;
 }
 
+static int check_cache_args(const struct moe_model *m, const struct latent_cache *lc, int n_layers,
+			    const int *tokens, const int *slots, const int *positions, int n);
+
 /* 0 when the step's arguments are valid; fills scratch->new_len with the lengths after the step */
 static int check_args(const struct moe_model *m, const struct latent_cache *lc, const int *tokens,
 		      const int *slots, const int *positions, int n)
 {
+	if (n < 0 || (n == 0 && !m->ep_group) || !experts_ok(m))
+		return -1;
+	return check_cache_args(m, lc, m->cfg.num_hidden_layers, tokens, slots, positions, n);
+}
+
+/* the cache (of n_layers layers) fits the model and the tokens fit the cache */
+static int check_cache_args(const struct moe_model *m, const struct latent_cache *lc, int n_layers,
+			    const int *tokens, const int *slots, const int *positions, int n)
+{
 	const struct model_config *c = &m->cfg;
-	if (n < 0 || (n == 0 && !m->ep_group) || !experts_ok(m) || lc->n_layers != c->num_hidden_layers ||
-	    lc->kv_lora != c->kv_lora_rank || lc->dr != c->qk_rope_head_dim ||
+	if (lc->n_layers != n_layers || lc->kv_lora != c->kv_lora_rank || lc->dr != c->qk_rope_head_dim ||
 	    (lc->routes && lc->route_k != c->num_experts_per_tok))
 		return -1;
 	int *len = lc->scratch->new_len;
@@ -421,16 +433,16 @@ static void skinny_linear(const struct moe_model *m, float *y, const float *x, c
 
 	if (q.q) {
 		qlinear_forward(y, out, x, in, q, n, in, out);
-		return;
-	}
-	if (n > SKINNY_ROWS) {
+	} else if (n > SKINNY_ROWS) {
 		linear_forward(y, x, w, n, in, out);
-		return;
-	}
-	int cols = skinny_cols(n), nt = (out + cols - 1) / cols;
+	} else {
+		int cols = skinny_cols(n), nt = (out + cols - 1) / cols;
 #pragma omp parallel for schedule(static)
-	for (int t = 0; t < nt; t++)
-		skinny_tile(y, x, w, n, in, out, cols, t);
+		for (int t = 0; t < nt; t++)
+			skinny_tile(y, x, w, n, in, out, cols, t);
+	}
+	if (m->lora)
+		lora_forward(m->lora, w, y, x, n, in, out, 0);
 }
 
 /* the same on the calling thread only (a task of a parallel region) */
@@ -441,15 +453,15 @@ static void skinny_linear_serial(const struct moe_model *m, float *y, const floa
 
 	if (q.q) {
 		qlinear_forward_serial(y, out, x, in, q, n, in, out);
-		return;
-	}
-	if (n > SKINNY_ROWS) {
+	} else if (n > SKINNY_ROWS) {
 		linear_fwd(y, x, w, n, in, out, LIN_SERIAL);
-		return;
+	} else {
+		int cols = skinny_cols(n);
+		for (int t = 0; t * cols < out; t++)
+			skinny_tile(y, x, w, n, in, out, cols, t);
 	}
-	int cols = skinny_cols(n);
-	for (int t = 0; t * cols < out; t++)
-		skinny_tile(y, x, w, n, in, out, cols, t);
+	if (m->lora)
+		lora_forward(m->lora, w, y, x, n, in, out, LIN_SERIAL);
 }
 
 /* the dense SwiGLU MLP of a decode step */
@@ -468,6 +480,53 @@ static void skinny_mlp(const struct moe_model *m, struct decode_scratch *s, floa
 }
 
 /* ---------------------------------------------------------------- attention */
+
+/*
+ * LoRA on kv_b_proj (model/lora.h), absorbed: with W' = W + s B A, head h's rows of B being B_k,h
+ * (k_nope) and B_v,h (v), the latent query gains scale * s * (q_nope,h B_k,h) A and the output
+ * s * B_v,h (A ol_h).  Small products (rank columns), by head.
+ */
+static void lora_latent_queries(const struct moe_model *m, const float *wkv_b, const float *q, float *ql,
+				int n, float scale)
+{
+	const float *A, *Bm;
+	if (!m->lora || n == 0 || !lora_factors(m->lora, wkv_b, &A, &Bm))
+		return;
+	const struct model_config *c = &m->cfg;
+	int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+	int dv = c->v_head_dim, Rkv = c->kv_lora_rank, dq = dn + dr, Dl = Rkv + dr, r = m->lora->spec.rank;
+	float *t = malloc(sizeof(float) * (size_t)n * r);
+	if (!t)
+		abort();
+	for (int h = 0; h < H; h++) {
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, r, dn, 1.0f, q + (size_t)h * dq, H * dq,
+			    Bm + (size_t)h * (dn + dv) * r, r, 0.0f, t, r);
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, Rkv, r, scale * m->lora->scale, t, r,
+			    A, Rkv, 1.0f, ql + (size_t)h * Dl, H * Dl);
+	}
+	free(t);
+}
+
+static void lora_latent_outputs(const struct moe_model *m, const float *wkv_b, const float *ol, float *att,
+				int n)
+{
+	const float *A, *Bm;
+	if (!m->lora || n == 0 || !lora_factors(m->lora, wkv_b, &A, &Bm))
+		return;
+	const struct model_config *c = &m->cfg;
+	int H = c->num_attention_heads, dn = c->qk_nope_head_dim, dv = c->v_head_dim, Rkv = c->kv_lora_rank;
+	int r = m->lora->spec.rank;
+	float *u = malloc(sizeof(float) * (size_t)n * r);
+	if (!u)
+		abort();
+	for (int h = 0; h < H; h++) {
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r, Rkv, 1.0f, ol + (size_t)h * Rkv, H * Rkv,
+			    A, Rkv, 0.0f, u, r);
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, dv, r, m->lora->scale, u, r,
+			    Bm + ((size_t)h * (dn + dv) + dn) * r, r, 1.0f, att + (size_t)h * dv, H * dv);
+	}
+	free(u);
+}
 
 /*
  * Latent queries of the n tokens, one product per head over all tokens:
@@ -496,6 +555,7 @@ static void latent_queries(const struct moe_model *m, const float *wkv_b, const 
 				qh[(size_t)i * H * Dl + Rkv + d] = scale * qpe[d];
 		}
 	}
+	lora_latent_queries(m, wkv_b, q, ql, n, scale);
 }
 
 /*
@@ -570,6 +630,7 @@ static void latent_outputs(const struct moe_model *m, const float *wkv_b, const 
 				    ol + (size_t)h * Rkv, H * Rkv, wuv, Rkv, 0.0f, att + (size_t)h * dv,
 				    H * dv);
 	}
+	lora_latent_outputs(m, wkv_b, ol, att, n);
 }
 
 /* Absorbed attention of the n tokens of one layer over the cache; att [n, H*dv]. */
@@ -593,6 +654,25 @@ static void absorbed_attention(const struct moe_model *m, const struct layer_wei
 			    Rkv, dr);
 	}
 	latent_outputs(m, w->kv_b_proj, s->ol, s->att, n);
+}
+
+/* kv [P, H * hw] += s B (A lat) for LoRA on kv_b_proj; lat rows of stride ld (the naive form's) */
+static void lora_naive_kv(const struct moe_model *m, const float *wkv_b, const float *lat, int ld, float *kv,
+			  int P)
+{
+	const float *A, *Bm;
+	if (!m->lora || !lora_factors(m->lora, wkv_b, &A, &Bm))
+		return;
+	const struct model_config *c = &m->cfg;
+	int Rkv = c->kv_lora_rank, out = c->num_attention_heads * (c->qk_nope_head_dim + c->v_head_dim);
+	int r = m->lora->spec.rank;
+	float *u = malloc(sizeof(float) * (size_t)P * r);
+	if (!u)
+		abort();
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, P, r, Rkv, m->lora->scale, lat, ld, A, Rkv, 0.0f,
+		    u, r);
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, P, out, r, 1.0f, u, r, Bm, r, 1.0f, kv, out);
+	free(u);
 }
 
 /*
@@ -621,6 +701,7 @@ static void naive_attention(const struct moe_model *m, const struct layer_weight
 		else
 			cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, P, H * hw, Rkv, 1.0f, lat, Dl,
 				    w->kv_b_proj, Rkv, 0.0f, kv, H * hw);
+		lora_naive_kv(m, w->kv_b_proj, lat, Dl, kv, P);
 		for (int h = 0; h < H; h++) {
 			const float *q = s->q + ((size_t)i * H + h) * dq;
 			float *o = s->att + ((size_t)i * H + h) * dv, mx = -INFINITY;
@@ -652,12 +733,11 @@ static void naive_attention(const struct moe_model *m, const struct layer_weight
 	}
 }
 
-/* queries, this step's latents into the cache, attention; s->mid = x + attention(x) */
-static void attention_block(const struct moe_model *m, struct latent_cache *lc, int l, const int *slots,
-			    const int *positions, int n)
+/* queries, this step's latents into cache layer l, attention; s->mid = x + attention(x) */
+static void attention_block(const struct moe_model *m, const struct layer_weights *w, struct latent_cache *lc,
+			    int l, const int *slots, const int *positions, int n)
 {
 	const struct model_config *c = &m->cfg;
-	const struct layer_weights *w = &m->w.layers[l];
 	struct decode_scratch *s = lc->scratch;
 	int C = c->hidden_size, H = c->num_attention_heads, dn = c->qk_nope_head_dim;
 	int dr = c->qk_rope_head_dim, dq = dn + dr, dv = c->v_head_dim, Rq = c->q_lora_rank;
@@ -807,37 +887,112 @@ static int moe_decode(const struct moe_model *m, struct latent_cache *lc, int l,
 
 /* ---------------------------------------------------------------- the step */
 
+/* Decoder layer l (weights) over the step's rows s->x, its latents in cache layer cl: s->x = its output. */
+static int layer_step(const struct moe_model *m, struct latent_cache *lc, int l, int cl, const int *slots,
+		      const int *positions, int n)
+{
+	const struct model_config *c = &m->cfg;
+	const struct layer_weights *w = &m->w.layers[l];
+	struct decode_scratch *s = lc->scratch;
+	int C = c->hidden_size;
+	size_t NC = (size_t)n * C;
+
+	attention_block(m, w, lc, cl, slots, positions, n);
+	rmsnorm_forward(s->ln, s->rstd, s->mid, w->post_attention_layernorm, n, C, (float)c->rms_norm_eps);
+	if (mc_layer_is_moe(c, l)) {
+		if (moe_decode(m, lc, l, slots, positions, s->out, s->ln, n))
+			return -1;  /* not reached: the buffers were sized before the step */
+	} else {
+		skinny_mlp(m, s, s->out, s->ln, w->mlp_gate_proj, w->mlp_up_proj, w->mlp_down_proj, n, C,
+			   c->intermediate_size);
+	}
+	for (size_t k = 0; k < NC; k++)
+		s->x[k] = s->mid[k] + s->out[k];
+	return 0;
+}
+
 int decode_step(struct moe_model *m, struct latent_cache *lc, const int *tokens, const int *slots,
 		const int *positions, int n, float *logits)
 {
+	return decode_step_hidden(m, lc, tokens, slots, positions, n, logits, NULL);
+}
+
+int decode_step_hidden(struct moe_model *m, struct latent_cache *lc, const int *tokens, const int *slots,
+		       const int *positions, int n, float *logits, float *hidden)
+{
 	const struct model_config *c = &m->cfg;
-	int bad = check_args(m, lc, tokens, slots, positions, n) || ensure_scratch(lc, m, n);
+	int bad = lc->mtp || check_args(m, lc, tokens, slots, positions, n) || ensure_scratch(lc, m, n);
 	if (decode_any_rank(m, bad))
 		return -1;
 
 	struct decode_scratch *s = lc->scratch;
 	int C = c->hidden_size, L = c->num_hidden_layers;
 	float eps = (float)c->rms_norm_eps;
-	size_t NC = (size_t)n * C;
 
 	embedding_forward(s->x, tokens, m->w.embed_tokens, n, C);
-	for (int l = 0; l < L; l++) {
-		const struct layer_weights *w = &m->w.layers[l];
-		attention_block(m, lc, l, slots, positions, n);
-		rmsnorm_forward(s->ln, s->rstd, s->mid, w->post_attention_layernorm, n, C, eps);
-		if (mc_layer_is_moe(c, l)) {
-			if (moe_decode(m, lc, l, slots, positions, s->out, s->ln, n))
-				return -1;  /* not reached: the buffers were sized before the step */
-		} else {
-			skinny_mlp(m, s, s->out, s->ln, w->mlp_gate_proj, w->mlp_up_proj, w->mlp_down_proj, n, C,
-				   c->intermediate_size);
-		}
-		for (size_t k = 0; k < NC; k++)
-			s->x[k] = s->mid[k] + s->out[k];
-	}
+	for (int l = 0; l < L; l++)
+		if (layer_step(m, lc, l, l, slots, positions, n))
+			return -1;
 	memcpy(lc->len, s->new_len, sizeof(int) * (size_t)lc->n_slots);
+	if (hidden && n > 0)
+		memcpy(hidden, s->x, sizeof(float) * (size_t)n * C);
 	if (logits && n > 0) {
 		rmsnorm_forward(s->ln, s->rstd, s->x, m->w.norm, n, C, eps);
+		skinny_linear(m, logits, s->ln, m->w.lm_head, n, C, c->vocab_size);
+	}
+	return 0;
+}
+
+/* ---------------------------------------------------------------- multi-token prediction */
+
+struct latent_cache *mtp_cache_create(const struct model_config *c, int n_slots, int max_len)
+{
+	struct model_config one = *c;
+
+	if (c->num_nextn_predict_layers < 1)
+		return NULL;
+	one.num_hidden_layers = 1;  /* the cache of one layer: depth 1's */
+	struct latent_cache *lc = latent_cache_create(&one, n_slots, max_len);
+	if (lc)
+		lc->mtp = 1;
+	return lc;
+}
+
+/* rows [a | b] of C floats each */
+static void concat_rows(float *cat, const float *a, const float *b, int n, int C)
+{
+	for (int i = 0; i < n; i++) {
+		memcpy(cat + (size_t)i * 2 * C, a + (size_t)i * C, sizeof(float) * C);
+		memcpy(cat + (size_t)i * 2 * C + C, b + (size_t)i * C, sizeof(float) * C);
+	}
+}
+
+int mtp_draft_step(struct moe_model *m, struct latent_cache *mc, const float *hidden, const int *tokens,
+		   const int *slots, const int *positions, int n, float *logits)
+{
+	const struct model_config *c = &m->cfg;
+	int C = c->hidden_size, L = c->num_hidden_layers;
+	float eps = (float)c->rms_norm_eps;
+
+	if (!mc->mtp || m->ep_group || n < 1 || c->num_nextn_predict_layers < 1 || !experts_ok(m) ||
+	    check_cache_args(m, mc, 1, tokens, slots, positions, n) || ensure_scratch(mc, m, n))
+		return -1;
+	struct decode_scratch *s = mc->scratch;
+	const struct mtp_weights *w = &m->w.mtp[0];
+	float *cat = malloc(sizeof(float) * (size_t)n * 2 * C);
+	if (!cat)
+		return -1;
+	embedding_forward(s->ln, tokens, m->w.embed_tokens, n, C);
+	rmsnorm_forward(s->mid, s->rstd, s->ln, w->enorm, n, C, eps);
+	rmsnorm_forward(s->out, s->rstd, hidden, w->hnorm, n, C, eps);
+	concat_rows(cat, s->mid, s->out, n, C);
+	skinny_linear(m, s->x, cat, w->eh_proj, n, 2 * C, C);
+	free(cat);
+	if (layer_step(m, mc, L, 0, slots, positions, n))
+		return -1;
+	memcpy(mc->len, s->new_len, sizeof(int) * (size_t)mc->n_slots);
+	if (logits) {
+		rmsnorm_forward(s->ln, s->rstd, s->x, w->shared_head_norm, n, C, eps);
 		skinny_linear(m, logits, s->ln, m->w.lm_head, n, C, c->vocab_size);
 	}
 	return 0;

@@ -40,6 +40,7 @@ struct latent_cache {
 	 * (qk_nope + v) floats per thread).  Both give model_forward's logits up to float rounding.
 	 */
 	int naive_attention;
+	int mtp;                       /* 1: the cache of the MTP depth-1 layer (mtp_cache_create) */
 	struct decode_scratch *scratch;
 };
 
@@ -105,5 +106,22 @@ int decode_any_rank(const struct moe_model *m, int flag);
  */
 int decode_step(struct moe_model *m, struct latent_cache *c, const int *tokens, const int *slots,
 		const int *positions, int n, float *logits);
+/* decode_step, and when hidden is not NULL the last layer's output (before model.norm) of each token
+ * into hidden [n, C]: what the multi-token-prediction head reads. */
+int decode_step_hidden(struct moe_model *m, struct latent_cache *c, const int *tokens, const int *slots,
+		       const int *positions, int n, float *logits, float *hidden);
+
+/*
+ * Self-speculative decoding with the model's first multi-token-prediction depth (model/mtp.h): its own
+ * latent cache of one layer (NULL when the model has no MTP depth or out of memory; free it with
+ * latent_cache_free).  mtp_draft_step runs depth 1 for n rows: row i pairs the main model's hidden state
+ * hidden[i] (decode_step_hidden's) of the token at (slots[i], positions[i]) with the token that follows
+ * it, tokens[i], and is cached at that position; logits [n, V] (may be NULL) are the depth's predictions
+ * of the token after tokens[i].  The same rules for positions as decode_step; no expert parallelism.
+ * Returns 0, -1 on bad arguments or out of memory.
+ */
+struct latent_cache *mtp_cache_create(const struct model_config *c, int n_slots, int max_len);
+int mtp_draft_step(struct moe_model *m, struct latent_cache *mc, const float *hidden, const int *tokens,
+		   const int *slots, const int *positions, int n, float *logits);
 
 #endif

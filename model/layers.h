@@ -75,6 +75,26 @@ struct acts_memory {
 	int logit_rows;               /* rows of logits held at once: 0 (or >= N) all N, else a chunk (GPU) */
 };
 
+/* One multi-token-prediction depth k of a forward (model/mtp.c): its rows n = b*T + i. */
+struct mtp_depth_acts {
+	int *tok;                     /* [N] token t_{i+k} embedded at row n (0 past the sequence) */
+	int *tgt;                     /* [N] t_{i+k+1}, the depth's target (-1: none) */
+	float *emb, *e_n, *e_rstd;    /* [N, C] embedding, its enorm, [N] */
+	float *h_n, *h_rstd;          /* [N, C] hnorm(h_{k-1}), [N] */
+	float *cat;                   /* [N, 2C] [e_n | h_n] */
+	float *x, *mid, *out;         /* [N, C] eh_proj's output (the layer's input), after attention, h_k */
+	float *lnf, *lnf_rstd;        /* shared_head.norm(h_k) */
+	float *logits, *losses;       /* [N, V], [N] */
+	struct layer_acts la;
+};
+
+struct mtp_acts {
+	int active;                   /* the last forward ran the depths (model_backward then does too) */
+	struct mtp_depth_acts *d;     /* [D] */
+	float *dh;                    /* [N, C] d(loss)/d(h_0) of the last mtp_backward, for model_backward */
+	float *dcarry, *dcat, *de;    /* backward scratch: d(h_k), [N, 2C], [N, C] */
+};
+
 struct model_acts {
 	struct acts_memory mem;
 	int B, T;
@@ -89,6 +109,7 @@ struct model_acts {
 	int logit_rows;               /* rows logits holds: N, or a chunk the GPU model walks the rows in */
 	float temperature;            /* the loss's logit temperature (1: plain) */
 	struct grad_scratch gs;
+	struct mtp_acts *mtp;         /* NULL until a forward runs the MTP depths (model/mtp.c) */
 	int n_allocs;
 	void *allocs[1024];
 };
@@ -98,6 +119,21 @@ struct model_acts {
 struct model_acts *model_acts_create(const struct moe_model *m, int B, int T, const struct acts_memory *mem);
 void model_acts_destroy(const struct model_config *c, struct model_acts *a);
 void model_acts_free(struct moe_model *m);   /* m->acts, then NULL */
+/* One zeroed buffer from a's memory, freed with a (exits when out of memory, as model_forward would) */
+void *model_acts_alloc(struct model_acts *a, size_t bytes);
+/* The buffers of layer l's activations over N rows, from a's memory */
+void model_layer_acts_alloc(const struct moe_model *m, struct model_acts *a, struct layer_acts *la,
+			    int l, size_t N);
+
+/*
+ * One decoder layer l (of the main model or an MTP depth): out = mid + FFN(norm(mid)), mid = x +
+ * MLA(norm(x)); returns its balance loss and counts its routing in m->expert_load[l].  The backward
+ * takes d(out) in s->dres and leaves d(x) there, accumulating the weight gradients.
+ */
+float decoder_layer_forward(struct moe_model *m, int l, struct layer_acts *la, float *out, float *mid,
+			    const float *x, const int *pos, int B, int T);
+void decoder_layer_backward(struct moe_model *m, int l, struct layer_acts *la, struct grad_scratch *s,
+			    const float *mid, const float *x, const int *pos, int B, int T, float loss_scale);
 
 /*
  * The layer backwards (mla_backward, mlp_backward, moe_backward) WRITE dx: they do not accumulate into it.
@@ -106,14 +142,14 @@ void model_acts_free(struct moe_model *m);   /* m->acts, then NULL */
 /* The forwards read m's int8 weights when it has them (m->quant, model/quant.h). */
 void mla_forward(const struct moe_model *m, const struct layer_weights *w, struct mla_acts *a,
 		 float *out, const float *x, const int *pos, int B, int T);
-void mla_backward(const struct model_config *c, const struct layer_weights *w,
+void mla_backward(const struct moe_model *m, const struct layer_weights *w,
 		  const struct layer_weights *g, const struct mla_acts *a, struct grad_scratch *s,
 		  float *dx, const float *dout, const float *x, const int *pos, int B, int T);
 
 void mlp_forward(const struct moe_model *m, struct mlp_acts *a, float *y, const float *x, const float *wg,
 		 const float *wu, const float *wd, int rows, int C, int I);
-void mlp_backward(float *dx, float *dwg, float *dwu, float *dwd, float *dg, float *du,
-		  const float *dy, const float *x, const struct mlp_acts *a, const float *wg,
+void mlp_backward(const struct moe_model *m, float *dx, float *dwg, float *dwu, float *dwd, float *dg,
+		  float *du, const float *dy, const float *x, const struct mlp_acts *a, const float *wg,
 		  const float *wu, const float *wd, int rows, int C, int I);
 
 /* The router's parameters (ops.h) from the config: what moe.c and the GPU model route with. */
@@ -144,10 +180,16 @@ void moe_backward(const struct moe_model *m, const struct layer_weights *w,
  * accumulating into it (dw always accumulates); LIN_SERIAL issues each product as one single-threaded
  * call, for the tasks of the layers' own parallel regions (the same call whatever the thread count).
  */
-enum { LIN_SET_DX = 1, LIN_SERIAL = 2 };
+enum { LIN_SET_DX = 1, LIN_SERIAL = 2, LIN_ACC = 4 };   /* LIN_ACC: linear_fwd adds into y */
 void linear_fwd(float *y, const float *x, const float *w, int N, int in, int out, int flags);
 void linear_bwd(float *dx, float *dw, const float *dy, const float *x, const float *w, int N, int in, int out,
 		int flags);
+/*
+ * linear_bwd of a model weight w, its gradient dw (NULL: frozen) plus, when the model has LoRA adapters on
+ * w (model/lora.h), their backward: dx gets their term too, their gradients accumulate.
+ */
+void model_linear_bwd(const struct moe_model *m, float *dx, float *dw, const float *dy, const float *x,
+		      const float *w, int N, int in, int out, int flags);
 /* The _set variants WRITE their outputs instead of accumulating, so the layers skip zeroing passes. */
 /* dx rows have stride ldx; dw still accumulates */
 void rmsnorm_backward_set(float *dx, int ldx, float *dw, const float *dy, const float *x, const float *w,

@@ -97,36 +97,39 @@ static void disassemble_dkv(const struct mla_dims *d, float *dkv, float *dkpe, i
 }
 
 /* writes dx */
-void mla_backward(const struct model_config *c, const struct layer_weights *w,
+void mla_backward(const struct moe_model *m, const struct layer_weights *w,
 		  const struct layer_weights *g, const struct mla_acts *a, struct grad_scratch *s,
 		  float *dx, const float *dout, const float *x, const int *pos, int B, int T)
 {
+	const struct model_config *c = &m->cfg;
 	struct mla_dims d = mla_dims(c, B * T);
 	int N = d.N, Dkva = d.Rkv + d.dr;
 	struct rope_freqs rf;
 
 	mc_rope_freqs(c, &rf);
-	linear_bwd(s->datt, g->o_proj, dout, a->att, w->o_proj, N, d.H * d.dv, d.C, LIN_SET_DX);
+	model_linear_bwd(m, s->datt, g->o_proj, dout, a->att, w->o_proj, N, d.H * d.dv, d.C, LIN_SET_DX);
 	attention_backward_set(s->dq, s->dk, s->dv, s->datt, a->att, a->lse, a->q, a->k, a->v, B, T, d.H,
 			       d.dq, d.dv, mc_softmax_scale(c));
 
 	/* kv path: kv_b, its norm, then kv_a (whose output gradient is [dc_kv | dk_pe] = dkva) */
 	disassemble_dkv(&d, s->dkv, s->dkva + d.Rkv, Dkva, s->dk, s->dv);
 	rope_backward(s->dkva + d.Rkv, pos, N, 1, Dkva, 0, d.dr, rf.inv_freq, rf.attention_factor);
-	linear_bwd(s->dckv_n, g->kv_b_proj, s->dkv, a->ckv_n, w->kv_b_proj, N, d.Rkv, d.H * (d.dn + d.dv),
-		   LIN_SET_DX);
+	model_linear_bwd(m, s->dckv_n, g->kv_b_proj, s->dkv, a->ckv_n, w->kv_b_proj, N, d.Rkv,
+			 d.H * (d.dn + d.dv), LIN_SET_DX);
 	rmsnorm_backward_set(s->dkva, Dkva, g->kv_a_layernorm, s->dckv_n, a->ckv, w->kv_a_layernorm,
 			     a->ckv_rstd, N, d.Rkv);
-	linear_bwd(dx, g->kv_a_proj_with_mqa, s->dkva, x, w->kv_a_proj_with_mqa, N, d.C, Dkva, LIN_SET_DX);
+	model_linear_bwd(m, dx, g->kv_a_proj_with_mqa, s->dkva, x, w->kv_a_proj_with_mqa, N, d.C, Dkva,
+			 LIN_SET_DX);
 
 	/* q path */
 	rope_backward(s->dq + d.dn, pos, N, d.H, d.H * d.dq, d.dq, d.dr, rf.inv_freq, rf.attention_factor);
 	if (d.Rq > 0) {
-		linear_bwd(s->dqa_n, g->q_b_proj, s->dq, a->qa_n, w->q_b_proj, N, d.Rq, d.H * d.dq, LIN_SET_DX);
+		model_linear_bwd(m, s->dqa_n, g->q_b_proj, s->dq, a->qa_n, w->q_b_proj, N, d.Rq, d.H * d.dq,
+				 LIN_SET_DX);
 		rmsnorm_backward_set(s->dqa, d.Rq, g->q_a_layernorm, s->dqa_n, a->qa, w->q_a_layernorm,
 				     a->qa_rstd, N, d.Rq);
-		linear_backward(dx, g->q_a_proj, s->dqa, x, w->q_a_proj, N, d.C, d.Rq);
+		model_linear_bwd(m, dx, g->q_a_proj, s->dqa, x, w->q_a_proj, N, d.C, d.Rq, 0);
 	} else {
-		linear_backward(dx, g->q_proj, s->dq, x, w->q_proj, N, d.C, d.H * d.dq);
+		model_linear_bwd(m, dx, g->q_proj, s->dq, x, w->q_proj, N, d.C, d.H * d.dq, 0);
 	}
 }

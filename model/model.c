@@ -13,6 +13,8 @@
 
 #include "launch/rng.h"
 #include "model/layers.h"
+#include "model/lora.h"
+#include "model/mtp.h"
 #include "model/ops.h"
 #include "model/quant.h"
 
@@ -136,6 +138,37 @@ static void build_ffn_params(struct param_builder *b, int l)
 	}
 }
 
+static void build_layer_params(struct param_builder *b, int l)
+{
+	struct moe_model *m = b->m;
+	int64_t C = m->cfg.hidden_size;
+
+	add_param(b, PARAM_NORM, l, 0, LW(input_layernorm), 1, C, 0, 0,
+		  "model.layers.%d.input_layernorm.weight", l);
+	build_attention_params(b, l);
+	add_param(b, PARAM_NORM, l, 0, LW(post_attention_layernorm), 1, C, 0, 0,
+		  "model.layers.%d.post_attention_layernorm.weight", l);
+	build_ffn_params(b, l);
+}
+
+#define MW(field) &m->w.mtp[k].field, &m->g.mtp[k].field
+
+/* MTP depth k = l - L + 1 under Hugging Face's names: model.layers.{l}.{enorm,hnorm,eh_proj,...} (the
+ * shared_head.head and embed_tokens copies HF files carry are the model's lm_head and embedding) */
+static void build_mtp_params(struct param_builder *b, int l)
+{
+	struct moe_model *m = b->m;
+	int64_t C = m->cfg.hidden_size;
+	int k = l - m->cfg.num_hidden_layers;
+
+	add_param(b, PARAM_NORM, l, 0, MW(enorm), 1, C, 0, 0, "model.layers.%d.enorm.weight", l);
+	add_param(b, PARAM_NORM, l, 0, MW(hnorm), 1, C, 0, 0, "model.layers.%d.hnorm.weight", l);
+	add_param(b, PARAM_LINEAR, l, 0, MW(eh_proj), 2, C, 2 * C, 0, "model.layers.%d.eh_proj.weight", l);
+	build_layer_params(b, l);
+	add_param(b, PARAM_NORM, l, 0, MW(shared_head_norm), 1, C, 0, 0,
+		  "model.layers.%d.shared_head.norm.weight", l);
+}
+
 static void build_params(struct param_builder *b)
 {
 	struct moe_model *m = b->m;
@@ -143,16 +176,12 @@ static void build_params(struct param_builder *b)
 	int64_t C = c->hidden_size, V = c->vocab_size;
 
 	add_param(b, PARAM_EMBEDDING, -1, 0, W(embed_tokens), 2, V, C, 0, "model.embed_tokens.weight");
-	for (int l = 0; l < c->num_hidden_layers; l++) {
-		add_param(b, PARAM_NORM, l, 0, LW(input_layernorm), 1, C, 0, 0,
-			  "model.layers.%d.input_layernorm.weight", l);
-		build_attention_params(b, l);
-		add_param(b, PARAM_NORM, l, 0, LW(post_attention_layernorm), 1, C, 0, 0,
-			  "model.layers.%d.post_attention_layernorm.weight", l);
-		build_ffn_params(b, l);
-	}
+	for (int l = 0; l < c->num_hidden_layers; l++)
+		build_layer_params(b, l);
 	add_param(b, PARAM_NORM, -1, 0, W(norm), 1, C, 0, 0, "model.norm.weight");
 	add_param(b, PARAM_LINEAR, -1, 0, W(lm_head), 2, V, C, 0, "lm_head.weight");
+	for (int l = c->num_hidden_layers; l < mc_n_layers(c); l++)
+		build_mtp_params(b, l);
 }
 
 static int check_shapes(const struct model_config *c, char *err, size_t errlen)
@@ -168,6 +197,8 @@ static int check_shapes(const struct model_config *c, char *err, size_t errlen)
 		bad = "qk_rope_head_dim";
 	else if (c->qk_nope_head_dim < 0) bad = "qk_nope_head_dim";
 	else if (c->v_head_dim <= 0) bad = "v_head_dim";
+	else if (c->num_nextn_predict_layers < 0 || c->num_nextn_predict_layers > MTP_MAX_DEPTH)
+		bad = "num_nextn_predict_layers";
 	else if (c->first_k_dense_replace > 0 && c->intermediate_size <= 0) bad = "intermediate_size";
 	else if (c->n_routed_experts > 0) {
 		if (c->moe_intermediate_size <= 0) bad = "moe_intermediate_size";
@@ -203,11 +234,17 @@ static struct moe_model *model_shell(const struct model_config *cfg, int expert_
 	m->cfg = *cfg;
 	m->expert_begin = expert_begin;
 	m->expert_end = expert_end;
-	m->w.layers = calloc(cfg->num_hidden_layers, sizeof(struct layer_weights));
-	m->g.layers = calloc(cfg->num_hidden_layers, sizeof(struct layer_weights));
-	m->expert_load = calloc((size_t)cfg->num_hidden_layers * (cfg->n_routed_experts + 1), sizeof(int64_t));
+	m->w.layers = calloc(mc_n_layers(cfg), sizeof(struct layer_weights));
+	m->g.layers = calloc(mc_n_layers(cfg), sizeof(struct layer_weights));
+	m->expert_load = calloc((size_t)mc_n_layers(cfg) * (cfg->n_routed_experts + 1), sizeof(int64_t));
 	if (!m->w.layers || !m->g.layers || !m->expert_load)
 		goto oom;
+	if (cfg->num_nextn_predict_layers > 0) {
+		m->w.mtp = calloc(cfg->num_nextn_predict_layers, sizeof(struct mtp_weights));
+		m->g.mtp = calloc(cfg->num_nextn_predict_layers, sizeof(struct mtp_weights));
+		if (!m->w.mtp || !m->g.mtp)
+			goto oom;
+	}
 	build_params(b);
 	if (b->failed)
 		goto oom;
@@ -272,6 +309,8 @@ void model_free(struct moe_model *m)
 	free(m->grads);
 	free(m->w.layers);
 	free(m->g.layers);
+	free(m->w.mtp);
+	free(m->g.mtp);
 	free(m->expert_load);
 	free(m);
 }
@@ -286,6 +325,10 @@ const struct param *model_find_param(const struct moe_model *m, const char *name
 
 void model_zero_grad(struct moe_model *m)
 {
+	if (m->lora)
+		lora_zero_grad(m->lora);
+	if (!m->grads)  /* frozen (LoRA) */
+		return;
 	const size_t chunk = (size_t)1 << 18;  /* 1 MiB of floats per task */
 	size_t n = m->n_weights, nchunks = (n + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) if (nchunks > 1)
@@ -297,7 +340,9 @@ void model_drop_grads(struct moe_model *m)
 {
 	free(m->grads);
 	m->grads = NULL;
-	memset(m->g.layers, 0, sizeof(*m->g.layers) * m->cfg.num_hidden_layers);
+	memset(m->g.layers, 0, sizeof(*m->g.layers) * mc_n_layers(&m->cfg));
+	if (m->g.mtp)
+		memset(m->g.mtp, 0, sizeof(*m->g.mtp) * m->cfg.num_nextn_predict_layers);
 	m->g.embed_tokens = m->g.norm = m->g.lm_head = NULL;
 }
 
@@ -394,23 +439,9 @@ static void *host_alloc(size_t bytes)
 	return calloc(1, bytes ? bytes : 1);
 }
 
-static void *act_alloc(struct model_acts *a, size_t bytes)
-{
-	if (a->n_allocs == (int)(sizeof(a->allocs) / sizeof(a->allocs[0]))) {
-		fprintf(stderr, "moe: too many activation buffers\n");
-		abort();
-	}
-	void *p = a->mem.alloc(bytes);
-	if (!p) {
-		fprintf(stderr, "moe: out of memory allocating %zu bytes of activations\n", bytes);
-		exit(1);
-	}
-	a->allocs[a->n_allocs++] = p;
-	return p;
-}
 
-#define FALLOC(n) ((float *)act_alloc(a, sizeof(float) * (size_t)(n)))
-#define IALLOC(n) ((int *)act_alloc(a, sizeof(int) * (size_t)(n)))
+#define FALLOC(n) ((float *)model_acts_alloc(a, sizeof(float) * (size_t)(n)))
+#define IALLOC(n) ((int *)model_acts_alloc(a, sizeof(int) * (size_t)(n)))
 
 void model_acts_destroy(const struct model_config *c, struct model_acts *a)
 {
@@ -420,6 +451,7 @@ void model_acts_destroy(const struct model_config *c, struct model_acts *a)
 		a->mem.release(a->allocs[i]);
 	for (int l = 0; a->layers && l < c->num_hidden_layers; l++)
 		moe_acts_free_ep(&a->layers[l].moe);
+	mtp_acts_free(c, a->mtp);
 	free(a->gs.dyr);
 	free(a->gs.dxr);
 	free(a->gs.dgr);
@@ -434,62 +466,6 @@ void model_acts_free(struct moe_model *m)
 	m->acts = NULL;
 }
 
-static void alloc_layer_acts(const struct moe_model *m, struct model_acts *a, struct layer_acts *la,
-			     int l, size_t N)
-{
-	const struct model_config *c = &m->cfg;
-	size_t C = c->hidden_size, H = c->num_attention_heads, dq = mc_qk_head_dim(c);
-	size_t Rq = c->q_lora_rank, Rkv = c->kv_lora_rank, dr = c->qk_rope_head_dim;
-	struct mla_acts *ma = &la->mla;
-
-	la->ln1 = FALLOC(N * C);
-	la->ln1_rstd = FALLOC(N);
-	la->ln2 = FALLOC(N * C);
-	la->ln2_rstd = FALLOC(N);
-	if (Rq) {
-		ma->qa = FALLOC(N * Rq);
-		ma->qa_n = FALLOC(N * Rq);
-		ma->qa_rstd = FALLOC(N);
-	}
-	ma->q = FALLOC(N * H * dq);
-	ma->kva = FALLOC(N * (Rkv + dr));
-	ma->ckv = FALLOC(N * Rkv);
-	ma->ckv_n = FALLOC(N * Rkv);
-	ma->ckv_rstd = FALLOC(N);
-	ma->kv = FALLOC(N * H * (c->qk_nope_head_dim + c->v_head_dim));
-	ma->k = FALLOC(N * H * dq);
-	ma->v = FALLOC(N * H * c->v_head_dim);
-	ma->att = FALLOC(N * H * c->v_head_dim);
-	ma->lse = FALLOC(N * H);
-	if (!mc_layer_is_moe(c, l)) {
-		size_t I = c->intermediate_size;
-		la->mlp.g = FALLOC(N * I);
-		la->mlp.u = FALLOC(N * I);
-		la->mlp.a = FALLOC(N * I);
-		return;
-	}
-	struct moe_acts *mo = &la->moe;
-	size_t E = c->n_routed_experts, K = c->num_experts_per_tok, Im = c->moe_intermediate_size;
-	size_t Is = c->n_shared_experts * Im;
-	mo->logits = FALLOC(N * E);
-	mo->scores = FALLOC(N * E);
-	mo->topk_idx = IALLOC(N * K);
-	mo->topk_w = FALLOC(N * K);
-	mo->offsets = IALLOC(m->expert_end - m->expert_begin + 1);
-	mo->tasks = IALLOC(m->expert_end - m->expert_begin + 1);
-	mo->row_pair = IALLOC(N * K);
-	mo->row_of = IALLOC(N * K);
-	mo->xe = FALLOC(N * K * C);
-	mo->ye = FALLOC(N * K * C);
-	mo->e.g = FALLOC(N * K * Im);
-	mo->e.u = FALLOC(N * K * Im);
-	mo->e.a = FALLOC(N * K * Im);
-	if (Is) {
-		mo->shared.g = FALLOC(N * Is);
-		mo->shared.u = FALLOC(N * Is);
-		mo->shared.a = FALLOC(N * Is);
-	}
-}
 
 static void alloc_grad_scratch(const struct model_config *c, struct model_acts *a, size_t N)
 {
@@ -540,7 +516,7 @@ struct model_acts *model_acts_create(const struct moe_model *m, int B, int T, co
 	a->resid = FALLOC((L + 1) * N * C);
 	a->h_mid = FALLOC(L * N * C);
 	for (size_t l = 0; l < L; l++)
-		alloc_layer_acts(m, a, &a->layers[l], (int)l, N);
+		model_layer_acts_alloc(m, a, &a->layers[l], (int)l, N);
 	a->lnf = FALLOC(N * C);
 	a->lnf_rstd = FALLOC(N);
 	a->logit_rows = mem->logit_rows > 0 && (size_t)mem->logit_rows < N ? mem->logit_rows : (int)N;
@@ -574,27 +550,16 @@ float model_forward(struct moe_model *m, const int *inputs, const int *targets, 
 
 	memcpy(a->inputs, inputs, sizeof(int) * N);
 	a->has_targets = targets != NULL;
+	if (a->mtp)
+		a->mtp->active = 0;
 	embedding_forward(a->resid, inputs, m->w.embed_tokens, N, C);
 	float aux = 0.0f;
 	for (int l = 0; l < L; l++) {
-		const struct layer_weights *w = &m->w.layers[l];
 		struct layer_acts *la = &a->layers[l];
-		float *x = a->resid + (size_t)l * N * C, *mid = a->h_mid + (size_t)l * N * C;
-		float *next = a->resid + (size_t)(l + 1) * N * C;
-
-		rmsnorm_forward(la->ln1, la->ln1_rstd, x, w->input_layernorm, N, C, eps);
-		mla_forward(m, w, &la->mla, mid, la->ln1, a->pos, B, T);
-		vec_add(mid, x, (size_t)N * C);
-		rmsnorm_forward(la->ln2, la->ln2_rstd, mid, w->post_attention_layernorm, N, C, eps);
 		la->moe.replay = m->route_replay ?
 			m->route_replay + (size_t)l * N * c->num_experts_per_tok : NULL;
-		if (mc_layer_is_moe(c, l))
-			aux += moe_forward(m, w, &la->moe, next, la->ln2, B, T,
-					   m->expert_load + (size_t)l * c->n_routed_experts);
-		else
-			mlp_forward(m, &la->mlp, next, la->ln2, w->mlp_gate_proj, w->mlp_up_proj, w->mlp_down_proj,
-				    N, C, c->intermediate_size);
-		vec_add(next, mid, (size_t)N * C);
+		aux += decoder_layer_forward(m, l, la, a->resid + (size_t)(l + 1) * N * C,
+					     a->h_mid + (size_t)l * N * C, a->resid + (size_t)l * N * C, a->pos, B, T);
 	}
 	rmsnorm_forward(a->lnf, a->lnf_rstd, a->resid + (size_t)L * N * C, m->w.norm, N, C, eps);
 	linear_forward(a->logits, a->lnf, m->w.lm_head, N, C, V);
@@ -612,32 +577,15 @@ float model_forward(struct moe_model *m, const int *inputs, const int *targets, 
 	}
 	cross_entropy_forward(a->losses, a->logits, targets, N, V);
 	m->last_ce_loss = ce_term(a->losses, targets, m->token_weights, N);
-	return m->last_ce_loss + aux;
+	m->last_mtp_loss = 0.0f;
+	if (!mtp_active(m))
+		return m->last_ce_loss + aux;
+	m->last_mtp_loss = mtp_forward(m, &m->last_aux_loss);
+	return m->last_ce_loss + m->last_aux_loss + m->mtp_lambda * m->last_mtp_loss;
 }
 
-float ce_term(const float *losses, const int *targets, const float *w, int N)
-{
-	double sum = 0.0;
-	int count = 0;
-	for (int n = 0; n < N; n++) {
-		if (targets[n] >= 0) {
-			sum += w ? (double)w[n] * losses[n] : losses[n];
-			count++;
-		}
-	}
-	if (w)
-		return (float)sum;
-	return count ? (float)(sum / count) : 0.0f;
-}
 
-float ce_row_scale(const int *targets, const float *w, int N, float loss_scale, float temperature)
-{
-	int count = 0;
-	for (int n = 0; n < N; n++)
-		count += targets[n] >= 0;
-	float dloss = w ? loss_scale : count ? loss_scale / count : 0.0f;
-	return dloss / temperature;
-}
+
 
 const float *model_logits(const struct moe_model *m)
 {
@@ -696,35 +644,27 @@ void model_backward(struct moe_model *m, float loss_scale)
 	int L = c->num_hidden_layers;
 	struct grad_scratch *s = &a->gs;
 
+	/* first, while s is free: the MTP depths' gradient of the final hidden state (into a->mtp) */
+	int mtp = a->mtp && a->mtp->active;
+	if (mtp)
+		mtp_backward(m, loss_scale);
 	float dloss = ce_row_scale(a->targets, m->token_weights, N, loss_scale, a->temperature);
 	if (m->logit_term)
 		logit_term_backward(m, dloss, loss_scale);
 	else
 		cross_entropy_backward_rows(a->logits, a->logits, a->targets, dloss, m->token_weights, N, V);
-	linear_bwd(s->dln, m->g.lm_head, a->logits, a->lnf, m->w.lm_head, N, C, V, LIN_SET_DX);
+	model_linear_bwd(m, s->dln, m->g.lm_head, a->logits, a->lnf, m->w.lm_head, N, C, V, LIN_SET_DX);
 	rmsnorm_backward_set(s->dres, C, m->g.norm, s->dln, a->resid + (size_t)L * N * C, m->w.norm,
 			     a->lnf_rstd, N, C);
+	if (mtp)
+		vec_add(s->dres, a->mtp->dh, (size_t)N * C);
 
 	/* s->dres holds d(residual) entering the current point, walking the layers backward */
-	for (int l = L - 1; l >= 0; l--) {
-		const struct layer_weights *w = &m->w.layers[l], *g = &m->g.layers[l];
-		struct layer_acts *la = &a->layers[l];
-		const float *x = a->resid + (size_t)l * N * C, *mid = a->h_mid + (size_t)l * N * C;
-
-		/* the layer backwards write s->dln; the norms' backwards add into s->dres */
-		if (mc_layer_is_moe(c, l))
-			moe_backward(m, w, g, &la->moe, s, s->dln, s->dres, la->ln2, B, T, loss_scale);
-		else
-			mlp_backward(s->dln, g->mlp_gate_proj, g->mlp_up_proj, g->mlp_down_proj, s->dg, s->du,
-				     s->dres, la->ln2, &la->mlp, w->mlp_gate_proj, w->mlp_up_proj,
-				     w->mlp_down_proj, N, C, c->intermediate_size);
-		rmsnorm_backward(s->dres, g->post_attention_layernorm, s->dln, mid, w->post_attention_layernorm,
-				 la->ln2_rstd, N, C);
-
-		mla_backward(c, w, g, &la->mla, s, s->dln, s->dres, la->ln1, a->pos, B, T);
-		rmsnorm_backward(s->dres, g->input_layernorm, s->dln, x, w->input_layernorm, la->ln1_rstd, N, C);
-	}
-	embedding_backward(m->g.embed_tokens, s->dres, a->inputs, N, C);
+	for (int l = L - 1; l >= 0; l--)
+		decoder_layer_backward(m, l, &a->layers[l], s, a->h_mid + (size_t)l * N * C,
+				       a->resid + (size_t)l * N * C, a->pos, B, T, loss_scale);
+	if (m->g.embed_tokens)  /* NULL: frozen (LoRA) */
+		embedding_backward(m->g.embed_tokens, s->dres, a->inputs, N, C);
 }
 
 /* ---------------------------------------------------------------- training FLOPs */

@@ -66,15 +66,24 @@ struct layer_weights {
 	float *shared_gate_proj, *shared_up_proj, *shared_down_proj; /* [S*I_moe, C], .., [C, S*I_moe] */
 };
 
+/* One multi-token-prediction depth besides its decoder layer (model/mtp.c). */
+struct mtp_weights {
+	float *enorm, *hnorm;          /* [C]: RMSNorm of the embedding of token t+k, of h_{k-1} */
+	float *eh_proj;                /* [C, 2C]: their concatenation [enorm(emb) | hnorm(h)] projected */
+	float *shared_head_norm;       /* [C]: before the shared lm_head */
+};
+
 struct model_weights {
 	float *embed_tokens;           /* [V, C] */
-	struct layer_weights *layers;  /* [L] */
+	struct layer_weights *layers;  /* [L + D]: the main model's, then the MTP depths' decoder layers */
 	float *norm;                   /* [C] */
 	float *lm_head;                /* [V, C] */
+	struct mtp_weights *mtp;       /* [D] (NULL when D = 0) */
 };
 
 struct model_acts;                 /* activation buffers, private to model.c */
 struct model_quant;                /* int8 copies of the linear weights (model/quant.h) */
+struct lora;                       /* LoRA adapters (model/lora.h) */
 
 /*
  * A loss term of the logits besides the cross-entropy (distillation: train/distill.h), whose value the
@@ -108,6 +117,11 @@ struct moe_model {
 	 */
 	struct model_quant *quant;
 	/*
+	 * NULL, or LoRA adapters (model/lora.h) that every CPU forward and backward adds to the linear
+	 * layers they adapt.  Owned by the caller (model_free leaves it).
+	 */
+	struct lora *lora;
+	/*
 	 * Options of the loss (GRPO sets them; all off after model_create).  token_weights [B*T]: the loss
 	 * is sum_n w[n] * CE_n over the targets instead of their mean; model_forward's value uses the
 	 * array as it is then, model_backward's gradient as it is then (GRPO sets it from the forward's
@@ -120,10 +134,17 @@ struct moe_model {
 	float logit_temperature;
 	const int *route_replay;
 	const struct logit_term *logit_term;  /* NULL, or read by model_backward (above) */
+	/*
+	 * Weight of the multi-token-prediction loss (model/mtp.h; 0 after model_create): when > 0 and the
+	 * model has D = num_nextn_predict_layers > 0, a forward with targets and without token_weights or
+	 * route_replay also runs the D MTP depths and adds mtp_lambda * last_mtp_loss to the loss.
+	 */
+	float mtp_lambda;
 	/* statistics of the last forward */
+	float last_mtp_loss;           /* mean over the D depths of their mean cross-entropy (0: not run) */
 	float last_ce_loss;            /* mean cross-entropy over target tokens */
 	float last_aux_loss;           /* sequence-wise balance loss, summed over MoE layers */
-	int64_t *expert_load;          /* [L][E] tokens routed to each expert in the last forward */
+	int64_t *expert_load;          /* [L + D][E] tokens routed to each expert in the last forward */
 };
 
 /* Build the parameter table and allocate arenas for experts [expert_begin, expert_end).  Returns NULL and
@@ -142,6 +163,7 @@ struct param *model_param_table(const struct model_config *cfg, int *n_params, c
 void model_init_weights(struct moe_model *m, uint64_t seed);
 
 /* Parameter counts for a config, without allocating: total, and activated per token the way DeepSeek
+ * counts it, of the main model (the MTP depths left out, as DeepSeek's 671B of V3 leaves out its 14B);
  * counts it (routed experts: K of E; the input embedding table and the routers excluded). */
 void model_count_params(const struct model_config *cfg, int64_t *total, int64_t *activated);
 /* Model FLOPs of a training step (forward + backward) per token at sequence length T: 6 x activated
@@ -151,7 +173,7 @@ double model_train_flops_per_token(const struct model_config *cfg, int T);
 const struct param *model_find_param(const struct moe_model *m, const char *name);
 
 /* Forward over B sequences of T tokens.  targets may be NULL (no loss).  Returns the training loss
- * (mean cross-entropy + aux balance loss) or 0 when targets is NULL.  The logits of the last call stay
+ * (mean cross-entropy + aux balance loss [+ mtp_lambda * MTP loss]) or 0 when targets is NULL.  The logits of the last call stay
  * readable through model_logits() until the next forward. */
 float model_forward(struct moe_model *m, const int *inputs, const int *targets, int B, int T);
 const float *model_logits(const struct moe_model *m);   /* [B*T, V] */
@@ -166,7 +188,8 @@ const float *model_token_losses(const struct moe_model *m);
 int model_count_targets(const struct moe_model *m);
 void model_zero_grad(struct moe_model *m);
 /* A model that only runs forwards (a distillation teacher): frees the gradient arena; model_backward and
- * model_zero_grad must not be called on it afterwards. */
+ * model_zero_grad must not be called on it afterwards, unless it has LoRA adapters (model/lora.h): then
+ * the base is frozen and the backward computes the adapters' gradients only. */
 void model_drop_grads(struct moe_model *m);
 
 #endif

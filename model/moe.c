@@ -28,23 +28,24 @@ void mlp_forward(const struct moe_model *m, struct mlp_acts *a, float *y, const 
 	mlp_fwd(m, a, y, x, wg, wu, wd, rows, C, I, 0);
 }
 
-/* dx is written (LIN_SET_DX in flags) or accumulated into; dg, du: [rows, I] scratch */
-static void mlp_bwd(float *dx, float *dwg, float *dwu, float *dwd, float *dg, float *du, const float *dy,
-		    const float *x, const struct mlp_acts *a, const float *wg, const float *wu, const float *wd,
-		    int rows, int C, int I, int flags)
+/* dx is written (LIN_SET_DX in flags) or accumulated into; dg, du: [rows, I] scratch; dwg, dwu, dwd NULL:
+ * frozen weights (LoRA) */
+static void mlp_bwd(const struct moe_model *m, float *dx, float *dwg, float *dwu, float *dwd, float *dg,
+		    float *du, const float *dy, const float *x, const struct mlp_acts *a, const float *wg,
+		    const float *wu, const float *wd, int rows, int C, int I, int flags)
 {
 	/* d(silu(g) u) = dy Wd, into dg; then dg, du in place */
-	linear_bwd(dg, dwd, dy, a->a, wd, rows, I, C, (flags & LIN_SERIAL) | LIN_SET_DX);
+	model_linear_bwd(m, dg, dwd, dy, a->a, wd, rows, I, C, (flags & LIN_SERIAL) | LIN_SET_DX);
 	swiglu_backward_set(dg, du, dg, a->g, a->u, (size_t)rows * I);
-	linear_bwd(dx, dwg, dg, x, wg, rows, C, I, flags);
-	linear_bwd(dx, dwu, du, x, wu, rows, C, I, flags & LIN_SERIAL);
+	model_linear_bwd(m, dx, dwg, dg, x, wg, rows, C, I, flags);
+	model_linear_bwd(m, dx, dwu, du, x, wu, rows, C, I, flags & LIN_SERIAL);
 }
 
-void mlp_backward(float *dx, float *dwg, float *dwu, float *dwd, float *dg, float *du,
-		  const float *dy, const float *x, const struct mlp_acts *a, const float *wg,
+void mlp_backward(const struct moe_model *m, float *dx, float *dwg, float *dwu, float *dwd, float *dg,
+		  float *du, const float *dy, const float *x, const struct mlp_acts *a, const float *wg,
 		  const float *wu, const float *wd, int rows, int C, int I)
 {
-	mlp_bwd(dx, dwg, dwu, dwd, dg, du, dy, x, a, wg, wu, wd, rows, C, I, LIN_SET_DX);
+	mlp_bwd(m, dx, dwg, dwu, dwd, dg, du, dy, x, a, wg, wu, wd, rows, C, I, LIN_SET_DX);
 }
 
 struct router_params moe_router_params(const struct model_config *c)
@@ -147,10 +148,11 @@ static void shared_fwd(const struct moe_model *m, const struct layer_weights *w,
 		LIN_SERIAL);
 }
 
-static void shared_bwd(const struct layer_weights *w, const struct layer_weights *g, const struct moe_acts *a,
-		       struct grad_scratch *s, float *dx, const float *dout, const float *x, int N, int C, int Is)
+static void shared_bwd(const struct moe_model *m, const struct layer_weights *w,
+		       const struct layer_weights *g, const struct moe_acts *a, struct grad_scratch *s, float *dx, const float *dout,
+		       const float *x, int N, int C, int Is)
 {
-	mlp_bwd(dx, g->shared_gate_proj, g->shared_up_proj, g->shared_down_proj, s->dg_shared, s->du_shared,
+	mlp_bwd(m, dx, g->shared_gate_proj, g->shared_up_proj, g->shared_down_proj, s->dg_shared, s->du_shared,
 		dout, x, &a->shared, w->shared_gate_proj, w->shared_up_proj, w->shared_down_proj, N, C, Is,
 		LIN_SERIAL | LIN_SET_DX);
 }
@@ -165,15 +167,22 @@ static void expert_fwd(const struct moe_model *m, const struct layer_weights *w,
 		w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im, LIN_SERIAL);
 }
 
-static void expert_bwd(const struct layer_weights *w, const struct layer_weights *g, int e, int r0, int n,
-		       float *dx_rows, float *dg, float *du, const float *dy_rows, const float *x_rows,
-		       const struct mlp_acts *acts, int C, int Im)
+/* expert e's block of a stacked gradient, or NULL when it is frozen */
+static float *expert_block(float *g, size_t wo)
+{
+	return g ? g + wo : NULL;
+}
+
+static void expert_bwd(const struct moe_model *m, const struct layer_weights *w,
+		       const struct layer_weights *g, int e, int r0, int n, float *dx_rows, float *dg, float *du, const float *dy_rows,
+		       const float *x_rows, const struct mlp_acts *acts, int C, int Im)
 {
 	size_t wo = (size_t)e * Im * C, ro = (size_t)r0 * Im;
 	struct mlp_acts ea = { acts->g + ro, acts->u + ro, acts->a + ro };
-	mlp_bwd(dx_rows + (size_t)r0 * C, g->experts_gate_proj + wo, g->experts_up_proj + wo,
-		g->experts_down_proj + wo, dg + ro, du + ro, dy_rows + (size_t)r0 * C, x_rows + (size_t)r0 * C,
-		&ea, w->experts_gate_proj + wo, w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im,
+	mlp_bwd(m, dx_rows + (size_t)r0 * C, expert_block(g->experts_gate_proj, wo),
+		expert_block(g->experts_up_proj, wo), expert_block(g->experts_down_proj, wo), dg + ro, du + ro,
+		dy_rows + (size_t)r0 * C, x_rows + (size_t)r0 * C, &ea, w->experts_gate_proj + wo,
+		w->experts_up_proj + wo, w->experts_down_proj + wo, n, C, Im,
 		LIN_SERIAL | LIN_SET_DX);
 }
 
@@ -300,11 +309,11 @@ static void moe_backward_ep(const struct moe_model *m, const struct layer_weight
 	for (int t = 0; t < a->n_tasks; t++) {
 		int e = a->tasks[t];
 		if (e < 0) {  /* the shared expert writes dx */
-			shared_bwd(w, g, a, s, dx, dout, x, N, C, Is);
+			shared_bwd(m, w, g, a, s, dx, dout, x, N, C, Is);
 			continue;
 		}
 		int r0 = a->offsets[e];
-		expert_bwd(w, g, e, r0, a->offsets[e + 1] - r0, s->dxr, s->dgr, s->dur, s->dyr, a->xr, &a->er,
+		expert_bwd(m, w, g, e, r0, a->offsets[e + 1] - r0, s->dxr, s->dgr, s->dur, s->dyr, a->xr, &a->er,
 			   C, Im);
 	}
 	if (dispatch_from_experts(d, s->dxr, s->dxe, C))
@@ -377,7 +386,7 @@ void moe_backward(const struct moe_model *m, const struct layer_weights *w,
 	for (int t = 0; t < a->n_tasks; t++) {
 		int e = a->tasks[t];
 		if (e < 0) {  /* the shared expert writes dx */
-			shared_bwd(w, g, a, s, dx, dout, x, N, C, Is);
+			shared_bwd(m, w, g, a, s, dx, dout, x, N, C, Is);
 			continue;
 		}
 		int r0 = a->offsets[e], n = a->offsets[e + 1] - r0;
@@ -393,7 +402,7 @@ void moe_backward(const struct moe_model *m, const struct layer_weights *w,
 			}
 			s->dtopk_w[i] = dot;
 		}
-		expert_bwd(w, g, e, r0, n, s->dxe, s->dg, s->du, s->dye, a->xe, &a->e, C, Im);
+		expert_bwd(m, w, g, e, r0, n, s->dxe, s->dg, s->du, s->dye, a->xe, &a->e, C, Im);
 	}
 	/* scatter the expert input gradients back to their tokens, slots in order */
 	combine_rows(dx, s->dxe, a->row_of, NULL, N, K, C, c->n_shared_experts == 0);

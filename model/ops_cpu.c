@@ -110,7 +110,8 @@ static void gemm_run(const struct gemm_job *jobs, int njobs)
 
 void linear_fwd(float *y, const float *x, const float *w, int N, int in, int out, int flags)
 {
-	struct gemm_job g = gemm_job(CblasNoTrans, CblasTrans, N, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
+	struct gemm_job g = gemm_job(CblasNoTrans, CblasTrans, N, out, in, 1.0f, x, in, w, in,
+				     flags & LIN_ACC ? 1.0f : 0.0f, y, out);
 	if (flags & LIN_SERIAL) {
 		g.ntiles = 1;
 		g.chunk = g.split_m ? N : out;

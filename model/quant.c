@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "model/layers.h"
+#include "model/lora.h"
 
 #include <cblas.h>  /* after the headers above: it may bring complex.h's I */
 
@@ -223,7 +224,7 @@ static int is_quantised(const struct moe_model *m, const struct param *p)
 
 	if (p->kind != PARAM_LINEAR || p->ndim < 2 || p->numel == 0 || w == m->w.lm_head)
 		return 0;
-	for (int l = 0; l < m->cfg.num_hidden_layers; l++)
+	for (int l = 0; l < mc_n_layers(&m->cfg); l++)
 		if (w == m->w.layers[l].gate)
 			return 0;
 	return 1;
@@ -366,12 +367,12 @@ void model_linear(const struct moe_model *m, float *y, const float *x, const flo
 {
 	struct qmat q = quant_find(m, w, in);
 
-	if (!q.q) {
+	if (!q.q)
 		linear_fwd(y, x, w, N, in, out, flags);
-		return;
-	}
-	if (flags & LIN_SERIAL)
+	else if (flags & LIN_SERIAL)
 		qlinear_forward_serial(y, out, x, in, q, N, in, out);
 	else
 		qlinear_forward(y, out, x, in, q, N, in, out);
+	if (m->lora)
+		lora_forward(m->lora, w, y, x, N, in, out, flags);
 }

@@ -89,7 +89,8 @@ struct quant_bytes quant_weight_bytes(const struct moe_model *m);
 
 /*
  * What the forward code calls for a linear layer of the model: the int8 product when w is quantised
- * (quant_find), else linear_fwd with flags (layers.h: LIN_SERIAL runs on the calling thread).
+ * (quant_find), else linear_fwd with flags (layers.h: LIN_SERIAL runs on the calling thread); plus the
+ * LoRA adapters' term when m has adapters on w (model/lora.h).
  */
 void model_linear(const struct moe_model *m, float *y, const float *x, const float *w, int N, int in, int out,
 		  int flags);

@@ -89,4 +89,25 @@ int generate_cached(struct moe_model *m, struct latent_cache *cache, const int *
 		    const int *lens, int G, const struct sample_params *p, const uint64_t *seeds,
 		    int *out_tokens, int *out_lens, float *out_logprobs);
 
+/*
+ * Self-speculative greedy decoding (rl/speculative.c) with the model's first multi-token-prediction
+ * depth (model.num_nextn_predict_layers >= 1): after the main model has produced token x at position q,
+ * the MTP head drafts d for q + 1; one main step over [x, d] then verifies it (accepted when the main
+ * model's argmax at q is d, which also gives the token after d for free) or replaces it.  The tokens are
+ * greedy decoding's (temperature <= 0 required; top-k/top-p are irrelevant to an argmax): the same as
+ * generate() with temperature 0, up to the float rounding of a 2-row product against a 1-row one (an
+ * argmax tie within rounding; none seen in the tests).  One sequence, no expert parallelism.
+ * out_tokens [max_new_tokens], *out_len as generate().  st (may be NULL) counts drafts and acceptances.
+ * Returns 0, -1 on bad arguments (no MTP depth, sampling, ep) or out of memory.
+ */
+struct spec_stats {
+	long long drafted;       /* drafts verified by the main model */
+	long long accepted;      /* of them, the main model's own choice */
+	long long main_steps;    /* main-model decode steps after the prefill */
+	long long mtp_steps;     /* MTP-head steps after its prefill */
+};
+
+int generate_speculative(struct moe_model *m, const int *prompt, int len, const struct sample_params *p,
+			 int *out_tokens, int *out_len, struct spec_stats *st);
+
 #endif

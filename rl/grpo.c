@@ -24,6 +24,7 @@
 #include "launch/rng.h"
 #include "model/decode.h"
 #include "model/model.h"
+#include "model/lora.h"
 #include "model/quant.h"
 #include "rl/generate.h"
 #include "rl/prompts.h"
@@ -34,6 +35,7 @@
 struct grpo {
 	struct trainer t;
 	struct moe_model *ref;        /* frozen reference (beta > 0) */
+	int ref_is_base;              /* LoRA: ref is the policy's own model, run with its adapters off */
 	struct prompt_set ps;
 	int *perm;                    /* [ps.n] the prompt order of epoch perm_epoch */
 	uint64_t perm_epoch;
@@ -125,6 +127,10 @@ static int check_layout(struct grpo *g, int eval)
 	g->mb = c->train.micro_batch;
 	g->ga = c->train.grad_accum;
 	g->M = g->W * g->mb * g->ga;
+	/* GRPO's loss has no KL-to-teacher term: a distill section would be silently ignored */
+	if (c->distill.teacher[0])
+		FAIL("distill.teacher is set (%s): distillation is an objective of moe train, not of moe grpo; "
+		     "remove the distill section", c->distill.teacher);
 	if (eval) {  /* evaluation does not use the training batch: any rank count */
 		g->P = g->M;
 		g->G = 1;
@@ -231,6 +237,11 @@ static int load_reference(struct grpo *g)
 	char err[1024];
 	if (g->lp.beta <= 0)
 		return 0;
+	if (g->t.lora) {  /* the frozen base is the reference: no second copy of the weights */
+		g->ref = g->t.m;
+		g->ref_is_base = 1;
+		return 0;
+	}
 	g->ref = model_create(&m->cfg, m->expert_begin, m->expert_end, err, sizeof(err));
 	if (!g->ref)
 		FAIL("the reference model: %s", err);
@@ -386,7 +397,8 @@ static void teardown(struct grpo *g)
 	free(g->perm);
 	prompt_set_free(&g->ps);
 	tokenizer_free(g->tok);
-	model_free(g->ref);
+	if (!g->ref_is_base)
+		model_free(g->ref);
 	free(g->tokens);
 	free(g->len);
 	free(g->old_logp);
@@ -700,13 +712,36 @@ static int build_micro(struct grpo *g, int64_t step, int k0, int *plen)
 	return T;
 }
 
+/*
+ * The reference's forward of the micro-batch in g->inputs.  LoRA: the policy's model with its adapters
+ * switched off and without the policy's loss options (the reference routes by itself, as its own model
+ * would).
+ */
+static void ref_forward(struct grpo *g, int T)
+{
+	struct moe_model *m = g->ref;
+	const int *replay = m->route_replay;
+	const float *tw = m->token_weights;
+	if (g->ref_is_base) {
+		m->lora->enabled = false;
+		m->route_replay = NULL;
+		m->token_weights = NULL;
+	}
+	model_forward(m, g->inputs, g->targets, g->mb, T);
+	if (g->ref_is_base) {
+		m->lora->enabled = true;
+		m->route_replay = replay;
+		m->token_weights = tw;
+	}
+}
+
 /* The reference's log-probabilities of every local completion token (once per step). */
 static void reference_logps(struct grpo *g, int64_t step)
 {
 	int plen[g->mb];
 	for (int k0 = 0; k0 < g->n_local; k0 += g->mb) {
 		int T = build_micro(g, step, k0, plen);
-		model_forward(g->ref, g->inputs, g->targets, g->mb, T);
+		ref_forward(g, T);
 		const float *ce = model_token_losses(g->ref);
 		for (int s = 0; s < g->mb; s++)
 			for (int i = 0; i < g->len[k0 + s]; i++)

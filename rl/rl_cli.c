@@ -18,6 +18,7 @@
 #include "rl/prompts.h"
 #include "rl/rl_cli.h"
 #include "train/checkpoint.h"
+#include "train/lora_run.h"
 #include "train/config.h"
 
 static void gen_usage(FILE *f)
@@ -27,7 +28,7 @@ static void gen_usage(FILE *f)
 		"                    --prompts FILE.jsonl --out-shard SHARD.bin)\n"
 		"                    [--tokenizer tokenizer.json] [--max-new-tokens N (64)] [--temperature T (1)]\n"
 		"                    [--top-p P (1)] [--top-k K (0: off)] [--seed S (0)] [--num-samples G (1)]\n"
-		"                    [--eos ID] [--weights full|int8] [--set section.key=value ...]\n"
+		"                    [--eos ID] [--weights full|int8] [--speculative] [--set section.key=value ...]\n"
 		"Samples G completions of the prompt with the MLA latent cache (temperature 0: greedy) and prints\n"
 		"each (as text with a tokenizer, else as ids).  The tokenizer defaults to grpo.tokenizer; the stop\n"
 		"id to the tokenizer's end of text (--eos -1: never stop early).  --weights int8: every linear\n"
@@ -35,7 +36,10 @@ static void gen_usage(FILE *f)
 		"--prompts (JSON Lines with a \"prompt\" string per line, as grpo.prompts) and --out-shard: for\n"
 		"every prompt, G completions written to a token shard that moe train reads, each sample as its\n"
 		"prompt's tokens, the completion's, then the end-of-text id (sequence-level distillation from a\n"
-		"teacher).  Prompt i's samples are seeded by (seed, i).\n");
+		"teacher).  Prompt i's samples are seeded by (seed, i).\n"
+		"--speculative: self-speculative greedy decoding (--temperature 0, one sample, a checkpoint with\n"
+		"model.num_nextn_predict_layers >= 1): the multi-token-prediction head drafts each next token and\n"
+		"the main model verifies it; the tokens are greedy decoding's, the acceptance rate is printed.\n");
 }
 
 static int parse_int(const char *s, long lo, long hi, long *out)
@@ -64,7 +68,8 @@ static struct moe_model *load_model(const char *ckpt, const struct run_config *r
 {
 	char err[1024];
 	struct moe_model *m = model_create(&rc->model, 0, rc->model.n_routed_experts, err, sizeof(err));
-	if (!m || checkpoint_load_model(ckpt, m, err, sizeof(err))) {
+	/* an adapter checkpoint: its base with the adapters merged (decode absorbs kv_b_proj) */
+	if (!m || lora_load_for_inference(ckpt, rc, m, NULL, err, sizeof(err))) {
 		fprintf(stderr, "moe generate: %s\n", err);
 		model_free(m);
 		return NULL;
@@ -204,13 +209,17 @@ int generate_cli_main(int argc, char **argv)
 	const char *ckpt = NULL, *prompt = NULL, *prompt_ids = NULL, *tok_path = NULL;
 	const char *prompts_path = NULL, *out_shard = NULL;
 	const char *sets[64];
-	int nsets = 0, G = 1, eos_set = 0, int8 = 0;
+	int nsets = 0, G = 1, eos_set = 0, int8 = 0, speculative = 0;
 	long eos = -1;
 	struct sample_params sp = sample_params_default();
 	sp.max_new_tokens = 64;
 
 	for (int i = 0; i < argc; i++) {
 		const char *a = argv[i];
+		if (!strcmp(a, "--speculative")) {
+			speculative = 1;
+			continue;
+		}
 		if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
 			gen_usage(stdout);
 			return 0;
@@ -274,12 +283,22 @@ int generate_cli_main(int argc, char **argv)
 		fprintf(stderr, "moe generate: --prompts and --out-shard go together\n");
 		return 2;
 	}
+	if (speculative && (sp.temperature > 0.0f || G != 1 || prompts_path)) {
+		fprintf(stderr, "moe generate: --speculative is greedy decoding of one prompt: it takes "
+			"--temperature 0, one sample and --prompt or --prompt-ids\n");
+		return 2;
+	}
 
 	char err[1024], key[128];
 	struct run_config rc;
 	config_defaults(&rc);
 	if (checkpoint_read_header(ckpt, &rc, NULL, err, sizeof(err))) {
 		fprintf(stderr, "moe generate: %s\n", err);
+		return 1;
+	}
+	if (speculative && rc.model.num_nextn_predict_layers < 1) {
+		fprintf(stderr, "moe generate: --speculative: %s has no multi-token-prediction layer "
+			"(model.num_nextn_predict_layers = 0)\n", ckpt);
 		return 1;
 	}
 	struct model_config saved = rc.model;
@@ -381,11 +400,17 @@ int generate_cli_main(int argc, char **argv)
 	}
 	struct timespec t0, t1;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	if (generate(m, prompts, plens, G, &sp, out, lens, NULL)) {
+	struct spec_stats st;
+	if (speculative ? generate_speculative(m, prompt_tok, n_prompt, &sp, out, lens, &st) :
+			  generate(m, prompts, plens, G, &sp, out, lens, NULL)) {
 		fprintf(stderr, "moe generate: generation failed (out of memory?)\n");
 		goto done;
 	}
 	clock_gettime(CLOCK_MONOTONIC, &t1);
+	if (speculative)
+		fprintf(stderr, "moe generate: speculative: %lld of %lld drafts accepted (%.1f%%), %lld main-model "
+			"steps after the prompt\n", st.accepted, st.drafted,
+			st.drafted ? 100.0 * st.accepted / st.drafted : 0.0, st.main_steps);
 	long total = 0;
 	for (int g = 0; g < G; g++) {
 		const int *o = out + (size_t)g * sp.max_new_tokens;

@@ -46,7 +46,7 @@ void test_separate_routers(struct moe_model *m, uint64_t seed)
 	const struct model_config *c = &m->cfg;
 
 	test_rng_seed(seed);
-	for (int l = 0; l < c->num_hidden_layers; l++) {
+	for (int l = 0; l < mc_n_layers(c); l++) {
 		struct layer_weights *w = &m->w.layers[l];
 
 		if (!w->gate)
@@ -74,6 +74,32 @@ void test_small_moe(struct model_config *m)
 	m->qk_rope_head_dim = 8;
 	m->qk_nope_head_dim = 8;
 	m->v_head_dim = 8;
+}
+
+void test_ep_moe(struct model_config *c, int hidden, int intermediate, int moe_intermediate, int layers)
+{
+	*c = (struct model_config){
+		.vocab_size = 37, .hidden_size = hidden, .intermediate_size = intermediate,
+		.moe_intermediate_size = moe_intermediate, .num_hidden_layers = layers,
+		.num_attention_heads = 2, .num_key_value_heads = 2,
+		.n_shared_experts = 1, .n_routed_experts = 8, .routed_scaling_factor = 2.5,
+		.kv_lora_rank = 8, .q_lora_rank = 12, .qk_rope_head_dim = 4, .qk_nope_head_dim = 6,
+		.v_head_dim = 6, .n_group = 4, .topk_group = 2, .num_experts_per_tok = 3,
+		.moe_layer_freq = 1, .first_k_dense_replace = 1, .norm_topk_prob = true,
+		.scoring_func = MOE_SCORING_SIGMOID, .aux_loss_alpha = 0.01, .seq_aux = true,
+		.max_position_embeddings = 64, .initializer_range = 0.2, .rms_norm_eps = 1e-6,
+		.rope_theta = 10000.0,
+	};
+}
+
+void test_sequence(int i, int T, int *in, int *tgt, int V)
+{
+	uint64_t s = 0x1234567ULL + (uint64_t)i * 7919;
+	for (int t = 0; t < T; t++) {
+		s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+		in[t] = (int)((s >> 33) % V);
+		tgt[t] = (int)((s >> 17) % V);
+	}
 }
 
 void test_apply_variant(struct model_config *c, enum test_variant v, int yarn_original)
@@ -121,6 +147,31 @@ double rel_err(const float *a, const float *b, size_t n, double floor)
 			worst = e;
 	}
 	return worst;
+}
+
+double max_rel_err(const float *a, const float *b, size_t n)
+{
+	double d = 0.0, s = 1e-30;
+	for (size_t i = 0; i < n; i++) {
+		double e = fabs((double)a[i] - b[i]);
+		if (isnan(e))
+			return INFINITY;
+		d = e > d ? e : d;
+		s = fabs(b[i]) > s ? fabs(b[i]) : s;
+	}
+	return d / s;
+}
+
+double norm_rel_err(const float *a, const float *b, size_t n)
+{
+	double d = 0.0, r = 0.0;
+	for (size_t i = 0; i < n; i++) {
+		if (!isfinite(a[i]))
+			return INFINITY;
+		d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+		r += (double)b[i] * b[i];
+	}
+	return r > 0 ? sqrt(d / r) : sqrt(d);
 }
 
 const char *test_tmpdir(void)
@@ -225,4 +276,22 @@ void *test_xmalloc(size_t bytes)
 		exit(2);
 	}
 	return p;
+}
+
+/* the small model of the gradient tests (tests/model/test_model.c, test_lora.c) */
+struct model_config test_grad_config(enum test_variant v)
+{
+	struct model_config c = {
+		.vocab_size = 29, .hidden_size = 16, .intermediate_size = 24, .moe_intermediate_size = 8,
+		.num_hidden_layers = 3, .num_attention_heads = 2, .num_key_value_heads = 2,
+		.n_shared_experts = 1, .n_routed_experts = 8, .routed_scaling_factor = 2.5,
+		.kv_lora_rank = 8, .q_lora_rank = 8, .qk_rope_head_dim = 4, .qk_nope_head_dim = 4,
+		.v_head_dim = 6, .n_group = 4, .topk_group = 2, .num_experts_per_tok = 2,
+		.moe_layer_freq = 1, .first_k_dense_replace = 1, .norm_topk_prob = true,
+		.scoring_func = MOE_SCORING_SIGMOID, .aux_loss_alpha = 0.05, .seq_aux = true,
+		.max_position_embeddings = 64, .initializer_range = 0.3, .rms_norm_eps = 1e-6,
+		.rope_theta = 10000.0,
+	};
+	test_apply_variant(&c, v, 4);  /* an original context of 4 < T */
+	return c;
 }

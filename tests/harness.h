@@ -52,9 +52,21 @@ void test_apply_variant(struct model_config *c, enum test_variant v, int yarn_or
  * 4 routed experts in 2 groups (1 picked), top-2, 1 shared expert, the first layer dense, q_lora and
  * kv_lora 16, head dims 8 (rope, nope, v). */
 void test_small_moe(struct model_config *m);
+/* The distributed tests' shape, sizes (hidden, intermediate, moe_intermediate, layers) the caller's:
+ * 8 routed experts in 4 groups (2 picked), top-3, 1 shared, the first layer dense, sigmoid scores with
+ * the sequence balance loss (alpha 0.01), q_lora 12, kv_lora 8, head dims rope 4 / nope 6 / v 6. */
+void test_ep_moe(struct model_config *c, int hidden, int intermediate, int moe_intermediate, int layers);
+/* Sequence i of a test batch, the same on every rank: T inputs and T targets in [0, V) */
+void test_sequence(int i, int T, int *in, int *tgt, int V);
+/* The gradient tests' small model (3 layers of 16, 8 routed experts top-2, 1 shared) in variant v. */
+struct model_config test_grad_config(enum test_variant v);
 
 /* max |a-b| / max(|b|, floor) over n elements */
 double rel_err(const float *a, const float *b, size_t n, double floor);
+/* max |a-b| / max |b| over n elements (b the reference); +inf if a holds a NaN */
+double max_rel_err(const float *a, const float *b, size_t n);
+/* ||a - b|| / ||b|| over n elements (b the reference); +inf if a holds a NaN or an infinity */
+double norm_rel_err(const float *a, const float *b, size_t n);
 
 /* A scratch directory for the test (created, unique per process); returns its path. */
 const char *test_tmpdir(void);

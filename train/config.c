@@ -8,8 +8,10 @@
  */
 #include "train/config.h"
 #include "launch/errmsg.h"
+#include "model/mtp.h"
 #include "train/config_hf.h"
 #include "train/config_rewards.h"
+#include "model/lora.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -32,6 +34,7 @@ enum cfg_type {
 	CT_SCORING,     /* enum moe_scoring as "softmax" | "sigmoid" */
 	CT_ROPE,        /* struct rope_scaling as HF's rope_scaling object, or null */
 	CT_REWARDS,     /* grpo.rewards: the list of reward programs (config_rewards.c) */
+	CT_PIECEWISE,   /* struct piecewise: a number or {"steps": [...], "values": [...]} */
 };
 
 enum {
@@ -72,6 +75,7 @@ struct cfg_key {
 	  .size = FSZ(sec, f) + CHK(IS_CHARS(sec, f)), .choices = ch }
 #define K_SCORING(sec, f) KEY(sec, f, CT_SCORING, 0, FSZ(sec, f) == sizeof(enum moe_scoring))
 #define K_ROPE(sec, f) KEY(sec, f, CT_ROPE, 0, FSZ(sec, f) == sizeof(struct rope_scaling))
+#define K_PIECEWISE(sec, f) KEY(sec, f, CT_PIECEWISE, 0, FSZ(sec, f) == sizeof(struct piecewise))
 /* grpo.rewards only: its handlers take the whole grpo section (the list and its count) */
 #define K_REWARDS(sec, f) \
 	KEY(sec, f, CT_REWARDS, 0, FSZ(sec, f) == sizeof(struct reward_config) * CFG_MAX_REWARDS)
@@ -126,6 +130,7 @@ static const struct cfg_key cfg_keys[] = {
 	K_INT(model, eos_token_id, CF_NNEG),
 	K_BOOL(model, tie_word_embeddings),
 	K_BOOL(model, attention_bias),
+	K_INT(model, num_nextn_predict_layers, CF_NULL | CF_NNEG),
 	/* train */
 	K_INT(train, steps, CF_NNEG),
 	K_INT(train, stop_at, CF_NNEG),
@@ -150,6 +155,7 @@ static const struct cfg_key cfg_keys[] = {
 	K_INT(train, eval_batches, CF_NNEG),
 	K_STR(train, init_checkpoint, CF_NULL),
 	K_ENUM(train, on_nonfinite, nonfinite),
+	K_PIECEWISE(train, mtp_lambda),
 	K_ENUM(train, attention, attentions),
 	/* data */
 	K_STR(data, train, CF_NULL),
@@ -159,6 +165,7 @@ static const struct cfg_key cfg_keys[] = {
 	K_INT(parallel, ep, CF_POS),
 	K_INT(parallel, zero, CF_NNEG),
 	K_ENUM(parallel, comm, comms),
+	K_DBL(parallel, bucket_mb, CF_POS),
 	/* checkpoint */
 	K_STR(checkpoint, dir, 0),
 	K_INT(checkpoint, every, CF_NNEG),
@@ -194,6 +201,13 @@ static const struct cfg_key cfg_keys[] = {
 	K_DBL(distill, alpha, CF_NNEG),
 	K_DBL(distill, temperature, CF_POS),
 	K_ENUM(distill, kl, kl_directions),
+	/* lora */
+	K_INT(lora, rank, CF_NNEG),
+	K_DBL(lora, alpha, CF_POS),
+	K_ARGV(lora, targets, n_targets),
+	K_DBL(lora, dropout, CF_NNEG),
+	K_STR(lora, base, CF_NULL),
+	K_STR(lora, base_checksum, CF_NULL),
 };
 
 #define N_KEYS (sizeof(cfg_keys) / sizeof(cfg_keys[0]))
@@ -316,7 +330,7 @@ static int unknown_key(const char *origin, const char *section, const char *name
 			return set_err(err, errlen, "%s: unknown section %s (did you mean %s?)", origin,
 				       section, s);
 		return set_err(err, errlen, "%s: unknown section %s (sections: model, train, data, "
-			       "parallel, checkpoint, log, grpo, distill)", origin, section);
+			       "parallel, checkpoint, log, grpo, distill, lora)", origin, section);
 	}
 	s = suggest(section, name);
 	if (s)
@@ -629,6 +643,125 @@ static bool rope_equal(const struct rope_scaling *a, const struct rope_scaling *
 	return true;
 }
 
+/* ---- piecewise values (train.mtp_lambda) ---- */
+
+double piecewise_at(const struct piecewise *p, long long step)
+{
+	int i = 0;
+	while (i + 1 < p->n && step >= p->steps[i + 1])
+		i++;
+	return p->n ? p->values[i] : 0.0;
+}
+
+/* one array member of a schedule object: its numbers, checked, into out[] (n of them) */
+static int piecewise_array(const struct cfg_key *k, const cJSON *arr, const char *what, bool steps,
+			   double *out, int *n, const char *origin, char *err, size_t errlen)
+{
+	const cJSON *e;
+	char num[48];
+	int i = 0;
+
+	if (!cJSON_IsArray(arr) || cJSON_GetArraySize(arr) < 1 || cJSON_GetArraySize(arr) > CFG_MAX_PIECES)
+		return key_fail(err, errlen, origin, k, "\"%s\" must be an array of 1 to %d numbers", what,
+				CFG_MAX_PIECES);
+	cJSON_ArrayForEach(e, arr) {
+		if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble))
+			return key_fail(err, errlen, origin, k, "%s[%d]: expected a number, got %s", what, i,
+					json_type(e));
+		double d = e->valuedouble;
+		fmt_double(num, sizeof(num), d);
+		if (d < 0)
+			return key_fail(err, errlen, origin, k, "%s[%d]=%s must be >= 0", what, i, num);
+		if (steps && (d != floor(d) || d > 9007199254740992.0))
+			return key_fail(err, errlen, origin, k, "%s[%d]=%s: expected an integer step", what, i,
+					num);
+		if (steps && i == 0 && d != 0)
+			return key_fail(err, errlen, origin, k, "steps[0]=%s must be 0 (the value from the "
+					"start)", num);
+		if (steps && i > 0 && d <= out[i - 1])
+			return key_fail(err, errlen, origin, k, "steps[%d]=%s must be > steps[%d]", i, num,
+					i - 1);
+		out[i++] = d;
+	}
+	*n = i;
+	return 0;
+}
+
+static int set_piecewise(const struct cfg_key *k, struct piecewise *dst, const cJSON *v, const char *origin,
+			 char *err, size_t errlen)
+{
+	struct piecewise p;
+	double steps[CFG_MAX_PIECES];
+	int ns = 0, nv = 0;
+	const cJSON *e;
+
+	memset(&p, 0, sizeof(p));
+	if (cJSON_IsNumber(v)) {
+		if (!isfinite(v->valuedouble) || v->valuedouble < 0)
+			return key_fail(err, errlen, origin, k, "must be a finite number >= 0");
+		p.n = 1;
+		p.values[0] = v->valuedouble;
+		memcpy(dst, &p, sizeof(p));  /* the padding too: configs compare bit for bit */
+		return 0;
+	}
+	if (!cJSON_IsObject(v))
+		return key_fail(err, errlen, origin, k, "expected a number or an object such as "
+				"{\"steps\": [0, 1000], \"values\": [0.3, 0.1]}, got %s", json_type(v));
+	cJSON_ArrayForEach(e, v) {
+		int rc;
+		if (has_duplicate(v, e))
+			return key_fail(err, errlen, origin, k, "duplicate key \"%s\"", e->string);
+		if (!strcmp(e->string, "steps"))
+			rc = piecewise_array(k, e, "steps", true, steps, &ns, origin, err, errlen);
+		else if (!strcmp(e->string, "values"))
+			rc = piecewise_array(k, e, "values", false, p.values, &nv, origin, err, errlen);
+		else
+			rc = key_fail(err, errlen, origin, k, "unknown key \"%s\" (takes steps and values)",
+				      e->string);
+		if (rc)
+			return -1;
+	}
+	if (!ns || !nv)
+		return key_fail(err, errlen, origin, k, "needs both \"steps\" and \"values\"");
+	if (ns != nv)
+		return key_fail(err, errlen, origin, k, "%d steps but %d values", ns, nv);
+	p.n = ns;
+	for (int i = 0; i < ns; i++)
+		p.steps[i] = (long long)steps[i];
+	memcpy(dst, &p, sizeof(p));
+	return 0;
+}
+
+static cJSON *piecewise_json(const struct piecewise *p)
+{
+	char num[48];
+	cJSON *o, *s, *v;
+
+	if (p->n == 1) {
+		fmt_double(num, sizeof(num), p->values[0]);
+		return cJSON_CreateRaw(num);
+	}
+	o = cJSON_CreateObject();
+	s = cJSON_AddArrayToObject(o, "steps");
+	v = cJSON_AddArrayToObject(o, "values");
+	if (!o || !s || !v)
+		goto oom;
+	for (int i = 0; i < p->n; i++) {
+		snprintf(num, sizeof(num), "%lld", p->steps[i]);
+		cJSON *a = cJSON_CreateRaw(num);
+		if (!a || !cJSON_AddItemToArray(s, a))
+			goto oom;
+		fmt_double(num, sizeof(num), p->values[i]);
+		a = cJSON_CreateRaw(num);
+		if (!a || !cJSON_AddItemToArray(v, a))
+			goto oom;
+	}
+	return o;
+oom:
+	cJSON_Delete(o);
+	return NULL;
+}
+
 static int apply_value(struct run_config *c, const struct cfg_key *k, const cJSON *v,
 		       const char *origin, char *err, size_t errlen)
 {
@@ -659,6 +792,8 @@ static int apply_value(struct run_config *c, const struct cfg_key *k, const cJSO
 		return set_scoring(k, p, v, origin, err, errlen);
 	case CT_ROPE:
 		return set_rope_scaling(k, p, v, false, origin, err, errlen);
+	case CT_PIECEWISE:
+		return set_piecewise(k, p, v, origin, err, errlen);
 	case CT_REWARDS: {
 		char msg[400];
 
@@ -793,6 +928,8 @@ static const char *type_phrase(enum cfg_type type)
 		return "a JSON array of strings such as [\"python3\",\"reward.py\"]";
 	case CT_ROPE:
 		return "a JSON object such as {\"type\":\"yarn\",\"factor\":40} or null";
+	case CT_PIECEWISE:
+		return "a number or a JSON object such as {\"steps\":[0,1000],\"values\":[0.3,0.1]}";
 	case CT_REWARDS:
 		return "a JSON array such as [{\"name\":\"ok\",\"cmd\":[\"sh\",\"r.sh\"],\"weight\":1}]";
 	default:
@@ -895,6 +1032,8 @@ static cJSON *value_json(const void *base, const struct cfg_key *k)
 					  "sigmoid" : "softmax");
 	case CT_ROPE:
 		return rope_json(p);
+	case CT_PIECEWISE:
+		return piecewise_json(p);
 	case CT_REWARDS:
 		return config_rewards_json(&((const struct run_config *)base)->grpo);
 	case CT_ARGV: {
@@ -944,6 +1083,11 @@ static bool field_equal(const void *a, const void *b, const struct cfg_key *k)
 		return !strcmp(pa, pb);
 	if (k->type == CT_ROPE)
 		return rope_equal(pa, pb);
+	if (k->type == CT_PIECEWISE) {
+		const struct piecewise *x = pa, *y = pb;
+		return x->n == y->n && !memcmp(x->steps, y->steps, sizeof(x->steps)) &&
+		       !memcmp(x->values, y->values, sizeof(x->values));
+	}
 	if (k->type == CT_REWARDS)
 		return config_rewards_equal(&((const struct run_config *)a)->grpo,
 					    &((const struct run_config *)b)->grpo);
@@ -1046,10 +1190,11 @@ static const struct run_config defaults = {
 		.eval_batches = 0,
 		.init_checkpoint = "",
 		.on_nonfinite = "stop",
+		.mtp_lambda = { .n = 1, .values = { 0.3 } },  /* DeepSeek-V3's first phase */
 		.attention = "auto",
 	},
 	.data = { .train = "", .val = "", .shuffle = false },
-	.parallel = { .ep = 1, .zero = 0, .comm = "auto" },
+	.parallel = { .ep = 1, .zero = 0, .comm = "auto", .bucket_mb = 25 },
 	.checkpoint = { .dir = "checkpoints", .every = 0, .keep = 3 },
 	.log = { .metrics = "", .every = 1 },
 	.grpo = {
@@ -1077,6 +1222,7 @@ static const struct run_config defaults = {
 		.rollout_weights = "full",
 	},
 	.distill = { .teacher = "", .alpha = 0.5, .temperature = 1.0, .kl = "forward" },
+	.lora = { .rank = 0, .alpha = 16.0, .n_targets = 0, .dropout = 0.0, .base = "", .base_checksum = "" },
 };
 
 void config_defaults(struct run_config *c)
@@ -1185,6 +1331,9 @@ static int validate_layers(const struct model_config *m, char *err, size_t errle
 	REQUIRE(m->first_k_dense_replace <= m->num_hidden_layers,
 		"model.first_k_dense_replace=%d exceeds model.num_hidden_layers=%d",
 		m->first_k_dense_replace, m->num_hidden_layers);
+	REQUIRE(m->num_nextn_predict_layers <= MTP_MAX_DEPTH,
+		"model.num_nextn_predict_layers=%d: at most %d multi-token-prediction depths",
+		m->num_nextn_predict_layers, MTP_MAX_DEPTH);
 	REQUIRE(!dense || m->intermediate_size > 0,
 		"model.intermediate_size=%d must be > 0: there are dense layers "
 		"(model.first_k_dense_replace=%d, model.n_routed_experts=%d)",
@@ -1271,6 +1420,40 @@ static int validate_distill(const struct distill_config *d, char *err, size_t er
 	return 0;
 }
 
+/* lora.targets: known names, each once; the base and the paths LoRA does not take yet */
+static int validate_lora(const struct run_config *c, char *err, size_t errlen)
+{
+	const struct lora_config *l = &c->lora;
+	char a[48];
+	unsigned seen = 0;
+
+	if (l->rank == 0)
+		return 0;
+	REQUIRE(l->n_targets > 0, "lora.targets is empty: name the modules to adapt (%s)",
+		lora_target_list());
+	for (int i = 0; i < l->n_targets; i++) {
+		int t = lora_target_parse(l->targets[i]);
+		REQUIRE(t >= 0, "lora.targets: unknown module '%s' (known: %s)", l->targets[i],
+			lora_target_list());
+		REQUIRE(!(seen & (1u << t)), "lora.targets: '%s' is named twice", l->targets[i]);
+		seen |= 1u << t;
+	}
+	fmt_double(a, sizeof(a), l->dropout);
+	REQUIRE(l->dropout < 1, "lora.dropout=%s must be in [0, 1)", a);
+	REQUIRE(l->base[0] || c->train.init_checkpoint[0],
+		"lora.rank=%d needs the base model: set train.init_checkpoint (or lora.base) to its checkpoint",
+		l->rank);
+	REQUIRE(!c->parallel.zero, "parallel.zero=1 with lora: the adapters' AdamW state is small and is "
+		"not sharded; set parallel.zero=0");
+	REQUIRE(strcmp(c->train.device, "cuda"), "train.device=cuda with lora: the GPU model has no LoRA "
+		"adapters yet; use train.device=cpu (or auto)");
+	/* the MTP depths' backward reads base gradients that LoRA leaves out */
+	REQUIRE(c->model.num_nextn_predict_layers == 0, "lora with model.num_nextn_predict_layers=%d: "
+		"LoRA does not adapt the multi-token-prediction depths yet; fine-tune a model without them "
+		"(model.num_nextn_predict_layers=0)", c->model.num_nextn_predict_layers);
+	return 0;
+}
+
 int config_validate(const struct run_config *c, int world_size, char *err, size_t errlen)
 {
 	for (size_t i = 0; i < N_KEYS; i++) {
@@ -1282,7 +1465,7 @@ int config_validate(const struct run_config *c, int world_size, char *err, size_
 	    validate_layers(&c->model, err, errlen) ||
 	    validate_routing(&c->model, err, errlen) || validate_train(&c->train, err, errlen) ||
 	    validate_parallel(c, world_size, err, errlen) || validate_grpo(&c->grpo, err, errlen) ||
-	    validate_distill(&c->distill, err, errlen))
+	    validate_distill(&c->distill, err, errlen) || validate_lora(c, err, errlen))
 		return -1;
 	return 0;
 }

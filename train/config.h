@@ -16,6 +16,21 @@
 #define CFG_MAX_REWARDS 8
 #define CFG_REWARD_NAME 64
 
+/*
+ * A value that changes with the step (train.mtp_lambda): values[i] from step steps[i] until the next
+ * one; steps[0] = 0, strictly increasing.  In the config a plain number (n = 1) or
+ * {"steps": [0, S, ...], "values": [v0, v1, ...]}.
+ */
+#define CFG_MAX_PIECES 16
+struct piecewise {
+	int n;
+	long long steps[CFG_MAX_PIECES];
+	double values[CFG_MAX_PIECES];
+};
+
+/* The value at (0-based) step `step`. */
+double piecewise_at(const struct piecewise *p, long long step);
+
 struct train_config {
 	int steps;
 	int stop_at;                /* stop (with a checkpoint) after this step, resumable (0: off) */
@@ -37,6 +52,7 @@ struct train_config {
 	int eval_batches;           /* validation sequences batches per eval (0: whole split) */
 	char init_checkpoint[CFG_STR];
 	char on_nonfinite[8];       /* skip | stop */
+	struct piecewise mtp_lambda;/* weight of the multi-token-prediction loss (model.num_nextn_predict_layers) */
 	char attention[8];          /* auto | cudnn | own: the GPU path's attention (ops_cuda.h) */
 };
 
@@ -50,6 +66,7 @@ struct parallel_config {
 	int ep;                     /* expert-parallel size */
 	int zero;                   /* 0 | 1 */
 	char comm[8];               /* auto | nccl | mpi: the GPU path's device collectives */
+	double bucket_mb;           /* the GPU path's gradient buckets (MiB), reduced as the backward goes */
 };
 
 struct checkpoint_config {
@@ -105,6 +122,17 @@ struct distill_config {
 	char kl[16];                /* forward: KL(teacher || student) | reverse: KL(student || teacher) */
 };
 
+/* LoRA fine-tuning (model/lora.h, train/lora_run.h): on when rank > 0. */
+struct lora_config {
+	int rank;                   /* 0: off */
+	double alpha;               /* the adapters' scale is alpha / rank */
+	int n_targets;
+	char targets[CFG_MAX_ARGV][CFG_STR];  /* HF module names (model/lora.h) */
+	double dropout;             /* on the adapters' input, in [0, 1) */
+	char base[CFG_STR];         /* the base checkpoint ("": train.init_checkpoint) */
+	char base_checksum[24];     /* written by moe train: the base file's checksum, hex ("": unknown) */
+};
+
 struct run_config {
 	struct model_config model;
 	struct train_config train;
@@ -114,6 +142,7 @@ struct run_config {
 	struct log_config log;
 	struct grpo_config grpo;
 	struct distill_config distill;
+	struct lora_config lora;
 };
 
 /* Defaults for every key (a tiny model). */

@@ -61,11 +61,6 @@ static const char *hf_positive_int(const cJSON *v)
 	return is_int_at_least(v, 1) ? NULL : "expected an integer >= 1";
 }
 
-static const char *hf_nonneg_int(const cJSON *v)
-{
-	return is_int_at_least(v, 0) ? NULL : "expected an integer >= 0";
-}
-
 static const char *hf_int_or_null(const cJSON *v)
 {
 	return cJSON_IsNull(v) || is_int_at_least(v, 0) ? NULL : "expected an integer >= 0 or null";
@@ -172,7 +167,6 @@ static const struct hf_key hf_keys[] = {
 	{ "hidden_act", hf_hidden_act },
 	{ "topk_method", hf_topk_method },
 	{ "ep_size", hf_positive_int },
-	{ "num_nextn_predict_layers", hf_nonneg_int },
 	{ "rope_interleave", hf_rope_interleave },
 	{ "head_dim", hf_positive_int },
 	{ "pad_token_id", hf_int_or_null },

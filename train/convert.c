@@ -5,9 +5,12 @@
  * HF files keep one tensor per routed expert, model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight
  * [I, C] / [C, I], and we stack them as model.layers.N.mlp.experts.{gate,up,down}_proj.weight
  * [E, I, C] / [E, C, I]: expert E of HF is row block E of ours.  (A file already holding a stacked
- * tensor under our name is accepted too.)  Skipped with a note: rotary inv_freq buffers (recomputed, not
- * weights) and model.layers.N.* for N >= num_hidden_layers (DeepSeek-V3's multi-token-prediction
- * layers, which the model does not run).  Anything else that does not map is refused naming it, as are
+ * tensor under our name is accepted too.)  DeepSeek-V3's multi-token-prediction layers
+ * model.layers.{L..L+D-1} (D = num_nextn_predict_layers) map the same way; the copies of the embedding
+ * and the lm_head HF keeps in each (.embed_tokens.weight, .shared_head.head.weight) are the model's own
+ * weights: shape-checked on import and not read, written from the model's on export.  Skipped with a
+ * note: rotary inv_freq buffers (recomputed, not weights) and model.layers.N.* for N >= L + D.
+ * Anything else that does not map is refused naming it, as are
  * missing tensors and shape mismatches; all of that is checked from the files' headers before any data
  * is read.
  *
@@ -96,28 +99,6 @@ static char *read_text(const char *path, char *err, size_t errlen)
 out:
 	fclose(f);
 	return buf;
-}
-
-/* PATH.tmp, fsync'd, renamed to PATH. */
-static int write_text(const char *path, const char *text, char *err, size_t errlen)
-{
-	char tmp[PATH_LEN + 8];
-	size_t n = strlen(text);
-	FILE *f;
-	int bad;
-
-	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-	f = fopen(tmp, "wb");
-	if (!f)
-		return set_err(err, errlen, "%s: %s", tmp, strerror(errno));
-	bad = fwrite(text, 1, n, f) != n || fputc('\n', f) == EOF || fflush(f) || fsync(fileno(f));
-	bad |= fclose(f) != 0;
-	if (bad || rename(tmp, path)) {
-		set_err(err, errlen, "%s: write error: %s", path, strerror(errno));
-		unlink(tmp);
-		return -1;
-	}
-	return 0;
 }
 
 /* ---------------------------------------------------------------- names */
@@ -242,7 +223,7 @@ struct from_hf {
 	int n_scales, cap_scales;
 	struct scale_ref *scales;   /* sorted by name once all are in */
 	int fp8, fp8_br, fp8_bc;    /* config.json's quantization_config: block of a scale */
-	int64_t skipped_mtp, skipped_rotary, n_fp8;
+	int64_t skipped_mtp, skipped_rotary, skipped_shared, n_fp8;
 };
 
 static int cmp_str(const void *a, const void *b)
@@ -495,6 +476,28 @@ static int match_scales(struct from_hf *c)
 	return 0;
 }
 
+/* An MTP layer's copy of the embedding or the output head, which the depths share with the model */
+static int is_shared_copy(const char *name)
+{
+	return ends_with(name, ".embed_tokens.weight") || ends_with(name, ".shared_head.head.weight");
+}
+
+/* Such a copy is not read (the model's own is), but its shape must be the model's [V, C]. */
+static int check_shared_copy(struct from_hf *c, int k, const struct st_tensor *t)
+{
+	int64_t shape[2] = { c->mc->vocab_size, c->mc->hidden_size };
+	char got[128], want[128];
+
+	if (!same_shape(t, 2, shape)) {
+		fmt_shape(got, sizeof(got), t->ndim, t->shape);
+		fmt_shape(want, sizeof(want), 2, shape);
+		return set_err(c->err, c->errlen, "%s: tensor %s has shape %s, but config.json gives %s",
+			       c->files[k].path, t->name, got, want);
+	}
+	c->skipped_shared++;
+	return 0;
+}
+
 /* One tensor of file k: skip it, or check it and record where it goes. */
 static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
 {
@@ -510,10 +513,12 @@ static int plan_tensor(struct from_hf *c, int k, const struct st_tensor *t)
 		c->skipped_rotary++;
 		return 0;
 	}
-	if (l >= mc->num_hidden_layers) {
+	if (l >= mc_n_layers(mc)) {
 		c->skipped_mtp++;
 		return 0;
 	}
+	if (l >= mc->num_hidden_layers && is_shared_copy(t->name))
+		return check_shared_copy(c, k, t);
 	if (ends_with(t->name, "_scale_inv"))
 		return add_scale(c, k, t);
 	e = expert_of(t->name, ours, sizeof(ours));
@@ -780,9 +785,12 @@ static int plan_sources(struct from_hf *c)
 		print_note(c->notes, "%lld F8_E4M3 weights dequantised (blocks of [%d, %d])",
 			   (long long)c->n_fp8, c->fp8_br, c->fp8_bc);
 	if (c->skipped_mtp)
-		print_note(c->notes, "skipped %lld tensors of layers >= num_hidden_layers=%d (multi-token "
-		     "prediction layers are not part of the model)", (long long)c->skipped_mtp,
-		     c->mc->num_hidden_layers);
+		print_note(c->notes, "skipped %lld tensors of layers >= num_hidden_layers + "
+			   "num_nextn_predict_layers = %d (multi-token prediction layers the config does not "
+			   "have)", (long long)c->skipped_mtp, mc_n_layers(c->mc));
+	if (c->skipped_shared)
+		print_note(c->notes, "%lld embed_tokens / shared_head.head copies of the multi-token "
+			   "prediction layers taken as the model's own (shared)", (long long)c->skipped_shared);
 	if (c->skipped_rotary)
 		print_note(c->notes, "skipped %lld rotary inv_freq buffers (recomputed)",
 		     (long long)c->skipped_rotary);
@@ -846,51 +854,6 @@ struct to_hf {
 	size_t errlen;
 };
 
-static int mkdir_p(const char *dir, char *err, size_t errlen)
-{
-	char buf[PATH_LEN];
-	struct stat sb;
-
-	if (!dir[0] || strlen(dir) >= sizeof(buf))
-		return set_err(err, errlen, "output directory \"%s\": empty or too long", dir);
-	strcpy(buf, dir);
-	for (char *p = buf + 1; *p; p++) {
-		if (*p != '/')
-			continue;
-		*p = '\0';
-		if (mkdir(buf, 0777) && errno != EEXIST)
-			return set_err(err, errlen, "%s: %s", buf, strerror(errno));
-		*p = '/';
-	}
-	if (mkdir(buf, 0777) && errno != EEXIST)
-		return set_err(err, errlen, "%s: %s", buf, strerror(errno));
-	if (stat(buf, &sb) || !S_ISDIR(sb.st_mode))
-		return set_err(err, errlen, "%s: not a directory", buf);
-	return 0;
-}
-
-/* An output directory holding weights already would end up with a mixture: refuse it. */
-static int check_out_dir(const char *dir, char *err, size_t errlen)
-{
-	char pattern[PATH_LEN + 32];
-	glob_t g;
-	int found;
-
-	snprintf(pattern, sizeof(pattern), "%s/*.safetensors", dir);
-	found = !glob(pattern, 0, NULL, &g) && g.gl_pathc > 0;
-	if (found)
-		set_err(err, errlen, "%s already holds weights (%s): convert into an empty directory",
-		        dir, g.gl_pathv[0]);
-	globfree(&g);
-	if (found)
-		return -1;
-	snprintf(pattern, sizeof(pattern), "%s/model.safetensors.index.json", dir);
-	if (!access(pattern, F_OK))
-		return set_err(err, errlen, "%s already holds weights (%s): convert into an empty "
-			       "directory", dir, pattern);
-	return 0;
-}
-
 /* One HF tensor's dtype: fp8 goes as DeepSeek's files (fp8 linear weights, bf16 else); the routing
  * bias stays float32, as in DeepSeek's own checkpoints. */
 static enum st_dtype out_dtype(const struct out_tensor *o, enum st_dtype dtype)
@@ -916,8 +879,45 @@ static void scales_of(struct out_tensor *s, const struct out_tensor *w)
 	s->scales = 1;
 }
 
+static const struct param *param_named(const struct param *params, int n_params, const char *name)
+{
+	for (int i = 0; i < n_params; i++)
+		if (!strcmp(params[i].name, name))
+			return &params[i];
+	return NULL;
+}
+
+/*
+ * After an MTP layer's shared_head.norm: the copies of the embedding and the lm_head that HF files
+ * carry in every MTP layer (model.layers.N.embed_tokens.weight, .shared_head.head.weight), read from the
+ * model's own.  Returns the tensors added (0 after any other parameter).
+ */
+static int add_shared_copies(struct out_tensor *t, const struct param *p, const struct param *params,
+			     int n_params, enum st_dtype dtype)
+{
+	static const char *const src[2] = { "model.embed_tokens.weight", "lm_head.weight" };
+	static const char *const dst[2] = { "embed_tokens.weight", "shared_head.head.weight" };
+	int l = layer_of(p->name);
+
+	if (!ends_with(p->name, ".shared_head.norm.weight") || l < 0)
+		return 0;
+	for (int j = 0; j < 2; j++) {
+		struct out_tensor *o = &t[j];
+		o->p = param_named(params, n_params, src[j]);
+		snprintf(o->name, sizeof(o->name), "model.layers.%d.%s", l, dst[j]);
+		o->expert = -1;
+		o->spec.name = o->name;
+		o->spec.ndim = 2;
+		memcpy(o->spec.shape, o->p->shape, sizeof(int64_t) * 2);
+		o->spec.dtype = out_dtype(o, dtype);
+		o->numel = o->p->numel;
+		o->bytes = o->numel * st_dtype_size(o->spec.dtype);
+	}
+	return 2;
+}
+
 /* The HF tensors of a model, experts unstacked, in our parameter order (an fp8 weight followed by
- * its scales). */
+ * its scales; an MTP layer followed by its shared copies). */
 static struct out_tensor *list_out_tensors(const struct param *params, int n_params,
 					   enum st_dtype dtype, int *n)
 {
@@ -925,7 +925,8 @@ static struct out_tensor *list_out_tensors(const struct param *params, int n_par
 	struct out_tensor *t;
 
 	for (int i = 0; i < n_params; i++)
-		total += params[i].expert_stacked ? (int)params[i].shape[0] : 1;
+		total += (params[i].expert_stacked ? (int)params[i].shape[0] : 1) +
+			 (ends_with(params[i].name, ".shared_head.norm.weight") ? 2 : 0);
 	if (dtype == ST_F8_E4M3)
 		total *= 2;  /* at most: every tensor with its scales */
 	t = calloc(total ? total : 1, sizeof(*t));
@@ -953,6 +954,7 @@ static struct out_tensor *list_out_tensors(const struct param *params, int n_par
 				k++;
 			}
 		}
+		k += add_shared_copies(t + k, p, params, n_params, dtype);
 	}
 	*n = k;
 	return t;
@@ -1068,7 +1070,7 @@ static int write_index(const char *dir, const struct out_tensor *t, int n, int n
 	if (!text)
 		return set_err(err, errlen, "out of memory");
 	snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
-	ret = write_text(path, text, err, errlen);
+	ret = convert_write_text(path, text, err, errlen);
 	free(text);
 	return ret;
 }
@@ -1135,7 +1137,7 @@ static int write_hf_dir(struct to_hf *h, const struct run_config *rc, enum st_dt
 	if (!json)
 		return set_err(h->err, h->errlen, "out of memory");
 	snprintf(path, sizeof(path), "%s/config.json", h->dir);
-	ret = write_text(path, json, h->err, h->errlen);
+	ret = convert_write_text(path, json, h->err, h->errlen);
 	free(json);
 	return ret;
 }
@@ -1162,13 +1164,21 @@ int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_t
 	if (!o.shard_bytes)
 		return set_err(err, errlen, "--shard-size must be > 0");
 	config_defaults(&rc);
+	if (checkpoint_read_header(ckpt_path, &rc, NULL, err, errlen))
+		return -1;
+	if (rc.lora.rank > 0) {  /* LoRA adapters: PEFT's layout */
+		if (o.dtype == ST_F8_E4M3)
+			return set_err(err, errlen, "--dtype fp8: LoRA adapters are written f32 or bf16");
+		return convert_lora_to_peft(ckpt_path, dir, o.dtype, notes, err, errlen);
+	}
+	config_defaults(&rc);
 	h.r = ckpt_reader_open(ckpt_path, &rc, NULL, err, errlen);
 	if (!h.r)
 		return -1;
 	if (rc.model.num_key_value_heads == 0)
 		rc.model.num_key_value_heads = rc.model.num_attention_heads;
 	made_dir = stat(dir, &sb) != 0;
-	if (mkdir_p(dir, err, errlen) || check_out_dir(dir, err, errlen))
+	if (convert_mkdir_p(dir, err, errlen) || convert_check_out_dir(dir, err, errlen))
 		goto out;
 	if (rc.model.scoring_func == MOE_SCORING_SOFTMAX && rc.model.n_routed_experts > 0)
 		print_note(notes, "scoring_func is softmax: DeepSeek's own code honours it, transformers' "

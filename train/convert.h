@@ -60,4 +60,21 @@ struct convert_to_hf_opts {
 int convert_to_hf(const char *ckpt_path, const char *dir, const struct convert_to_hf_opts *opts,
 		  FILE *notes, char *err, size_t errlen);
 
+/*
+ * An adapter checkpoint (train/lora_run.h) -> PEFT's layout in dir: adapter_config.json (peft_type LORA,
+ * r, lora_alpha, lora_dropout, target_modules, base_model_name_or_path = lora.base, task_type
+ * CAUSAL_LM) and adapter_model.safetensors, tensors named as PEFT names them on transformers'
+ * DeepseekV3ForCausalLM: base_model.model.model.layers.N.self_attn.q_a_proj.lora_A.weight [r, in],
+ * ...lora_B.weight [out, r]; a routed expert's as base_model.model.model.layers.N.mlp.experts.E.
+ * gate_proj.lora_A.weight.  dtype ST_F32 or ST_BF16.  convert_to_hf calls it for adapter checkpoints.
+ */
+int convert_lora_to_peft(const char *ckpt_path, const char *dir, enum st_dtype dtype, FILE *notes,
+			 char *err, size_t errlen);
+
+/* The helpers of the writers (convert.c): mkdir -p; refuse a directory holding weights; a text file
+ * written atomically (PATH.tmp, fsync, rename).  0, or -1 with err. */
+int convert_mkdir_p(const char *dir, char *err, size_t errlen);
+int convert_check_out_dir(const char *dir, char *err, size_t errlen);
+int convert_write_text(const char *path, const char *text, char *err, size_t errlen);
+
 #endif

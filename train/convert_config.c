@@ -386,7 +386,6 @@ char *convert_hf_config_json(const struct model_config *mc, enum st_dtype dtype)
 	set_item(m, "attention_dropout", cJSON_CreateRaw("0.0"));
 	set_item(m, "rope_interleave", cJSON_CreateTrue());
 	set_item(m, "use_cache", cJSON_CreateTrue());
-	set_item(m, "num_nextn_predict_layers", cJSON_CreateNumber(0));
 	if (mc->scoring_func == MOE_SCORING_SIGMOID)
 		topk = "noaux_tc";
 	else

@@ -21,8 +21,9 @@ static int ends_with(const char *s, const char *suffix)
 
 int fp8_is_quantised(const char *name, int ndim)
 {
-	return ndim == 2 && (ends_with(name, "_proj.weight") ||
-			     ends_with(name, ".kv_a_proj_with_mqa.weight"));
+	/* an MTP depth's eh_proj is bf16 in DeepSeek-V3's files (a plain linear layer in its code) */
+	return ndim == 2 && !ends_with(name, ".eh_proj.weight") &&
+	       (ends_with(name, "_proj.weight") || ends_with(name, ".kv_a_proj_with_mqa.weight"));
 }
 
 /* Row i's scales: scale + (i / br) * (blocks of a row). */

@@ -9,6 +9,11 @@
 #include <string.h>
 
 #include "train/checkpoint.h"
+#ifdef MOE_HAVE_CUDA
+#include "launch/cuda/device.h"
+#include "model/cuda/model_cuda.h"
+#include "model/cuda/ops_cuda.h"
+#endif
 
 /* ---------------------------------------------------------------- the KL of one row */
 
@@ -149,6 +154,13 @@ int distill_open(struct distill *ds, const struct run_config *cfg, const struct 
 
 void distill_close(struct distill *ds)
 {
+#ifdef MOE_HAVE_CUDA
+	gpu_model_free(ds->gteacher);
+	moe_cuda_free(ds->d_kl);
+	moe_cuda_free(ds->d_lse_s);
+	moe_cuda_free(ds->d_lse_t);
+	moe_cuda_free(ds->d_targets);
+#endif
 	model_free(ds->teacher);
 	free(ds->ce_weights);
 	free(ds->lse_s);
@@ -178,6 +190,27 @@ static double row_kls(struct distill *ds, const float *zs, const float *zt, int 
 	return sum;
 }
 
+/* the targets of the forward, counted, and (1 - alpha) * mean CE as token weights (alpha = 0 keeps the
+ * plain mean, bit for bit) */
+static void set_ce_weights(struct distill *ds, const int *targets, int N)
+{
+	ds->targets = targets;
+	ds->count = 0;
+	for (int n = 0; n < N; n++)
+		ds->count += targets[n] >= 0;
+	for (int n = 0; n < N; n++)
+		ds->ce_weights[n] = targets[n] >= 0 ? (float)((1 - ds->alpha) / ds->count) : 0.0f;
+}
+
+/* the student's weighted loss plus alpha T^2 KL; last_ce, last_kl from their sums over the targets */
+static float total_loss(struct distill *ds, float loss, double ce_sum, double kl_sum)
+{
+	ds->last_ce = ds->count ? ce_sum / ds->count : 0.0;
+	ds->last_kl = ds->count ? kl_sum / ds->count : 0.0;
+	double T2 = ds->temperature * ds->temperature;
+	return loss + (float)(ds->alpha * T2 * ds->last_kl);
+}
+
 float distill_forward(struct distill *ds, struct moe_model *student, const int *inputs,
 		      const int *targets, int B, int T)
 {
@@ -187,13 +220,7 @@ float distill_forward(struct distill *ds, struct moe_model *student, const int *
 		exit(1);
 	}
 	model_forward(ds->teacher, inputs, NULL, B, T);
-	ds->targets = targets;
-	ds->count = 0;
-	for (int n = 0; n < N; n++)
-		ds->count += targets[n] >= 0;
-	/* (1 - alpha) * mean CE as token weights; alpha = 0 keeps the plain mean, bit for bit */
-	for (int n = 0; n < N; n++)
-		ds->ce_weights[n] = targets[n] >= 0 ? (float)((1 - ds->alpha) / ds->count) : 0.0f;
+	set_ce_weights(ds, targets, N);
 	const float *saved = student->token_weights;
 	student->token_weights = ds->alpha > 0 ? ds->ce_weights : saved;
 	float loss = model_forward(student, inputs, targets, B, T);
@@ -204,18 +231,110 @@ float distill_forward(struct distill *ds, struct moe_model *student, const int *
 	for (int n = 0; n < N; n++)
 		ce_sum += targets[n] >= 0 ? ce[n] : 0.0;
 	double kl_sum = row_kls(ds, model_logits(student), model_logits(ds->teacher), N, V);
-	ds->last_ce = ds->count ? ce_sum / ds->count : 0.0;
-	ds->last_kl = ds->count ? kl_sum / ds->count : 0.0;
-	double T2 = ds->temperature * ds->temperature;
-	return loss + (float)(ds->alpha * T2 * ds->last_kl);
+	return total_loss(ds, loss, ce_sum, kl_sum);
+}
+
+void distill_backward_begin(struct distill *ds, struct moe_model *student, struct gpu_model *g)
+{
+	ds->saved_weights = student->token_weights;
+	if (ds->alpha > 0)
+		student->token_weights = ds->ce_weights;
+#ifdef MOE_HAVE_CUDA
+	if (g) {
+		gpu_model_set_logit_grad(g, gpu_model_logits(ds->gteacher));
+		return;
+	}
+#endif
+	(void)g;
+	student->logit_term = &ds->term;
+}
+
+void distill_backward_end(struct distill *ds, struct moe_model *student, struct gpu_model *g)
+{
+#ifdef MOE_HAVE_CUDA
+	if (g)
+		gpu_model_set_logit_grad(g, NULL);
+#endif
+	(void)g;
+	student->token_weights = ds->saved_weights;
+	student->logit_term = NULL;
 }
 
 void distill_backward(struct distill *ds, struct moe_model *student, float loss_scale)
 {
+	distill_backward_begin(ds, student, NULL);
+	model_backward(student, loss_scale);
+	distill_backward_end(ds, student, NULL);
+}
+
+/* ---------------------------------------------------------------- on the GPU */
+
+#ifdef MOE_HAVE_CUDA
+int distill_to_device(struct distill *ds, int bf16, const char *who)
+{
+	char err[512];
+	size_t n = (size_t)ds->n;
+	ds->gteacher = gpu_model_create(ds->teacher, bf16, err, sizeof(err));
+	if (!ds->gteacher) {
+		fprintf(stderr, "%s: distill.teacher on the GPU: %s\n", who, err);
+		return -1;
+	}
+	ds->d_kl = moe_cuda_malloc(sizeof(double) * n);
+	ds->d_lse_s = moe_cuda_malloc(sizeof(double) * n);
+	ds->d_lse_t = moe_cuda_malloc(sizeof(double) * n);
+	ds->d_targets = moe_cuda_malloc(sizeof(int) * n);
+	return 0;
+}
+
+float distill_forward_gpu(struct distill *ds, struct moe_model *student, struct gpu_model *g, const int *inputs,
+			  const int *targets, int B, int T)
+{
+	if (!g)
+		return distill_forward(ds, student, inputs, targets, B, T);
+	int N = B * T, V = student->cfg.vocab_size, reverse = ds->dir == DISTILL_REVERSE;
+	if (N > ds->n) {
+		fprintf(stderr, "moe: distill_forward_gpu: %d tokens, buffers for %d\n", N, ds->n);
+		exit(1);
+	}
+	/* the KL reads both models' whole logits: neither holds them in chunks */
+	gpu_model_logit_rows(ds->gteacher, 0);
+	gpu_model_logit_rows(g, 0);
+	gpu_model_forward(ds->gteacher, inputs, NULL, B, T);
+	set_ce_weights(ds, targets, N);
 	const float *saved = student->token_weights;
 	student->token_weights = ds->alpha > 0 ? ds->ce_weights : saved;
-	student->logit_term = &ds->term;
-	model_backward(student, loss_scale);
-	student->logit_term = NULL;
+	float loss = gpu_model_forward(g, inputs, targets, B, T);
 	student->token_weights = saved;
+
+	const float *ce = gpu_model_token_losses(g);
+	double ce_sum = 0, kl_sum = 0;
+	for (int n = 0; n < N; n++)
+		ce_sum += targets[n] >= 0 ? ce[n] : 0.0;
+	/* the teacher's logits: read by the KL, then overwritten by its gradient (in place) */
+	float *zt = (float *)gpu_model_logits(ds->gteacher);
+	const float *zs = gpu_model_logits(g);
+	moe_cuda_memcpy_h2d(ds->d_targets, targets, sizeof(int) * N);
+	kl_div_rows_cuda(ds->d_kl, ds->d_lse_s, ds->d_lse_t, zs, zt, ds->d_targets, N, V, ds->temperature, reverse);
+	moe_cuda_memcpy_d2h(ds->kl, ds->d_kl, sizeof(double) * N);  /* as the CPU path leaves them */
+	for (int n = 0; n < N; n++)
+		kl_sum += ds->kl[n];
+	kl_div_grad_rows_cuda(zt, zs, zt, ds->d_targets, ds->d_lse_s, ds->d_lse_t, ds->d_kl, N, V,
+			      ds->temperature, reverse, ds->count ? ds->alpha / ds->count : 0.0);
+	return total_loss(ds, loss, ce_sum, kl_sum);
 }
+#else
+int distill_to_device(struct distill *ds, int bf16, const char *who)
+{
+	(void)ds;
+	(void)bf16;
+	fprintf(stderr, "%s: distillation on the GPU: a build without the CUDA backend\n", who);
+	return -1;
+}
+
+float distill_forward_gpu(struct distill *ds, struct moe_model *student, struct gpu_model *g, const int *inputs,
+			  const int *targets, int B, int T)
+{
+	(void)g;
+	return distill_forward(ds, student, inputs, targets, B, T);
+}
+#endif

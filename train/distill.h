@@ -43,6 +43,8 @@ double distill_row_kl(const float *zs, const float *zt, int V, double T, enum di
 void distill_row_grad(float *g, const float *zs, const float *zt, int V, double T, enum distill_dir dir,
 		      double lse_s, double lse_t, double kl, double scale);
 
+struct gpu_model;
+
 struct distill {
 	struct moe_model *teacher;     /* this rank's expert slice of the teacher */
 	double alpha, temperature;
@@ -54,6 +56,12 @@ struct distill {
 	int count;                     /* its targets >= 0 */
 	struct logit_term term;
 	double last_ce, last_kl;       /* the last forward's mean CE and KL over its targets */
+	/* the GPU path (distill_to_device): the teacher's device copy, whose logits buffer becomes the KL's
+	 * gradient after each forward (the teacher needs its logits no longer), and [n] device buffers */
+	struct gpu_model *gteacher;
+	double *d_kl, *d_lse_s, *d_lse_t;
+	int *d_targets;
+	const float *saved_weights;    /* the student's token_weights around distill_backward_begin/end */
 };
 
 /*
@@ -68,6 +76,10 @@ int distill_open(struct distill *ds, const struct run_config *cfg, const struct 
 int distill_init(struct distill *ds, struct moe_model *teacher, double alpha, double temperature,
 		 enum distill_dir dir, int n);
 void distill_close(struct distill *ds);
+/* After distill_open, for a student on the GPU (moe_cuda_init done): the teacher's device copy (bf16
+ * matmuls or not, as the student's; forward only, no gradient arena) and the KL's device buffers.  0, or -1
+ * after printing why.  Without the CUDA backend: -1. */
+int distill_to_device(struct distill *ds, int bf16, const char *who);
 
 /*
  * The teacher's forward on inputs, then the student's forward with targets: returns the student's loss
@@ -78,5 +90,17 @@ float distill_forward(struct distill *ds, struct moe_model *student, const int *
 		      const int *targets, int B, int T);
 /* The backward of loss_scale * that loss into the student's gradients. */
 void distill_backward(struct distill *ds, struct moe_model *student, float loss_scale);
+
+/*
+ * The same for a student whose forward and backward run on g, its GPU copy (g NULL: the CPU functions
+ * above): distill_forward_gpu runs both forwards on the device, the KL and its gradient there (the KL's
+ * gradient waits in the teacher's logits buffer), and returns the loss as distill_forward does.  Around
+ * the caller's backward of the student (trainer_backward), distill_backward_begin sets the student's
+ * CE token weights and the KL's gradient, distill_backward_end takes them off.
+ */
+float distill_forward_gpu(struct distill *ds, struct moe_model *student, struct gpu_model *g, const int *inputs,
+			  const int *targets, int B, int T);
+void distill_backward_begin(struct distill *ds, struct moe_model *student, struct gpu_model *g);
+void distill_backward_end(struct distill *ds, struct moe_model *student, struct gpu_model *g);
 
 #endif

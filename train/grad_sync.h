@@ -14,10 +14,25 @@
 #include "launch/comm.h"
 #include "model/model.h"
 
+/* A run of consecutive parameters (index order) reduced as one message: its floats in the packed
+ * replicated and expert spaces, and the backward's layer after which all its gradients are complete. */
+struct grad_bucket {
+	int p_begin, p_end;         /* params [p_begin, p_end) */
+	int ready;                  /* complete once the backward has done layer `ready` (-1: the embedding) */
+	size_t rep_off, rep_n, exp_off, exp_n;
+};
+
 struct grad_sync {
 	float *rep_buf, *exp_buf;
 	size_t n_rep, n_exp;
 	float *d_rep, *d_exp;       /* the GPU path's device buckets (grad_sync_reduce_device), or NULL */
+	/* the overlapped reduction (grad_sync_overlap_arm): buckets of about bucket_mb, the top one first */
+	struct grad_bucket *buckets;
+	int n_buckets;
+	int armed, launched;        /* armed for this backward; buckets started so far */
+	const struct moe_model *om; /* what the armed reduction works on */
+	float *odgrads;
+	const struct dist *od;
 };
 
 int grad_sync_init(struct grad_sync *s, const struct moe_model *m);
@@ -40,5 +55,19 @@ double grad_sync_reduce_device(struct grad_sync *s, const struct moe_model *m, f
 			       const struct dist *d);
 /* Copy those tensors between a DEVICE arena and a DEVICE packed buffer (queued on the stream). */
 void grad_pack_device(const struct moe_model *m, int expert, float *packed, float *arena, int to_packed);
+
+/*
+ * The same reduction overlapped with the backward (data parallelism without expert parallelism, whose
+ * all-to-alls share the backward's stream): cut the packed spaces into buckets of about bucket_mb MiB
+ * (grad_bucket_plan; 0 buckets where the parameter order does not allow it), then before the LAST
+ * micro-batch's backward call grad_sync_overlap_arm and, from the model's grads-ready callback,
+ * grad_sync_layer_done(s, l): each bucket is packed and its all-reduce started as soon as its layers are
+ * done (with NCCL it travels on a second stream while the backward goes on; the staged MPI path reduces
+ * it there and then).  grad_sync_reduce_device then waits for them, unpacks and returns the norm: the
+ * same numbers as without buckets.  arm returns 0 when it armed, -1 when the reduction stays at the end.
+ */
+int grad_bucket_plan(struct grad_sync *s, const struct moe_model *m, double bucket_mb);
+int grad_sync_overlap_arm(struct grad_sync *s, const struct moe_model *m, float *dgrads, const struct dist *d);
+void grad_sync_layer_done(struct grad_sync *s, int layer);
 
 #endif

@@ -34,18 +34,16 @@ static int setup(struct sft *s, const struct run_config *cfg, const char *resume
 	struct trainer *t = &s->t;
 	const struct train_config *tc = &cfg->train;
 	int distill = cfg->distill.teacher[0] != 0;
-	if (distill && !strcmp(tc->device, "cuda")) {
-		fprintf(stderr, "moe train: train.device=cuda: distillation runs on the CPU path for now "
-			"(distill.teacher is set)\n");
-		return -1;
-	}
 	/* every rank gets to trainer_setup_device, whose collectives must not meet another rank's failure */
 	if (!trainer_all_ok(t, trainer_init(t, "moe train", cfg, resume, d, tc->steps) == 0) ||
-	    trainer_setup_device(t, !distill))
+	    trainer_setup_device(t, 1))
 		return -1;
 	if (distill) {
 		s->distilling = 1;  /* teardown closes what distill_open leaves, also after a failure */
-		if (distill_open(&s->ds, cfg, d, tc->micro_batch, tc->seq_len, "moe train"))
+		int ok = distill_open(&s->ds, cfg, d, tc->micro_batch, tc->seq_len, "moe train") == 0;
+		if (ok && t->cuda)  /* the teacher beside the student */
+			ok = distill_to_device(&s->ds, 1, "moe train") == 0;
+		if (!trainer_all_ok(t, ok))
 			return -1;
 	}
 	if (!cfg->data.train[0]) {
@@ -89,7 +87,7 @@ static void teardown(struct sft *s)
 /* ---------------------------------------------------------------- one step */
 
 struct step_result {
-	double loss, ce, aux, kl, lr, seconds, comm_seconds;
+	double loss, ce, aux, kl, mtp, lr, seconds, comm_seconds;
 	struct update_result u;
 };
 
@@ -107,14 +105,15 @@ static void train_step(struct sft *s, struct step_result *r)
 	 * order, for every layout with the same W*A*B (one process with grad_accum = W*A included) */
 	int W = t->world, r0 = t->rank;
 	float scale = 1.0f / ((float)A * W);
+	t->m->mtp_lambda = (float)piecewise_at(&tc->mtp_lambda, t->st.step);
 	trainer_zero_grad(t);
 	for (int a = 0; a < A; a++) {
 		uint64_t first = t->st.data_position + ((uint64_t)a * W + r0) * B;
 		for (int b = 0; b < B; b++)
 			loader_get(&s->train, first + b, s->inputs + (size_t)b * T, s->targets + (size_t)b * T);
 		if (s->distilling) {
-			/* the CPU path (setup keeps distillation off the GPU) */
-			r->loss += distill_forward(&s->ds, t->m, s->inputs, s->targets, B, T) * scale;
+			trainer_next_forward(t);
+			r->loss += distill_forward_gpu(&s->ds, t->m, t->gpu, s->inputs, s->targets, B, T) * scale;
 			r->ce += s->ds.last_ce * scale;
 			r->kl += s->ds.last_kl * scale;
 		} else {
@@ -122,23 +121,26 @@ static void train_step(struct sft *s, struct step_result *r)
 			r->ce += t->m->last_ce_loss * scale;
 		}
 		r->aux += t->m->last_aux_loss * scale;
+		r->mtp += t->m->last_mtp_loss * scale;
 		trainer_add_loads(t);
 		if (s->distilling)
-			distill_backward(&s->ds, t->m, scale);
-		else
-			trainer_backward(t, scale);
+			distill_backward_begin(&s->ds, t->m, t->gpu);
+		trainer_backward(t, scale);
+		if (s->distilling)
+			distill_backward_end(&s->ds, t->m, t->gpu);
 	}
 	t->st.data_position += (uint64_t)A * B * W;
 	t->st.tokens_seen += (int64_t)A * B * T * W;
 
-	double sums[4] = { r->loss, r->ce, r->aux, r->kl };
+	double sums[5] = { r->loss, r->ce, r->aux, r->kl, r->mtp };
 	if (t->d && W > 1) {
-		if (comm_allreduce(t->d->world_g, sums, 4, COMM_F64, COMM_SUM))
+		if (comm_allreduce(t->d->world_g, sums, 5, COMM_F64, COMM_SUM))
 			comm_abort(1, "all-reduce of the step's losses failed");
 		r->loss = sums[0];
 		r->ce = sums[1];
 		r->aux = sums[2];
 		r->kl = sums[3];
+		r->mtp = sums[4];
 	}
 	r->lr = lr_at(&t->sched, t->st.step);
 	trainer_update(t, r->lr, r->loss, &r->u);
@@ -167,6 +169,8 @@ static void log_step(struct sft *s, const struct step_result *r, double val_loss
 			fprintf(f, "\"val_loss\": %.6f, ", val_loss);
 		if (s->distilling)
 			fprintf(f, "\"ce\": %.6f, \"distill_kl\": %.6f, ", r->ce, r->kl);
+		if (t->cfg.model.num_nextn_predict_layers > 0)
+			fprintf(f, "\"mtp_loss\": %.6f, \"mtp_lambda\": %.6g, ", r->mtp, (double)t->m->mtp_lambda);
 		if (r->u.skipped)
 			fprintf(f, "\"skipped\": true, ");
 		trainer_write_imbalance(t, f);
@@ -182,6 +186,8 @@ static void log_step(struct sft *s, const struct step_result *r, double val_loss
 	       (long long)t->st.step, tc->steps, r->loss, r->lr, r->u.grad_norm, tps, eta);
 	if (s->distilling)
 		printf(" | ce %.4f | kl %.4f", r->ce, r->kl);
+	if (t->cfg.model.num_nextn_predict_layers > 0)
+		printf(" | mtp %.4f", r->mtp);
 	if (val_loss >= 0)
 		printf(" | val loss %.4f", val_loss);
 	if (r->u.skipped)
@@ -204,6 +210,7 @@ static double validation_loss(struct sft *s)
 	if (tc->eval_batches > 0 && (uint64_t)tc->eval_batches * B < n)
 		n = (uint64_t)tc->eval_batches * B;
 	double sums[2] = { 0, 0 };
+	t->m->mtp_lambda = 0.0f;  /* the validation loss is the main model's; train_step sets it again */
 	for (uint64_t k0 = 0; k0 < n; k0 += (uint64_t)B * W) {
 		for (int i = 0; i < B; i++) {
 			uint64_t k = k0 + (uint64_t)t->rank * B + i;

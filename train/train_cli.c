@@ -13,7 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "train/checkpoint.h"
 #include "train/convert.h"
+#include "train/lora_run.h"
 #include "train/plot.h"
 
 /* ---- moe plot ------------------------------------------------------------------------------ */
@@ -113,9 +115,11 @@ static int convert_usage(int code)
 		"  model.safetensors.index.json when sharded) to an HDF5 checkpoint (step 0); F32, BF16,\n"
 		"  F16 and DeepSeek's block-scaled F8_E4M3 weights (NAME_scale_inv, blocks of\n"
 		"  quantization_config.weight_block_size) dequantised, per-expert tensors stacked.\n"
-		"  Missing, unexpected or misshapen\n"
-		"  tensors are refused by name; rotary inv_freq buffers and multi-token-prediction\n"
-		"  layers (model.layers.N, N >= num_hidden_layers) are skipped.\n"
+		"  The num_nextn_predict_layers multi-token-prediction layers (model.layers.N,\n"
+		"  N >= num_hidden_layers) are imported; their embed_tokens / shared_head.head copies\n"
+		"  are the model's own (shape-checked, not read) and are written back by --to-hf.\n"
+		"  Missing, unexpected or misshapen tensors are refused by name; rotary inv_freq\n"
+		"  buffers and layers beyond the config's MTP depths are skipped.\n"
 		"--to-hf: a checkpoint's weights to DIR (created; it must not hold weights already):\n"
 		"  config.json (DeepseekV3ForCausalLM), model.safetensors or shards of at most\n"
 		"  --shard-size bytes of data (default 5GB; units B, KB, MB, GB, KiB, MiB, GiB) with\n"
@@ -192,4 +196,71 @@ int convert_cli_main(int argc, char **argv)
 	}
 	printf("wrote %s from %s\n", out, to);
 	return 0;
+}
+
+/* ---------------------------------------------------------------- moe lora merge */
+
+static int merge_usage(FILE *f)
+{
+	fprintf(f, "usage: moe lora merge --checkpoint ADAPTERS.h5 --out MERGED.h5\n"
+		"Folds the LoRA adapters of an adapter checkpoint into its base (W += alpha/rank * B A) and\n"
+		"writes a full weights-only checkpoint, which runs without the lora section.\n");
+	return f == stdout ? 0 : 2;
+}
+
+static int lora_merge_main(int argc, char **argv)
+{
+	const char *in = NULL, *out = NULL;
+	for (int i = 0; i < argc; i++) {
+		if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h"))
+			return merge_usage(stdout);
+		if (!strcmp(argv[i], "--checkpoint") && i + 1 < argc)
+			in = argv[++i];
+		else if (!strcmp(argv[i], "--out") && i + 1 < argc)
+			out = argv[++i];
+		else {
+			fprintf(stderr, "moe lora merge: unknown argument %s\n", argv[i]);
+			return merge_usage(stderr);
+		}
+	}
+	if (!in || !out)
+		return merge_usage(stderr);
+	char err[1024];
+	struct run_config rc;
+	struct ckpt_meta meta;
+	config_defaults(&rc);
+	if (checkpoint_read_header(in, &rc, &meta, err, sizeof(err))) {
+		fprintf(stderr, "moe lora merge: %s\n", err);
+		return 1;
+	}
+	if (rc.lora.rank == 0) {
+		fprintf(stderr, "moe lora merge: %s holds no LoRA adapters (its config has lora.rank = 0)\n", in);
+		return 1;
+	}
+	struct moe_model *m = model_create(&rc.model, 0, rc.model.n_routed_experts, err, sizeof(err));
+	int rcode = 1;
+	if (!m || lora_load_for_inference(in, &rc, m, NULL, err, sizeof(err)))
+		goto out;
+	/* the merged model is a plain one */
+	rc.lora.rank = 0;
+	rc.lora.n_targets = 0;
+	rc.lora.base[0] = rc.lora.base_checksum[0] = 0;
+	rc.train.init_checkpoint[0] = 0;
+	if (checkpoint_save_model(out, m, &rc, &meta, err, sizeof(err)))
+		goto out;
+	printf("merged the adapters of %s into its base: wrote %s\n", in, out);
+	rcode = 0;
+out:
+	if (rcode)
+		fprintf(stderr, "moe lora merge: %s\n", err);
+	model_free(m);
+	return rcode;
+}
+
+int lora_cli_main(int argc, char **argv)
+{
+	if (argc >= 1 && !strcmp(argv[0], "merge"))
+		return lora_merge_main(argc - 1, argv + 1);
+	fprintf(stderr, "usage: moe lora merge --checkpoint ADAPTERS.h5 --out MERGED.h5\n");
+	return argc >= 1 && (!strcmp(argv[0], "--help") || !strcmp(argv[0], "-h")) ? 0 : 2;
 }

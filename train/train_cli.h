@@ -5,6 +5,7 @@
  *   moe plot    --metrics FILE --key K [--key K2 ...] --out FILE.png [--title T] [--size WxH]
  *   moe convert --from-hf DIR --out CKPT.h5
  *   moe convert --to-hf CKPT.h5 --out DIR [--dtype bf16|f32] [--shard-size BYTES]
+ *   moe lora merge --checkpoint ADAPTERS.h5 --out MERGED.h5
  */
 #ifndef MOE_TRAIN_TRAIN_CLI_H
 #define MOE_TRAIN_TRAIN_CLI_H
@@ -15,5 +16,8 @@ int plot_cli_main(int argc, char **argv);
 
 /* `moe convert ...`: argv holds the arguments after "convert".  Returns the exit code. */
 int convert_cli_main(int argc, char **argv);
+
+/* `moe lora merge --checkpoint ADAPTERS.h5 --out MERGED.h5` (train/lora_run.h): argv after "lora". */
+int lora_cli_main(int argc, char **argv);
 
 #endif

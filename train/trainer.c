@@ -4,6 +4,7 @@
 #define _POSIX_C_SOURCE 200809L  /* clock_gettime, mkdir */
 
 #include "train/trainer.h"
+#include "train/lora_run.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -90,11 +91,16 @@ int trainer_make_dirs(const char *path)
 
 /* ---------------------------------------------------------------- setup */
 
-/* One optimizer segment per tensor: decay on matrices, none on norms (and on the input embedding
- * unless train.decay_embeddings), the routing bias frozen. */
+struct moe_model *trainer_trained(const struct trainer *t)
+{
+	return t->lora ? &t->lora->view : t->m;
+}
+
+/* One optimizer segment per tensor (LoRA: per adapter tensor): decay on matrices, none on norms (and on
+ * the input embedding unless train.decay_embeddings), the routing bias frozen. */
 static int build_segments(struct trainer *t)
 {
-	const struct moe_model *m = t->m;
+	const struct moe_model *m = trainer_trained(t);
 	t->segs = calloc(m->n_params, sizeof(*t->segs));
 	if (!t->segs)
 		return -1;
@@ -170,6 +176,34 @@ static int compare_with_checkpoint(const struct run_config *saved, const struct 
 }
 
 
+/*
+ * Resuming: a LoRA run takes only an adapter checkpoint of the same adapters on the same base, a full
+ * run no adapter checkpoint.  1 (printed) when refused.
+ */
+static int lora_refuses(const struct trainer *t, const struct run_config *saved, const char *path)
+{
+	const struct lora_config *a = &saved->lora, *b = &t->cfg.lora;
+	const char *why = NULL;
+	char err[1024];
+	if (!t->lora && a->rank)
+		why = "holds LoRA adapters and this run has no lora section (set it as it was, or fold them in "
+		      "with moe lora merge)";
+	else if (t->lora && !a->rank)
+		why = "is a full checkpoint, not LoRA adapters (start the LoRA run from it with "
+		      "train.init_checkpoint instead)";
+	else if (t->lora && (a->rank != b->rank || a->n_targets != b->n_targets ||
+			     memcmp(a->targets, b->targets, sizeof(a->targets))))
+		why = "holds adapters of another lora.rank or lora.targets";
+	else if (t->lora && strcmp(a->base_checksum, b->base_checksum)) {
+		snprintf(err, sizeof(err), "was trained on a base of checksum %s; the base %s now has %s: "
+			 "refusing to resume on another model", a->base_checksum, b->base, b->base_checksum);
+		why = err;
+	}
+	if (why && t->rank == 0)
+		fprintf(stderr, "%s: %s %s\n", t->who, path, why);
+	return why != NULL;
+}
+
 /* What loading one checkpoint came to. */
 enum load_result { LOAD_OK, LOAD_DEFECT, LOAD_REFUSED };
 
@@ -186,7 +220,9 @@ static enum load_result load_from(struct trainer *t, const char *path, int full,
 		return LOAD_DEFECT;
 	if (compare_with_checkpoint(&saved, &t->cfg, path, full && t->rank == 0 ? "resume" : NULL, t->who))
 		return LOAD_REFUSED;
-	if (full ? checkpoint_load(path, t->m, &t->opt, &t->st, err, errlen) :
+	if (full && lora_refuses(t, &saved, path))
+		return LOAD_REFUSED;
+	if (full ? checkpoint_load(path, trainer_trained(t), &t->opt, &t->st, err, errlen) :
 		   checkpoint_load_model(path, t->m, err, errlen))
 		return LOAD_DEFECT;
 	return LOAD_OK;
@@ -275,6 +311,10 @@ static int restore(struct trainer *t, const char *resume)
 		t->resumed = 1;
 		TRAINER_LOG(t, "resumed from %s at step %lld (%lld tokens seen)\n", path, (long long)t->st.step,
 		    (long long)t->st.tokens_seen);
+	} else if (t->lora) {
+		lora_init_weights(t->lora, (uint64_t)t->cfg.train.seed);  /* the base was loaded before */
+		t->st.data_seed = (uint64_t)t->cfg.train.seed;
+		snprintf(path, sizeof(path), "%s", t->cfg.lora.base);
 	} else if (t->cfg.train.init_checkpoint[0]) {
 		snprintf(path, sizeof(path), "%s", t->cfg.train.init_checkpoint);
 		enum load_result res = load_from(t, path, 0, err, sizeof(err));
@@ -335,6 +375,40 @@ static FILE *open_metrics(const char *who, const char *path, int resumed, int64_
 }
 
 
+/*
+ * LoRA: the base's weights from its checkpoint (its checksum recorded in the config the checkpoints
+ * carry), the adapters attached and the base frozen.  The memory a full fine-tune would spend on
+ * gradients and AdamW moments, against the adapters', is logged.
+ */
+static int lora_setup(struct trainer *t)
+{
+	char err[1024];
+	struct lora_config *lc = &t->cfg.lora;
+	snprintf(lc->base, sizeof(lc->base), "%s", lora_base_path(&t->cfg));
+	if (lora_file_checksum(lc->base, lc->base_checksum, err, sizeof(err))) {
+		fprintf(stderr, "%s: %s\n", t->who, err);
+		return -1;
+	}
+	enum load_result res = load_from(t, lc->base, 0, err, sizeof(err));
+	if (res == LOAD_DEFECT)
+		fprintf(stderr, "%s: lora base: %s\n", t->who, err);
+	if (res != LOAD_OK)
+		return -1;
+	size_t base_floats = t->m->n_weights;
+	t->lora = lora_attach(t->m, lc, (uint64_t)t->cfg.train.seed, 1, err, sizeof(err));
+	if (!t->lora) {
+		fprintf(stderr, "%s: %s\n", t->who, err);
+		return -1;
+	}
+	size_t ad = lora_trainable_floats(t->lora);
+	double full = 3.0 * 4 * base_floats, mine = 3.0 * 4 * ad;  /* gradient + 2 AdamW moments, fp32 */
+	TRAINER_LOG(t, "lora: rank %d, alpha %g, %d adapted matrices, %zu trainable parameters (%.3f%% of "
+		    "%zu, this rank); gradient + AdamW state %.2f MiB instead of %.2f MiB (%.2f MiB saved)\n",
+		    lc->rank, lc->alpha, t->lora->n, ad, 100.0 * ad / base_floats, base_floats,
+		    mine / 1048576.0, full / 1048576.0, (full - mine) / 1048576.0);
+	return 0;
+}
+
 int trainer_init(struct trainer *t, const char *who, const struct run_config *cfg, const char *resume,
 		 const struct dist *d, int total_updates)
 {
@@ -353,11 +427,13 @@ int trainer_init(struct trainer *t, const char *who, const struct run_config *cf
 	}
 	if (d && ep > 1)
 		t->m->ep_group = d->ep_g;
-	if (grad_sync_init(&t->sync, t->m)) {
+	if (cfg->lora.rank > 0 && lora_setup(t))
+		return -1;
+	if (grad_sync_init(&t->sync, trainer_trained(t))) {
 		fprintf(stderr, "%s: out of memory for the gradient buffers\n", who);
 		return -1;
 	}
-	if (adamw_init(&t->opt, t->m->n_weights) || build_segments(t)) {
+	if (adamw_init(&t->opt, trainer_trained(t)->n_weights) || build_segments(t)) {
 		fprintf(stderr, "%s: out of memory for the optimizer state\n", who);
 		return -1;
 	}
@@ -381,7 +457,7 @@ int trainer_init(struct trainer *t, const char *who, const struct run_config *cf
 		zero_scatter_state(&t->z, t->m, &t->opt);
 		adamw_free(&t->opt);
 	}
-	t->step_load = calloc((size_t)cfg->model.num_hidden_layers * (cfg->model.n_routed_experts + 1),
+	t->step_load = calloc((size_t)mc_n_layers(&cfg->model) * (cfg->model.n_routed_experts + 1),
 			      sizeof(int64_t));
 	if (!t->step_load)
 		return -1;
@@ -407,6 +483,7 @@ void trainer_free(struct trainer *t)
 	free(t->segs);
 	adamw_free(&t->opt);
 	model_free(t->m);
+	lora_free(t->lora);
 }
 
 /* ---------------------------------------------------------------- one update */
@@ -414,7 +491,7 @@ void trainer_free(struct trainer *t)
 void trainer_add_loads(struct trainer *t)
 {
 	const struct model_config *c = &t->m->cfg;
-	size_t n = (size_t)c->num_hidden_layers * c->n_routed_experts;
+	size_t n = (size_t)mc_n_layers(c) * c->n_routed_experts;
 	for (size_t i = 0; i < n; i++)
 		t->step_load[i] += t->m->expert_load[i];
 }
@@ -423,7 +500,7 @@ void trainer_add_loads(struct trainer *t)
 void trainer_clear_loads(struct trainer *t)
 {
 	const struct model_config *c = &t->m->cfg;
-	memset(t->step_load, 0, sizeof(int64_t) * c->num_hidden_layers * c->n_routed_experts);
+	memset(t->step_load, 0, sizeof(int64_t) * mc_n_layers(c) * c->n_routed_experts);
 }
 
 /*
@@ -437,7 +514,7 @@ static void update_routing_bias(struct trainer *t)
 	int E = c->n_routed_experts;
 	if (speed == 0.0f)
 		return;
-	for (int l = 0; l < c->num_hidden_layers; l++) {
+	for (int l = 0; l < mc_n_layers(c); l++) {  /* the MTP depths' MoE layers too */
 		if (!mc_layer_is_moe(c, l))
 			continue;
 		const int64_t *load = t->step_load + (size_t)l * E;
@@ -484,7 +561,7 @@ static void reduce_step_loads(struct trainer *t)
 {
 	if (!t->d || t->world == 1)
 		return;
-	int64_t n = (int64_t)t->m->cfg.num_hidden_layers * t->m->cfg.n_routed_experts;
+	int64_t n = (int64_t)mc_n_layers(&t->m->cfg) * t->m->cfg.n_routed_experts;
 	if (comm_allreduce(t->d->world_g, t->step_load, n, COMM_I64, COMM_SUM))
 		comm_abort(1, "all-reduce of the step's expert loads failed");
 }
@@ -566,6 +643,23 @@ static int gpu_attention_start(struct trainer *t)
 	return 0;
 }
 
+/* how the data-parallel gradients travel (rank 0, multi-rank runs only) */
+static void log_buckets(const struct trainer *t)
+{
+	const struct grad_sync *s = &t->sync;
+	if (t->rank != 0 || !t->d || t->world == 1 || t->zero)
+		return;
+	if (t->d->ep > 1 || !s->n_buckets)
+		printf("%s: gradients: 2 buckets reduced after the backward (%s)\n", t->who,
+		       t->d->ep > 1 ? "expert parallelism: its all-to-alls share the backward's stream"
+				    : "this model's parameter order has no bucket plan");
+	else
+		printf("%s: gradients: %d buckets of about %g MiB (parallel.bucket_mb), %s\n", t->who, s->n_buckets,
+		       t->cfg.parallel.bucket_mb, dcomm_overlaps() ? "reduced beside the backward (NCCL, a second "
+		       "stream)" : "each reduced once its layers are done (host-staged MPI: not overlapped)");
+	fflush(stdout);
+}
+
 static int gpu_start(struct trainer *t)
 {
 	char err[512];
@@ -598,10 +692,13 @@ static int gpu_start(struct trainer *t)
 		if (ok)
 			adamw_cuda_upload_state(t->gopt, &t->opt);
 	}
+	if (!t->zero)
+		ok = ok && grad_bucket_plan(&t->sync, t->m, t->cfg.parallel.bucket_mb) == 0;
 	if (!trainer_all_ok(t, ok)) {
 		fprintf(stderr, "%s: out of memory for the GPU optimizer state\n", t->who);
 		return -1;
 	}
+	log_buckets(t);
 	t->cuda = 1;
 	return 0;
 }
@@ -662,10 +759,14 @@ int trainer_setup_device(struct trainer *t, int gpu_capable)
 	int n = strcmp(dev, "cpu") == 0 ? 0 : cuda_devices();  /* "cpu": not even a probe */
 	const char *why = NULL;
 
-	if (n == 0)
+	if (t->cfg.model.num_nextn_predict_layers > 0)
+		why = "model.num_nextn_predict_layers > 0: multi-token prediction runs on the CPU path for now";
+	else if (n == 0)
 		why = "no CUDA device found (or a build without the CUDA backend)";
 	else if (!gpu_capable)
 		why = "this command runs on the CPU for now";
+	else if (t->lora)
+		why = "LoRA runs on the CPU for now (model/cuda has no adapters)";
 	else if (gpu_capable == TRAINER_GPU_WHEN_ASKED && !forced)
 		why = "this command uses the GPU only with train.device=cuda for now";
 	else if (t->world > 1 && gpu_capable == TRAINER_GPU_WHEN_ASKED)
@@ -689,8 +790,16 @@ int trainer_setup_device(struct trainer *t, int gpu_capable)
 	return 0;
 }
 
+void trainer_next_forward(struct trainer *t)
+{
+	if (t->lora) {
+		t->lora->dropout_step = (uint64_t)t->st.step * 4096 + (uint64_t)t->forwards++;
+	}
+}
+
 float trainer_forward(struct trainer *t, const int *inputs, const int *targets, int B, int T)
 {
+	trainer_next_forward(t);
 #ifdef MOE_HAVE_CUDA
 	if (t->cuda)
 		return gpu_model_forward(t->gpu, inputs, targets, B, T);
@@ -698,11 +807,32 @@ float trainer_forward(struct trainer *t, const int *inputs, const int *targets, 
 	return model_forward(t->m, inputs, targets, B, T);
 }
 
+#ifdef MOE_HAVE_CUDA
+static void grads_ready(void *ctx, int layer)
+{
+	grad_sync_layer_done(ctx, layer);
+}
+
+/* The last micro-batch's backward (the grad_accum-th since trainer_zero_grad) reduces its buckets as it
+ * goes; the earlier ones only accumulate. */
+static void gpu_backward(struct trainer *t, float loss_scale)
+{
+	int last = ++t->backwards == t->cfg.train.grad_accum;
+	int armed = last && !t->zero &&
+		    grad_sync_overlap_arm(&t->sync, t->m, gpu_model_grads(t->gpu), t->d) == 0;
+	if (armed)
+		gpu_model_on_grads_ready(t->gpu, grads_ready, &t->sync);
+	gpu_model_backward(t->gpu, loss_scale);
+	if (armed)
+		gpu_model_on_grads_ready(t->gpu, NULL, NULL);
+}
+#endif
+
 void trainer_backward(struct trainer *t, float loss_scale)
 {
 #ifdef MOE_HAVE_CUDA
 	if (t->cuda) {
-		gpu_model_backward(t->gpu, loss_scale);
+		gpu_backward(t, loss_scale);
 		return;
 	}
 #endif
@@ -730,6 +860,9 @@ void trainer_weights_to_host(struct trainer *t)
 
 void trainer_zero_grad(struct trainer *t)
 {
+	t->backwards = 0;
+	if (t->lora)  /* a training step begins: dropout on until its update (evaluations run without) */
+		t->lora->training = true;
 #ifdef MOE_HAVE_CUDA
 	if (t->cuda) {
 		gpu_model_zero_grad(t->gpu);
@@ -748,15 +881,19 @@ void trainer_update(struct trainer *t, double lr, double loss, struct update_res
 		gpu_update(t, lr, loss, u);
 		return;
 	}
-	u->grad_norm = t->zero ? zero_reduce(&t->z, t->m) : grad_sync_reduce(&t->sync, t->m, t->d);
+	struct moe_model *tm = trainer_trained(t);
+	t->forwards = 0;
+	if (t->lora)
+		t->lora->training = false;
+	u->grad_norm = t->zero ? zero_reduce(&t->z, t->m) : grad_sync_reduce(&t->sync, tm, t->d);
 	if (t->d && t->world > 1) {
-		int64_t n = (int64_t)t->m->cfg.num_hidden_layers * t->m->cfg.n_routed_experts;
+		int64_t n = (int64_t)mc_n_layers(&t->m->cfg) * t->m->cfg.n_routed_experts;
 		if (comm_allreduce(t->d->world_g, t->step_load, n, COMM_I64, COMM_SUM))
 			comm_abort(1, "all-reduce of the step's expert loads failed");
 	}
 	if (!isfinite(loss) || !isfinite(u->grad_norm)) {
 		u->skipped = 1;
-		u->bad = first_nonfinite_grad(t->m);
+		u->bad = first_nonfinite_grad(tm);
 		return;
 	}
 	struct adamw_hparams h = { (float)lr, (float)tc->beta1, (float)tc->beta2, (float)tc->eps };
@@ -765,10 +902,11 @@ void trainer_update(struct trainer *t, double lr, double loss, struct update_res
 			  (float)(tc->grad_clip / u->grad_norm) : 1.0f;
 		zero_update(&t->z, t->m, f, &h);
 	} else {
-		grad_clip(t->m->grads, t->m->n_weights, u->grad_norm, tc->grad_clip);
-		adamw_update(&t->opt, t->m->weights, t->m->grads, t->segs, t->nsegs, &h);
+		grad_clip(tm->grads, tm->n_weights, u->grad_norm, tc->grad_clip);
+		adamw_update(&t->opt, tm->weights, tm->grads, t->segs, t->nsegs, &h);
 	}
-	update_routing_bias(t);
+	if (!t->lora)  /* the base, routing biases included, stays as it was */
+		update_routing_bias(t);
 }
 
 /* ---------------------------------------------------------------- logging, checkpoints */
@@ -812,7 +950,7 @@ int trainer_save(struct trainer *t)
 	/* ZeRO: the file holds the whole AdamW state, gathered for the write */
 	if (t->zero && (adamw_init(&t->opt, t->m->n_weights) || zero_gather_state(&t->z, t->m, &t->opt)))
 		comm_abort(1, "out of memory gathering the optimizer state");
-	ok = !checkpoint_save_dist(path, t->m, &t->opt, &t->cfg, &t->st, t->d, err, sizeof(err));
+	ok = !checkpoint_save_dist(path, trainer_trained(t), &t->opt, &t->cfg, &t->st, t->d, err, sizeof(err));
 	if (t->zero)
 		adamw_free(&t->opt);
 	if (!ok)

@@ -46,7 +46,18 @@ struct trainer {
 	int cuda;
 	struct gpu_model *gpu;
 	struct adamw_cuda *gopt;
+	int backwards;               /* trainer_backward calls since trainer_zero_grad */
+	/*
+	 * LoRA (lora.rank > 0, train/lora_run.h): the adapters attached to m, whose base is frozen (no
+	 * gradient arena).  Then the gradient reduction, opt, segs and the checkpoints are the adapters'
+	 * (trainer_trained), and a checkpoint is an adapter checkpoint.
+	 */
+	struct lora *lora;
+	int forwards;                /* forwards in this step: each one's dropout masks differ */
 };
+
+/* What the optimizer trains: m, or the adapters' parameter table (LoRA). */
+struct moe_model *trainer_trained(const struct trainer *t);
 
 #define TRAINER_LOG(t, ...) do { if ((t)->rank == 0) printf(__VA_ARGS__); } while (0)
 
@@ -88,6 +99,9 @@ int trainer_setup_device(struct trainer *t, int gpu_capable);
 
 /* model_forward / model_backward / model_zero_grad / model_token_losses on the trainer's device (the
  * loss options of model.h are read from t->m on either) */
+/* LoRA: the dropout masks of the next forward (trainer_forward calls it; a caller that runs the CPU model
+ * itself, distillation, calls it first) */
+void trainer_next_forward(struct trainer *t);
 float trainer_forward(struct trainer *t, const int *inputs, const int *targets, int B, int T);
 void trainer_backward(struct trainer *t, float loss_scale);
 void trainer_zero_grad(struct trainer *t);

@@ -25,6 +25,11 @@
 namespace {
 
 enum dcomm_kind g_kind = DCOMM_NONE;
+#ifdef MOE_HAVE_NCCL
+/* dcomm_allreduce_start's stream (NCCL only): the reductions it queues run beside the backend's stream */
+cudaStream_t g_side;
+cudaEvent_t g_side_ready;
+#endif
 
 struct pinned {
 	void *p;
@@ -262,6 +267,13 @@ void dcomm_free(const struct dist *d)
 		CUDA_CHECK(cudaFreeHost(g_recv.p));
 	g_send = pinned{ nullptr, 0 };
 	g_recv = pinned{ nullptr, 0 };
+#ifdef MOE_HAVE_NCCL
+	if (g_side) {
+		CUDA_CHECK(cudaEventDestroy(g_side_ready));
+		CUDA_CHECK(cudaStreamDestroy(g_side));
+		g_side = nullptr;
+	}
+#endif
 	g_kind = DCOMM_NONE;
 	moe_cuda_set_fatal_hook(nullptr);
 }
@@ -285,6 +297,35 @@ int dcomm_allreduce(struct comm_group *g, void *buf, size_t count, enum comm_dty
 {
 	DCOMM_NCCL_OR(nccl_allreduce(g, buf, count, t, op, moe_cuda_stream()));
 	return staged_allreduce(g, buf, count, t, op);
+}
+
+int dcomm_overlaps(void) { return g_kind == DCOMM_NCCL; }
+
+int dcomm_allreduce_start(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, enum comm_op op)
+{
+#ifdef MOE_HAVE_NCCL
+	if (g_kind == DCOMM_NCCL) {
+		if (!g_side) {
+			CUDA_CHECK(cudaStreamCreateWithFlags(&g_side, cudaStreamNonBlocking));
+			CUDA_CHECK(cudaEventCreateWithFlags(&g_side_ready, cudaEventDisableTiming));
+		}
+		/* after what the backend's stream has queued so far (the packing of buf), not after what follows */
+		CUDA_CHECK(cudaEventRecord(g_side_ready, moe_cuda::stream()));
+		CUDA_CHECK(cudaStreamWaitEvent(g_side, g_side_ready, 0));
+		return nccl_allreduce_start(g, buf, count, t, op, g_side);
+	}
+#endif
+	return staged_allreduce(g, buf, count, t, op);
+}
+
+int dcomm_wait(struct comm_group *g)
+{
+#ifdef MOE_HAVE_NCCL
+	if (g_kind == DCOMM_NCCL && g_side)
+		return nccl_stream_wait(g, g_side);
+#endif
+	(void)g;
+	return 0;
 }
 
 int dcomm_broadcast(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, int root)

@@ -41,6 +41,16 @@ enum dcomm_kind dcomm_kind(void);
 const char *dcomm_name(void);   /* "nccl", "mpi" or "none" */
 
 int dcomm_allreduce(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, enum comm_op op);
+/*
+ * An all-reduce that may run beside the backend's stream: it reads buf after the work queued on that
+ * stream so far and must not be touched until dcomm_wait(g) has returned.  With NCCL it is queued on a
+ * second stream and returns at once (dcomm_overlaps() = 1), so the backward can go on while a gradient
+ * bucket travels; the staged MPI path completes it before returning.  dcomm_wait waits for every
+ * reduction started on g (an asynchronous NCCL error ends the job) and counts the wait as comm time.
+ */
+int dcomm_overlaps(void);
+int dcomm_allreduce_start(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, enum comm_op op);
+int dcomm_wait(struct comm_group *g);
 int dcomm_broadcast(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, int root);
 int dcomm_allgather(struct comm_group *g, const void *send, void *recv, size_t count, enum comm_dtype t);
 int dcomm_reduce_scatter(struct comm_group *g, const void *send, void *recv, size_t count, enum comm_dtype t,

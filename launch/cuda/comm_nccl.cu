@@ -206,21 +206,35 @@ void nccl_comm_abort_all(void)
 	}
 }
 
-int nccl_allreduce(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, enum comm_op op,
-		   void *stream)
+int nccl_allreduce_start(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, enum comm_op op,
+			 void *stream)
 {
 	ncclComm_t c = lookup(g, "nccl_allreduce");
-	cudaStream_t s = (cudaStream_t)stream;
 	ncclDataType_t nt;
 	ncclRedOp_t no;
-	double t0 = now();
 
 	if (!c || nccl_op("nccl_allreduce", t, op, &nt, &no))
 		return -1;
-	NCCL_CHECK(c, ncclAllReduce(buf, buf, count, nt, no, c, s));
-	wait_stream(c, s);
+	NCCL_CHECK(c, ncclAllReduce(buf, buf, count, nt, no, c, (cudaStream_t)stream));
+	return 0;
+}
+
+int nccl_stream_wait(struct comm_group *g, void *stream)
+{
+	ncclComm_t c = lookup(g, "nccl_stream_wait");
+	double t0 = now();
+
+	if (!c)
+		return -1;
+	wait_stream(c, (cudaStream_t)stream);
 	comm_add_seconds(now() - t0);
 	return 0;
+}
+
+int nccl_allreduce(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, enum comm_op op,
+		   void *stream)
+{
+	return nccl_allreduce_start(g, buf, count, t, op, stream) || nccl_stream_wait(g, stream) ? -1 : 0;
 }
 
 int nccl_broadcast(struct comm_group *g, void *buf, size_t count, enum comm_dtype t, int root, void *stream)

@@ -61,6 +61,9 @@ struct gpu_model {
 	};
 	std::vector<ep_layer> ep;
 	std::vector<int64_t> elem_send, elem_recv;  /* [ep] floats to / from each peer */
+	gpu_grads_ready_fn grads_ready;  /* gpu_model_on_grads_ready, or NULL */
+	void *grads_ready_ctx;
+	const float *logit_grad;         /* gpu_model_set_logit_grad, or NULL */
 };
 
 /* ------------------------------------------------------------------------------------------------------
@@ -76,6 +79,12 @@ __global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t n)
 }
 
 /* x[i] *= alpha */
+__global__ void axpy_kernel(float *y, float alpha, const float *x, size_t n)
+{
+	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+		y[i] += alpha * x[i];
+}
+
 __global__ void scale_kernel(float *x, float alpha, size_t n)
 {
 	for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
@@ -1139,7 +1148,7 @@ extern "C" struct gpu_model *gpu_model_create(struct moe_model *m, int bf16, cha
 	g->logit_rows_opt = -1;
 	size_t n = m->n_weights;
 	g->w = (float *)moe_cuda_malloc(sizeof(float) * n);
-	g->g = (float *)moe_cuda_malloc(sizeof(float) * n);
+	g->g = m->grads ? (float *)moe_cuda_malloc(sizeof(float) * n) : NULL;  /* model_drop_grads: forward only */
 	if (g->bf16)
 		g->wbf = (__nv_bfloat16 *)moe_cuda_malloc(sizeof(__nv_bfloat16) * n);
 	g->aux = (float *)moe_cuda_malloc(sizeof(float) * (c->num_hidden_layers + 1));
@@ -1213,7 +1222,13 @@ extern "C" void gpu_model_refresh_bf16(struct gpu_model *g)
 
 extern "C" void gpu_model_zero_grad(struct gpu_model *g)
 {
-	zero(g->g, sizeof(float) * g->m->n_weights);
+	if (g->g)
+		zero(g->g, sizeof(float) * g->m->n_weights);
+}
+
+extern "C" void gpu_model_set_logit_grad(struct gpu_model *g, const float *dlogits)
+{
+	g->logit_grad = dlogits;
 }
 
 extern "C" const float *gpu_model_logits(const struct gpu_model *g)
@@ -1297,6 +1312,8 @@ extern "C" void gpu_model_backward(struct gpu_model *g, float loss_scale)
 	struct model_acts *a = g->a;
 	if (!a || !a->has_targets)
 		fail("gpu_model_backward", "no forward with targets to differentiate");
+	if (!g->g)
+		fail("gpu_model_backward", "a forward-only model (its host model dropped its gradients)");
 	int B = a->B, T = a->T, N = B * T, C = c->hidden_size, V = c->vocab_size, L = c->num_hidden_layers;
 	struct grad_scratch *s = &a->gs;
 
@@ -1312,7 +1329,8 @@ extern "C" void gpu_model_backward(struct gpu_model *g, float loss_scale)
 		moe_cuda_memcpy_h2d(g->token_w, tw, sizeof(float) * N);
 	}
 	/* chunk by chunk: the logits again (the buffer holds the forward's last chunk), their gradient in
-	 * place, then the chunk's share of dx and of lm_head's gradient */
+	 * place (plus logit_grad's rows, times loss_scale), then the chunk's share of dx and of lm_head's
+	 * gradient */
 	for (int r0 = 0; r0 < N; r0 += a->logit_rows) {
 		int n = N - r0 < a->logit_rows ? N - r0 : a->logit_rows;
 		if (a->logit_rows < N)
@@ -1321,6 +1339,9 @@ extern "C" void gpu_model_backward(struct gpu_model *g, float loss_scale)
 		if (tw)
 			scale_rows_kernel<<<grid_for((size_t)n * V), kThreads, 0, stream()>>>(a->logits, g->token_w + r0,
 											     n, V);
+		if (g->logit_grad)
+			axpy_kernel<<<grid_for((size_t)n * V), kThreads, 0, stream()>>>(
+				a->logits, loss_scale, g->logit_grad + (size_t)r0 * V, (size_t)n * V);
 		lin_bwd(g, s->dln + (size_t)r0 * C, g->G.lm_head, a->logits, a->lnf + (size_t)r0 * C, g->W.lm_head, n, C,
 			V, true);
 	}
@@ -1343,6 +1364,16 @@ extern "C" void gpu_model_backward(struct gpu_model *g, float loss_scale)
 				      la->ln2_rstd, N, C);
 		mla_bwd(g, w, gw, &la->mla, s, s->dln, s->dres, la->ln1, a->pos, B, T);
 		rmsnorm_backward_cuda(s->dres, gw->input_layernorm, s->dln, x, w->input_layernorm, la->ln1_rstd, N, C);
+		if (g->grads_ready)
+			g->grads_ready(g->grads_ready_ctx, l);
 	}
 	embedding_backward_cuda(g->G.embed_tokens, s->dres, a->inputs, N, C);
+	if (g->grads_ready)
+		g->grads_ready(g->grads_ready_ctx, -1);
+}
+
+extern "C" void gpu_model_on_grads_ready(struct gpu_model *g, gpu_grads_ready_fn fn, void *ctx)
+{
+	g->grads_ready = fn;
+	g->grads_ready_ctx = ctx;
 }

@@ -13,8 +13,9 @@
  * Activations are kept in fp32; with bf16 matmuls each GEMM rounds its activation operand to bf16.
  *
  * Plain C: includable from C11 files.  Every call is queued on the backend's stream (moe_cuda_stream());
- * the ones that return a host value or fill host memory wait for it.  One process, every expert local
- * (no expert parallelism on the GPU path yet): gpu_model_create refuses a model with an ep group.
+ * the ones that return a host value or fill host memory wait for it.  Under expert parallelism (m->ep_group)
+ * the device holds only the rank's slice of routed experts and each MoE layer exchanges rows over the
+ * device collectives (launch/cuda/comm_device.h), which gpu_model_create needs initialised first.
  */
 #ifndef MOE_MODEL_CUDA_H
 #define MOE_MODEL_CUDA_H
@@ -31,8 +32,9 @@ extern "C" {
 struct gpu_model;
 
 /* Needs moe_cuda_init() first.  Allocates the device arenas and uploads m->weights.  bf16: run the
- * matmuls in bf16 (else fp32 cuBLAS, no TF32).  NULL and err filled on failure (out of device memory, an
- * ep group, an unsupported shape). */
+ * matmuls in bf16 (else fp32 cuBLAS, no TF32).  A host model without gradients (model_drop_grads) gets
+ * none on the device either: forward only (a distillation teacher).  NULL and err filled on failure (out
+ * of device memory, an ep group, an unsupported shape). */
 struct gpu_model *gpu_model_create(struct moe_model *m, int bf16, char *err, size_t errlen);
 void gpu_model_free(struct gpu_model *g);
 
@@ -67,6 +69,20 @@ const char *gpu_model_experts_gemm(void);
 float gpu_model_forward(struct gpu_model *g, const int *inputs, const int *targets, int B, int T);
 /* As model_backward: accumulates d(loss_scale * loss)/dweights into the device grads. */
 void gpu_model_backward(struct gpu_model *g, float loss_scale);
+/*
+ * Told by gpu_model_backward as it goes: fn(ctx, l) once the gradients of layer l are queued in full
+ * (l = L-1 down to 0; the output head's and the final norm's come before layer L-1's), and fn(ctx, -1)
+ * after the embedding's, the last.  What data parallelism needs to start reducing a bucket of gradients
+ * while the backward goes on.  fn NULL: off (the default).
+ */
+/*
+ * A further gradient with respect to the raw logits ([B*T, V] on the device, as the last forward's),
+ * added times loss_scale to the cross-entropy's by gpu_model_backward: model.h's logit_term on the GPU
+ * (distillation's KL).  NULL: none (the default).  The buffer must live until the backward has run.
+ */
+void gpu_model_set_logit_grad(struct gpu_model *g, const float *dlogits);
+typedef void (*gpu_grads_ready_fn)(void *ctx, int layer);
+void gpu_model_on_grads_ready(struct gpu_model *g, gpu_grads_ready_fn fn, void *ctx);
 /* The last forward's logits [B*T, V] on the device (overwritten by the backward); NULL when the model
  * holds them in chunks (below). */
 const float *gpu_model_logits(const struct gpu_model *g);

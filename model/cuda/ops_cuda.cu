@@ -421,6 +421,71 @@ __global__ void cross_entropy_bwd_kernel(T *dlogits, const T *logits, const int 
 	}
 }
 
+/*
+ * KL between the softmaxes at temperature 1/invT of two rows of logits (distillation; the CPU reference
+ * is train/distill.c's distill_row_*): one block per row, max and sums over the block, the sums of
+ * exponentials in double as on the CPU.  Rows without a target get 0.
+ */
+__global__ void kl_div_rows_kernel(double *kl, double *lse_s, double *lse_t, const float *__restrict__ zs,
+				   const float *__restrict__ zt, const int *__restrict__ targets, int V, double invT,
+				   int reverse)
+{
+	const size_t n = blockIdx.x;
+	if (targets[n] < 0) {
+		if (threadIdx.x == 0)
+			kl[n] = lse_s[n] = lse_t[n] = 0.0;
+		return;
+	}
+	const float *s = zs + n * V, *t = zt + n * V;
+	float ms = -INFINITY, mt = -INFINITY;
+	for (int j = threadIdx.x; j < V; j += blockDim.x) {
+		ms = fmaxf(ms, s[j]);
+		mt = fmaxf(mt, t[j]);
+	}
+	const double msd = block_max(ms) * invT, mtd = block_max(mt) * invT;
+	double ss = 0.0, st = 0.0;
+	for (int j = threadIdx.x; j < V; j += blockDim.x) {
+		ss += exp(s[j] * invT - msd);
+		st += exp(t[j] * invT - mtd);
+	}
+	ss = block_sum(ss);
+	st = block_sum(st);
+	/* the log-probabilities in double: the reverse gradient's log p_s - log p_t - KL cancels */
+	const double ls0 = msd + log(ss), lt0 = mtd + log(st);
+	double k = 0.0;
+	for (int j = threadIdx.x; j < V; j += blockDim.x) {
+		const double ls = s[j] * invT - ls0, lt = t[j] * invT - lt0;
+		k += reverse ? exp(ls) * (ls - lt) : exp(lt) * (lt - ls);
+	}
+	k = block_sum(k);
+	if (threadIdx.x == 0) {
+		kl[n] = k > 0.0 ? k : 0.0;  /* >= 0 exactly; rounding can leave -1e-17 */
+		lse_s[n] = ls0;
+		lse_t[n] = lt0;
+	}
+}
+
+/* g = f * (p_s - p_t) (forward) or f * p_s * (log p_s - log p_t - KL) (reverse); g may be zt (in place:
+ * each element is read before it is written, by the same thread) */
+__global__ void kl_div_grad_rows_kernel(float *g, const float *zs, const float *zt,
+					const int *__restrict__ targets, const double *__restrict__ lse_s,
+					const double *__restrict__ lse_t, const double *__restrict__ kl, int V,
+					double invT, int reverse, double f)
+{
+	const size_t n = blockIdx.x;
+	float *gr = g + n * V;
+	const float *s = zs + n * V, *t = zt + n * V;
+	if (targets[n] < 0) {
+		for (int j = threadIdx.x; j < V; j += blockDim.x)
+			gr[j] = 0.0f;
+		return;
+	}
+	for (int j = threadIdx.x; j < V; j += blockDim.x) {
+		const double ls = s[j] * invT - lse_s[n], lt = t[j] * invT - lse_t[n], ps = exp(ls);
+		gr[j] = (float)(reverse ? f * ps * (ls - lt - kl[n]) : f * (ps - exp(lt)));
+	}
+}
+
 } /* namespace */
 } /* namespace moe_cuda */
 
@@ -499,6 +564,28 @@ void cross_entropy_forward_cuda(float *losses, const float *logits, const int *t
 		return;
 	cross_entropy_fwd_kernel<float><<<N, kCeThreads, 0, stream()>>>(losses, logits, targets, V);
 	CUDA_CHECK_LAUNCH("cross_entropy_fwd_kernel");
+}
+
+void kl_div_rows_cuda(double *kl, double *lse_s, double *lse_t, const float *zs, const float *zt, const int *targets,
+		      int N, int V, double temperature, int reverse)
+{
+	if (N <= 0)
+		return;
+	kl_div_rows_kernel<<<N, kCeThreads, 0, stream()>>>(kl, lse_s, lse_t, zs, zt, targets, V, 1.0 / temperature,
+							   reverse);
+	CUDA_CHECK_LAUNCH("kl_div_rows_kernel");
+}
+
+void kl_div_grad_rows_cuda(float *g, const float *zs, const float *zt, const int *targets, const double *lse_s,
+			   const double *lse_t, const double *kl, int N, int V, double temperature, int reverse,
+			   double scale)
+{
+	if (N <= 0)
+		return;
+	/* T^2 from the loss, 1/T from d(z/T)/dz */
+	kl_div_grad_rows_kernel<<<N, kCeThreads, 0, stream()>>>(g, zs, zt, targets, lse_s, lse_t, kl, V,
+								1.0 / temperature, reverse, scale * temperature);
+	CUDA_CHECK_LAUNCH("kl_div_grad_rows_kernel");
 }
 
 void cross_entropy_backward_cuda(float *dlogits, const float *logits, const int *targets, float dloss, int N,

@@ -94,6 +94,19 @@ void cross_entropy_forward_cuda(float *losses, const float *logits, const int *t
 void cross_entropy_backward_cuda(float *dlogits, const float *logits, const int *targets, float dloss,
 				 int N, int V);
 
+/*
+ * Distillation's KL between the softmaxes at temperature T of student logits zs and teacher logits zt
+ * ([N, V] each; train/distill.h's distill_row_* are the CPU reference): per row kl (forward: KL(p_t ||
+ * p_s), reverse: KL(p_s || p_t)) and the two log-partition functions of z/T (kl and those in
+ * double: the reverse gradient's log-ratio minus KL cancels); rows whose target is < 0
+ * get 0.  The gradient g = scale * T^2 * dKL/dzs, 0 for those rows; g may be zt (in place).
+ */
+void kl_div_rows_cuda(double *kl, double *lse_s, double *lse_t, const float *zs, const float *zt, const int *targets,
+		      int N, int V, double temperature, int reverse);
+void kl_div_grad_rows_cuda(float *g, const float *zs, const float *zt, const int *targets, const double *lse_s,
+			   const double *lse_t, const double *kl, int N, int V, double temperature, int reverse,
+			   double scale);
+
 /* p is a HOST pointer; E <= 1024 experts, n_group <= E. */
 void router_forward_cuda(float *scores, int *topk_idx, float *topk_w, const float *logits, const float *bias,
 			 const struct router_params *p, int N);

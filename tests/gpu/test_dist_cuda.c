@@ -36,42 +36,9 @@ static const int micro_batch = 2, seq_len = 8, grad_accum = 1;
 
 static struct model_config dist_config(void)
 {
-	struct model_config c = {
-		.vocab_size = 37, .hidden_size = 32, .intermediate_size = 40, .moe_intermediate_size = 16,
-		.num_hidden_layers = 2, .num_attention_heads = 2, .num_key_value_heads = 2,
-		.n_shared_experts = 1, .n_routed_experts = 8, .routed_scaling_factor = 2.5,
-		.kv_lora_rank = 8, .q_lora_rank = 12, .qk_rope_head_dim = 4, .qk_nope_head_dim = 6,
-		.v_head_dim = 6, .n_group = 4, .topk_group = 2, .num_experts_per_tok = 3,
-		.moe_layer_freq = 1, .first_k_dense_replace = 1, .norm_topk_prob = true,
-		.scoring_func = MOE_SCORING_SIGMOID, .aux_loss_alpha = 0.01, .seq_aux = true,
-		.max_position_embeddings = 64, .initializer_range = 0.2, .rms_norm_eps = 1e-6,
-		.rope_theta = 10000.0,
-	};
+	struct model_config c;
+	test_ep_moe(&c, 32, 40, 16, 2);
 	return c;
-}
-
-/* the global batch: sequence i, the same on every rank */
-static void sequence(int i, int *in, int *tgt, int V)
-{
-	uint64_t s = 0x1234567ULL + (uint64_t)i * 7919;
-	for (int t = 0; t < seq_len; t++) {
-		s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-		in[t] = (int)((s >> 33) % V);
-		tgt[t] = (int)((s >> 17) % V);
-	}
-}
-
-/* ||a - b|| / ||b|| (b the reference); +inf for a NaN in a */
-static double norm_rel_err(const float *a, const float *b, size_t n)
-{
-	double d = 0.0, r = 0.0;
-	for (size_t i = 0; i < n; i++) {
-		if (!isfinite(a[i]))
-			return INFINITY;
-		d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-		r += (double)b[i] * b[i];
-	}
-	return r > 0 ? sqrt(d / r) : sqrt(d);
 }
 
 /* ---- the collectives ---- */
@@ -165,8 +132,15 @@ struct result {
 	int64_t *load;   /* [L*E] summed over the world */
 };
 
-/* one step: this rank's micro-batches (a*W + rank)*B .., loss scale 1/(A*W); GPU or CPU */
-static double step(struct moe_model *m, struct gpu_model *g, int rank, int W, int A)
+static void grads_ready(void *ctx, int layer)
+{
+	grad_sync_layer_done(ctx, layer);
+}
+
+/* one step: this rank's micro-batches (a*W + rank)*B .., loss scale 1/(A*W); GPU or CPU.  overlap: the
+ * last backward reduces overlap's buckets as it goes (grad_sync_overlap_arm), NULL: none */
+static double step_overlap(struct moe_model *m, struct gpu_model *g, int rank, int W, int A,
+			   struct grad_sync *overlap)
 {
 	int B = micro_batch, T = seq_len, LE = m->cfg.num_hidden_layers * m->cfg.n_routed_experts;
 	int *in = test_xmalloc(sizeof(int) * B * T), *tgt = test_xmalloc(sizeof(int) * B * T);
@@ -179,10 +153,16 @@ static double step(struct moe_model *m, struct gpu_model *g, int rank, int W, in
 		model_zero_grad(m);
 	for (int a = 0; a < A; a++) {
 		for (int b = 0; b < B; b++)
-			sequence((a * W + rank) * B + b, in + b * T, tgt + b * T, m->cfg.vocab_size);
+			test_sequence((a * W + rank) * B + b, T, in + b * T, tgt + b * T, m->cfg.vocab_size);
 		if (g) {
+			int armed = overlap && a == A - 1 &&
+				    grad_sync_overlap_arm(overlap, m, gpu_model_grads(g), &dist) == 0;
+			CU_ASSERT(!overlap || a < A - 1 || armed);
 			loss += gpu_model_forward(g, in, tgt, B, T) * scale;
+			if (armed)
+				gpu_model_on_grads_ready(g, grads_ready, overlap);
 			gpu_model_backward(g, scale);
+			gpu_model_on_grads_ready(g, NULL, NULL);
 		} else {
 			loss += model_forward(m, in, tgt, B, T) * scale;
 			model_backward(m, scale);
@@ -195,6 +175,11 @@ static double step(struct moe_model *m, struct gpu_model *g, int rank, int W, in
 	free(in);
 	free(tgt);
 	return loss;
+}
+
+static double step(struct moe_model *m, struct gpu_model *g, int rank, int W, int A)
+{
+	return step_overlap(m, g, rank, W, A, NULL);
 }
 
 static struct moe_model *make_model(int e0, int e1)
@@ -322,6 +307,50 @@ static void test_layout_bf16(void)
 {
 	check_layout(1);
 }
+
+/*
+ * Data parallelism without expert parallelism: the buckets reduced as the backward goes (tiny ones, so
+ * that every layer closes some) give the gradients and the norm of the reduction after the backward.
+ */
+static void test_overlapped_buckets(void)
+{
+	if (dist.world == 1 || dist.ep > 1) {
+		printf("\n  rank %d: (dp %d, ep %d): the buckets overlap only under data parallelism alone: not run",
+		       dist.rank, dist.dp, dist.ep);
+		return;
+	}
+	struct model_config c = dist_config();
+	char err[256];
+	struct moe_model *m = make_model(0, c.n_routed_experts);
+	struct gpu_model *g = gpu_model_create(m, 0, err, sizeof(err));
+	CU_ASSERT_PTR_NOT_NULL_FATAL(g);
+	struct grad_sync plain, buck;
+	CU_ASSERT_EQUAL_FATAL(grad_sync_init(&plain, m), 0);
+	CU_ASSERT_EQUAL_FATAL(grad_sync_init(&buck, m), 0);
+	CU_ASSERT_EQUAL_FATAL(grad_bucket_plan(&buck, m, 0.002), 0);  /* ~2 KiB: several per layer */
+	CU_ASSERT(buck.n_buckets > 2 * c.num_hidden_layers);
+
+	step(m, g, dist.rank, dist.world, grad_accum);
+	double n0 = grad_sync_reduce_device(&plain, m, gpu_model_grads(g), &dist);
+	gpu_model_download_grads(g);
+	float *g0 = test_xmalloc(sizeof(float) * m->n_weights);
+	memcpy(g0, m->grads, sizeof(float) * m->n_weights);
+
+	step_overlap(m, g, dist.rank, dist.world, grad_accum, &buck);
+	CU_ASSERT_EQUAL(buck.launched, buck.n_buckets);  /* all started by the backward itself */
+	double n1 = grad_sync_reduce_device(&buck, m, gpu_model_grads(g), &dist);
+	gpu_model_download_grads(g);
+	double e = norm_rel_err(m->grads, g0, m->n_weights);
+	printf("\n  rank %d: %d buckets reduced in the backward (%s) vs after it: grads rel %.1e, norm %.9g vs %.9g",
+	       dist.rank, buck.n_buckets, dcomm_name(), e, n1, n0);
+	CU_ASSERT(e <= 1e-6);
+	CU_ASSERT(fabs(n1 - n0) <= 1e-6 * n0);
+	free(g0);
+	grad_sync_free(&plain);
+	grad_sync_free(&buck);
+	gpu_model_free(g);
+	model_free(m);
+}
 #endif
 
 static void test_skip(void)
@@ -345,6 +374,7 @@ void register_tests(void)
 		{ "device collectives equal the host ones", test_collectives },
 		{ "layout gives the one-process GPU and the CPU loss and gradients, fp32", test_layout_fp32 },
 		{ "layout gives the one-process GPU loss and gradients, bf16", test_layout_bf16 },
+		{ "gradient buckets reduced in the backward equal the reduction after it", test_overlapped_buckets },
 		{ NULL, NULL },
 	};
 	int dev = moe_cuda_device_for_rank(dist.local_rank);

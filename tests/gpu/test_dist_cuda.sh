@@ -96,6 +96,13 @@ train l22 4 cuda --set parallel.ep=2 --set parallel.zero=1 &&
 
 # 3. checkpoints across devices and layouts: GPU (1,2) for steps 1-2 (against the one-process GPU run),
 #    then one CPU process; CPU for steps 1-2, then GPU (1,2)
+if train l21 2 cuda --set parallel.bucket_mb=0.01; then  # data parallel: small buckets, in the backward
+	cmp_runs l21 gpu1 1e-3 "GPU (2,1), gradient buckets reduced in the backward, vs one GPU process" ||
+		fails=$((fails + 1))
+	grep -Eq "gradients: [0-9]+ buckets of about 0.01 MiB" "$W/l21.log" &&
+		pass "(2,1) logs its buckets: $(grep -m1 'gradients: ' "$W/l21.log")" ||
+		fail "(2,1): the gradient buckets are not logged"
+fi
 train gc 2 cuda --set parallel.ep=2 --set train.stop_at=2 && train gc 1 cpu --resume latest && {
 	cmp_runs gc gpu1 1e-3 "GPU (1,2) vs one GPU process" 2 || fails=$((fails + 1))
 	cmp_runs gc gpu1 1e-2 "GPU (1,2) stopped at 2, resumed as one CPU process vs the GPU run" ||

@@ -44,19 +44,6 @@ static struct model_config gpu_config(enum test_variant v)
 	return c;
 }
 
-/* ||a - b|| / ||b|| over n floats (b the reference); +inf if a holds a NaN */
-static double norm_rel_err(const float *a, const float *b, size_t n)
-{
-	double d = 0.0, r = 0.0;
-	for (size_t i = 0; i < n; i++) {
-		if (!isfinite(a[i]))
-			return INFINITY;
-		d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-		r += (double)b[i] * b[i];
-	}
-	return r > 0 ? sqrt(d / r) : sqrt(d);
-}
-
 struct run {
 	float loss, ce, aux;
 	float *logits;     /* [N, V] */

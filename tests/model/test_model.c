@@ -13,28 +13,13 @@
 #include "model/model.h"
 #include "train/config.h"
 
-static struct model_config small_config(enum test_variant v)
+/* A model with well separated router choices, so small weight steps never change the selection;
+ * mtp_depths multi-token-prediction depths (their loss weighted by mtp_lambda). */
+static struct moe_model *make_model_mtp(enum test_variant v, uint64_t seed, int mtp_depths, float mtp_lambda)
 {
-	struct model_config c = {
-		.vocab_size = 29, .hidden_size = 16, .intermediate_size = 24, .moe_intermediate_size = 8,
-		.num_hidden_layers = 3, .num_attention_heads = 2, .num_key_value_heads = 2,
-		.n_shared_experts = 1, .n_routed_experts = 8, .routed_scaling_factor = 2.5,
-		.kv_lora_rank = 8, .q_lora_rank = 8, .qk_rope_head_dim = 4, .qk_nope_head_dim = 4,
-		.v_head_dim = 6, .n_group = 4, .topk_group = 2, .num_experts_per_tok = 2,
-		.moe_layer_freq = 1, .first_k_dense_replace = 1, .norm_topk_prob = true,
-		.scoring_func = MOE_SCORING_SIGMOID, .aux_loss_alpha = 0.05, .seq_aux = true,
-		.max_position_embeddings = 64, .initializer_range = 0.3, .rms_norm_eps = 1e-6,
-		.rope_theta = 10000.0,
-	};
-	test_apply_variant(&c, v, 4);  /* an original context of 4 < T */
-	return c;
-}
-
-/* A model with well separated router choices, so small weight steps never change the selection. */
-static struct moe_model *make_model(enum test_variant v, uint64_t seed)
-{
-	struct model_config c = small_config(v);
+	struct model_config c = test_grad_config(v);
 	char err[256];
+	c.num_nextn_predict_layers = mtp_depths;
 	struct moe_model *m = model_create(&c, 0, c.n_routed_experts, err, sizeof(err));
 	CU_ASSERT_PTR_NOT_NULL_FATAL(m);
 	model_init_weights(m, seed);
@@ -46,7 +31,22 @@ static struct moe_model *make_model(enum test_variant v, uint64_t seed)
 			for (size_t j = 0; j < p->numel; j++)
 				m->weights[p->offset + j] = 1.0f + 0.2f * test_randn();
 	}
+	m->mtp_lambda = mtp_lambda;
 	return m;
+}
+
+static struct moe_model *make_model(enum test_variant v, uint64_t seed)
+{
+	return make_model_mtp(v, seed, 0, 0.0f);
+}
+
+/* the activations of layer l: the main model's, or an MTP depth's of the last forward */
+static const struct layer_acts *layer_acts_of(const struct moe_model *m, int l)
+{
+	int L = m->cfg.num_hidden_layers;
+	if (l < L)
+		return &m->acts->layers[l];
+	return m->acts->mtp && m->acts->mtp->active ? &m->acts->mtp->d[l - L].la : NULL;
 }
 
 static void make_batch(int *in, int *tgt, int B, int T, int V)
@@ -63,10 +63,10 @@ static void routing_snapshot(const struct moe_model *m, int *out, int N)
 {
 	const struct model_config *c = &m->cfg;
 	int K = c->num_experts_per_tok, off = 0;
-	for (int l = 0; l < c->num_hidden_layers; l++) {
-		if (!mc_layer_is_moe(c, l))
+	for (int l = 0; l < mc_n_layers(c); l++) {
+		if (!mc_layer_is_moe(c, l) || !layer_acts_of(m, l))
 			continue;
-		memcpy(out + off, m->acts->layers[l].moe.topk_idx, sizeof(int) * N * K);
+		memcpy(out + off, layer_acts_of(m, l)->moe.topk_idx, sizeof(int) * N * K);
 		off += N * K;
 	}
 }
@@ -139,9 +139,9 @@ static void check_param_directional(struct moe_model *m, const struct param *p, 
 	free(w0);
 }
 
-static void check_model_gradient(enum test_variant v)
+static void check_gradient(enum test_variant v, int mtp_depths, float mtp_lambda)
 {
-	struct moe_model *m = make_model(v, 1000 + v);
+	struct moe_model *m = make_model_mtp(v, 1000 + v, mtp_depths, mtp_lambda);
 	const struct model_config *c = &m->cfg;
 	int B = 2, T = 7, N = B * T;
 	int in[14], tgt[14];
@@ -150,35 +150,46 @@ static void check_model_gradient(enum test_variant v)
 	model_zero_grad(m);
 	float loss = model_forward(m, in, tgt, B, T);
 	CU_ASSERT(isfinite(loss));
-	int route_n = N * c->num_experts_per_tok * c->num_hidden_layers;
+	int route_n = N * c->num_experts_per_tok * mc_n_layers(c), buffers = 0;
 	int *route0 = calloc(route_n + 1, sizeof(int)), *route = calloc(route_n + 1, sizeof(int));
 	routing_snapshot(m, route0, N);
 	route_n = 0;
-	for (int l = 0; l < c->num_hidden_layers; l++)
+	for (int l = 0; l < mc_n_layers(c); l++)
 		route_n += mc_layer_is_moe(c, l) ? N * c->num_experts_per_tok : 0;
+	if (mtp_depths) {
+		CU_ASSERT(m->last_mtp_loss > 0.0f);
+		CU_ASSERT(fabsf(loss - (m->last_ce_loss + m->last_aux_loss + mtp_lambda * m->last_mtp_loss)) <
+			  1e-5f * fabsf(loss));
+	}
 	model_backward(m, 1.0f);
 
 	struct fd_stats st = { 0 };
 	for (int i = 0; i < m->n_params; i++) {
 		const struct param *p = &m->params[i];
-		if (p->kind == PARAM_BUFFER)
+		if (p->kind == PARAM_BUFFER) {
+			buffers++;
 			continue;
+		}
 		check_param_directional(m, p, in, tgt, B, T, route0, route, route_n, &st);
 	}
-	printf("\n  %s: %d tensors, worst error %.2f of tolerance (%s), %d selection flips avoided",
-	       test_variant_name[v], st.checked, st.worst, st.worst_name, st.flips);
+	printf("\n  %s%s: %d tensors, worst error %.2f of tolerance (%s), %d selection flips avoided",
+	       test_variant_name[v], mtp_depths ? " + MTP" : "", st.checked, st.worst, st.worst_name, st.flips);
 	CU_ASSERT(st.worst <= 1.0);
-	CU_ASSERT(st.checked == m->n_params - (v == DENSE_ONLY ? 0 : c->num_hidden_layers - 1));
+	CU_ASSERT(buffers == (v == DENSE_ONLY ? 0 : mc_n_layers(c) - c->first_k_dense_replace));
+	CU_ASSERT(st.checked == m->n_params - buffers);
 	free(route0);
 	free(route);
 	model_free(m);
 }
 
-static void test_grad_v3_like(void) { check_model_gradient(V3_LIKE); }
-static void test_grad_v2_like(void) { check_model_gradient(V2_LIKE); }
-static void test_grad_v2_groups(void) { check_model_gradient(V2_GROUPS); }
-static void test_grad_dense_only(void) { check_model_gradient(DENSE_ONLY); }
-static void test_grad_v3_yarn(void) { check_model_gradient(V3_YARN); }
+static void test_grad_v3_like(void) { check_gradient(V3_LIKE, 0, 0.0f); }
+static void test_grad_v2_like(void) { check_gradient(V2_LIKE, 0, 0.0f); }
+static void test_grad_v2_groups(void) { check_gradient(V2_GROUPS, 0, 0.0f); }
+static void test_grad_dense_only(void) { check_gradient(DENSE_ONLY, 0, 0.0f); }
+static void test_grad_v3_yarn(void) { check_gradient(V3_YARN, 0, 0.0f); }
+/* two multi-token-prediction depths (MoE layers), and one in a dense-only model */
+static void test_grad_mtp(void) { check_gradient(V3_LIKE, 2, 0.7f); }
+static void test_grad_mtp_dense(void) { check_gradient(DENSE_ONLY, 1, 0.5f); }
 
 /* The largest single gradient entry of every tensor as well, to catch errors a sum could hide. */
 static void test_grad_single_entries(void)
@@ -287,7 +298,7 @@ static void test_causality(void)
 /* Same seed, same weights; an expert slice initialises exactly as the full model's slice. */
 static void test_init_deterministic(void)
 {
-	struct model_config c = small_config(V3_LIKE);
+	struct model_config c = test_grad_config(V3_LIKE);
 	char err[256];
 	struct moe_model *a = model_create(&c, 0, 8, err, sizeof(err));
 	struct moe_model *b = model_create(&c, 0, 8, err, sizeof(err));
@@ -327,7 +338,7 @@ static void test_init_deterministic(void)
 static void test_param_table(void)
 {
 	for (int v = 0; v < N_VARIANTS; v++) {
-		struct model_config c = small_config(v);
+		struct model_config c = test_grad_config(v);
 		char err[256];
 		struct moe_model *m = model_create(&c, 0, c.n_routed_experts, err, sizeof(err));
 		CU_ASSERT_PTR_NOT_NULL_FATAL(m);
@@ -362,8 +373,9 @@ static void check_table_total(const struct model_config *c, int64_t total)
 	struct param *p = model_param_table(c, &n, err, sizeof(err));
 	CU_ASSERT_PTR_NOT_NULL_FATAL(p);
 	int64_t sum = 0;
-	for (int i = 0; i < n; i++)  /* the routing biases too, as the published counts have them */
-		sum += (int64_t)p[i].numel;
+	/* the routing biases too, as the published counts have them; the MTP depths not (V3: 671B) */
+	for (int i = 0; i < n; i++)
+		sum += p[i].layer < c->num_hidden_layers ? (int64_t)p[i].numel : 0;
 	CU_ASSERT_EQUAL(sum, total);
 	free(p);
 }
@@ -406,6 +418,8 @@ void register_tests(void)
 		{ "gradient dense only", test_grad_dense_only },
 		{ "gradient v3-like with YaRN RoPE", test_grad_v3_yarn },
 		{ "gradient single largest entries", test_grad_single_entries },
+		{ "gradient multi-token prediction (2 MoE depths)", test_grad_mtp },
+		{ "gradient multi-token prediction (dense)", test_grad_mtp_dense },
 		{ NULL, NULL },
 	};
 	static const struct test_case model[] = {

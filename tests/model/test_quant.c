@@ -33,18 +33,6 @@ static float *xrand(size_t n, uint64_t seed, float scale)
 	return p;
 }
 
-/* max |a - b| / max |b| */
-static double rel_diff(const float *a, const float *b, size_t n)
-{
-	double d = 0, m = 1e-30;
-
-	for (size_t i = 0; i < n; i++) {
-		d = fmax(d, fabs((double)a[i] - b[i]));
-		m = fmax(m, fabs((double)b[i]));
-	}
-	return d / m;
-}
-
 static void test_quantize_rows(void)
 {
 	enum { R = 5, K = 37 };
@@ -94,7 +82,7 @@ static void check_product(int N, int in, int out, int ldx, int ldy, int serial)
 		for (int j = out; j < ldy; j++)
 			CU_ASSERT_EQUAL(y[(size_t)i * ldy + j], 12345.0f);
 	}
-	double d = rel_diff(yc, ref, (size_t)N * out);
+	double d = max_rel_err(yc, ref, (size_t)N * out);
 	if (d >= 1e-5)
 		fprintf(stderr, "\n  N %d in %d out %d: rel diff %.3g\n", N, in, out, d);
 	CU_ASSERT(d < 1e-5);
@@ -330,7 +318,7 @@ static void test_decode_matches_forward(void)
 		CU_ASSERT_EQUAL(decode_step(m, c, in, slots, pos, 5, lg), 0);
 		for (int t = 5; t < T; t++)
 			CU_ASSERT_EQUAL(decode_step(m, c, in + t, slots + t, pos + t, 1, lg + (size_t)t * V), 0);
-		double d = rel_diff(lg, model_logits(m), (size_t)T * V);
+		double d = max_rel_err(lg, model_logits(m), (size_t)T * V);
 		fprintf(stderr, "[%s: %.2g] ", naive ? "naive" : "absorbed", d);
 		CU_ASSERT(d < 1e-4);
 		latent_cache_free(c);

@@ -62,22 +62,6 @@ static struct moe_model *model_from(const struct model_config *cfg, uint64_t see
 	return m;
 }
 
-/* max |a - b| / max |b| */
-static double max_rel(const float *a, const float *b, size_t n)
-{
-	double d = 0.0, s = 1e-30;
-	for (size_t i = 0; i < n; i++) {
-		double e = fabs((double)a[i] - b[i]);
-		if (isnan(e))
-			return INFINITY;
-		if (e > d)
-			d = e;
-		if (fabs(b[i]) > s)
-			s = fabs(b[i]);
-	}
-	return d / s;
-}
-
 static void random_tokens(int *t, int n, int V)
 {
 	for (int i = 0; i < n; i++)
@@ -109,14 +93,14 @@ static void check_decode_matches_forward(enum test_variant v)
 		double worst = 0.0;
 		for (int t = 0; t < T; t++) {
 			CU_ASSERT_EQUAL_FATAL(decode_step(m, c, &tokens[t], &slots[t], &t, 1, lg), 0);
-			double e = max_rel(lg, ref + (size_t)t * V, V);
+			double e = max_rel_err(lg, ref + (size_t)t * V, V);
 			if (e > worst)
 				worst = e;
 		}
 		CU_ASSERT_EQUAL(c->len[0], T);
 		latent_cache_reset(c, 0);
 		CU_ASSERT_EQUAL_FATAL(decode_step(m, c, tokens, slots, pos, T, all), 0);
-		double chunk = max_rel(all, ref, (size_t)T * V);
+		double chunk = max_rel_err(all, ref, (size_t)T * V);
 		printf("\n  variant %d, %s: decode vs forward max rel err %.3g (token by token), %.3g (one call)",
 		       v, naive ? "naive" : "absorbed", worst, chunk);
 		CU_ASSERT(worst < 1e-4);
@@ -175,7 +159,7 @@ static double batch_decode(struct moe_model *m, struct batch_case *bc, int *rout
 	CU_ASSERT_EQUAL_FATAL(prefill(m, lc, prompts, bc->lens, BG, lg), 0);
 	double worst = 0.0;
 	for (int g = 0; g < BG; g++) {
-		double e = max_rel(lg + (size_t)g * V, bc->ref + ((size_t)g * BMAX + bc->lens[g] - 1) * V, V);
+		double e = max_rel_err(lg + (size_t)g * V, bc->ref + ((size_t)g * BMAX + bc->lens[g] - 1) * V, V);
 		worst = e > worst ? e : worst;
 	}
 	for (int s = 0;; s++) {
@@ -191,7 +175,7 @@ static double batch_decode(struct moe_model *m, struct batch_case *bc, int *rout
 		CU_ASSERT_EQUAL_FATAL(decode_step(m, lc, tok, slots, pos, n, lg), 0);
 		for (int i = 0; i < n; i++) {
 			const float *want = bc->ref + ((size_t)slots[i] * BMAX + pos[i]) * V;
-			double e = max_rel(lg + (size_t)i * V, want, V);
+			double e = max_rel_err(lg + (size_t)i * V, want, V);
 			worst = e > worst ? e : worst;
 		}
 	}
@@ -334,7 +318,7 @@ static void test_batched_equals_alone(void)
 		CU_ASSERT_EQUAL_FATAL(prefill(m, c, prompts, lens, G, last), 0);
 		double worst = 0.0;
 		for (int g = 0; g < G; g++) {
-			double e = max_rel(last + (size_t)g * V, alone + ((size_t)g * maxT + lens[g] - 1) * V, V);
+			double e = max_rel_err(last + (size_t)g * V, alone + ((size_t)g * maxT + lens[g] - 1) * V, V);
 			worst = e > worst ? e : worst;
 		}
 		for (int s = 0; s < extra; s++) {
@@ -346,7 +330,7 @@ static void test_batched_equals_alone(void)
 			}
 			CU_ASSERT_EQUAL_FATAL(decode_step(m, c, tok, slots, pos, G, lg), 0);
 			for (int g = 0; g < G; g++) {
-				double e = max_rel(lg + (size_t)g * V,
+				double e = max_rel_err(lg + (size_t)g * V,
 						   alone + ((size_t)slots[g] * maxT + pos[g]) * V, V);
 				worst = e > worst ? e : worst;
 			}
@@ -402,7 +386,7 @@ static void test_shared_prompt_prefill(void)
 	for (int g = 0; g < G; g++) {
 		struct latent_cache *one = latent_cache_create(&m->cfg, 1, 8);
 		CU_ASSERT_EQUAL_FATAL(prefill(m, one, prompts + g, lens + g, 1, alone), 0);
-		double e = max_rel(last + (size_t)g * V, alone, V);
+		double e = max_rel_err(last + (size_t)g * V, alone, V);
 		worst = e > worst ? e : worst;
 		latent_cache_free(one);
 	}
@@ -557,7 +541,7 @@ static void test_sequence_seeds(void)
 	CU_ASSERT(memcmp(b + Tn, a, sizeof(int) * Tn) == 0);
 	CU_ASSERT_EQUAL(lb[0], la[2]);
 	CU_ASSERT_EQUAL(lb[1], la[0]);
-	CU_ASSERT(max_rel(lpb, lpa + 2 * Tn, Tn) < 1e-4);
+	CU_ASSERT(max_rel_err(lpb, lpa + 2 * Tn, Tn) < 1e-4);
 	/* the same seed for every sequence of one prompt: identical completions */
 	const int *same[3] = { seq[1], seq[1], seq[1] };
 	int same_lens[3] = { lens[1], lens[1], lens[1] };

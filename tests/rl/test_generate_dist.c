@@ -20,20 +20,6 @@
 
 static struct dist dist;
 
-/* max |a - b| / max |b| */
-static double max_rel(const float *a, const float *b, size_t n)
-{
-	double d = 0.0, s = 1e-30;
-	for (size_t i = 0; i < n; i++) {
-		double e = fabs((double)a[i] - b[i]);
-		if (isnan(e))
-			return INFINITY;
-		d = e > d ? e : d;
-		s = fabs(b[i]) > s ? fabs(b[i]) : s;
-	}
-	return d / s;
-}
-
 #define MAXP 7                     /* longest prompt */
 #define MAXX 6                     /* most tokens decoded after a prompt */
 #define MAXT (MAXP + MAXX)
@@ -169,7 +155,7 @@ static void test_decode_matches_single_process(void)
 	double worst = 0.0;
 	CU_ASSERT_EQUAL_FATAL(prefill(m, lc, lo.prompts, lo.lens, lo.G, lg), 0);
 	for (int g = 0; g < lo.G; g++) {
-		double e = max_rel(lg + (size_t)g * V, lo.ref + ((size_t)g * MAXT + lo.lens[g] - 1) * V, V);
+		double e = max_rel_err(lg + (size_t)g * V, lo.ref + ((size_t)g * MAXT + lo.lens[g] - 1) * V, V);
 		worst = e > worst ? e : worst;
 	}
 	for (int s = 0; s < max_extra(); s++) {
@@ -184,7 +170,7 @@ static void test_decode_matches_single_process(void)
 		CU_ASSERT_EQUAL_FATAL(decode_step(m, lc, tok, slots, pos, n, lg), 0);
 		for (int i = 0; i < n; i++) {
 			const float *want = lo.ref + ((size_t)slots[i] * MAXT + pos[i]) * V;
-			double e = max_rel(lg + (size_t)i * V, want, V);
+			double e = max_rel_err(lg + (size_t)i * V, want, V);
 			worst = e > worst ? e : worst;
 		}
 	}
@@ -237,7 +223,7 @@ static void check_generate(const struct sample_params *p, const char *what)
 				routes_same &= !memcmp(latent_cache_route(lc, l, g, t),
 						       latent_cache_route(rc, l, f + g, t),
 						       sizeof(int) * m->cfg.num_experts_per_tok);
-	double lp_err = G ? max_rel(lp, ref_lp + (size_t)f * Tn, (size_t)G * Tn) : 0.0;
+	double lp_err = G ? max_rel_err(lp, ref_lp + (size_t)f * Tn, (size_t)G * Tn) : 0.0;
 	int lsum = 0, lmin = Tn;
 	for (int g = 0; g < G; g++) {
 		lsum += out_lens[g];

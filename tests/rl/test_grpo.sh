@@ -223,6 +223,8 @@ refused "a missing prompts file" "nonexistent\.jsonl" --set "grpo.prompts=$W/non
 refused "no grpo.tokenizer" "grpo\.tokenizer" --set grpo.tokenizer=
 refused "no grpo.prompts" "grpo\.prompts" --set grpo.prompts=
 refused "no grpo.reward_cmd" "grpo\.reward_cmd" --set 'grpo.reward_cmd=[]'
+refused "a distill section (moe train's objective)" "distill\.teacher.*moe train" \
+	--set "distill.teacher=$W/learn.ck/step_00000015.h5"
 refused "prompts_per_step x group_size not a multiple of the update's completions" \
 	"grpo\.prompts_per_step.*grpo\.group_size.*train\.micro_batch.*train\.grad_accum" --set grpo.prompts_per_step=6
 

@@ -101,6 +101,54 @@ static void check_round_trip(const struct run_config *c)
 	free(text);
 }
 
+/* ---- multi-token prediction ---- */
+
+static void test_mtp_keys(void)
+{
+	struct run_config c;
+
+	config_defaults(&c);
+	CU_ASSERT_EQUAL(c.model.num_nextn_predict_layers, 0);
+	CU_ASSERT_EQUAL(c.train.mtp_lambda.n, 1);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 12345), 0.3);
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "model.num_nextn_predict_layers=2", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.model.num_nextn_predict_layers, 2);
+	/* V3's schedule: 0.3 for the first 10T tokens, then 0.1 */
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "train.mtp_lambda={\"steps\": [0, 100, 250], "
+					 "\"values\": [0.3, 0.1, 0]}", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.train.mtp_lambda.n, 3);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 0), 0.3);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 99), 0.3);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 100), 0.1);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 249), 0.1);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 250), 0.0);
+	CU_ASSERT_EQUAL(config_validate(&c, 1, err, sizeof(err)), 0);
+	check_round_trip(&c);
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "train.mtp_lambda=0.25", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.train.mtp_lambda.n, 1);
+	CU_ASSERT_EQUAL(piecewise_at(&c.train.mtp_lambda, 7), 0.25);
+	check_round_trip(&c);
+
+	expect_set_error("train.mtp_lambda=-1", "train.mtp_lambda", ">= 0");
+	expect_set_error("train.mtp_lambda=big", "train.mtp_lambda", "cannot parse");
+	expect_set_error("train.mtp_lambda=[0.3]", "train.mtp_lambda", "expected a number or an object");
+	expect_set_error("train.mtp_lambda={\"steps\": [0, 5]}", "train.mtp_lambda", "needs both");
+	expect_set_error("train.mtp_lambda={\"steps\": [0, 5], \"values\": [1]}", "train.mtp_lambda",
+			 "2 steps but 1 values");
+	expect_set_error("train.mtp_lambda={\"steps\": [1], \"values\": [1]}", "steps[0]=1 must be 0",
+			 NULL);
+	expect_set_error("train.mtp_lambda={\"steps\": [0, 5, 5], \"values\": [1, 2, 3]}",
+			 "steps[2]=5 must be > steps[1]", NULL);
+	expect_set_error("train.mtp_lambda={\"steps\": [0, 2.5], \"values\": [1, 2]}", "steps[1]=2.5",
+			 "integer");
+	expect_set_error("train.mtp_lambda={\"steps\": [0], \"values\": [-0.1]}", "values[0]=-0.1",
+			 ">= 0");
+	expect_set_error("train.mtp_lambda={\"steps\": [0], \"values\": [1], \"x\": 1}",
+			 "unknown key \"x\"", NULL);
+	expect_invalid("model.num_nextn_predict_layers=-1", 1, "model.num_nextn_predict_layers=-1 must be >= 0");
+	expect_invalid("model.num_nextn_predict_layers=9", 1, "model.num_nextn_predict_layers=9");
+}
+
 /* ---- loading ---- */
 
 static void test_defaults(void)
@@ -567,6 +615,57 @@ static void test_round_trip_exact(void)
 	free(text);
 }
 
+/* lora: the section read, validated (each refusal naming the key and the bad name) and written back exactly */
+static void expect_lora_invalid(const char *const *sets, int n, const char *needle)
+{
+	struct run_config c;
+	config_defaults(&c);
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "lora.rank=8", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "train.init_checkpoint=base.h5", err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL_FATAL(config_set(&c, "lora.targets=[\"o_proj\"]", err, sizeof(err)), 0);
+	for (int i = 0; i < n; i++)
+		CU_ASSERT_EQUAL_FATAL(config_set(&c, sets[i], err, sizeof(err)), 0);
+	err[0] = '\0';
+	CU_ASSERT_EQUAL(config_validate(&c, 1, err, sizeof(err)), -1);
+	if (!contains(err, needle))
+		printf("\n  expected '%s' in: %s", needle, err);
+	CU_ASSERT(contains(err, needle));
+}
+
+static void test_lora_section(void)
+{
+	struct run_config c;
+	config_defaults(&c);
+	CU_ASSERT_EQUAL(c.lora.rank, 0);
+	CU_ASSERT_EQUAL(config_validate(&c, 1, err, sizeof(err)), 0);  /* off: nothing else is checked */
+	const char *sets[] = { "lora.rank=16", "lora.alpha=32", "lora.dropout=0.05",
+			       "lora.targets=[\"q_a_proj\", \"kv_b_proj\", \"experts.up_proj\"]",
+			       "lora.base=runs/base/step_00000100.h5", "lora.base_checksum=0123456789abcdef" };
+	for (size_t i = 0; i < sizeof(sets) / sizeof(sets[0]); i++)
+		CU_ASSERT_EQUAL(config_set(&c, sets[i], err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(c.lora.n_targets, 3);
+	CU_ASSERT_STRING_EQUAL(c.lora.targets[2], "experts.up_proj");
+	CU_ASSERT_EQUAL(config_validate(&c, 1, err, sizeof(err)), 0);
+	check_round_trip(&c);
+
+	const char *unknown[] = { "lora.targets=[\"o_proj\", \"lm_head\"]" };
+	expect_lora_invalid(unknown, 1, "lora.targets: unknown module 'lm_head' (known: q_a_proj");
+	const char *twice[] = { "lora.targets=[\"o_proj\", \"o_proj\"]" };
+	expect_lora_invalid(twice, 1, "'o_proj' is named twice");
+	const char *none[] = { "lora.targets=[]" };
+	expect_lora_invalid(none, 1, "lora.targets is empty");
+	const char *drop[] = { "lora.dropout=1" };
+	expect_lora_invalid(drop, 1, "lora.dropout=1 must be in [0, 1)");
+	const char *nobase[] = { "train.init_checkpoint=" };
+	expect_lora_invalid(nobase, 1, "needs the base model");
+	const char *zero[] = { "parallel.zero=1" };
+	expect_lora_invalid(zero, 1, "parallel.zero=1 with lora");
+	const char *gpu[] = { "train.device=cuda" };
+	expect_lora_invalid(gpu, 1, "train.device=cuda with lora");
+	expect_set_error("lora.alpha=\"x\"", "lora.alpha", NULL);
+	expect_invalid("lora.rank=-1", 1, "lora.rank");
+}
+
 /* grpo.rewards: the list read, defaults filled, written back exactly; its errors name the entry */
 static void test_grpo_rewards(void)
 {
@@ -680,7 +779,9 @@ void register_tests(void)
 	static const struct test_case out[] = {
 		{ "round trip exact", test_round_trip_exact },
 		{ "grpo.rewards, reward_norm, rollout_weights", test_grpo_rewards },
+		{ "lora section", test_lora_section },
 		{ "model diff", test_model_diff },
+		{ "num_nextn_predict_layers, train.mtp_lambda", test_mtp_keys },
 		{ NULL, NULL },
 	};
 

@@ -73,7 +73,7 @@ static struct moe_model *saved_model(const struct run_config *rc, const char *ck
 	CU_ASSERT_PTR_NOT_NULL_FATAL(m);
 	model_init_weights(m, seed);
 	test_rng_seed(seed);
-	for (int l = 0; l < rc->model.num_hidden_layers; l++)
+	for (int l = 0; l < mc_n_layers(&rc->model); l++)
 		if (m->w.layers[l].e_score_correction_bias)
 			test_fill_randn(m->w.layers[l].e_score_correction_bias,
 					rc->model.n_routed_experts, 0.1f);
@@ -145,7 +145,46 @@ static uint32_t bits(float f)
 
 /* ---- round trips ---- */
 
-static void round_trip(const char *dtype, const char *tag)
+/* The HF layout of MTP layer l: its own tensors, the shared copies of the embedding and lm_head
+ * ([V, C], as bf16 or f32 as the rest), no fp8 eh_proj; config.json's num_nextn_predict_layers. */
+static void check_hf_mtp(const char *dir, int l, int D, enum st_dtype want)
+{
+	static const char *const names[] = { "eh_proj.weight", "enorm.weight", "hnorm.weight",
+		"shared_head.norm.weight", "shared_head.head.weight", "embed_tokens.weight",
+		"self_attn.kv_b_proj.weight", "mlp.experts.3.down_proj.weight" };
+	char path[600], name[128];
+	struct st_file f;
+	struct run_config rc;
+	FILE *cf;
+	char text[8192];
+	size_t n;
+
+	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+	CU_ASSERT_EQUAL_FATAL(st_open(&f, path, err, sizeof(err)), 0);
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+		snprintf(name, sizeof(name), "model.layers.%d.%s", l, names[i]);
+		const struct st_tensor *t = st_find(&f, name);
+		CU_ASSERT_PTR_NOT_NULL(t);
+		if (t && i >= 4 && i <= 5)
+			CU_ASSERT(t->ndim == 2 && t->shape[0] == 48 && t->shape[1] == 32);
+		if (t && i == 0)
+			CU_ASSERT(t->dtype == want && t->shape[0] == 32 && t->shape[1] == 64);
+	}
+	snprintf(name, sizeof(name), "model.layers.%d.eh_proj.weight_scale_inv", l);
+	CU_ASSERT_PTR_NULL(st_find(&f, name));
+	st_close(&f);
+	snprintf(path, sizeof(path), "%s/config.json", dir);
+	cf = fopen(path, "rb");
+	CU_ASSERT_PTR_NOT_NULL_FATAL(cf);
+	n = fread(text, 1, sizeof(text) - 1, cf);
+	text[n] = '\0';
+	fclose(cf);
+	config_defaults(&rc);
+	CU_ASSERT_EQUAL(convert_hf_config(&rc, text, "config.json", NULL, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(rc.model.num_nextn_predict_layers, D);
+}
+
+static void round_trip_mtp(const char *dtype, const char *tag, int mtp_depths)
 {
 	char dir[400], ckpt[400], back[400];
 	struct run_config rc, rc2;
@@ -154,14 +193,17 @@ static void round_trip(const char *dtype, const char *tag)
 	int bf16 = !strcmp(dtype, "bf16"), mismatched = 0;
 
 	tiny_config(&rc);
+	rc.model.num_nextn_predict_layers = mtp_depths;
 	snprintf(ckpt, sizeof(ckpt), "%s", tmp_path("orig.h5"));
 	snprintf(dir, sizeof(dir), "%s/hf-%s", test_tmpdir(), tag);
 	snprintf(back, sizeof(back), "%s/back-%s.h5", test_tmpdir(), tag);
 	m = saved_model(&rc, ckpt, 11);
 	CU_ASSERT_EQUAL_FATAL(run_convert("--to-hf", ckpt, "--out", dir, "--dtype", dtype,
-					  "--shard-size", "20KB", NULL), 0);
-	CU_ASSERT(count_files(dir, "model-*-of-*.safetensors") >= 2);
-	CU_ASSERT_EQUAL(count_files(dir, "model.safetensors.index.json"), 1);
+					  "--shard-size", mtp_depths ? "1GB" : "20KB", NULL), 0);
+	if (mtp_depths)
+		check_hf_mtp(dir, rc.model.num_hidden_layers, mtp_depths, bf16 ? ST_BF16 : ST_F32);
+	CU_ASSERT(count_files(dir, "model-*-of-*.safetensors") >= 2 || mtp_depths);
+	CU_ASSERT_EQUAL(count_files(dir, "model.safetensors.index.json"), !mtp_depths);
 	CU_ASSERT_EQUAL(count_files(dir, "config.json"), 1);
 	CU_ASSERT_EQUAL_FATAL(run_convert("--from-hf", dir, "--out", back, NULL), 0);
 	m2 = load_model(back, &rc2);
@@ -189,12 +231,19 @@ static void round_trip(const char *dtype, const char *tag)
 
 static void test_round_trip_f32(void)
 {
-	round_trip("f32", "f32");
+	round_trip_mtp("f32", "f32", 0);
 }
 
 static void test_round_trip_bf16(void)
 {
-	round_trip("bf16", "bf16");
+	round_trip_mtp("bf16", "bf16", 0);
+}
+
+/* with a multi-token-prediction depth (and two): its tensors under HF's names, back bit for bit */
+static void test_round_trip_mtp(void)
+{
+	round_trip_mtp("f32", "mtp-f32", 1);
+	round_trip_mtp("bf16", "mtp-bf16", 2);
 }
 
 /* The shards hold HF's per-expert tensors and nothing stacked; the index covers them all. */
@@ -683,7 +732,8 @@ static void test_skipped_and_v2(void)
 	n = fread(buf, 1, sizeof(buf) - 1, notes);
 	buf[n] = '\0';
 	fclose(notes);
-	CU_ASSERT_PTR_NOT_NULL(strstr(buf, "skipped 1 tensors of layers >= num_hidden_layers=2"));
+	CU_ASSERT_PTR_NOT_NULL(strstr(buf, "skipped 1 tensors of layers >= num_hidden_layers + "
+				       "num_nextn_predict_layers = 2"));
 	CU_ASSERT_PTR_NOT_NULL(strstr(buf, "rotary"));
 
 	/* DeepSeek-V2: softmax, greedy top-k, no e_score_correction_bias in the files */
@@ -1126,6 +1176,7 @@ void register_tests(void)
 	static const struct test_case cases[] = {
 		{ "to-hf sharded f32 -> from-hf is bit-exact", test_round_trip_f32 },
 		{ "to-hf sharded bf16 -> from-hf rounds exactly", test_round_trip_bf16 },
+		{ "multi-token-prediction layers to-hf -> from-hf (shared copies written, ignored)", test_round_trip_mtp },
 		{ "HF layout: per-expert tensors, f32 bias, one file", test_hf_layout },
 		{ "config.json round trip", test_config_round_trip },
 		{ "a transformers 5 config.json loads", test_transformers_config },

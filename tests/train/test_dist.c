@@ -2,7 +2,7 @@
  * tests/train/test_dist.c - data and expert parallelism give the single-process result (SPEC 6).
  * Run by test_dist.sh under mpirun with MOE_TEST_EP set: for a fixed seed and global batch, every rank's
  * loss and every gradient it holds (after the gradient reduction) equal those of one process computing
- * the whole global batch with all experts, to float32 rounding.
+ * the whole global batch with all experts, to float32 rounding; with a multi-token-prediction depth too.
  */
 #include <math.h>
 #include <stdio.h>
@@ -19,29 +19,9 @@ static int micro_batch = 2, seq_len = 9, grad_accum = 2;
 
 static struct model_config dist_config(void)
 {
-	struct model_config c = {
-		.vocab_size = 37, .hidden_size = 24, .intermediate_size = 40, .moe_intermediate_size = 12,
-		.num_hidden_layers = 3, .num_attention_heads = 2, .num_key_value_heads = 2,
-		.n_shared_experts = 1, .n_routed_experts = 8, .routed_scaling_factor = 2.5,
-		.kv_lora_rank = 8, .q_lora_rank = 12, .qk_rope_head_dim = 4, .qk_nope_head_dim = 6,
-		.v_head_dim = 6, .n_group = 4, .topk_group = 2, .num_experts_per_tok = 3,
-		.moe_layer_freq = 1, .first_k_dense_replace = 1, .norm_topk_prob = true,
-		.scoring_func = MOE_SCORING_SIGMOID, .aux_loss_alpha = 0.01, .seq_aux = true,
-		.max_position_embeddings = 64, .initializer_range = 0.2, .rms_norm_eps = 1e-6,
-		.rope_theta = 10000.0,
-	};
+	struct model_config c;
+	test_ep_moe(&c, 24, 40, 12, 3);
 	return c;
-}
-
-/* the global batch: sequence i of W*A*B, the same on every rank */
-static void sequence(int i, int *in, int *tgt, int V)
-{
-	uint64_t s = 0x1234567ULL + (uint64_t)i * 7919;
-	for (int t = 0; t < seq_len; t++) {
-		s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-		in[t] = (int)((s >> 33) % V);
-		tgt[t] = (int)((s >> 17) % V);
-	}
 }
 
 /* one step's loss and gradients: this rank's micro-batches (a*W + r)*B .., loss scale 1/(A*W) */
@@ -54,7 +34,7 @@ static double step(struct moe_model *m, int rank, int W)
 	model_zero_grad(m);
 	for (int a = 0; a < grad_accum; a++) {
 		for (int b = 0; b < B; b++)
-			sequence((a * W + rank) * B + b, in + b * T, tgt + b * T, m->cfg.vocab_size);
+			test_sequence((a * W + rank) * B + b, T, in + b * T, tgt + b * T, m->cfg.vocab_size);
 		loss += model_forward(m, in, tgt, B, T) * scale;
 		model_backward(m, scale);
 	}
@@ -63,16 +43,19 @@ static double step(struct moe_model *m, int rank, int W)
 	return loss;
 }
 
-static void test_layout_matches_single_process(void)
+/* mtp: with a multi-token-prediction depth (its MoE layer's experts split like the others) */
+static void check_layout(int mtp)
 {
 	struct model_config c = dist_config();
 	char err[256];
+	c.num_nextn_predict_layers = mtp;
 	int W = dist.world, El = c.n_routed_experts / dist.ep;
 	struct moe_model *m = model_create(&c, dist.ep_rank * El, (dist.ep_rank + 1) * El, err, sizeof(err));
 	CU_ASSERT_PTR_NOT_NULL_FATAL(m);
 	if (dist.ep > 1)
 		m->ep_group = dist.ep_g;
 	model_init_weights(m, 99);
+	m->mtp_lambda = mtp ? 0.5f : 0.0f;
 	struct grad_sync sync;
 	CU_ASSERT_EQUAL_FATAL(grad_sync_init(&sync, m), 0);
 	double loss = step(m, dist.rank, W);
@@ -83,6 +66,7 @@ static void test_layout_matches_single_process(void)
 	struct moe_model *ref = model_create(&c, 0, c.n_routed_experts, err, sizeof(err));
 	CU_ASSERT_PTR_NOT_NULL_FATAL(ref);
 	model_init_weights(ref, 99);
+	ref->mtp_lambda = m->mtp_lambda;
 	struct grad_sync ref_sync;
 	grad_sync_init(&ref_sync, ref);
 	int saved = grad_accum;
@@ -106,14 +90,25 @@ static void test_layout_matches_single_process(void)
 		worst = e > worst ? e : worst;
 		checked++;
 	}
-	printf("\n  rank %d of %d (dp %d, ep %d): loss %.7f vs %.7f, norm %.6f vs %.6f, %d gradients, worst "
-	       "rel err %.2e", dist.rank, W, dist.dp, dist.ep, loss, ref_loss, norm, ref_norm, checked, worst);
+	printf("\n  rank %d of %d (dp %d, ep %d)%s: loss %.7f vs %.7f, norm %.6f vs %.6f, %d gradients, worst "
+	       "rel err %.2e", dist.rank, W, dist.dp, dist.ep, mtp ? " + MTP" : "", loss, ref_loss, norm, ref_norm, checked, worst);
 	CU_ASSERT(worst < 1e-3);
-	CU_ASSERT(checked == m->n_params - (c.num_hidden_layers - c.first_k_dense_replace));
+	CU_ASSERT(checked == m->n_params - (mc_n_layers(&c) - c.first_k_dense_replace));
+	CU_ASSERT(!mtp || (m->last_mtp_loss > 0 && ref->last_mtp_loss > 0));
 	grad_sync_free(&sync);
 	grad_sync_free(&ref_sync);
 	model_free(m);
 	model_free(ref);
+}
+
+static void test_layout_matches_single_process(void)
+{
+	check_layout(0);
+}
+
+static void test_layout_mtp(void)
+{
+	check_layout(1);
 }
 
 /* the experts' loads seen over the world equal the single-process loads */
@@ -133,7 +128,7 @@ static void test_global_loads(void)
 	int B = micro_batch, T = seq_len, W = dist.world;
 	int *in = malloc(sizeof(int) * B * T * W), *tgt = malloc(sizeof(int) * B * T * W);
 	for (int b = 0; b < B * W; b++)
-		sequence(b, in + b * T, tgt + b * T, c.vocab_size);
+		test_sequence(b, seq_len, in + b * T, tgt + b * T, c.vocab_size);
 	model_forward(m, in + dist.rank * B * T, tgt + dist.rank * B * T, B, T);
 	int64_t *load = malloc(sizeof(int64_t) * L * E);
 	memcpy(load, m->expert_load, sizeof(int64_t) * L * E);
@@ -158,6 +153,7 @@ void register_tests(void)
 	atexit(comm_finalize);
 	static const struct test_case cases[] = {
 		{ "layout gives the single-process loss and gradients", test_layout_matches_single_process },
+		{ "... with a multi-token-prediction depth", test_layout_mtp },
 		{ "global expert loads", test_global_loads },
 		{ NULL, NULL },
 	};

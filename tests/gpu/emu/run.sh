@@ -90,7 +90,7 @@ LIBS=("$work/cpu/libmoecore.a" $(cat "$work/cpu/moecore_libs.txt" 2>/dev/null) -
 # the C files that take the GPU path with MOE_HAVE_CUDA (ahead of libmoecore's CPU-only copies in every link)
 build_cuda_c() {
 	local f
-	for f in train/trainer.c train/grad_sync.c train/zero.c; do
+	for f in train/trainer.c train/grad_sync.c train/zero.c train/train.c train/distill.c; do
 		$CC -DMOE_HAVE_CUDA=1 $blas $(pkg-config --cflags libcjson ompi-c 2>/dev/null) \
 			-I/usr/include/hdf5/serial -c "$src/$f" -o "$work/tobj/cuda_$(basename "$f" .c).o" &
 		pids+=($!)
