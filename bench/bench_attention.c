@@ -34,8 +34,9 @@
  * --budget-s seconds (default 90) are skipped, so the whole run stays near that.  It returns 0 whenever a
  * device was there (1 only if one is visible but cannot be initialised, 2 for a bad argument).  Without a
  * device, or in a build without the CUDA backend, it says so and returns 0.  The cuDNN handle is created only
- * once a device is known to exist.  CMake defines MOE_HAVE_CUDNN when it found cuDNN (linked into this bench
- * only); without it the cuDNN rows are replaced by the cuBLAS lower bound.
+ * once a device is known to exist.  The graphs are model/cuda/cudnn_graph.c's, the very code behind the GPU
+ * model's attention (train.attention), with cuDNN loaded by dlopen; without cuDNN's headers at build time
+ * (MOE_HAVE_CUDNN_H) or the library at run time the cuDNN rows are replaced by the cuBLAS lower bound.
  *
  *   bench_attention [--reps N] [--warmup N] [--budget-s S] [--no-cudnn] [--no-sdpa-op]
  */
@@ -65,9 +66,7 @@ int main(int argc, char **argv)
 
 #include "launch/cuda/cuda_check.h"
 #include "model/cuda/ops_cuda.h"
-#ifdef MOE_HAVE_CUDNN
-#include <cudnn.h>
-#endif
+#include "model/cuda/cudnn_graph.h"
 
 enum { NH = 16, DQ = 192, DV = 128, NSHAPES = 3 };
 static const int shape_bt[NSHAPES][2] = { { 4, 1024 }, { 2, 2048 }, { 1, 4096 } };
@@ -437,435 +436,12 @@ static double abs_diff(const float *a_d, const float *b_d, size_t n)
 	return m;
 }
 
-#ifdef MOE_HAVE_CUDNN
+#ifdef MOE_HAVE_CUDNN_H
 /* =================================================================================================== */
-/* cuDNN's backend (graph) API                                                                          */
+/* cuDNN's graphs: model/cuda/cudnn_graph.c, the code the GPU model's attention runs (train.attention)  */
 /* =================================================================================================== */
 
-static const char *cudnn_step = "";
-
-/* Record a failed cuDNN call: the step, the status, the call, cuDNN's own last message. */
-static int cudnn_fail(cudnnStatus_t st, const char *call, int line)
-{
-	char last[512] = "";
-
-	cudnnGetLastErrorString(last, sizeof(last));
-	for (char *p = last; *p; p++)
-		if (*p == '\n' || *p == '\r' || *p == '\t')
-			*p = ' ';
-	snprintf(err_note, sizeof(err_note), "%s: %s (%d) at bench line %d [%.64s]%s%.240s", cudnn_step,
-		 cudnnGetErrorString(st), (int)st, line, call, last[0] ? "; cudnn: " : "", last);
-	return -1;
-}
-
-#define CUDNN_TRY(call)                                                  \
-	do {                                                             \
-		cudnnStatus_t st_ = (call);                              \
-		if (st_ != CUDNN_STATUS_SUCCESS)                         \
-			return cudnn_fail(st_, #call, __LINE__);         \
-	} while (0)
-
-#define CG_MAX_DESC 512
-#define CG_MAX_OPS 48
-#define CG_MAX_IO 16
-#define CG_MAX_CFGS 64 /* engine configs fetched from one heuristics query */
-#define CG_TRY_CFGS 8  /* of which the first ones tried */
-
-/* One graph under construction, its plan and variant pack, and every descriptor it owns. */
-struct cg {
-	cudnnHandle_t h;
-	cudnnBackendDescriptor_t owned[CG_MAX_DESC];
-	int nowned;
-	cudnnBackendDescriptor_t ops[CG_MAX_OPS];
-	int nops;
-	int64_t uid;                 /* last tensor unique id handed out */
-	int64_t io_uid[CG_MAX_IO];   /* the variant pack: non-virtual and by-value tensors */
-	void *io_ptr[CG_MAX_IO];
-	int nio;
-	cudnnBackendDescriptor_t graph, plan, pack;
-	int64_t ws_bytes, engine;
-	void *ws;
-	void *clear;                 /* zeroed before each execute when not NULL (pre-9.6 dQ accumulator) */
-	size_t clear_bytes;
-	float one, scale, neg_big;   /* by-value scalars: the pack points at them, so a cg must not move */
-};
-
-static void cg_init(struct cg *g, cudnnHandle_t h)
-{
-	memset(g, 0, sizeof(*g));
-	g->h = h;
-	g->engine = -1;
-	g->one = 1.0f;
-	g->scale = scale;
-	g->neg_big = -3.4028234663852886e38f; /* -FLT_MAX, cudnn-frontend's mask value */
-}
-
-static void cg_free(struct cg *g)
-{
-	while (g->nowned > 0)
-		cudnnBackendDestroyDescriptor(g->owned[--g->nowned]);
-	if (g->ws && !cuda_dead)
-		cudaFree(g->ws);
-	g->ws = NULL;
-}
-
-static int cg_new(struct cg *g, cudnnBackendDescriptorType_t type, cudnnBackendDescriptor_t *d)
-{
-	if (g->nowned == CG_MAX_DESC) {
-		snprintf(err_note, sizeof(err_note), "%s: more than %d descriptors", cudnn_step, CG_MAX_DESC);
-		return -1;
-	}
-	CUDNN_TRY(cudnnBackendCreateDescriptor(type, d));
-	g->owned[g->nowned++] = *d;
-	return 0;
-}
-
-static cudnnStatus_t set_d(cudnnBackendDescriptor_t d, cudnnBackendAttributeName_t a, cudnnBackendDescriptor_t v)
-{
-	return cudnnBackendSetAttribute(d, a, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &v);
-}
-
-static cudnnStatus_t set_i64(cudnnBackendDescriptor_t d, cudnnBackendAttributeName_t a, int64_t n,
-			     const int64_t *v)
-{
-	return cudnnBackendSetAttribute(d, a, CUDNN_TYPE_INT64, n, v);
-}
-
-static cudnnStatus_t set_dt(cudnnBackendDescriptor_t d, cudnnBackendAttributeName_t a, cudnnDataType_t v)
-{
-	return cudnnBackendSetAttribute(d, a, CUDNN_TYPE_DATA_TYPE, 1, &v);
-}
-
-static cudnnStatus_t set_bool(cudnnBackendDescriptor_t d, cudnnBackendAttributeName_t a, bool v)
-{
-	return cudnnBackendSetAttribute(d, a, CUDNN_TYPE_BOOLEAN, 1, &v);
-}
-
-static int cg_bind(struct cg *g, int64_t uid, void *ptr)
-{
-	if (g->nio == CG_MAX_IO) {
-		snprintf(err_note, sizeof(err_note), "%s: more than %d bound tensors", cudnn_step, CG_MAX_IO);
-		return -1;
-	}
-	g->io_uid[g->nio] = uid;
-	g->io_ptr[g->nio++] = ptr;
-	return 0;
-}
-
-enum { T_IO, T_VIRTUAL, T_BY_VALUE };
-
-/* A 4-d tensor; T_IO and T_BY_VALUE ones enter the variant pack with ptr (a host pointer for by-value). */
-static int cg_tensor(struct cg *g, cudnnDataType_t dt, const int64_t *dim, const int64_t *str, int kind,
-		     void *ptr, cudnnBackendDescriptor_t *t)
-{
-	const int64_t align = 16, uid = ++g->uid;
-
-	if (cg_new(g, CUDNN_BACKEND_TENSOR_DESCRIPTOR, t))
-		return -1;
-	CUDNN_TRY(set_dt(*t, CUDNN_ATTR_TENSOR_DATA_TYPE, dt));
-	CUDNN_TRY(set_i64(*t, CUDNN_ATTR_TENSOR_DIMENSIONS, 4, dim));
-	CUDNN_TRY(set_i64(*t, CUDNN_ATTR_TENSOR_STRIDES, 4, str));
-	CUDNN_TRY(set_i64(*t, CUDNN_ATTR_TENSOR_UNIQUE_ID, 1, &uid));
-	CUDNN_TRY(set_i64(*t, CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, 1, &align));
-	CUDNN_TRY(set_bool(*t, CUDNN_ATTR_TENSOR_IS_VIRTUAL, kind == T_VIRTUAL));
-	if (kind == T_BY_VALUE)
-		CUDNN_TRY(set_bool(*t, CUDNN_ATTR_TENSOR_IS_BY_VALUE, true));
-	CUDNN_TRY(cudnnBackendFinalize(*t));
-	return kind == T_VIRTUAL ? 0 : cg_bind(g, uid, ptr);
-}
-
-static int cg_virt(struct cg *g, cudnnDataType_t dt, const int64_t *dim, const int64_t *str,
-		   cudnnBackendDescriptor_t *t)
-{
-	return cg_tensor(g, dt, dim, str, T_VIRTUAL, NULL, t);
-}
-
-static int cg_io(struct cg *g, cudnnDataType_t dt, const int64_t *dim, const int64_t *str, void *ptr,
-		 cudnnBackendDescriptor_t *t)
-{
-	return cg_tensor(g, dt, dim, str, T_IO, ptr, t);
-}
-
-static int cg_scalar(struct cg *g, float *value, cudnnBackendDescriptor_t *t)
-{
-	static const int64_t ones[4] = { 1, 1, 1, 1 };
-
-	return cg_tensor(g, CUDNN_DATA_FLOAT, ones, ones, T_BY_VALUE, value, t);
-}
-
-static int cg_op_done(struct cg *g, cudnnBackendDescriptor_t op)
-{
-	if (g->nops == CG_MAX_OPS) {
-		snprintf(err_note, sizeof(err_note), "%s: more than %d operations", cudnn_step, CG_MAX_OPS);
-		return -1;
-	}
-	CUDNN_TRY(cudnnBackendFinalize(op));
-	g->ops[g->nops++] = op;
-	return 0;
-}
-
-/* y = mode(x, b, t) computed in prec; b and t may be NULL; axis >= 0 only for GEN_INDEX. */
-static int cg_pw(struct cg *g, cudnnPointwiseMode_t mode, cudnnDataType_t prec, int64_t axis,
-		 cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t b, cudnnBackendDescriptor_t t,
-		 cudnnBackendDescriptor_t y)
-{
-	cudnnBackendDescriptor_t pw, op;
-
-	if (cg_new(g, CUDNN_BACKEND_POINTWISE_DESCRIPTOR, &pw))
-		return -1;
-	CUDNN_TRY(cudnnBackendSetAttribute(pw, CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode));
-	CUDNN_TRY(set_dt(pw, CUDNN_ATTR_POINTWISE_MATH_PREC, prec));
-	if (axis >= 0)
-		CUDNN_TRY(set_i64(pw, CUDNN_ATTR_POINTWISE_AXIS, 1, &axis));
-	CUDNN_TRY(cudnnBackendFinalize(pw));
-	if (cg_new(g, CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR, &op))
-		return -1;
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x));
-	if (b)
-		CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, b));
-	if (t)
-		CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, t));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y));
-	return cg_op_done(g, op);
-}
-
-/* y = mode(x[, b]) in fp32 */
-static int cg_pw2(struct cg *g, cudnnPointwiseMode_t mode, cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t b,
-		  cudnnBackendDescriptor_t y)
-{
-	return cg_pw(g, mode, CUDNN_DATA_FLOAT, -1, x, b, NULL, y);
-}
-
-static int cg_matmul(struct cg *g, cudnnBackendDescriptor_t a, cudnnBackendDescriptor_t b,
-		     cudnnBackendDescriptor_t c)
-{
-	cudnnBackendDescriptor_t mm, op;
-
-	if (cg_new(g, CUDNN_BACKEND_MATMUL_DESCRIPTOR, &mm))
-		return -1;
-	CUDNN_TRY(set_dt(mm, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_DATA_FLOAT));
-	CUDNN_TRY(cudnnBackendFinalize(mm));
-	if (cg_new(g, CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, &op))
-		return -1;
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, a));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, b));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, c));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_MATMUL_DESC, mm));
-	return cg_op_done(g, op);
-}
-
-/* y = reduce(x) over the axes where y has extent 1, in fp32 */
-static int cg_reduce(struct cg *g, cudnnReduceTensorOp_t mode, cudnnBackendDescriptor_t x,
-		     cudnnBackendDescriptor_t y)
-{
-	cudnnBackendDescriptor_t rd, op;
-
-	if (cg_new(g, CUDNN_BACKEND_REDUCTION_DESCRIPTOR, &rd))
-		return -1;
-	CUDNN_TRY(cudnnBackendSetAttribute(rd, CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1,
-					   &mode));
-	CUDNN_TRY(set_dt(rd, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_DATA_FLOAT));
-	CUDNN_TRY(cudnnBackendFinalize(rd));
-	if (cg_new(g, CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR, &op))
-		return -1;
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, rd));
-	return cg_op_done(g, op);
-}
-
-/* y = x seen through y's dims and strides (the transposes of the backward) */
-static int cg_reshape(struct cg *g, cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t y)
-{
-	cudnnBackendDescriptor_t op;
-
-	if (cg_new(g, CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR, &op))
-		return -1;
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_RESHAPE_XDESC, x));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_RESHAPE_YDESC, y));
-	return cg_op_done(g, op);
-}
-
-/* ---- plan: heuristics A, then FALLBACK; the first engine config that finalizes ---------------------- */
-
-static int64_t engine_index(cudnnBackendDescriptor_t cfg)
-{
-	cudnnBackendDescriptor_t eng;
-	int64_t cnt = 0, idx = -1;
-
-	if (cudnnBackendCreateDescriptor(CUDNN_BACKEND_ENGINE_DESCRIPTOR, &eng) != CUDNN_STATUS_SUCCESS)
-		return -1;
-	if (cudnnBackendGetAttribute(cfg, CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &cnt,
-				     &eng) == CUDNN_STATUS_SUCCESS)
-		cudnnBackendGetAttribute(eng, CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1, &cnt, &idx);
-	cudnnBackendDestroyDescriptor(eng);
-	return idx;
-}
-
-/* The engine configs heuristics `mode` proposes, at most CG_MAX_CFGS, in cfg[0..*n). */
-static int cg_heuristics(struct cg *g, cudnnBackendHeurMode_t mode, cudnnBackendDescriptor_t *cfg, int64_t *n)
-{
-	cudnnBackendDescriptor_t heur;
-	int64_t avail = 0;
-
-	*n = 0;
-	if (cg_new(g, CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, &heur))
-		return -1;
-	CUDNN_TRY(set_d(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, g->graph));
-	CUDNN_TRY(cudnnBackendSetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode));
-	CUDNN_TRY(cudnnBackendFinalize(heur));
-	CUDNN_TRY(cudnnBackendGetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0,
-					   &avail, NULL));
-	if (avail > CG_MAX_CFGS)
-		avail = CG_MAX_CFGS;
-	for (int64_t i = 0; i < avail; i++)
-		if (cg_new(g, CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, &cfg[i]))
-			return -1;
-	if (avail > 0)
-		CUDNN_TRY(cudnnBackendGetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
-						   avail, n, cfg));
-	*n = *n < avail ? *n : avail;
-	if (*n == 0) {
-		snprintf(err_note, sizeof(err_note), "%s: no engine config proposed", cudnn_step);
-		return -1;
-	}
-	return 0;
-}
-
-static int cg_try_cfg(struct cg *g, cudnnBackendDescriptor_t cfg)
-{
-	cudnnBackendDescriptor_t plan;
-	int64_t cnt = 0;
-
-	if (cg_new(g, CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, &plan))
-		return -1;
-	CUDNN_TRY(cudnnBackendSetAttribute(plan, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &g->h));
-	CUDNN_TRY(set_d(plan, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, cfg));
-	CUDNN_TRY(cudnnBackendFinalize(plan));
-	CUDNN_TRY(cudnnBackendGetAttribute(plan, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, &cnt,
-					   &g->ws_bytes));
-	g->plan = plan;
-	g->engine = engine_index(cfg);
-	return 0;
-}
-
-/* Plan with the configs of one heuristics mode; err_note says why none finalized. */
-static int cg_plan_mode(struct cg *g, cudnnBackendHeurMode_t mode, const char *name)
-{
-	cudnnBackendDescriptor_t cfg[CG_MAX_CFGS];
-	char step[64];
-	int64_t n;
-
-	snprintf(step, sizeof(step), "heuristics %s", name);
-	cudnn_step = step;
-	if (cg_heuristics(g, mode, cfg, &n))
-		return -1;
-	for (int64_t i = 0; i < n && i < CG_TRY_CFGS; i++) {
-		snprintf(step, sizeof(step), "finalize plan %d/%d of heuristics %s", (int)i + 1, (int)n, name);
-		if (cg_try_cfg(g, cfg[i]) == 0)
-			return 0;
-	}
-	return -1; /* err_note: the last config's failure */
-}
-
-static int cg_plan(struct cg *g)
-{
-	char first[sizeof(err_note)];
-
-	if (cg_plan_mode(g, CUDNN_HEUR_MODE_A, "A") == 0)
-		return 0;
-	snprintf(first, sizeof(first), "%s", err_note);
-	if (cg_plan_mode(g, CUDNN_HEUR_MODE_FALLBACK, "FALLBACK") == 0)
-		return 0;
-	{
-		char second[sizeof(err_note)];
-
-		snprintf(second, sizeof(second), "%s", err_note);
-		snprintf(err_note, sizeof(err_note), "%.380s | %.380s", first, second);
-	}
-	return -1;
-}
-
-/* Finalize the graph, pick a plan, allocate its workspace, build the variant pack. */
-static int cg_finish(struct cg *g)
-{
-	cudnn_step = "finalize the operation graph";
-	if (cg_new(g, CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, &g->graph))
-		return -1;
-	CUDNN_TRY(cudnnBackendSetAttribute(g->graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &g->h));
-	CUDNN_TRY(cudnnBackendSetAttribute(g->graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
-					   g->nops, g->ops));
-	CUDNN_TRY(cudnnBackendFinalize(g->graph));
-	if (cg_plan(g))
-		return -1;
-	cudnn_step = "workspace and variant pack";
-	if (g->ws_bytes > 0)
-		CUDA_TRY(cudaMalloc(&g->ws, (size_t)g->ws_bytes));
-	if (cg_new(g, CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, &g->pack))
-		return -1;
-	CUDNN_TRY(set_i64(g->pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, g->nio, g->io_uid));
-	CUDNN_TRY(cudnnBackendSetAttribute(g->pack, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR,
-					   g->nio, g->io_ptr));
-	CUDNN_TRY(cudnnBackendSetAttribute(g->pack, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1,
-					   &g->ws));
-	CUDNN_TRY(cudnnBackendFinalize(g->pack));
-	return 0;
-}
-
-static int cg_exec(void *p)
-{
-	struct cg *g = p;
-
-	if (g->clear)
-		CUDA_TRY(cudaMemsetAsync(g->clear, 0, g->clear_bytes, stream()));
-	cudnn_step = "execute";
-	CUDNN_TRY(cudnnBackendExecute(g->h, g->plan, g->pack));
-	return 0;
-}
-
-/* ---- tensor layouts and device buffers of one shape ---------------------------------------------- */
-
-struct lay {
-	int64_t q[4], qs[4];   /* Q, K, dQ, dK [B, H, T, dq] over our [B*T, H, dq] rows */
-	int64_t kt[4], kts[4]; /* K^T [B, H, dq, T] (same memory) */
-	int64_t v[4], vs[4];   /* V, O, dO, dV [B, H, T, dv] */
-	int64_t vt[4], vts[4]; /* V^T */
-	int64_t s[4], ss[4];   /* scores [B, H, T, T], packed */
-	int64_t sts[4];        /* the scores transposed: dims s, strides sts */
-	int64_t r[4], rs[4];   /* row statistics [B, H, T, 1] == our lse [B, H, T] */
-	int64_t qps[4];        /* [B, H, T, dq] packed (the fp32 dQ accumulator) */
-	int64_t dos[4];        /* dO * O, strides as cudnn-frontend gives them */
-};
-
-static void set4(int64_t *d, int64_t a, int64_t b, int64_t c, int64_t e)
-{
-	d[0] = a;
-	d[1] = b;
-	d[2] = c;
-	d[3] = e;
-}
-
-static void lay_init(struct lay *l, int64_t B, int64_t T)
-{
-	const int64_t H = NH;
-
-	set4(l->q, B, H, T, DQ);
-	set4(l->qs, T * H * DQ, DQ, H * DQ, 1);
-	set4(l->kt, B, H, DQ, T);
-	set4(l->kts, T * H * DQ, DQ, 1, H * DQ);
-	set4(l->v, B, H, T, DV);
-	set4(l->vs, T * H * DV, DV, H * DV, 1);
-	set4(l->vt, B, H, DV, T);
-	set4(l->vts, T * H * DV, DV, 1, H * DV);
-	set4(l->s, B, H, T, T);
-	set4(l->ss, H * T * T, T * T, T, 1);
-	set4(l->sts, H * T * T, T * T, 1, T);
-	set4(l->r, B, H, T, 1);
-	set4(l->rs, H * T, T, 1, 1);
-	set4(l->qps, H * T * DQ, T * DQ, DQ, 1);
-	set4(l->dos, H * T * DV, T * DV, H * DV, 1);
-}
+static struct cudnn_api api; /* dlopen'ed libcudnn */
 
 struct dbufs {
 	uint16_t *q, *k, *v, *dout;  /* bf16 inputs */
@@ -908,274 +484,85 @@ static void dbufs_free(struct dbufs *b)
 		moe_cuda_free(d[i]);
 }
 
-/* ---- the composite causal graphs ----------------------------------------------------------------- */
-
-#define F32 CUDNN_DATA_FLOAT
-#define BF16 CUDNN_DATA_BFLOAT16
-
-/* The causal mask's GEN_INDEX math: cudnn-frontend's sliding_window_mask (right bound 0, the form it emits
- * for cuDNN 9.19) computes it in FLOAT, its older causal_mask in INT32.  A graph that gets no plan with the
- * first is tried once more with the second. */
-static cudnnDataType_t index_prec = CUDNN_DATA_FLOAT;
-
-/* y = row >= col ? x : -FLT_MAX over the scores x [B, H, T, T] */
-static int cg_causal(struct cg *g, const struct lay *l, cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t *y)
-{
-	cudnnBackendDescriptor_t row, col, keep, big;
-
-	if (cg_virt(g, CUDNN_DATA_INT32, l->s, l->ss, &row) || cg_virt(g, CUDNN_DATA_INT32, l->s, l->ss, &col) ||
-	    cg_virt(g, CUDNN_DATA_BOOLEAN, l->s, l->ss, &keep) || cg_virt(g, F32, l->s, l->ss, y) ||
-	    cg_scalar(g, &g->neg_big, &big))
-		return -1;
-	if (cg_pw(g, CUDNN_POINTWISE_GEN_INDEX, index_prec, 2, x, NULL, NULL, row) ||
-	    cg_pw(g, CUDNN_POINTWISE_GEN_INDEX, index_prec, 3, x, NULL, NULL, col) ||
-	    cg_pw(g, CUDNN_POINTWISE_CMP_GE, CUDNN_DATA_BOOLEAN, -1, row, col, NULL, keep))
-		return -1;
-	return cg_pw(g, CUDNN_POINTWISE_BINARY_SELECT, F32, -1, x, big, keep, *y);
-}
-
-/* stats = max + log(sum exp(x - max)), p = exp(x - max) / sum (bf16, for the P V product) */
-static int cg_softmax(struct cg *g, const struct lay *l, cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t stats,
-		      cudnnBackendDescriptor_t *p)
-{
-	cudnnBackendDescriptor_t m, xm, e, z, lz;
-
-	if (cg_virt(g, F32, l->r, l->rs, &m) || cg_virt(g, F32, l->s, l->ss, &xm) ||
-	    cg_virt(g, F32, l->s, l->ss, &e) || cg_virt(g, F32, l->r, l->rs, &z) ||
-	    cg_virt(g, F32, l->r, l->rs, &lz) || cg_virt(g, BF16, l->s, l->ss, p))
-		return -1;
-	if (cg_reduce(g, CUDNN_REDUCE_TENSOR_MAX, x, m) || cg_pw2(g, CUDNN_POINTWISE_SUB, x, m, xm) ||
-	    cg_pw2(g, CUDNN_POINTWISE_EXP, xm, NULL, e) || cg_reduce(g, CUDNN_REDUCE_TENSOR_ADD, e, z) ||
-	    cg_pw2(g, CUDNN_POINTWISE_LOG, z, NULL, lz) || cg_pw2(g, CUDNN_POINTWISE_ADD, m, lz, stats))
-		return -1;
-	return cg_pw2(g, CUDNN_POINTWISE_DIV, e, z, *p);
-}
-
-/* O = softmax(causal(Q K^T * scale)) V, stats = row log-sum-exp */
-static int build_fwd(struct cg *g, const struct lay *l, struct dbufs *b)
-{
-	cudnnBackendDescriptor_t q, kt, v, o, st, sc, s, s1, s2, p;
-
-	cudnn_step = "build the causal forward graph";
-	if (cg_io(g, BF16, l->q, l->qs, b->q, &q) || cg_io(g, BF16, l->kt, l->kts, b->k, &kt) ||
-	    cg_io(g, BF16, l->v, l->vs, b->v, &v) || cg_io(g, BF16, l->v, l->vs, b->o, &o) ||
-	    cg_io(g, F32, l->r, l->rs, b->stats, &st) || cg_scalar(g, &g->scale, &sc))
-		return -1;
-	if (cg_virt(g, F32, l->s, l->ss, &s) || cg_matmul(g, q, kt, s) || cg_virt(g, F32, l->s, l->ss, &s1) ||
-	    cg_pw2(g, CUDNN_POINTWISE_MUL, s, sc, s1) || cg_causal(g, l, s1, &s2) || cg_softmax(g, l, s2, st, &p))
-		return -1;
-	return cg_matmul(g, p, v, o);
-}
-
-/* the backward's inputs and outputs */
-struct bwd_t {
-	cudnnBackendDescriptor_t q, kt, vt, o, dO, st, dq, dk, dv, ssum, dqacc, sc;
-};
-
-static int bwd_tensors(struct cg *g, const struct lay *l, struct dbufs *b, struct bwd_t *t)
-{
-	return cg_io(g, BF16, l->q, l->qs, b->q, &t->q) || cg_io(g, BF16, l->kt, l->kts, b->k, &t->kt) ||
-	       cg_io(g, BF16, l->vt, l->vts, b->v, &t->vt) || cg_io(g, BF16, l->v, l->vs, b->oref, &t->o) ||
-	       cg_io(g, BF16, l->v, l->vs, b->dout, &t->dO) || cg_io(g, F32, l->r, l->rs, b->lse, &t->st) ||
-	       cg_io(g, BF16, l->q, l->qs, b->dq, &t->dq) || cg_io(g, BF16, l->q, l->qs, b->dk, &t->dk) ||
-	       cg_io(g, BF16, l->v, l->vs, b->dv, &t->dv) || cg_io(g, F32, l->r, l->rs, b->ssum, &t->ssum) ||
-	       cg_io(g, F32, l->q, l->qps, b->dqacc, &t->dqacc) || cg_scalar(g, &g->scale, &t->sc) ? -1 : 0;
-}
-
-/* ssum = rowsum(dO * O) * 1 (the frontend's dropout-free form) */
-static int bwd_rowsum(struct cg *g, const struct lay *l, const struct bwd_t *t)
-{
-	cudnnBackendDescriptor_t doo, d, one;
-
-	if (cg_virt(g, F32, l->v, l->dos, &doo) || cg_virt(g, F32, l->r, l->rs, &d) || cg_scalar(g, &g->one, &one))
-		return -1;
-	if (cg_pw2(g, CUDNN_POINTWISE_MUL, t->dO, t->o, doo) || cg_reduce(g, CUDNN_REDUCE_TENSOR_ADD, doo, d))
-		return -1;
-	return cg_pw2(g, CUDNN_POINTWISE_MUL, d, one, t->ssum);
-}
-
-/* p = exp(causal(Q K^T * scale - stats)), fp32 */
-static int bwd_probs(struct cg *g, const struct lay *l, const struct bwd_t *t, cudnnBackendDescriptor_t *p)
-{
-	cudnnBackendDescriptor_t s, s1, s2, s3;
-
-	if (cg_virt(g, F32, l->s, l->ss, &s) || cg_virt(g, F32, l->s, l->ss, &s1) ||
-	    cg_virt(g, F32, l->s, l->ss, &s2) || cg_virt(g, F32, l->s, l->ss, p))
-		return -1;
-	if (cg_matmul(g, t->q, t->kt, s) || cg_pw2(g, CUDNN_POINTWISE_MUL, s, t->sc, s1) ||
-	    cg_pw2(g, CUDNN_POINTWISE_SUB, s1, t->st, s2) || cg_causal(g, l, s2, &s3))
-		return -1;
-	return cg_pw2(g, CUDNN_POINTWISE_EXP, s3, NULL, *p);
-}
-
-/* dV = P^T dO; dS = P (dO V^T - ssum) * scale, fp32 */
-static int bwd_dv_ds(struct cg *g, const struct lay *l, const struct bwd_t *t, cudnnBackendDescriptor_t p,
-		     cudnnBackendDescriptor_t *ds)
-{
-	cudnnBackendDescriptor_t pt, dp, dp1, ds0;
-
-	if (cg_virt(g, BF16, l->s, l->sts, &pt) || cg_virt(g, F32, l->s, l->ss, &dp) ||
-	    cg_virt(g, F32, l->s, l->ss, &dp1) || cg_virt(g, F32, l->s, l->ss, &ds0) ||
-	    cg_virt(g, F32, l->s, l->ss, ds))
-		return -1;
-	if (cg_reshape(g, p, pt) || cg_matmul(g, pt, t->dO, t->dv) || cg_matmul(g, t->dO, t->vt, dp) ||
-	    cg_pw2(g, CUDNN_POINTWISE_SUB, dp, t->ssum, dp1) || cg_pw2(g, CUDNN_POINTWISE_MUL, dp1, p, ds0))
-		return -1;
-	return cg_pw2(g, CUDNN_POINTWISE_MUL, ds0, t->sc, *ds);
-}
-
-/* dK = dS^T Q; dQ = bf16(dQacc = dS K) */
-static int bwd_dk_dq(struct cg *g, const struct lay *l, const struct bwd_t *t, cudnnBackendDescriptor_t ds)
-{
-	cudnnBackendDescriptor_t dst, k;
-
-	if (cg_virt(g, BF16, l->s, l->sts, &dst) || cg_virt(g, F32, l->q, l->qs, &k))
-		return -1;
-	if (cg_reshape(g, ds, dst) || cg_matmul(g, dst, t->q, t->dk) || cg_reshape(g, t->kt, k) ||
-	    cg_matmul(g, ds, k, t->dqacc))
-		return -1;
-	return cg_pw2(g, CUDNN_POINTWISE_IDENTITY, t->dqacc, NULL, t->dq);
-}
-
-static int build_bwd(struct cg *g, const struct lay *l, struct dbufs *b, size_t dqacc_bytes)
-{
-	struct bwd_t t;
-	cudnnBackendDescriptor_t p, ds;
-
-	cudnn_step = "build the causal backward graph";
-	if (bwd_tensors(g, l, b, &t) || bwd_rowsum(g, l, &t) || bwd_probs(g, l, &t, &p) ||
-	    bwd_dv_ds(g, l, &t, p, &ds) || bwd_dk_dq(g, l, &t, ds))
-		return -1;
-	if (cudnnGetVersion() < 90600) { /* the frontend zeroes the accumulator itself before 9.6 */
-		g->clear = b->dqacc;
-		g->clear_bytes = dqacc_bytes;
-	}
-	return 0;
-}
-
-/* ---- the fused SDPA operations (no mask in 9.19) ------------------------------------------------- */
-
-static int build_sdpa_fwd(struct cg *g, const struct lay *l, struct dbufs *b)
-{
-#if CUDNN_VERSION >= 91301
-	cudnnBackendDescriptor_t q, k, v, o, st, sc, op;
-
-	cudnn_step = "build the fused SDPA_FWD op";
-	if (cg_io(g, BF16, l->q, l->qs, b->q, &q) || cg_io(g, BF16, l->q, l->qs, b->k, &k) ||
-	    cg_io(g, BF16, l->v, l->vs, b->v, &v) || cg_io(g, BF16, l->v, l->vs, b->o, &o) ||
-	    cg_io(g, F32, l->r, l->rs, b->stats, &st) || cg_scalar(g, &g->scale, &sc) ||
-	    cg_new(g, CUDNN_BACKEND_OPERATION_SDPA_FWD_DESCRIPTOR, &op))
-		return -1;
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_SDPA_FWD_QDESC, q));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_SDPA_FWD_KDESC, k));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_SDPA_FWD_VDESC, v));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_SDPA_FWD_ODESC, o));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_SDPA_FWD_STATSDESC, st));
-	CUDNN_TRY(set_d(op, CUDNN_ATTR_OPERATION_SDPA_FWD_SCALEDESC, sc));
-	return cg_op_done(g, op);
-#else
-	(void)g, (void)l, (void)b;
-	snprintf(err_note, sizeof(err_note), "this cuDNN's headers have no SDPA_FWD descriptor (< 9.13.1)");
-	return -1;
-#endif
-}
-
-/* uses the fused forward's O and stats (b->o, b->stats) */
-static int build_sdpa_bwd(struct cg *g, const struct lay *l, struct dbufs *b)
-{
-#if CUDNN_VERSION >= 91700
-	cudnnBackendDescriptor_t t[10], op;
-	static const cudnnBackendAttributeName_t attr[10] = {
-		CUDNN_ATTR_OPERATION_SDPA_BWD_QDESC,  CUDNN_ATTR_OPERATION_SDPA_BWD_KDESC,
-		CUDNN_ATTR_OPERATION_SDPA_BWD_VDESC,  CUDNN_ATTR_OPERATION_SDPA_BWD_ODESC,
-		CUDNN_ATTR_OPERATION_SDPA_BWD_DODDESC, CUDNN_ATTR_OPERATION_SDPA_BWD_STATSDESC,
-		CUDNN_ATTR_OPERATION_SDPA_BWD_DQDESC, CUDNN_ATTR_OPERATION_SDPA_BWD_DKDESC,
-		CUDNN_ATTR_OPERATION_SDPA_BWD_DVDESC, CUDNN_ATTR_OPERATION_SDPA_BWD_SCALEDESC,
-	};
-
-	cudnn_step = "build the fused SDPA_BWD op";
-	if (cg_io(g, BF16, l->q, l->qs, b->q, &t[0]) || cg_io(g, BF16, l->q, l->qs, b->k, &t[1]) ||
-	    cg_io(g, BF16, l->v, l->vs, b->v, &t[2]) || cg_io(g, BF16, l->v, l->vs, b->o, &t[3]) ||
-	    cg_io(g, BF16, l->v, l->vs, b->dout, &t[4]) || cg_io(g, F32, l->r, l->rs, b->stats, &t[5]) ||
-	    cg_io(g, BF16, l->q, l->qs, b->dq, &t[6]) || cg_io(g, BF16, l->q, l->qs, b->dk, &t[7]) ||
-	    cg_io(g, BF16, l->v, l->vs, b->dv, &t[8]) || cg_scalar(g, &g->scale, &t[9]) ||
-	    cg_new(g, CUDNN_BACKEND_OPERATION_SDPA_BWD_DESCRIPTOR, &op))
-		return -1;
-	for (int i = 0; i < 10; i++)
-		CUDNN_TRY(set_d(op, attr[i], t[i]));
-	return cg_op_done(g, op);
-#else
-	(void)g, (void)l, (void)b;
-	snprintf(err_note, sizeof(err_note), "this cuDNN's headers have no SDPA_BWD descriptor (< 9.17)");
-	return -1;
-#endif
-}
-
-/* ---- running the cuDNN items --------------------------------------------------------------------- */
-
-typedef int (*build_fn)(struct cg *g, const struct lay *l, struct dbufs *b);
-
 struct ctx {
 	cudnnHandle_t h;
 	struct shape *s;
 	struct dbufs b;
-	struct lay l;
+	struct cg_shape cs;
 };
 
+/* one graph and its bindings, for time_ms */
+struct run {
+	struct cudnn_graph g;
+	void *ptr[CG_NSLOTS];
+};
+
+static int run_exec(void *p)
+{
+	struct run *r = p;
+
+	if (cudnn_graph_exec(&r->g, r->ptr) == 0)
+		return 0;
+	snprintf(err_note, sizeof(err_note), "%s", r->g.err);
+	return -1;
+}
+
+/* the slots of kind: the composite backward reads our O and lse, the fused one its forward's */
+static void bind(struct run *r, struct ctx *c, enum cg_kind kind)
+{
+	struct dbufs *b = &c->b;
+
+	memset(r->ptr, 0, sizeof(r->ptr));
+	r->ptr[CG_Q] = b->q;
+	r->ptr[CG_K] = b->k;
+	r->ptr[CG_V] = b->v;
+	r->ptr[CG_SCALE] = &scale;
+	r->ptr[CG_O] = kind == CG_ATTN_BWD ? b->oref : b->o;
+	r->ptr[CG_STATS] = kind == CG_ATTN_BWD ? b->lse : b->stats;
+	r->ptr[CG_DO] = b->dout;
+	r->ptr[CG_DQ] = b->dq;
+	r->ptr[CG_DK] = b->dk;
+	r->ptr[CG_DV] = b->dv;
+	r->ptr[CG_SSUM] = b->ssum;
+	r->ptr[CG_DQACC] = b->dqacc;
+}
+
 /* Build, plan and time one graph; 0 with *ms and the engine/workspace in the row's note. */
-static int run_graph(struct ctx *c, struct cg *g, build_fn build, double *ms, struct row *r, const char *what)
+static int run_graph(struct ctx *c, struct run *r, enum cg_kind kind, double *ms, struct row *row,
+		     const char *what)
 {
 	char msg[96];
 
-	cg_init(g, c->h);
+	memset(&r->g, 0, sizeof(r->g));
 	if (over_budget()) {
 		snprintf(err_note, sizeof(err_note), "skipped: past the %.0f s budget (--budget-s)", opt.budget_s);
 		return -1;
 	}
-	if (build(g, &c->l, &c->b) || cg_finish(g) || time_ms(cg_exec, g, ms))
+	bind(r, c, kind);
+	if (cudnn_graph_make(&r->g, &api, c->h, kind, &c->cs)) {
+		snprintf(err_note, sizeof(err_note), "%s", r->g.err);
 		return -1;
-	snprintf(msg, sizeof(msg), "engine %lld, ws %.1f MB%s", (long long)g->engine, g->ws_bytes / 1048576.0,
-		 index_prec == CUDNN_DATA_INT32 ? ", INT32 mask index" : "");
-	row_note(r, what, msg);
+	}
+	if (time_ms(run_exec, r, ms))
+		return -1;
+	snprintf(msg, sizeof(msg), "engine %lld, ws %.1f MB%s", (long long)r->g.engine, r->g.ws_bytes / 1048576.0,
+		 r->g.index_prec == CUDNN_DATA_INT32 ? ", INT32 mask index" : "");
+	row_note(row, what, msg);
 	return 0;
 }
 
-/* run_graph for the composite causal graphs: without a plan (g->plan NULL), once more with the other
- * mask-index math; both failures go into the note. */
-static int run_causal(struct ctx *c, struct cg *g, build_fn build, double *ms, struct row *r, const char *what)
+static void run_free(struct run *r)
 {
-	char first[sizeof(err_note)];
-
-	if (run_graph(c, g, build, ms, r, what) == 0)
-		return 0;
-	if (g->plan || cuda_dead || over_budget())
-		return -1;
-	snprintf(first, sizeof(first), "%s", err_note);
-	cg_free(g);
-	index_prec = CUDNN_DATA_INT32;
-	if (run_graph(c, g, build, ms, r, what) == 0)
-		return 0;
-	index_prec = CUDNN_DATA_FLOAT;
-	{
-		char second[sizeof(err_note)];
-
-		snprintf(second, sizeof(second), "%s", err_note);
-		snprintf(err_note, sizeof(err_note), "%.380s || with INT32 mask index: %.300s", first, second);
-	}
-	return -1;
-}
-
-static int build_bwd_fn(struct cg *g, const struct lay *l, struct dbufs *b)
-{
-	return build_bwd(g, l, b, (size_t)(l->q[0] * l->q[1] * l->q[2] * l->q[3]) * sizeof(float));
+	if (!cuda_dead) /* freeing the workspace in a lost context would abort */
+		cudnn_graph_free(&r->g);
 }
 
 static void graph_fwd(struct ctx *c, struct row *r)
 {
-	struct cg g;
+	static struct run g;
 	char msg[64];
 
-	if (run_causal(c, &g, build_fwd, &r->ms[0], r, "fwd: ") == 0) {
+	if (run_graph(c, &g, CG_ATTN_FWD, &r->ms[0], r, "fwd: ") == 0) {
 		double lse = abs_diff(c->b.stats, c->s->lse, c->s->nl);
 
 		r->err[0] = rel_err(c->b.o, c->s->out, c->s->nv);
@@ -1184,17 +571,17 @@ static void graph_fwd(struct ctx *c, struct row *r)
 	} else {
 		row_note(r, "fwd FAILED: ", err_note);
 	}
-	cg_free(&g);
+	run_free(&g);
 	check_context(r);
 }
 
 static void graph_bwd(struct ctx *c, struct row *r)
 {
-	struct cg g;
+	static struct run g;
 	struct shape *s = c->s;
 	char msg[96];
 
-	if (run_causal(c, &g, build_bwd_fn, &r->ms[1], r, "bwd: ") == 0) {
+	if (run_graph(c, &g, CG_ATTN_BWD, &r->ms[1], r, "bwd: ") == 0) {
 		double e[3] = { rel_err(c->b.dq, s->dq, s->nq), rel_err(c->b.dk, s->dk, s->nq),
 				rel_err(c->b.dv, s->dv, s->nv) };
 
@@ -1204,23 +591,23 @@ static void graph_bwd(struct ctx *c, struct row *r)
 	} else {
 		row_note(r, "bwd FAILED: ", err_note);
 	}
-	cg_free(&g);
+	run_free(&g);
 	check_context(r);
 }
 
 /* the fused ops: no causal mask, so no error against ours; their outputs are only checked finite */
 static void sdpa_rows(struct ctx *c, struct row *r)
 {
-	struct cg g;
+	static struct run g;
 
-	if (run_graph(c, &g, build_sdpa_fwd, &r->ms[0], r, "fwd: ") == 0) {
+	if (run_graph(c, &g, CG_SDPA_FWD, &r->ms[0], r, "fwd: ") == 0) {
 		double e = rel_err(c->b.o, c->s->out, c->s->nv);
 
 		row_note(r, isnan(e) ? "O NOT FINITE" : "O finite", "");
 	} else {
 		row_note(r, "fwd FAILED: ", err_note);
 	}
-	cg_free(&g);
+	run_free(&g);
 	check_context(r);
 	if (cuda_dead)
 		return;
@@ -1228,12 +615,12 @@ static void sdpa_rows(struct ctx *c, struct row *r)
 		row_note(r, "bwd not run: ", "needs the fused forward's O and stats");
 		return;
 	}
-	if (run_graph(c, &g, build_sdpa_bwd, &r->ms[1], r, "bwd: ") != 0)
+	if (run_graph(c, &g, CG_SDPA_BWD, &r->ms[1], r, "bwd: ") != 0)
 		row_note(r, "bwd FAILED: ", err_note);
-	cg_free(&g);
+	run_free(&g);
 	check_context(r);
 }
-#endif /* MOE_HAVE_CUDNN */
+#endif /* MOE_HAVE_CUDNN_H */
 
 /* ---- the unfused lower bound: cuBLAS Q K^T and P V ----------------------------------------------- */
 
@@ -1324,13 +711,12 @@ static void run_cublas(const struct shape *s)
 
 static double graph_ms[NSHAPES][2]; /* cuDNN graph rows, for the summary; < 0: none */
 
-#ifdef MOE_HAVE_CUDNN
+#ifdef MOE_HAVE_CUDNN_H
 static void cudnn_shape(cudnnHandle_t h, struct shape *s, int i)
 {
-	struct ctx c = { .h = h, .s = s };
+	struct ctx c = { .h = h, .s = s, .cs = { s->B, s->T, NH, DQ, DV } };
 	struct row r, f;
 
-	lay_init(&c.l, s->B, s->T);
 	dbufs_init(&c.b, s);
 	row_init(&r, "cudnn graph bf16 causal", s->B, s->T, true);
 	graph_fwd(&c, &r);
@@ -1349,28 +735,26 @@ static void cudnn_shape(cudnnHandle_t h, struct shape *s, int i)
 	dbufs_free(&c.b);
 }
 
-/* The cuDNN rows of every shape; -1 when cuDNN could not even be initialised. */
+/* The cuDNN rows of every shape; -1 when cuDNN could not even be loaded or initialised. */
 static int run_cudnn(struct shape *sh)
 {
 	cudnnHandle_t h;
-	cudnnStatus_t st = cudnnCreate(&h);
+	cudnnStatus_t st;
 
-	if (st != CUDNN_STATUS_SUCCESS) {
-		cudnn_step = "cudnnCreate";
-		cudnn_fail(st, "cudnnCreate(&h)", __LINE__);
+	if (!api.lib) {
 		printf("cudnn: FAILED: %s\n", err_note);
 		return -1;
 	}
-	st = cudnnSetStream(h, stream());
-	if (st != CUDNN_STATUS_SUCCESS) {
-		cudnn_step = "cudnnSetStream";
-		cudnn_fail(st, "cudnnSetStream(h, stream())", __LINE__);
-		printf("cudnn: FAILED: %s\n", err_note);
-	} else {
-		for (int i = 0; i < NSHAPES && !cuda_dead; i++)
-			cudnn_shape(h, &sh[i], i);
+	st = api.create(&h);
+	if (st == CUDNN_STATUS_SUCCESS) {
+		st = api.set_stream(h, stream());
+		if (st == CUDNN_STATUS_SUCCESS)
+			for (int i = 0; i < NSHAPES && !cuda_dead; i++)
+				cudnn_shape(h, &sh[i], i);
+		api.destroy(h);
 	}
-	cudnnDestroy(h);
+	if (st != CUDNN_STATUS_SUCCESS)
+		printf("cudnn: FAILED: cudnnCreate / cudnnSetStream: %s\n", api.error_string(st));
 	return st == CUDNN_STATUS_SUCCESS ? 0 : -1;
 }
 #endif
@@ -1412,11 +796,13 @@ static void print_header(void)
 	cudaDriverGetVersion(&drv);
 	printf("bench_attention: %s (sm_%d%d, %d SMs, %.0f GiB), CUDA runtime %d, driver %d\n", p.name, p.major,
 	       p.minor, p.multiProcessorCount, p.totalGlobalMem / 1073741824.0, rt, drv);
-#ifdef MOE_HAVE_CUDNN
-	printf("cuDNN: library %zu (built with cudart %zu), headers %d\n", cudnnGetVersion(), cudnnGetCudartVersion(),
-	       CUDNN_VERSION);
+#ifdef MOE_HAVE_CUDNN_H
+	if (cudnn_api_load(&api, NULL, err_note, sizeof(err_note)) == 0)
+		printf("cuDNN: library %zu (loaded with dlopen), headers %d\n", api.get_version(), CUDNN_VERSION);
+	else
+		printf("cuDNN: not loaded: %s\n", err_note);
 #else
-	printf("cuDNN: not linked into this build (CMake found no libcudnn / cudnn.h)\n");
+	printf("cuDNN: this build has no cuDNN headers (CMake found no cudnn_backend.h)\n");
 #endif
 	printf("shape: H=%d dq=%d dv=%d, causal, scale 1/sqrt(%d); mean of %d calls after %d warm-ups "
 	       "(cudaEvent)\n", NH, DQ, DV, DQ, opt.reps, opt.warmup);
@@ -1455,7 +841,7 @@ static void print_summary(const struct shape *sh)
 
 static int cudnn_rows(struct shape *sh)
 {
-#ifdef MOE_HAVE_CUDNN
+#ifdef MOE_HAVE_CUDNN_H
 	return run_cudnn(sh);
 #else
 	(void)sh;

@@ -49,6 +49,7 @@
 #ifdef MOE_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
+#include "launch/cuda/prof.h"
 #include "model/cuda/model_cuda.h"
 #include "model/cuda/ops_cuda.h"
 #include "optim/cuda/adamw_cuda.h"
@@ -209,7 +210,8 @@ static void usage(const char *prog)
 		"          [--steps N] [--warmup N] [--threads N] [--batch B] [--seq T] [--layers L]\n"
 		"          [--hidden C] [--heads H] [--vocab V] [--inter I] [--moe-inter Im] [--experts E]\n"
 		"          [--topk K] [--shared S] [--dense D] [--groups G] [--topk-groups TG]\n"
-		"          [--sgemm-n N] [--sgemm-reps R] [--no-sgemm] [--adamw] [--check] [--seed S]\n",
+		"          [--sgemm-n N] [--sgemm-reps R] [--no-sgemm] [--adamw] [--check] [--seed S]\n"
+		"          [--attention auto|cudnn|own]\n",
 		prog);
 }
 
@@ -220,6 +222,7 @@ struct bench_opts {
 	int steps, warmup, threads, B, T, accum, sgemm_n, sgemm_reps;
 	int no_sgemm, do_adamw, do_check;
 	int cuda, fp32;
+	const char *attention;      /* --attention, else the config's train.attention (auto) */
 	uint64_t seed;
 };
 
@@ -292,6 +295,10 @@ static int parse_flags(struct bench_opts *o, int argc, char **argv)
 			i++;    /* read by load_config_arg */
 			continue;
 		}
+		if (!strcmp(a, "--attention") && has) {
+			o->attention = argv[++i];
+			continue;
+		}
 		if (!strcmp(a, "--device") && has && (!strcmp(argv[i + 1], "cpu") ||
 						       !strcmp(argv[i + 1], "cuda"))) {
 			o->cuda = !strcmp(argv[++i], "cuda");
@@ -327,6 +334,8 @@ static int parse_args(struct bench_opts *o, int argc, char **argv)
 		o->T = o->config_path ? o->rc.train.seq_len : 256;
 	if (o->accum == -1)
 		o->accum = o->config_path && o->cuda ? o->rc.train.grad_accum : 1;
+	if (!o->attention)
+		o->attention = o->rc.train.attention;
 	o->c.num_key_value_heads = o->c.num_attention_heads;
 	if (o->steps < 1 || o->warmup < 0 || o->B < 1 || o->T < 1 || o->accum < 1 || o->sgemm_reps < 1)
 		return 2;
@@ -540,6 +549,7 @@ struct gpu_bench {
 	float first_loss, loss;
 	double norm;
 	double mem_base, mem_peak;  /* device bytes in use: before the model, max sampled */
+	char attention[1024];       /* attention_cuda_configure's choice */
 };
 
 static double device_used(void)
@@ -601,6 +611,12 @@ static int bench_gpu_model(struct gpu_bench *b, const struct bench_opts *o)
 		fprintf(stderr, "bench_train: %s\n", err);
 		return -1;
 	}
+	if (attention_cuda_configure(o->attention, o->B, o->T, o->c.num_attention_heads,
+				     o->c.qk_nope_head_dim + o->c.qk_rope_head_dim, o->c.v_head_dim, b->attention,
+				     sizeof(b->attention))) {
+		fprintf(stderr, "bench_train: %s\n", b->attention);
+		return -1;
+	}
 	b->segs = gpu_segments(b->m, &o->rc.train);
 	if (!b->segs || adamw_cuda_init(&b->opt, b->m->n_weights, b->segs, b->m->n_params)) {
 		fprintf(stderr, "bench_train: out of memory for the optimizer\n");
@@ -649,6 +665,7 @@ static void gpu_teardown(struct gpu_bench *b)
 		adamw_cuda_free(&b->opt);
 	if (b->g)
 		gpu_model_free(b->g);
+	attention_cuda_release();
 	if (b->m)
 		model_free(b->m);
 	free(b->segs);
@@ -686,14 +703,20 @@ static void gpu_step(struct gpu_bench *b, double *ph)
 
 	gpu_model_zero_grad(b->g);
 	for (int a = 0; a < b->accum; a++) {
+		prof_begin(PROF_FORWARD);
 		b->loss = gpu_model_forward(b->g, b->inputs + a * N, b->targets + a * N, b->B, b->T);
+		prof_end(PROF_FORWARD);
 		phase_mark(b, ph, 0, &t);
+		prof_begin(PROF_BACKWARD);
 		gpu_model_backward(b->g, 1.0f / b->accum);
+		prof_end(PROF_BACKWARD);
 		phase_mark(b, ph, 1, &t);
 	}
+	prof_begin(PROF_OPTIMIZER);
 	b->norm = grad_global_norm_cuda(grads, b->m->n_weights);
 	adamw_cuda_update(&b->opt, w, grads, &b->hp, clip_scale(b->norm, b->clip),
 			  gpu_model_weights_bf16(b->g));
+	prof_end(PROF_OPTIMIZER);
 	moe_cuda_synchronize();
 	phase_mark(b, ph, 2, &t);
 	if (!isfinite(b->loss) || !isfinite(b->norm))
@@ -725,6 +748,7 @@ static void gpu_print_header(const struct gpu_bench *b, const struct bench_opts 
 	printf("bench_train: GPU training step (zero_grad + forward + backward + clip + AdamW), %s matmuls\n",
 	       o->fp32 ? "fp32" : "bf16");
 	printf("device        %s\n", prop.name);
+	printf("%s\n", b->attention);
 	printf("config        %s: hidden %d, layers %d (%d dense), heads %d, q_lora %d, kv_lora %d, "
 	       "qk %d+%d, v %d\n", config_label(o), c->hidden_size, c->num_hidden_layers,
 	       c->first_k_dense_replace, c->num_attention_heads, c->q_lora_rank, c->kv_lora_rank,
@@ -780,6 +804,7 @@ static int run_gpu(const struct bench_opts *o)
 		gpu_new_batch(&b);
 		gpu_step(&b, NULL);
 	}
+	prof_enable(1); /* the timed steps' regions, from CUDA events (two per region: no synchronisation) */
 	for (int s = 0; s < o->steps; s++) {
 		gpu_new_batch(&b);
 		double t1 = now_s();
@@ -788,11 +813,17 @@ static int run_gpu(const struct bench_opts *o)
 		total_t += t;
 		best = t < best ? t : best;
 	}
+	prof_enable(0);
 	sample_mem(&b);
 	gpu_new_batch(&b);
 	gpu_step(&b, ph);
 	gpu_print_header(&b, o, setup_s);
 	gpu_report(&b, o, total_t / o->steps, best, ph);
+	printf("experts       %s\n", gpu_model_experts_gemm());
+	printf("profile       CUDA events over the %d timed steps (attention, experts, comm inside forward and "
+	       "backward; share of the mean step):", o->steps);
+	prof_print(stdout, o->steps, total_t * 1e3);
+	prof_reset();
 	rc = 0;
 out:
 	gpu_teardown(&b);

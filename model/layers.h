@@ -72,6 +72,7 @@ struct grad_scratch {
 struct acts_memory {
 	void *(*alloc)(size_t bytes);
 	void (*release)(void *p);
+	int logit_rows;               /* rows of logits held at once: 0 (or >= N) all N, else a chunk (GPU) */
 };
 
 /* One multi-token-prediction depth k of a forward (model/mtp.c): its rows n = b*T + i. */
@@ -105,6 +106,7 @@ struct model_acts {
 	float *h_mid;                 /* [L, N, C]: after attention */
 	struct layer_acts *layers;
 	float *lnf, *lnf_rstd, *logits, *losses;
+	int logit_rows;               /* rows logits holds: N, or a chunk the GPU model walks the rows in */
 	float temperature;            /* the loss's logit temperature (1: plain) */
 	struct grad_scratch gs;
 	struct mtp_acts *mtp;         /* NULL until a forward runs the MTP depths (model/mtp.c) */

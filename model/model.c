@@ -519,7 +519,8 @@ struct model_acts *model_acts_create(const struct moe_model *m, int B, int T, co
 		model_layer_acts_alloc(m, a, &a->layers[l], (int)l, N);
 	a->lnf = FALLOC(N * C);
 	a->lnf_rstd = FALLOC(N);
-	a->logits = FALLOC(N * c->vocab_size);
+	a->logit_rows = mem->logit_rows > 0 && (size_t)mem->logit_rows < N ? mem->logit_rows : (int)N;
+	a->logits = FALLOC((size_t)a->logit_rows * c->vocab_size);
 	a->losses = FALLOC(N);
 	alloc_grad_scratch(c, a, N);
 	return a;
@@ -527,7 +528,7 @@ struct model_acts *model_acts_create(const struct moe_model *m, int B, int T, co
 
 static void ensure_acts(struct moe_model *m, int B, int T)
 {
-	static const struct acts_memory host = { host_alloc, free };
+	static const struct acts_memory host = { host_alloc, free, 0 };
 
 	if (m->acts && m->acts->B == B && m->acts->T == T)
 		return;

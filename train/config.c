@@ -88,6 +88,7 @@ static const char *const schedules[] = { "cosine", "wsd", "constant", NULL };
 static const char *const devices[] = { "auto", "cpu", "cuda", NULL };
 static const char *const comms[] = { "auto", "nccl", "mpi", NULL };
 static const char *const nonfinite[] = { "skip", "stop", NULL };
+static const char *const attentions[] = { "auto", "cudnn", "own", NULL };
 static const char *const loss_types[] = { "grpo", "bnpo", "dr_grpo", "dapo", NULL };
 static const char *const reward_scalings[] = { "group", "batch", "none", NULL };
 static const char *const reward_norms[] = { "total", "each", NULL };
@@ -155,6 +156,7 @@ static const struct cfg_key cfg_keys[] = {
 	K_STR(train, init_checkpoint, CF_NULL),
 	K_ENUM(train, on_nonfinite, nonfinite),
 	K_PIECEWISE(train, mtp_lambda),
+	K_ENUM(train, attention, attentions),
 	/* data */
 	K_STR(data, train, CF_NULL),
 	K_STR(data, val, CF_NULL),
@@ -1189,6 +1191,7 @@ static const struct run_config defaults = {
 		.init_checkpoint = "",
 		.on_nonfinite = "stop",
 		.mtp_lambda = { .n = 1, .values = { 0.3 } },  /* DeepSeek-V3's first phase */
+		.attention = "auto",
 	},
 	.data = { .train = "", .val = "", .shuffle = false },
 	.parallel = { .ep = 1, .zero = 0, .comm = "auto", .bucket_mb = 25 },

@@ -53,6 +53,7 @@ struct train_config {
 	char init_checkpoint[CFG_STR];
 	char on_nonfinite[8];       /* skip | stop */
 	struct piecewise mtp_lambda;/* weight of the multi-token-prediction loss (model.num_nextn_predict_layers) */
+	char attention[8];          /* auto | cudnn | own: the GPU path's attention (ops_cuda.h) */
 };
 
 struct data_config {

@@ -296,6 +296,9 @@ float distill_forward_gpu(struct distill *ds, struct moe_model *student, struct 
 		fprintf(stderr, "moe: distill_forward_gpu: %d tokens, buffers for %d\n", N, ds->n);
 		exit(1);
 	}
+	/* the KL reads both models' whole logits: neither holds them in chunks */
+	gpu_model_logit_rows(ds->gteacher, 0);
+	gpu_model_logit_rows(g, 0);
 	gpu_model_forward(ds->gteacher, inputs, NULL, B, T);
 	set_ce_weights(ds, targets, N);
 	const float *saved = student->token_weights;

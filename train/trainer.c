@@ -22,6 +22,7 @@
 #include "launch/cuda/comm_device.h"
 #include "launch/cuda/device.h"
 #include "model/cuda/model_cuda.h"
+#include "model/cuda/ops_cuda.h"
 #include "optim/cuda/adamw_cuda.h"
 #endif
 
@@ -621,6 +622,27 @@ static void log_placement(const struct trainer *t, int dev)
 	fflush(stdout);
 }
 
+/* train.attention: cuDNN's graphs or our kernel, for the training shape; the choice logged by rank 0 */
+static int gpu_attention_start(struct trainer *t)
+{
+	const struct model_config *c = &t->m->cfg;
+	char msg[1024];
+	int ok = attention_cuda_configure(t->cfg.train.attention, t->cfg.train.micro_batch, t->cfg.train.seq_len,
+					  c->num_attention_heads, c->qk_nope_head_dim + c->qk_rope_head_dim,
+					  c->v_head_dim, msg, sizeof(msg)) == 0;
+
+	if (!trainer_all_ok(t, ok)) {
+		if (!ok)
+			fprintf(stderr, "%s: %s\n", t->who, msg);
+		return -1;
+	}
+	if (t->rank == 0) {
+		printf("%s: %s\n", t->who, msg);
+		fflush(stdout);
+	}
+	return 0;
+}
+
 /* how the data-parallel gradients travel (rank 0, multi-rank runs only) */
 static void log_buckets(const struct trainer *t)
 {
@@ -659,6 +681,8 @@ static int gpu_start(struct trainer *t)
 			fprintf(stderr, "%s: train.device=cuda: %s\n", t->who, err);
 		return -1;
 	}
+	if (gpu_attention_start(t))
+		return -1;
 	int ok;
 	if (t->zero) {
 		ok = zero_device_init(&t->z) == 0;
@@ -687,6 +711,8 @@ static void gpu_stop(struct trainer *t)
 	if (t->zero)
 		zero_device_free(&t->z);
 	gpu_model_free(t->gpu);
+	if (t->gpu)
+		attention_cuda_release();
 	if (t->cuda)
 		dcomm_free(t->d);
 	t->gopt = NULL;

@@ -199,4 +199,10 @@ void moe_cuda_memset(void *dst, int byte, size_t bytes)
 	CUDA_CHECK(cudaStreamSynchronize(g_stream));
 }
 
+void moe_cuda_memset_async(void *dst, int byte, size_t bytes)
+{
+	if (bytes)
+		CUDA_CHECK(cudaMemsetAsync(dst, byte, bytes, g_stream));
+}
+
 } /* extern "C" */

@@ -52,6 +52,8 @@ void moe_cuda_memcpy_d2d(void *dst, const void *src, size_t bytes); /* device ->
 void moe_cuda_memset(void *dst, int byte, size_t bytes);            /* 0xFF fills floats with NaN */
 /* device -> device queued on the stream, not waited for (packing gradients into buckets) */
 void moe_cuda_memcpy_d2d_async(void *dst, const void *src, size_t bytes);
+/* memset queued on the stream, not waited for (a scratch accumulator zeroed before a kernel) */
+void moe_cuda_memset_async(void *dst, int byte, size_t bytes);
 
 #ifdef __cplusplus
 }

@@ -28,6 +28,7 @@
  */
 #include "launch/cuda/cuda_common.cuh"
 #include "model/cuda/ops_cuda.h"
+#include "model/cuda/attention_int.h"
 
 namespace moe_cuda {
 namespace {
@@ -456,6 +457,8 @@ void attention_forward_cuda(float *out, float *lse, const float *q, const float 
 	check_dims("attention_forward_cuda", dq, dv);
 	if (B <= 0 || T <= 0 || H <= 0)
 		return;
+	if (attention_cudnn_forward(out, lse, q, k, v, B, T, H, dq, dv, scale) == 0)
+		return;
 	if (dq <= kSmallDim && dv <= kSmallDim)
 		attn_forward_impl<float, kSmallDim, kSmallDim>(out, lse, q, k, v, B, T, H, dq, dv, scale);
 	else
@@ -469,6 +472,8 @@ void attention_backward_cuda(float *dq, float *dk, float *dv, const float *dout,
 {
 	check_dims("attention_backward_cuda", dq_dim, dv_dim);
 	if (B <= 0 || T <= 0 || H <= 0 || (!dq && !dk && !dv))
+		return;
+	if (attention_cudnn_backward(dq, dk, dv, dout, out, lse, q, k, v, B, T, H, dq_dim, dv_dim, scale) == 0)
 		return;
 	if (dq_dim <= kSmallDim && dv_dim <= kSmallDim)
 		attn_backward_impl<float, kSmallDim, kSmallDim>(dq, dk, dv, dout, out, lse, q, k, v, B, T, H,

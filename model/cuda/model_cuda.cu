@@ -8,10 +8,12 @@
  *    fp32 accumulation and output): the weights come from the bf16 copy of the arena, the activation
  *    operand is rounded to bf16 just before the product.  The router stays fp32 (its top-k decides which
  *    expert a token visits: small drifts must not flip it more than the rest of the model does).
- *  - MoE: the router's top-k comes back to the host (one wait per MoE layer, as the all-to-all counts
- *    would need anyway), where the same counting sort as the CPU model orders the rows by expert; the
- *    rows are gathered, each expert is three GEMMs over its block, the outputs combined by a kernel that
- *    adds the K slots of a token in order (deterministic, no atomics).
+ *  - MoE: the router's top-k and the counting sort of the CPU model (rows by expert, stable) run on the
+ *    device; only the per-expert offsets come back to the host (one wait per MoE layer: the GEMM sizes).
+ *    The rows are gathered, each projection of the routed experts is one grouped GEMM over their blocks
+ *    (or a GEMM per expert where cuBLAS refuses that), SwiGLU runs once over all rows, and the outputs
+ *    are combined by a kernel that adds the K slots of a token in order (deterministic, no atomics).
+ *    Under expert parallelism the host still plans the exchange from the top-k (moe_dispatch).
  */
 #include <cstdio>
 #include <cstdlib>
@@ -20,6 +22,7 @@
 
 #include "launch/cuda/comm_device.h"
 #include "launch/cuda/cuda_common.cuh"
+#include "launch/cuda/prof.h"
 #include "model/cuda/model_cuda.h"
 #include "model/cuda/ops_cuda.h"
 
@@ -33,6 +36,7 @@ using namespace moe_cuda;
 struct gpu_model {
 	struct moe_model *m;
 	int bf16;
+	int logit_rows_opt;              /* gpu_model_logit_rows: -1 auto, 0 all, > 0 rows */
 	float *w, *g;                    /* device arenas, m->n_weights floats */
 	__nv_bfloat16 *wbf;              /* bf16 copy of w (NULL unless bf16) */
 	struct model_weights W, G;       /* views into w and g */
@@ -333,7 +337,9 @@ void mla_fwd(const gpu_model *g, const struct layer_weights *w, struct mla_acts 
 	size_t n_kv = (size_t)N * d.H * (d.dq + d.dv);
 	assemble_kv_kernel<<<grid_for(n_kv), kThreads, 0, stream()>>>(a->k, a->v, a->kv, a->kva, N, d.H, d.dn,
 								       d.dv, d.dr, d.Rkv);
+	prof_begin(PROF_ATTENTION);
 	attention_forward_cuda(a->att, a->lse, a->q, a->k, a->v, B, T, d.H, d.dq, d.dv, mc_softmax_scale(c));
+	prof_end(PROF_ATTENTION);
 	lin_fwd(g, out, a->att, w->o_proj, N, d.H * d.dv, d.C);
 }
 
@@ -352,8 +358,10 @@ void mla_bwd(const gpu_model *g, const struct layer_weights *w, const struct lay
 	zero(s->dq, sizeof(float) * (size_t)N * d.H * d.dq);
 	zero(s->dk, sizeof(float) * (size_t)N * d.H * d.dq);
 	zero(s->dv, sizeof(float) * (size_t)N * d.H * d.dv);
+	prof_begin(PROF_ATTENTION);
 	attention_backward_cuda(s->dq, s->dk, s->dv, s->datt, a->att, a->lse, a->q, a->k, a->v, B, T, d.H, d.dq,
 				d.dv, mc_softmax_scale(c));
+	prof_end(PROF_ATTENTION);
 
 	/* kv path: kv_b, its norm, then kv_a (whose output gradient is [dc_kv | dk_pe] = dkva) */
 	size_t n_dkv = (size_t)N * (d.H * (d.dn + d.dv) + d.dr);
@@ -412,9 +420,179 @@ void mlp_bwd(const gpu_model *g, float *dx, float *dwg, float *dwu, float *dwd, 
 	lin_bwd(g, dx, dwu, du, x, wu, rows, C, I, false);
 }
 
+/*
+ * Grouped expert GEMMs: one cublasGemmGroupedBatchedEx per projection per MoE layer, a problem per expert
+ * with rows (a group of one each: the experts' row counts differ), instead of a host loop of three GEMMs
+ * per expert.  The activation operands are rounded to bf16 once for the whole layer and SwiGLU runs once
+ * over all rows.  A cuBLAS that refuses the call (older than 12.5, or a type combination it does not
+ * take: bf16 operands with fp32 output) is remembered and the per-expert loop runs instead, with one line
+ * on stderr; gpu_model_grouped_gemm(0) asks for the loop (tests compare the two).
+ */
+static int g_grouped = 1;        /* 1: try the grouped call; 0: per-expert GEMMs */
+static int g_grouped_refused;    /* the grouped call failed once: per-expert GEMMs from then on */
+
+struct gproblem {
+	const void *A, *B;
+	float *C;
+	int m, n, k, lda, ldb, ldc;
+};
+
+/* C_i = op(A_i) op(B_i) + beta C_i for every problem, in one grouped call; false when cuBLAS refuses it */
+bool gemm_grouped(cublasOperation_t ta, cublasOperation_t tb, const std::vector<gproblem> &p, float beta,
+		  cudaDataType_t type)
+{
+	const int G = (int)p.size();
+	if (G == 0)
+		return true;
+	if (!g_grouped || g_grouped_refused)
+		return false;
+	std::vector<cublasOperation_t> tas(G, ta), tbs(G, tb);
+	std::vector<int> m(G), n(G), k(G), lda(G), ldb(G), ldc(G), size(G, 1);
+	std::vector<float> alpha(G, 1.0f), betas(G, beta);
+	std::vector<const void *> ptr(3 * (size_t)G);
+	for (int i = 0; i < G; i++) {
+		m[i] = p[i].m, n[i] = p[i].n, k[i] = p[i].k;
+		lda[i] = p[i].lda, ldb[i] = p[i].ldb, ldc[i] = p[i].ldc;
+		ptr[i] = p[i].A, ptr[G + i] = p[i].B, ptr[2 * G + i] = p[i].C;
+	}
+	/* the pointer arrays live in device memory; the rest are host arrays */
+	const void **dptr = scratch<const void *>(3 * (size_t)G);
+	CUDA_CHECK(cudaMemcpyAsync(dptr, ptr.data(), sizeof(void *) * 3 * G, cudaMemcpyHostToDevice, stream()));
+	cublasStatus_t st = cublasGemmGroupedBatchedEx(cublas(), tas.data(), tbs.data(), m.data(), n.data(), k.data(),
+						       alpha.data(), dptr, type, lda.data(), dptr + G, type, ldb.data(),
+						       betas.data(), (void *const *)(dptr + 2 * G), CUDA_R_32F, ldc.data(),
+						       G, size.data(), CUBLAS_COMPUTE_32F);
+	scratch_free(dptr);
+	if (st == CUBLAS_STATUS_SUCCESS)
+		return true;
+	if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE)
+		CUBLAS_CHECK(st);
+	fprintf(stderr, "experts: cublasGemmGroupedBatchedEx refused (%s): one GEMM per expert from now on\n",
+		cublasGetStatusName(st));
+	g_grouped_refused = 1;
+	return false;
+}
+
+/* the matmul operands of the grouped path: bf16 copies (freed by ops_free) or the fp32 arrays themselves */
+struct ops {
+	const gpu_model *g;
+	std::vector<void *> owned;
+	cudaDataType_t type;
+};
+
+const void *op_act(ops &o, const float *x, size_t n)
+{
+	if (!o.g->bf16)
+		return x;
+	__nv_bfloat16 *b = to_bf16(x, n);
+	o.owned.push_back(b);
+	return b;
+}
+
+const void *op_weight(const ops &o, const float *w)
+{
+	cudaDataType_t t;
+	return weight_operand(o.g, w, &t);
+}
+
+void ops_free(ops &o)
+{
+	for (void *p : o.owned)
+		scratch_free(p);
+}
+
+ops ops_of(const gpu_model *g)
+{
+	ops o;
+	o.g = g;
+	o.type = g->bf16 ? CUDA_R_16BF : CUDA_R_32F;
+	return o;
+}
+
+/* y[rows, out] = x W^T per expert (lin_fwd): W [out, in] */
+gproblem fwd_problem(const void *W, const void *x, float *y, int rows, int in, int out)
+{
+	return gproblem{ W, x, y, out, rows, in, in, in, out };
+}
+
+/* dx[rows, in] = dy W (lin_bwd's dx) */
+gproblem dx_problem(const void *W, const void *dy, float *dx, int rows, int in, int out)
+{
+	return gproblem{ W, dy, dx, in, rows, out, in, out, in };
+}
+
+/* dW[out, in] += dy^T x (lin_bwd's dw; A = x, B = dy) */
+gproblem dw_problem(const void *x, const void *dy, float *dw, int rows, int in, int out)
+{
+	return gproblem{ x, dy, dw, in, out, rows, in, out, in };
+}
+
+/* the problems of every expert with rows: A_e = a + e*astride (elements of the operand type), B_e / C_e at
+ * row r0 of b / c (bcols / ccols elements a row) */
+std::vector<gproblem> per_expert(const ops &o, gproblem (*mk)(const void *, const void *, float *, int, int, int),
+				 const void *a, size_t astride, bool a_rows, const void *b, int bcols, float *c,
+				 int ccols, bool c_rows, const int *off, int El, int in, int out)
+{
+	const size_t es = o.type == CUDA_R_16BF ? 2 : 4;
+	std::vector<gproblem> p;
+	for (int e = 0; e < El; e++) {
+		int r0 = off[e], n = off[e + 1] - r0;
+		if (n == 0)
+			continue;
+		const char *ae = (const char *)a + (a_rows ? (size_t)r0 * astride : (size_t)e * astride) * es;
+		const char *be = (const char *)b + (size_t)r0 * bcols * es;
+		float *ce = c + (c_rows ? (size_t)r0 * ccols : (size_t)e * ccols);
+		p.push_back(mk(ae, be, ce, n, in, out));
+	}
+	return p;
+}
+
+bool experts_fwd_grouped(const gpu_model *g, const struct layer_weights *w, const struct mlp_acts *acts, float *yr,
+			 const float *xr, const int *off, int El, int C, int Im)
+{
+	ops o = ops_of(g);
+	const int R = off[El] - off[0];
+	const size_t wsz = (size_t)Im * C;
+	if (R == 0)
+		return true;
+	const void *xb = op_act(o, xr + (size_t)off[0] * C, (size_t)R * C);
+	std::vector<int> rel(off, off + El + 1); /* rows relative to off[0]: xb starts there */
+	for (int &r : rel)
+		r -= off[0];
+	float *g0 = acts->g + (size_t)off[0] * Im, *u0 = acts->u + (size_t)off[0] * Im, *a0 = acts->a + (size_t)off[0] * Im;
+	bool ok = gemm_grouped(CUBLAS_OP_T, CUBLAS_OP_N, per_expert(o, fwd_problem, op_weight(o, w->experts_gate_proj),
+				wsz, false, xb, C, g0, Im, true, rel.data(), El, C, Im), 0.0f, o.type) &&
+		  gemm_grouped(CUBLAS_OP_T, CUBLAS_OP_N, per_expert(o, fwd_problem, op_weight(o, w->experts_up_proj),
+				wsz, false, xb, C, u0, Im, true, rel.data(), El, C, Im), 0.0f, o.type);
+	if (ok) {
+		swiglu_forward_cuda(a0, g0, u0, (size_t)R * Im);
+		const void *ab = op_act(o, a0, (size_t)R * Im);
+		ok = gemm_grouped(CUBLAS_OP_T, CUBLAS_OP_N, per_expert(o, fwd_problem, op_weight(o, w->experts_down_proj),
+				  wsz, false, ab, Im, yr + (size_t)off[0] * C, C, true, rel.data(), El, Im, C), 0.0f,
+				  o.type);
+	}
+	ops_free(o);
+	return ok;
+}
+
+void experts_fwd_loop(const gpu_model *g, const struct layer_weights *w, const struct mlp_acts *acts, float *yr,
+		      const float *xr, const int *off, int El, int C, int Im);
+void experts_bwd_loop(const gpu_model *g, const struct layer_weights *w, const struct layer_weights *gw,
+		      const struct mlp_acts *acts, float *dxr, float *dg, float *du, const float *dyr,
+		      const float *xr, const int *off, int El, int C, int Im);
+
 /* the local experts' blocks: expert e's rows [off[e], off[e+1]) of xr -> yr, activations in ea */
 void experts_fwd(const gpu_model *g, const struct layer_weights *w, const struct mlp_acts *acts, float *yr,
 		 const float *xr, const int *off, int El, int C, int Im)
+{
+	prof_begin(PROF_EXPERTS);
+	if (!experts_fwd_grouped(g, w, acts, yr, xr, off, El, C, Im))
+		experts_fwd_loop(g, w, acts, yr, xr, off, El, C, Im);
+	prof_end(PROF_EXPERTS);
+}
+
+void experts_fwd_loop(const gpu_model *g, const struct layer_weights *w, const struct mlp_acts *acts, float *yr,
+		      const float *xr, const int *off, int El, int C, int Im)
 {
 	for (int e = 0; e < El; e++) {
 		int r0 = off[e], n = off[e + 1] - r0;
@@ -427,10 +605,73 @@ void experts_fwd(const gpu_model *g, const struct layer_weights *w, const struct
 	}
 }
 
+/* experts_bwd over grouped GEMMs: dA = dy Wd, dWd += dy^T a, SwiGLU's backward over all rows, then
+ * dx = dg Wg + du Wu, dWg += dg^T x, dWu += du^T x.  false (nothing written yet, or a refusal before the
+ * first write of a gradient: the loop then redoes it all) when cuBLAS refuses. */
+bool experts_bwd_grouped(const gpu_model *g, const struct layer_weights *w, const struct layer_weights *gw,
+			 const struct mlp_acts *acts, float *dxr, float *dg, float *du, const float *dyr,
+			 const float *xr, const int *off, int El, int C, int Im)
+{
+	ops o = ops_of(g);
+	const int R = off[El] - off[0];
+	const size_t wsz = (size_t)Im * C, r0 = (size_t)off[0];
+	if (R == 0)
+		return true;
+	std::vector<int> rel(off, off + El + 1);
+	for (int &r : rel)
+		r -= off[0];
+	const int *ro = rel.data();
+	float *dg0 = dg + r0 * Im, *du0 = du + r0 * Im;
+	const void *dyb = op_act(o, dyr + r0 * C, (size_t)R * C);
+	/* dA into dg (the loop's order): a refusal here leaves no gradient touched */
+	if (!gemm_grouped(CUBLAS_OP_N, CUBLAS_OP_N, per_expert(o, dx_problem, op_weight(o, w->experts_down_proj), wsz,
+			  false, dyb, C, dg0, Im, true, ro, El, Im, C), 0.0f, o.type)) {
+		ops_free(o);
+		return false;
+	}
+	const void *ab = op_act(o, acts->a + r0 * Im, (size_t)R * Im);
+	/* once the grouped call has run, it keeps running: a later refusal is a cuBLAS fault */
+	auto must = [](bool ok) {
+		if (!ok)
+			fail("experts_bwd", "cublasGemmGroupedBatchedEx refused a call after accepting one");
+	};
+	must(gemm_grouped(CUBLAS_OP_N, CUBLAS_OP_T, per_expert(o, dw_problem, ab, Im, true, dyb, C,
+			  gw->experts_down_proj, Im * C, false, ro, El, Im, C), 1.0f, o.type));
+	float *da = scratch<float>((size_t)R * Im);
+	CUDA_CHECK(cudaMemcpyAsync(da, dg0, sizeof(float) * (size_t)R * Im, cudaMemcpyDeviceToDevice, stream()));
+	zero(dg0, sizeof(float) * (size_t)R * Im);
+	zero(du0, sizeof(float) * (size_t)R * Im);
+	swiglu_backward_cuda(dg0, du0, da, acts->g + r0 * Im, acts->u + r0 * Im, (size_t)R * Im);
+	scratch_free(da);
+	const void *dgb = op_act(o, dg0, (size_t)R * Im), *dub = op_act(o, du0, (size_t)R * Im);
+	const void *xb = op_act(o, xr + r0 * C, (size_t)R * C);
+	float *dx0 = dxr + r0 * C;
+	must(gemm_grouped(CUBLAS_OP_N, CUBLAS_OP_N, per_expert(o, dx_problem, op_weight(o, w->experts_gate_proj), wsz,
+			  false, dgb, Im, dx0, C, true, ro, El, C, Im), 0.0f, o.type));
+	must(gemm_grouped(CUBLAS_OP_N, CUBLAS_OP_N, per_expert(o, dx_problem, op_weight(o, w->experts_up_proj), wsz,
+			  false, dub, Im, dx0, C, true, ro, El, C, Im), 1.0f, o.type));
+	must(gemm_grouped(CUBLAS_OP_N, CUBLAS_OP_T, per_expert(o, dw_problem, xb, C, true, dgb, Im,
+			  gw->experts_gate_proj, Im * C, false, ro, El, C, Im), 1.0f, o.type));
+	must(gemm_grouped(CUBLAS_OP_N, CUBLAS_OP_T, per_expert(o, dw_problem, xb, C, true, dub, Im,
+			  gw->experts_up_proj, Im * C, false, ro, El, C, Im), 1.0f, o.type));
+	ops_free(o);
+	return true;
+}
+
 /* dxr (written) and the experts' weight gradients from dyr; dg, du: [rows, Im] scratch */
 void experts_bwd(const gpu_model *g, const struct layer_weights *w, const struct layer_weights *gw,
 		 const struct mlp_acts *acts, float *dxr, float *dg, float *du, const float *dyr, const float *xr,
 		 const int *off, int El, int C, int Im)
+{
+	prof_begin(PROF_EXPERTS);
+	if (!experts_bwd_grouped(g, w, gw, acts, dxr, dg, du, dyr, xr, off, El, C, Im))
+		experts_bwd_loop(g, w, gw, acts, dxr, dg, du, dyr, xr, off, El, C, Im);
+	prof_end(PROF_EXPERTS);
+}
+
+void experts_bwd_loop(const gpu_model *g, const struct layer_weights *w, const struct layer_weights *gw,
+		      const struct mlp_acts *acts, float *dxr, float *dg, float *du, const float *dyr,
+		      const float *xr, const int *off, int El, int C, int Im)
 {
 	for (int e = 0; e < El; e++) {
 		int r0 = off[e], n = off[e + 1] - r0;
@@ -445,22 +686,90 @@ void experts_bwd(const gpu_model *g, const struct layer_weights *w, const struct
 	}
 }
 
-/* routes on the host: the counting sort of moe.c; uploads row_pair and row_of; fills load */
+/*
+ * The counting sort of moe.c's moe_group_rows on the device: the rows sorted by expert, within an expert
+ * by (token, slot) pair, so the same order as the CPU model's.  One block per expert counts its pairs,
+ * one thread turns the counts into offsets (E <= 1024), then one block per expert walks the pairs in
+ * chunks of its threads and places its own by a prefix sum over the chunk (stable, no atomics).
+ */
+constexpr int kGroupThreads = 256;
+
+/* counts[e] = the pairs routed to expert e = blockIdx.x */
+__global__ void count_rows_kernel(int *counts, const int *topk, int NK)
+{
+	__shared__ int part[kGroupThreads];
+	const int e = blockIdx.x, t = threadIdx.x;
+	int n = 0;
+	for (int i = t; i < NK; i += blockDim.x)
+		n += topk[i] == e;
+	part[t] = n;
+	__syncthreads();
+	for (int d = blockDim.x / 2; d > 0; d >>= 1) {
+		if (t < d)
+			part[t] += part[t + d];
+		__syncthreads();
+	}
+	if (t == 0)
+		counts[e] = part[0];
+}
+
+/* off[0] = 0, off[e + 1] = off[e] + counts[e] */
+__global__ void offsets_kernel(int *off, const int *counts, int E)
+{
+	if (blockIdx.x == 0 && threadIdx.x == 0) {
+		off[0] = 0;
+		for (int e = 0; e < E; e++)
+			off[e + 1] = off[e] + counts[e];
+	}
+}
+
+/* expert blockIdx.x's pairs, in pair order, into rows off[e], off[e] + 1, ... */
+__global__ void place_rows_kernel(int *row_pair, int *row_of, const int *topk, const int *off, int NK)
+{
+	__shared__ int scan[kGroupThreads];
+	const int e = blockIdx.x, t = threadIdx.x;
+	int base = off[e];
+	for (int c0 = 0; c0 < NK; c0 += blockDim.x) {
+		const int i = c0 + t, mine = i < NK && topk[i] == e;
+		scan[t] = mine;
+		__syncthreads();
+		for (int d = 1; d < (int)blockDim.x; d <<= 1) { /* inclusive prefix sum over the chunk */
+			int v = t >= d ? scan[t - d] : 0;
+			__syncthreads();
+			scan[t] += v;
+			__syncthreads();
+		}
+		if (mine) {
+			const int r = base + scan[t] - 1;
+			row_of[i] = r;
+			row_pair[r] = i;
+		}
+		base += scan[blockDim.x - 1];
+		__syncthreads(); /* before the next chunk overwrites scan */
+	}
+}
+
+/* Groups the rows by expert on the device (a->row_pair, a->row_of); only the E + 1 offsets (the counts)
+ * come back to the host: experts_fwd plans its GEMMs from them, and load is m->expert_load's row. */
 int route_rows(gpu_model *g, struct moe_acts *a, int l, int N, int64_t *load)
 {
 	const struct model_config *c = &g->m->cfg;
-	int K = c->num_experts_per_tok, E = c->n_routed_experts;
+	int K = c->num_experts_per_tok, E = c->n_routed_experts, NK = N * K;
 	int *off = g->offsets.data() + (size_t)l * (E + 1);
+	int *d = scratch<int>(2 * (size_t)E + 1), *counts = d, *doff = d + E;
 
-	g->topk.resize((size_t)N * K);
-	g->row_pair.resize((size_t)N * K);
-	g->row_of.resize((size_t)N * K);
-	g->fill.resize(E);
-	moe_cuda_memcpy_d2h(g->topk.data(), a->topk_idx, sizeof(int) * (size_t)N * K);
-	moe_group_rows(g->topk.data(), N, K, E, 0, E, load, off, g->row_pair.data(), g->row_of.data(),
-		       g->fill.data());
-	moe_cuda_memcpy_h2d(a->row_pair, g->row_pair.data(), sizeof(int) * (size_t)N * K);
-	moe_cuda_memcpy_h2d(a->row_of, g->row_of.data(), sizeof(int) * (size_t)N * K);
+	if (E > 1024)
+		fail("route_rows", "more than 1024 routed experts");
+	count_rows_kernel<<<E, kGroupThreads, 0, stream()>>>(counts, a->topk_idx, NK);
+	CUDA_CHECK_LAUNCH("count_rows_kernel");
+	offsets_kernel<<<1, 1, 0, stream()>>>(doff, counts, E);
+	CUDA_CHECK_LAUNCH("offsets_kernel");
+	place_rows_kernel<<<E, kGroupThreads, 0, stream()>>>(a->row_pair, a->row_of, a->topk_idx, doff, NK);
+	CUDA_CHECK_LAUNCH("place_rows_kernel");
+	moe_cuda_memcpy_d2h(off, doff, sizeof(int) * (size_t)(E + 1)); /* the layer's one host wait */
+	scratch_free(d);
+	for (int e = 0; e < E; e++)
+		load[e] = off[e + 1] - off[e];
 	return off[E];
 }
 
@@ -565,8 +874,10 @@ void ep_exchange(gpu_model *g, const struct moe_dispatch *d, const float *send, 
 		g->elem_send[p] = (back ? d->peer_recv[p] : d->peer_send[p]) * C;
 		g->elem_recv[p] = (back ? d->peer_send[p] : d->peer_recv[p]) * C;
 	}
+	prof_begin(PROF_COMM);
 	if (dcomm_alltoallv(g->m->ep_group, send, g->elem_send.data(), recv, g->elem_recv.data(), COMM_F32))
 		ep_fail(back ? "expert combine: the all-to-all back failed" : "expert dispatch: the all-to-all failed");
+	prof_end(PROF_COMM);
 }
 
 /* plan on the host (topk comes back: the wait the counts exchange needs anyway), upload the maps */
@@ -740,7 +1051,7 @@ void *device_alloc(size_t bytes)
 	return p;
 }
 
-const struct acts_memory device_memory = { device_alloc, moe_cuda_free };
+const struct acts_memory device_memory = { device_alloc, moe_cuda_free, 0 };
 
 /* The device view of a host view: the same offset into the other arena.  struct layer_weights holds only
  * float pointers, so it is walked as an array of them. */
@@ -768,16 +1079,44 @@ void translate_weights(struct model_weights *dst, const struct model_weights *sr
 	}
 }
 
+/* Rows of logits held at once: all (asked for, or they fit), the rows asked for, or by default as many as
+ * fit in kLogitBytes of fp32 (DeepSeek's 102400 or 129280 words: 655 or 519 rows, instead of the 3.4 GB
+ * of all 8192 rows of a 2 x 4096 batch). */
+constexpr size_t kLogitBytes = (size_t)256 << 20;
+
+int logit_rows_for(const gpu_model *g, int N)
+{
+	if (g->logit_rows_opt == 0)
+		return N;
+	size_t r = g->logit_rows_opt > 0 ? (size_t)g->logit_rows_opt
+					 : kLogitBytes / (sizeof(float) * (size_t)g->m->cfg.vocab_size);
+	r = r < 1 ? 1 : r;
+	return r < (size_t)N ? (int)r : N;
+}
+
 void ensure_acts(gpu_model *g, int B, int T)
 {
-	if (g->a && g->a->B == B && g->a->T == T)
+	if (g->a && g->a->B == B && g->a->T == T && g->a->logit_rows == logit_rows_for(g, B * T))
 		return;
 	model_acts_destroy(&g->m->cfg, g->a);
-	g->a = model_acts_create(g->m, B, T, &device_memory);
+	struct acts_memory mem = device_memory;
+	mem.logit_rows = logit_rows_for(g, B * T);
+	g->a = model_acts_create(g->m, B, T, &mem);
 	std::vector<int> pos((size_t)B * T);
 	for (size_t n = 0; n < pos.size(); n++)
 		pos[n] = (int)(n % T);
 	moe_cuda_memcpy_h2d(g->a->pos, pos.data(), sizeof(int) * pos.size());
+}
+
+/* rows [r0, r0 + n) of the logits (over the temperature, as on the CPU) into a->logits */
+void logits_rows(gpu_model *g, int r0, int n)
+{
+	struct model_acts *a = g->a;
+	const int C = g->m->cfg.hidden_size, V = g->m->cfg.vocab_size;
+	lin_fwd(g, a->logits, a->lnf + (size_t)r0 * C, g->W.lm_head, n, C, V);
+	if (a->temperature != 1.0f)
+		scale_kernel<<<grid_for((size_t)n * V), kThreads, 0, stream()>>>(a->logits, 1.0f / a->temperature,
+										   (size_t)n * V);
 }
 
 } /* namespace */
@@ -806,6 +1145,7 @@ extern "C" struct gpu_model *gpu_model_create(struct moe_model *m, int bf16, cha
 	gpu_model *g = new gpu_model();
 	g->m = m;
 	g->bf16 = bf16 != 0;
+	g->logit_rows_opt = -1;
 	size_t n = m->n_weights;
 	g->w = (float *)moe_cuda_malloc(sizeof(float) * n);
 	g->g = m->grads ? (float *)moe_cuda_malloc(sizeof(float) * n) : NULL;  /* model_drop_grads: forward only */
@@ -858,6 +1198,19 @@ extern "C" void gpu_model_download_grads(struct gpu_model *g)
 
 extern "C" float *gpu_model_weights(struct gpu_model *g) { return g->w; }
 extern "C" float *gpu_model_grads(struct gpu_model *g) { return g->g; }
+extern "C" void gpu_model_grouped_gemm(int on)
+{
+	g_grouped = on != 0;
+}
+
+extern "C" const char *gpu_model_experts_gemm(void)
+{
+	if (!g_grouped)
+		return "one GEMM per expert (asked for)";
+	return g_grouped_refused ? "one GEMM per expert (cuBLAS refused the grouped call)"
+				 : "grouped (cublasGemmGroupedBatchedEx, one per projection per layer)";
+}
+
 extern "C" uint16_t *gpu_model_weights_bf16(struct gpu_model *g) { return (uint16_t *)g->wbf; }
 
 extern "C" void gpu_model_refresh_bf16(struct gpu_model *g)
@@ -880,7 +1233,12 @@ extern "C" void gpu_model_set_logit_grad(struct gpu_model *g, const float *dlogi
 
 extern "C" const float *gpu_model_logits(const struct gpu_model *g)
 {
-	return g->a ? g->a->logits : NULL;
+	return g->a && g->a->logit_rows == g->a->B * g->a->T ? g->a->logits : NULL;
+}
+
+extern "C" void gpu_model_logit_rows(struct gpu_model *g, int rows)
+{
+	g->logit_rows_opt = rows < 0 ? -1 : rows;
 }
 
 extern "C" const float *gpu_model_token_losses(const struct gpu_model *g)
@@ -921,7 +1279,8 @@ extern "C" float gpu_model_forward(struct gpu_model *g, const int *inputs, const
 		vec_add_cuda(next, mid, (size_t)N * C);
 	}
 	rmsnorm_forward_cuda(a->lnf, a->lnf_rstd, a->resid + (size_t)L * N * C, g->W.norm, N, C, eps);
-	lin_fwd(g, a->logits, a->lnf, g->W.lm_head, N, C, V);
+	if (!targets && a->logit_rows == N)  /* logits for the caller (gpu_model_logits); in chunks nobody reads them */
+		lin_fwd(g, a->logits, a->lnf, g->W.lm_head, N, C, V);
 
 	std::vector<float> aux(L);
 	moe_cuda_memcpy_d2h(aux.data(), g->aux, sizeof(float) * L);
@@ -935,10 +1294,11 @@ extern "C" float gpu_model_forward(struct gpu_model *g, const int *inputs, const
 	g->targets.assign(targets, targets + N);
 	moe_cuda_memcpy_h2d(a->targets, targets, sizeof(int) * N);
 	a->temperature = m->logit_temperature > 0 ? m->logit_temperature : 1.0f;
-	if (a->temperature != 1.0f)  /* the logits buffer holds logits / temperature, as on the CPU */
-		scale_kernel<<<grid_for((size_t)N * V), kThreads, 0, stream()>>>(a->logits, 1.0f / a->temperature,
-										   (size_t)N * V);
-	cross_entropy_forward_cuda(a->losses, a->logits, a->targets, N, V);
+	for (int r0 = 0; r0 < N; r0 += a->logit_rows) {  /* one chunk of rows unless the vocabulary is large */
+		int n = N - r0 < a->logit_rows ? N - r0 : a->logit_rows;
+		logits_rows(g, r0, n);
+		cross_entropy_forward_cuda(a->losses + r0, a->logits, a->targets + r0, n, V);
+	}
 	g->losses.resize(N);
 	moe_cuda_memcpy_d2h(g->losses.data(), a->losses, sizeof(float) * N);
 	m->last_ce_loss = ce_term(g->losses.data(), targets, m->token_weights, N);
@@ -960,7 +1320,6 @@ extern "C" void gpu_model_backward(struct gpu_model *g, float loss_scale)
 	/* d(loss)/d(raw logits), with the token weights as they are now (model.h) */
 	const float *tw = m->token_weights;
 	float dloss = ce_row_scale(g->targets.data(), tw, N, loss_scale, a->temperature);
-	cross_entropy_backward_cuda(a->logits, a->logits, a->targets, dloss, N, V);
 	if (tw) {
 		if (g->token_w_cap < (size_t)N) {
 			moe_cuda_free(g->token_w);
@@ -968,12 +1327,24 @@ extern "C" void gpu_model_backward(struct gpu_model *g, float loss_scale)
 			g->token_w_cap = N;
 		}
 		moe_cuda_memcpy_h2d(g->token_w, tw, sizeof(float) * N);
-		scale_rows_kernel<<<grid_for((size_t)N * V), kThreads, 0, stream()>>>(a->logits, g->token_w, N, V);
 	}
-	if (g->logit_grad)
-		axpy_kernel<<<grid_for((size_t)N * V), kThreads, 0, stream()>>>(a->logits, loss_scale, g->logit_grad,
-									       (size_t)N * V);
-	lin_bwd(g, s->dln, g->G.lm_head, a->logits, a->lnf, g->W.lm_head, N, C, V, true);
+	/* chunk by chunk: the logits again (the buffer holds the forward's last chunk), their gradient in
+	 * place (plus logit_grad's rows, times loss_scale), then the chunk's share of dx and of lm_head's
+	 * gradient */
+	for (int r0 = 0; r0 < N; r0 += a->logit_rows) {
+		int n = N - r0 < a->logit_rows ? N - r0 : a->logit_rows;
+		if (a->logit_rows < N)
+			logits_rows(g, r0, n);
+		cross_entropy_backward_cuda(a->logits, a->logits, a->targets + r0, dloss, n, V);
+		if (tw)
+			scale_rows_kernel<<<grid_for((size_t)n * V), kThreads, 0, stream()>>>(a->logits, g->token_w + r0,
+											     n, V);
+		if (g->logit_grad)
+			axpy_kernel<<<grid_for((size_t)n * V), kThreads, 0, stream()>>>(
+				a->logits, loss_scale, g->logit_grad + (size_t)r0 * V, (size_t)n * V);
+		lin_bwd(g, s->dln + (size_t)r0 * C, g->G.lm_head, a->logits, a->lnf + (size_t)r0 * C, g->W.lm_head, n, C,
+			V, true);
+	}
 	zero(s->dres, sizeof(float) * (size_t)N * C);
 	rmsnorm_backward_cuda(s->dres, g->G.norm, s->dln, a->resid + (size_t)L * N * C, g->W.norm, a->lnf_rstd, N,
 			      C);

@@ -52,6 +52,13 @@ void gpu_model_refresh_bf16(struct gpu_model *g);
 
 void gpu_model_zero_grad(struct gpu_model *g);
 
+/* The routed experts of a MoE layer: one grouped GEMM per projection (on, the default: cuBLAS's
+ * cublasGemmGroupedBatchedEx, falling back by itself where cuBLAS refuses it) or one GEMM per expert
+ * (off).  For every model of the process. */
+void gpu_model_grouped_gemm(int on);
+/* How the experts' GEMMs ran: grouped, or per expert and why. */
+const char *gpu_model_experts_gemm(void);
+
 /*
  * As model_forward: inputs and targets (may be NULL) are HOST arrays of B*T ids.  Returns the loss (mean
  * cross-entropy over the targets + the balance loss), waiting for the device; sets m->last_ce_loss,
@@ -76,8 +83,14 @@ void gpu_model_backward(struct gpu_model *g, float loss_scale);
 void gpu_model_set_logit_grad(struct gpu_model *g, const float *dlogits);
 typedef void (*gpu_grads_ready_fn)(void *ctx, int layer);
 void gpu_model_on_grads_ready(struct gpu_model *g, gpu_grads_ready_fn fn, void *ctx);
-/* The last forward's logits [B*T, V] on the device (overwritten by the backward). */
+/* The last forward's logits [B*T, V] on the device (overwritten by the backward); NULL when the model
+ * holds them in chunks (below). */
 const float *gpu_model_logits(const struct gpu_model *g);
+/* Rows of logits held at once: the lm_head and the cross-entropy walk the tokens in chunks of that many
+ * rows, the backward recomputing each chunk's logits (one more lm_head product) instead of keeping
+ * B*T*V floats.  -1 (the default): as many rows as fit in 256 MiB; 0: all (gpu_model_logits then
+ * returns them); > 0: that many.  Takes effect at the next forward. */
+void gpu_model_logit_rows(struct gpu_model *g, int rows);
 /* As model_token_losses: the last forward's per-token cross-entropy [B*T], a HOST array; NULL before a
  * forward with targets. */
 const float *gpu_model_token_losses(const struct gpu_model *g);

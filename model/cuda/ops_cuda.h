@@ -67,6 +67,24 @@ void attention_backward_cuda(float *dq, float *dk, float *dv, const float *dout,
 			     const float *lse, const float *q, const float *k, const float *v,
 			     int B, int T, int H, int dq_dim, int dv_dim, float scale);
 
+/*
+ * Which code runs the two attention ops above (train.attention; model/cuda/attention_cudnn.c):
+ *   own    our FlashAttention-2-style fp32 kernels (the default until configured; deterministic);
+ *   cudnn  cuDNN's graphs (loaded with dlopen): q, k, v, O, dO rounded to bf16, fp32 stats and arithmetic,
+ *          graphs planned once per shape and cached; a shape cuDNN cannot plan runs on our kernel;
+ *   auto   cudnn when the library loads and plans shape (B, T, H, dq, dv), else own.
+ * Plans that shape's graphs.  Returns 0 with the one-line choice in msg (for the start log), or -1 with
+ * the error in msg (cudnn asked for and impossible, an unknown mode).  Needs moe_cuda_init().
+ */
+int attention_cuda_configure(const char *mode, int B, int T, int H, int dq, int dv, char *msg, size_t len);
+/* "cudnn" or "own": what the last attention_cuda_configure chose */
+const char *attention_cuda_impl(void);
+/* The choice itself: why_not is NULL when cuDNN can run the shape, else why not.  1 cudnn, 0 own, -1 an
+ * error (mode cudnn and why_not set, or an unknown mode). */
+int attention_choose(const char *mode, const char *why_not);
+/* Free the cached graphs and buffers, the handle and the library; back to our kernel. */
+void attention_cuda_release(void);
+
 void swiglu_forward_cuda(float *out, const float *gate, const float *up, size_t n);
 void swiglu_backward_cuda(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
 			  size_t n);

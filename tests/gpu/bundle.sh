@@ -16,8 +16,9 @@
 # Left out of the closure (present on the GPU machine): glibc (libc, libm, libpthread, libdl, librt,
 # ld-linux...), libstdc++, libgcc_s, the driver (libcuda, libnvidia-*), everything under
 # /usr/local/cuda* (cudart, cuBLAS, cuBLASLt, NCCL: run_bundle.sh finds them there or in Python's
-# nvidia-* wheels) and cuDNN (libcudnn*, wherever it lives here: only bench_attention links it, cuDNN 9 is
-# installed in /usr/lib/x86_64-linux-gnu on the GPU machine, and with its engine libraries it is about 1 GB).
+# nvidia-* wheels) and cuDNN (libcudnn*: nothing links it, the GPU attention and bench_attention dlopen
+# libcudnn.so.9, cuDNN 9 is installed in /usr/lib/x86_64-linux-gnu on the GPU machine, and with its engine
+# libraries it is about 1 GB).
 # Everything copied is stripped (strip --strip-unneeded).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -181,7 +182,7 @@ glibcxx_need="$(find "$B" -type f -print0 | xargs -0 -r objdump -T 2>/dev/null |
 	echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (working tree differs)')"
 	echo "build: $BUILD_DIR, CMAKE_BUILD_TYPE=$BUILD_TYPE, host -march=$MOE_MARCH, CUDA archs $(sed -n 's/^CMAKE_CUDA_ARCHITECTURES:[A-Z]*=//p' "$BUILD_DIR/CMakeCache.txt"), nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
 	echo "open mpi: $(ompi_info --version 2>/dev/null | head -1); pkglibdir ompi/$rel_pkglib"
-	echo "needs from the host: glibc >= ${glibc_need#GLIBC_}, libstdc++ with ${glibcxx_need:-no GLIBCXX symbol}, libgcc_s, the NVIDIA driver, CUDA 13 (libcudart.so.13, libcublas.so.13, libcublasLt.so.13), libnccl.so.2 and, for bench_attention, cuDNN 9 (libcudnn.so.9)"
+	echo "needs from the host: glibc >= ${glibc_need#GLIBC_}, libstdc++ with ${glibcxx_need:-no GLIBCXX symbol}, libgcc_s, the NVIDIA driver, CUDA 13 (libcudart.so.13, libcublas.so.13, libcublasLt.so.13), libnccl.so.2 and, for the cuDNN attention (train.attention) and bench_attention, cuDNN 9 (libcudnn.so.9, dlopen'ed: optional)"
 	echo "needed from CUDA, not bundled: $(for f in "$B/bin"/*; do ldd "$f" 2>/dev/null; done | awk '/=>/ {print $1, $3}' | while read -r n p; do case "$(readlink -f "$p")" in /usr/local/cuda*) echo "$n" ;; esac; done | sort -u | tr '\n' ' ')"
 	echo
 	echo "fallback tools (fallback/bin, last in PATH): $(ls "$B/fallback/bin" | tr '\n' ' ')"

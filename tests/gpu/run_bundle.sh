@@ -3,9 +3,10 @@
 # bundle made by tests/gpu/bundle.sh and run, each with its log in LOGDIR: nvidia-smi -L (read only), the
 # GPU suite (gpu_test_ops_cuda), every other CUnit executable (as ctest runs them: MOE_SRC = this checkout,
 # MOE_BIN = the bundled moe, OMP_NUM_THREADS=2), `mpirun -np 2` of launch_test_comm, the script tests
-# tests/*/test_*.sh, bench_train (default arguments), bench_generate --device cuda (the GRPO batch's generation
-# tokens/s), bench_attention (our attention kernels against cuDNN's
-# graph API; it needs the host's cuDNN 9, libcudnn.so.9, which the bundle leaves out) and
+# tests/*/test_*.sh, bench_train (default arguments, then the GPU step of bench-v2lite-4l with attention auto
+# and own: bench_train_cuda_auto, bench_train_cuda_own), bench_generate --device cuda (the GRPO batch's
+# generation tokens/s: bench_generate_cuda), bench_attention (our attention kernels against cuDNN's graph
+# API; cuDNN 9, libcudnn.so.9, is the host's: the bundle leaves it out, dlopen finds it) and
 # bench/bench_scaling.sh on the bundled binaries.
 # LOGDIR/summary.txt gets one line per item (PASS / FAIL / SKIP / TIMEOUT, seconds, note), written as each
 # item ends, so a run cut short still leaves what it finished.
@@ -26,6 +27,15 @@
 # size 1 (nccl_world1) and the 1-rank vs 2-rank tokens/s (bench_ep_gpu):
 #   ONLY='^(nvidia-smi|gpu_test_.*|gpu_test_dist_cuda_sh|nccl_world1|bench_ep_gpu)$' BUDGET_S=420 \
 #       tests/gpu/run_bundle.sh LOGDIR
+#
+# The training-speed checks of one device call (issue 17, at most 8 minutes): the GPU programs (the cuDNN
+# attention graphs against the CPU reference in gpu_test_ops_cuda's attention_cudnn), the cuDNN graph
+# builder's own test, bench_attention (ours against cuDNN, through model/cuda/cudnn_graph.c) and the
+# training step of bench-v2lite-4l with train.attention auto and own (bench_train_cuda_auto / _own: the
+# table row, the attention line and the per-region profile):
+# (the CUnit GPU programs only, not the script tests, so that the budget reaches the benchmarks)
+#   ONLY='^(nvidia-smi|gpu_test_(ops|model|adamw|prof)_cuda|model_test_cudnn_graph|bench_attention|bench_train_cuda_auto|bench_train_cuda_own)$' \
+#       BUDGET_S=420 tests/gpu/run_bundle.sh LOGDIR
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 [ $# -ge 1 ] || { echo "usage: $0 LOGDIR [BUNDLE]" >&2; exit 2; }
@@ -109,6 +119,13 @@ for lib in $(missing_libs); do
 	fi
 done
 
+# cuDNN is loaded with dlopen (libcudnn.so.9: the attention graphs), so ldd does not ask for it: where the
+# loader cannot find it by itself, add its folder as for the libraries above
+if ! ldconfig -p 2>/dev/null | grep -q 'libcudnn\.so\.9 ' && d="$(find_lib libcudnn.so.9)"; then
+	case ":$LD_LIBRARY_PATH:" in *":$d:"*) ;; *) export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"; extra="$extra $d" ;; esac
+	echo "cuda lib: libcudnn.so.9 (dlopen) found in $d" >>"$cuda_log"
+fi
+
 # ---- the runner ----------------------------------------------------------------------------------------
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/moe-run-bundle.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
@@ -151,7 +168,7 @@ item() {
 		case "$kind" in
 		cunit) note="tests: $(awk '$1 == "tests" {print $3 " run, " $5 " failed"}' "$ITEM_LOG" | tail -1)" ;;
 		smi) note="$(grep -m1 '^GPU ' "$ITEM_LOG" | sed 's/ (UUID.*//')" ;;
-		bench) note="$(grep -E '^(tokens/s|ratio) ' "$ITEM_LOG" | tr -s ' ' | paste -sd ';' -)" ;;
+		bench) note="$(grep -E '^(tokens/s|ratio) |^attention: |^experts |^\| [^|]*\.json \|' "$ITEM_LOG" | tr -s ' ' | cut -c1-160 | paste -sd ';' -)" ;;
 		esac
 		if [ "$kind" = cunit ] && grep -q "SKIP: no CUDA device" "$ITEM_LOG"; then  # the GPU suite, no GPU
 			note="$(grep -m1 -o 'SKIP: no CUDA device.*' "$ITEM_LOG")"
@@ -287,6 +304,11 @@ if [ -f "$ROOT/bench/bench_ep_gpu.sh" ]; then
 	item bench_ep_gpu plain bash "$ROOT/bench/bench_ep_gpu.sh" "$B/bin"
 fi
 [ -x "$B/bin/bench_train" ] && item bench_train bench "$B/bin/bench_train"
+# the GPU training step of DeepSeek-V2-Lite's shapes cut to 4 layers, attention by cuDNN (auto) and by ours
+for a in auto own; do
+	[ -x "$B/bin/bench_train" ] && item "bench_train_cuda_$a" bench "$B/bin/bench_train" --device cuda \
+		--config "$ROOT/configs/bench-v2lite-4l.json" --steps 5 --warmup 2 --attention "$a"
+done
 [ -x "$B/bin/bench_attention" ] && item bench_attention bench "$B/bin/bench_attention"
 # generation on the GPU for the GRPO batch shape of issue 18: 64 prompts x 8 completions, 256 new tokens
 # after 128-token prompts, bench-v2lite-4l (bf16), median of 3 (bench/bench_generate.c --device cuda)
@@ -302,6 +324,10 @@ fi
 	if [ -f "$LOGDIR/bench_ep_gpu.log" ]; then echo; echo "bench_ep_gpu:"; cat "$LOGDIR/bench_ep_gpu.log"; fi
 	if [ -f "$LOGDIR/bench_scaling.log" ]; then echo; echo "bench_scaling:"; cat "$LOGDIR/bench_scaling.log"; fi
 	if [ -f "$LOGDIR/bench_train.log" ]; then echo; echo "bench_train:"; cat "$LOGDIR/bench_train.log"; fi
+	for a in auto own; do
+		f="$LOGDIR/bench_train_cuda_$a.log"
+		if [ -f "$f" ]; then echo; echo "bench_train_cuda_$a:"; cat "$f"; fi
+	done
 	if [ -f "$LOGDIR/bench_attention.log" ]; then echo; echo "bench_attention:"; cat "$LOGDIR/bench_attention.log"; fi
 	if [ -f "$LOGDIR/bench_generate_cuda.log" ]; then echo; echo "bench_generate_cuda:"; cat "$LOGDIR/bench_generate_cuda.log"; fi
 } >>"$SUMMARY"

@@ -7,6 +7,8 @@
  * The GPU's outputs are poisoned (NaN) before each run, so a buffer it forgets to write fails.  Without
  * the CUDA backend, or without a device, the suite is one test that prints "SKIP: no CUDA device".
  */
+#define _POSIX_C_SOURCE 200809L
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,14 +60,18 @@ static void run_free(struct run *r)
 	free(r->load);
 }
 
+/* logits NULL: the GPU model held them in chunks (g_logit_rows), nothing to compare */
 static void keep(struct run *r, const struct moe_model *m, float loss, const float *logits, size_t NV)
 {
 	size_t LE = (size_t)m->cfg.num_hidden_layers * m->cfg.n_routed_experts;
 	r->loss = loss;
 	r->ce = m->last_ce_loss;
 	r->aux = m->last_aux_loss;
-	r->logits = test_xmalloc(sizeof(float) * NV);
-	memcpy(r->logits, logits, sizeof(float) * NV);
+	r->logits = NULL;
+	if (logits) {
+		r->logits = test_xmalloc(sizeof(float) * NV);
+		memcpy(r->logits, logits, sizeof(float) * NV);
+	}
 	r->load = test_xmalloc(sizeof(int64_t) * (LE ? LE : 1));
 	memcpy(r->load, m->expert_load, sizeof(int64_t) * LE);
 	r->grads = test_xmalloc(sizeof(float) * m->n_weights);
@@ -95,6 +101,9 @@ static void run_cpu(struct moe_model *m, const int *in, const int *tg, int B, in
 	memcpy(r->grads, m->grads, sizeof(float) * m->n_weights);
 }
 
+/* the GPU model's gpu_model_logit_rows for run_gpu: -1 its default (every test shape fits: all rows) */
+static int g_logit_rows = -1;
+
 static void run_gpu(struct moe_model *m, int bf16, const int *in, const int *tg, int B, int T, int calls,
 		    struct run *r)
 {
@@ -102,6 +111,7 @@ static void run_gpu(struct moe_model *m, int bf16, const int *in, const int *tg,
 	char err[256];
 	struct gpu_model *g = gpu_model_create(m, bf16, err, sizeof(err));
 	CU_ASSERT_PTR_NOT_NULL_FATAL(g);
+	gpu_model_logit_rows(g, g_logit_rows);
 	/* poison: the gradient arena must be written by zero_grad + backward, the logits by the forward */
 	moe_cuda_memset(gpu_model_grads(g), 0xFF, sizeof(float) * m->n_weights);
 	gpu_model_zero_grad(g);
@@ -109,12 +119,15 @@ static void run_gpu(struct moe_model *m, int bf16, const int *in, const int *tg,
 	float *logits = test_xmalloc(sizeof(float) * NV);
 	float loss = 0.0f;
 	for (int i = 0; i < calls; i++) {
-		if (i > 0)  /* the activations persist between calls: poison the logits of the last one */
+		if (i > 0 && gpu_model_logits(g))  /* the activations persist between calls: poison the last logits */
 			moe_cuda_memset((void *)gpu_model_logits(g), 0xFF, sizeof(float) * NV);
 		loss = gpu_model_forward(g, in + (size_t)i * B * T, tg + (size_t)i * B * T, B, T);
 		if (i == calls - 1) {
-			moe_cuda_memcpy_d2h(logits, gpu_model_logits(g), sizeof(float) * NV);
-			keep(r, m, loss, logits, NV);
+			int held = gpu_model_logits(g) != NULL;
+			CU_ASSERT_EQUAL(held, g_logit_rows < 0 || g_logit_rows == 0 || g_logit_rows >= B * T);
+			if (held)
+				moe_cuda_memcpy_d2h(logits, gpu_model_logits(g), sizeof(float) * NV);
+			keep(r, m, loss, held ? logits : NULL, NV);
 			keep_token_losses(r, gpu_model_token_losses(g), (size_t)B * T);
 		}
 		gpu_model_backward(g, 1.0f / calls);
@@ -174,9 +187,9 @@ static void compare(const struct moe_model *m, const struct run *gpu, const stru
 	const struct model_config *c = &m->cfg;
 	size_t LE = (size_t)c->num_hidden_layers * c->n_routed_experts;
 	double el = scalar_rel(gpu->loss, cpu->loss), ea = scalar_rel(gpu->aux, cpu->aux);
-	double elog = norm_rel_err(gpu->logits, cpu->logits, NV);
+	double elog = gpu->logits ? norm_rel_err(gpu->logits, cpu->logits, NV) : 0.0;  /* NULL: held in chunks */
 	double sl = sens ? scalar_rel(sens->loss, cpu->loss) : 0, sa = sens ? scalar_rel(sens->aux, cpu->aux) : 0;
-	double slog = sens ? norm_rel_err(sens->logits, cpu->logits, NV) : 0;
+	double slog = sens && sens->logits ? norm_rel_err(sens->logits, cpu->logits, NV) : 0;
 	int load_diff = 0;
 	for (size_t i = 0; i < LE; i++)
 		load_diff += gpu->load[i] != cpu->load[i];
@@ -336,6 +349,47 @@ static void test_refuses_ep_slice(void)
 	model_free(m);
 }
 
+/* the lm_head and cross-entropy in chunks of 7 rows (N = 48: six full chunks and one of 6), the backward
+ * recomputing each chunk's logits: loss, token losses, loads and every gradient as with all rows held,
+ * with two accumulated calls, bf16, token weights, a temperature and routing replay */
+static void test_logit_chunks(void)
+{
+	g_logit_rows = 7;
+	check_variant(V3_LIKE, 0, 1);
+	check_variant(V2_GROUPS, 1, 2);
+	test_loss_options();
+	g_logit_rows = -1;
+}
+
+/* the experts' per-expert GEMM loop (gpu_model_grouped_gemm(0)) against the CPU, as the grouped GEMMs
+ * of every other test are */
+static void test_per_expert_gemms(void)
+{
+	gpu_model_grouped_gemm(0);
+	CU_ASSERT_PTR_NOT_NULL(strstr(gpu_model_experts_gemm(), "asked for"));
+	check_variant(V3_LIKE, 1, 1);
+	check_variant(V2_GROUPS, 0, 1);
+	gpu_model_grouped_gemm(1);
+	printf("\n    experts: %s", gpu_model_experts_gemm());
+}
+
+/* Last (the refusal is remembered for the process): under the emulator, a cuBLAS that refuses the
+ * grouped call (EMU_NO_GROUPED_GEMM=1, as before 12.5) falls back to the loop by itself. */
+static void test_grouped_refused(void)
+{
+	char name[96], pci[32];
+
+	moe_cuda_describe(name, sizeof(name), pci, sizeof(pci));
+	if (!strstr(name, "emulator")) {
+		printf("\n    SKIP: only the emulator can make cuBLAS refuse the grouped call");
+		return;
+	}
+	setenv("EMU_NO_GROUPED_GEMM", "1", 1);
+	check_variant(V2_LIKE, 1, 1);
+	unsetenv("EMU_NO_GROUPED_GEMM");
+	CU_ASSERT_PTR_NOT_NULL(strstr(gpu_model_experts_gemm(), "refused"));
+}
+
 #endif /* MOE_HAVE_CUDA */
 
 void register_tests(void)
@@ -347,6 +401,9 @@ void register_tests(void)
 		{"accumulate", test_accumulate},
 		{"loss_options", test_loss_options},
 		{"refuses_ep_slice", test_refuses_ep_slice},
+		{"logit_chunks", test_logit_chunks},
+		{"per_expert_gemms", test_per_expert_gemms},
+		{"grouped_refused", test_grouped_refused},
 		{NULL, NULL},
 	};
 	add_gpu_suite("model_cuda", cases);

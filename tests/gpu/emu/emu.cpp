@@ -159,7 +159,10 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int)
 /* one emulated device per machine: every rank on it shares it, as ranks sharing a real GPU do */
 cudaError_t cudaDeviceGetPCIBusId(char *s, int len, int dev) { snprintf(s, (size_t)len, "0000:%02x:00.0", dev); return cudaSuccess; }
 
-const char *cublasGetStatusName(cublasStatus_t s) { return s ? "CUBLAS_STATUS_INVALID_VALUE" : "CUBLAS_STATUS_SUCCESS"; }
+const char *cublasGetStatusName(cublasStatus_t s)
+{
+	return s == CUBLAS_STATUS_NOT_SUPPORTED ? "CUBLAS_STATUS_NOT_SUPPORTED" : s ? "CUBLAS_STATUS_INVALID_VALUE" : "CUBLAS_STATUS_SUCCESS";
+}
 const char *cublasGetStatusString(cublasStatus_t s) { return s ? "invalid value" : "success"; }
 cublasStatus_t cublasCreate(cublasHandle_t *h) { *h = (void *)0x5678; return CUBLAS_STATUS_SUCCESS; }
 cublasStatus_t cublasDestroy(cublasHandle_t) { return CUBLAS_STATUS_SUCCESS; }
@@ -196,3 +199,38 @@ cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperatio
 		}
 	return CUBLAS_STATUS_SUCCESS;
 }
+
+/* problem by problem through cublasGemmEx: group g's parameters for its group_size[g] problems; the
+ * pointer arrays are "device" memory, which is host memory here */
+cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOperation_t ta[], const cublasOperation_t tb[],
+					  const int m[], const int n[], const int k[], const void *alpha,
+					  const void *const A[], cudaDataType_t at, const int lda[], const void *const B[],
+					  cudaDataType_t bt, const int ldb[], const void *beta, void *const C[],
+					  cudaDataType_t ct, const int ldc[], int groups, const int size[],
+					  cublasComputeType_t comp)
+{
+	const char *no = getenv("EMU_NO_GROUPED_GEMM");
+	if (no && *no && strcmp(no, "0")) return CUBLAS_STATUS_NOT_SUPPORTED;
+	if (groups < 0) return CUBLAS_STATUS_INVALID_VALUE;
+	for (int g = 0, p = 0; g < groups; g++)
+		for (int i = 0; i < size[g]; i++, p++) {
+			cublasStatus_t st = cublasGemmEx(h, ta[g], tb[g], m[g], n[g], k[g], (const float *)alpha + g, A[p],
+							 at, lda[g], B[p], bt, ldb[g], (const float *)beta + g, C[p], ct,
+							 ldc[g], comp, CUBLAS_GEMM_DEFAULT);
+			if (st != CUBLAS_STATUS_SUCCESS) return st;
+		}
+	return CUBLAS_STATUS_SUCCESS;
+}
+
+/* ---- events ---- */
+#include <chrono>
+struct emu_event { double t; };
+cudaError_t cudaEventCreate(cudaEvent_t *e) { *e = new emu_event{ 0.0 }; return cudaSuccess; }
+cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t)
+{
+	e->t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+	return cudaSuccess;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) { *ms = (float)(b->t - a->t); return cudaSuccess; }

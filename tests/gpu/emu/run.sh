@@ -50,6 +50,13 @@ build_cuda_objs() {
 			$CXX -x c++ -c "$f" -o "$work/obj/$(echo "$d" | tr / _)_$(basename "$f" .cu).o" &
 			pids+=($!)
 		done
+		# the backend's C files (model/cuda/attention_cudnn.c): without cuDNN's headers, so the emulated
+		# attention always runs our kernel
+		for f in "$src"/$d/*.c; do
+			[ -e "$f" ] || continue
+			$CC -DMOE_HAVE_CUDA=1 -c "$f" -o "$work/obj/$(echo "$d" | tr / _)_$(basename "$f" .c).o" &
+			pids+=($!)
+		done
 	done
 	$CXX -c "$here/emu.cpp" -o "$work/obj/emu.o" &
 	pids+=($!)

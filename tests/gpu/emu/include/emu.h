@@ -115,9 +115,17 @@ inline __nv_bfloat16 __float2bfloat16(float f)
 	h.x = (unsigned short)(u >> 16); return h;
 }
 
+/* ---- events: host clock readings (the emulated kernels run synchronously, so they bracket the work) ---- */
+typedef struct emu_event *cudaEvent_t;
+cudaError_t cudaEventCreate(cudaEvent_t *);
+cudaError_t cudaEventDestroy(cudaEvent_t);
+cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t);
+cudaError_t cudaEventSynchronize(cudaEvent_t);
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t, cudaEvent_t);
+
 /* ---- cuBLAS ---- */
 typedef void *cublasHandle_t;
-typedef enum { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_INVALID_VALUE = 7 } cublasStatus_t;
+typedef enum { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_INVALID_VALUE = 7, CUBLAS_STATUS_NOT_SUPPORTED = 15 } cublasStatus_t;
 typedef enum { CUBLAS_OP_N, CUBLAS_OP_T } cublasOperation_t;
 typedef enum { CUDA_R_32F, CUDA_R_16BF } cudaDataType_t;
 typedef enum { CUBLAS_COMPUTE_32F } cublasComputeType_t;
@@ -132,6 +140,12 @@ cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t);
 cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void *,
 			    const void *, cudaDataType_t, int, const void *, cudaDataType_t, int, const void *, void *,
 			    cudaDataType_t, int, cublasComputeType_t, cublasGemmAlgo_t);
+/* CUDA 12.5+; EMU_NO_GROUPED_GEMM=1 makes it refuse (CUBLAS_STATUS_NOT_SUPPORTED), as an older cuBLAS would */
+cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t, const cublasOperation_t[], const cublasOperation_t[],
+					  const int[], const int[], const int[], const void *, const void *const[],
+					  cudaDataType_t, const int[], const void *const[], cudaDataType_t, const int[],
+					  const void *, void *const[], cudaDataType_t, const int[], int, const int[],
+					  cublasComputeType_t);
 
 /* ---- CUB ---- */
 namespace cub {
