@@ -33,6 +33,7 @@
 
 #ifdef MOE_HAVE_CUDA
 #include "model/cuda/decode_cuda.h"
+#include "model/cuda/model_cuda.h"
 #endif
 
 struct grpo {
@@ -54,6 +55,7 @@ struct grpo {
 	struct model_quant *rollout_q;/* grpo.rollout_weights=int8: what sampling reads, refreshed each step */
 	int rollout_cuda;             /* sampling on the GPU, from the training weights in place */
 	struct gpu_decoder *dec;      /* its device latent cache (kept across steps) */
+	struct gpu_model *ref_gpu;    /* the reference's device copy (updates on the GPU, beta > 0) */
 	enum grpo_loss_type loss_type;
 	int P, G, W, mb, ga, nmb, M;  /* prompts, group, ranks, micro-batch, accumulation, minibatches, M */
 	int n_local;                  /* completions of this rank per step: nmb * mb * ga */
@@ -375,6 +377,12 @@ static int setup(struct grpo *g, const struct run_config *cfg, const char *resum
 		return -1;
 	if (g->ref)
 		g->ref->logit_temperature = t->m->logit_temperature;
+#ifdef MOE_HAVE_CUDA
+	/* the reference's log-probabilities on the device too: a frozen copy, bf16 like the policy */
+	char err[256];
+	if (g->ref && t->cuda && !(g->ref_gpu = gpu_model_create(g->ref, 1, err, sizeof(err))))
+		FAIL("the reference on the GPU: %s", err);
+#endif
 	if (!strcmp(cfg->grpo.rollout_weights, "int8") && !(g->rollout_q = quant_create(t->m)))
 		FAIL("out of memory for the int8 rollout weights (grpo.rollout_weights)");
 	/* the updates on the GPU: the rollouts too (int8 rollout weights are a CPU feature) */
@@ -392,6 +400,7 @@ static void teardown(struct grpo *g)
 	quant_free(g->rollout_q);
 #ifdef MOE_HAVE_CUDA
 	gpu_decoder_free(g->dec);
+	gpu_model_free(g->ref_gpu);
 #endif
 	for (int i = 0; g->prompt_ids && i < g->ps.n; i++)
 		free(g->prompt_ids[i]);
@@ -745,8 +754,17 @@ static void reference_logps(struct grpo *g, int64_t step)
 	int plen[g->mb];
 	for (int k0 = 0; k0 < g->n_local; k0 += g->mb) {
 		int T = build_micro(g, step, k0, plen);
-		model_forward(g->ref, g->inputs, g->targets, g->mb, T);
-		const float *ce = model_token_losses(g->ref);
+		const float *ce;
+#ifdef MOE_HAVE_CUDA
+		if (g->ref_gpu) {
+			gpu_model_forward(g->ref_gpu, g->inputs, g->targets, g->mb, T);
+			ce = gpu_model_token_losses(g->ref_gpu);
+		} else
+#endif
+		{
+			model_forward(g->ref, g->inputs, g->targets, g->mb, T);
+			ce = model_token_losses(g->ref);
+		}
 		for (int s = 0; s < g->mb; s++)
 			for (int i = 0; i < g->len[k0 + s]; i++)
 				g->ref_logp[(size_t)(k0 + s) * g->max_new + i] = -ce[(size_t)s * T + plen[s] - 1 + i];
