@@ -367,11 +367,11 @@ static int setup(struct grpo *g, const struct run_config *cfg, const char *resum
 	t->m->cfg.aux_loss_alpha = 0;
 	t->m->logit_temperature = (float)cfg->grpo.temperature;
 	/*
-	 * The updates may run on the GPU (train.device=cuda; auto keeps the CPU until the GPU path has run
-	 * on real hardware: tests/gpu/test_grpo_cuda.sh); sampling, the reference and evaluation stay on the
-	 * CPU.
+	 * The step may run on the GPU (train.device=cuda; auto keeps the CPU until the GPU path has run on
+	 * real hardware: tests/gpu/test_grpo_cuda.sh): the updates, the sampling (below), the reference;
+	 * --eval's greedy completions too.
 	 */
-	if (!eval && trainer_setup_device(t, TRAINER_GPU_WHEN_ASKED))
+	if (trainer_setup_device(t, TRAINER_GPU_WHEN_ASKED))
 		return -1;
 	if (load_prompts(g) || load_reference(g) || check_reference(g) || alloc_buffers(g))
 		return -1;
@@ -387,7 +387,9 @@ static int setup(struct grpo *g, const struct run_config *cfg, const char *resum
 		FAIL("out of memory for the int8 rollout weights (grpo.rollout_weights)");
 	/* the updates on the GPU: the rollouts too (int8 rollout weights are a CPU feature) */
 	g->rollout_cuda = t->cuda && !g->rollout_q;
-	if (g->rollout_cuda)
+	if (g->rollout_cuda && eval)
+		TRAINER_LOG(t, "moe grpo: --eval decodes on the GPU (batched latent-cache decode)\n");
+	else if (g->rollout_cuda)
 		TRAINER_LOG(t, "moe grpo: sampling on the GPU (batched latent-cache decode of the %d completions, "
 			    "the training weights in place)\n", g->n_local);
 	return start_reward(g);
