@@ -34,6 +34,7 @@
 
 #ifdef MOE_HAVE_CUDA
 #include "model/cuda/decode_cuda.h"
+#include "model/cuda/model_cuda.h"
 #endif
 
 struct grpo {
@@ -56,6 +57,7 @@ struct grpo {
 	struct model_quant *rollout_q;/* grpo.rollout_weights=int8: what sampling reads, refreshed each step */
 	int rollout_cuda;             /* sampling on the GPU, from the training weights in place */
 	struct gpu_decoder *dec;      /* its device latent cache (kept across steps) */
+	struct gpu_model *ref_gpu;    /* the reference's device copy (updates on the GPU, beta > 0) */
 	enum grpo_loss_type loss_type;
 	int P, G, W, mb, ga, nmb, M;  /* prompts, group, ranks, micro-batch, accumulation, minibatches, M */
 	int n_local;                  /* completions of this rank per step: nmb * mb * ga */
@@ -376,21 +378,29 @@ static int setup(struct grpo *g, const struct run_config *cfg, const char *resum
 	t->m->cfg.aux_loss_alpha = 0;
 	t->m->logit_temperature = (float)cfg->grpo.temperature;
 	/*
-	 * The updates may run on the GPU (train.device=cuda; auto keeps the CPU until the GPU path has run
-	 * on real hardware: tests/gpu/test_grpo_cuda.sh); sampling, the reference and evaluation stay on the
-	 * CPU.
+	 * The step may run on the GPU (train.device=cuda; auto keeps the CPU until the GPU path has run on
+	 * real hardware: tests/gpu/test_grpo_cuda.sh): the updates, the sampling (below), the reference;
+	 * --eval's greedy completions too.
 	 */
-	if (!eval && trainer_setup_device(t, TRAINER_GPU_WHEN_ASKED))
+	if (trainer_setup_device(t, TRAINER_GPU_WHEN_ASKED))
 		return -1;
 	if (load_prompts(g) || load_reference(g) || check_reference(g) || alloc_buffers(g))
 		return -1;
 	if (g->ref)
 		g->ref->logit_temperature = t->m->logit_temperature;
+#ifdef MOE_HAVE_CUDA
+	/* the reference's log-probabilities on the device too: a frozen copy, bf16 like the policy */
+	char err[256];
+	if (g->ref && t->cuda && !(g->ref_gpu = gpu_model_create(g->ref, 1, err, sizeof(err))))
+		FAIL("the reference on the GPU: %s", err);
+#endif
 	if (!strcmp(cfg->grpo.rollout_weights, "int8") && !(g->rollout_q = quant_create(t->m)))
 		FAIL("out of memory for the int8 rollout weights (grpo.rollout_weights)");
 	/* the updates on the GPU: the rollouts too (int8 rollout weights are a CPU feature) */
 	g->rollout_cuda = t->cuda && !g->rollout_q;
-	if (g->rollout_cuda)
+	if (g->rollout_cuda && eval)
+		TRAINER_LOG(t, "moe grpo: --eval decodes on the GPU (batched latent-cache decode)\n");
+	else if (g->rollout_cuda)
 		TRAINER_LOG(t, "moe grpo: sampling on the GPU (batched latent-cache decode of the %d completions, "
 			    "the training weights in place)\n", g->n_local);
 	return start_reward(g);
@@ -403,6 +413,7 @@ static void teardown(struct grpo *g)
 	quant_free(g->rollout_q);
 #ifdef MOE_HAVE_CUDA
 	gpu_decoder_free(g->dec);
+	gpu_model_free(g->ref_gpu);
 #endif
 	for (int i = 0; g->prompt_ids && i < g->ps.n; i++)
 		free(g->prompt_ids[i]);
@@ -780,8 +791,17 @@ static void reference_logps(struct grpo *g, int64_t step)
 	int plen[g->mb];
 	for (int k0 = 0; k0 < g->n_local; k0 += g->mb) {
 		int T = build_micro(g, step, k0, plen);
-		ref_forward(g, T);
-		const float *ce = model_token_losses(g->ref);
+		const float *ce;
+#ifdef MOE_HAVE_CUDA
+		if (g->ref_gpu) {
+			gpu_model_forward(g->ref_gpu, g->inputs, g->targets, g->mb, T);
+			ce = gpu_model_token_losses(g->ref_gpu);
+		} else
+#endif
+		{
+			ref_forward(g, T);
+			ce = model_token_losses(g->ref);
+		}
 		for (int s = 0; s < g->mb; s++)
 			for (int i = 0; i < g->len[k0 + s]; i++)
 				g->ref_logp[(size_t)(k0 + s) * g->max_new + i] = -ce[(size_t)s * T + plen[s] - 1 + i];

@@ -9,7 +9,8 @@
 # log-probabilities agree with the training forward's (logp_mismatch, both bf16 on the device: mean
 # < 1e-2, printed; the issue's goal is 1e-3); every step's ratio stays within 0.05 of 1; both learn (mean
 # reward of the last 3 of 12 steps > 0.8); a GPU run stopped at step 6 and resumed continues exactly as the
-# uninterrupted one.  Prints SKIP and passes where there is no CUDA device.
+# uninterrupted one.  Prints SKIP and passes where there is no CUDA device.  GRPO_TIMEOUT: seconds per run
+# (default 600; the emulator needs about 1500).
 set -uo pipefail
 MOE="${MOE_BIN:?}"
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" moe-grpo-cuda-test
@@ -20,7 +21,7 @@ grpo_fixture 12
 grpo() {  # NAME DEVICE [--set ...]: metrics NAME.jsonl, checkpoints NAME.ck, log NAME.log
 	local name=$1 dev=$2
 	shift 2
-	timeout -k 10 600 "$MOE" grpo --config cfg.json --set train.device="$dev" --set "checkpoint.dir=$name.ck" \
+	timeout -k 10 "${GRPO_TIMEOUT:-600}" "$MOE" grpo --config cfg.json --set train.device="$dev" --set "checkpoint.dir=$name.ck" \
 		--set "log.metrics=$name.jsonl" "$@" >"$name.log" 2>&1
 }
 if ! grpo gpu cuda; then
