@@ -34,7 +34,7 @@
 # training step of bench-v2lite-4l with train.attention auto and own (bench_train_cuda_auto / _own: the
 # table row, the attention line and the per-region profile):
 # (the CUnit GPU programs only, not the script tests, so that the budget reaches the benchmarks)
-#   ONLY='^(nvidia-smi|gpu_test_(ops|model|adamw|prof)_cuda|model_test_cudnn_graph|bench_attention|bench_train_cuda_auto|bench_train_cuda_own)$' \
+#   ONLY='^(nvidia-smi|gpu_test_(ops|model|adamw|prof|distill)_cuda|model_test_cudnn_graph|bench_attention|bench_train_cuda_auto|bench_train_cuda_own)$' \
 #       BUDGET_S=420 tests/gpu/run_bundle.sh LOGDIR
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
