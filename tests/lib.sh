@@ -10,6 +10,9 @@
 #   finish [TXT]  prints "<script>: N failure(s)TXT" and exits 0 when nothing failed, 1 otherwise
 #   expect_fail NAME PATTERN ARGS...   `$MOE train ARGS` (one step, checkpoints in $W/x) must fail with a
 #                 message matching PATTERN (a refused config, checkpoint, ...)
+#   dp2_ep2_equals_one ARGS...   `$MOE train ARGS` as one process accumulating 4 micro-batches ($W/ref4)
+#                 and under mpirun -np 4 at dp 2 x ep 2 ($W/m22): the script's own $W/cmp.py compares their
+#                 metrics, and the run must log its layout
 
 W="$(mktemp -d "${TMPDIR:-/tmp}/${1:?lib.sh: name the scratch directory}.XXXXXX")" || exit 1
 trap 'rm -rf "$W"' EXIT
@@ -47,5 +50,18 @@ expect_fail() {
 		pass "$name: $(grep -m1 -- "$pat" "$W/x.log")"
 	else
 		cat "$W/x.log"; fail "$name: no message matching '$pat'"
+	fi
+}
+
+dp2_ep2_equals_one() {
+	"$MOE" train "$@" --set train.grad_accum=4 --set "checkpoint.dir=$W/ref4" --set "log.metrics=$W/ref4.jsonl" \
+		>"$W/ref4.log" 2>&1 || { tail "$W/ref4.log"; fail "reference (4)"; }
+	mpi -np 4 "$MOE" train "$@" --set parallel.ep=2 --set "checkpoint.dir=$W/m22" \
+		--set "log.metrics=$W/m22.jsonl" >"$W/m22.log" 2>&1 || { tail "$W/m22.log"; fail "mpirun -np 4"; }
+	local out
+	if out=$(python3 "$W/cmp.py" "$W/ref4.jsonl" "$W/m22.jsonl") && grep -q "of 4 ranks (dp 2 x ep 2)" "$W/m22.log"; then
+		pass "mpirun -np 4, dp 2 x ep 2: $out"
+	else
+		echo "$out"; fail "mpirun -np 4 (dp 2 x ep 2) differs from one process"
 	fi
 }

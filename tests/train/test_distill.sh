@@ -93,15 +93,7 @@ for ep in 2 1; do
 done
 
 # ... and four ranks, dp 2 x ep 2, against one process accumulating the same 4 micro-batches
-"$MOE" train "${dist[@]}" --set train.grad_accum=4 --set "checkpoint.dir=$W/ref4" --set "log.metrics=$W/ref4.jsonl" \
-	>"$W/ref4.log" 2>&1 || { tail "$W/ref4.log"; fail "reference (4)"; }
-mpi -np 4 "$MOE" train "${dist[@]}" --set parallel.ep=2 --set "checkpoint.dir=$W/m22" \
-	--set "log.metrics=$W/m22.jsonl" >"$W/m22.log" 2>&1 || { tail "$W/m22.log"; fail "mpirun -np 4"; }
-if out=$(python3 "$W/cmp.py" "$W/ref4.jsonl" "$W/m22.jsonl") && grep -q "of 4 ranks (dp 2 x ep 2)" "$W/m22.log"; then
-	pass "mpirun -np 4, dp 2 x ep 2: $out"
-else
-	echo "$out"; fail "mpirun -np 4 (dp 2 x ep 2) differs from one process"
-fi
+dp2_ep2_equals_one "${dist[@]}"
 
 # 3b. stopped at step 3 and resumed (the teacher reloaded): the uninterrupted run's losses, bit for bit
 "$MOE" train "${dist[@]}" --set train.grad_accum=2 --set "checkpoint.dir=$W/rs" --set "log.metrics=$W/rs.jsonl" \

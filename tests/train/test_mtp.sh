@@ -99,15 +99,7 @@ for ep in 2 1; do
 		echo "$out"; fail "mpirun -np 2, ep $ep differs from one process"
 	fi
 done
-"$MOE" train "${dist[@]}" --set train.grad_accum=4 --set "checkpoint.dir=$W/ref4" --set "log.metrics=$W/ref4.jsonl" \
-	>"$W/ref4.log" 2>&1 || { tail "$W/ref4.log"; fail "reference (4)"; }
-mpi -np 4 "$MOE" train "${dist[@]}" --set parallel.ep=2 --set "checkpoint.dir=$W/m22" \
-	--set "log.metrics=$W/m22.jsonl" >"$W/m22.log" 2>&1 || { tail "$W/m22.log"; fail "mpirun -np 4"; }
-if out=$(python3 "$W/cmp.py" "$W/ref4.jsonl" "$W/m22.jsonl") && grep -q "of 4 ranks (dp 2 x ep 2)" "$W/m22.log"; then
-	pass "mpirun -np 4, dp 2 x ep 2: $out"
-else
-	echo "$out"; fail "mpirun -np 4 (dp 2 x ep 2) differs from one process"
-fi
+dp2_ep2_equals_one "${dist[@]}"
 
 # 4. to Hugging Face and back: the same weights (f32), the MTP layer under HF's names; fp8 as well
 "$MOE" convert --to-hf "$CK" --out "$W/hf" >"$W/c1.log" 2>&1 &&
